@@ -1,0 +1,125 @@
+//! I/O engines: the storage under an image.
+//!
+//! Every file the engine touches (the image, its external data file, raw
+//! backing files) is accessed through the [`Storage`] trait. Engines:
+//! - [`threads`]: a portable pool of worker threads doing `pread`/`pwrite`;
+//! - [`uring`]: Linux io_uring with a completion thread;
+//! - [`mem`]: an in-memory store with fault injection, for tests.
+//!
+//! Contract shared by all engines:
+//! - Reads and writes take any offset, length and buffer address. An engine
+//!   opened with `O_DIRECT` bounces unaligned requests through aligned memory
+//!   (and read-modify-writes unaligned writes, serialized against each other).
+//! - Reads past the end of the file fill the remainder with zeros.
+//! - Futures are cancellation-safe: dropping one never lets the kernel touch a
+//!   buffer the caller got back (engines use owned bounce buffers where needed).
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub mod mem;
+pub mod threads;
+pub mod uring;
+
+/// A boxed, `Send` future returning an `io::Result`.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Positioned, asynchronous storage (a file, or memory in tests).
+pub trait Storage: Send + Sync + 'static {
+    /// Read `buf.len()` bytes at `off`. Bytes past the end of the storage read as zeros.
+    fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()>;
+    /// Write all of `buf` at `off`, extending the storage if needed.
+    fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> IoFuture<'a, ()>;
+    /// Make every completed write durable (`fdatasync`).
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Release the space of a byte range (hole punch); the range reads as zeros afterwards.
+    /// Returns `Ok(false)` when the file system cannot punch holes (nothing was changed).
+    fn discard(&self, off: u64, len: u64) -> IoFuture<'_, bool>;
+    /// Make a byte range read as zeros, cheaply where possible (`FALLOC_FL_ZERO_RANGE`,
+    /// else writing zeros). Extends the storage if the range ends past its end.
+    fn write_zeroes(&self, off: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Reserve space for a byte range without changing its content (`fallocate`), extending
+    /// the storage if needed.
+    fn allocate(&self, off: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncate or extend to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Bytes actually allocated on the host (`st_blocks * 512`), for `actual-size`.
+    fn allocated_size(&self) -> io::Result<u64>;
+    /// Whether the byte range `[off, off+len)` may contain data: returns the length of the
+    /// leading run that has the same state, and `true` if that run is data (not a hole).
+    /// Engines without `SEEK_DATA` support report everything as data.
+    fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
+        let _ = off;
+        Ok((len, true))
+    }
+    /// The alignment (bytes) that offsets, lengths and buffer addresses should have for the
+    /// fast path; 1 for buffered I/O, typically 512 or 4096 with `O_DIRECT`.
+    fn alignment(&self) -> usize;
+    /// A short name of the engine, for diagnostics ("io_uring", "threads", "mem").
+    fn engine_name(&self) -> &'static str;
+}
+
+/// Which engine to use for files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// io_uring where the kernel allows it, else threads.
+    #[default]
+    Auto,
+    /// Linux io_uring.
+    IoUring,
+    /// A pool of worker threads doing blocking system calls.
+    Threads,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(EngineKind::Auto),
+            "io_uring" | "uring" => Ok(EngineKind::IoUring),
+            "threads" => Ok(EngineKind::Threads),
+            _ => Err(format!(
+                "unknown I/O engine '{s}' (expected io_uring, threads or auto)"
+            )),
+        }
+    }
+}
+
+/// How to open a file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FileOptions {
+    /// Open for writing too.
+    pub writable: bool,
+    /// Create the file if it does not exist (truncating it if `truncate`).
+    pub create: bool,
+    /// Truncate to zero length on open.
+    pub truncate: bool,
+    /// Bypass the page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// Which engine.
+    pub engine: EngineKind,
+}
+
+/// Open `path` with the engine chosen by `opts`.
+pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn Storage>> {
+    match opts.engine {
+        EngineKind::Threads => Ok(Arc::new(threads::ThreadsFile::open(path, opts)?)),
+        EngineKind::IoUring => Ok(Arc::new(uring::UringFile::open(path, opts)?)),
+        EngineKind::Auto => match uring::UringFile::open(path, opts) {
+            Ok(f) => Ok(Arc::new(f)),
+            Err(e) if uring::is_unavailable(&e) => {
+                Ok(Arc::new(threads::ThreadsFile::open(path, opts)?))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
