@@ -7,4 +7,14 @@
 pub mod error;
 pub mod io;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub mod cache;
+pub mod compress;
+pub mod disk;
+pub mod format;
+pub mod image;
+
+pub use disk::{Disk, Format, MapEntry};
+pub use image::{Image, OpenOptions};
+pub mod convert;
+pub mod info;

@@ -1,0 +1,360 @@
+//! The subcommands.
+
+use crate::args::{parse, Parsed, Spec};
+use crate::Fail;
+use qcow2_core::convert::{self, CompareResult, ConvertOptions};
+use qcow2_core::disk::Disk;
+use qcow2_core::io::EngineKind;
+use qcow2_core::{info, OpenOptions};
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+const fn opt(short: char, long: &'static str, value: bool) -> Spec {
+    Spec { short, long, value }
+}
+
+const COMMON: [Spec; 3] = [
+    opt('\0', "untrusted", false),
+    opt('U', "force-share", false),
+    opt('\0', "image-opts", false),
+];
+
+fn specs(extra: &[Spec]) -> Vec<Spec> {
+    let mut v: Vec<Spec> = COMMON
+        .iter()
+        .map(|s| opt(s.short, s.long, s.value))
+        .collect();
+    v.extend(extra.iter().map(|s| opt(s.short, s.long, s.value)));
+    v
+}
+
+pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
+    match cmd {
+        "info" => cmd_info(args).await,
+        "map" => cmd_map(args).await,
+        "convert" => cmd_convert(args).await,
+        "compare" => cmd_compare(args).await,
+        "snapshot" => cmd_snapshot(args).await,
+        other => Err(Fail::new(format!(
+            "unknown command '{other}' (try 'qcow2rs --help')"
+        ))),
+    }
+}
+
+fn open_opts(p: &Parsed) -> OpenOptions {
+    OpenOptions {
+        no_external_files: p.flag("untrusted"),
+        ..OpenOptions::default()
+    }
+}
+
+fn one_operand(p: &Parsed, what: &str) -> Result<String, Fail> {
+    match p.operands.as_slice() {
+        [f] => Ok(f.clone()),
+        [] => Err(Fail::new(format!("expecting {what}"))),
+        _ => Err(Fail::new(format!(
+            "too many arguments (expecting one {what})"
+        ))),
+    }
+}
+
+fn output_json(p: &Parsed) -> Result<bool, Fail> {
+    match p.value("output") {
+        None | Some("human") => Ok(false),
+        Some("json") => Ok(true),
+        Some(o) => Err(Fail::new(format!(
+            "--output must be used with human or json as argument (got '{o}')"
+        ))),
+    }
+}
+
+/// Open a disk, prefixing errors with the file name (once).
+async fn open(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> Result<Disk, Fail> {
+    convert::open_disk(Path::new(path), fmt, opts)
+        .await
+        .map_err(|e| {
+            let m = e.to_string();
+            if m.starts_with(path) {
+                Fail::new(m)
+            } else {
+                Fail::new(format!("{path}: {m}"))
+            }
+        })
+}
+
+pub fn print_json(v: &Value) {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    serde::Serialize::serialize(v, &mut ser).expect("JSON serialization of a Value cannot fail");
+    out.push(b'\n');
+    let _ = std::io::stdout().write_all(&out);
+}
+
+async fn cmd_info(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('\0', "output", true),
+            opt('\0', "backing-chain", false),
+        ]),
+    )?;
+    let file = one_operand(&p, "a file name")?;
+    let json = output_json(&p)?;
+    let disk = open(&file, p.value("format"), &open_opts(&p)).await?;
+    let layers = if p.flag("backing-chain") {
+        info::chain(&disk)
+    } else {
+        vec![&disk]
+    };
+    if json {
+        let vals: Vec<Value> = layers
+            .iter()
+            .map(|d| info::info_json(d))
+            .collect::<Result<_, _>>()?;
+        if p.flag("backing-chain") {
+            print_json(&Value::Array(vals));
+        } else {
+            print_json(&vals[0]);
+        }
+    } else {
+        let mut out = String::new();
+        for (i, d) in layers.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            out += &info::info_human(d)?;
+        }
+        print!("{out}");
+    }
+    Ok(0)
+}
+
+async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('\0', "output", true),
+            opt('\0', "start-offset", true),
+            opt('\0', "max-length", true),
+        ]),
+    )?;
+    let file = one_operand(&p, "a file name")?;
+    let json = output_json(&p)?;
+    let disk = open(&file, p.value("format"), &open_opts(&p)).await?;
+    let entries = disk.map().await?;
+    let chain = info::chain(&disk);
+    let mut out = String::new();
+    if json {
+        out.push('[');
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push_str(",\n");
+            }
+            out += &format!(
+                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+            );
+            if let Some(o) = e.offset {
+                out += &format!(", \"offset\": {o}");
+            }
+            out.push('}');
+        }
+        out.push_str("]\n");
+    } else {
+        out += &format!(
+            "{:<16}{:<16}{:<16}{}\n",
+            "Offset", "Length", "Mapped to", "File"
+        );
+        for e in &entries {
+            if let (true, Some(o)) = (e.data, e.offset) {
+                let layer = chain.get(e.depth as usize).copied().unwrap_or(&disk);
+                let fname = match layer {
+                    Disk::Qcow2(i) => i.data_file_path().unwrap_or(i.path()).display().to_string(),
+                    Disk::Raw(_) => layer.path().display().to_string(),
+                };
+                out += &format!(
+                    "{:<16}{:<16}{:<16}{}\n",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(o),
+                    fname
+                );
+            }
+        }
+    }
+    print!("{out}");
+    Ok(0)
+}
+
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn progress_printer() -> Arc<dyn Fn(f64) + Send + Sync> {
+    let last = Arc::new(std::sync::Mutex::new(-1.0f64));
+    Arc::new(move |f: f64| {
+        let pct = (f * 100.0 * 100.0).floor() / 100.0;
+        let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+        if pct - *l >= 1.0 || (pct >= 100.0 && *l < 100.0) {
+            *l = pct;
+            eprint!("\r    ({pct:.2}/100%)");
+            if pct >= 100.0 {
+                eprintln!();
+            }
+        }
+    })
+}
+
+fn parse_engine(p: &Parsed) -> Result<(EngineKind, bool), Fail> {
+    let engine = match p.value("aio") {
+        None => EngineKind::Auto,
+        Some(s) => s.parse().map_err(Fail::new)?,
+    };
+    let direct = match p.value("cache") {
+        None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
+        Some("none") | Some("directsync") => true,
+        Some(o) => {
+            return Err(Fail::new(format!(
+                "invalid cache mode '{o}' (expected none or writeback)"
+            )))
+        }
+    };
+    Ok((engine, direct))
+}
+
+async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('O', "target-format", true),
+            opt('p', "progress", false),
+            opt('m', "parallel", true),
+            opt('t', "cache", true),
+            opt('T', "source-cache", true),
+            opt('W', "", false),
+            opt('q', "quiet", false),
+        ]),
+    )?;
+    if p.operands.len() != 2 {
+        return Err(Fail::new(
+            "convert needs exactly one source and one destination",
+        ));
+    }
+    let (src, dst) = (&p.operands[0], &p.operands[1]);
+    let out_fmt = p.value("target-format").unwrap_or("raw");
+    if out_fmt != "raw" {
+        return Err(Fail::new(format!(
+            "{dst}: output format '{out_fmt}' is not supported yet (raw is)"
+        )));
+    }
+    let parallel = match p.value("parallel") {
+        None => 8,
+        Some(m) => match m.parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => n,
+            _ => {
+                return Err(Fail::new(format!(
+                    "invalid number of coroutines '{m}' (1 to 64)"
+                )))
+            }
+        },
+    };
+    let (engine, direct) = parse_engine(&p)?;
+    let mut oo = open_opts(&p);
+    oo.engine = engine;
+    let disk = open(src, p.value("format"), &oo).await?;
+    let mut co = ConvertOptions {
+        parallel,
+        ..Default::default()
+    };
+    co.file.engine = engine;
+    co.file.direct = direct;
+    if p.flag("progress") && !p.flag("quiet") {
+        co.progress = Some(progress_printer());
+    }
+    convert::convert_to_raw(&disk, Path::new(dst), &co).await?;
+    Ok(0)
+}
+
+async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "a-format", true),
+            opt('F', "b-format", true),
+            opt('s', "strict", false),
+            opt('p', "progress", false),
+            opt('q', "quiet", false),
+            opt('T', "cache", true),
+        ]),
+    )
+    .map_err(|e| Fail::new(e).code(2))?;
+    if p.operands.len() != 2 {
+        return Err(Fail::new("compare needs exactly two file names").code(2));
+    }
+    let oo = open_opts(&p);
+    let a = open(&p.operands[0], p.value("a-format"), &oo)
+        .await
+        .map_err(|f| f.code(2))?;
+    let b = open(&p.operands[1], p.value("b-format"), &oo)
+        .await
+        .map_err(|f| f.code(2))?;
+    let quiet = p.flag("quiet");
+    match convert::compare(&a, &b, p.flag("strict"))
+        .await
+        .map_err(|e| Fail::from(e).code(2))?
+    {
+        CompareResult::Identical => {
+            if !quiet {
+                println!("Images are identical.");
+            }
+            Ok(0)
+        }
+        CompareResult::Mismatch(off) => {
+            if !quiet {
+                println!("Content mismatch at offset {off}!");
+            }
+            Ok(1)
+        }
+        CompareResult::SizeMismatch => {
+            if !quiet {
+                println!("Strict mode: Image size mismatch!");
+            }
+            Ok(1)
+        }
+    }
+}
+
+async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('l', "list", false),
+            opt('f', "format", true),
+            opt('q', "quiet", false),
+        ]),
+    )?;
+    let file = one_operand(&p, "a file name")?;
+    if !p.flag("list") {
+        return Err(Fail::new("only 'snapshot -l' (list) is supported"));
+    }
+    let mut oo = open_opts(&p);
+    oo.no_backing = true;
+    let disk = open(&file, p.value("format"), &oo).await?;
+    if let Disk::Qcow2(img) = &disk {
+        let snaps = img.snapshots();
+        if !snaps.is_empty() {
+            print!("{}", info::snapshot_table(&snaps));
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,232 @@
+//! `convert` and `compare`: whole-disk copies and comparisons.
+
+use crate::disk::{Disk, Format};
+use crate::io::{FileOptions, Storage};
+use crate::{Error, Result, ResultExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes per unit of work.
+pub const CHUNK: u64 = 2 << 20;
+/// Granularity of zero detection in data (qemu-img's default `-S 4k`).
+pub const ZERO_GRANULE: usize = 4096;
+
+/// Options of [`convert_to_raw`].
+#[derive(Clone)]
+pub struct ConvertOptions {
+    /// Requests in flight (qemu-img `-m`).
+    pub parallel: usize,
+    /// Called with the fraction done (0.0 to 1.0).
+    pub progress: Option<Arc<dyn Fn(f64) + Send + Sync>>,
+    /// Options for files we open and create.
+    pub file: FileOptions,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            parallel: 8,
+            progress: None,
+            file: FileOptions::default(),
+        }
+    }
+}
+
+/// Whether `b` is all zeros.
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(32);
+    let whole = chunks.by_ref().all(|c| {
+        let (x, y) = c.split_at(16);
+        (u128::from_ne_bytes(x.try_into().unwrap()) | u128::from_ne_bytes(y.try_into().unwrap()))
+            == 0
+    });
+    whole && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// One unit of copy work: the guest range and whether it is known to read as zeros.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    off: u64,
+    len: u64,
+    zero: bool,
+}
+
+/// Split `[0, size)` into pieces of at most `CHUNK` bytes, marking those that the chain says
+/// read as zeros.
+async fn plan(src: &Disk) -> Result<Vec<Piece>> {
+    let size = src.size();
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let e = src.map_entry(off, (size - off).min(1 << 30)).await?;
+        let zero = e.zero;
+        let mut o = off;
+        let end = off + e.length;
+        while o < end {
+            let l = (end - o).min(CHUNK - o % CHUNK);
+            match out.last_mut() {
+                Some(Piece {
+                    off: po,
+                    len: pl,
+                    zero: pz,
+                }) if *pz == zero && zero && *po + *pl == o => *pl += l,
+                Some(Piece {
+                    off: po,
+                    len: pl,
+                    zero: pz,
+                }) if *pz == zero && !zero && *po + *pl == o && *pl + l <= CHUNK => *pl += l,
+                _ => out.push(Piece {
+                    off: o,
+                    len: l,
+                    zero,
+                }),
+            }
+            o += l;
+        }
+        off = end;
+    }
+    Ok(out)
+}
+
+/// Copy the guest content of `src` into a new raw file at `dst` (created or truncated),
+/// leaving holes where the content is zero.
+pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Result<()> {
+    let fo = FileOptions {
+        writable: true,
+        create: true,
+        truncate: true,
+        ..opts.file
+    };
+    let out = crate::io::open_file(dst, &fo).ctx(dst.display())?;
+    let size = src.size();
+    out.set_len(size).ctx(dst.display())?;
+    let pieces = plan(src).await?;
+    let done = AtomicU64::new(0);
+    let total = size.max(1);
+    let out_ref: &dyn Storage = &*out;
+    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
+        .try_for_each_concurrent(opts.parallel.max(1), |p| {
+            let done = &done;
+            async move {
+                if !p.zero {
+                    let mut buf = vec![0u8; p.len as usize];
+                    src.read_at(&mut buf, p.off).await?;
+                    write_nonzero(out_ref, &buf, p.off)
+                        .await
+                        .ctx(dst.display())?;
+                }
+                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
+                if let Some(cb) = &opts.progress {
+                    cb(d as f64 / total as f64);
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    out.flush().await.ctx(dst.display())?;
+    Ok(())
+}
+
+/// Write the non-zero `ZERO_GRANULE` runs of `buf` at `off`.
+pub async fn write_nonzero(out: &dyn Storage, buf: &[u8], off: u64) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < buf.len() {
+        let g = ZERO_GRANULE.min(buf.len() - i);
+        if is_zero(&buf[i..i + g]) {
+            i += g;
+            continue;
+        }
+        let start = i;
+        while i < buf.len() {
+            let g = ZERO_GRANULE.min(buf.len() - i);
+            if is_zero(&buf[i..i + g]) {
+                break;
+            }
+            i += g;
+        }
+        out.write_at(&buf[start..i], off + start as u64).await?;
+    }
+    Ok(())
+}
+
+/// Result of [`compare`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompareResult {
+    /// Same content.
+    Identical,
+    /// The first differing byte offset.
+    Mismatch(u64),
+    /// Strict mode: sizes differ.
+    SizeMismatch,
+}
+
+/// Compare the guest content of `a` and `b` like `qemu-img compare` (`strict`: sizes must be
+/// equal). With different sizes in non-strict mode the tail of the larger must read as zeros.
+pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> {
+    let (sa, sb) = (a.size(), b.size());
+    if strict && sa != sb {
+        return Ok(CompareResult::SizeMismatch);
+    }
+    let common = sa.min(sb);
+    if let Some(off) = first_difference(a, Some(b), 0, common).await? {
+        return Ok(CompareResult::Mismatch(off));
+    }
+    let longer = if sa > sb { a } else { b };
+    if let Some(off) = first_difference(longer, None, common, sa.max(sb)).await? {
+        return Ok(CompareResult::Mismatch(off));
+    }
+    Ok(CompareResult::Identical)
+}
+
+/// First offset in `[start, end)` where `a` differs from `b` (or from zeros when `b` is None).
+async fn first_difference(a: &Disk, b: Option<&Disk>, start: u64, end: u64) -> Result<Option<u64>> {
+    let ranges: Vec<(u64, u64)> = (start..end)
+        .step_by(CHUNK as usize)
+        .map(|o| (o, (end - o).min(CHUNK)))
+        .collect();
+    let results: Vec<Option<u64>> = stream::iter(ranges)
+        .map(|(off, len)| async move {
+            let za = a.map_entry(off, len).await?;
+            let zb = match b {
+                Some(b) => Some(b.map_entry(off, len).await?),
+                None => None,
+            };
+            if za.zero && za.length == len && zb.is_none_or(|z| z.zero && z.length == len) {
+                return Ok::<Option<u64>, Error>(None);
+            }
+            let mut ba = vec![0u8; len as usize];
+            a.read_at(&mut ba, off).await?;
+            let bb = match b {
+                Some(b) => {
+                    let mut bb = vec![0u8; len as usize];
+                    b.read_at(&mut bb, off).await?;
+                    bb
+                }
+                None => vec![0u8; len as usize],
+            };
+            Ok(ba
+                .iter()
+                .zip(bb.iter())
+                .position(|(x, y)| x != y)
+                .map(|p| off + p as u64))
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    Ok(results.into_iter().flatten().next())
+}
+
+/// Open a disk for reading by name and optional format name.
+pub async fn open_disk(
+    path: &Path,
+    format: Option<&str>,
+    opts: &crate::image::OpenOptions,
+) -> Result<Disk> {
+    let fmt = match format {
+        Some(f) => Some(Format::parse(f)?),
+        None => None,
+    };
+    Disk::open(path, fmt, opts).await
+}
