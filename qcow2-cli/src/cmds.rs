@@ -3,9 +3,10 @@
 use crate::args::{parse, Parsed, Spec};
 use crate::Fail;
 use qcow2_core::convert::{self, CompareResult, ConvertOptions};
+use qcow2_core::create::{self, CreateOptions};
 use qcow2_core::disk::Disk;
 use qcow2_core::io::EngineKind;
-use qcow2_core::{info, OpenOptions};
+use qcow2_core::{info, Format, OpenOptions};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -37,6 +38,10 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "convert" => cmd_convert(args).await,
         "compare" => cmd_compare(args).await,
         "snapshot" => cmd_snapshot(args).await,
+        "create" => cmd_create(args).await,
+        "resize" => cmd_resize(args).await,
+        "dump" => crate::dump::cmd_dump(args).await,
+        "bench" => crate::bench::cmd_bench(args).await,
         other => Err(Fail::new(format!(
             "unknown command '{other}' (try 'qcow2rs --help')"
         ))),
@@ -231,18 +236,172 @@ fn parse_engine(p: &Parsed) -> Result<(EngineKind, bool), Fail> {
     Ok((engine, direct))
 }
 
+fn create_options(p: &Parsed, fmt: &str) -> Result<CreateOptions, Fail> {
+    let mut co = CreateOptions::default();
+    for o in p.values("options") {
+        for (k, v) in create::split_options(&o)? {
+            if fmt == "raw" && k != "size" && k != "preallocation" {
+                return Err(Fail::new(format!(
+                    "invalid option '{k}' for the raw format"
+                )));
+            }
+            co.set(&k, &v)?;
+        }
+    }
+    Ok(co)
+}
+
+fn check_fmt(f: &str) -> Result<Format, Fail> {
+    Ok(Format::parse(f)?)
+}
+
+async fn cmd_create(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('o', "options", true),
+            opt('b', "backing", true),
+            opt('F', "backing-format", true),
+            opt('u', "unsafe", false),
+            opt('q', "quiet", false),
+        ]),
+    )?;
+    let fmt = p.value("format").unwrap_or("raw");
+    let fmt = check_fmt(fmt)?;
+    let (file, size) = match p.operands.as_slice() {
+        [f] => (f.clone(), None),
+        [f, s] => (f.clone(), Some(create::parse_size(s)?)),
+        [] => return Err(Fail::new("expecting a file name")),
+        _ => return Err(Fail::new("too many arguments")),
+    };
+    let mut co = create_options(&p, fmt.name())?;
+    if let Some(s) = size {
+        co.size = Some(s);
+    }
+    if let Some(b) = p.value("backing") {
+        co.backing_file = Some(b.to_string());
+    }
+    if let Some(f) = p.value("backing-format") {
+        co.backing_format = Some(f.to_string());
+    }
+    co.unsafe_backing = p.flag("unsafe");
+    let path = Path::new(&file);
+    match fmt {
+        Format::Raw => {
+            let size = co
+                .size
+                .ok_or_else(|| Fail::new(format!("{file}: image size must be given")))?;
+            if !p.flag("quiet") {
+                println!("Formatting '{file}', fmt=raw size={size}");
+            }
+            create::create_raw(path, size, co.preallocation)
+                .await
+                .map_err(|e| Fail::new(format!("{file}: {e}")))?;
+        }
+        Format::Qcow2 => {
+            let size = create::create_qcow2(path, &co)
+                .await
+                .map_err(|e| prefixed(&file, e))?;
+            if !p.flag("quiet") {
+                println!("{}", co.summary(path, size));
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn prefixed(file: &str, e: qcow2_core::Error) -> Fail {
+    let m = e.to_string();
+    if m.starts_with(file) {
+        Fail::new(m)
+    } else {
+        Fail::new(format!("{file}: {m}"))
+    }
+}
+
+async fn cmd_resize(args: &[String]) -> Result<u8, Fail> {
+    let mut argv: Vec<String> = args.to_vec();
+    // "-1G" as the size operand would look like an option: treat a final "-N" as an operand.
+    let neg = argv
+        .last()
+        .filter(|a| a.starts_with('-') && a[1..].starts_with(|c: char| c.is_ascii_digit()))
+        .cloned();
+    if neg.is_some() {
+        argv.pop();
+    }
+    let p = parse(
+        &argv,
+        &specs(&[
+            opt('f', "format", true),
+            opt('\0', "shrink", false),
+            opt('q', "quiet", false),
+            opt('\0', "preallocation", true),
+        ]),
+    )?;
+    let mut ops = p.operands.clone();
+    if let Some(n) = neg {
+        ops.push(n);
+    }
+    let (file, size_s) = match ops.as_slice() {
+        [f, s] => (f.clone(), s.clone()),
+        _ => return Err(Fail::new("resize needs a file name and a size")),
+    };
+    let mut oo = open_opts(&p);
+    oo.writable = true;
+    let disk = open(&file, p.value("format"), &oo).await?;
+    let cur = disk.size();
+    let new = if let Some(d) = size_s.strip_prefix('+') {
+        cur.checked_add(create::parse_size(d)?)
+            .ok_or_else(|| Fail::new("size overflow"))?
+    } else if let Some(d) = size_s.strip_prefix('-') {
+        cur.checked_sub(create::parse_size(d)?)
+            .ok_or_else(|| Fail::new(format!("{file}: new size would be negative")))?
+    } else {
+        create::parse_size(&size_s)?
+    };
+    match &disk {
+        Disk::Qcow2(img) => {
+            img.resize(new, p.flag("shrink"))
+                .await
+                .map_err(|e| prefixed(&file, e))?;
+            img.flush().await.map_err(|e| prefixed(&file, e))?;
+        }
+        Disk::Raw(_) => {
+            if new < cur && !p.flag("shrink") {
+                return Err(Fail::new(format!(
+                    "{file}: use the --shrink option to shrink an image"
+                )));
+            }
+            let st = disk.raw_storage().expect("raw disk has storage");
+            st.set_len(new)
+                .map_err(|e| Fail::new(format!("{file}: {e}")))?;
+        }
+    }
+    if !p.flag("quiet") {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
 async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
             opt('f', "format", true),
             opt('O', "target-format", true),
+            opt('o', "options", true),
+            opt('B', "backing", true),
+            opt('F', "backing-format", true),
+            opt('c', "compress", false),
             opt('p', "progress", false),
             opt('m', "parallel", true),
             opt('t', "cache", true),
             opt('T', "source-cache", true),
             opt('W', "", false),
+            opt('n', "", false),
             opt('q', "quiet", false),
+            opt('\0', "aio", true),
         ]),
     )?;
     if p.operands.len() != 2 {
@@ -251,12 +410,10 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
         ));
     }
     let (src, dst) = (&p.operands[0], &p.operands[1]);
-    let out_fmt = p.value("target-format").unwrap_or("raw");
-    if out_fmt != "raw" {
-        return Err(Fail::new(format!(
-            "{dst}: output format '{out_fmt}' is not supported yet (raw is)"
-        )));
+    if p.flag("n") {
+        return Err(Fail::new("-n (skip target creation) is not supported"));
     }
+    let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
     let parallel = match p.value("parallel") {
         None => 8,
         Some(m) => match m.parse::<usize>() {
@@ -272,16 +429,41 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let mut oo = open_opts(&p);
     oo.engine = engine;
     let disk = open(src, p.value("format"), &oo).await?;
+    let mut create = create_options(&p, out_fmt.name())?;
+    if let Some(b) = p.value("backing") {
+        create.backing_file = Some(b.to_string());
+        if out_fmt != Format::Qcow2 {
+            return Err(Fail::new("-B requires the qcow2 output format"));
+        }
+    }
+    if let Some(f) = p.value("backing-format") {
+        create.backing_format = Some(f.to_string());
+    }
+    let compress = p.flag("compress");
     let mut co = ConvertOptions {
         parallel,
         ..Default::default()
     };
+    if compress {
+        co.parallel = co.parallel.max(
+            4 * std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        );
+    }
     co.file.engine = engine;
     co.file.direct = direct;
     if p.flag("progress") && !p.flag("quiet") {
         co.progress = Some(progress_printer());
     }
-    convert::convert_to_raw(&disk, Path::new(dst), &co).await?;
+    let target = convert::Target {
+        format: out_fmt,
+        create,
+        compress,
+    };
+    convert::convert(&disk, Path::new(dst), &target, &co)
+        .await
+        .map_err(|e| prefixed(dst, e))?;
     Ok(0)
 }
 

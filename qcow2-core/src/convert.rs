@@ -230,3 +230,126 @@ pub async fn open_disk(
     };
     Disk::open(path, fmt, opts).await
 }
+
+/// What `convert` writes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Output format.
+    pub format: Format,
+    /// qcow2 creation options (size is taken from the source; backing from here).
+    pub create: crate::create::CreateOptions,
+    /// Write compressed clusters (qcow2 only).
+    pub compress: bool,
+}
+
+/// Copy `src` into a new image at `dst` in the target format. With a backing file in
+/// `target.create`, only what differs from it is written.
+pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOptions) -> Result<()> {
+    if target.format == Format::Raw {
+        if target.compress {
+            return Err(Error::invalid(
+                "compression is only supported with the qcow2 output format",
+            ));
+        }
+        return convert_to_raw(src, dst, opts).await;
+    }
+    let mut co = target.create.clone();
+    co.size = Some(src.size());
+    if co.backing_file.is_some() {
+        co.unsafe_backing = false;
+    }
+    crate::create::create_qcow2(dst, &co).await?;
+    let oo = crate::image::OpenOptions {
+        writable: true,
+        engine: opts.file.engine,
+        direct: opts.file.direct,
+        ..Default::default()
+    };
+    let img = crate::image::Image::open(dst, &oo).await?;
+    let res = copy_into(src, &img, target.compress, opts).await;
+    let closed = img.close().await;
+    res?;
+    closed
+}
+
+async fn copy_into(
+    src: &Disk,
+    img: &crate::image::Image,
+    compress: bool,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let size = src.size();
+    let cs = img.layout().cluster_size;
+    let backing = img.backing().cloned();
+    let pieces = plan(src).await?;
+    let done = AtomicU64::new(0);
+    let total = size.max(1);
+    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
+        .try_for_each_concurrent(opts.parallel.max(1), |p| {
+            let done = &done;
+            let backing = &backing;
+            async move {
+                let mut buf = vec![0u8; p.len as usize];
+                if !p.zero {
+                    src.read_at(&mut buf, p.off).await?;
+                }
+                let base = match backing {
+                    Some(b) => {
+                        let mut bb = vec![0u8; p.len as usize];
+                        b.read_padded(&mut bb, p.off).await?;
+                        Some(bb)
+                    }
+                    None => None,
+                };
+                // Walk cluster by cluster, grouping runs that need the same treatment.
+                let mut i = 0u64;
+                while i < p.len {
+                    let g = p.off + i;
+                    let n = (cs - g % cs).min(p.len - i);
+                    let piece = &buf[i as usize..(i + n) as usize];
+                    let same_as_base = match &base {
+                        Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
+                        None => is_zero(piece),
+                    };
+                    if same_as_base {
+                        i += n;
+                        continue;
+                    }
+                    if is_zero(piece) {
+                        // Differs from the backing file: explicit zeros.
+                        img.write_zeroes(g, n, crate::write::ZeroMode::Unmap)
+                            .await?;
+                        i += n;
+                        continue;
+                    }
+                    if compress && g % cs == 0 && (n == cs || g + n == size) {
+                        img.write_compressed(g, piece).await?;
+                        i += n;
+                        continue;
+                    }
+                    // Merge following clusters that also need a plain write.
+                    let mut j = i + n;
+                    while j < p.len && !compress {
+                        let m = cs.min(p.len - j);
+                        let next = &buf[j as usize..(j + m) as usize];
+                        let skip = match &base {
+                            Some(bb) => &bb[j as usize..(j + m) as usize] == next,
+                            None => is_zero(next),
+                        };
+                        if skip || is_zero(next) {
+                            break;
+                        }
+                        j += m;
+                    }
+                    img.write_at(&buf[i as usize..j as usize], g).await?;
+                    i = j;
+                }
+                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
+                if let Some(cb) = &opts.progress {
+                    cb(d as f64 / total as f64);
+                }
+                Ok(())
+            }
+        })
+        .await
+}

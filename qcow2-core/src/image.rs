@@ -145,6 +145,10 @@ pub(crate) struct Inner {
     pub backing: Option<Disk>,
     pub zcache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
     pub opts: OpenOptions,
+    /// Write state, for images opened writable.
+    pub w: Option<crate::write::WriteState>,
+    /// Whether the image looks metadata-preallocated (qemu's heuristic), computed once.
+    pub prealloc: tokio::sync::OnceCell<bool>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
@@ -206,18 +210,34 @@ impl Image {
                     ),
                 ));
             }
-            Self::open_one(path, opts, seen, depth).await.map_err(|e| {
-                if e.message().starts_with(&path.display().to_string()) {
-                    e
-                } else {
-                    e.context(path.display())
-                }
-            })
+            Self::open_one(path, None, opts, seen, depth)
+                .await
+                .map_err(|e| {
+                    if e.message().starts_with(&path.display().to_string()) {
+                        e
+                    } else {
+                        e.context(path.display())
+                    }
+                })
         })
+    }
+
+    /// Open an image whose file is `file` (any [`Storage`], e.g. a fault-injecting one in
+    /// tests). `path` names it in messages and anchors relative backing/data file names.
+    pub async fn open_storage(
+        file: Arc<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let mut seen = HashSet::new();
+        Self::open_one(path, Some(file), opts, &mut seen, 0)
+            .await
+            .map_err(|e| e.context(path.display()))
     }
 
     async fn open_one(
         path: &Path,
+        storage: Option<Arc<dyn Storage>>,
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
         depth: usize,
@@ -228,7 +248,10 @@ impl Image {
             engine: opts.engine,
             ..Default::default()
         };
-        let file = crate::io::open_file(path, &fo).map_err(|e| Error::io(e, "open"))?;
+        let file = match storage {
+            Some(s) => s,
+            None => crate::io::open_file(path, &fo).map_err(|e| Error::io(e, "open"))?,
+        };
         let file_len = file.len()?;
         let mut first =
             vec![0u8; (2 << 20).min(file_len.max(header::V3_HEADER_LEN as u64)) as usize];
@@ -387,6 +410,12 @@ impl Image {
             backing,
             zcache: Mutex::new(LruCache::new(NonZeroUsize::new(zentries).unwrap())),
             opts: opts.clone(),
+            w: if opts.writable {
+                Some(crate::write::WriteState::new(file_len.div_ceil(cs)))
+            } else {
+                None
+            },
+            prealloc: tokio::sync::OnceCell::new(),
         };
         Ok(Image {
             inner: Arc::new(inner),
@@ -742,7 +771,21 @@ impl Image {
         match run.state {
             SubState::Data(h) => {
                 st.data = true;
-                st.offset = Some(h + (off & (self.inner.layout.sc_size - 1)));
+                let host = h + (off & (self.inner.layout.sc_size - 1));
+                st.offset = Some(host);
+                if self.metadata_preallocated().await? {
+                    let (n, is_data) = self
+                        .inner
+                        .data
+                        .data_run(host, st.len)
+                        .map_err(Error::from)?;
+                    if !is_data {
+                        st.zero = true;
+                    }
+                    if n > 0 {
+                        st.len = st.len.min(n);
+                    }
+                }
             }
             SubState::Zero => {
                 st.zero = true;
@@ -830,27 +873,38 @@ impl Image {
 
     /// Make every completed write durable.
     pub async fn flush(&self) -> Result<()> {
-        if !self.inner.opts.writable {
-            return Ok(());
-        }
-        self.inner
-            .file
-            .flush()
-            .await
-            .ctx(self.inner.path.display())?;
-        if self.inner.data_path.is_some() {
-            self.inner
-                .data
-                .flush()
-                .await
-                .ctx(self.inner.path.display())?;
-        }
-        Ok(())
+        self.flush_all().await
     }
 
     /// Flush and close. Other clones of this handle stay usable.
     pub async fn close(self) -> Result<()> {
         self.flush().await
+    }
+
+    /// qemu's heuristic for metadata preallocation: more clusters have a refcount than the
+    /// file has allocated blocks. Then data clusters that are holes in the file read as zeros
+    /// in block status.
+    async fn metadata_preallocated(&self) -> Result<bool> {
+        self.inner
+            .prealloc
+            .get_or_try_init(|| async {
+                let cs = self.inner.layout.cluster_size;
+                let file_len = self.inner.file.len().map_err(Error::from)?;
+                let real = self.inner.file.allocated_size().map_err(Error::from)? / cs;
+                let threshold = (real * 10 / 9).max(real + 2);
+                let end = file_len.div_ceil(cs);
+                let mut count = 0u64;
+                let mut i = 0;
+                while i < end && count <= threshold {
+                    if self.refcount(i).await? != 0 {
+                        count += 1;
+                    }
+                    i += 1;
+                }
+                Ok::<bool, Error>(count > threshold)
+            })
+            .await
+            .copied()
     }
 }
 

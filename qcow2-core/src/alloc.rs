@@ -1,0 +1,325 @@
+//! Refcount updates and host cluster allocation (the write side).
+//!
+//! All functions here run with the metadata lock held (`&mut Meta`). Refcount blocks are
+//! changed in the cache and written back by `flush` before any table that points at the
+//! new clusters (see `write.rs` for the ordering). New refcount blocks and refcount tables
+//! are written through (and synced) before the pointers to them are published.
+
+use crate::format::refcount;
+use crate::image::Image;
+use crate::write::Meta;
+use crate::{Error, Result};
+
+impl Image {
+    /// Refcount slice and entry index for host cluster `ci`, or `None` when no refcount block
+    /// covers it.
+    pub(crate) async fn rc_slot(
+        &self,
+        ci: u64,
+    ) -> Result<Option<(std::sync::Arc<crate::cache::Slice>, usize)>> {
+        let lay = self.inner.layout;
+        let rt_idx = ci / lay.rb_entries;
+        let rb = {
+            let rt = self.inner.reftable.read();
+            rt.get(rt_idx as usize).map(|&e| e & !511).unwrap_or(0)
+        };
+        if rb == 0 {
+            return Ok(None);
+        }
+        let idx = ci % lay.rb_entries;
+        let byte = (idx << lay.refcount_order) / 8;
+        let slice_off = rb + byte / lay.slice_size * lay.slice_size;
+        let slice = self
+            .inner
+            .rc_cache
+            .get(&*self.inner.file, slice_off)
+            .await?;
+        let per_slice = (lay.slice_size * 8) >> lay.refcount_order;
+        Ok(Some((slice, (idx % per_slice) as usize)))
+    }
+
+    /// Add `delta` to the refcount of host cluster `ci` (which must be covered by a block).
+    pub(crate) async fn rc_add(&self, ci: u64, delta: i64) -> Result<u64> {
+        let order = self.inner.layout.refcount_order;
+        let (slice, i) = self
+            .rc_slot(ci)
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("no refcount block covers cluster {ci}")))?;
+        let mut d = slice.data.write();
+        let old = refcount::get(&d, order, i);
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&n| n <= refcount::max(order))
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+        };
+        let new = new.ok_or_else(|| {
+            Error::corrupt(format!(
+                "refcount of cluster {ci} would overflow or underflow ({old} {delta:+})"
+            ))
+        })?;
+        refcount::set(&mut d, order, i, new);
+        drop(d);
+        slice.mark_dirty();
+        Ok(new)
+    }
+
+    /// Whether cluster `ci` is free (refcount 0, or not covered by any block).
+    async fn is_free(&self, ci: u64) -> Result<bool> {
+        Ok(match self.rc_slot(ci).await? {
+            None => true,
+            Some((s, i)) => refcount::get(&s.data.read(), self.inner.layout.refcount_order, i) == 0,
+        })
+    }
+
+    /// Allocate `n` contiguous host clusters with refcount 1. Returns the host offset.
+    pub(crate) async fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let lay = self.inner.layout;
+        if n == 0 {
+            return Err(Error::invalid("allocation of zero clusters"));
+        }
+        let max_ci = (crate::format::l2::OFFSET_MASK >> lay.cluster_bits) - n;
+        'search: loop {
+            // Find n free clusters in a row from the hint.
+            let mut start = m.free_hint;
+            let mut run = 0;
+            let mut ci = start;
+            let mut first_free = None;
+            while run < n {
+                if ci > max_ci {
+                    return Err(Error::new(
+                        crate::ErrorKind::NoSpace,
+                        "image file has reached the maximum size",
+                    ));
+                }
+                if self.is_free(ci).await? {
+                    first_free.get_or_insert(ci);
+                    run += 1;
+                } else {
+                    run = 0;
+                    start = ci + 1;
+                }
+                ci += 1;
+            }
+            // Every cluster of the run needs a refcount block.
+            for c in start..start + n {
+                if self.rc_slot(c).await?.is_none() {
+                    self.new_refblock(m, c).await?;
+                    continue 'search;
+                }
+            }
+            for c in start..start + n {
+                self.rc_add(c, 1).await?;
+            }
+            // Everything below the first free cluster seen is in use.
+            m.free_hint = match first_free {
+                Some(f) if f < start => f,
+                _ => start + n,
+            };
+            m.high_water = m.high_water.max(start + n);
+            return Ok(start << lay.cluster_bits);
+        }
+    }
+
+    /// Create the refcount block that covers cluster `ci`, placing it at the first cluster
+    /// of its own range that the search found free (`ci` itself): it then describes itself.
+    async fn new_refblock(&self, m: &mut Meta, ci: u64) -> Result<()> {
+        let lay = self.inner.layout;
+        let rt_idx = ci / lay.rb_entries;
+        let need_len = rt_idx + 1;
+        if need_len as usize > self.inner.reftable.read().len() {
+            self.grow_reftable(m, ci).await?;
+            if self.rc_slot(ci).await?.is_some() {
+                return Ok(());
+            }
+        }
+        // Every cluster of this block's range is free (no block covered it), so put the block at `ci`.
+        let cs = lay.cluster_size as usize;
+        let mut block = vec![0u8; cs];
+        refcount::set(
+            &mut block,
+            lay.refcount_order,
+            (ci % lay.rb_entries) as usize,
+            1,
+        );
+        let off = ci << lay.cluster_bits;
+        self.meta_write(&block, off).await?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))?;
+        self.inner.rc_cache.invalidate_range(off, off + cs as u64);
+        self.inner.reftable.write()[rt_idx as usize] = off;
+        m.reftable_dirty.insert(rt_idx);
+        m.high_water = m.high_water.max(ci + 1);
+        Ok(())
+    }
+
+    /// Grow the refcount table so that it covers cluster `ci`: the new table and the blocks
+    /// that describe it are placed after every used cluster, written and synced, then the
+    /// header switches to it and the old table is freed.
+    async fn grow_reftable(&self, m: &mut Meta, ci: u64) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let old = self.inner.reftable.read().clone();
+        let old_len = old.len() as u64;
+        // Put the new structures at the end of everything used so far.
+        let base = m
+            .high_water
+            .max(ci + 1)
+            .max(self.inner.file.len().map_err(Error::from)?.div_ceil(cs));
+        let entries_per_cluster = cs / 8;
+        let mut table_clusters = (old_len * 3 / 2 + 1).div_ceil(entries_per_cluster).max(1);
+        let (new_len, rb_first, n_rb) = loop {
+            let new_len = table_clusters * entries_per_cluster;
+            // Blocks needed for [base, base + table_clusters + n_rb): iterate to a fixed point.
+            let mut n_rb = 0;
+            loop {
+                let end = base + table_clusters + n_rb;
+                let first_rt = base / lay.rb_entries;
+                let last_rt = (end - 1) / lay.rb_entries;
+                let missing = (first_rt..=last_rt)
+                    .filter(|&r| (r as usize) >= old.len() || old[r as usize] == 0)
+                    .count() as u64;
+                if missing == n_rb {
+                    break;
+                }
+                n_rb = missing;
+            }
+            let end = base + table_clusters + n_rb;
+            if (end - 1) / lay.rb_entries < new_len && ci / lay.rb_entries < new_len {
+                break (new_len, base + table_clusters, n_rb);
+            }
+            table_clusters += 1;
+        };
+        if new_len * 8 > crate::format::header::MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                crate::ErrorKind::NoSpace,
+                "refcount table would exceed its maximum size",
+            ));
+        }
+        let end = base + table_clusters + n_rb;
+        let mut table = old.clone();
+        table.resize(new_len as usize, 0);
+        // Assign the new blocks to the missing ranges among [base, end).
+        let mut next_rb = rb_first;
+        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for r in base / lay.rb_entries..=(end - 1) / lay.rb_entries {
+            if table[r as usize] == 0 {
+                table[r as usize] = next_rb << lay.cluster_bits;
+                blocks.push((r, vec![0u8; cs as usize]));
+                next_rb += 1;
+            }
+        }
+        // Refcounts of the new table and blocks: those in new blocks are set there; those in
+        // existing blocks are incremented in the cache.
+        for c in base..end {
+            let r = c / lay.rb_entries;
+            if let Some((_, b)) = blocks.iter_mut().find(|(br, _)| *br == r) {
+                refcount::set(b, lay.refcount_order, (c % lay.rb_entries) as usize, 1);
+            } else {
+                self.rc_add(c, 1).await?;
+            }
+        }
+        for (r, b) in &blocks {
+            self.meta_write(b, table[*r as usize]).await?;
+        }
+        let mut tb = vec![0u8; (table_clusters * cs) as usize];
+        for (i, e) in table.iter().enumerate() {
+            tb[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        let new_off = base << lay.cluster_bits;
+        self.meta_write(&tb, new_off).await?;
+        // Existing dirty blocks must be on disk before the new table is published (they
+        // hold the increments for the new clusters above).
+        self.write_dirty_refblocks().await?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))?;
+        let (old_off, old_clusters) = {
+            let h = self.inner.header.read();
+            (h.refcount_table_offset, h.refcount_table_clusters as u64)
+        };
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&new_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.meta_write(&hdr, 48).await?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))?;
+        {
+            let mut h = self.inner.header.write();
+            h.refcount_table_offset = new_off;
+            h.refcount_table_clusters = table_clusters as u32;
+        }
+        *self.inner.reftable.write() = table;
+        m.reftable_dirty.clear();
+        m.high_water = m.high_water.max(end);
+        for c in 0..old_clusters {
+            m.pending_free.push((old_off >> lay.cluster_bits) + c);
+        }
+        Ok(())
+    }
+
+    /// Write metadata bytes at `off`, refusing writes that would hit guest data or the header
+    /// (the overlap check); a violation marks the image corrupt.
+    pub(crate) async fn meta_write(&self, buf: &[u8], off: u64) -> Result<()> {
+        if off == 0 && buf.len() > 512 {
+            return Err(self
+                .mark_corrupt(format!(
+                    "metadata write of {} bytes over the header",
+                    buf.len()
+                ))
+                .await);
+        }
+        self.inner.file.write_at(buf, off).await.map_err(|e| {
+            Error::io(
+                e,
+                format!(
+                    "{}: writing metadata at 0x{off:x}",
+                    self.inner.path.display()
+                ),
+            )
+        })
+    }
+
+    /// Set the corrupt bit (best effort) and return an error describing `why`.
+    pub(crate) async fn mark_corrupt(&self, why: String) -> Error {
+        let bits = {
+            let mut h = self.inner.header.write();
+            if h.version >= 3 {
+                h.incompatible_features |= crate::format::header::INCOMPAT_CORRUPT;
+            }
+            h.incompatible_features
+        };
+        let _ = self.inner.file.write_at(&bits.to_be_bytes(), 72).await;
+        let _ = self.inner.file.flush().await;
+        Error::corrupt(format!(
+            "{}: {why}; the image has been marked corrupt",
+            self.inner.path.display()
+        ))
+    }
+
+    /// Write every dirty refcount block slice.
+    pub(crate) async fn write_dirty_refblocks(&self) -> Result<()> {
+        let dirty = self.inner.rc_cache.dirty_slices();
+        let futs = dirty.iter().map(|s| async move {
+            if s.take_dirty() {
+                let data = s.data.read().clone();
+                if let Err(e) = self.meta_write(&data, s.offset).await {
+                    s.mark_dirty();
+                    return Err(e);
+                }
+            }
+            Ok::<(), Error>(())
+        });
+        futures::future::try_join_all(futs).await?;
+        self.inner.rc_cache.prune_evicted();
+        Ok(())
+    }
+}

@@ -1,0 +1,615 @@
+//! Creating images: qcow2 (every option qemu-img offers for the formats we write) and raw.
+
+use crate::disk::{Disk, Format};
+use crate::format::header::{self, CompressionType, FeatureKind, FeatureName, Header};
+use crate::format::refcount;
+use crate::image::{Image, OpenOptions};
+use crate::io::{FileOptions, Storage};
+use crate::{Error, Result, ResultExt};
+use std::path::{Path, PathBuf};
+
+/// Preallocation modes (as qemu-img `-o preallocation=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing.
+    #[default]
+    Off,
+    /// L2 tables and data cluster mappings, file sparse.
+    Metadata,
+    /// Metadata plus `fallocate` of the data.
+    Falloc,
+    /// Metadata plus writing zeros to the data.
+    Full,
+}
+
+impl Preallocation {
+    /// Parse qemu-img's names.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            o => Err(Error::invalid(format!(
+                "invalid preallocation mode '{o}' (off, metadata, falloc or full)"
+            ))),
+        }
+    }
+}
+
+/// Options for creating a qcow2 image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size; `None` takes the backing file's size.
+    pub size: Option<u64>,
+    /// Cluster size in bytes (512 B to 2 MiB, a power of two).
+    pub cluster_size: u64,
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: u32,
+    /// Refcount width in bits (1 to 64, a power of two).
+    pub refcount_bits: u32,
+    /// Lazy refcounts (v3).
+    pub lazy_refcounts: bool,
+    /// Extended L2 entries (v3, cluster size at least 16 KiB).
+    pub extended_l2: bool,
+    /// Compression type for compressed clusters.
+    pub compression_type: CompressionType,
+    /// External data file name (as stored in the image; resolved against its folder).
+    pub data_file: Option<String>,
+    /// Keep the data file a valid raw image.
+    pub data_file_raw: bool,
+    /// Preallocation.
+    pub preallocation: Preallocation,
+    /// Backing file name (stored as given).
+    pub backing_file: Option<String>,
+    /// Backing file format.
+    pub backing_format: Option<String>,
+    /// Do not open the backing file (size must then be given).
+    pub unsafe_backing: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: None,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: CompressionType::Zlib,
+            data_file: None,
+            data_file_raw: false,
+            preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
+            unsafe_backing: false,
+        }
+    }
+}
+
+fn feature_table() -> Vec<FeatureName> {
+    let f = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.to_string(),
+    };
+    vec![
+        f(FeatureKind::Incompatible, 0, "dirty bit"),
+        f(FeatureKind::Incompatible, 1, "corrupt bit"),
+        f(FeatureKind::Incompatible, 2, "external data file"),
+        f(FeatureKind::Incompatible, 3, "compression type"),
+        f(FeatureKind::Incompatible, 4, "extended L2 entries"),
+        f(FeatureKind::Compatible, 0, "lazy refcounts"),
+        f(FeatureKind::Autoclear, 0, "bitmaps"),
+        f(FeatureKind::Autoclear, 1, "raw external data"),
+    ]
+}
+
+impl CreateOptions {
+    fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(Error::invalid(format!(
+                "cluster size must be a power of two between 512 and 2097152 bytes (got {cs})"
+            )));
+        }
+        if self.version != 2 && self.version != 3 {
+            return Err(Error::invalid("compat must be 0.10 or 1.1"));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::invalid(
+                "refcount_bits must be a power of two up to 64",
+            ));
+        }
+        if self.version == 2 {
+            if self.refcount_bits != 16 {
+                return Err(Error::invalid(
+                    "refcount widths other than 16 bits require compat=1.1",
+                ));
+            }
+            if self.lazy_refcounts {
+                return Err(Error::invalid("lazy refcounts require compat=1.1"));
+            }
+            if self.extended_l2 {
+                return Err(Error::invalid("extended L2 entries require compat=1.1"));
+            }
+            if self.compression_type != CompressionType::Zlib {
+                return Err(Error::invalid(
+                    "compression types other than zlib require compat=1.1",
+                ));
+            }
+            if self.data_file.is_some() {
+                return Err(Error::invalid("external data files require compat=1.1"));
+            }
+        }
+        if self.extended_l2 && cs < 16384 {
+            return Err(Error::invalid(
+                "extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::invalid("data_file_raw requires data_file"));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::invalid(
+                "a backing file and data_file_raw cannot be used at the same time",
+            ));
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(Error::invalid("backing_fmt requires a backing file"));
+        }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+            return Err(Error::invalid("backing file and preallocation can only be used at the same time with preallocation=off"));
+        }
+        Ok(())
+    }
+}
+
+/// Create a qcow2 image at `path` (replacing an existing file). Returns the virtual size.
+pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
+    opts.validate()?;
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    // Size: given, or the backing file's.
+    let size = match (opts.size, &opts.backing_file) {
+        (Some(s), _) => s,
+        (None, Some(b)) if !opts.unsafe_backing => {
+            let bpath = crate::image::resolve_name(path, b);
+            let fmt = match &opts.backing_format {
+                Some(f) => Some(Format::parse(f)?),
+                None => None,
+            };
+            let d = Disk::open(&bpath, fmt, &OpenOptions::default())
+                .await
+                .map_err(|e| e.context(format!("could not open backing file '{b}'")))?;
+            d.size()
+        }
+        _ => return Err(Error::invalid("image size must be given")),
+    };
+    if let (Some(b), true) = (
+        &opts.backing_file,
+        opts.size.is_some() && !opts.unsafe_backing,
+    ) {
+        // The backing file must exist and open.
+        let bpath = crate::image::resolve_name(path, b);
+        let fmt = match &opts.backing_format {
+            Some(f) => Some(Format::parse(f)?),
+            None => None,
+        };
+        Disk::open(&bpath, fmt, &OpenOptions::default())
+            .await
+            .map_err(|e| e.context(format!("could not open backing file '{b}'")))?;
+    }
+    let size = size.div_ceil(512) * 512;
+    if size > header::MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid(format!("image size {size} is too large")));
+    }
+    let refcount_order = opts.refcount_bits.trailing_zeros();
+    let mut h = Header {
+        version: opts.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order,
+        header_length: if opts.version == 3 { 112 } else { 72 },
+        compression_type_raw: opts.compression_type.value(),
+        extra_fields: if opts.version == 3 {
+            vec![0u8; 7]
+        } else {
+            Vec::new()
+        },
+        backing_file: opts.backing_file.clone(),
+        backing_format: opts.backing_format.clone(),
+        data_file: opts.data_file.clone(),
+        feature_names: if opts.version == 3 {
+            feature_table()
+        } else {
+            Vec::new()
+        },
+        bitmaps: None,
+        crypto_header: None,
+        unknown_extensions: Vec::new(),
+    };
+    if opts.version == 3 {
+        if opts.lazy_refcounts {
+            h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
+        }
+        if opts.extended_l2 {
+            h.incompatible_features |= header::INCOMPAT_EXTL2;
+        }
+        if opts.compression_type != CompressionType::Zlib {
+            h.incompatible_features |= header::INCOMPAT_COMPRESSION;
+        }
+        if opts.data_file.is_some() {
+            h.incompatible_features |= header::INCOMPAT_DATA_FILE;
+            if opts.data_file_raw {
+                h.autoclear_features |= header::AUTOCLEAR_DATA_FILE_RAW;
+            }
+        }
+    }
+    let l1_size = h.l1_entries_for(size);
+    if l1_size * 8 > header::MAX_L1_BYTES {
+        return Err(Error::invalid(format!(
+            "image size {size} needs an L1 table of {} bytes (limit {}); use a larger cluster size",
+            l1_size * 8,
+            header::MAX_L1_BYTES
+        )));
+    }
+    h.l1_size = l1_size as u32;
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // Fixed point: header + refcount table + refcount blocks + L1.
+    let rb_entries = cs * 8 / opts.refcount_bits as u64;
+    let (mut rt_clusters, mut n_rb) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt_clusters + n_rb + l1_clusters;
+        let need_rb = total.div_ceil(rb_entries);
+        let need_rt = (need_rb * 8).div_ceil(cs);
+        if need_rb == n_rb && need_rt == rt_clusters {
+            break;
+        }
+        n_rb = need_rb;
+        rt_clusters = need_rt;
+    }
+    let total = 1 + rt_clusters + n_rb + l1_clusters;
+    h.refcount_table_clusters = rt_clusters as u32;
+    h.refcount_table_offset = cs;
+    let rb_first = 1 + rt_clusters;
+    h.l1_table_offset = (rb_first + n_rb) * cs;
+    if rt_clusters * cs > header::MAX_REFTABLE_BYTES {
+        return Err(Error::invalid(
+            "image too large for this cluster size and refcount width",
+        ));
+    }
+
+    // Data file first, so a failure leaves no half-made image pointing at it.
+    let fo = FileOptions {
+        writable: true,
+        create: true,
+        truncate: true,
+        ..Default::default()
+    };
+    if let Some(df) = &opts.data_file {
+        let dpath = crate::image::resolve_name(path, df);
+        let d =
+            crate::io::open_file(&dpath, &fo).ctx(format!("data file '{}'", dpath.display()))?;
+        d.set_len(size).ctx(dpath.display())?;
+    }
+    let file = crate::io::open_file(path, &fo).ctx(path.display())?;
+    let hdr = h.to_bytes().ctx(path.display())?;
+    let mut rt = vec![0u8; (rt_clusters * cs) as usize];
+    for i in 0..n_rb {
+        let off = (rb_first + i) * cs;
+        rt[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    let mut rbs = vec![0u8; (n_rb * cs) as usize];
+    for c in 0..total {
+        let b = (c / rb_entries) as usize;
+        let blk = &mut rbs[b * cs as usize..(b + 1) * cs as usize];
+        refcount::set(blk, refcount_order, (c % rb_entries) as usize, 1);
+    }
+    let w = |buf: Vec<u8>, off: u64| {
+        let file = file.clone();
+        async move { file.write_at(&buf, off).await }
+    };
+    w(rt, cs).await.ctx(path.display())?;
+    w(rbs, rb_first * cs).await.ctx(path.display())?;
+    file.set_len(total * cs).ctx(path.display())?;
+    w(hdr, 0).await.ctx(path.display())?;
+    file.flush().await.ctx(path.display())?;
+    drop(file);
+
+    // Data mappings: preallocation, and data_file_raw (host offset == guest offset).
+    if opts.preallocation != Preallocation::Off || opts.data_file_raw {
+        let img = Image::open(
+            path,
+            &OpenOptions {
+                writable: true,
+                no_backing: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        img.preallocate(opts.preallocation).await?;
+        img.close().await?;
+    }
+    Ok(size)
+}
+
+/// Create a raw image of `size` bytes (sparse unless preallocated).
+pub async fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+    let fo = FileOptions {
+        writable: true,
+        create: true,
+        truncate: true,
+        ..Default::default()
+    };
+    let f = crate::io::open_file(path, &fo).ctx(path.display())?;
+    match prealloc {
+        Preallocation::Off | Preallocation::Metadata => f.set_len(size).ctx(path.display())?,
+        Preallocation::Falloc => f.allocate(0, size).await.ctx(path.display())?,
+        Preallocation::Full => write_zeros_full(&*f, 0, size).await.ctx(path.display())?,
+    }
+    f.flush().await.ctx(path.display())?;
+    Ok(())
+}
+
+/// Write real zeros over a range (preallocation=full).
+pub(crate) async fn write_zeros_full(f: &dyn Storage, off: u64, len: u64) -> std::io::Result<()> {
+    let z = vec![0u8; (1u64 << 20).min(len.max(1)) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(z.len() as u64) as usize;
+        f.write_at(&z[..n], off + pos).await?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Map every guest cluster to a host cluster (preallocation), or to the data file at
+    /// the guest offset (external data file).
+    pub(crate) async fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        use crate::format::l2::COPIED;
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let size = self.size();
+        let nclusters = size.div_ceil(cs);
+        let w = self.ws()?;
+        let external = self.inner.data_path.is_some();
+        let mut gc = 0;
+        while gc < nclusters {
+            let n = (lay.l2_entries - gc % lay.l2_entries).min(nclusters - gc);
+            let host = {
+                let mut m = w.meta.lock().await;
+                self.ensure_l2_writable(&mut m, gc).await?;
+                let host = if external {
+                    gc * cs
+                } else {
+                    self.alloc_clusters(&mut m, n).await?
+                };
+                for i in 0..n {
+                    // Extended L2: the cluster is allocated, its subclusters not yet (they read
+                    // as zeros: the bitmap marks them zero unless the data file is raw).
+                    let bm = if lay.extended {
+                        if external {
+                            0
+                        } else {
+                            0xffff_ffffu64 << 32
+                        }
+                    } else {
+                        0
+                    };
+                    let flag = if lay.extended || external || mode == Preallocation::Off {
+                        0
+                    } else {
+                        0
+                    };
+                    self.set_l2_entry(&mut m, gc + i, (host + i * cs) | COPIED | flag, bm)
+                        .await?;
+                }
+                host
+            };
+            let len = (n * cs).min(size.saturating_sub(gc * cs).div_ceil(cs) * cs);
+            match mode {
+                Preallocation::Falloc => self
+                    .inner
+                    .data
+                    .allocate(host, len)
+                    .await
+                    .map_err(Error::from)?,
+                Preallocation::Full => write_zeros_full(&*self.inner.data, host, len)
+                    .await
+                    .map_err(Error::from)?,
+                _ => {}
+            }
+            gc += n;
+        }
+        // The file covers every allocated cluster.
+        if !external {
+            let end = w.meta.lock().await.high_water * cs;
+            if self.inner.file.len().map_err(Error::from)? < end {
+                self.inner.file.set_len(end).map_err(Error::from)?;
+            }
+        }
+        self.flush_all().await
+    }
+}
+
+/// Parse a size with qemu-img's suffixes (k, K, M, G, T, P, E; b for bytes; plain = bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let bad = || {
+        Error::invalid(format!(
+            "invalid size '{s}' (use a number with an optional suffix k, M, G, T, P, E)"
+        ))
+    };
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return Err(bad()),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(v) = num.parse::<u64>() {
+        return v.checked_mul(mult).ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    if !(f >= 0.0) || f * mult as f64 >= 1.8e19 {
+        return Err(bad());
+    }
+    Ok((f * mult as f64) as u64)
+}
+
+/// Resolve a name stored in an image against the image's folder.
+pub fn resolve(image: &Path, name: &str) -> PathBuf {
+    crate::image::resolve_name(image, name)
+}
+
+/// Split a qemu-img `-o` string ("a=b,c=d"; ",," is a literal comma) into pairs.
+pub fn split_options(s: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    let mut items = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    for it in items.into_iter().filter(|i| !i.is_empty()) {
+        match it.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => out.push((it, "on".to_string())),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_bool(k: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(Error::invalid(format!(
+            "parameter '{k}' expects 'on' or 'off' (got '{v}')"
+        ))),
+    }
+}
+
+impl CreateOptions {
+    /// Apply one qemu-img creation option (`-o key=value`).
+    pub fn set(&mut self, key: &str, v: &str) -> Result<()> {
+        match key {
+            "size" => self.size = Some(parse_size(v)?),
+            "cluster_size" => self.cluster_size = parse_size(v)?,
+            "compat" => {
+                self.version = match v {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "invalid compat level '{v}' (0.10 or 1.1)"
+                        )))
+                    }
+                }
+            }
+            "refcount_bits" => {
+                self.refcount_bits = v
+                    .parse()
+                    .map_err(|_| Error::invalid(format!("invalid refcount_bits '{v}'")))?
+            }
+            "lazy_refcounts" => self.lazy_refcounts = parse_bool(key, v)?,
+            "extended_l2" => self.extended_l2 = parse_bool(key, v)?,
+            "compression_type" => {
+                self.compression_type = match v {
+                    "zlib" => CompressionType::Zlib,
+                    "zstd" => CompressionType::Zstd,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "invalid compression_type '{v}' (zlib or zstd)"
+                        )))
+                    }
+                }
+            }
+            "data_file" => self.data_file = Some(v.to_string()),
+            "data_file_raw" => self.data_file_raw = parse_bool(key, v)?,
+            "preallocation" => self.preallocation = Preallocation::parse(v)?,
+            "backing_file" => self.backing_file = Some(v.to_string()),
+            "backing_fmt" => self.backing_format = Some(v.to_string()),
+            "encryption" | "encrypt.format" => {
+                return Err(Error::unsupported(
+                    "creating encrypted images is not supported",
+                ))
+            }
+            _ => return Err(Error::invalid(format!("invalid option '{key}'"))),
+        }
+        Ok(())
+    }
+
+    /// The "Formatting ..." summary qemu-img prints.
+    pub fn summary(&self, path: &Path, size: u64) -> String {
+        let mut s = format!(
+            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+            path.display(),
+            self.cluster_size,
+            if self.extended_l2 { "on" } else { "off" },
+            self.compression_type.name(),
+            size
+        );
+        if let Some(b) = &self.backing_file {
+            s += &format!(" backing_file={b}");
+        }
+        if let Some(f) = &self.backing_format {
+            s += &format!(" backing_fmt={f}");
+        }
+        if let Some(d) = &self.data_file {
+            s += &format!(" data_file={d}");
+        }
+        if self.data_file_raw {
+            s += " data_file_raw=on";
+        }
+        if self.version == 2 {
+            s += " compat=0.10";
+        }
+        if self.preallocation != Preallocation::Off {
+            s += &format!(" preallocation={:?}", self.preallocation).to_lowercase();
+        }
+        s += &format!(
+            " lazy_refcounts={} refcount_bits={}",
+            if self.lazy_refcounts { "on" } else { "off" },
+            self.refcount_bits
+        );
+        s
+    }
+}

@@ -1,0 +1,95 @@
+//! Changing the virtual size of an image.
+
+use crate::format::l2::COPIED;
+use crate::image::Image;
+use crate::{Error, Result};
+
+impl Image {
+    /// Change the virtual size to `new_size` (rounded up to 512 bytes). Shrinking needs
+    /// `allow_shrink`; the data past the new end is discarded.
+    pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let w = self.ws()?;
+        if self.inner.header.read().corrupt() {
+            return Err(Error::read_only(
+                "image is marked corrupt; resizing is refused",
+            ));
+        }
+        if !self.snapshots().is_empty() {
+            return Err(Error::unsupported(
+                "cannot resize an image that has internal snapshots",
+            ));
+        }
+        let new_size = new_size.div_ceil(512) * 512;
+        if new_size > crate::format::header::MAX_VIRTUAL_SIZE {
+            return Err(Error::invalid(format!("size {new_size} is too large")));
+        }
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old {
+            if !allow_shrink {
+                return Err(Error::invalid(
+                    "use the --shrink option to shrink an image (data past the new end is lost)",
+                ));
+            }
+            let cs = self.inner.layout.cluster_size;
+            let from = new_size.div_ceil(cs) * cs;
+            if from < old {
+                self.discard(from, old - from).await?;
+            }
+            if new_size % cs != 0 && new_size < from.min(old) {
+                // Zero the tail of the last partial cluster so a later grow reads zeros.
+                let end = from.min(old);
+                self.write_zeroes(new_size, end - new_size, crate::write::ZeroMode::Keep)
+                    .await?;
+            }
+        }
+        let mut m = w.meta.lock().await;
+        self.flush_metadata(&mut m).await?;
+        let need = self.inner.header.read().l1_entries_for(new_size);
+        let have = self.inner.l1.read().len() as u64;
+        if need > have {
+            if need * 8 > crate::format::header::MAX_L1_BYTES {
+                return Err(Error::invalid(format!(
+                    "size {new_size} needs an L1 table larger than 32 MiB"
+                )));
+            }
+            let cs = self.inner.layout.cluster_size;
+            let clusters = (need * 8).div_ceil(cs);
+            let new_off = self.alloc_clusters(&mut m, clusters).await?;
+            let mut buf = vec![0u8; (clusters * cs) as usize];
+            for (i, e) in self.inner.l1.read().iter().enumerate() {
+                buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            // Refcounts of the new table first, then the table, then the header switch.
+            self.write_dirty_refblocks().await?;
+            self.meta_write(&buf, new_off).await?;
+            self.inner.file.flush().await.map_err(Error::from)?;
+            let mut hb = [0u8; 12];
+            hb[..4].copy_from_slice(&(need as u32).to_be_bytes());
+            hb[4..].copy_from_slice(&new_off.to_be_bytes());
+            self.meta_write(&hb, 36).await?;
+            self.inner.file.flush().await.map_err(Error::from)?;
+            let (old_off, old_len) = {
+                let mut h = self.inner.header.write();
+                let r = (h.l1_table_offset, h.l1_size as u64);
+                h.l1_table_offset = new_off;
+                h.l1_size = need as u32;
+                r
+            };
+            self.inner.l1.write().resize(need as usize, 0);
+            if old_len > 0 {
+                let first = old_off / cs;
+                for c in 0..(old_len * 8).div_ceil(cs) {
+                    m.pending_free.push(first + c);
+                }
+            }
+        }
+        self.meta_write(&new_size.to_be_bytes(), 24).await?;
+        self.inner.file.flush().await.map_err(Error::from)?;
+        self.inner.header.write().size = new_size;
+        let _ = COPIED;
+        self.flush_metadata(&mut m).await
+    }
+}
