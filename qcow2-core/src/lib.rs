@@ -18,3 +18,7 @@ pub use disk::{Disk, Format, MapEntry};
 pub use image::{Image, OpenOptions};
 pub mod convert;
 pub mod info;
+pub mod alloc;
+pub mod create;
+pub mod resize;
+pub mod write;
