@@ -1,19 +1,146 @@
-//! PLACEHOLDER thread-pool engine: currently does blocking I/O inline. To be replaced.
+//! Portable engine: a pool of worker threads doing blocking system calls.
+//!
+//! [`ThreadsFile`] hands every request to a pool of worker threads named
+//! `qcow2rs-io-N` that run `pread`/`pwrite`/`fdatasync`/`fallocate`; the
+//! request's future completes through a oneshot channel, so it works on any
+//! executor (no Tokio runtime context is needed). The pool is shared by all open
+//! [`ThreadsFile`]s: it starts with the first one and stops (joining its
+//! workers) when the last one is dropped.
+//!
+//! This file also holds what both file engines share (module-private, used by
+//! [`super::uring`] as well):
+//! - `AlignedBuf`, owned and aligned bounce buffers: a worker or the kernel only
+//!   ever touches memory owned by the request, never the caller's buffer, so
+//!   dropping a future is always safe (reads are copied out on completion,
+//!   writes copied in before submission);
+//! - `FileCore`, the open file with its `O_DIRECT` alignment and the lock that
+//!   serializes read-modify-write cycles, plus the synchronous calls (`len`,
+//!   `set_len`, `data_run`, ...);
+//! - the `Backend` trait (four primitive operations on owned buffers) and the
+//!   request logic built on it in `ops`: splitting, alignment bouncing,
+//!   read-modify-write, zero-fill past the end of the file and the `fallocate`
+//!   fallbacks.
 
 use super::{FileOptions, IoFuture, Storage};
+use futures::channel::oneshot;
+use parking_lot::{Condvar, Mutex};
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::thread;
 
-/// A file accessed with blocking system calls.
-pub struct ThreadsFile {
-    file: File,
+/// Largest piece a request is split into, bounding the bounce memory of one request.
+pub(super) const MAX_CHUNK: usize = 4 << 20;
+/// Chunk size of the zero-writing fallback of `write_zeroes`.
+const ZERO_CHUNK: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// Owned, aligned buffers
+// ---------------------------------------------------------------------------
+
+/// A zero-initialized heap buffer with a chosen alignment, owned by one request.
+///
+/// Moving an `AlignedBuf` does not move its bytes, so a raw pointer into it
+/// stays valid while the buffer is kept alive (by a queued job or an in-flight
+/// io_uring operation).
+pub(super) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
 }
 
-impl ThreadsFile {
-    /// Open a file.
-    pub fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
+// SAFETY: an `AlignedBuf` uniquely owns its allocation, like `Box<[u8]>`; nothing
+// else refers to it, so moving it to another thread is sound.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: `&AlignedBuf` only gives read access to the bytes (like `&[u8]`).
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len` zero bytes aligned to `align` (a power of two).
+    pub(super) fn zeroed(len: usize, align: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(1), align.max(1)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad I/O buffer size {len} or alignment {align}"),
+            )
+        })?;
+        // SAFETY: `layout` has a non-zero size (at least 1 byte).
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate a {len}-byte I/O buffer"),
+            )
+        })?;
+        Ok(AlignedBuf { ptr, len, layout })
+    }
+
+    /// A raw pointer to the first byte, for the kernel. Valid while `self` lives.
+    pub(super) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to an allocation of at least `len` initialized
+        // (zeroed at allocation) bytes owned by `self`, and the shared borrow of
+        // `self` prevents mutation through it for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; the exclusive borrow of `self` makes this the
+        // only live reference to the bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The open file and its synchronous calls
+// ---------------------------------------------------------------------------
+
+/// An open file plus what the request logic needs to know about it.
+pub(super) struct FileCore {
+    /// The file. Kept open until every operation that refers to it has finished.
+    pub(super) file: File,
+    /// Required alignment of offsets, lengths and memory: 1 without `O_DIRECT`.
+    pub(super) align: usize,
+    /// Whether the file was opened with `O_DIRECT`.
+    pub(super) direct: bool,
+    /// With `O_DIRECT`: shared by aligned writes and `allocate`, exclusive for
+    /// read-modify-write cycles, `discard` and `write_zeroes`. Guards are moved
+    /// into the operations so that a write whose future was dropped keeps the
+    /// lock until the write really finished.
+    lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl FileCore {
+    /// Open `path` as `opts` says and detect the `O_DIRECT` alignment.
+    pub(super) fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
         let mut o = OpenOptions::new();
         o.read(true)
             .write(opts.writable)
@@ -22,67 +149,729 @@ impl ThreadsFile {
         if opts.direct {
             o.custom_flags(libc::O_DIRECT);
         }
+        let file = o.open(path).map_err(|e| {
+            if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "cannot open {} with O_DIRECT: the file system does not support \
+                         direct I/O (EINVAL); open it without direct I/O",
+                        path.display()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        let align = if opts.direct {
+            direct_alignment(&file)
+        } else {
+            1
+        };
+        Ok(FileCore {
+            file,
+            align,
+            direct: opts.direct,
+            lock: Arc::new(tokio::sync::RwLock::new(())),
+        })
+    }
+
+    fn fd(&self) -> libc::c_int {
+        self.file.as_raw_fd()
+    }
+
+    /// Current length (the size of the device for block devices).
+    pub(super) fn len(&self) -> io::Result<u64> {
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // SAFETY: `lseek` on a valid fd owned by `self.file`; no memory is
+            // passed. Moving the file position is harmless: all I/O is positioned.
+            let end = unsafe { libc::lseek(self.fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(end as u64);
+        }
+        Ok(meta.len())
+    }
+
+    /// `ftruncate`.
+    pub(super) fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    /// `st_blocks * 512`.
+    pub(super) fn allocated_size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    /// See [`Storage::data_run`]: `SEEK_DATA`/`SEEK_HOLE`, everything is data if
+    /// they are unsupported, and past the end of the file is a hole.
+    pub(super) fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
+        if len == 0 {
+            return Ok((0, true));
+        }
+        let size = self.len()?;
+        if off >= size {
+            return Ok((len, false));
+        }
+        let Ok(pos) = libc::off_t::try_from(off) else {
+            return Ok((len, true));
+        };
+        let data = match lseek(self.fd(), pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data at or after `off`: a hole up to the end of the file, and past it.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((len, false)),
+            Err(e) if seek_unsupported(&e) => return Ok((len, true)),
+            Err(e) => return Err(e),
+        };
+        if data > off {
+            return Ok(((data - off).min(len), false));
+        }
+        let hole = match lseek(self.fd(), pos, libc::SEEK_HOLE) {
+            Ok(h) => h,
+            Err(e) if seek_unsupported(&e) || e.raw_os_error() == Some(libc::ENXIO) => {
+                return Ok((len, true))
+            }
+            Err(e) => return Err(e),
+        };
+        if hole > off {
+            Ok(((hole - off).min(len), true))
+        } else {
+            // The file changed under us; call it data, which is always safe.
+            Ok((len, true))
+        }
+    }
+}
+
+fn seek_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+fn lseek(fd: libc::c_int, off: libc::off_t, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: `lseek` takes no pointers; an invalid fd or offset is reported as an error.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// The alignment `O_DIRECT` needs for `file`: `statx(STATX_DIOALIGN)` where the
+/// kernel reports it, else the logical block size of a block device, else 4096.
+fn direct_alignment(file: &File) -> usize {
+    let sane = |a: usize| a.is_power_of_two() && (1..=(1 << 20)).contains(&a);
+    if let Some(a) = statx_dio_align(file).filter(|&a| sane(a)) {
+        return a;
+    }
+    if file
+        .metadata()
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+    {
+        let mut size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one `int` through the pointer, which points to
+        // `size`, a live and writable `c_int`.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
+        if r == 0 && size > 0 && sane(size as usize) {
+            return size as usize;
+        }
+    }
+    4096
+}
+
+fn statx_dio_align(file: &File) -> Option<usize> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the path is a NUL-terminated empty string, which with AT_EMPTY_PATH
+    // makes statx describe the open fd; `stx` is writable memory of the type the
+    // kernel fills.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: `stx` was zero-initialized (a valid value for this plain C struct
+    // of integers) and possibly filled in by the kernel.
+    let stx = unsafe { stx.assume_init() };
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align) as usize)
+}
+
+/// `fallocate(2)`, retried on `EINTR`.
+pub(super) fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    loop {
+        // SAFETY: `fallocate` takes no pointers; bad arguments come back as errors.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Read into `buf` at `off` until it is full or the end of the file. With
+/// `O_DIRECT` (`align > 1`), a read that stops at an unaligned position has hit
+/// the end of the file (a direct read cannot continue from there).
+fn pread_full(file: &File, buf: &mut [u8], off: u64, align: usize) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                if (off + done as u64) & (align as u64 - 1) != 0 {
+                    break;
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+// ---------------------------------------------------------------------------
+// Engine-independent request logic
+// ---------------------------------------------------------------------------
+
+/// Something an operation keeps alive until it has really finished (a lock guard).
+pub(super) type Hold = Option<Arc<dyn Any + Send + Sync>>;
+
+/// The result of an operation handed to an engine: a future that works on any
+/// executor. Dropping it abandons the result, not the operation.
+pub(super) struct Pending<T>(oneshot::Receiver<io::Result<T>>);
+
+impl<T> Pending<T> {
+    /// A sender for the engine and the future for the caller.
+    pub(super) fn channel() -> (oneshot::Sender<io::Result<T>>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Pending(rx))
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = io::Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match Pin::new(&mut self.0).poll(cx) {
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(oneshot::Canceled)) => {
+                Poll::Ready(Err(io::Error::other("the I/O engine dropped the request")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The primitive operations of an engine. They own their buffers and start at
+/// once; the request logic in [`ops`] is written once on top of them.
+pub(super) trait Backend: Send + Sync {
+    /// The file.
+    fn core(&self) -> &FileCore;
+    /// Read into `buf` at `off` until it is full or the end of the file; gives the
+    /// buffer back with the number of bytes read.
+    fn read_owned(&self, buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)>;
+    /// Write all of `buf` at `off`, then truncate the file to `truncate_to` if
+    /// given. `hold` is dropped once that is done.
+    fn write_owned(
+        &self,
+        buf: AlignedBuf,
+        off: u64,
+        truncate_to: Option<u64>,
+        hold: Hold,
+    ) -> Pending<()>;
+    /// `fdatasync`.
+    fn fdatasync(&self) -> Pending<()>;
+    /// `fallocate(mode, off, len)`; `hold` is dropped once done.
+    fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()>;
+}
+
+/// Request logic shared by the file engines (see the module documentation).
+pub(super) mod ops {
+    use super::{AlignedBuf, Backend, Hold, MAX_CHUNK, ZERO_CHUNK};
+    use std::any::Any;
+    use std::io;
+    use std::sync::Arc;
+
+    fn align_down(x: u64, a: u64) -> u64 {
+        x & !(a - 1)
+    }
+
+    fn align_up(x: u64, a: u64) -> io::Result<u64> {
+        x.checked_add(a - 1)
+            .map(|y| align_down(y, a))
+            .ok_or_else(too_far)
+    }
+
+    fn too_far() -> io::Error {
+        io::Error::from_raw_os_error(libc::EFBIG)
+    }
+
+    fn end_of(off: u64, len: usize) -> io::Result<u64> {
+        off.checked_add(len as u64).ok_or_else(too_far)
+    }
+
+    /// Errors of `fallocate` after which zeros are written instead.
+    fn zero_range_unsupported(e: &io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+        )
+    }
+
+    fn fallocate_unsupported(e: &io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+        )
+    }
+
+    /// Largest piece size that keeps pieces aligned.
+    fn max_piece(a: u64) -> u64 {
+        align_down(MAX_CHUNK as u64, a).max(a)
+    }
+
+    /// [`Storage::read_at`](super::Storage::read_at).
+    pub(in crate::io) async fn read_at<B: Backend + ?Sized>(
+        b: &B,
+        buf: &mut [u8],
+        off: u64,
+    ) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = end_of(off, buf.len())?;
+        let a = b.core().align as u64;
+        let mut pos = align_down(off, a);
+        let aend = align_up(end, a)?;
+        while pos < aend {
+            let n = (aend - pos).min(max_piece(a)) as usize;
+            let piece = AlignedBuf::zeroed(n, a as usize)?;
+            let (mut piece, got) = b.read_owned(piece, pos).await?;
+            let got = got.min(n);
+            piece[got..].fill(0);
+            let lo = pos.max(off);
+            let hi = (pos + n as u64).min(end);
+            buf[(lo - off) as usize..(hi - off) as usize]
+                .copy_from_slice(&piece[(lo - pos) as usize..(hi - pos) as usize]);
+            if got < n {
+                // End of file: the rest reads as zeros.
+                buf[(hi - off) as usize..].fill(0);
+                break;
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// [`Storage::write_at`](super::Storage::write_at).
+    pub(in crate::io) async fn write_at<B: Backend + ?Sized>(
+        b: &B,
+        data: &[u8],
+        off: u64,
+    ) -> io::Result<()> {
+        write_inner(b, data, off, None).await
+    }
+
+    /// Write `data` at `off`. With `O_DIRECT`, `excl` is an exclusive guard of the
+    /// file's lock that the caller already holds; without it the lock is taken
+    /// here (shared for aligned writes, exclusive for read-modify-write).
+    async fn write_inner<B: Backend + ?Sized>(
+        b: &B,
+        data: &[u8],
+        off: u64,
+        excl: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = end_of(off, data.len())?;
+        let core = b.core();
+        if !core.direct {
+            let mut pos = 0;
+            while pos < data.len() {
+                let n = (data.len() - pos).min(MAX_CHUNK);
+                let mut piece = AlignedBuf::zeroed(n, 1)?;
+                piece.copy_from_slice(&data[pos..pos + n]);
+                b.write_owned(piece, off + pos as u64, None, None).await?;
+                pos += n;
+            }
+            return Ok(());
+        }
+        let a = core.align as u64;
+        let rmw = (off | end) & (a - 1) != 0;
+        let hold: Arc<dyn Any + Send + Sync> = match excl {
+            Some(h) => h,
+            None if rmw => Arc::new(core.lock.clone().write_owned().await),
+            None => Arc::new(core.lock.clone().read_owned().await),
+        };
+        // A read-modify-write of the last block may extend the file to a block
+        // boundary; the operation then truncates it back to this length (we hold
+        // the lock exclusively, so nobody else changes the length meanwhile).
+        let target_len = if rmw {
+            Some(core.len()?.max(end))
+        } else {
+            None
+        };
+        let mut pos = align_down(off, a);
+        let aend = align_up(end, a)?;
+        while pos < aend {
+            let partial = pos < off || pos + a > end;
+            let n = if partial {
+                a
+            } else {
+                (align_down(end, a) - pos).min(max_piece(a))
+            } as usize;
+            let mut piece = AlignedBuf::zeroed(n, a as usize)?;
+            if partial {
+                let (p, got) = b.read_owned(piece, pos).await?;
+                piece = p;
+                let got = got.min(n);
+                piece[got..].fill(0);
+            }
+            let lo = pos.max(off);
+            let hi = (pos + n as u64).min(end);
+            piece[(lo - pos) as usize..(hi - pos) as usize]
+                .copy_from_slice(&data[(lo - off) as usize..(hi - off) as usize]);
+            let truncate_to = target_len.filter(|&t| pos + n as u64 > t);
+            b.write_owned(piece, pos, truncate_to, Some(hold.clone()))
+                .await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// With `O_DIRECT`, an exclusive guard of the file's lock.
+    async fn exclusive<B: Backend + ?Sized>(b: &B) -> Option<Arc<dyn Any + Send + Sync>> {
+        let core = b.core();
+        if core.direct {
+            Some(Arc::new(core.lock.clone().write_owned().await))
+        } else {
+            None
+        }
+    }
+
+    /// [`Storage::flush`](super::Storage::flush).
+    pub(in crate::io) async fn flush<B: Backend + ?Sized>(b: &B) -> io::Result<()> {
+        b.fdatasync().await
+    }
+
+    /// [`Storage::discard`](super::Storage::discard).
+    pub(in crate::io) async fn discard<B: Backend + ?Sized>(
+        b: &B,
+        off: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        off.checked_add(len).ok_or_else(too_far)?;
+        // Exclusive: a concurrent read-modify-write could write back stale data
+        // into the punched range.
+        let hold: Hold = exclusive(b).await;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match b.fallocate(mode, off, len, hold).await {
+            Ok(()) => Ok(true),
+            Err(e) if fallocate_unsupported(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Storage::write_zeroes`](super::Storage::write_zeroes).
+    pub(in crate::io) async fn write_zeroes<B: Backend + ?Sized>(
+        b: &B,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        off.checked_add(len).ok_or_else(too_far)?;
+        let excl = exclusive(b).await;
+        match b
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len, excl.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if zero_range_unsupported(&e) => {}
+            Err(e) => return Err(e),
+        }
+        let zeros = vec![0u8; len.min(ZERO_CHUNK as u64) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            write_inner(b, &zeros[..n], off + done, excl.clone()).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// [`Storage::allocate`](super::Storage::allocate).
+    pub(in crate::io) async fn allocate<B: Backend + ?Sized>(
+        b: &B,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add(len).ok_or_else(too_far)?;
+        let core = b.core();
+        // Shared: it changes no content, but must not run while a
+        // read-modify-write is about to fix the file length up.
+        let hold: Hold = if core.direct {
+            Some(Arc::new(core.lock.clone().read_owned().await))
+        } else {
+            None
+        };
+        match b.fallocate(0, off, len, hold.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) if fallocate_unsupported(&e) => {
+                if core.len()? < end {
+                    core.set_len(end)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The worker pool
+// ---------------------------------------------------------------------------
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutdown: bool,
+}
+
+struct PoolShared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// The worker threads shared by every open [`ThreadsFile`].
+struct Pool {
+    shared: Arc<PoolShared>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+/// The current pool, if any file holds it.
+static POOL: Mutex<Weak<Pool>> = parking_lot::const_mutex(Weak::new());
+
+impl Pool {
+    /// The shared pool, started if no open file holds it.
+    fn get() -> io::Result<Arc<Pool>> {
+        let mut cur = POOL.lock();
+        if let Some(p) = cur.upgrade() {
+            return Ok(p);
+        }
+        let n = thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .saturating_mul(2)
+            .clamp(4, 32);
+        let p = Arc::new(Pool::start(n)?);
+        *cur = Arc::downgrade(&p);
+        Ok(p)
+    }
+
+    fn start(n: usize) -> io::Result<Pool> {
+        let shared = Arc::new(PoolShared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                shutdown: false,
+            }),
+            ready: Condvar::new(),
+        });
+        // On a spawn error `pool` is dropped, which stops the workers already started.
+        let mut pool = Pool {
+            shared,
+            workers: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let s = pool.shared.clone();
+            let h = thread::Builder::new()
+                .name(format!("qcow2rs-io-{i}"))
+                .spawn(move || worker(&s))?;
+            pool.workers.push(h);
+        }
+        Ok(pool)
+    }
+
+    /// Run `f` on a worker; its result completes the returned future.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Pending<T> {
+        let (tx, pending) = Pending::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.shared.queue.lock().jobs.push_back(job);
+        self.shared.ready.notify_one();
+        pending
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.queue.lock().shutdown = true;
+        self.shared.ready.notify_all();
+        let me = thread::current().id();
+        for h in self.workers.drain(..) {
+            // Workers finish the queued jobs (those of dropped futures) first.
+            // Never join ourselves, should the last file be dropped on a worker.
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn worker(s: &PoolShared) {
+    loop {
+        let job = {
+            let mut q = s.queue.lock();
+            loop {
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                if q.shutdown {
+                    return;
+                }
+                s.ready.wait(&mut q);
+            }
+        };
+        // A panicking job drops its sender: its future gets an error, the worker lives on.
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ThreadsFile
+// ---------------------------------------------------------------------------
+
+/// A file accessed with blocking system calls on the shared worker pool.
+pub struct ThreadsFile {
+    core: Arc<FileCore>,
+    pool: Arc<Pool>,
+}
+
+impl ThreadsFile {
+    /// Open a file. With `opts.direct`, fails (`InvalidInput`, errno `EINVAL`) when
+    /// the file system refuses `O_DIRECT`.
+    pub fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
+        let core = Arc::new(FileCore::open(path, opts)?);
         Ok(ThreadsFile {
-            file: o.open(path)?,
+            core,
+            pool: Pool::get()?,
+        })
+    }
+}
+
+impl Backend for ThreadsFile {
+    fn core(&self) -> &FileCore {
+        &self.core
+    }
+
+    fn read_owned(&self, mut buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            let n = pread_full(&core.file, &mut buf, off, core.align)?;
+            Ok((buf, n))
+        })
+    }
+
+    fn write_owned(
+        &self,
+        buf: AlignedBuf,
+        off: u64,
+        truncate_to: Option<u64>,
+        hold: Hold,
+    ) -> Pending<()> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            core.file.write_all_at(&buf, off)?;
+            if let Some(len) = truncate_to {
+                core.file.set_len(len)?;
+            }
+            drop(hold);
+            Ok(())
+        })
+    }
+
+    fn fdatasync(&self) -> Pending<()> {
+        let core = self.core.clone();
+        self.pool.run(move || core.file.sync_data())
+    }
+
+    fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            let r = fallocate(&core.file, mode, off, len);
+            drop(hold);
+            r
         })
     }
 }
 
 impl Storage for ThreadsFile {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let mut done = 0;
-            while done < buf.len() {
-                let n = self.file.read_at(&mut buf[done..], off + done as u64)?;
-                if n == 0 {
-                    buf[done..].fill(0);
-                    break;
-                }
-                done += n;
-            }
-            Ok(())
-        })
+        Box::pin(ops::read_at(self, buf, off))
     }
     fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move { self.file.write_all_at(buf, off) })
+        Box::pin(ops::write_at(self, buf, off))
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.file.sync_data() })
+        Box::pin(ops::flush(self))
     }
-    fn discard(&self, _off: u64, _len: u64) -> IoFuture<'_, bool> {
-        Box::pin(async move { Ok(false) })
+    fn discard(&self, off: u64, len: u64) -> IoFuture<'_, bool> {
+        Box::pin(ops::discard(self, off, len))
     }
     fn write_zeroes(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let z = vec![0u8; len.min(1 << 20) as usize];
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(z.len() as u64) as usize;
-                self.file.write_all_at(&z[..n], off + done)?;
-                done += n as u64;
-            }
-            Ok(())
-        })
+        Box::pin(ops::write_zeroes(self, off, len))
     }
     fn allocate(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            if self.file.metadata()?.len() < off + len {
-                self.file.set_len(off + len)?;
-            }
-            Ok(())
-        })
+        Box::pin(ops::allocate(self, off, len))
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.core.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.core.set_len(len)
     }
     fn allocated_size(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.blocks() * 512)
+        self.core.allocated_size()
+    }
+    fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
+        self.core.data_run(off, len)
     }
     fn alignment(&self) -> usize {
-        1
+        self.core.align
     }
     fn engine_name(&self) -> &'static str {
         "threads"

@@ -1,57 +1,558 @@
-//! PLACEHOLDER io_uring engine: currently wraps the threads engine. To be replaced.
+//! Linux io_uring engine.
+//!
+//! Design:
+//! - **One ring and one completion thread per open file.** Dropping the file
+//!   tears both down exactly (no global state, no thread left behind), a slow
+//!   file cannot fill the queues of another, and an image has few files open (the
+//!   image, its data file, its backing chain). The cost is a thread and a small
+//!   ring (256 submission entries) per open file.
+//! - **Submission from any thread.** A request is registered in the file's table
+//!   of operations and its SQE pushed under a mutex (the only place a submission
+//!   queue is touched); the submitting thread then calls `io_uring_enter` itself,
+//!   without the mutex, so no thread hop is added. If the ring is full (more than
+//!   the completion queue can hold in flight, or the submission queue has no free
+//!   slot), the request waits in a backlog that the completion thread drains as
+//!   operations finish, so any number of requests can be outstanding and the
+//!   completion queue never overflows.
+//! - **The completion thread** (`qcow2rs-uring`) waits in `io_uring_enter`, which
+//!   also submits whatever SQEs are pending, reaps CQEs and, with the mutex held,
+//!   advances each operation: a short read or write is resubmitted for the rest,
+//!   `EAGAIN`/`EINTR` are resubmitted, and finished operations are completed
+//!   through their oneshot sender after the mutex is released. A submitter never
+//!   waits for the completion thread and the completion thread never blocks with
+//!   the mutex held, so they cannot deadlock.
+//! - **Ownership.** Every operation owns its (aligned) buffer and keeps it in the
+//!   table until its CQE is reaped: dropping the caller's future only drops the
+//!   receiving end. The file descriptor is owned by the ring's shared state,
+//!   which the completion thread keeps alive until every operation is finished.
+//! - **Teardown.** Dropping the [`UringFile`] queues a `NOP` marked as the exit
+//!   request; the completion thread exits once it has seen it and no operation
+//!   is left, and the drop joins it.
+//!
+//! `flush` is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`; `discard`,
+//! `write_zeroes` and `allocate` are `IORING_OP_FALLOCATE`. Alignment bouncing,
+//! read-modify-write and fallbacks are shared with the threads engine (see
+//! [`super::threads`]).
 
+use super::threads::{ops, AlignedBuf, Backend, FileCore, Hold, Pending};
 use super::{FileOptions, IoFuture, Storage};
+use futures::channel::oneshot;
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
-/// A file accessed through io_uring.
-pub struct UringFile(super::threads::ThreadsFile);
+/// Submission queue entries per ring (the completion queue gets twice as many).
+const RING_ENTRIES: u32 = 256;
 
 /// Whether an open error means io_uring is not available here (so `Auto` falls back).
+///
+/// `io_uring_setup` fails with `ENOSYS` when the kernel lacks io_uring (or a
+/// sandbox such as gVisor hides it), `EPERM` when it is disabled by
+/// `kernel.io_uring_disabled` or filtered by seccomp (Docker's default profile),
+/// `ENOMEM` when the locked-memory limit of older kernels is too small, and
+/// [`UringFile::open`] reports `EOPNOTSUPP` when the kernel lacks an operation it
+/// needs.
 pub fn is_unavailable(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EOPNOTSUPP)
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::ENOMEM)
     )
 }
 
+/// What an operation does, with what it owns and whom it answers.
+enum Kind {
+    Read {
+        buf: AlignedBuf,
+        tx: oneshot::Sender<io::Result<(AlignedBuf, usize)>>,
+    },
+    Write {
+        buf: AlignedBuf,
+        truncate_to: Option<u64>,
+        tx: oneshot::Sender<io::Result<()>>,
+    },
+    Fsync {
+        tx: oneshot::Sender<io::Result<()>>,
+    },
+    Fallocate {
+        mode: i32,
+        len: u64,
+        tx: oneshot::Sender<io::Result<()>>,
+    },
+    /// The file was dropped: the completion thread exits when nothing is left.
+    Exit,
+}
+
+/// One operation, from registration until its last CQE.
+struct Op {
+    kind: Kind,
+    /// File offset of the operation's start.
+    off: u64,
+    /// Bytes already transferred (short reads/writes are resubmitted for the rest).
+    done: usize,
+    /// Dropped once the operation has finished (a lock guard).
+    hold: Hold,
+}
+
+impl Op {
+    /// The SQE for the part of the operation not done yet.
+    fn sqe(&mut self, fd: types::Fd, id: u64) -> squeue::Entry {
+        let pos = self.off + self.done as u64;
+        let entry = match &mut self.kind {
+            Kind::Read { buf, .. } => {
+                let rest = (buf.len() - self.done) as u32;
+                let p = buf.as_mut_ptr().wrapping_add(self.done);
+                opcode::Read::new(fd, p, rest).offset(pos).build()
+            }
+            Kind::Write { buf, .. } => {
+                let rest = (buf.len() - self.done) as u32;
+                let p = buf.as_mut_ptr().wrapping_add(self.done);
+                opcode::Write::new(fd, p, rest).offset(pos).build()
+            }
+            Kind::Fsync { .. } => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Kind::Fallocate { mode, len, .. } => opcode::Fallocate::new(fd, *len)
+                .offset(self.off)
+                .mode(*mode)
+                .build(),
+            Kind::Exit => opcode::Nop::new().build(),
+        };
+        entry.user_data(id)
+    }
+
+    /// Answer the caller (who may be gone) once the operation has finished.
+    fn finish(self, r: io::Result<usize>) {
+        drop(self.hold);
+        match self.kind {
+            Kind::Read { buf, tx } => {
+                let _ = tx.send(r.map(|n| (buf, n)));
+            }
+            Kind::Write { tx, .. } | Kind::Fsync { tx } | Kind::Fallocate { tx, .. } => {
+                let _ = tx.send(r.map(drop));
+            }
+            Kind::Exit => {}
+        }
+    }
+}
+
+/// What to do with an operation after a CQE.
+enum Step {
+    /// Submit it again (for the rest, or after `EAGAIN`/`EINTR`).
+    Again,
+    /// It has finished.
+    Done(io::Result<usize>),
+}
+
+/// Operations and queueing state, under the ring's mutex.
+struct State {
+    ops: HashMap<u64, Op>,
+    next_id: u64,
+    /// Operations with an SQE in the ring or in the kernel and no CQE reaped yet.
+    in_ring: usize,
+    /// Operations waiting for room in the ring, in order.
+    backlog: VecDeque<u64>,
+}
+
+/// A ring and the file it serves, shared by the [`UringFile`] and its completion thread.
+struct Ring {
+    core: FileCore,
+    uring: IoUring,
+    state: Mutex<State>,
+    /// Most operations in the ring at once: the completion queue's size, so it
+    /// cannot overflow.
+    cap: usize,
+}
+
+impl Ring {
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.core.file.as_raw_fd())
+    }
+
+    /// Register an operation and get it submitted.
+    fn start(&self, kind: Kind, off: u64, hold: Hold) {
+        let mut st = self.state.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.ops.insert(
+            id,
+            Op {
+                kind,
+                off,
+                done: 0,
+                hold,
+            },
+        );
+        let pushed = self.enqueue(&mut st, id);
+        drop(st);
+        if pushed {
+            self.submit();
+        }
+    }
+
+    /// Push the SQE of operation `id` if there is room (and nobody waits before
+    /// it), else append it to the backlog. Returns whether it was pushed.
+    ///
+    /// Invariant: the backlog is empty, or some operation is in the ring and its
+    /// completion will wake the completion thread, which drains the backlog.
+    fn enqueue(&self, st: &mut State, id: u64) -> bool {
+        if st.backlog.is_empty() && st.in_ring < self.cap && self.push_or_flush(st, id) {
+            st.in_ring += 1;
+            true
+        } else {
+            st.backlog.push_back(id);
+            false
+        }
+    }
+
+    /// [`Ring::push`], and if the submission queue looks full, submit what it
+    /// holds and try once more. (It can look full with every operation already
+    /// reaped: the kernel posts completions of a batch before it moves the
+    /// queue's head. Submitting waits for that, as the kernel serializes
+    /// submissions.) A queue still full afterwards holds operations in the ring.
+    fn push_or_flush(&self, st: &mut State, id: u64) -> bool {
+        if self.push(st, id) {
+            return true;
+        }
+        let _ = self.uring.submit();
+        self.push(st, id)
+    }
+
+    /// Push the SQE of operation `id`; false if the submission queue is full.
+    fn push(&self, st: &mut State, id: u64) -> bool {
+        let fd = self.fd();
+        let Some(op) = st.ops.get_mut(&id) else {
+            return true; // unreachable: operations are registered before being queued
+        };
+        let sqe = op.sqe(fd, id);
+        // SAFETY: `submission_shared` requires that no other `SubmissionQueue`
+        // exists: one is only ever created with the state mutex held (here and in
+        // `kernel_busy`), and we hold it (we have `&mut State` from its guard).
+        let mut sq = unsafe { self.uring.submission_shared() };
+        // SAFETY: `push` requires the entry's resources to stay valid until the
+        // operation completes. The buffer (if any) is owned by the operation,
+        // which stays in `st.ops` (its heap memory never moves) until the
+        // completion thread has reaped its CQE; the fd belongs to `self.core`,
+        // which the completion thread keeps alive until no operation is left.
+        let ok = unsafe { sq.push(&sqe) }.is_ok();
+        drop(sq); // publishes the new tail
+        ok
+    }
+
+    /// Whether the kernel holds an operation whose completion will wake the
+    /// completion thread (which submits pending SQEs whenever it wakes).
+    fn kernel_busy(&self) -> bool {
+        let st = self.state.lock();
+        // SAFETY: as in `push`: the state mutex is held, so this is the only
+        // `SubmissionQueue`.
+        let queued = unsafe { self.uring.submission_shared() }.len();
+        st.in_ring > queued
+    }
+
+    /// Tell the kernel about pushed SQEs.
+    fn submit(&self) {
+        let mut delay = Duration::from_micros(100);
+        loop {
+            match self.uring.submit() {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // EAGAIN/EBUSY (the kernel is short of memory or busy flushing
+                    // completions), or worse. The SQEs stay queued in the ring: if an
+                    // operation is in the kernel, its completion wakes the completion
+                    // thread, which submits them; otherwise retry after a pause.
+                    if self.kernel_busy() {
+                        return;
+                    }
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Advance operation `op` after a CQE with result `res`.
+    fn advance(&self, op: &mut Op, res: i32) -> Step {
+        if res < 0 {
+            let errno = -res;
+            return if errno == libc::EAGAIN || errno == libc::EINTR {
+                Step::Again
+            } else {
+                Step::Done(Err(io::Error::from_raw_os_error(errno)))
+            };
+        }
+        let n = res as usize;
+        match &op.kind {
+            Kind::Read { buf, .. } => {
+                if n == 0 {
+                    return Step::Done(Ok(op.done)); // end of file
+                }
+                op.done += n;
+                let pos = op.off + op.done as u64;
+                let align = self.core.align as u64;
+                // With O_DIRECT, stopping at an unaligned position is the end of file.
+                if op.done >= buf.len() || pos & (align - 1) != 0 {
+                    Step::Done(Ok(op.done))
+                } else {
+                    Step::Again
+                }
+            }
+            Kind::Write {
+                buf, truncate_to, ..
+            } => {
+                if n == 0 {
+                    return Step::Done(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the kernel wrote no byte",
+                    )));
+                }
+                op.done += n;
+                if op.done < buf.len() {
+                    return Step::Again;
+                }
+                if let Some(len) = truncate_to {
+                    if let Err(e) = self.core.set_len(*len) {
+                        return Step::Done(Err(e));
+                    }
+                }
+                Step::Done(Ok(op.done))
+            }
+            Kind::Fsync { .. } | Kind::Fallocate { .. } | Kind::Exit => Step::Done(Ok(0)),
+        }
+    }
+}
+
+/// The completion thread: reap, advance, refill from the backlog, answer.
+fn reap(ring: Arc<Ring>) {
+    let mut exiting = false;
+    let mut cqes: Vec<(u64, i32)> = Vec::new();
+    let mut finished: Vec<(Op, io::Result<usize>)> = Vec::new();
+    loop {
+        let wait = {
+            let st = ring.state.lock();
+            if exiting && st.ops.is_empty() {
+                return;
+            }
+            // Nothing would wake us while operations wait outside the ring with
+            // none inside it (not expected, see `Ring::enqueue`): poll instead.
+            st.in_ring > 0 || st.backlog.is_empty()
+        };
+        if !wait {
+            let _ = ring.uring.submit();
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Submits pending SQEs (resubmissions, backlog) and waits for a completion.
+        match ring.uring.submitter().submit_and_wait(usize::from(wait)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) => {
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
+        // SAFETY: `completion_shared` requires that no other `CompletionQueue`
+        // exists: only this thread ever creates one for this ring.
+        cqes.extend(unsafe { ring.uring.completion_shared() }.map(|c| (c.user_data(), c.result())));
+        {
+            let mut st = ring.state.lock();
+            for (id, res) in cqes.drain(..) {
+                st.in_ring -= 1;
+                let Some(mut op) = st.ops.remove(&id) else {
+                    continue;
+                };
+                match ring.advance(&mut op, res) {
+                    Step::Again => {
+                        st.ops.insert(id, op);
+                        ring.enqueue(&mut st, id);
+                    }
+                    Step::Done(r) => {
+                        if matches!(op.kind, Kind::Exit) {
+                            exiting = true;
+                        }
+                        finished.push((op, r));
+                    }
+                }
+            }
+            while st.in_ring < ring.cap {
+                let Some(&id) = st.backlog.front() else {
+                    break;
+                };
+                if !ring.push_or_flush(&mut st, id) {
+                    break;
+                }
+                st.backlog.pop_front();
+                st.in_ring += 1;
+            }
+        }
+        // Answer without the mutex: waking a task may run arbitrary code.
+        for (op, r) in finished.drain(..) {
+            op.finish(r);
+        }
+    }
+}
+
+/// A file accessed through io_uring.
+pub struct UringFile {
+    ring: Arc<Ring>,
+    reaper: Option<thread::JoinHandle<()>>,
+}
+
 impl UringFile {
-    /// Open a file.
+    /// Open a file. Fails with an error for which [`is_unavailable`] is true when
+    /// io_uring cannot be used here; with `opts.direct`, fails (`InvalidInput`,
+    /// errno `EINVAL`) when the file system refuses `O_DIRECT`.
     pub fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
-        Ok(UringFile(super::threads::ThreadsFile::open(path, opts)?))
+        // The ring first, so that its errors are the ones `is_unavailable` sees.
+        let uring = new_ring()?;
+        let core = FileCore::open(path, opts)?;
+        let cap = uring.params().cq_entries().max(1) as usize;
+        let ring = Arc::new(Ring {
+            core,
+            uring,
+            state: Mutex::new(State {
+                ops: HashMap::new(),
+                next_id: 0,
+                in_ring: 0,
+                backlog: VecDeque::new(),
+            }),
+            cap,
+        });
+        let r = ring.clone();
+        let reaper = thread::Builder::new()
+            .name("qcow2rs-uring".into())
+            .spawn(move || reap(r))?;
+        Ok(UringFile {
+            ring,
+            reaper: Some(reaper),
+        })
+    }
+}
+
+/// A ring with the operations this engine uses, or the reason there is none.
+fn new_ring() -> io::Result<IoUring> {
+    let uring = match IoUring::builder()
+        .dontfork()
+        .setup_submit_all()
+        .build(RING_ENTRIES)
+    {
+        Ok(u) => u,
+        // Kernels before 5.18 do not know IORING_SETUP_SUBMIT_ALL.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().dontfork().build(RING_ENTRIES)?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut probe = Probe::new();
+    let needed = [
+        opcode::Read::CODE,
+        opcode::Write::CODE,
+        opcode::Fsync::CODE,
+        opcode::Fallocate::CODE,
+        opcode::Nop::CODE,
+    ];
+    if uring.submitter().register_probe(&mut probe).is_err()
+        || !needed.iter().all(|&op| probe.is_supported(op))
+    {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    Ok(uring)
+}
+
+impl Drop for UringFile {
+    fn drop(&mut self) {
+        self.ring.start(Kind::Exit, 0, None);
+        if let Some(h) = self.reaper.take() {
+            // Waits for the operations of dropped futures to finish.
+            if h.thread().id() != thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Backend for UringFile {
+    fn core(&self) -> &FileCore {
+        &self.ring.core
+    }
+
+    fn read_owned(&self, buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)> {
+        let (tx, pending) = Pending::channel();
+        self.ring.start(Kind::Read { buf, tx }, off, None);
+        pending
+    }
+
+    fn write_owned(
+        &self,
+        buf: AlignedBuf,
+        off: u64,
+        truncate_to: Option<u64>,
+        hold: Hold,
+    ) -> Pending<()> {
+        let (tx, pending) = Pending::channel();
+        self.ring.start(
+            Kind::Write {
+                buf,
+                truncate_to,
+                tx,
+            },
+            off,
+            hold,
+        );
+        pending
+    }
+
+    fn fdatasync(&self) -> Pending<()> {
+        let (tx, pending) = Pending::channel();
+        self.ring.start(Kind::Fsync { tx }, 0, None);
+        pending
+    }
+
+    fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        let (tx, pending) = Pending::channel();
+        self.ring
+            .start(Kind::Fallocate { mode, len, tx }, off, hold);
+        pending
     }
 }
 
 impl Storage for UringFile {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()> {
-        self.0.read_at(buf, off)
+        Box::pin(ops::read_at(self, buf, off))
     }
     fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> IoFuture<'a, ()> {
-        self.0.write_at(buf, off)
+        Box::pin(ops::write_at(self, buf, off))
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        self.0.flush()
+        Box::pin(ops::flush(self))
     }
     fn discard(&self, off: u64, len: u64) -> IoFuture<'_, bool> {
-        self.0.discard(off, len)
+        Box::pin(ops::discard(self, off, len))
     }
     fn write_zeroes(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
-        self.0.write_zeroes(off, len)
+        Box::pin(ops::write_zeroes(self, off, len))
     }
     fn allocate(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
-        self.0.allocate(off, len)
+        Box::pin(ops::allocate(self, off, len))
     }
     fn len(&self) -> io::Result<u64> {
-        self.0.len()
+        self.ring.core.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.ring.core.set_len(len)
     }
     fn allocated_size(&self) -> io::Result<u64> {
-        self.0.allocated_size()
+        self.ring.core.allocated_size()
+    }
+    fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
+        self.ring.core.data_run(off, len)
     }
     fn alignment(&self) -> usize {
-        self.0.alignment()
+        self.ring.core.align
     }
     fn engine_name(&self) -> &'static str {
         "io_uring"
