@@ -39,6 +39,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "compare" => cmd_compare(args).await,
         "snapshot" => cmd_snapshot(args).await,
         "create" => cmd_create(args).await,
+        "check" => cmd_check(args).await,
         "resize" => cmd_resize(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
@@ -491,6 +492,9 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
         .await
         .map_err(|f| f.code(2))?;
     let quiet = p.flag("quiet");
+    if a.size() != b.size() && !p.flag("strict") && !quiet {
+        println!("Warning: Image size mismatch!");
+    }
     match convert::compare(&a, &b, p.flag("strict"))
         .await
         .map_err(|e| Fail::from(e).code(2))?
@@ -503,7 +507,8 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
         }
         CompareResult::Mismatch(off) => {
             if !quiet {
-                println!("Content mismatch at offset {off}!");
+                // qemu-img reports the start of the first differing sector.
+                println!("Content mismatch at offset {}!", off & !511);
             }
             Ok(1)
         }
@@ -539,4 +544,51 @@ async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
         }
     }
     Ok(0)
+}
+
+async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::check::{self, CheckOptions, Repair};
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('\0', "output", true),
+            opt('r', "repair", true),
+            opt('q', "quiet", false),
+        ]),
+    )?;
+    let file = one_operand(&p, "a file name")?;
+    let json = output_json(&p)?;
+    let repair = match p.value("repair") {
+        None => None,
+        Some("leaks") => Some(Repair::Leaks),
+        Some("all") => Some(Repair::All),
+        Some(o) => {
+            return Err(Fail::new(format!(
+                "unknown option value for -r (expecting 'leaks' or 'all'): {o}"
+            )))
+        }
+    };
+    let mut oo = open_opts(&p);
+    oo.writable = repair.is_some();
+    let disk = open(&file, p.value("format"), &oo).await?;
+    let img = match &disk {
+        Disk::Qcow2(i) => i,
+        Disk::Raw(_) => {
+            return Err(Fail::new(format!(
+                "{file}: this image format (raw) does not support checks"
+            ))
+            .code(63))
+        }
+    };
+    let report = check::check(img, &CheckOptions { repair })
+        .await
+        .map_err(|e| prefixed(&file, e))?;
+    img.flush().await.map_err(|e| prefixed(&file, e))?;
+    if json {
+        print_json(&report.to_json());
+    } else if !p.flag("quiet") {
+        print!("{}", report.human());
+    }
+    Ok(report.exit_code() as u8)
 }

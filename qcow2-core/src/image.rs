@@ -137,6 +137,10 @@ pub(crate) struct Inner {
     pub header: RwLock<Header>,
     pub layout: Layout,
     pub l1: RwLock<Vec<u64>>,
+    /// L1 entries that lie inside the file at open (a truncated file cuts the table short).
+    pub l1_in_file: u64,
+    /// File length at open, for validating data offsets of read-only images.
+    pub file_len_at_open: u64,
     pub reftable: RwLock<Vec<u64>>,
     pub l2_cache: SliceCache,
     pub rc_cache: SliceCache,
@@ -266,6 +270,7 @@ impl Image {
             file_len,
         )?;
         let layout = Layout::new(&h);
+        let h_l1_off = h.l1_table_offset;
         if opts.writable && h.corrupt() {
             return Err(Error::read_only(
                 "image is marked corrupt; it can only be opened read-only (or repaired)",
@@ -401,6 +406,8 @@ impl Image {
             data_path,
             header: RwLock::new(h),
             layout,
+            l1_in_file: file_len.saturating_sub(h_l1_off) / 8,
+            file_len_at_open: file_len,
             l1: RwLock::new(l1),
             reftable: RwLock::new(reftable),
             l2_cache: SliceCache::new("L2 table", slice, l2_cap),
@@ -572,22 +579,20 @@ impl Image {
                 ))
             })?;
             let alloc_host = match (st, ce) {
-                (SubState::Unallocated, ClusterEntry::Normal { host, .. }) => {
+                (SubState::Unallocated | SubState::Zero, ClusterEntry::Normal { host, .. }) => {
                     Some(host + sc as u64 * lay.sc_size)
                 }
+                (SubState::Zero, ClusterEntry::Zero { host: Some(h) }) => Some(h),
                 _ => None,
             };
             Ok((st, alloc_host))
         } else {
-            Ok((
-                match ce {
-                    ClusterEntry::Unallocated => SubState::Unallocated,
-                    ClusterEntry::Zero { .. } => SubState::Zero,
-                    ClusterEntry::Normal { host, .. } => SubState::Data(host),
-                    ClusterEntry::Compressed(d) => SubState::Compressed(d),
-                },
-                None,
-            ))
+            Ok(match ce {
+                ClusterEntry::Unallocated => (SubState::Unallocated, None),
+                ClusterEntry::Zero { host } => (SubState::Zero, host),
+                ClusterEntry::Normal { host, .. } => (SubState::Data(host), None),
+                ClusterEntry::Compressed(d) => (SubState::Compressed(d), None),
+            })
         }
     }
 
@@ -598,6 +603,11 @@ impl Image {
         let gc = off >> lay.cluster_bits;
         let l1_idx = gc / lay.l2_entries;
         let l2_idx = gc % lay.l2_entries;
+        if l1_idx >= self.inner.l1_in_file && self.inner.w.is_none() {
+            return Err(Error::corrupt(format!(
+                "L1 table is truncated: entry {l1_idx} lies beyond the end of the file"
+            )));
+        }
         let l2_off = {
             let l1 = self.inner.l1.read();
             l1.get(l1_idx as usize)
@@ -634,8 +644,8 @@ impl Image {
                     Some((fst, fah)) => {
                         let cont = match (fst, st) {
                             (SubState::Data(a), SubState::Data(b)) => a + len == b,
-                            (SubState::Zero, SubState::Zero) => true,
-                            (SubState::Unallocated, SubState::Unallocated) => match (fah, ah) {
+                            (SubState::Zero, SubState::Zero)
+                            | (SubState::Unallocated, SubState::Unallocated) => match (fah, ah) {
                                 (None, None) => true,
                                 (Some(a), Some(b)) => a + len == b,
                                 _ => false,
@@ -667,6 +677,20 @@ impl Image {
 
     /// Read `buf.len()` bytes of guest data at `off`.
     pub async fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.read_inner(buf, off).await.map_err(|e| self.named(e))
+    }
+
+    /// Prefix an error with the image's name unless it already names it.
+    pub(crate) fn named(&self, e: Error) -> Error {
+        let p = self.inner.path.display().to_string();
+        if e.message().starts_with(&p) {
+            e
+        } else {
+            e.context(p)
+        }
+    }
+
+    async fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
         check_range(off, buf.len() as u64, self.size())?;
         let mut rest: &mut [u8] = buf;
         let mut pos = off;
@@ -701,6 +725,14 @@ impl Image {
             },
             SubState::Data(host) => {
                 let host = host + (guest & (lay.sc_size - 1));
+                if self.inner.w.is_none()
+                    && self.inner.data_path.is_none()
+                    && host >= self.inner.file_len_at_open
+                {
+                    return Err(Error::corrupt(format!(
+                        "L2 entry for guest offset 0x{guest:x} points at host offset 0x{host:x}, beyond the end of the file"
+                    )));
+                }
                 self.inner.data.read_at(buf, host).await.map_err(|e| {
                     Error::io(
                         e,
@@ -757,6 +789,12 @@ impl Image {
 
     /// qemu's block status of the run at `off` at this layer only.
     pub async fn layer_status(&self, off: u64, len: u64) -> Result<LayerStatus> {
+        self.layer_status_inner(off, len)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    async fn layer_status_inner(&self, off: u64, len: u64) -> Result<LayerStatus> {
         let size = self.size();
         let len = len.min(size.saturating_sub(off));
         let run = self.run_at(off, len).await?;
@@ -790,9 +828,9 @@ impl Image {
             SubState::Zero => {
                 st.zero = true;
                 // A preallocated zero cluster keeps its host offset.
-                if let Some(h) = self.zero_alloc_host(off).await? {
-                    st.offset = Some(h + (off & (self.inner.layout.cluster_size - 1)));
-                }
+                st.offset = run
+                    .alloc_host
+                    .map(|h| h + (off & (self.inner.layout.sc_size - 1)));
             }
             SubState::Compressed(_) => {
                 st.data = true;
@@ -817,26 +855,6 @@ impl Image {
             }
         }
         Ok(st)
-    }
-
-    async fn zero_alloc_host(&self, off: u64) -> Result<Option<u64>> {
-        let lay = self.inner.layout;
-        let gc = off >> lay.cluster_bits;
-        let l2_off = {
-            let l1 = self.inner.l1.read();
-            l1.get((gc / lay.l2_entries) as usize)
-                .map(|&e| l2::l1_offset(e))
-                .unwrap_or(0)
-        };
-        if l2_off == 0 {
-            return Ok(None);
-        }
-        let (e, _) = self.l2_entry(l2_off, gc % lay.l2_entries).await?;
-        Ok(match l2::decode(e, lay.cluster_bits, lay.extended) {
-            ClusterEntry::Zero { host } => host,
-            ClusterEntry::Normal { host, .. } if lay.extended => Some(host),
-            _ => None,
-        })
     }
 
     /// The refcount of host cluster index `ci` (offset / cluster_size).

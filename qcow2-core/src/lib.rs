@@ -9,6 +9,7 @@ pub mod io;
 
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub mod cache;
+pub mod check;
 pub mod compress;
 pub mod disk;
 pub mod format;
