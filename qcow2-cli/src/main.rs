@@ -1,7 +1,9 @@
 //! `qcow2rs`: a qemu-img compatible command-line tool over qcow2-core.
 
 mod args;
+mod bench;
 mod cmds;
+mod dump;
 
 use std::process::ExitCode;
 

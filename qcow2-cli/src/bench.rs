@@ -1,0 +1,510 @@
+//! `bench`: `qemu-img bench` (options, request pattern and output as qemu-img's).
+//!
+//! Request `k` goes to offset `o(k)`: `o(0)` is the starting offset (`-o`) and
+//! `o(k+1) = (o(k) + step) mod (image_size - buffer_size)`, or 0 when the image is not larger
+//! than the buffer (qemu-img's `bench_cb` since commit ff2ab634; the starting offset itself
+//! is not wrapped). The step defaults to the buffer size, and `-S 0` also means the buffer
+//! size, as in qemu-img. `-d DEPTH` requests are in flight at any time: DEPTH tasks each
+//! take the next request number when their previous request completes, so the sequence of
+//! submitted offsets is qemu-img's. Every task reads into its own 4 KiB-aligned buffer.
+
+use crate::args::{parse, Parsed, Spec};
+use crate::Fail;
+use qcow2_core::convert;
+use qcow2_core::disk::{check_range, Disk};
+use qcow2_core::io::EngineKind;
+use qcow2_core::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Alignment of the request buffers (enough for O_DIRECT on any common device).
+const BUF_ALIGN: usize = 4096;
+/// qemu-img's limits on counts and sizes (`INT_MAX`).
+const INT_MAX: u64 = i32::MAX as u64;
+
+const fn opt(short: char, long: &'static str, value: bool) -> Spec {
+    Spec { short, long, value }
+}
+
+/// qemu's `qemu_strtoul(s, NULL, 0, ..)`: decimal, `0x` hex or leading-0 octal.
+fn parse_ulong(s: &str) -> Option<u64> {
+    let s = s.trim_start();
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else if s.len() > 1 && s.starts_with('0') {
+        u64::from_str_radix(&s[1..], 8).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+/// qemu's `cvtnum`: a byte count with an optional binary suffix (B, k/K, M, G, T, P, E) and
+/// an optional fraction ("1.5M").
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'B' => 0,
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                'E' => 60,
+                _ => return None,
+            };
+            (&s[..s.len() - 1], 1u64 << shift)
+        }
+        _ => (s, 1),
+    };
+    if num.is_empty() || num.starts_with('-') {
+        return None;
+    }
+    if let Some(h) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).ok()?.checked_mul(mult);
+    }
+    if num.contains('.') {
+        let v: f64 = num.parse().ok()?;
+        let r = v * mult as f64;
+        if !r.is_finite() || r < 0.0 || r >= u64::MAX as f64 {
+            return None;
+        }
+        return Some(r as u64);
+    }
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Offset of request number `k` (see the module documentation).
+pub fn request_offset(k: u64, start: u64, step: u64, image_size: u64, bufsize: u64) -> u64 {
+    if k == 0 {
+        return start;
+    }
+    if image_size <= bufsize {
+        return 0;
+    }
+    let m = (image_size - bufsize) as u128;
+    // Equal to applying `(o + step) % m` k times, since the first wrap already reduces `o`.
+    ((start as u128 + k as u128 * step as u128) % m) as u64
+}
+
+/// The benchmark parameters after parsing.
+#[derive(Debug, Clone)]
+struct Params {
+    count: u64,
+    depth: u64,
+    offset: u64,
+    bufsize: u64,
+    step: u64,
+    write: bool,
+    pattern: u8,
+    flush_interval: u64,
+    drain: bool,
+    engine: EngineKind,
+    direct: bool,
+}
+
+fn num_opt(p: &Parsed, key: &str, max: u64, what: &str, size: bool) -> Result<Option<u64>, Fail> {
+    match p.value(key) {
+        None => Ok(None),
+        Some(v) => {
+            let n = if size { parse_size(v) } else { parse_ulong(v) };
+            match n {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(Fail::new(format!("Invalid {what} specified"))),
+            }
+        }
+    }
+}
+
+fn params(p: &Parsed) -> Result<Params, Fail> {
+    let count = num_opt(p, "c", INT_MAX, "request count", false)?.unwrap_or(75000);
+    let depth = num_opt(p, "d", INT_MAX, "queue depth", false)?.unwrap_or(64);
+    if depth == 0 {
+        // qemu-img would wait forever with no request in flight.
+        return Err(Fail::new("Invalid queue depth specified"));
+    }
+    let offset = num_opt(p, "o", i64::MAX as u64, "offset", true)?.unwrap_or(0);
+    let bufsize = num_opt(p, "s", INT_MAX, "buffer size", true)?.unwrap_or(4096);
+    let step = num_opt(p, "S", INT_MAX, "step size", true)?.unwrap_or(0);
+    let pattern = num_opt(p, "pattern", 0xff, "pattern byte", false)?.unwrap_or(0) as u8;
+    let flush_interval =
+        num_opt(p, "flush-interval", INT_MAX, "flush interval", false)?.unwrap_or(0);
+    let direct = match p.value("t") {
+        None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
+        Some("none") | Some("directsync") => true,
+        Some(_) => return Err(Fail::new("Invalid cache mode")),
+    };
+    let engine = match p.value("i") {
+        None if p.flag("n") => EngineKind::IoUring,
+        None => EngineKind::Auto,
+        // qemu's "native" is Linux AIO; io_uring is our kernel-native engine.
+        Some("native") | Some("io_uring") => EngineKind::IoUring,
+        Some("threads") => EngineKind::Threads,
+        Some(_) => return Err(Fail::new("Invalid aio option provided")),
+    };
+    let write = p.flag("w");
+    if !write && flush_interval != 0 {
+        return Err(Fail::new(
+            "--flush-interval is only available in write tests",
+        ));
+    }
+    if flush_interval != 0 && flush_interval < depth {
+        return Err(Fail::new("Flush interval can't be smaller than depth"));
+    }
+    Ok(Params {
+        count,
+        depth,
+        offset,
+        bufsize,
+        step: if step == 0 { bufsize } else { step },
+        write,
+        pattern,
+        flush_interval,
+        drain: !p.flag("no-drain"),
+        engine,
+        direct,
+    })
+}
+
+/// `qcow2rs bench [-c COUNT] [-d DEPTH] [-f FMT] [-i AIO] [-n] [-o OFFSET] [-q] [-s SIZE]
+/// [-S STEP] [-t CACHE] [-w [--pattern=N] [--flush-interval=N] [--no-drain]] FILE`.
+pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &[
+            opt('c', "", true),
+            opt('d', "", true),
+            opt('f', "format", true),
+            opt('i', "", true),
+            opt('n', "", false),
+            opt('o', "", true),
+            opt('q', "", false),
+            opt('s', "", true),
+            opt('S', "", true),
+            opt('t', "", true),
+            opt('w', "", false),
+            opt('U', "force-share", false),
+            opt('\0', "pattern", true),
+            opt('\0', "flush-interval", true),
+            opt('\0', "no-drain", false),
+            opt('\0', "image-opts", false),
+            opt('\0', "untrusted", false),
+        ],
+    )?;
+    // -q is accepted: qemu-img prints the header and the result even with it.
+    let file = match p.operands.as_slice() {
+        [f] => f.clone(),
+        _ => return Err(Fail::new("Expecting one image file name")),
+    };
+    if p.flag("image-opts") {
+        return Err(Fail::new("bench: --image-opts is not supported"));
+    }
+    let prm = params(&p)?;
+    let opts = OpenOptions {
+        writable: prm.write,
+        engine: prm.engine,
+        direct: prm.direct,
+        no_external_files: p.flag("untrusted"),
+        ..OpenOptions::default()
+    };
+    let buffers = if prm.write && prm.flush_interval != 0 {
+        1
+    } else {
+        prm.depth.min(prm.count)
+    };
+    check_memory(
+        prm.bufsize
+            .saturating_add(BUF_ALIGN as u64)
+            .saturating_mul(buffers),
+    )
+    .map_err(|e| Fail::new(e.to_string()))?;
+    let disk = convert::open_disk(Path::new(&file), p.value("format"), &opts)
+        .await
+        .map_err(|e| {
+            let m = e.to_string();
+            if m.starts_with(file.as_str()) {
+                Fail::new(m)
+            } else {
+                Fail::new(format!("{file}: {m}"))
+            }
+        })?;
+    println!(
+        "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
+        prm.count,
+        if prm.write { "write" } else { "read" },
+        prm.bufsize,
+        prm.depth,
+        prm.offset,
+        prm.step
+    );
+    if prm.flush_interval != 0 {
+        println!("Sending flush every {} requests", prm.flush_interval);
+    }
+    let _ = std::io::stdout().flush();
+    let elapsed = run(disk, &prm).await?;
+    println!("Run completed in {:.3} seconds.", elapsed);
+    Ok(0)
+}
+
+/// Run the requests; returns the wall-clock seconds from the first submission to the last
+/// completion. Writes are flushed after the clock stops (qemu-img flushes when it closes the
+/// image).
+async fn run(disk: Disk, prm: &Params) -> Result<f64, Fail> {
+    let failed = |e: qcow2_core::Error| Fail::new(format!("Failed request: {e}"));
+    let elapsed = if prm.write && prm.flush_interval != 0 {
+        run_with_flushes(&disk, prm).await.map_err(failed)?
+    } else {
+        run_workers(&disk, prm).await.map_err(failed)?
+    };
+    if prm.write {
+        disk.flush()
+            .await
+            .map_err(|e| Fail::new(format!("Failed to flush the image: {e}")))?;
+    }
+    Ok(elapsed)
+}
+
+/// A buffer of `len` bytes filled with `fill`, starting at a `BUF_ALIGN`-aligned address:
+/// the storage and the offset of the aligned part.
+/// Fails (instead of aborting) when the memory cannot be reserved.
+fn aligned_buf(len: usize, fill: u8) -> qcow2_core::Result<(Vec<u8>, usize)> {
+    let mut raw = Vec::new();
+    raw.try_reserve_exact(len + BUF_ALIGN).map_err(|_| {
+        qcow2_core::Error::new(
+            qcow2_core::ErrorKind::TooLarge,
+            format!("cannot allocate a request buffer of {len} bytes"),
+        )
+    })?;
+    raw.resize(len + BUF_ALIGN, fill);
+    let start = raw.as_ptr().align_offset(BUF_ALIGN).min(BUF_ALIGN);
+    Ok((raw, start))
+}
+
+/// Refuse buffers larger than the memory available (Linux `MemAvailable`), which would end
+/// in the OOM killer rather than an error.
+fn check_memory(total: u64) -> qcow2_core::Result<()> {
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    match avail {
+        Some(a) if total > a => Err(qcow2_core::Error::new(
+            qcow2_core::ErrorKind::TooLarge,
+            format!(
+                "request buffers need {total} bytes, more than the {a} bytes of memory available"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Write `buf` at guest offset `off` of either kind of disk.
+async fn write_req(disk: &Disk, buf: &[u8], off: u64) -> qcow2_core::Result<()> {
+    match disk {
+        Disk::Qcow2(img) => img.write_at(buf, off).await,
+        Disk::Raw(_) => {
+            check_range(off, buf.len() as u64, disk.size())?;
+            match disk.raw_storage() {
+                Some(st) => st.write_at(buf, off).await.map_err(|e| {
+                    qcow2_core::Error::io(e, format!("{}: write", disk.path().display()))
+                }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Without flushes: DEPTH tasks, each taking the next request number as its previous
+/// request completes (the same offsets, in the same order, as qemu-img's submissions).
+async fn run_workers(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let size = disk.size();
+    let workers = prm.depth.min(prm.count);
+    // Allocate every buffer before the clock starts, as qemu-img does.
+    check_memory(
+        prm.bufsize
+            .saturating_add(BUF_ALIGN as u64)
+            .saturating_mul(workers),
+    )?;
+    let bufs: Vec<(Vec<u8>, usize)> = (0..workers)
+        .map(|_| aligned_buf(prm.bufsize as usize, prm.pattern))
+        .collect::<qcow2_core::Result<_>>()?;
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (mut raw, start) in bufs {
+        let disk = disk.clone();
+        let next = next.clone();
+        let prm = prm.clone();
+        set.spawn(async move {
+            let buf = &mut raw[start..start + prm.bufsize as usize];
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= prm.count {
+                    return Ok::<(), qcow2_core::Error>(());
+                }
+                let off = request_offset(k, prm.offset, prm.step, size, prm.bufsize);
+                if prm.write {
+                    write_req(&disk, buf, off).await?;
+                } else {
+                    disk.read_at(buf, off).await?;
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let res = r.unwrap_or_else(|e| {
+            Err(qcow2_core::Error::new(
+                qcow2_core::ErrorKind::Io,
+                format!("request task failed: {e}"),
+            ))
+        });
+        if let Err(e) = res {
+            set.abort_all();
+            return Err(e);
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// What a finished task was.
+enum Done {
+    Request,
+    /// A flush; `drained` if submissions wait for it.
+    Flush {
+        drained: bool,
+    },
+}
+
+/// Writes with `--flush-interval`: qemu-img's `bench_cb` state machine. When the number of
+/// requests not yet submitted is a multiple of the interval, a flush is sent; by default
+/// the queue is drained first and submissions wait for the flush (`--no-drain`: the flush
+/// runs alongside the writes).
+async fn run_with_flushes(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> {
+    let size = disk.size();
+    // Writes only read their buffer: one pattern buffer serves every request.
+    let (raw, start) = aligned_buf(prm.bufsize as usize, prm.pattern)?;
+    let data = Arc::new(raw);
+    let mut set: tokio::task::JoinSet<qcow2_core::Result<Done>> = tokio::task::JoinSet::new();
+    let (mut n, mut in_flight, mut next_k, mut in_flush) = (prm.count, 0u64, 0u64, false);
+    let started = Instant::now();
+    let submit = |set: &mut tokio::task::JoinSet<qcow2_core::Result<Done>>,
+                  n: u64,
+                  in_flight: &mut u64,
+                  next_k: &mut u64| {
+        while n > *in_flight && *in_flight < prm.depth {
+            let off = request_offset(*next_k, prm.offset, prm.step, size, prm.bufsize);
+            *next_k += 1;
+            *in_flight += 1;
+            let (disk, data, len) = (disk.clone(), data.clone(), prm.bufsize as usize);
+            set.spawn(async move {
+                write_req(&disk, &data[start..start + len], off).await?;
+                Ok(Done::Request)
+            });
+        }
+    };
+    submit(&mut set, n, &mut in_flight, &mut next_k);
+    while n > 0 {
+        let done = match set.join_next().await {
+            None => break,
+            Some(Ok(Ok(d))) => d,
+            Some(Ok(Err(e))) => {
+                set.abort_all();
+                return Err(e);
+            }
+            Some(Err(e)) => {
+                set.abort_all();
+                return Err(qcow2_core::Error::new(
+                    qcow2_core::ErrorKind::Io,
+                    format!("request task failed: {e}"),
+                ));
+            }
+        };
+        match done {
+            Done::Flush { drained: false } => continue,
+            Done::Flush { drained: true } => in_flush = false,
+            Done::Request => {
+                let remaining = n - in_flight;
+                n -= 1;
+                in_flight -= 1;
+                if remaining % prm.flush_interval == 0 {
+                    if !in_flush && (in_flight == 0 || !prm.drain) {
+                        let disk = disk.clone();
+                        let drained = prm.drain;
+                        in_flush = drained;
+                        set.spawn(async move {
+                            disk.flush().await?;
+                            Ok(Done::Flush { drained })
+                        });
+                    }
+                    if prm.drain {
+                        continue;
+                    }
+                }
+            }
+        }
+        if !in_flush {
+            submit(&mut set, n, &mut in_flight, &mut next_k);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Flushes still running when the last write completed finish outside the clock.
+    while let Some(r) = set.join_next().await {
+        if let Ok(Err(e)) = r {
+            return Err(e);
+        }
+    }
+    Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(65536));
+        assert_eq!(parse_size("1.5M"), Some(3 << 19));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("512B"), Some(512));
+        assert_eq!(parse_size("0x1000"), Some(4096));
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("4x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("k"), None);
+        assert_eq!(parse_size("99999999999E"), None);
+    }
+
+    #[test]
+    fn ulong() {
+        assert_eq!(parse_ulong("75000"), Some(75000));
+        assert_eq!(parse_ulong("0x10"), Some(16));
+        assert_eq!(parse_ulong("010"), Some(8));
+        assert_eq!(parse_ulong("0"), Some(0));
+        assert_eq!(parse_ulong("x"), None);
+    }
+
+    #[test]
+    fn offsets_follow_qemu() {
+        // Step by step with qemu-img's rule.
+        let (size, bs, step, start) = (1u64 << 20, 4096u64, 12345u64, 777u64);
+        let mut o = start;
+        for k in 0..1000 {
+            assert_eq!(request_offset(k, start, step, size, bs), o, "request {k}");
+            o = (o + step) % (size - bs);
+        }
+        // Image not larger than the buffer: everything after the first at 0.
+        assert_eq!(request_offset(0, 5, 4096, 4096, 4096), 5);
+        assert_eq!(request_offset(3, 5, 4096, 4096, 4096), 0);
+        // Huge values do not overflow.
+        let big = request_offset(u32::MAX as u64, i64::MAX as u64, INT_MAX, 1 << 62, 4096);
+        assert!(big < (1 << 62) - 4096);
+    }
+}
