@@ -68,9 +68,54 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: `&AlignedBuf` only gives read access to the bytes (like `&[u8]`).
 unsafe impl Sync for AlignedBuf {}
 
+/// Size classes of the buffer pool: 4 KiB to 4 MiB, powers of two, 4 KiB aligned.
+const POOL_MIN_BITS: u32 = 12;
+const POOL_MAX_BITS: u32 = 22;
+const POOL_ALIGN: usize = 4096;
+/// Buffers kept per size class.
+const POOL_KEEP: usize = 64;
+
+/// A freed pool buffer (its allocation, of the class's layout).
+struct PoolSlot(NonNull<u8>);
+// SAFETY: a slot is an allocation that nobody references while it sits in the pool;
+// moving the pointer between threads is like moving a `Box<[u8]>`.
+unsafe impl Send for PoolSlot {}
+
+static BUF_POOL: [parking_lot::Mutex<Vec<PoolSlot>>; (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize] =
+    [const { parking_lot::Mutex::new(Vec::new()) }; (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize];
+
+fn pool_class(len: usize, align: usize) -> Option<usize> {
+    if align > POOL_ALIGN || len > 1 << POOL_MAX_BITS {
+        return None;
+    }
+    let bits = len
+        .max(1 << POOL_MIN_BITS)
+        .next_power_of_two()
+        .trailing_zeros();
+    Some((bits - POOL_MIN_BITS) as usize)
+}
+
 impl AlignedBuf {
-    /// A buffer of `len` zero bytes aligned to `align` (a power of two).
+    /// A buffer of `len` bytes aligned to `align` (a power of two). Its bytes are
+    /// initialized but not necessarily zero: buffers are recycled through a pool, so
+    /// callers overwrite or zero-fill what they expose (every caller here does).
     pub(super) fn zeroed(len: usize, align: usize) -> io::Result<Self> {
+        if let Some(class) = pool_class(len, align) {
+            let size = 1usize << (class as u32 + POOL_MIN_BITS);
+            let layout = Layout::from_size_align(size, POOL_ALIGN).expect("valid pool layout");
+            if let Some(PoolSlot(ptr)) = BUF_POOL[class].lock().pop() {
+                return Ok(AlignedBuf { ptr, len, layout });
+            }
+            // SAFETY: `layout` has a non-zero size.
+            let p = unsafe { alloc::alloc_zeroed(layout) };
+            let ptr = NonNull::new(p).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    format!("cannot allocate a {len}-byte I/O buffer"),
+                )
+            })?;
+            return Ok(AlignedBuf { ptr, len, layout });
+        }
         let layout = Layout::from_size_align(len.max(1), align.max(1)).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -98,7 +143,7 @@ impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: `ptr` points to an allocation of at least `len` initialized
-        // (zeroed at allocation) bytes owned by `self`, and the shared borrow of
+        // (zeroed at allocation, later only overwritten) bytes owned by `self`, and the shared borrow of
         // `self` prevents mutation through it for the slice's lifetime.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -114,7 +159,19 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is freed once.
+        if self.layout.align() == POOL_ALIGN && self.layout.size().is_power_of_two() {
+            if let Some(class) = pool_class(self.layout.size(), POOL_ALIGN) {
+                if 1usize << (class as u32 + POOL_MIN_BITS) == self.layout.size() {
+                    let mut pool = BUF_POOL[class].lock();
+                    if pool.len() < POOL_KEEP {
+                        pool.push(PoolSlot(self.ptr));
+                        return;
+                    }
+                }
+            }
+        }
+        // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is freed once
+        // (a pooled buffer is freed by whoever takes it from the pool last).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
