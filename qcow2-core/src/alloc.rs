@@ -45,23 +45,25 @@ impl Image {
             .rc_slot(ci)
             .await?
             .ok_or_else(|| Error::corrupt(format!("no refcount block covers cluster {ci}")))?;
-        let mut d = slice.data.write();
-        let old = refcount::get(&d, order, i);
-        let new = if delta >= 0 {
-            old.checked_add(delta as u64)
-                .filter(|&n| n <= refcount::max(order))
-        } else {
-            old.checked_sub(delta.unsigned_abs())
-        };
-        let new = new.ok_or_else(|| {
-            Error::corrupt(format!(
-                "refcount of cluster {ci} would overflow or underflow ({old} {delta:+})"
-            ))
-        })?;
-        refcount::set(&mut d, order, i, new);
-        drop(d);
-        slice.mark_dirty();
-        Ok(new)
+        let off = slice.offset;
+        drop(slice);
+        crate::write::update_slice(&self.inner.rc_cache, &*self.inner.file, off, |d| {
+            let old = refcount::get(d, order, i);
+            let new = if delta >= 0 {
+                old.checked_add(delta as u64)
+                    .filter(|&n| n <= refcount::max(order))
+            } else {
+                old.checked_sub(delta.unsigned_abs())
+            };
+            let new = new.ok_or_else(|| {
+                Error::corrupt(format!(
+                    "refcount of cluster {ci} would overflow or underflow ({old} {delta:+})"
+                ))
+            })?;
+            refcount::set(d, order, i, new);
+            Ok(new)
+        })
+        .await?
     }
 
     /// Whether cluster `ci` is free (refcount 0, or not covered by any block).
@@ -104,7 +106,7 @@ impl Image {
             // Every cluster of the run needs a refcount block.
             for c in start..start + n {
                 if self.rc_slot(c).await?.is_none() {
-                    self.new_refblock(m, c).await?;
+                    self.new_refblock(m, c, start + n).await?;
                     continue 'search;
                 }
             }
@@ -121,28 +123,48 @@ impl Image {
         }
     }
 
-    /// Create the refcount block that covers cluster `ci`, placing it at the first cluster
-    /// of its own range that the search found free (`ci` itself): it then describes itself.
-    async fn new_refblock(&self, m: &mut Meta, ci: u64) -> Result<()> {
+    /// Create the refcount block that covers cluster `ci`, a cluster of the free run
+    /// `[.., run_end)` being allocated (the caller then searches again). The block goes to
+    /// the first free cluster `x` at or after `run_end`, never into the run: a block placed
+    /// inside its own range would split every free run, so runs of a range's length or more
+    /// could never be found. `x` in the block's own range: the block describes itself. `x`
+    /// in a range with a block: counted there. `x` in another range without a block: that
+    /// range gets its block first (at `x`, describing itself), and the next search places
+    /// this one.
+    async fn new_refblock(&self, m: &mut Meta, ci: u64, run_end: u64) -> Result<()> {
         let lay = self.inner.layout;
+        let rt_len = self.inner.reftable.read().len() as u64;
         let rt_idx = ci / lay.rb_entries;
-        let need_len = rt_idx + 1;
-        if need_len as usize > self.inner.reftable.read().len() {
-            self.grow_reftable(m, ci).await?;
-            if self.rc_slot(ci).await?.is_some() {
-                return Ok(());
-            }
+        if rt_idx >= rt_len {
+            // The new table and its blocks go after the run.
+            return self.grow_reftable(m, ci.max(run_end - 1)).await;
         }
-        // Every cluster of this block's range is free (no block covered it), so put the block at `ci`.
+        let mut x = run_end;
+        while !self.is_free(x).await? {
+            x += 1;
+        }
+        let rx = x / lay.rb_entries;
+        let (block_rt, self_described) = if rx == rt_idx {
+            (rt_idx, true)
+        } else if self.rc_slot(x).await?.is_some() {
+            self.rc_add(x, 1).await?;
+            (rt_idx, false)
+        } else if rx < rt_len {
+            (rx, true)
+        } else {
+            return self.grow_reftable(m, x).await;
+        };
         let cs = lay.cluster_size as usize;
         let mut block = vec![0u8; cs];
-        refcount::set(
-            &mut block,
-            lay.refcount_order,
-            (ci % lay.rb_entries) as usize,
-            1,
-        );
-        let off = ci << lay.cluster_bits;
+        if self_described {
+            refcount::set(
+                &mut block,
+                lay.refcount_order,
+                (x % lay.rb_entries) as usize,
+                1,
+            );
+        }
+        let off = x << lay.cluster_bits;
         self.meta_write(&block, off).await?;
         self.inner
             .file
@@ -150,9 +172,10 @@ impl Image {
             .await
             .map_err(|e| Error::io(e, "flush"))?;
         self.inner.rc_cache.invalidate_range(off, off + cs as u64);
-        self.inner.reftable.write()[rt_idx as usize] = off;
-        m.reftable_dirty.insert(rt_idx);
-        m.high_water = m.high_water.max(ci + 1);
+        self.inner.l2_cache.invalidate_range(off, off + cs as u64);
+        self.inner.reftable.write()[block_rt as usize] = off;
+        m.reftable_dirty.insert(block_rt);
+        m.high_water = m.high_water.max(x + 1);
         Ok(())
     }
 

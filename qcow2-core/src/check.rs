@@ -26,9 +26,12 @@
 //! virtual disk), at the image's refcount width; tables are read one at a time (L1 tables in
 //! chunks, one L2 table or refcount block at a time).
 //!
-//! Repair is not implemented yet; the code keeps QEMU's structure (the refcount array is laid
-//! out like concatenated refcount blocks, and every message knows whether it would be
-//! "Repairing") so that `-r leaks|all` can be added on top.
+//! Repair (`-r leaks|all`) follows QEMU too: the same pass fixes what it may while it checks
+//! (refcounts set to the number of references, copied flags, misaligned preallocated zero
+//! clusters, refcount blocks outside the file) and rebuilds the whole refcount structure from
+//! the refcount array when refcounts are missing or the structure itself is broken; then,
+//! when anything was fixed, a second read-only check reports what remains. The write side of
+//! the repair lives in [`crate::repair`].
 
 use crate::format::header::{Header, AUTOCLEAR_BITMAPS};
 use crate::format::l2::{self, CompressedDesc};
@@ -50,7 +53,7 @@ pub enum Repair {
 /// Options of [`check`].
 #[derive(Debug, Clone, Default)]
 pub struct CheckOptions {
-    /// Repair what was found. Not implemented yet: any value gives an "unsupported" error.
+    /// Repair what was found (the image must be opened writable).
     pub repair: Option<Repair>,
 }
 
@@ -83,6 +86,9 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// The diagnostic lines qemu-img prints on stderr, in order.
     pub messages: Vec<String>,
+    /// With repair: how many of `messages` the repairing pass printed; qemu-img prints the
+    /// "found and repaired" summary after them and before the lines of the double check.
+    pub repair_messages: usize,
 }
 
 impl CheckReport {
@@ -116,16 +122,26 @@ impl CheckReport {
     /// writes on stderr) first, then the summary.
     pub fn human(&self) -> String {
         let mut s = String::new();
-        for m in &self.messages {
+        let fixed = self.corruptions_fixed != 0 || self.leaks_fixed != 0;
+        let split = if fixed {
+            self.repair_messages.min(self.messages.len())
+        } else {
+            self.messages.len()
+        };
+        for m in &self.messages[..split] {
             s.push_str(m);
             s.push('\n');
         }
-        if self.corruptions_fixed != 0 || self.leaks_fixed != 0 {
+        if fixed {
             s.push_str(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} \
                  corruptions\n\nDouble checking the fixed image now...\n",
                 self.leaks_fixed, self.corruptions_fixed
             ));
+        }
+        for m in &self.messages[split..] {
+            s.push_str(m);
+            s.push('\n');
         }
         if self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 {
             s.push_str("No errors were found on the image.\n");
@@ -189,55 +205,70 @@ fn percent(v: f64) -> String {
     format!("{v:.2}%")
 }
 
-/// Check `img` like `qemu-img check` (read-only).
+/// Check `img` like `qemu-img check`, and with `opts.repair` repair it like
+/// `qemu-img check -r leaks|all` (the image must be opened writable).
 ///
 /// The image file is read directly, not through the image's caches: run the check on an image
-/// that nobody writes to meanwhile (qemu-img holds the image lock for that).
+/// that nobody writes to meanwhile (qemu-img holds the image lock for that). A repair writes
+/// its changes directly too, under the image's metadata lock, after writing back the caches,
+/// and drops the caches afterwards.
 ///
 /// Returns the report, or an error where qemu-img would fail with "Check failed" and print no
-/// report (for example an unreadable table, a broken bitmap directory, or an image file too
-/// large for the in-memory refcount array).
+/// report (for example an unreadable table, a broken bitmap directory, an image file too
+/// large for the in-memory refcount array, or `-r leaks` on an image whose refcount structure
+/// needs a rebuild).
 pub async fn check(img: &Image, opts: &CheckOptions) -> Result<CheckReport> {
+    let ctx = |e: Error| {
+        let p = img.path().display().to_string();
+        if e.message().starts_with(&p) {
+            e
+        } else {
+            e.context(p)
+        }
+    };
     if let Some(r) = opts.repair {
-        let what = match r {
-            Repair::Leaks => "leaks",
-            Repair::All => "all",
-        };
-        return Err(Error::unsupported(format!(
-            "{}: check --repair={what} is not implemented yet",
-            img.path().display()
-        )));
+        return crate::repair::check_repair(img, r).await.map_err(ctx);
     }
-    let ctx = |e: Error| e.context(img.path().display());
     let mut c = Checker::new(img, Fix::NONE).map_err(ctx)?;
     c.run().await.map_err(ctx)?;
-    Ok(CheckReport {
+    Ok(make_report(img, &c.res, c.msgs, 0))
+}
+
+/// The report of a check run with counters `res`.
+pub(crate) fn make_report(
+    img: &Image,
+    res: &Counters,
+    messages: Vec<String>,
+    repair_messages: usize,
+) -> CheckReport {
+    CheckReport {
         filename: img.path().display().to_string(),
         format: "qcow2",
-        check_errors: c.res.check_errors,
-        corruptions: c.res.corruptions,
-        leaks: c.res.leaks,
-        corruptions_fixed: c.res.corruptions_fixed,
-        leaks_fixed: c.res.leaks_fixed,
-        image_end_offset: c.res.image_end_offset,
-        total_clusters: c.res.total_clusters,
-        allocated_clusters: c.res.allocated_clusters,
-        fragmented_clusters: c.res.fragmented_clusters,
-        compressed_clusters: c.res.compressed_clusters,
-        messages: c.msgs,
-    })
+        check_errors: res.check_errors,
+        corruptions: res.corruptions,
+        leaks: res.leaks,
+        corruptions_fixed: res.corruptions_fixed,
+        leaks_fixed: res.leaks_fixed,
+        image_end_offset: res.image_end_offset,
+        total_clusters: res.total_clusters,
+        allocated_clusters: res.allocated_clusters,
+        fragmented_clusters: res.fragmented_clusters,
+        compressed_clusters: res.compressed_clusters,
+        messages,
+        repair_messages,
+    }
 }
 
 // On-disk masks (QEMU names).
-const L1E_OFFSET_MASK: u64 = l2::OFFSET_MASK;
+pub(crate) const L1E_OFFSET_MASK: u64 = l2::OFFSET_MASK;
 const L1E_RESERVED_MASK: u64 = l2::L1_RESERVED;
 const L2E_OFFSET_MASK: u64 = l2::OFFSET_MASK;
 const L2E_STD_RESERVED_MASK: u64 = l2::L2_RESERVED;
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 const REFT_RESERVED_MASK: u64 = 0x1ff;
 const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 const QCOW_OFLAG_COPIED: u64 = l2::COPIED;
-const QCOW_OFLAG_ZERO: u64 = l2::ZERO;
+pub(crate) const QCOW_OFLAG_ZERO: u64 = l2::ZERO;
 /// QEMU's L1 size limit (bytes).
 const MAX_L1_BYTES: u64 = crate::format::header::MAX_L1_BYTES;
 /// QEMU's largest request offset/length (`BDRV_MAX_LENGTH`); beyond it reads fail with EIO.
@@ -259,19 +290,26 @@ const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
 const QCOW2_MAX_BITMAPS: u64 = 65535;
 const QCOW2_MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * QCOW2_MAX_BITMAPS;
 
-/// Which categories a check run may repair (QEMU's `BdrvCheckMode`). Only `NONE` is used
-/// until repair is implemented; messages already depend on it the way QEMU's do.
+/// Which categories a check run may repair (QEMU's `BdrvCheckMode`); messages depend on it
+/// the way QEMU's do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fix(u8);
+pub(crate) struct Fix(u8);
 
 impl Fix {
-    const NONE: Fix = Fix(0);
-    #[allow(dead_code)]
-    const LEAKS: Fix = Fix(1);
-    const ERRORS: Fix = Fix(2);
+    pub(crate) const NONE: Fix = Fix(0);
+    pub(crate) const LEAKS: Fix = Fix(1);
+    pub(crate) const ERRORS: Fix = Fix(2);
+    /// `-r all`.
+    pub(crate) const ALL: Fix = Fix(3);
 
-    fn errors(self) -> bool {
+    pub(crate) fn leaks(self) -> bool {
+        self.0 & Self::LEAKS.0 != 0
+    }
+    pub(crate) fn errors(self) -> bool {
         self.0 & Self::ERRORS.0 != 0
+    }
+    pub(crate) fn any(self) -> bool {
+        self.0 != 0
     }
     /// "Repairing" when errors are being fixed, else "ERROR".
     fn tag(self) -> &'static str {
@@ -285,17 +323,17 @@ impl Fix {
 
 /// QEMU's `BdrvCheckResult` + `BlockFragInfo`.
 #[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    check_errors: u64,
-    corruptions: u64,
-    leaks: u64,
-    corruptions_fixed: u64,
-    leaks_fixed: u64,
-    image_end_offset: u64,
-    total_clusters: u64,
-    allocated_clusters: u64,
-    fragmented_clusters: u64,
-    compressed_clusters: u64,
+pub(crate) struct Counters {
+    pub(crate) check_errors: u64,
+    pub(crate) corruptions: u64,
+    pub(crate) leaks: u64,
+    pub(crate) corruptions_fixed: u64,
+    pub(crate) leaks_fixed: u64,
+    pub(crate) image_end_offset: u64,
+    pub(crate) total_clusters: u64,
+    pub(crate) allocated_clusters: u64,
+    pub(crate) fragmented_clusters: u64,
+    pub(crate) compressed_clusters: u64,
 }
 
 /// QEMU's cluster types (`QCow2ClusterType`).
@@ -339,7 +377,7 @@ fn alt_hex(v: u64) -> String {
     }
 }
 
-fn strerror(e: &std::io::Error) -> String {
+pub(crate) fn strerror(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => {
             let s = std::io::Error::from_raw_os_error(code).to_string();
@@ -353,7 +391,7 @@ fn strerror(e: &std::io::Error) -> String {
     }
 }
 
-fn eio() -> std::io::Error {
+pub(crate) fn eio() -> std::io::Error {
     std::io::Error::from_raw_os_error(libc::EIO)
 }
 
@@ -361,10 +399,10 @@ fn eio() -> std::io::Error {
 /// refcount width and in the on-disk refcount block layout, so a repair can write slices of
 /// it as refcount blocks. Its length grows when a reference reaches into the partial
 /// cluster past the end of the file.
-struct RefArray {
+pub(crate) struct RefArray {
     order: u32,
     cluster_size: u64,
-    len: u64,
+    pub(crate) len: u64,
     buf: Vec<u8>,
 }
 
@@ -388,7 +426,7 @@ impl RefArray {
             .checked_mul(self.cluster_size)
     }
 
-    fn resize(&mut self, len: u64) -> Result<()> {
+    pub(crate) fn resize(&mut self, len: u64) -> Result<()> {
         let too_large = || {
             Error::new(
                 ErrorKind::TooLarge,
@@ -407,18 +445,29 @@ impl RefArray {
         Ok(())
     }
 
-    fn get(&self, i: u64) -> u64 {
+    pub(crate) fn get(&self, i: u64) -> u64 {
         refcount::get(&self.buf, self.order, i as usize)
     }
 
-    fn set(&mut self, i: u64, v: u64) {
+    pub(crate) fn set(&mut self, i: u64, v: u64) {
         refcount::set(&mut self.buf, self.order, i as usize, v)
+    }
+
+    /// Zero every entry (the length stays).
+    pub(crate) fn clear(&mut self) {
+        self.buf.fill(0);
+    }
+
+    /// Entries `[i * rb_entries, (i + 1) * rb_entries)` as the on-disk refcount block `i`.
+    pub(crate) fn block(&self, i: u64) -> &[u8] {
+        let cs = self.cluster_size as usize;
+        &self.buf[i as usize * cs..(i as usize + 1) * cs]
     }
 }
 
 /// Raw sizes of a snapshot table entry that the parsed [`crate::format::snapshot::Snapshot`]
 /// does not keep byte-exact.
-struct SnapInfo {
+pub(crate) struct SnapInfo {
     id: String,
     name: String,
     l1_table_offset: u64,
@@ -432,28 +481,41 @@ struct BitmapEntry {
     table_size: u32,
 }
 
-struct Checker<'a> {
-    img: &'a Image,
-    file: Arc<dyn Storage>,
-    h: Header,
-    lay: Layout,
-    file_len: u64,
-    data_file: bool,
-    fix: Fix,
-    res: Counters,
-    msgs: Vec<String>,
-    refs: RefArray,
+pub(crate) struct Checker<'a> {
+    pub(crate) img: &'a Image,
+    pub(crate) file: Arc<dyn Storage>,
+    pub(crate) h: Header,
+    pub(crate) lay: Layout,
+    pub(crate) file_len: u64,
+    pub(crate) data_file: bool,
+    pub(crate) fix: Fix,
+    /// QEMU's refcount check result (without the snapshot table's corruptions).
+    pub(crate) res: Counters,
+    /// Corruptions of the snapshot table (QEMU counts them in a separate result).
+    pub(crate) snap_corruptions: u64,
+    pub(crate) msgs: Vec<String>,
+    pub(crate) refs: RefArray,
     /// One L2 table.
     l2_buf: Vec<u8>,
     /// The last refcount block read: (offset, contents).
-    rb: Option<(u64, Vec<u8>)>,
-    reftable: Vec<u64>,
+    pub(crate) rb: Option<(u64, Vec<u8>)>,
+    /// `rb` holds repaired refcounts not yet written.
+    pub(crate) rb_dirty: bool,
+    /// Clusters whose refcount a repair set to 0 (discarded once the refcounts are durable).
+    pub(crate) freed: Vec<u64>,
+    pub(crate) reftable: Vec<u64>,
     /// A corruption was reported by a lookup (QEMU reports only the first).
-    signaled_corruption: bool,
+    pub(crate) signaled_corruption: bool,
+    /// The refcount structure was rebuilt.
+    pub(crate) rebuilt: bool,
+    /// Clusters holding metadata, for the overlap check of repair writes (built on demand).
+    pub(crate) overlap: Option<std::collections::HashMap<u64, u16>>,
+    /// Byte length of the snapshot table.
+    pub(crate) snapshots_size: u64,
 }
 
 impl<'a> Checker<'a> {
-    fn new(img: &'a Image, fix: Fix) -> Result<Checker<'a>> {
+    pub(crate) fn new(img: &'a Image, fix: Fix) -> Result<Checker<'a>> {
         let file = img.storage().clone();
         let file_len = file
             .len()
@@ -478,22 +540,28 @@ impl<'a> Checker<'a> {
             file_len,
             fix,
             res: Counters::default(),
+            snap_corruptions: 0,
             msgs: Vec::new(),
             refs,
             l2_buf: vec![0u8; cs as usize],
             rb: None,
+            rb_dirty: false,
+            freed: Vec::new(),
             reftable: img.refcount_table(),
             signaled_corruption: false,
+            rebuilt: false,
+            overlap: None,
+            snapshots_size: 0,
         })
     }
 
-    fn msg(&mut self, m: String) {
+    pub(crate) fn msg(&mut self, m: String) {
         self.msgs.push(m);
     }
 
     /// Read `buf.len()` bytes at `off` of the image file, as QEMU's `bdrv_pread` on the file
     /// node: zeros past the end of the file, EIO for offsets QEMU cannot address.
-    async fn pread(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    pub(crate) async fn pread(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         let len = buf.len() as u64;
         if off > MAX_IO_OFFSET || len > MAX_IO_OFFSET - off {
             return Err(eio());
@@ -505,15 +573,86 @@ impl<'a> Checker<'a> {
         self.file.read_at(buf, off).await
     }
 
-    async fn run(&mut self) -> Result<()> {
+    /// The whole check (`qcow2_co_check_locked`), repairing what `self.fix` allows. The
+    /// counters end up in `self.res` (snapshot table corruptions included).
+    pub(crate) async fn run(&mut self) -> Result<()> {
         let (snaps, snapshots_size) = self.check_read_snapshot_table().await?;
+        self.snapshots_size = snapshots_size;
         // Guest clusters: QEMU counts whole sectors of the virtual size.
         let vsize = self.h.size / 512 * 512;
         self.res.total_clusters = vsize.div_ceil(self.lay.cluster_size);
+        let r = self.check_refcounts(&snaps, snapshots_size).await;
+        self.res.corruptions += self.snap_corruptions;
+        r
+    }
 
-        self.calculate_refcounts(&snaps, snapshots_size).await?;
-        let highest = self.compare_refcounts().await;
-        self.check_oflag_copied().await?;
+    /// `qcow2_check_refcounts`: count, compare, repair or rebuild, check the copied flags.
+    async fn check_refcounts(&mut self, snaps: &[SnapInfo], snapshots_size: u64) -> Result<()> {
+        let fix = self.fix;
+        let mut rebuild = false;
+        self.calculate_refcounts(snaps, snapshots_size, &mut rebuild)
+            .await?;
+        // Without a rebuild, a repair compares again (with fixing) from this state.
+        let pre_compare = self.res;
+        let mut highest = self.compare_refcounts(Fix::NONE, &mut rebuild).await;
+
+        if rebuild && fix.errors() {
+            let old = self.res;
+            self.msg("Rebuilding refcount structure".into());
+            self.rebuild_refcount_structure().await?;
+            self.res.corruptions = 0;
+            self.res.leaks = 0;
+            // Count the references again, now against the new structure.
+            rebuild = false;
+            self.refs.clear();
+            self.fix = Fix::NONE;
+            let r = self
+                .calculate_refcounts(snaps, snapshots_size, &mut rebuild)
+                .await;
+            self.fix = fix;
+            r?;
+            let mut fresh_leaks = 0;
+            if fix.leaks() {
+                // The old structure is leaked now: free it. Only leaks that remain count.
+                let saved = self.res;
+                self.res = Counters::default();
+                highest = self.compare_refcounts(Fix::LEAKS, &mut rebuild).await;
+                if rebuild {
+                    self.msg("ERROR rebuilt refcount structure is still broken".into());
+                }
+                fresh_leaks = self.res.leaks;
+                self.res = saved;
+            }
+            if self.res.corruptions < old.corruptions {
+                self.res.corruptions_fixed += old.corruptions - self.res.corruptions;
+            }
+            if self.res.leaks < old.leaks {
+                self.res.leaks_fixed += old.leaks - self.res.leaks;
+            }
+            self.res.leaks += fresh_leaks;
+        } else if fix.any() {
+            if rebuild {
+                self.msg("ERROR need to rebuild refcount structures".into());
+                self.res.check_errors += 1;
+                return Err(Error::io(
+                    eio(),
+                    "Check failed: the refcount structure needs a rebuild (repair with -r all)",
+                ));
+            }
+            if self.res.leaks != 0 || self.res.corruptions != 0 {
+                self.res = pre_compare;
+                highest = self.compare_refcounts(fix, &mut rebuild).await;
+            }
+        }
+
+        if fix.any() {
+            // The copied flags are set from these refcounts: make them durable first.
+            self.flush_rb()
+                .await
+                .and(self.file.flush().await)
+                .map_err(|e| Error::io(e, "writing a refcount block"))?;
+        }
+        self.check_oflag_copied(fix).await?;
         self.res.image_end_offset = (highest + 1) * self.lay.cluster_size;
         Ok(())
     }
@@ -566,7 +705,7 @@ impl<'a> Checker<'a> {
         if self.h.version >= 3 {
             for (i, s) in out.iter().enumerate() {
                 if s.extra_data_size < 16 {
-                    self.res.corruptions += 1;
+                    self.snap_corruptions += 1;
                     self.msgs.push(format!(
                         "{} snapshot table entry {i} is incomplete",
                         self.fix.tag()
@@ -623,7 +762,12 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    async fn calculate_refcounts(&mut self, snaps: &[SnapInfo], snapshots_size: u64) -> Result<()> {
+    async fn calculate_refcounts(
+        &mut self,
+        snaps: &[SnapInfo],
+        snapshots_size: u64,
+        rebuild: &mut bool,
+    ) -> Result<()> {
         let cs = self.lay.cluster_size;
         // Header.
         self.inc_refcounts(0, cs)?;
@@ -676,7 +820,7 @@ impl<'a> Checker<'a> {
         // Persistent bitmaps.
         self.check_bitmaps_refcounts().await?;
         // Refcount blocks.
-        self.check_refblocks()
+        self.check_refblocks(rebuild).await
     }
 
     async fn check_refcounts_l1(
@@ -731,7 +875,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    async fn check_refcounts_l2(&mut self, l2_off: u64, frag: bool, _active: bool) -> Result<()> {
+    async fn check_refcounts_l2(&mut self, l2_off: u64, frag: bool, active: bool) -> Result<()> {
         let lay = self.lay;
         let cs = lay.cluster_size;
         let mut buf = std::mem::take(&mut self.l2_buf);
@@ -808,12 +952,22 @@ impl<'a> Checker<'a> {
                             entry & QCOW_OFLAG_ZERO == 0
                         };
                         if !contains_data {
-                            // Repair would turn the entry into a plain zero cluster here.
                             self.msg(format!(
                                 "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry \
                                  corrupted.",
                                 self.fix.tag()
                             ));
+                            if self.fix.errors() {
+                                // Turn the entry into a plain zero cluster.
+                                match self.fix_l2_entry_by_zero(&mut buf, l2_off, i, active).await {
+                                    Ok(true) => continue,
+                                    Ok(false) => {}
+                                    Err(e) => {
+                                        result = Err(e);
+                                        break;
+                                    }
+                                }
+                            }
                         } else {
                             self.msg(format!(
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
@@ -968,7 +1122,8 @@ impl<'a> Checker<'a> {
     }
 
     /// Check the refcount table entries and count the refcount blocks (`check_refblocks`).
-    fn check_refblocks(&mut self) -> Result<()> {
+    /// Sets `rebuild` when the refcount structure itself is broken.
+    async fn check_refblocks(&mut self, rebuild: &mut bool) -> Result<()> {
         let cs = self.lay.cluster_size;
         for i in 0..self.reftable.len() {
             let e = self.reftable[i];
@@ -979,20 +1134,44 @@ impl<'a> Checker<'a> {
                 self.msg(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
+                *rebuild = true;
                 continue;
             }
             if offset & (cs - 1) != 0 {
                 self.res.corruptions += 1;
                 self.msg(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+                *rebuild = true;
                 continue;
             }
             if cluster >= self.refs.len {
                 self.res.corruptions += 1;
-                // Repair would grow the file to cover the block.
                 self.msg(format!(
                     "{} refcount block {i} is outside image",
                     self.fix.tag()
                 ));
+                if self.fix.errors() {
+                    // Grow the file so that it covers the block.
+                    match self.grow_file_to(offset, cluster).await {
+                        Ok(()) => {
+                            self.res.corruptions -= 1;
+                            self.res.corruptions_fixed += 1;
+                            // Freshly allocated and zeroed: its count can only be 1.
+                            self.inc_refcounts(offset, cs)?;
+                            continue;
+                        }
+                        Err(Some(e)) => {
+                            *rebuild = true;
+                            self.msg(format!("ERROR could not resize image: {}", strerror(&e)));
+                        }
+                        Err(None) => {
+                            self.res.check_errors += 1;
+                            return Err(Error::new(
+                                ErrorKind::TooLarge,
+                                "cannot grow the in-memory refcount table",
+                            ));
+                        }
+                    }
+                }
                 continue;
             }
             if offset != 0 {
@@ -1001,6 +1180,7 @@ impl<'a> Checker<'a> {
                 if r != 1 {
                     self.res.corruptions += 1;
                     self.msg(format!("ERROR refcount block {i} refcount={r}"));
+                    *rebuild = true;
                 }
             }
         }
@@ -1011,7 +1191,7 @@ impl<'a> Checker<'a> {
 
     /// The stored refcount of cluster `ci` (`qcow2_get_refcount`), reading one refcount block
     /// at a time.
-    async fn disk_refcount(&mut self, ci: u64) -> std::io::Result<u64> {
+    pub(crate) async fn disk_refcount(&mut self, ci: u64) -> std::io::Result<u64> {
         let lay = self.lay;
         let rt_idx = ci / lay.rb_entries;
         let rb_off = match self.reftable.get(rt_idx as usize) {
@@ -1041,6 +1221,8 @@ impl<'a> Checker<'a> {
                 return Ok(refcount::get(buf, lay.refcount_order, idx));
             }
         }
+        // A block holding repaired refcounts is written back before another one is loaded.
+        self.flush_rb().await?;
         let mut buf = match self.rb.take() {
             Some((_, b)) => b,
             None => vec![0u8; lay.cluster_size as usize],
@@ -1054,9 +1236,10 @@ impl<'a> Checker<'a> {
         Ok(v)
     }
 
-    /// Compare stored and computed refcounts (`compare_refcounts`); returns the highest
-    /// cluster index in use.
-    async fn compare_refcounts(&mut self) -> u64 {
+    /// Compare stored and computed refcounts (`compare_refcounts`), fixing what `fix` allows;
+    /// returns the highest cluster index in use. A stored refcount of 0 where there are
+    /// references calls for a rebuild.
+    async fn compare_refcounts(&mut self, fix: Fix, rebuild: &mut bool) -> u64 {
         let mut highest = 0u64;
         let mut i = 0u64;
         while i < self.refs.len {
@@ -1077,10 +1260,29 @@ impl<'a> Checker<'a> {
                 highest = i;
             }
             if r1 != r2 {
-                // With repair, leaks (r1 > r2) and corruptions (r1 < r2) would be fixed here,
-                // and a stored refcount of 0 would call for a rebuild.
-                let what = if r1 < r2 { "ERROR" } else { "Leaked" };
+                let fixing = if r1 == 0 {
+                    *rebuild = true;
+                    false
+                } else {
+                    (r1 > r2 && fix.leaks()) || (r1 < r2 && fix.errors())
+                };
+                let what = if fixing {
+                    "Repairing"
+                } else if r1 < r2 {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
                 self.msg(format!("{what} cluster {i} refcount={r1} reference={r2}"));
+                if fixing && self.set_disk_refcount(i, r2).await.is_ok() {
+                    if r1 > r2 {
+                        self.res.leaks_fixed += 1;
+                    } else {
+                        self.res.corruptions_fixed += 1;
+                    }
+                    i += 1;
+                    continue;
+                }
                 if r1 < r2 {
                     self.res.corruptions += 1;
                 } else {
@@ -1092,9 +1294,19 @@ impl<'a> Checker<'a> {
         highest
     }
 
-    /// Check the copied flag of the active L1 and L2 entries (`check_oflag_copied`).
-    async fn check_oflag_copied(&mut self) -> Result<()> {
+    /// Check the copied flag of the active L1 and L2 entries (`check_oflag_copied`), setting
+    /// or clearing it from the stored refcount where `fix` allows (with `-r leaks` only when
+    /// the refcounts are known to be right).
+    async fn check_oflag_copied(&mut self, fix: Fix) -> Result<()> {
         let lay = self.lay;
+        let repair = if fix.errors() {
+            true
+        } else if fix.leaks() {
+            self.res.check_errors == 0 && self.res.corruptions == 0 && self.res.leaks == 0
+        } else {
+            false
+        };
+        let tag = if repair { "Repairing" } else { "ERROR" };
         let l1 = self.img.l1_table();
         let mut buf = vec![0u8; lay.cluster_size as usize];
         for (i, &l1e) in l1.iter().enumerate() {
@@ -1109,17 +1321,31 @@ impl<'a> Checker<'a> {
             if (r == 1) != (l1e & QCOW_OFLAG_COPIED != 0) {
                 self.res.corruptions += 1;
                 self.msg(format!(
-                    "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={r}",
-                    self.fix.tag()
+                    "{tag} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={r}"
                 ));
+                if repair {
+                    let new = if r == 1 {
+                        l1e | QCOW_OFLAG_COPIED
+                    } else {
+                        l1e & !QCOW_OFLAG_COPIED
+                    };
+                    if let Err(e) = self.write_l1_entry(i, new).await {
+                        self.res.check_errors += 1;
+                        return Err(e);
+                    }
+                    self.res.corruptions -= 1;
+                    self.res.corruptions_fixed += 1;
+                }
             }
             if let Err(e) = self.pread(&mut buf, l2_off).await {
                 self.res.check_errors += 1;
                 self.msg(format!("ERROR: Could not read L2 table: {}", strerror(&e)));
                 return Err(Error::io(e, "reading an L2 table"));
             }
+            let mut l2_dirty = 0u64;
             for j in 0..lay.l2_entries as usize {
-                let e = be64(&buf, j * lay.l2_entry_size as usize);
+                let pos = j * lay.l2_entry_size as usize;
+                let e = be64(&buf, pos);
                 let ty = cluster_type(e, lay.extended, self.data_file);
                 if ty != ClusterType::Normal && ty != ClusterType::ZeroAlloc {
                     continue;
@@ -1138,10 +1364,26 @@ impl<'a> Checker<'a> {
                 if (r == 1) != (e & QCOW_OFLAG_COPIED != 0) {
                     self.res.corruptions += 1;
                     self.msg(format!(
-                        "{} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}",
-                        self.fix.tag()
+                        "{tag} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}"
                     ));
+                    if repair {
+                        let new = if r == 1 {
+                            e | QCOW_OFLAG_COPIED
+                        } else {
+                            e & !QCOW_OFLAG_COPIED
+                        };
+                        buf[pos..pos + 8].copy_from_slice(&new.to_be_bytes());
+                        l2_dirty += 1;
+                    }
                 }
+            }
+            if l2_dirty > 0 {
+                if let Err(e) = self.write_l2_table(&buf, l2_off).await {
+                    self.res.check_errors += 1;
+                    return Err(e);
+                }
+                self.res.corruptions -= l2_dirty;
+                self.res.corruptions_fixed += l2_dirty;
             }
         }
         Ok(())
@@ -1180,6 +1422,7 @@ mod tests {
             fragmented_clusters: 8,
             compressed_clusters: 9,
             messages: vec![],
+            repair_messages: 0,
         };
         let keys: Vec<String> = r.to_json().as_object().unwrap().keys().cloned().collect();
         assert_eq!(

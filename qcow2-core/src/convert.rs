@@ -272,6 +272,84 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
     closed
 }
 
+/// Cut `[0, size)` into windows aligned to `CHUNK` (a multiple of every cluster size), so
+/// that no cluster of the target is split between two windows: compression needs whole
+/// clusters, and windows copied concurrently never share a cluster. A window is zero when
+/// every piece of the plan inside it is; neighbouring zero windows are merged (a zero
+/// window can be huge: it is never read into memory).
+fn windows(pieces: &[Piece], size: u64) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    let mut pi = 0;
+    let mut w = 0;
+    while w < size {
+        let wend = (w + CHUNK).min(size);
+        while pi + 1 < pieces.len() && pieces[pi].off + pieces[pi].len <= w {
+            pi += 1;
+        }
+        let p = pieces[pi];
+        let (end, zero) = if p.zero && p.off + p.len >= wend {
+            // Skip to the last window boundary inside this zero piece.
+            let pend = p.off + p.len;
+            let end = if pend >= size {
+                size
+            } else {
+                pend / CHUNK * CHUNK
+            };
+            (end.max(wend), true)
+        } else {
+            let zero = pieces[pi..]
+                .iter()
+                .take_while(|q| q.off < wend)
+                .all(|q| q.zero);
+            (wend, zero)
+        };
+        match out.last_mut() {
+            Some(l) if zero && l.zero && l.off + l.len == w => l.len += end - w,
+            _ => out.push(Piece {
+                off: w,
+                len: end - w,
+                zero,
+            }),
+        }
+        w = end;
+    }
+    out
+}
+
+/// Zero window `p` of a target with a backing file: write zeros where the backing file
+/// does not read as zeros.
+async fn zero_over_backing(img: &crate::image::Image, backing: &Disk, p: Piece) -> Result<()> {
+    let cs = img.layout().cluster_size;
+    let end = (p.off + p.len).min(backing.size());
+    let mut pos = p.off;
+    while pos < end {
+        let e = backing.map_entry(pos, end - pos).await?;
+        if e.zero || !e.data {
+            // Zeros, or unallocated down the whole chain.
+            pos += e.length;
+            continue;
+        }
+        // Whole clusters around the data, at most CHUNK at a time.
+        let a = pos / cs * cs;
+        let b = (pos + e.length.min(CHUNK)).div_ceil(cs) * cs;
+        let b = b.min(p.off + p.len).min(img.size());
+        let a = a.max(p.off);
+        let mut bb = vec![0u8; (b - a) as usize];
+        backing.read_padded(&mut bb, a).await?;
+        let mut i = 0u64;
+        while i < b - a {
+            let n = (cs - (a + i) % cs).min(b - a - i);
+            if !is_zero(&bb[i as usize..(i + n) as usize]) {
+                img.write_zeroes(a + i, n, crate::write::ZeroMode::Unmap)
+                    .await?;
+            }
+            i += n;
+        }
+        pos = b;
+    }
+    Ok(())
+}
+
 async fn copy_into(
     src: &Disk,
     img: &crate::image::Image,
@@ -281,7 +359,7 @@ async fn copy_into(
     let size = src.size();
     let cs = img.layout().cluster_size;
     let backing = img.backing().cloned();
-    let pieces = plan(src).await?;
+    let pieces = windows(&plan(src).await?, size);
     let done = AtomicU64::new(0);
     let total = size.max(1);
     stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
@@ -289,10 +367,20 @@ async fn copy_into(
             let done = &done;
             let backing = &backing;
             async move {
-                let mut buf = vec![0u8; p.len as usize];
-                if !p.zero {
-                    src.read_at(&mut buf, p.off).await?;
+                if p.zero {
+                    // The new image reads as zeros already; over a backing file, zeros are
+                    // written where the backing file has data.
+                    if let Some(b) = backing {
+                        zero_over_backing(img, b, p).await?;
+                    }
+                    let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
+                    if let Some(cb) = &opts.progress {
+                        cb(d as f64 / total as f64);
+                    }
+                    return Ok(());
                 }
+                let mut buf = vec![0u8; p.len as usize];
+                src.read_at(&mut buf, p.off).await?;
                 let base = match backing {
                     Some(b) => {
                         let mut bb = vec![0u8; p.len as usize];

@@ -268,7 +268,9 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
         )));
     }
     h.l1_size = l1_size as u32;
-    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // An empty disk has no L1 table (offset 0), as with qemu-img: a table cluster nothing
+    // points at would be a leak.
+    let l1_clusters = (l1_size * 8).div_ceil(cs);
     // Fixed point: header + refcount table + refcount blocks + L1.
     let rb_entries = cs * 8 / opts.refcount_bits as u64;
     let (mut rt_clusters, mut n_rb) = (1u64, 1u64);
@@ -286,7 +288,11 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
     h.refcount_table_clusters = rt_clusters as u32;
     h.refcount_table_offset = cs;
     let rb_first = 1 + rt_clusters;
-    h.l1_table_offset = (rb_first + n_rb) * cs;
+    h.l1_table_offset = if l1_clusters > 0 {
+        (rb_first + n_rb) * cs
+    } else {
+        0
+    };
     if rt_clusters * cs > header::MAX_REFTABLE_BYTES {
         return Err(Error::invalid(
             "image too large for this cluster size and refcount width",
@@ -400,23 +406,15 @@ impl Image {
                     self.alloc_clusters(&mut m, n).await?
                 };
                 for i in 0..n {
-                    // Extended L2: the cluster is allocated, its subclusters not yet (they read
-                    // as zeros: the bitmap marks them zero unless the data file is raw).
-                    let bm = if lay.extended {
-                        if external {
-                            0
-                        } else {
-                            0xffff_ffffu64 << 32
-                        }
-                    } else {
-                        0
+                    // Extended L2: in an external data file every subcluster is allocated
+                    // (the data file's content is the guest content, as with a raw data
+                    // file); in the image file the subclusters read as zeros until written.
+                    let bm = match (lay.extended, external) {
+                        (false, _) => 0,
+                        (true, true) => 0xffff_ffffu64,
+                        (true, false) => 0xffff_ffffu64 << 32,
                     };
-                    let flag = if lay.extended || external || mode == Preallocation::Off {
-                        0
-                    } else {
-                        0
-                    };
-                    self.set_l2_entry(&mut m, gc + i, (host + i * cs) | COPIED | flag, bm)
+                    self.set_l2_entry(&mut m, gc + i, (host + i * cs) | COPIED, bm)
                         .await?;
                 }
                 host

@@ -41,6 +41,9 @@ pub struct OpenOptions {
     pub data_file: Option<PathBuf>,
     /// Do not open the backing file (reads of unallocated clusters fail).
     pub no_backing: bool,
+    /// Open for `check -r`: a writable open of a corrupt-marked image is allowed (writes other
+    /// than the repair's are still refused while the corrupt bit is set).
+    pub for_repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -54,6 +57,7 @@ impl Default for OpenOptions {
             max_chain: DEFAULT_MAX_CHAIN,
             data_file: None,
             no_backing: false,
+            for_repair: false,
         }
     }
 }
@@ -153,6 +157,9 @@ pub(crate) struct Inner {
     pub w: Option<crate::write::WriteState>,
     /// Whether the image looks metadata-preallocated (qemu's heuristic), computed once.
     pub prealloc: tokio::sync::OnceCell<bool>,
+    /// The repair done when this dirty image was opened for writing, reported by a later
+    /// `check -r` on the same handle.
+    pub open_repair: Mutex<Option<crate::repair::Pass>>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
@@ -271,7 +278,7 @@ impl Image {
         )?;
         let layout = Layout::new(&h);
         let h_l1_off = h.l1_table_offset;
-        if opts.writable && h.corrupt() {
+        if opts.writable && h.corrupt() && !opts.for_repair {
             return Err(Error::read_only(
                 "image is marked corrupt; it can only be opened read-only (or repaired)",
             ));
@@ -423,10 +430,15 @@ impl Image {
                 None
             },
             prealloc: tokio::sync::OnceCell::new(),
+            open_repair: Mutex::new(None),
         };
-        Ok(Image {
+        let img = Image {
             inner: Arc::new(inner),
-        })
+        };
+        if opts.writable && img.inner.header.read().dirty() {
+            img.repair_dirty_on_open().await?;
+        }
+        Ok(img)
     }
 
     /// Virtual size.

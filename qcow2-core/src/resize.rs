@@ -27,6 +27,8 @@ impl Image {
         if new_size == old {
             return Ok(());
         }
+        // A resize changes the image: stale bitmaps must be invalidated first.
+        self.before_first_write().await?;
         if new_size < old {
             if !allow_shrink {
                 return Err(Error::invalid(
@@ -85,6 +87,36 @@ impl Image {
                     m.pending_free.push(first + c);
                 }
             }
+        }
+        let zero_to = match self.backing() {
+            Some(b) if new_size > old => b.size().min(new_size),
+            _ => 0,
+        };
+        if zero_to > old {
+            // Growing over a longer backing file: like QEMU, make the new area read as zeros
+            // rather than as the backing file's data there. The zero entries are made
+            // durable before the header announces the new size.
+            drop(m);
+            self.inner.header.write().size = new_size;
+            let r = self
+                .zero_or_discard(old, zero_to - old, Some(crate::write::ZeroMode::Unmap))
+                .await;
+            if let Err(e) = r {
+                self.inner.header.write().size = old;
+                return Err(e);
+            }
+            m = w.meta.lock().await;
+            self.flush_metadata(&mut m).await?;
+        }
+        if self.inner.data_path.is_some() {
+            // The data file holds guest data at guest offsets (a raw image of the disk
+            // with data_file_raw): it follows the virtual size.
+            self.inner.data.set_len(new_size).map_err(Error::from)?;
+            self.inner
+                .data
+                .flush()
+                .await
+                .map_err(|e| Error::io(e, "flush of the data file"))?;
         }
         self.meta_write(&new_size.to_be_bytes(), 24).await?;
         self.inner.file.flush().await.map_err(Error::from)?;

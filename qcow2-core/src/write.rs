@@ -105,14 +105,14 @@ impl Image {
     }
 
     /// Before the first change: clear autoclear bits we do not maintain (bitmaps, unknown).
-    async fn before_first_write(&self) -> Result<()> {
+    pub(crate) async fn before_first_write(&self) -> Result<()> {
         let w = self.ws()?;
         w.first_write
             .get_or_try_init(|| async {
-                let (ver, clear) = {
+                let (ver, clear, bitmaps) = {
                     let h = self.inner.header.read();
                     let keep = AUTOCLEAR_DATA_FILE_RAW;
-                    (h.version, h.autoclear_features & !keep)
+                    (h.version, h.autoclear_features & !keep, h.bitmaps.clone())
                 };
                 if ver >= 3 && clear != 0 {
                     let bits = {
@@ -133,10 +133,76 @@ impl Image {
                         .flush()
                         .await
                         .map_err(|e| Error::io(e, "flush"))?;
+                    if clear & AUTOCLEAR_BITMAPS != 0 {
+                        if let Some(ext) = bitmaps {
+                            self.drop_bitmaps(&ext).await?;
+                        }
+                    }
                 }
                 Ok::<(), Error>(())
             })
             .await?;
+        Ok(())
+    }
+
+    /// The bitmaps are stale once their autoclear bit is clear (done, and durable, before
+    /// this): remove their header extension and free their clusters (directory, tables,
+    /// data) at the next metadata flush, rather than leaking them as QEMU does. A crash in
+    /// between only leaks them. Nothing is freed when the directory looks wrong.
+    async fn drop_bitmaps(&self, ext: &header::BitmapsExt) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let file_len = self.inner.file.len().map_err(Error::from)?;
+        let inside = |off: u64, len: u64| {
+            off % cs == 0 && off != 0 && off.checked_add(len).is_some_and(|e| e <= file_len)
+        };
+        let mut clusters = Vec::new();
+        let mut ok = inside(ext.directory_offset, ext.directory_size) && ext.directory_size > 0;
+        if ok {
+            let first = ext.directory_offset / cs;
+            clusters.extend(first..(ext.directory_offset + ext.directory_size).div_ceil(cs));
+        }
+        for b in &self.inner.bitmaps {
+            let bytes = b.table_size as u64 * 8;
+            if !ok || bytes == 0 || bytes > 64 << 20 || !inside(b.table_offset, bytes) {
+                ok = false;
+                break;
+            }
+            clusters.extend(b.table_offset / cs..(b.table_offset + bytes).div_ceil(cs));
+            let mut t = vec![0u8; bytes as usize];
+            self.inner
+                .file
+                .read_at(&mut t, b.table_offset)
+                .await
+                .map_err(|e| Error::io(e, "reading a bitmap table"))?;
+            for e in t.chunks_exact(8) {
+                let off = u64::from_be_bytes(e.try_into().unwrap()) & l2::OFFSET_MASK;
+                if off != 0 {
+                    if !inside(off, cs) {
+                        ok = false;
+                        break;
+                    }
+                    clusters.push(off / cs);
+                }
+            }
+        }
+        let hdr = self.inner.header.read().to_bytes()?;
+        self.inner
+            .file
+            .write_at(&hdr, 0)
+            .await
+            .map_err(|e| Error::io(e, "writing the header"))?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))?;
+        if ok {
+            clusters.sort_unstable();
+            clusters.dedup();
+            let w = self.ws()?;
+            w.meta.lock().await.pending_free.extend(clusters);
+        }
         Ok(())
     }
 
@@ -242,6 +308,14 @@ impl Image {
             return self.write_data(host + within, data, len).await;
         }
         let _guard = self.acquire(gc).await;
+        self.write_cluster_guarded(g, data, len).await
+    }
+
+    /// `write_cluster` for a caller that holds the cluster's in-flight mark.
+    async fn write_cluster_guarded(&self, g: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
+        let lay = self.inner.layout;
+        let gc = g >> lay.cluster_bits;
+        let within = g & (lay.cluster_size - 1);
         if let Some(host) = self.in_place_target(gc, within, len).await? {
             return self.write_data(host + within, data, len).await;
         }
@@ -390,17 +464,19 @@ impl Image {
             }
         };
         // Write the data (outside the lock). A fresh cluster past the old end of file already
-        // reads as zeros: write only the non-zero part.
+        // reads as zeros: write only the non-zero part, and the last sector (zeros) so that
+        // the file covers the whole cluster (qemu-img check calls a cluster wholly past the
+        // end of the file a corruption; readers may refuse to read past it).
         let res = if fresh {
-            let nz = nonzero_span(&content);
-            match nz {
-                Some((a, b)) => {
-                    self.inner
-                        .data
-                        .write_at(&content[a..b], host + a as u64)
-                        .await
-                }
-                None => Ok(()),
+            let c = content.len();
+            let (a, b) = nonzero_span(&content).unwrap_or((c - 512, c));
+            let data = &self.inner.data;
+            let span = data.write_at(&content[a..b], host + a as u64);
+            if b < c {
+                let tail = data.write_at(&content[c - 512..], host + c as u64 - 512);
+                futures::future::try_join(span, tail).await.map(|_| ())
+            } else {
+                span.await
             }
         } else {
             self.inner.data.write_at(&content, host).await
@@ -529,21 +605,14 @@ impl Image {
         let idx = gc % lay.l2_entries;
         let byte = idx * lay.l2_entry_size;
         let slice_off = l2_off + byte / lay.slice_size * lay.slice_size;
-        let slice = self
-            .inner
-            .l2_cache
-            .get(&*self.inner.file, slice_off)
-            .await?;
         let within = (byte % lay.slice_size) as usize;
-        {
-            let mut d = slice.data.write();
+        update_slice(&self.inner.l2_cache, &*self.inner.file, slice_off, |d| {
             d[within..within + 8].copy_from_slice(&entry.to_be_bytes());
             if lay.extended {
                 d[within + 8..within + 16].copy_from_slice(&bitmap.to_be_bytes());
             }
-        }
-        slice.mark_dirty();
-        Ok(())
+        })
+        .await
     }
 
     /// Write one whole guest cluster (`data.len()` == cluster size, or the tail of the disk)
@@ -584,7 +653,14 @@ impl Image {
         let host = {
             let mut m = w.meta.lock().await;
             let cur = m.comp_cursor;
-            if cur != 0 && cur % cs != 0 && cs - cur % cs >= len {
+            // Share the cursor's host cluster while it has room and its refcount can take
+            // one more reference (1-bit refcounts never can).
+            let max = crate::format::refcount::max(lay.refcount_order);
+            if cur != 0
+                && cur % cs != 0
+                && cs - cur % cs >= len
+                && self.refcount(cur / cs).await? < max
+            {
                 self.rc_add(cur / cs, 1).await?;
                 m.comp_cursor = cur + len;
                 cur
@@ -601,6 +677,9 @@ impl Image {
                 format!("{}: writing compressed data", self.inner.path.display()),
             )
         })?;
+        // A compressed cluster freed earlier may have lived at this very offset: its
+        // decompressed copy must not be served for the new one.
+        self.inner.zcache.lock().pop(&host);
         let mut m = w.meta.lock().await;
         let (e, _, _) = self.current_entry(gc).await?;
         let old: Vec<u64> = match l2::decode(e, lay.cluster_bits, lay.extended) {
@@ -645,7 +724,12 @@ impl Image {
         self.maybe_writeback().await
     }
 
-    async fn zero_or_discard(&self, off: u64, len: u64, mode: Option<ZeroMode>) -> Result<()> {
+    pub(crate) async fn zero_or_discard(
+        &self,
+        off: u64,
+        len: u64,
+        mode: Option<ZeroMode>,
+    ) -> Result<()> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let size = self.size();
@@ -659,6 +743,8 @@ impl Image {
             let whole = pos == cstart && pos + n == cend;
             if whole {
                 let _g = self.acquire(gc).await;
+                // Holds the in-flight mark: must not call write_cluster (it would wait for
+                // the mark forever).
                 self.zero_whole_cluster(gc, mode).await?;
             } else if lay.extended && mode.is_some() {
                 // Whole subclusters can use the zero bits; the rest is written.
@@ -690,7 +776,7 @@ impl Image {
         if (!v3 && has_backing) || raw_df {
             // v2 has no zero flag, so only real zeros hide the backing file; a raw data file
             // must hold the zeros itself.
-            return self.write_cluster(gc * cs, None, cs).await;
+            return self.write_cluster_guarded(gc * cs, None, cs).await;
         }
         let mut m = w.meta.lock().await;
         let (e, bm, _) = self.current_entry(gc).await?;
@@ -716,6 +802,11 @@ impl Image {
                 frees.extend((first >> lay.cluster_bits)..=(last >> lay.cluster_bits));
             }
             _ => {}
+        }
+        if !v3 && keep_host.is_some() {
+            // v2 has no zero flag: keeping the cluster means writing zeros into it.
+            drop(m);
+            return self.write_cluster_guarded(gc * cs, None, cs).await;
         }
         // Zero flag where it is needed (backing file) or asked for (write-zeroes on v3).
         let flag = v3 && (has_backing || mode.is_some());
@@ -829,6 +920,11 @@ impl Image {
                 }
                 let now = self.rc_add(c, -1).await?;
                 if now == 0 {
+                    // The compressed-data cursor must not point into a freed cluster: it
+                    // would add references to it after it has been handed out again.
+                    if m.comp_cursor / cs == c {
+                        m.comp_cursor = 0;
+                    }
                     let _ = self.inner.file.discard(c * cs, cs).await;
                     self.inner.l2_cache.invalidate_range(c * cs, (c + 1) * cs);
                     if c < m.free_hint {
@@ -852,6 +948,25 @@ impl Image {
     }
 }
 
+/// Change a cached metadata slice (under the metadata lock) so that the change cannot be
+/// lost. The slice is marked dirty before it is changed, so an eviction from then on keeps
+/// it on the cache's write-back list. An eviction between the lookup and `mark_dirty` (a
+/// concurrent reader's lookup can evict it while it is still clean) drops it from the
+/// cache: the next lookup would reload the old bytes from disk and the change would never
+/// be written. That case is detected by looking the slice up again, and the changed copy
+/// is put back.
+pub(crate) async fn update_slice<R>(
+    cache: &crate::cache::SliceCache,
+    file: &dyn crate::io::Storage,
+    off: u64,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> Result<R> {
+    let slice = cache.get(file, off).await?;
+    let r = f(&mut slice.data.write());
+    slice.mark_dirty();
+    Ok(r)
+}
+
 /// Mask of subcluster bits `first..=last`.
 pub(crate) fn subcluster_mask(first: u32, last: u32) -> u64 {
     let n = last - first + 1;
@@ -869,5 +984,3 @@ fn nonzero_span(b: &[u8]) -> Option<(usize, usize)> {
     Some((first * g, (last + 1) * g))
 }
 
-#[allow(dead_code)]
-fn _unused(_: &header::Header) {}

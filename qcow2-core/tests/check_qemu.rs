@@ -495,8 +495,9 @@ async fn dirty_after_crash() {
     assert_eq!(r.exit_code(), 2);
 }
 
+/// Repair needs a writable image (the repair itself is tested in check_repair.rs).
 #[tokio::test(flavor = "multi_thread")]
-async fn repair_is_not_supported_yet() {
+async fn repair_needs_writable_image() {
     need_qemu!();
     let d = tmp();
     let path = create(d.path(), "r.qcow2", "", "1M");
@@ -509,7 +510,7 @@ async fn repair_is_not_supported_yet() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.kind(), qcow2_core::ErrorKind::Unsupported);
+    assert_eq!(e.kind(), qcow2_core::ErrorKind::ReadOnly);
 }
 
 // ---- byte surgery ----
