@@ -107,7 +107,7 @@ impl Layout {
             sc_size: 1 << sc_bits,
             sc_bits,
             refcount_order: h.refcount_order,
-            rb_entries: cs * 8 >> h.refcount_order,
+            rb_entries: (cs * 8) >> h.refcount_order,
             slice_size: cs.min(4096),
         }
     }
@@ -296,7 +296,7 @@ impl Image {
         let cs = layout.cluster_size;
         for (i, &e) in l1.iter().enumerate() {
             let off = l2::l1_offset(e);
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(Error::corrupt(format!(
                     "L1 entry {i}: L2 table offset 0x{off:x} is not cluster aligned"
                 )));

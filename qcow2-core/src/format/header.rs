@@ -310,7 +310,7 @@ impl Header {
                     h.header_length
                 )));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt(format!(
                     "header_length {} is not a multiple of 8",
                     h.header_length
@@ -684,7 +684,7 @@ fn check_table(
     if !present {
         return Ok(());
     }
-    if off % cs != 0 {
+    if !off.is_multiple_of(cs) {
         return Err(Error::corrupt(format!(
             "{what} offset 0x{off:x} is not cluster aligned"
         )));

@@ -117,7 +117,7 @@ pub fn parse_table(buf: &[u8], count: u32, cluster_size: u64) -> Result<Vec<Snap
         } else {
             None
         };
-        if l1_table_offset % cluster_size != 0 {
+        if !l1_table_offset.is_multiple_of(cluster_size) {
             return Err(Error::corrupt(format!(
                 "snapshot {i}: L1 table offset is not cluster aligned"
             )));
