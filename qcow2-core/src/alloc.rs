@@ -119,8 +119,33 @@ impl Image {
                 _ => start + n,
             };
             m.high_water = m.high_water.max(start + n);
+            self.reserve_space(m, (start + n) << lay.cluster_bits).await?;
             return Ok(start << lay.cluster_bits);
         }
+    }
+
+    /// Make sure the image file has blocks reserved up to `end`, reserving ahead in chunks so
+    /// that new clusters are written into allocated space instead of extending the file on
+    /// every write (which file systems serialize, and which is slow with `O_DIRECT`).
+    async fn reserve_space(&self, m: &mut Meta, end: u64) -> Result<()> {
+        let reserved = m.reserved_end.max(self.inner.file_len_at_open);
+        if end <= reserved {
+            return Ok(());
+        }
+        let cs = self.inner.layout.cluster_size;
+        let chunk = (8u64 << 20).max(4 * cs);
+        let new_end = (end + chunk).div_ceil(cs) * cs;
+        let cur = self.inner.file.len().map_err(Error::from)?;
+        if new_end > cur {
+            let from = cur.max(reserved);
+            self.inner
+                .file
+                .allocate(from, new_end - from)
+                .await
+                .map_err(|e| Error::io(e, format!("{}: reserving space", self.inner.path.display())))?;
+        }
+        m.reserved_end = new_end;
+        Ok(())
     }
 
     /// Create the refcount block that covers cluster `ci`, a cluster of the free run
@@ -334,6 +359,7 @@ impl Image {
         let futs = dirty.iter().map(|s| async move {
             if s.take_dirty() {
                 let data = s.data.read().clone();
+                self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::RefBlock).await?;
                 if let Err(e) = self.meta_write(&data, s.offset).await {
                     s.mark_dirty();
                     return Err(e);

@@ -410,7 +410,7 @@ async fn copy_into(
                         i += n;
                         continue;
                     }
-                    if compress && g % cs == 0 && (n == cs || g + n == size) {
+                    if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
                         img.write_compressed(g, piece).await?;
                         i += n;
                         continue;

@@ -476,7 +476,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         return v.checked_mul(mult).ok_or_else(bad);
     }
     let f: f64 = num.parse().map_err(|_| bad())?;
-    if !(f >= 0.0) || f * mult as f64 >= 1.8e19 {
+    if f.is_nan() || f < 0.0 || f * mult as f64 >= 1.8e19 {
         return Err(bad());
     }
     Ok((f * mult as f64) as u64)

@@ -908,7 +908,17 @@ impl Image {
 
     /// Flush and close. Other clones of this handle stay usable.
     pub async fn close(self) -> Result<()> {
-        self.flush().await
+        self.flush().await?;
+        // Give back the space reserved ahead of allocations (see `reserve_space`).
+        if let Some(w) = &self.inner.w {
+            let m = w.meta.lock().await;
+            let end = (m.high_water << self.inner.layout.cluster_bits).max(self.inner.file_len_at_open);
+            if m.reserved_end > end && self.inner.file.len().map_err(Error::from)? > end {
+                self.inner.file.set_len(end).map_err(|e| Error::io(e, format!("{}: truncate", self.inner.path.display())))?;
+                self.inner.file.flush().await.map_err(Error::from)?;
+            }
+        }
+        Ok(())
     }
 
     /// qemu's heuristic for metadata preallocation: more clusters have a refcount than the

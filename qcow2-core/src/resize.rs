@@ -40,7 +40,7 @@ impl Image {
             if from < old {
                 self.discard(from, old - from).await?;
             }
-            if new_size % cs != 0 && new_size < from.min(old) {
+            if new_size & (cs - 1) != 0 && new_size < from.min(old) {
                 // Zero the tail of the last partial cluster so a later grow reads zeros.
                 let end = from.min(old);
                 self.write_zeroes(new_size, end - new_size, crate::write::ZeroMode::Keep)

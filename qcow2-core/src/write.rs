@@ -40,6 +40,9 @@ pub(crate) struct Meta {
     pub high_water: u64,
     /// Byte offset where the next compressed cluster may go (0: start a new cluster).
     pub comp_cursor: u64,
+    /// The image file has space reserved (`fallocate`) up to this offset: allocations below it
+    /// write into allocated blocks, which is much faster than extending the file write by write.
+    pub reserved_end: u64,
 }
 
 /// Write state of an image opened writable.
@@ -59,6 +62,7 @@ impl WriteState {
                 reftable_dirty: BTreeSet::new(),
                 high_water,
                 comp_cursor: 0,
+                reserved_end: 0,
             }),
             inflight: PMutex::new(HashMap::new()),
             first_write: OnceCell::new(),
@@ -112,7 +116,7 @@ impl Image {
                 let (ver, clear, bitmaps) = {
                     let h = self.inner.header.read();
                     let keep = AUTOCLEAR_DATA_FILE_RAW;
-                    (h.version, h.autoclear_features & !keep, h.bitmaps.clone())
+                    (h.version, h.autoclear_features & !keep, h.bitmaps)
                 };
                 if ver >= 3 && clear != 0 {
                     let bits = {
@@ -154,7 +158,7 @@ impl Image {
         let cs = lay.cluster_size;
         let file_len = self.inner.file.len().map_err(Error::from)?;
         let inside = |off: u64, len: u64| {
-            off % cs == 0 && off != 0 && off.checked_add(len).is_some_and(|e| e <= file_len)
+            off & (cs - 1) == 0 && off != 0 && off.checked_add(len).is_some_and(|e| e <= file_len)
         };
         let mut clusters = Vec::new();
         let mut ok = inside(ext.directory_offset, ext.directory_size) && ext.directory_size > 0;
@@ -347,7 +351,7 @@ impl Image {
     }
 
     fn check_host(&self, gc: u64, host: u64) -> Result<()> {
-        if host % self.inner.layout.cluster_size != 0
+        if host & (self.inner.layout.cluster_size - 1) != 0
             || (host == 0 && self.inner.data_path.is_none())
         {
             return Err(Error::corrupt(format!(
@@ -460,6 +464,7 @@ impl Image {
             } else {
                 let hw = m.high_water;
                 let h = self.alloc_clusters(&mut m, 1).await?;
+                self.check_overlap(h, cs, crate::overlap::Target::Data).await?;
                 (h, (h >> lay.cluster_bits) >= hw, old_refs)
             }
         };
@@ -621,7 +626,9 @@ impl Image {
     pub async fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
-        if off % cs != 0 || (data.len() as u64 != cs && off + data.len() as u64 != self.size()) {
+        if off & (cs - 1) != 0
+            || (data.len() as u64 != cs && off + data.len() as u64 != self.size())
+        {
             return Err(Error::invalid(
                 "compressed writes must cover one whole cluster",
             ));
@@ -881,6 +888,7 @@ impl Image {
             let futs = dirty.iter().map(|s| async move {
                 if s.take_dirty() {
                     let data = s.data.read().clone();
+                    self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::L2).await?;
                     if let Err(e) = self.meta_write(&data, s.offset).await {
                         s.mark_dirty();
                         return Err(e);
@@ -962,8 +970,13 @@ pub(crate) async fn update_slice<R>(
     f: impl FnOnce(&mut [u8]) -> R,
 ) -> Result<R> {
     let slice = cache.get(file, off).await?;
-    let r = f(&mut slice.data.write());
     slice.mark_dirty();
+    let r = f(&mut slice.data.write());
+    let now = cache.get(file, off).await?;
+    if !Arc::ptr_eq(&slice, &now) {
+        let data = slice.data.read().clone();
+        cache.insert_new(off, data);
+    }
     Ok(r)
 }
 
@@ -983,4 +996,3 @@ fn nonzero_span(b: &[u8]) -> Option<(usize, usize)> {
         .find(|&i| !crate::convert::is_zero(&b[i * g..(i + 1) * g]))?;
     Some((first * g, (last + 1) * g))
 }
-

@@ -41,7 +41,13 @@ async fn open_with_cache(path: &Path, cache: usize) -> Image {
 
 /// Every batch: `pieces` tasks write disjoint slices of a few clusters while as many tasks
 /// read the other slices of the same clusters; the reads must see the model.
-async fn same_cluster_batches(img: &Image, model: &mut [u8], seed: u64, pieces: u64, batches: usize) {
+async fn same_cluster_batches(
+    img: &Image,
+    model: &mut [u8],
+    seed: u64,
+    pieces: u64,
+    batches: usize,
+) {
     let mut rng = rng(seed);
     let cs = img.layout().cluster_size;
     let size = img.size();
@@ -99,10 +105,18 @@ async fn same_cluster_batches(img: &Image, model: &mut [u8], seed: u64, pieces: 
 }
 
 async fn finish(img: Image, path: &Path, model: &[u8], what: &str) {
-    assert_same(&read_all(&img).await, model, &format!("{what}: before close"));
+    assert_same(
+        &read_all(&img).await,
+        model,
+        &format!("{what}: before close"),
+    );
     img.close().await.unwrap();
     let again = open_ro(path).await;
-    assert_same(&read_all(&again).await, model, &format!("{what}: after reopen"));
+    assert_same(
+        &read_all(&again).await,
+        model,
+        &format!("{what}: after reopen"),
+    );
     drop(again);
     if have_qemu() {
         assert_clean(path, what);
@@ -114,7 +128,12 @@ async fn finish(img: Image, path: &Path, model: &[u8], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_cluster_many_writers() {
-    for (cs, ext) in [(65536u64, false), (512, false), (65536, true), (2 << 20, false)] {
+    for (cs, ext) in [
+        (65536u64, false),
+        (512, false),
+        (65536, true),
+        (2 << 20, false),
+    ] {
         let dir = tmpdir();
         let path = dir.path().join("a.qcow2");
         let size = if cs == 512 { 4 << 20 } else { 16 << 20 };
@@ -317,7 +336,13 @@ async fn tiny_cache_eviction_races() {
         for n in noise {
             n.await.unwrap();
         }
-        finish(img, &path, &model, &format!("tiny cache cs {cs} rc {rc_bits}")).await;
+        finish(
+            img,
+            &path,
+            &model,
+            &format!("tiny cache cs {cs} rc {rc_bits}"),
+        )
+        .await;
     }
 }
 
@@ -345,7 +370,9 @@ async fn concurrent_cow_of_shared_tables() {
         let d = random_data(&mut r, 5000);
         writes.push((off, d.clone()));
         let img = img.clone();
-        hs.push(tokio::spawn(async move { img.write_at(&d, off).await.unwrap() }));
+        hs.push(tokio::spawn(
+            async move { img.write_at(&d, off).await.unwrap() },
+        ));
     }
     for h in hs {
         h.await.unwrap();

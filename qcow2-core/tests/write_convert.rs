@@ -72,9 +72,14 @@ async fn raw_to_qcow2_and_back() {
             version,
             ..Default::default()
         };
-        convert(&disk(&raw).await, &out, &qcow2_target(co, false), &ConvertOptions::default())
-            .await
-            .unwrap();
+        convert(
+            &disk(&raw).await,
+            &out,
+            &qcow2_target(co, false),
+            &ConvertOptions::default(),
+        )
+        .await
+        .unwrap();
         assert_clean(&out, "raw->qcow2");
         compare(&raw, &out);
         // The zero-filled area and the holes are not allocated.
@@ -111,11 +116,7 @@ async fn raw_to_qcow2_and_back() {
 /// A chain: base (qcow2, 16M) ← mid (qcow2, 16M) ← top (qcow2, 24M), with zeros over data.
 fn chain(dir: &Path) -> std::path::PathBuf {
     let base = qemu_create(dir, "base.qcow2", "", "16M");
-    qemu_io(
-        &base,
-        None,
-        &["write -P 0x61 0 16M", "write -z 2M 1M"],
-    );
+    qemu_io(&base, None, &["write -P 0x61 0 16M", "write -z 2M 1M"]);
     let mid = qemu_create(
         dir,
         "mid.qcow2",
@@ -125,7 +126,11 @@ fn chain(dir: &Path) -> std::path::PathBuf {
     qemu_io(
         &mid,
         None,
-        &["write -P 0x62 1M 100k", "write -z 4M 64k", "write -P 0x63 10000 5000"],
+        &[
+            "write -P 0x62 1M 100k",
+            "write -z 4M 64k",
+            "write -P 0x63 10000 5000",
+        ],
     );
     let top = qemu_create(
         dir,
@@ -186,9 +191,14 @@ async fn convert_onto_backing_file() {
             version: if v3 { 3 } else { 2 },
             ..Default::default()
         };
-        convert(&disk(&top).await, &out, &qcow2_target(co, false), &ConvertOptions::default())
-            .await
-            .unwrap();
+        convert(
+            &disk(&top).await,
+            &out,
+            &qcow2_target(co, false),
+            &ConvertOptions::default(),
+        )
+        .await
+        .unwrap();
         assert_clean(&out, "convert -B");
         compare(&top, &out);
         let info = qemu_info(&out);
@@ -203,9 +213,13 @@ async fn convert_onto_backing_file() {
             .collect();
         let total: u64 = own.iter().map(|e| e.1).sum();
         let want = (64 << 10) + (128 << 10) + (64 << 10) + (1 << 20);
-        assert!(total <= want, "too much allocated ({total} > {want}): {own:?}");
         assert!(
-            own.iter().all(|&(s, l)| s + l <= (14 << 20) || s >= (14 << 20) + (64 << 10)),
+            total <= want,
+            "too much allocated ({total} > {want}): {own:?}"
+        );
+        assert!(
+            own.iter()
+                .all(|&(s, l)| s + l <= (14 << 20) || s >= (14 << 20) + (64 << 10)),
             "data equal to the backing file was copied: {own:?}"
         );
     }
@@ -224,9 +238,14 @@ async fn compressed(ctype: CompressionType, name: &str) {
             cluster_size: cs,
             ..Default::default()
         };
-        convert(&disk(&raw).await, &out, &qcow2_target(co, true), &ConvertOptions::default())
-            .await
-            .unwrap();
+        convert(
+            &disk(&raw).await,
+            &out,
+            &qcow2_target(co, true),
+            &ConvertOptions::default(),
+        )
+        .await
+        .unwrap();
         assert_clean(&out, name);
         compare(&raw, &out);
         let info = qemu_info(&out);
@@ -238,7 +257,10 @@ async fn compressed(ctype: CompressionType, name: &str) {
             .iter()
             .filter(|e| e["data"] == true && e["compressed"] != true)
             .collect();
-        assert!(plain.is_empty(), "{name} {cs}: clusters not compressed: {plain:?}");
+        assert!(
+            plain.is_empty(),
+            "{name} {cs}: clusters not compressed: {plain:?}"
+        );
         assert!(map.iter().any(|e| e["compressed"] == true));
         // Reading through our engine too.
         let ours = read_all(&open_ro(&out).await).await;
@@ -268,7 +290,11 @@ async fn large_sparse_source() {
     qemu_io(
         &raw,
         Some("raw"),
-        &["write -P 0x11 1G 64k", "write -P 0x22 200G 4k", "write -P 0x33 262143M 1M"],
+        &[
+            "write -P 0x11 1G 64k",
+            "write -P 0x22 200G 4k",
+            "write -P 0x33 262143M 1M",
+        ],
     );
     let t = std::time::Instant::now();
     for compress in [false, true] {
@@ -340,7 +366,10 @@ async fn resize_grow_shrink() {
 
         // Shrink (not cluster aligned), then grow again: the regrown area reads as zeros.
         let img = open_rw(&path).await;
-        assert!(img.resize(1 << 20, false).await.is_err(), "shrink without allow_shrink");
+        assert!(
+            img.resize(1 << 20, false).await.is_err(),
+            "shrink without allow_shrink"
+        );
         let small = (1u64 << 20) + 200_704;
         img.resize(small, true).await.unwrap();
         model.truncate(small as usize);
@@ -371,7 +400,10 @@ async fn resize_over_longer_backing_file() {
     qemu_io(&base, None, &["write -P 0x71 0 16M"]);
     for (opts, name) in [("", "v3"), ("compat=0.10", "v2"), ("extended_l2=on", "ext")] {
         let mk = |n: &str| {
-            let o = format!("backing_file=base.qcow2,backing_fmt=qcow2{}{opts}", if opts.is_empty() { "" } else { "," });
+            let o = format!(
+                "backing_file=base.qcow2,backing_fmt=qcow2{}{opts}",
+                if opts.is_empty() { "" } else { "," }
+            );
             let img = qemu_create(dir.path(), n, &o, "5000k");
             qemu_io(&img, None, &["write -P 0x72 4M 100k"]);
             img
@@ -384,7 +416,11 @@ async fn resize_over_longer_backing_file() {
         qemu_io(
             &ours,
             None,
-            &["read -P 0 5000k 7288k", "read -P 0x71 0 4M", "read -P 0x72 4M 100k"],
+            &[
+                "read -P 0 5000k 7288k",
+                "read -P 0x71 0 4M",
+                "read -P 0x72 4M 100k",
+            ],
         );
         if name != "v2" {
             // (qemu-img refuses this on v2 images: no zero clusters there; we write zeros.)
@@ -413,11 +449,50 @@ async fn resize_raw_data_file() {
     assert_clean(&img_path, "grown raw data file");
     assert_eq!(std::fs::metadata(&df).unwrap().len(), 8 << 20);
     let content = qemu_export(&img_path, None, &dir.path().join("x.raw"));
-    assert_same(&std::fs::read(&df).unwrap(), &content, "data file after grow");
+    assert_same(
+        &std::fs::read(&df).unwrap(),
+        &content,
+        "data file after grow",
+    );
     let img = open_rw(&img_path).await;
     img.resize(3 << 20, true).await.unwrap();
     img.close().await.unwrap();
     assert_clean(&img_path, "shrunk raw data file");
     let content = qemu_export(&img_path, None, &dir.path().join("y.raw"));
-    assert_same(&std::fs::read(&df).unwrap(), &content, "data file after shrink");
+    assert_same(
+        &std::fs::read(&df).unwrap(),
+        &content,
+        "data file after shrink",
+    );
+}
+
+/// An empty disk (no L1 table) grows and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resize_from_zero() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = dir.path().join("zero.qcow2");
+    create_qcow2(
+        &path,
+        &CreateOptions {
+            size: Some(0),
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let img = open_rw(&path).await;
+    img.resize(3 << 20, false).await.unwrap();
+    img.write_at(&vec![0x42; 1 << 20], 1 << 20).await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "grown from 0");
+    qemu_io(&path, None, &["read -P 0x42 1M 1M", "read -P 0 0 1M", "read -P 0 2M 1M"]);
+    let img = open_rw(&path).await;
+    img.resize(0, true).await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "shrunk to 0");
+    assert_eq!(qemu_info(&path)["virtual-size"], 0);
 }

@@ -11,7 +11,6 @@ mod common;
 use common::*;
 use qcow2_core::io::mem::MemStorage;
 use qcow2_core::io::{IoFuture, Storage};
-use qcow2_core::write::ZeroMode;
 use qcow2_core::{Image, OpenOptions};
 use rand::rngs::StdRng;
 use std::path::Path;
@@ -116,6 +115,7 @@ async fn open_mem(bytes: Vec<u8>, path: &Path, writable: bool) -> (Arc<MemStorag
         path,
         &OpenOptions {
             writable,
+            cache_size: cache_size(),
             ..Default::default()
         },
     )
@@ -132,7 +132,13 @@ struct Outcome {
 }
 
 /// Run `ops` allowing `limit` writes; stop at the first error.
-async fn run_until_crash(image: &[u8], path: &Path, start: &[u8], ops: &[Op], limit: u64) -> Outcome {
+async fn run_until_crash(
+    image: &[u8],
+    path: &Path,
+    start: &[u8],
+    ops: &[Op],
+    limit: u64,
+) -> Outcome {
     let (mem, img) = open_mem(image.to_vec(), path, true).await;
     mem.fail_writes_after(limit);
     let mut durable = start.to_vec();
@@ -191,6 +197,15 @@ fn check_content(got: &[u8], o: &Outcome, what: &str) {
     }
 }
 
+/// What else the image has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    Plain,
+    Snapshot,
+    /// Two persistent bitmaps (the first write invalidates and frees them).
+    Bitmap,
+}
+
 /// `expect_growth`: the workload must create refcount blocks (Some(false)) and also grow
 /// the refcount table (Some(true)).
 async fn sweep(
@@ -198,10 +213,11 @@ async fn sweep(
     create_opts: &str,
     size: &str,
     fill: &[&str],
-    snapshot: bool,
+    extra: Extra,
     compressed: bool,
     expect_growth: Option<bool>,
 ) {
+    let snapshot = extra == Extra::Snapshot;
     if !have_qemu() {
         return;
     }
@@ -211,6 +227,11 @@ async fn sweep(
     if snapshot {
         run("qemu-img", &["snapshot", "-c", "s1", p(&src)]);
         qemu_io(&src, None, &["write -P 0x99 100k 200k"]);
+    }
+    if extra == Extra::Bitmap {
+        run("qemu-img", &["bitmap", "--add", p(&src), "b0"]);
+        run("qemu-img", &["bitmap", "--add", p(&src), "b1"]);
+        qemu_io(&src, None, &["write -P 0x98 1M 300k"]);
     }
     let image = std::fs::read(&src).unwrap();
     let start = qemu_export(&src, None, &dir.path().join("start.raw"));
@@ -254,8 +275,14 @@ async fn sweep(
         };
         let (rt1, rb1) = (img.header().refcount_table_clusters, blocks(&img));
         eprintln!("{name}: refcount table {rt0} -> {rt1} clusters, {rb0} -> {rb1} blocks");
-        assert!(rb1 > rb0 || expect_growth.is_none(), "{name}: no new refcount block");
-        assert!(rt1 > rt0 || expect_growth != Some(true), "{name}: refcount table did not grow");
+        assert!(
+            rb1 > rb0 || expect_growth.is_none(),
+            "{name}: no new refcount block"
+        );
+        assert!(
+            rt1 > rt0 || expect_growth != Some(true),
+            "{name}: refcount table did not grow"
+        );
         img.close().await.unwrap();
         let f: Vec<u64> = rec.flushes.lock().iter().map(|&f| f - before).collect();
         (rec.mem.write_count() - before, f)
@@ -294,7 +321,11 @@ async fn sweep(
             std::fs::write(&crashed, mem.snapshot()).unwrap();
             assert_no_corruption(&crashed, &format!("{what}, then new writes"));
             let (_, ro) = open_mem(mem.snapshot(), &crashed, false).await;
-            assert_same(&read_all(&ro).await, &model, &format!("{what}, then new writes"));
+            assert_same(
+                &read_all(&ro).await,
+                &model,
+                &format!("{what}, then new writes"),
+            );
         }
         runs += 1;
     }
@@ -318,12 +349,21 @@ const FILL: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_default() {
-    sweep("crash-default", "", "8M", FILL, false, true, None).await;
+    sweep("crash-default", "", "8M", FILL, Extra::Plain, true, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_with_snapshot() {
-    sweep("crash-snap", "cluster_size=4096", "8M", FILL, true, true, None).await;
+    sweep(
+        "crash-snap",
+        "cluster_size=4096",
+        "8M",
+        FILL,
+        Extra::Snapshot,
+        true,
+        None,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +373,7 @@ async fn crash_refcount_bits_1_small_clusters() {
         "cluster_size=512,refcount_bits=1",
         "6M",
         &["write -P 0x11 0 300k", "write -P 0x22 1M 64k"],
-        false,
+        Extra::Plain,
         false,
         Some(false),
     )
@@ -349,7 +389,7 @@ async fn crash_reftable_growth() {
         "cluster_size=512,refcount_bits=64",
         "6M",
         &["write -P 0x11 0 300k", "write -c -P 0x22 1M 64k"],
-        false,
+        Extra::Plain,
         true,
         Some(true),
     )
@@ -363,14 +403,97 @@ async fn crash_extended_l2() {
         "extended_l2=on,cluster_size=32k",
         "8M",
         FILL,
-        false,
+        Extra::Plain,
         true,
         None,
     )
     .await;
 }
 
-#[allow(dead_code)]
-fn _modes() -> [ZeroMode; 2] {
-    [ZeroMode::Keep, ZeroMode::Unmap]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_bitmaps() {
+    sweep(
+        "crash-bitmap",
+        "cluster_size=4096",
+        "8M",
+        FILL,
+        Extra::Bitmap,
+        true,
+        None,
+    )
+    .await;
+}
+
+/// A resize that moves the L1 table (512-byte clusters: one L1 cluster maps 2 MiB), between
+/// writes and flushes. After a crash the disk has the old or the new size; what was flushed
+/// before is intact; the grown area reads as zeros or as the data written there later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_resize() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let src = qemu_create(dir.path(), "resize.qcow2", "cluster_size=512", "2M");
+    qemu_io(&src, None, &["write -P 0x11 0 1M"]);
+    let image = std::fs::read(&src).unwrap();
+    let (old, new) = (2u64 << 20, 5u64 << 20);
+    let a = vec![0x22u8; 100_000];
+    let b = vec![0x33u8; 200_000];
+    let (a_off, b_off) = (1_500_000u64, 4u64 << 20);
+    // Returns how many steps completed (1: a written and flushed, 2: resized, 3: b written,
+    // 4: flushed and closed).
+    let workload = |img: Image| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let mut done = 0;
+            if img.write_at(&a, a_off).await.is_err() || img.flush().await.is_err() {
+                return done;
+            }
+            done += 1;
+            if img.resize(new, false).await.is_err() {
+                return done;
+            }
+            done += 1;
+            if img.write_at(&b, b_off).await.is_err() {
+                return done;
+            }
+            done += 1;
+            if img.flush().await.is_err() || img.close().await.is_err() {
+                return done;
+            }
+            done + 1
+        }
+    };
+    let total = {
+        let (mem, img) = open_mem(image.clone(), &src, true).await;
+        let before = mem.write_count();
+        assert_eq!(workload(img).await, 4);
+        mem.write_count() - before
+    };
+    let crashed = dir.path().join("crashed.qcow2");
+    for n in 0..=total {
+        let (mem, img) = open_mem(image.clone(), &src, true).await;
+        mem.fail_writes_after(n);
+        let done = workload(img).await;
+        let bytes = mem.snapshot();
+        let what = format!("resize: crash after {n} of {total} writes ({done} steps done)");
+        std::fs::write(&crashed, &bytes).unwrap();
+        assert_no_corruption(&crashed, &what);
+        let (_, ro) = open_mem(bytes, &crashed, false).await;
+        let size = ro.size();
+        assert!(size == old || size == new, "{what}: size {size}");
+        assert!(done < 2 || size == new, "{what}: resize done, size {size}");
+        let got = read_all(&ro).await;
+        assert!(got[..1 << 20].iter().all(|&x| x == 0x11), "{what}: old data");
+        if done >= 1 {
+            assert_same(&got[a_off as usize..a_off as usize + a.len()], &a, &what);
+        }
+        if done == 4 {
+            assert_same(&got[b_off as usize..b_off as usize + b.len()], &b, &what);
+        }
+        for (i, &x) in got.iter().enumerate().skip(old as usize) {
+            let in_b = (i as u64) >= b_off && (i as u64) < b_off + b.len() as u64;
+            assert!(x == 0 || (in_b && x == 0x33), "{what}: byte {i} is {x:#x}");
+        }
+    }
 }

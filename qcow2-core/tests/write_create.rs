@@ -157,7 +157,11 @@ async fn data_files() {
             let img = dir.path().join(format!("{name}.qcow2"));
             let content = qemu_export(&img, None, &dir.path().join("x.raw"));
             let data = std::fs::read(&df).unwrap();
-            assert_same(&data[..content.len()], &content, &format!("{name}: data file"));
+            assert_same(
+                &data[..content.len()],
+                &content,
+                &format!("{name}: data file"),
+            );
             assert!(
                 qemu_map(&img).iter().all(|e| e["present"] == true),
                 "{name}: a raw data file maps every cluster"
@@ -178,7 +182,12 @@ async fn preallocation_modes() {
         Preallocation::Falloc,
         Preallocation::Full,
     ] {
-        for (cs, bits, ext) in [(65536u64, 16u32, false), (512, 1, false), (4096, 64, false), (65536, 16, true)] {
+        for (cs, bits, ext) in [
+            (65536u64, 16u32, false),
+            (512, 1, false),
+            (4096, 64, false),
+            (65536, 16, true),
+        ] {
             let name = format!("prealloc-{mode:?}-{cs}-{bits}-{ext}");
             let size = 8u64 << 20;
             let co = CreateOptions {
@@ -216,7 +225,10 @@ async fn backing_files() {
     let base_q = qemu_create(dir.path(), "base.qcow2", "", "16M");
     qemu_io(&base_q, None, &["write -P 0x77 0 16M"]);
     let base_r = dir.path().join("base.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", p(&base_r), "12M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", p(&base_r), "12M"],
+    );
     qemu_io(&base_r, Some("raw"), &["write -P 0x77 0 12M"]);
     for (base, fmt, size) in [
         ("base.qcow2", Some("qcow2"), None),
@@ -238,11 +250,19 @@ async fn backing_files() {
             if let Some(f) = fmt {
                 assert_eq!(info["backing-filename-format"], f, "{info}");
             }
-            let want = size.unwrap_or(if base.ends_with("raw") { 12 << 20 } else { 16 << 20 });
+            let want = size.unwrap_or(if base.ends_with("raw") {
+                12 << 20
+            } else {
+                16 << 20
+            });
             assert_eq!(info["virtual-size"], want);
             // Unwritten parts read the backing file.
             let img = dir.path().join(format!("{name}.qcow2"));
-            qemu_io(&img, None, &["read -P 0x77 4096 2000", "read -P 0x77 1M 1M"]);
+            qemu_io(
+                &img,
+                None,
+                &["read -P 0x77 4096 2000", "read -P 0x77 1M 1M"],
+            );
         }
     }
 }
@@ -253,7 +273,10 @@ async fn odd_sizes() {
         return;
     }
     let dir = tmpdir();
-    for (i, size) in [0u64, 512, 1000, 65536 + 512, (1 << 20) + 7].into_iter().enumerate() {
+    for (i, size) in [0u64, 512, 1000, 65536 + 512, (1 << 20) + 7]
+        .into_iter()
+        .enumerate()
+    {
         let name = format!("odd-{i}");
         let path = dir.path().join(format!("{name}.qcow2"));
         let co = CreateOptions {
@@ -285,20 +308,110 @@ async fn invalid_combinations() {
         ..Default::default()
     };
     let cases: Vec<(&str, CreateOptions)> = vec![
-        ("cluster size 1000", CreateOptions { cluster_size: 1000, ..base.clone() }),
-        ("cluster size 256", CreateOptions { cluster_size: 256, ..base.clone() }),
-        ("cluster size 4M", CreateOptions { cluster_size: 4 << 20, ..base.clone() }),
-        ("extended_l2 with 4K clusters", CreateOptions { extended_l2: true, cluster_size: 4096, ..base.clone() }),
-        ("data_file_raw without data_file", CreateOptions { data_file_raw: true, ..base.clone() }),
-        ("refcount_bits 3", CreateOptions { refcount_bits: 3, ..base.clone() }),
-        ("refcount_bits 128", CreateOptions { refcount_bits: 128, ..base.clone() }),
-        ("refcount_bits 0", CreateOptions { refcount_bits: 0, ..base.clone() }),
-        ("v2 with refcount_bits 8", CreateOptions { version: 2, refcount_bits: 8, ..base.clone() }),
-        ("v2 with lazy refcounts", CreateOptions { version: 2, lazy_refcounts: true, ..base.clone() }),
-        ("v2 with extended_l2", CreateOptions { version: 2, extended_l2: true, ..base.clone() }),
-        ("v2 with zstd", CreateOptions { version: 2, compression_type: CompressionType::Zstd, ..base.clone() }),
-        ("v2 with a data file", CreateOptions { version: 2, data_file: Some("x.data".into()), ..base.clone() }),
-        ("version 4", CreateOptions { version: 4, ..base.clone() }),
+        (
+            "cluster size 1000",
+            CreateOptions {
+                cluster_size: 1000,
+                ..base.clone()
+            },
+        ),
+        (
+            "cluster size 256",
+            CreateOptions {
+                cluster_size: 256,
+                ..base.clone()
+            },
+        ),
+        (
+            "cluster size 4M",
+            CreateOptions {
+                cluster_size: 4 << 20,
+                ..base.clone()
+            },
+        ),
+        (
+            "extended_l2 with 4K clusters",
+            CreateOptions {
+                extended_l2: true,
+                cluster_size: 4096,
+                ..base.clone()
+            },
+        ),
+        (
+            "data_file_raw without data_file",
+            CreateOptions {
+                data_file_raw: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "refcount_bits 3",
+            CreateOptions {
+                refcount_bits: 3,
+                ..base.clone()
+            },
+        ),
+        (
+            "refcount_bits 128",
+            CreateOptions {
+                refcount_bits: 128,
+                ..base.clone()
+            },
+        ),
+        (
+            "refcount_bits 0",
+            CreateOptions {
+                refcount_bits: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "v2 with refcount_bits 8",
+            CreateOptions {
+                version: 2,
+                refcount_bits: 8,
+                ..base.clone()
+            },
+        ),
+        (
+            "v2 with lazy refcounts",
+            CreateOptions {
+                version: 2,
+                lazy_refcounts: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "v2 with extended_l2",
+            CreateOptions {
+                version: 2,
+                extended_l2: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "v2 with zstd",
+            CreateOptions {
+                version: 2,
+                compression_type: CompressionType::Zstd,
+                ..base.clone()
+            },
+        ),
+        (
+            "v2 with a data file",
+            CreateOptions {
+                version: 2,
+                data_file: Some("x.data".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "version 4",
+            CreateOptions {
+                version: 4,
+                ..base.clone()
+            },
+        ),
         (
             "backing file with data_file_raw",
             CreateOptions {
@@ -308,11 +421,42 @@ async fn invalid_combinations() {
                 ..base.clone()
             },
         ),
-        ("backing_fmt without backing file", CreateOptions { backing_format: Some("raw".into()), ..base.clone() }),
-        ("no size and no backing file", CreateOptions { size: None, ..base.clone() }),
-        ("missing backing file", CreateOptions { backing_file: Some("nonexistent.qcow2".into()), ..base.clone() }),
-        ("unknown backing format", CreateOptions { backing_file: Some("bad.qcow2".into()), backing_format: Some("vmdk".into()), ..base.clone() }),
-        ("size too large", CreateOptions { size: Some(1 << 62), ..base.clone() }),
+        (
+            "backing_fmt without backing file",
+            CreateOptions {
+                backing_format: Some("raw".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "no size and no backing file",
+            CreateOptions {
+                size: None,
+                ..base.clone()
+            },
+        ),
+        (
+            "missing backing file",
+            CreateOptions {
+                backing_file: Some("nonexistent.qcow2".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "unknown backing format",
+            CreateOptions {
+                backing_file: Some("bad.qcow2".into()),
+                backing_format: Some("vmdk".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "size too large",
+            CreateOptions {
+                size: Some(1 << 62),
+                ..base.clone()
+            },
+        ),
     ];
     for (what, co) in cases {
         let r = create_qcow2(&path, &co).await;

@@ -34,7 +34,10 @@ async fn repair_then_write(opts: &str, writes: &[&str], name: &str) {
         let ro = open_ro(&img).await;
         read_all(&ro).await
     };
-    assert!(expect[..4 << 20].iter().all(|&b| b == 1), "{name}: data before repair");
+    assert!(
+        expect[..4 << 20].iter().all(|&b| b == 1),
+        "{name}: data before repair"
+    );
     // Writable open repairs first; then new allocations must not hit the old data.
     let mut model = expect;
     let image = open_rw(&img).await;
@@ -69,7 +72,12 @@ async fn dirty_lazy_refcounts() {
 async fn dirty_small_clusters_many_tables() {
     repair_then_write(
         "lazy_refcounts=on,cluster_size=4096,refcount_bits=8",
-        &["write -P 1 0 4M", "write -c -P 2 8M 64k", "write -z 9M 1M", "write -P 3 30M 3M"],
+        &[
+            "write -P 1 0 4M",
+            "write -c -P 2 8M 64k",
+            "write -z 9M 1M",
+            "write -P 3 30M 3M",
+        ],
         "dirty-4k",
     )
     .await;

@@ -54,12 +54,16 @@ async fn exercise(dir: &Path, img: &Path, o: Opts) {
         mirror[12345..12345 + 4096].copy_from_slice(&data);
         let hdr = std::fs::read(img).unwrap();
         let autoclear = u64::from_be_bytes(hdr[88..96].try_into().unwrap());
-        assert_eq!(autoclear & 1, 0, "bitmaps autoclear bit still set after a write");
+        assert_eq!(
+            autoclear & 1,
+            0,
+            "bitmaps autoclear bit still set after a write"
+        );
     }
     let w = Workload {
-        rounds: o.rounds.unwrap_or(40),
+        rounds: o.rounds.unwrap_or(80),
         tasks: 6,
-        max_len: o.max_len.unwrap_or((3 * cs).min(1 << 20).max(4096)),
+        max_len: o.max_len.unwrap_or((3 * cs).clamp(4096, 1 << 20)),
         compressed: o.compressed,
         ..Default::default()
     };
@@ -71,7 +75,11 @@ async fn exercise(dir: &Path, img: &Path, o: Opts) {
     std::fs::write(&mirror_path, &mirror).unwrap();
     qemu_compare_raw(&mirror_path, img, &name);
     let again = open_ro(img).await;
-    assert_same(&read_all(&again).await, &mirror, &format!("{name}: our re-read"));
+    assert_same(
+        &read_all(&again).await,
+        &mirror,
+        &format!("{name}: our re-read"),
+    );
     drop(again);
     if let Some(before) = snap_before {
         let after = qemu_export(img, Some("s1"), &dir.join("snap-after.raw"));
@@ -79,7 +87,9 @@ async fn exercise(dir: &Path, img: &Path, o: Opts) {
     }
     if o.bitmap {
         let info = qemu_info(img);
-        let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().cloned();
+        let bitmaps = info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .cloned();
         if let Some(list) = bitmaps {
             for b in list {
                 let flags: Vec<String> = b["flags"]
@@ -164,7 +174,13 @@ async fn v3_cluster_2m() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refcount_bits_1() {
-    qemu_variant("rc1", "refcount_bits=1,cluster_size=4096", "32M", compressed()).await;
+    qemu_variant(
+        "rc1",
+        "refcount_bits=1,cluster_size=4096",
+        "32M",
+        compressed(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,7 +190,13 @@ async fn refcount_bits_8() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refcount_bits_64() {
-    qemu_variant("rc64", "refcount_bits=64,cluster_size=512", "16M", compressed()).await;
+    qemu_variant(
+        "rc64",
+        "refcount_bits=64,cluster_size=512",
+        "16M",
+        compressed(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -192,7 +214,11 @@ async fn extended_l2_over_backing() {
     qemu_io(
         &base,
         None,
-        &["write -P 0x61 0 20M", "write -P 0x62 25M 3M", "write -z 1M 64k"],
+        &[
+            "write -P 0x61 0 20M",
+            "write -P 0x62 25M 3M",
+            "write -z 1M 64k",
+        ],
     );
     let top = qemu_create(
         dir.path(),
@@ -366,6 +392,40 @@ async fn bitmap() {
     .await;
 }
 
+/// The header is rewritten without the bitmaps extension: the backing file name and
+/// format must survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bitmap_over_backing() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let base = qemu_create(dir.path(), "bbase.qcow2", "", "32M");
+    qemu_io(&base, None, &["write -P 0x61 0 32M"]);
+    let img = qemu_create(
+        dir.path(),
+        "bitmap-top.qcow2",
+        "backing_file=bbase.qcow2,backing_fmt=qcow2,cluster_size=4096",
+        "32M",
+    );
+    run("qemu-img", &["bitmap", "--add", p(&img), "b0"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "512", p(&img), "b1"]);
+    fill(&img);
+    exercise(
+        dir.path(),
+        &img,
+        Opts {
+            compressed: true,
+            bitmap: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let info = qemu_info(&img);
+    assert_eq!(info["backing-filename"], "bbase.qcow2", "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn size_not_cluster_multiple() {
     // 32 MiB + 1.5 KiB.
@@ -381,9 +441,7 @@ async fn our_variant(name: &str, co: CreateOptions, size: u64) {
     let co = CreateOptions {
         size: Some(size),
         // Absolute: qemu resolves a relative data file name against its working directory.
-        data_file: co
-            .data_file
-            .map(|d| p(&dir.path().join(d)).to_string()),
+        data_file: co.data_file.map(|d| p(&dir.path().join(d)).to_string()),
         ..co
     };
     let no_compress = co.data_file.is_some();
@@ -447,6 +505,17 @@ async fn ours_data_file_raw() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ours_data_file_raw_extended() {
+    let co = CreateOptions {
+        data_file: Some("ours-dfx.data".into()),
+        data_file_raw: true,
+        extended_l2: true,
+        ..Default::default()
+    };
+    our_variant("ours-dfraw-ext", co, 32 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ours_prealloc_metadata_rc64() {
     let co = CreateOptions {
         preallocation: Preallocation::Metadata,
@@ -490,4 +559,3 @@ async fn corrupt_bit_refuses_writes() {
     assert!(buf.iter().all(|&x| x == 0x42));
     assert!(ro.write_at(&[1], 0).await.is_err());
 }
-

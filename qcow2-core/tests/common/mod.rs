@@ -174,7 +174,10 @@ pub fn qemu_export(img: &Path, snapshot: Option<&str>, out: &Path) -> Vec<u8> {
 
 /// `qemu-img compare -f raw -F qcow2 raw img` reports identical content.
 pub fn qemu_compare_raw(raw: &Path, img: &Path, what: &str) {
-    let out = sh("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", p(raw), p(img)]);
+    let out = sh(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", p(raw), p(img)],
+    );
     assert!(
         out.status.code() == Some(0),
         "{what}: qemu-img compare: {}{}",
@@ -198,11 +201,21 @@ pub fn qemu_map(path: &Path) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Metadata cache size: `QCOW2_TEST_CACHE` (bytes) overrides the default, to explore
+/// eviction paths.
+pub fn cache_size() -> usize {
+    std::env::var("QCOW2_TEST_CACHE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(OpenOptions::default().cache_size)
+}
+
 pub async fn open_rw(path: &Path) -> Image {
     Image::open(
         path,
         &OpenOptions {
             writable: true,
+            cache_size: cache_size(),
             ..Default::default()
         },
     )
@@ -256,8 +269,9 @@ pub fn rng(seed: u64) -> StdRng {
 
 /// A stable seed from a name.
 pub fn seed_of(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// One guest operation.
@@ -447,7 +461,14 @@ pub async fn random_workload(img: &Image, mirror: &mut [u8], rng: &mut StdRng, w
     let size = img.size();
     assert_eq!(size as usize, mirror.len());
     let cs = img.layout().cluster_size;
-    for round in 0..w.rounds {
+    // QCOW2_TEST_SCALE=n runs n times as many rounds (to explore; the default keeps the
+    // suite fast).
+    let scale = std::env::var("QCOW2_TEST_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    for round in 0..w.rounds * scale {
         let mut ops: Vec<Op> = Vec::new();
         let mut used: Vec<(u64, u64)> = Vec::new();
         let mut tries = 0;
