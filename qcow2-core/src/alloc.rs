@@ -119,7 +119,8 @@ impl Image {
                 _ => start + n,
             };
             m.high_water = m.high_water.max(start + n);
-            self.reserve_space(m, (start + n) << lay.cluster_bits).await?;
+            self.reserve_space(m, (start + n) << lay.cluster_bits)
+                .await?;
             return Ok(start << lay.cluster_bits);
         }
     }
@@ -142,7 +143,9 @@ impl Image {
                 .file
                 .allocate(from, new_end - from)
                 .await
-                .map_err(|e| Error::io(e, format!("{}: reserving space", self.inner.path.display())))?;
+                .map_err(|e| {
+                    Error::io(e, format!("{}: reserving space", self.inner.path.display()))
+                })?;
         }
         m.reserved_end = new_end;
         Ok(())
@@ -359,7 +362,12 @@ impl Image {
         let futs = dirty.iter().map(|s| async move {
             if s.take_dirty() {
                 let data = s.data.read().clone();
-                self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::RefBlock).await?;
+                self.check_overlap(
+                    s.offset,
+                    data.len() as u64,
+                    crate::overlap::Target::RefBlock,
+                )
+                .await?;
                 if let Err(e) = self.meta_write(&data, s.offset).await {
                     s.mark_dirty();
                     return Err(e);

@@ -912,9 +912,12 @@ impl Image {
         // Give back the space reserved ahead of allocations (see `reserve_space`).
         if let Some(w) = &self.inner.w {
             let m = w.meta.lock().await;
-            let end = (m.high_water << self.inner.layout.cluster_bits).max(self.inner.file_len_at_open);
+            let end =
+                (m.high_water << self.inner.layout.cluster_bits).max(self.inner.file_len_at_open);
             if m.reserved_end > end && self.inner.file.len().map_err(Error::from)? > end {
-                self.inner.file.set_len(end).map_err(|e| Error::io(e, format!("{}: truncate", self.inner.path.display())))?;
+                self.inner.file.set_len(end).map_err(|e| {
+                    Error::io(e, format!("{}: truncate", self.inner.path.display()))
+                })?;
                 self.inner.file.flush().await.map_err(Error::from)?;
             }
         }

@@ -17,11 +17,11 @@ pub mod image;
 
 pub use disk::{Disk, Format, MapEntry};
 pub use image::{Image, OpenOptions};
-pub mod convert;
-pub mod info;
 pub mod alloc;
-pub mod write;
+pub mod convert;
 pub mod create;
+pub mod info;
+pub mod overlap;
 pub mod repair;
 pub mod resize;
-pub mod overlap;
+pub mod write;

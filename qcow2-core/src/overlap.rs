@@ -28,7 +28,12 @@ impl Image {
     /// Name of the metadata structure that `[off, off+len)` overlaps, other than `target`.
     /// Checks the header, active L1 table, refcount table, snapshot table, snapshot L1 tables,
     /// bitmap directory, every L2 table of the active L1 and every refcount block.
-    pub(crate) fn overlapping_metadata(&self, off: u64, len: u64, target: Target) -> Option<String> {
+    pub(crate) fn overlapping_metadata(
+        &self,
+        off: u64,
+        len: u64,
+        target: Target,
+    ) -> Option<String> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let end = off.saturating_add(len);
@@ -40,10 +45,20 @@ impl Image {
         if target != Target::L1 && hits(h.l1_table_offset, h.l1_size as u64 * 8) {
             return Some("the active L1 table".into());
         }
-        if target != Target::RefTable && hits(h.refcount_table_offset, h.refcount_table_clusters as u64 * cs) {
+        if target != Target::RefTable
+            && hits(
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * cs,
+            )
+        {
             return Some("the refcount table".into());
         }
-        if h.nb_snapshots > 0 && hits(h.snapshots_offset, crate::format::snapshot::table_len(&self.inner.snapshots.read()).max(1)) {
+        if h.nb_snapshots > 0
+            && hits(
+                h.snapshots_offset,
+                crate::format::snapshot::table_len(&self.inner.snapshots.read()).max(1),
+            )
+        {
             return Some("the snapshot table".into());
         }
         if let Some(b) = &h.bitmaps {
@@ -82,7 +97,9 @@ impl Image {
         match self.overlapping_metadata(off, len, target) {
             None => Ok(()),
             Some(what) => Err(self
-                .mark_corrupt(format!("a write at host offset 0x{off:x} ({len} bytes) would overwrite {what}"))
+                .mark_corrupt(format!(
+                    "a write at host offset 0x{off:x} ({len} bytes) would overwrite {what}"
+                ))
                 .await),
         }
     }

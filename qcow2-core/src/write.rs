@@ -464,7 +464,8 @@ impl Image {
             } else {
                 let hw = m.high_water;
                 let h = self.alloc_clusters(&mut m, 1).await?;
-                self.check_overlap(h, cs, crate::overlap::Target::Data).await?;
+                self.check_overlap(h, cs, crate::overlap::Target::Data)
+                    .await?;
                 (h, (h >> lay.cluster_bits) >= hw, old_refs)
             }
         };
@@ -888,7 +889,8 @@ impl Image {
             let futs = dirty.iter().map(|s| async move {
                 if s.take_dirty() {
                     let data = s.data.read().clone();
-                    self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::L2).await?;
+                    self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::L2)
+                        .await?;
                     if let Err(e) = self.meta_write(&data, s.offset).await {
                         s.mark_dirty();
                         return Err(e);

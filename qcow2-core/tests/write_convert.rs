@@ -489,7 +489,11 @@ async fn resize_from_zero() {
     img.write_at(&vec![0x42; 1 << 20], 1 << 20).await.unwrap();
     img.close().await.unwrap();
     assert_clean(&path, "grown from 0");
-    qemu_io(&path, None, &["read -P 0x42 1M 1M", "read -P 0 0 1M", "read -P 0 2M 1M"]);
+    qemu_io(
+        &path,
+        None,
+        &["read -P 0x42 1M 1M", "read -P 0 0 1M", "read -P 0 2M 1M"],
+    );
     let img = open_rw(&path).await;
     img.resize(0, true).await.unwrap();
     img.close().await.unwrap();

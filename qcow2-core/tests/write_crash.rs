@@ -484,7 +484,10 @@ async fn crash_resize() {
         assert!(size == old || size == new, "{what}: size {size}");
         assert!(done < 2 || size == new, "{what}: resize done, size {size}");
         let got = read_all(&ro).await;
-        assert!(got[..1 << 20].iter().all(|&x| x == 0x11), "{what}: old data");
+        assert!(
+            got[..1 << 20].iter().all(|&x| x == 0x11),
+            "{what}: old data"
+        );
         if done >= 1 {
             assert_same(&got[a_off as usize..a_off as usize + a.len()], &a, &what);
         }

@@ -22,7 +22,9 @@ async fn ours(path: &Path, size: u64, co: CreateOptions) {
 }
 
 fn compressible(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i / 100) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 100) as u8))
+        .collect()
 }
 
 /// A compressed cluster freed and a new one written at the same host offset: the cache of

@@ -164,7 +164,11 @@ mod tests {
             let d = CompressedDesc::encode(0x12345, len, bits);
             let c = CompressedDesc::decode(d, bits);
             assert_eq!(c.offset, 0x12345);
-            assert!(c.len >= len && c.len < len + 512, "bits {bits}: {} for {len}", c.len);
+            assert!(
+                c.len >= len && c.len < len + 512,
+                "bits {bits}: {} for {len}",
+                c.len
+            );
         }
     }
 

@@ -50,7 +50,7 @@ mod tests {
     fn all_widths() {
         for order in 0..=6u32 {
             let mut buf = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             for i in 0..n {
                 set(&mut buf, order, i, (i as u64 * 7 + 3) & max(order));
             }
