@@ -123,3 +123,33 @@ mod tests {
         }
     }
 }
+
+/// Run CPU-heavy work on the runtime's blocking pool when there is a tokio runtime (so that
+/// many clusters are (de)compressed on all cores at once), else inline.
+async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => match h.spawn_blocking(f).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+        Err(_) => f(),
+    }
+}
+
+/// [`compress`] on a worker thread.
+pub async fn compress_owned(ty: CompressionType, input: Vec<u8>) -> Result<Option<Vec<u8>>> {
+    offload(move || compress(ty, &input)).await
+}
+
+/// [`decompress`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
+pub async fn decompress_owned(
+    ty: CompressionType,
+    input: Vec<u8>,
+    out_len: usize,
+) -> Result<Vec<u8>> {
+    offload(move || {
+        let mut out = vec![0u8; out_len];
+        decompress(ty, &input, &mut out).map(|_| out)
+    })
+    .await
+}

@@ -785,15 +785,16 @@ impl Image {
                     ),
                 )
             })?;
-        let mut out = vec![0u8; cs];
         let ty = self.inner.header.read().compression_type();
-        compress::decompress(ty, &input, &mut out).map_err(|e| {
-            e.context(format!(
-                "{}: host offset 0x{:x}",
-                self.inner.path.display(),
-                d.offset
-            ))
-        })?;
+        let out = compress::decompress_owned(ty, input, cs)
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "{}: host offset 0x{:x}",
+                    self.inner.path.display(),
+                    d.offset
+                ))
+            })?;
         let out = Arc::new(out);
         self.inner.zcache.lock().put(d.offset, out.clone());
         Ok(out)

@@ -642,15 +642,9 @@ impl Image {
         self.check_write(off, data.len() as u64)?;
         self.before_first_write().await?;
         let ty = self.inner.header.read().compression_type();
-        let mut full;
-        let input: &[u8] = if data.len() as u64 == cs {
-            data
-        } else {
-            full = vec![0u8; cs as usize];
-            full[..data.len()].copy_from_slice(data);
-            &full
-        };
-        let comp = match crate::compress::compress(ty, input)? {
+        let mut input = vec![0u8; cs as usize];
+        input[..data.len()].copy_from_slice(data);
+        let comp = match crate::compress::compress_owned(ty, input).await? {
             Some(c) if (c.len() as u64) < cs - 512 => c,
             _ => return self.write_at(data, off).await,
         };
