@@ -102,28 +102,6 @@ pub fn compress(ty: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn roundtrip() {
-        let mut data = vec![0u8; 65536];
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i / 100) as u8;
-        }
-        for ty in [CompressionType::Zlib, CompressionType::Zstd] {
-            let c = compress(ty, &data).unwrap().unwrap();
-            let mut padded = c.clone();
-            padded.extend_from_slice(&[0xaa; 300]);
-            let mut out = vec![0u8; 65536];
-            decompress(ty, &padded, &mut out).unwrap();
-            assert_eq!(out, data);
-            assert!(decompress(ty, &c[..c.len() / 2], &mut out).is_err());
-        }
-    }
-}
-
 /// Run CPU-heavy work on the runtime's blocking pool when there is a tokio runtime (so that
 /// many clusters are (de)compressed on all cores at once), else inline.
 async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -152,4 +130,26 @@ pub async fn decompress_owned(
         decompress(ty, &input, &mut out).map(|_| out)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let mut data = vec![0u8; 65536];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 100) as u8;
+        }
+        for ty in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(ty, &data).unwrap().unwrap();
+            let mut padded = c.clone();
+            padded.extend_from_slice(&[0xaa; 300]);
+            let mut out = vec![0u8; 65536];
+            decompress(ty, &padded, &mut out).unwrap();
+            assert_eq!(out, data);
+            assert!(decompress(ty, &c[..c.len() / 2], &mut out).is_err());
+        }
+    }
 }
