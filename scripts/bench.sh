@@ -139,6 +139,35 @@ row "64 KiB sequential, depth 32, page cache" "$PLAIN" $C64 65536 -d 32 -t write
 row "4 KiB spread, depth 32, O_DIRECT, threads" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t none -i threads
 row "64 KiB sequential, depth 32, compressed, page cache" "$COMP" $C64 65536 -d 32 -t writeback -i io_uring
 
+# Write side. Allocating writes go to a new empty image each run; overwrites to a copy of
+# the plain image.
+wrow() { # label count bufsize args...   (bench -w on a fresh empty 1 GiB image)
+    local label=$1 count=$2 bs=$3
+    shift 3
+    local q=() r=() i tool t
+    echo "== bench -w: $label" >&2
+    for ((i = 0; i < REPEAT; i++)); do
+        for tool in qemu-img "$BIN"; do
+            rm -f "$DIR/w.qcow2"
+            qemu-img create -q -f qcow2 -o cluster_size=64k "$DIR/w.qcow2" $SIZE
+            t=$(bench_time "$tool" bench -w -f qcow2 -c "$count" -s "$bs" "$@" "$DIR/w.qcow2")
+            qemu-img check -q "$DIR/w.qcow2" || { echo "bench.sh: $tool left a bad image" >&2; t=fail; }
+            if [ "$tool" = qemu-img ]; then q+=("$t"); else r+=("$t"); fi
+        done
+    done
+    rm -f "$DIR/w.qcow2"
+    local qb rb
+    qb=$(printf '%s\n' "${q[@]}" | best)
+    rb=$(printf '%s\n' "${r[@]}" | best)
+    TABLE+=("| $label | \`-w $*\` | $qb | $rb | $(ratio "$rb" "$qb") | $(rate "$rb" "$count" "$bs") |")
+}
+if [ "$QUICK" = 1 ]; then CW=2000; else CW=16384; fi
+wrow "4 KiB allocating writes, a new cluster each, depth 32, O_DIRECT" $CW 4096 -d 32 -S 65536 -t none -i io_uring
+wrow "4 KiB allocating writes, 8 per cluster, depth 32, O_DIRECT" $((CW * 3)) 4096 -d 32 -S 8192 -t none -i io_uring
+cp "$PLAIN" "$DIR/over.qcow2"
+row "64 KiB overwrites, depth 32, O_DIRECT" "$DIR/over.qcow2" $C64 65536 -w -d 32 -t none -i io_uring
+rm -f "$DIR/over.qcow2"
+
 CTABLE=()
 convert_time() { # tool args... -> "total exit" seconds: total includes a final `sync`
     local t0 t1 t2
@@ -189,6 +218,36 @@ if [ "$QUICK" != 1 ]; then
     convert_row "convert -O raw, compressed 1 GiB" "$COMP"
 fi
 
+# convert from raw to qcow2: plain, and compressed with zlib and with zstd (warm source).
+RAW=$DIR/source.raw
+[ -s "$RAW" ] || qemu-img convert -f qcow2 -O raw "$PLAIN" "$RAW"
+WTABLE=()
+to_qcow2_row() { # label extra-args...
+    local label=$1
+    shift
+    local q=() r=() i tool t out=$DIR/out.qcow2
+    echo "== convert raw -> qcow2: $label" >&2
+    for ((i = 0; i < REPEAT; i++)); do
+        for tool in qemu-img "$BIN"; do
+            rm -f "$out"
+            cat "$RAW" >/dev/null
+            t=$(convert_time "$tool" convert -f raw -O qcow2 "$@" "$RAW" "$out")
+            qemu-img compare -q -f raw "$RAW" "$out" || { echo "bench.sh: $tool output differs" >&2; t="fail fail"; }
+            if [ "$tool" = qemu-img ]; then q+=("${t% *}"); else r+=("${t% *}"); fi
+        done
+    done
+    rm -f "$out"
+    local qb rb
+    qb=$(printf '%s\n' "${q[@]}" | best)
+    rb=$(printf '%s\n' "${r[@]}" | best)
+    WTABLE+=("| $label | \`$*\` | $qb | $rb | $(ratio "$rb" "$qb") |")
+}
+if [ "$QUICK" != 1 ]; then
+    to_qcow2_row "raw -> qcow2"
+    to_qcow2_row "raw -> qcow2, compressed, zlib" -c
+    to_qcow2_row "raw -> qcow2, compressed, zstd" -c -o compression_type=zstd
+fi
+
 {
     echo "qcow2rs $("$BIN" --version | awk '{print $3}') vs $(qemu-img --version | head -n1)"
     echo "$(nproc) CPUs, kernel $(uname -r), $FSTYPE on $(df --output=source "$DIR" | tail -n1), best of $REPEAT, page cache dropped for cold runs: $DROP"
@@ -208,5 +267,11 @@ fi
         echo "| convert | source cache | qemu-img (s) | qcow2rs (s) | qcow2rs / qemu-img |"
         echo "|---|---|---:|---:|---:|"
         printf '%s\n' "${CTABLE[@]}"
+    fi
+    if [ ${#WTABLE[@]} -gt 0 ]; then
+        echo
+        echo "| convert from raw (warm source, times include \`sync\`) | options | qemu-img (s) | qcow2rs (s) | qcow2rs / qemu-img |"
+        echo "|---|---|---:|---:|---:|"
+        printf '%s\n' "${WTABLE[@]}"
     fi
 } | tee "$DIR/results.md"

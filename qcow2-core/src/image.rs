@@ -739,10 +739,10 @@ impl Image {
                 let host = host + (guest & (lay.sc_size - 1));
                 if self.inner.w.is_none()
                     && self.inner.data_path.is_none()
-                    && host >= self.inner.file_len_at_open
+                    && (host & !(lay.cluster_size - 1)) >= self.inner.file_len_at_open
                 {
                     return Err(Error::corrupt(format!(
-                        "L2 entry for guest offset 0x{guest:x} points at host offset 0x{host:x}, beyond the end of the file"
+                        "L2 entry for guest offset 0x{guest:x} points at host offset 0x{host:x}, in a cluster beyond the end of the file"
                     )));
                 }
                 self.inner.data.read_at(buf, host).await.map_err(|e| {
