@@ -68,10 +68,7 @@ impl Image {
 
     /// Whether cluster `ci` is free (refcount 0, or not covered by any block).
     async fn is_free(&self, ci: u64) -> Result<bool> {
-        Ok(match self.rc_slot(ci).await? {
-            None => true,
-            Some((s, i)) => refcount::get(&s.data.read(), self.inner.layout.refcount_order, i) == 0,
-        })
+        Ok(self.refcount(ci).await? == 0)
     }
 
     /// Allocate `n` contiguous host clusters with refcount 1. Returns the host offset.
@@ -358,16 +355,23 @@ impl Image {
 
     /// Write every dirty refcount block slice.
     pub(crate) async fn write_dirty_refblocks(&self) -> Result<()> {
-        let dirty = self.inner.rc_cache.dirty_slices();
+        self.write_back(&self.inner.rc_cache, crate::overlap::Target::RefBlock)
+            .await
+    }
+
+    /// Write every dirty slice of `cache` (after the overlap check for `target`); a slice
+    /// whose write fails stays dirty.
+    pub(crate) async fn write_back(
+        &self,
+        cache: &crate::cache::SliceCache,
+        target: crate::overlap::Target,
+    ) -> Result<()> {
+        let dirty = cache.dirty_slices();
         let futs = dirty.iter().map(|s| async move {
             if s.take_dirty() {
                 let data = s.data.read().clone();
-                self.check_overlap(
-                    s.offset,
-                    data.len() as u64,
-                    crate::overlap::Target::RefBlock,
-                )
-                .await?;
+                self.check_overlap(s.offset, data.len() as u64, target)
+                    .await?;
                 if let Err(e) = self.meta_write(&data, s.offset).await {
                     s.mark_dirty();
                     return Err(e);
@@ -376,7 +380,7 @@ impl Image {
             Ok::<(), Error>(())
         });
         futures::future::try_join_all(futs).await?;
-        self.inner.rc_cache.prune_evicted();
+        cache.prune_evicted();
         Ok(())
     }
 }

@@ -872,34 +872,12 @@ impl Image {
 
     /// The refcount of host cluster index `ci` (offset / cluster_size).
     pub async fn refcount(&self, ci: u64) -> Result<u64> {
-        let lay = self.inner.layout;
-        let rt_idx = ci / lay.rb_entries;
-        let rb = {
-            let rt = self.inner.reftable.read();
-            match rt.get(rt_idx as usize) {
-                Some(&e) => e & !511,
-                None => return Ok(0),
+        Ok(match self.rc_slot(ci).await? {
+            None => 0,
+            Some((slice, i)) => {
+                refcount::get(&slice.data.read(), self.inner.layout.refcount_order, i)
             }
-        };
-        if rb == 0 {
-            return Ok(0);
-        }
-        let idx = ci % lay.rb_entries;
-        let bit = idx << lay.refcount_order;
-        let byte = bit / 8;
-        let slice_off = rb + byte / lay.slice_size * lay.slice_size;
-        let slice = self
-            .inner
-            .rc_cache
-            .get(&*self.inner.file, slice_off)
-            .await?;
-        let d = slice.data.read();
-        let per_slice = (lay.slice_size * 8) >> lay.refcount_order;
-        Ok(refcount::get(
-            &d,
-            lay.refcount_order,
-            (idx % per_slice) as usize,
-        ))
+        })
     }
 
     /// Make every completed write durable.

@@ -879,21 +879,8 @@ impl Image {
         if have_tables {
             sync().await?;
             // 2. L2 slices.
-            let dirty = self.inner.l2_cache.dirty_slices();
-            let futs = dirty.iter().map(|s| async move {
-                if s.take_dirty() {
-                    let data = s.data.read().clone();
-                    self.check_overlap(s.offset, data.len() as u64, crate::overlap::Target::L2)
-                        .await?;
-                    if let Err(e) = self.meta_write(&data, s.offset).await {
-                        s.mark_dirty();
-                        return Err(e);
-                    }
-                }
-                Ok::<(), Error>(())
-            });
-            futures::future::try_join_all(futs).await?;
-            self.inner.l2_cache.prune_evicted();
+            self.write_back(&self.inner.l2_cache, crate::overlap::Target::L2)
+                .await?;
             // 3. L1 entries (the sectors that hold dirty entries).
             if !m.l1_dirty.is_empty() {
                 let l1_off = self.inner.header.read().l1_table_offset;
