@@ -103,6 +103,20 @@ impl Image {
         })
     }
 
+    /// Write header bytes at `off` and make them durable.
+    async fn write_header_bytes(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner
+            .file
+            .write_at(buf, off)
+            .await
+            .map_err(|e| Error::io(e, "writing the header"))?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))
+    }
+
     /// Whether the image was opened writable.
     pub fn is_writable(&self) -> bool {
         self.inner.w.is_some()
@@ -127,16 +141,7 @@ impl Image {
                         }
                         h.autoclear_features
                     };
-                    self.inner
-                        .file
-                        .write_at(&bits.to_be_bytes(), 88)
-                        .await
-                        .map_err(|e| Error::io(e, "writing the header"))?;
-                    self.inner
-                        .file
-                        .flush()
-                        .await
-                        .map_err(|e| Error::io(e, "flush"))?;
+                    self.write_header_bytes(&bits.to_be_bytes(), 88).await?;
                     if clear & AUTOCLEAR_BITMAPS != 0 {
                         if let Some(ext) = bitmaps {
                             self.drop_bitmaps(&ext).await?;
@@ -191,16 +196,7 @@ impl Image {
             }
         }
         let hdr = self.inner.header.read().to_bytes()?;
-        self.inner
-            .file
-            .write_at(&hdr, 0)
-            .await
-            .map_err(|e| Error::io(e, "writing the header"))?;
-        self.inner
-            .file
-            .flush()
-            .await
-            .map_err(|e| Error::io(e, "flush"))?;
+        self.write_header_bytes(&hdr, 0).await?;
         if ok {
             clusters.sort_unstable();
             clusters.dedup();

@@ -100,28 +100,20 @@ impl AlignedBuf {
     /// initialized but not necessarily zero: buffers are recycled through a pool, so
     /// callers overwrite or zero-fill what they expose (every caller here does).
     pub(super) fn zeroed(len: usize, align: usize) -> io::Result<Self> {
-        if let Some(class) = pool_class(len, align) {
-            let size = 1usize << (class as u32 + POOL_MIN_BITS);
-            let layout = Layout::from_size_align(size, POOL_ALIGN).expect("valid pool layout");
-            if let Some(PoolSlot(ptr)) = BUF_POOL[class].lock().pop() {
-                return Ok(AlignedBuf { ptr, len, layout });
-            }
-            // SAFETY: `layout` has a non-zero size.
-            let p = unsafe { alloc::alloc_zeroed(layout) };
-            let ptr = NonNull::new(p).ok_or_else(|| {
+        let class = pool_class(len, align);
+        let layout = match class {
+            Some(c) => Layout::from_size_align(1usize << (c as u32 + POOL_MIN_BITS), POOL_ALIGN)
+                .expect("valid pool layout"),
+            None => Layout::from_size_align(len.max(1), align.max(1)).map_err(|_| {
                 io::Error::new(
-                    io::ErrorKind::OutOfMemory,
-                    format!("cannot allocate a {len}-byte I/O buffer"),
+                    io::ErrorKind::InvalidInput,
+                    format!("bad I/O buffer size {len} or alignment {align}"),
                 )
-            })?;
+            })?,
+        };
+        if let Some(PoolSlot(ptr)) = class.and_then(|c| BUF_POOL[c].lock().pop()) {
             return Ok(AlignedBuf { ptr, len, layout });
         }
-        let layout = Layout::from_size_align(len.max(1), align.max(1)).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad I/O buffer size {len} or alignment {align}"),
-            )
-        })?;
         // SAFETY: `layout` has a non-zero size (at least 1 byte).
         let p = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(p).ok_or_else(|| {
