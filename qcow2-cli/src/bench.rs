@@ -8,7 +8,8 @@
 //! take the next request number when their previous request completes, so the sequence of
 //! submitted offsets is qemu-img's. Every task reads into its own 4 KiB-aligned buffer.
 
-use crate::args::{parse, Parsed, Spec};
+use crate::args::{parse, Parsed};
+use crate::cmds::{opt, specs};
 use crate::Fail;
 use qcow2_core::convert;
 use qcow2_core::disk::{check_range, Disk};
@@ -24,10 +25,6 @@ use std::time::Instant;
 const BUF_ALIGN: usize = 4096;
 /// qemu-img's limits on counts and sizes (`INT_MAX`).
 const INT_MAX: u64 = i32::MAX as u64;
-
-const fn opt(short: char, long: &'static str, value: bool) -> Spec {
-    Spec { short, long, value }
-}
 
 /// qemu's `qemu_strtoul(s, NULL, 0, ..)`: decimal, `0x` hex or leading-0 octal.
 fn parse_ulong(s: &str) -> Option<u64> {
@@ -175,7 +172,7 @@ fn params(p: &Parsed) -> Result<Params, Fail> {
 pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
-        &[
+        &specs(&[
             opt('c', "", true),
             opt('d', "", true),
             opt('f', "format", true),
@@ -187,13 +184,10 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
             opt('S', "", true),
             opt('t', "", true),
             opt('w', "", false),
-            opt('U', "force-share", false),
             opt('\0', "pattern", true),
             opt('\0', "flush-interval", true),
             opt('\0', "no-drain", false),
-            opt('\0', "image-opts", false),
-            opt('\0', "untrusted", false),
-        ],
+        ]),
     )?;
     // -q is accepted: qemu-img prints the header and the result even with it.
     let file = match p.operands.as_slice() {

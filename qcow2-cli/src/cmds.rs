@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-const fn opt(short: char, long: &'static str, value: bool) -> Spec {
+pub(crate) const fn opt(short: char, long: &'static str, value: bool) -> Spec {
     Spec { short, long, value }
 }
 
@@ -22,7 +22,7 @@ const COMMON: [Spec; 3] = [
     opt('\0', "image-opts", false),
 ];
 
-fn specs(extra: &[Spec]) -> Vec<Spec> {
+pub(crate) fn specs(extra: &[Spec]) -> Vec<Spec> {
     let mut v: Vec<Spec> = COMMON
         .iter()
         .map(|s| opt(s.short, s.long, s.value))
@@ -66,7 +66,7 @@ fn one_operand(p: &Parsed, what: &str) -> Result<String, Fail> {
     }
 }
 
-fn output_json(p: &Parsed) -> Result<bool, Fail> {
+pub(crate) fn output_json(p: &Parsed) -> Result<bool, Fail> {
     match p.value("output") {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),

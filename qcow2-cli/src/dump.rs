@@ -7,7 +7,8 @@
 //! external data file (if any) is not needed, so `dump` is safe on untrusted images. Every
 //! offset taken from the image is bounds-checked; problems end in one error line.
 
-use crate::args::{parse, Parsed, Spec};
+use crate::args::parse;
+use crate::cmds::{opt, output_json, specs};
 use crate::Fail;
 use qcow2_core::format::header::{self, FeatureKind, Header};
 use qcow2_core::format::l2::{self, ClusterEntry};
@@ -25,21 +26,11 @@ const SCAN_CHUNK: u64 = 1 << 20;
 /// Bytes of an unknown header extension shown (as hex).
 const HEX_LIMIT: usize = 256;
 
-const fn opt(short: char, long: &'static str, value: bool) -> Spec {
-    Spec { short, long, value }
-}
-
 /// `qcow2rs dump [-f qcow2] [--output=human|json] [--untrusted] IMG`.
 pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
-        &[
-            opt('f', "format", true),
-            opt('\0', "output", true),
-            opt('\0', "untrusted", false),
-            opt('U', "force-share", false),
-            opt('\0', "image-opts", false),
-        ],
+        &specs(&[opt('f', "format", true), opt('\0', "output", true)]),
     )?;
     let file = match p.operands.as_slice() {
         [f] => f.clone(),
@@ -82,16 +73,6 @@ pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
         print!("{}", d.to_human());
     }
     Ok(0)
-}
-
-fn output_json(p: &Parsed) -> Result<bool, Fail> {
-    match p.value("output") {
-        None | Some("human") => Ok(false),
-        Some("json") => Ok(true),
-        Some(o) => Err(Fail::new(format!(
-            "--output must be used with human or json as argument (got '{o}')"
-        ))),
-    }
 }
 
 /// Big-endian integers that read as 0 when out of bounds (never panic on short input).
