@@ -1,27 +1,23 @@
 //! qcow2-core: an async engine for qcow2 disk images.
 //!
-//! The entry point is [`Image::open`]; see the crate README for an overview.
+//! The crate has two kinds of code, one folder each:
+//! - [`engine`]: the per-request engine (open, map, read, write, allocate, cache, flush);
+//! - [`jobs`]: whole-image jobs built on it (create, check/repair, convert/compare, info,
+//!   resize).
+//!
+//! Beside them, [`format`] decodes and encodes the on-disk structures and [`io`] holds the
+//! storage engines (io_uring, a thread pool, in-memory). The entry point is [`Image::open`].
 
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod error;
-pub mod io;
-
-pub use error::{Error, ErrorKind, Result, ResultExt};
-pub mod cache;
-pub mod check;
-pub mod compress;
-pub mod disk;
 pub mod format;
-pub mod image;
+pub mod io;
+pub mod jobs;
 
-pub use disk::{Disk, Format, MapEntry};
-pub use image::{Image, OpenOptions};
-pub mod alloc;
-pub mod convert;
-pub mod create;
-pub mod info;
-pub mod overlap;
-pub mod repair;
-pub mod resize;
-pub mod write;
+pub use engine::disk::{self, Disk, Format, MapEntry};
+pub use engine::image::{self, BitmapInfo, Image, Layout, OpenOptions};
+pub use engine::zero::ZeroMode;
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use jobs::{check, convert, create, info, resize};

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions, Preallocation};
-use qcow2_core::write::ZeroMode;
+use qcow2_core::ZeroMode;
 use std::path::Path;
 use std::time::Duration;
 

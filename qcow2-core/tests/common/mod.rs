@@ -3,7 +3,7 @@
 //! compressed writes, reads, flushes) run from concurrent tasks against an in-memory mirror.
 #![allow(dead_code)]
 
-use qcow2_core::write::ZeroMode;
+use qcow2_core::ZeroMode;
 use qcow2_core::{Image, OpenOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

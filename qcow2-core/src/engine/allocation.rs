@@ -2,12 +2,12 @@
 //!
 //! All functions here run with the metadata lock held (`&mut Meta`). Refcount blocks are
 //! changed in the cache and written back by `flush` before any table that points at the
-//! new clusters (see `write.rs` for the ordering). New refcount blocks and refcount tables
+//! new clusters (see `metadata.rs` for the ordering). New refcount blocks and refcount tables
 //! are written through (and synced) before the pointers to them are published.
 
+use crate::engine::image::Image;
+use crate::engine::metadata::Meta;
 use crate::format::refcount;
-use crate::image::Image;
-use crate::write::Meta;
 use crate::{Error, Result};
 
 impl Image {
@@ -16,7 +16,7 @@ impl Image {
     pub(crate) async fn rc_slot(
         &self,
         ci: u64,
-    ) -> Result<Option<(std::sync::Arc<crate::cache::Slice>, usize)>> {
+    ) -> Result<Option<(std::sync::Arc<crate::engine::cache::Slice>, usize)>> {
         let lay = self.inner.layout;
         let rt_idx = ci / lay.rb_entries;
         let rb = {
@@ -47,7 +47,7 @@ impl Image {
             .ok_or_else(|| Error::corrupt(format!("no refcount block covers cluster {ci}")))?;
         let off = slice.offset;
         drop(slice);
-        crate::write::update_slice(&self.inner.rc_cache, &*self.inner.file, off, |d| {
+        crate::engine::metadata::update_slice(&self.inner.rc_cache, &*self.inner.file, off, |d| {
             let old = refcount::get(d, order, i);
             let new = if delta >= 0 {
                 old.checked_add(delta as u64)
@@ -66,8 +66,18 @@ impl Image {
         .await?
     }
 
+    /// The refcount of host cluster index `ci` (offset / cluster_size).
+    pub async fn refcount(&self, ci: u64) -> Result<u64> {
+        Ok(match self.rc_slot(ci).await? {
+            None => 0,
+            Some((slice, i)) => {
+                refcount::get(&slice.data.read(), self.inner.layout.refcount_order, i)
+            }
+        })
+    }
+
     /// Whether cluster `ci` is free (refcount 0, or not covered by any block).
-    async fn is_free(&self, ci: u64) -> Result<bool> {
+    pub(crate) async fn is_free(&self, ci: u64) -> Result<bool> {
         Ok(self.refcount(ci).await? == 0)
     }
 
@@ -125,7 +135,7 @@ impl Image {
     /// Make sure the image file has blocks reserved up to `end`, reserving ahead in chunks so
     /// that new clusters are written into allocated space instead of extending the file on
     /// every write (which file systems serialize, and which is slow with `O_DIRECT`).
-    async fn reserve_space(&self, m: &mut Meta, end: u64) -> Result<()> {
+    pub(crate) async fn reserve_space(&self, m: &mut Meta, end: u64) -> Result<()> {
         let reserved = m.reserved_end.max(self.inner.file_len_at_open);
         if end <= reserved {
             return Ok(());
@@ -156,7 +166,7 @@ impl Image {
     /// in a range with a block: counted there. `x` in another range without a block: that
     /// range gets its block first (at `x`, describing itself), and the next search places
     /// this one.
-    async fn new_refblock(&self, m: &mut Meta, ci: u64, run_end: u64) -> Result<()> {
+    pub(crate) async fn new_refblock(&self, m: &mut Meta, ci: u64, run_end: u64) -> Result<()> {
         let lay = self.inner.layout;
         let rt_len = self.inner.reftable.read().len() as u64;
         let rt_idx = ci / lay.rb_entries;
@@ -207,7 +217,7 @@ impl Image {
     /// Grow the refcount table so that it covers cluster `ci`: the new table and the blocks
     /// that describe it are placed after every used cluster, written and synced, then the
     /// header switches to it and the old table is freed.
-    async fn grow_reftable(&self, m: &mut Meta, ci: u64) -> Result<()> {
+    pub(crate) async fn grow_reftable(&self, m: &mut Meta, ci: u64) -> Result<()> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let old = self.inner.reftable.read().clone();
@@ -311,76 +321,6 @@ impl Image {
         for c in 0..old_clusters {
             m.pending_free.push((old_off >> lay.cluster_bits) + c);
         }
-        Ok(())
-    }
-
-    /// Write metadata bytes at `off`, refusing writes that would hit guest data or the header
-    /// (the overlap check); a violation marks the image corrupt.
-    pub(crate) async fn meta_write(&self, buf: &[u8], off: u64) -> Result<()> {
-        if off == 0 && buf.len() > 512 {
-            return Err(self
-                .mark_corrupt(format!(
-                    "metadata write of {} bytes over the header",
-                    buf.len()
-                ))
-                .await);
-        }
-        self.inner.file.write_at(buf, off).await.map_err(|e| {
-            Error::io(
-                e,
-                format!(
-                    "{}: writing metadata at 0x{off:x}",
-                    self.inner.path.display()
-                ),
-            )
-        })
-    }
-
-    /// Set the corrupt bit (best effort) and return an error describing `why`.
-    pub(crate) async fn mark_corrupt(&self, why: String) -> Error {
-        let bits = {
-            let mut h = self.inner.header.write();
-            if h.version >= 3 {
-                h.incompatible_features |= crate::format::header::INCOMPAT_CORRUPT;
-            }
-            h.incompatible_features
-        };
-        let _ = self.inner.file.write_at(&bits.to_be_bytes(), 72).await;
-        let _ = self.inner.file.flush().await;
-        Error::corrupt(format!(
-            "{}: {why}; the image has been marked corrupt",
-            self.inner.path.display()
-        ))
-    }
-
-    /// Write every dirty refcount block slice.
-    pub(crate) async fn write_dirty_refblocks(&self) -> Result<()> {
-        self.write_back(&self.inner.rc_cache, crate::overlap::Target::RefBlock)
-            .await
-    }
-
-    /// Write every dirty slice of `cache` (after the overlap check for `target`); a slice
-    /// whose write fails stays dirty.
-    pub(crate) async fn write_back(
-        &self,
-        cache: &crate::cache::SliceCache,
-        target: crate::overlap::Target,
-    ) -> Result<()> {
-        let dirty = cache.dirty_slices();
-        let futs = dirty.iter().map(|s| async move {
-            if s.take_dirty() {
-                let data = s.data.read().clone();
-                self.check_overlap(s.offset, data.len() as u64, target)
-                    .await?;
-                if let Err(e) = self.meta_write(&data, s.offset).await {
-                    s.mark_dirty();
-                    return Err(e);
-                }
-            }
-            Ok::<(), Error>(())
-        });
-        futures::future::try_join_all(futs).await?;
-        cache.prune_evicted();
         Ok(())
     }
 }

@@ -3,8 +3,8 @@
 //! metadata or our state is inconsistent; the image is then marked corrupt and the write fails,
 //! so that a bad image cannot be damaged further.
 
+use crate::engine::image::Image;
 use crate::format::l2;
-use crate::image::Image;
 use crate::Result;
 
 /// What a write is allowed to overwrite.

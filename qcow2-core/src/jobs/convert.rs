@@ -1,6 +1,6 @@
 //! `convert` and `compare`: whole-disk copies and comparisons.
 
-use crate::disk::{Disk, Format};
+use crate::engine::disk::{Disk, Format};
 use crate::io::{FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -222,7 +222,7 @@ async fn first_difference(a: &Disk, b: Option<&Disk>, start: u64, end: u64) -> R
 pub async fn open_disk(
     path: &Path,
     format: Option<&str>,
-    opts: &crate::image::OpenOptions,
+    opts: &crate::engine::image::OpenOptions,
 ) -> Result<Disk> {
     let fmt = match format {
         Some(f) => Some(Format::parse(f)?),
@@ -237,7 +237,7 @@ pub struct Target {
     /// Output format.
     pub format: Format,
     /// qcow2 creation options (size is taken from the source; backing from here).
-    pub create: crate::create::CreateOptions,
+    pub create: crate::jobs::create::CreateOptions,
     /// Write compressed clusters (qcow2 only).
     pub compress: bool,
 }
@@ -258,14 +258,14 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
     if co.backing_file.is_some() {
         co.unsafe_backing = false;
     }
-    crate::create::create_qcow2(dst, &co).await?;
-    let oo = crate::image::OpenOptions {
+    crate::jobs::create::create_qcow2(dst, &co).await?;
+    let oo = crate::engine::image::OpenOptions {
         writable: true,
         engine: opts.file.engine,
         direct: opts.file.direct,
         ..Default::default()
     };
-    let img = crate::image::Image::open(dst, &oo).await?;
+    let img = crate::engine::image::Image::open(dst, &oo).await?;
     let res = copy_into(src, &img, target.compress, opts).await;
     let closed = img.close().await;
     res?;
@@ -318,7 +318,11 @@ fn windows(pieces: &[Piece], size: u64) -> Vec<Piece> {
 
 /// Zero window `p` of a target with a backing file: write zeros where the backing file
 /// does not read as zeros.
-async fn zero_over_backing(img: &crate::image::Image, backing: &Disk, p: Piece) -> Result<()> {
+async fn zero_over_backing(
+    img: &crate::engine::image::Image,
+    backing: &Disk,
+    p: Piece,
+) -> Result<()> {
     let cs = img.layout().cluster_size;
     let end = (p.off + p.len).min(backing.size());
     let mut pos = p.off;
@@ -340,8 +344,7 @@ async fn zero_over_backing(img: &crate::image::Image, backing: &Disk, p: Piece) 
         while i < b - a {
             let n = (cs - (a + i) % cs).min(b - a - i);
             if !is_zero(&bb[i as usize..(i + n) as usize]) {
-                img.write_zeroes(a + i, n, crate::write::ZeroMode::Unmap)
-                    .await?;
+                img.write_zeroes(a + i, n, crate::ZeroMode::Unmap).await?;
             }
             i += n;
         }
@@ -352,7 +355,7 @@ async fn zero_over_backing(img: &crate::image::Image, backing: &Disk, p: Piece) 
 
 async fn copy_into(
     src: &Disk,
-    img: &crate::image::Image,
+    img: &crate::engine::image::Image,
     compress: bool,
     opts: &ConvertOptions,
 ) -> Result<()> {
@@ -405,8 +408,7 @@ async fn copy_into(
                     }
                     if is_zero(piece) {
                         // Differs from the backing file: explicit zeros.
-                        img.write_zeroes(g, n, crate::write::ZeroMode::Unmap)
-                            .await?;
+                        img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
                         i += n;
                         continue;
                     }

@@ -1,6 +1,6 @@
 //! `info`: what qemu-img info reports, as JSON (qemu-img's keys) and as text.
 
-use crate::disk::Disk;
+use crate::engine::disk::Disk;
 use crate::format::snapshot::Snapshot;
 use crate::Result;
 use serde_json::{json, Map, Value};
@@ -207,7 +207,7 @@ pub fn info_json(disk: &Disk) -> Result<Value> {
             if let Some(b) = &h.backing_file {
                 let full = match img.backing() {
                     Some(bd) => bd.path().display().to_string(),
-                    None => crate::image::resolve_name(img.path(), b)
+                    None => crate::engine::image::resolve_name(img.path(), b)
                         .display()
                         .to_string(),
                 };
@@ -242,7 +242,7 @@ pub fn info_human(disk: &Disk) -> Result<String> {
             if let Some(b) = &h.backing_file {
                 let full = match img.backing() {
                     Some(bd) => bd.path().display().to_string(),
-                    None => crate::image::resolve_name(img.path(), b)
+                    None => crate::engine::image::resolve_name(img.path(), b)
                         .display()
                         .to_string(),
                 };

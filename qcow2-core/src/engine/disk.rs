@@ -1,6 +1,6 @@
 //! A disk of either format (qcow2 or raw), as used for sources, targets and backing files.
 
-use crate::image::{Image, OpenOptions};
+use crate::engine::image::{Image, OpenOptions};
 use crate::io::{FileOptions, IoFuture, Storage};
 use crate::{Error, ErrorKind, Result, ResultExt};
 use std::future::Future;

@@ -25,7 +25,7 @@
 //! The repair writes to the image file directly, holding the metadata lock, after writing back
 //! the image's caches; it drops the caches (and resets the allocator's hints) afterwards.
 //!
-//! When anything was fixed, [`crate::check::check`] runs a second, read-only check and reports
+//! When anything was fixed, [`crate::jobs::check::check`] runs a second, read-only check and reports
 //! its result with the fixed counts, as qemu-img does ("Double checking the fixed image now").
 //!
 //! An image with the dirty bit that is opened writable is repaired like `-r all` before the
@@ -33,14 +33,14 @@
 //! `check -r` on that handle reports that repair as its first pass, so the report is the
 //! one qemu-img gives for the dirty image.
 
-use crate::check::{
+use crate::engine::image::Image;
+use crate::engine::metadata::Meta;
+use crate::format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::format::{be64, refcount};
+use crate::jobs::check::{
     eio, make_report, strerror, CheckReport, Checker, Counters, Fix, Repair, L1E_OFFSET_MASK,
     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
 };
-use crate::format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::format::{be64, refcount};
-use crate::image::Image;
-use crate::write::Meta;
 use crate::{Error, ErrorKind, Result};
 use std::collections::HashMap;
 

@@ -1,12 +1,11 @@
-//! An open qcow2 image: open, read, map, flush, close.
+//! An open qcow2 image: options, geometry, the shared handle, open, flush and close.
 
-use crate::cache::SliceCache;
-use crate::compress;
-use crate::disk::{check_range, Disk, Format, LayerStatus};
+use crate::engine::cache::SliceCache;
+use crate::engine::disk::{Disk, Format};
+use crate::format::be64;
 use crate::format::header::{self, Header};
-use crate::format::l2::{self, ClusterEntry, SubState};
+use crate::format::l2::{self};
 use crate::format::snapshot::{self, Snapshot};
-use crate::format::{be64, refcount};
 use crate::io::{EngineKind, FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use lru::LruCache;
@@ -154,27 +153,18 @@ pub(crate) struct Inner {
     pub zcache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
     pub opts: OpenOptions,
     /// Write state, for images opened writable.
-    pub w: Option<crate::write::WriteState>,
+    pub w: Option<crate::engine::write::WriteState>,
     /// Whether the image looks metadata-preallocated (qemu's heuristic), computed once.
     pub prealloc: tokio::sync::OnceCell<bool>,
     /// The repair done when this dirty image was opened for writing, reported by a later
     /// `check -r` on the same handle.
-    pub open_repair: Mutex<Option<crate::repair::Pass>>,
+    pub open_repair: Mutex<Option<crate::jobs::repair::Pass>>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
 #[derive(Clone)]
 pub struct Image {
     pub(crate) inner: Arc<Inner>,
-}
-
-/// Where a guest range is, at this layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Run {
-    pub state: SubState,
-    pub len: u64,
-    /// Host offset of the cluster for unallocated subclusters of an allocated cluster.
-    pub alloc_host: Option<u64>,
 }
 
 pub(crate) fn resolve_name(base: &Path, name: &str) -> PathBuf {
@@ -185,7 +175,6 @@ pub(crate) fn resolve_name(base: &Path, name: &str) -> PathBuf {
         base.parent().unwrap_or(Path::new(".")).join(p)
     }
 }
-
 impl Image {
     /// Open the qcow2 image at `path`.
     pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
@@ -383,7 +372,7 @@ impl Image {
                 };
                 let fmt = match fmt {
                     Some(f) => f,
-                    None => crate::disk::probe(&bpath)
+                    None => crate::engine::disk::probe(&bpath)
                         .await
                         .map_err(|e| e.context(format!("backing file '{name}'")))?,
                 };
@@ -394,7 +383,7 @@ impl Image {
                             .map_err(|e| e.context(format!("backing file '{name}'")))?,
                     ),
                     Format::Raw => Disk::Raw(
-                        crate::disk::RawDisk::open(&bpath, &bopts)
+                        crate::engine::disk::RawDisk::open(&bpath, &bopts)
                             .map_err(|e| e.context("backing file"))?,
                     ),
                 })
@@ -425,7 +414,7 @@ impl Image {
             zcache: Mutex::new(LruCache::new(NonZeroUsize::new(zentries).unwrap())),
             opts: opts.clone(),
             w: if opts.writable {
-                Some(crate::write::WriteState::new(file_len.div_ceil(cs)))
+                Some(crate::engine::write::WriteState::new(file_len.div_ceil(cs)))
             } else {
                 None
             },
@@ -501,385 +490,6 @@ impl Image {
         self.inner.reftable.read().clone()
     }
 
-    /// Read the L2 entry (and bitmap, for extended L2) of guest cluster `gc` through the L2
-    /// table at `l2_off`.
-    pub(crate) async fn l2_entry(&self, l2_off: u64, idx: u64) -> Result<(u64, u64)> {
-        let lay = &self.inner.layout;
-        let byte = idx * lay.l2_entry_size;
-        let slice_off = l2_off + byte / lay.slice_size * lay.slice_size;
-        let slice = self
-            .inner
-            .l2_cache
-            .get(&*self.inner.file, slice_off)
-            .await?;
-        let within = (byte % lay.slice_size) as usize;
-        let d = slice.data.read();
-        let e = be64(&d, within);
-        let bm = if lay.extended {
-            be64(&d, within + 8)
-        } else {
-            0
-        };
-        Ok((e, bm))
-    }
-
-    /// Read a table slice of `l2_off` through the cache: returns the entries (and bitmaps)
-    /// of guest clusters `[first, first+n)` where the run stays inside one slice.
-    async fn l2_run(&self, l2_off: u64, first: u64, max: u64) -> Result<Vec<(u64, u64)>> {
-        let lay = &self.inner.layout;
-        let per_slice = lay.slice_size / lay.l2_entry_size;
-        let in_slice = per_slice - first % per_slice;
-        let n = in_slice.min(max).min(lay.l2_entries - first);
-        let slice_off = l2_off + first / per_slice * lay.slice_size;
-        let slice = self
-            .inner
-            .l2_cache
-            .get(&*self.inner.file, slice_off)
-            .await?;
-        let d = slice.data.read();
-        let mut out = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let b = ((first % per_slice + i) * lay.l2_entry_size) as usize;
-            let e = be64(&d, b);
-            let bm = if lay.extended { be64(&d, b + 8) } else { 0 };
-            out.push((e, bm));
-        }
-        Ok(out)
-    }
-
-    fn entry_state(&self, gc: u64, e: u64, bm: u64, sc: u32) -> Result<(SubState, Option<u64>)> {
-        let lay = &self.inner.layout;
-        let ce = l2::decode(e, lay.cluster_bits, lay.extended);
-        let host = match ce {
-            ClusterEntry::Normal { host, .. } => Some(host),
-            ClusterEntry::Zero { host } => host,
-            _ => None,
-        };
-        if let Some(h) = host {
-            if h % lay.cluster_size != 0 {
-                return Err(Error::corrupt(format!(
-                    "L2 entry for guest offset 0x{:x}: host offset 0x{h:x} is not cluster aligned",
-                    gc << lay.cluster_bits
-                )));
-            }
-            if h == 0 && self.inner.data_path.is_none() {
-                return Err(Error::corrupt(format!(
-                    "L2 entry for guest offset 0x{:x} points at the header (offset 0)",
-                    gc << lay.cluster_bits
-                )));
-            }
-        }
-        if let ClusterEntry::Compressed(d) = ce {
-            if self.inner.data_path.is_some() {
-                return Err(Error::corrupt(
-                    "compressed cluster in an image with an external data file",
-                ));
-            }
-            if d.offset < 512 {
-                return Err(Error::corrupt(format!(
-                    "L2 entry for guest offset 0x{:x}: compressed data at offset 0x{:x} overlaps the header",
-                    gc << lay.cluster_bits,
-                    d.offset
-                )));
-            }
-        }
-        if lay.extended {
-            let st = l2::substate(ce, bm, sc, lay.sc_size).map_err(|_| {
-                Error::corrupt(format!(
-                    "L2 entry for guest offset 0x{:x}: invalid subcluster bitmap 0x{bm:016x}",
-                    gc << lay.cluster_bits
-                ))
-            })?;
-            let alloc_host = match (st, ce) {
-                (SubState::Unallocated | SubState::Zero, ClusterEntry::Normal { host, .. }) => {
-                    Some(host + sc as u64 * lay.sc_size)
-                }
-                (SubState::Zero, ClusterEntry::Zero { host: Some(h) }) => Some(h),
-                _ => None,
-            };
-            Ok((st, alloc_host))
-        } else {
-            Ok(match ce {
-                ClusterEntry::Unallocated => (SubState::Unallocated, None),
-                ClusterEntry::Zero { host } => (SubState::Zero, host),
-                ClusterEntry::Normal { host, .. } => (SubState::Data(host), None),
-                ClusterEntry::Compressed(d) => (SubState::Compressed(d), None),
-            })
-        }
-    }
-
-    /// The mapping of the run starting at guest `off`, at most `max` bytes, at this layer.
-    /// Runs of data are physically contiguous; compressed runs are one cluster.
-    pub(crate) async fn run_at(&self, off: u64, max: u64) -> Result<Run> {
-        let lay = self.inner.layout;
-        let gc = off >> lay.cluster_bits;
-        let l1_idx = gc / lay.l2_entries;
-        let l2_idx = gc % lay.l2_entries;
-        if l1_idx >= self.inner.l1_in_file && self.inner.w.is_none() {
-            return Err(Error::corrupt(format!(
-                "L1 table is truncated: entry {l1_idx} lies beyond the end of the file"
-            )));
-        }
-        let l2_off = {
-            let l1 = self.inner.l1.read();
-            l1.get(l1_idx as usize)
-                .map(|&e| l2::l1_offset(e))
-                .unwrap_or(0)
-        };
-        let to_l2_end =
-            (lay.l2_entries - l2_idx) * lay.cluster_size - (off & (lay.cluster_size - 1));
-        if l2_off == 0 {
-            return Ok(Run {
-                state: SubState::Unallocated,
-                len: max.min(to_l2_end),
-                alloc_host: None,
-            });
-        }
-        let ncl = (off + max).div_ceil(lay.cluster_size) - gc;
-        let entries = self.l2_run(l2_off, l2_idx, ncl).await?;
-        let mut pos = off;
-        let end = off + max;
-        let mut first: Option<(SubState, Option<u64>)> = None;
-        let mut len = 0u64;
-        'outer: for (i, &(e, bm)) in entries.iter().enumerate() {
-            let cgc = gc + i as u64;
-            let cstart = cgc << lay.cluster_bits;
-            while pos < end && pos < cstart + lay.cluster_size {
-                let sc = ((pos - cstart) >> lay.sc_bits) as u32;
-                let sc_end = (cstart + ((sc as u64 + 1) << lay.sc_bits)).min(end);
-                let (st, ah) = self.entry_state(cgc, e, bm, sc)?;
-                let piece = sc_end - pos;
-                match first {
-                    None => {
-                        first = Some((st, ah));
-                    }
-                    Some((fst, fah)) => {
-                        let cont = match (fst, st) {
-                            (SubState::Data(a), SubState::Data(b)) => a + len == b,
-                            (SubState::Zero, SubState::Zero)
-                            | (SubState::Unallocated, SubState::Unallocated) => match (fah, ah) {
-                                (None, None) => true,
-                                (Some(a), Some(b)) => a + len == b,
-                                _ => false,
-                            },
-                            _ => false,
-                        };
-                        if !cont {
-                            break 'outer;
-                        }
-                    }
-                }
-                len += piece;
-                pos = sc_end;
-                if matches!(first, Some((SubState::Compressed(_), _))) {
-                    // One compressed cluster per run.
-                    if pos >= cstart + lay.cluster_size || pos >= end {
-                        break 'outer;
-                    }
-                }
-            }
-        }
-        let (state, alloc_host) = first.expect("at least one cluster");
-        Ok(Run {
-            state,
-            len,
-            alloc_host,
-        })
-    }
-
-    /// Read `buf.len()` bytes of guest data at `off`.
-    pub async fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.read_inner(buf, off).await.map_err(|e| self.named(e))
-    }
-
-    /// Prefix an error with the image's name unless it already names it.
-    pub(crate) fn named(&self, e: Error) -> Error {
-        let p = self.inner.path.display().to_string();
-        if e.message().starts_with(&p) {
-            e
-        } else {
-            e.context(p)
-        }
-    }
-
-    async fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        check_range(off, buf.len() as u64, self.size())?;
-        let mut rest: &mut [u8] = buf;
-        let mut pos = off;
-        let mut futs = Vec::new();
-        while !rest.is_empty() {
-            let run = self.run_at(pos, rest.len() as u64).await?;
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(run.len as usize);
-            rest = tail;
-            futs.push(self.read_run(run, piece, pos));
-            pos += run.len;
-        }
-        if futs.len() == 1 {
-            return futs.pop().unwrap().await;
-        }
-        futures::future::try_join_all(futs).await?;
-        Ok(())
-    }
-
-    async fn read_run(&self, run: Run, buf: &mut [u8], guest: u64) -> Result<()> {
-        let lay = &self.inner.layout;
-        match run.state {
-            SubState::Zero => {
-                buf.fill(0);
-                Ok(())
-            }
-            SubState::Unallocated => match &self.inner.backing {
-                Some(b) => b.read_padded(buf, guest).await,
-                None => {
-                    buf.fill(0);
-                    Ok(())
-                }
-            },
-            SubState::Data(host) => {
-                let host = host + (guest & (lay.sc_size - 1));
-                if self.inner.w.is_none()
-                    && self.inner.data_path.is_none()
-                    && (host & !(lay.cluster_size - 1)) >= self.inner.file_len_at_open
-                {
-                    return Err(Error::corrupt(format!(
-                        "L2 entry for guest offset 0x{guest:x} points at host offset 0x{host:x}, in a cluster beyond the end of the file"
-                    )));
-                }
-                self.inner.data.read_at(buf, host).await.map_err(|e| {
-                    Error::io(
-                        e,
-                        format!(
-                            "{}: reading data at host offset 0x{host:x}",
-                            self.inner.path.display()
-                        ),
-                    )
-                })
-            }
-            SubState::Compressed(d) => {
-                let cluster = self.decompressed(d).await?;
-                let within = (guest & (lay.cluster_size - 1)) as usize;
-                buf.copy_from_slice(&cluster[within..within + buf.len()]);
-                Ok(())
-            }
-        }
-    }
-
-    /// The decompressed content of a compressed cluster (cached).
-    pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.inner.zcache.lock().get(&d.offset) {
-            return Ok(c.clone());
-        }
-        let cs = self.inner.layout.cluster_size as usize;
-        let mut input = vec![0u8; d.len as usize];
-        self.inner
-            .file
-            .read_at(&mut input, d.offset)
-            .await
-            .map_err(|e| {
-                Error::io(
-                    e,
-                    format!(
-                        "{}: reading compressed cluster at 0x{:x}",
-                        self.inner.path.display(),
-                        d.offset
-                    ),
-                )
-            })?;
-        let ty = self.inner.header.read().compression_type();
-        let out = compress::decompress_owned(ty, input, cs)
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "{}: host offset 0x{:x}",
-                    self.inner.path.display(),
-                    d.offset
-                ))
-            })?;
-        let out = Arc::new(out);
-        self.inner.zcache.lock().put(d.offset, out.clone());
-        Ok(out)
-    }
-
-    /// qemu's block status of the run at `off` at this layer only.
-    pub async fn layer_status(&self, off: u64, len: u64) -> Result<LayerStatus> {
-        self.layer_status_inner(off, len)
-            .await
-            .map_err(|e| self.named(e))
-    }
-
-    async fn layer_status_inner(&self, off: u64, len: u64) -> Result<LayerStatus> {
-        let size = self.size();
-        let len = len.min(size.saturating_sub(off));
-        let run = self.run_at(off, len).await?;
-        let mut st = LayerStatus {
-            len: run.len,
-            allocated: true,
-            data: false,
-            zero: false,
-            compressed: false,
-            offset: None,
-        };
-        match run.state {
-            SubState::Data(h) => {
-                st.data = true;
-                let host = h + (off & (self.inner.layout.sc_size - 1));
-                st.offset = Some(host);
-                if self.metadata_preallocated().await? {
-                    let (n, is_data) = self
-                        .inner
-                        .data
-                        .data_run(host, st.len)
-                        .map_err(Error::from)?;
-                    if !is_data {
-                        st.zero = true;
-                    }
-                    if n > 0 {
-                        st.len = st.len.min(n);
-                    }
-                }
-            }
-            SubState::Zero => {
-                st.zero = true;
-                // A preallocated zero cluster keeps its host offset.
-                st.offset = run
-                    .alloc_host
-                    .map(|h| h + (off & (self.inner.layout.sc_size - 1)));
-            }
-            SubState::Compressed(_) => {
-                st.data = true;
-                st.compressed = true;
-            }
-            SubState::Unallocated => {
-                st.allocated = false;
-                st.offset = run
-                    .alloc_host
-                    .map(|h| h + (off & (self.inner.layout.sc_size - 1)));
-                match &self.inner.backing {
-                    None => st.zero = true,
-                    Some(b) => {
-                        let bs = b.size();
-                        if off >= bs {
-                            st.zero = true;
-                        } else {
-                            st.len = st.len.min(bs - off);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(st)
-    }
-
-    /// The refcount of host cluster index `ci` (offset / cluster_size).
-    pub async fn refcount(&self, ci: u64) -> Result<u64> {
-        Ok(match self.rc_slot(ci).await? {
-            None => 0,
-            Some((slice, i)) => {
-                refcount::get(&slice.data.read(), self.inner.layout.refcount_order, i)
-            }
-        })
-    }
-
     /// Make every completed write durable.
     pub async fn flush(&self) -> Result<()> {
         self.flush_all().await
@@ -901,32 +511,6 @@ impl Image {
             }
         }
         Ok(())
-    }
-
-    /// qemu's heuristic for metadata preallocation: more clusters have a refcount than the
-    /// file has allocated blocks. Then data clusters that are holes in the file read as zeros
-    /// in block status.
-    async fn metadata_preallocated(&self) -> Result<bool> {
-        self.inner
-            .prealloc
-            .get_or_try_init(|| async {
-                let cs = self.inner.layout.cluster_size;
-                let file_len = self.inner.file.len().map_err(Error::from)?;
-                let real = self.inner.file.allocated_size().map_err(Error::from)? / cs;
-                let threshold = (real * 10 / 9).max(real + 2);
-                let end = file_len.div_ceil(cs);
-                let mut count = 0u64;
-                let mut i = 0;
-                while i < end && count <= threshold {
-                    if self.refcount(i).await? != 0 {
-                        count += 1;
-                    }
-                    i += 1;
-                }
-                Ok::<bool, Error>(count > threshold)
-            })
-            .await
-            .copied()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Changing the virtual size of an image.
 
+use crate::engine::image::Image;
 use crate::format::l2::COPIED;
-use crate::image::Image;
 use crate::{Error, Result};
 
 impl Image {
@@ -43,7 +43,7 @@ impl Image {
             if new_size & (cs - 1) != 0 && new_size < from.min(old) {
                 // Zero the tail of the last partial cluster so a later grow reads zeros.
                 let end = from.min(old);
-                self.write_zeroes(new_size, end - new_size, crate::write::ZeroMode::Keep)
+                self.write_zeroes(new_size, end - new_size, crate::ZeroMode::Keep)
                     .await?;
             }
         }
@@ -99,7 +99,7 @@ impl Image {
             drop(m);
             self.inner.header.write().size = new_size;
             let r = self
-                .zero_or_discard(old, zero_to - old, Some(crate::write::ZeroMode::Unmap))
+                .zero_or_discard(old, zero_to - old, Some(crate::ZeroMode::Unmap))
                 .await;
             if let Err(e) = r {
                 self.inner.header.write().size = old;

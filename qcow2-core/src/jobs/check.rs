@@ -33,10 +33,10 @@
 //! when anything was fixed, a second read-only check reports what remains. The write side of
 //! the repair lives in [`crate::repair`].
 
+use crate::engine::image::{Image, Layout};
 use crate::format::header::{Header, AUTOCLEAR_BITMAPS};
 use crate::format::l2::{self, CompressedDesc};
 use crate::format::{be16, be32, be64, refcount};
-use crate::image::{Image, Layout};
 use crate::io::Storage;
 use crate::{Error, ErrorKind, Result};
 use std::sync::Arc;
@@ -227,7 +227,7 @@ pub async fn check(img: &Image, opts: &CheckOptions) -> Result<CheckReport> {
         }
     };
     if let Some(r) = opts.repair {
-        return crate::repair::check_repair(img, r).await.map_err(ctx);
+        return crate::jobs::repair::check_repair(img, r).await.map_err(ctx);
     }
     let mut c = Checker::new(img, Fix::NONE).map_err(ctx)?;
     c.run().await.map_err(ctx)?;

@@ -1,7 +1,11 @@
-//! Compressed clusters: raw deflate (zlib type) and zstd.
+//! Compressed clusters: the codecs (raw deflate for the zlib type, and zstd), reading them
+//! through the decompressed-cluster cache, and writing them.
 
+use crate::engine::image::Image;
 use crate::format::header::CompressionType;
+use crate::format::l2::{self, ClusterEntry};
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// Decompress `input` into exactly `out.len()` bytes. Trailing input is ignored.
 pub fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
@@ -130,6 +134,122 @@ pub async fn decompress_owned(
         decompress(ty, &input, &mut out).map(|_| out)
     })
     .await
+}
+
+impl Image {
+    /// The decompressed content of a compressed cluster (cached).
+    pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
+        if let Some(c) = self.inner.zcache.lock().get(&d.offset) {
+            return Ok(c.clone());
+        }
+        let cs = self.inner.layout.cluster_size as usize;
+        let mut input = vec![0u8; d.len as usize];
+        self.inner
+            .file
+            .read_at(&mut input, d.offset)
+            .await
+            .map_err(|e| {
+                Error::io(
+                    e,
+                    format!(
+                        "{}: reading compressed cluster at 0x{:x}",
+                        self.inner.path.display(),
+                        d.offset
+                    ),
+                )
+            })?;
+        let ty = self.inner.header.read().compression_type();
+        let out = decompress_owned(ty, input, cs).await.map_err(|e| {
+            e.context(format!(
+                "{}: host offset 0x{:x}",
+                self.inner.path.display(),
+                d.offset
+            ))
+        })?;
+        let out = Arc::new(out);
+        self.inner.zcache.lock().put(d.offset, out.clone());
+        Ok(out)
+    }
+
+    /// Write one whole guest cluster (`data.len()` == cluster size, or the tail of the disk)
+    /// compressed with the image's compression type. Falls back to a normal write when the
+    /// data does not compress. Compressed clusters share host clusters byte-wise.
+    pub async fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        if off & (cs - 1) != 0
+            || (data.len() as u64 != cs && off + data.len() as u64 != self.size())
+        {
+            return Err(Error::invalid(
+                "compressed writes must cover one whole cluster",
+            ));
+        }
+        if self.inner.data_path.is_some() {
+            return Err(Error::unsupported(
+                "compressed clusters are not supported with an external data file",
+            ));
+        }
+        self.check_write(off, data.len() as u64)?;
+        self.before_first_write().await?;
+        let ty = self.inner.header.read().compression_type();
+        let mut input = vec![0u8; cs as usize];
+        input[..data.len()].copy_from_slice(data);
+        let comp = match crate::engine::compressed::compress_owned(ty, input).await? {
+            Some(c) if (c.len() as u64) < cs - 512 => c,
+            _ => return self.write_at(data, off).await,
+        };
+        let gc = off / cs;
+        let w = self.ws()?;
+        let _g = self.acquire(gc).await;
+        let len = comp.len() as u64;
+        let host = {
+            let mut m = w.meta.lock().await;
+            let cur = m.comp_cursor;
+            // Share the cursor's host cluster while it has room and its refcount can take
+            // one more reference (1-bit refcounts never can).
+            let max = crate::format::refcount::max(lay.refcount_order);
+            if cur != 0
+                && cur % cs != 0
+                && cs - cur % cs >= len
+                && self.refcount(cur / cs).await? < max
+            {
+                self.rc_add(cur / cs, 1).await?;
+                m.comp_cursor = cur + len;
+                cur
+            } else {
+                let k = len.div_ceil(cs);
+                let h = self.alloc_clusters(&mut m, k).await?;
+                m.comp_cursor = h + len;
+                h
+            }
+        };
+        self.inner.file.write_at(&comp, host).await.map_err(|e| {
+            Error::io(
+                e,
+                format!("{}: writing compressed data", self.inner.path.display()),
+            )
+        })?;
+        // A compressed cluster freed earlier may have lived at this very offset: its
+        // decompressed copy must not be served for the new one.
+        self.inner.zcache.lock().pop(&host);
+        let mut m = w.meta.lock().await;
+        let (e, _, _) = self.current_entry(gc).await?;
+        let old: Vec<u64> = match l2::decode(e, lay.cluster_bits, lay.extended) {
+            ClusterEntry::Normal { host, .. } | ClusterEntry::Zero { host: Some(host) } => {
+                vec![host / cs]
+            }
+            ClusterEntry::Compressed(d) => {
+                let (a, b) = d.host_clusters(lay.cluster_bits);
+                ((a / cs)..=(b / cs)).collect()
+            }
+            _ => Vec::new(),
+        };
+        let entry = l2::CompressedDesc::encode(host, len, lay.cluster_bits);
+        self.set_l2_entry(&mut m, gc, entry, 0).await?;
+        m.pending_free.extend(old);
+        drop(m);
+        self.maybe_writeback().await
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Creating images: qcow2 (every option qemu-img offers for the formats we write) and raw.
 
-use crate::disk::{Disk, Format};
+use crate::engine::disk::{Disk, Format};
+use crate::engine::image::{Image, OpenOptions};
 use crate::format::header::{self, CompressionType, FeatureKind, FeatureName, Header};
 use crate::format::refcount;
-use crate::image::{Image, OpenOptions};
 use crate::io::{FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use std::path::{Path, PathBuf};
@@ -175,7 +175,7 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
     let size = match (opts.size, &opts.backing_file) {
         (Some(s), _) => s,
         (None, Some(b)) if !opts.unsafe_backing => {
-            let bpath = crate::image::resolve_name(path, b);
+            let bpath = crate::engine::image::resolve_name(path, b);
             let fmt = match &opts.backing_format {
                 Some(f) => Some(Format::parse(f)?),
                 None => None,
@@ -192,7 +192,7 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
         opts.size.is_some() && !opts.unsafe_backing,
     ) {
         // The backing file must exist and open.
-        let bpath = crate::image::resolve_name(path, b);
+        let bpath = crate::engine::image::resolve_name(path, b);
         let fmt = match &opts.backing_format {
             Some(f) => Some(Format::parse(f)?),
             None => None,
@@ -307,7 +307,7 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
         ..Default::default()
     };
     if let Some(df) = &opts.data_file {
-        let dpath = crate::image::resolve_name(path, df);
+        let dpath = crate::engine::image::resolve_name(path, df);
         let d =
             crate::io::open_file(&dpath, &fo).ctx(format!("data file '{}'", dpath.display()))?;
         d.set_len(size).ctx(dpath.display())?;
@@ -484,7 +484,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// Resolve a name stored in an image against the image's folder.
 pub fn resolve(image: &Path, name: &str) -> PathBuf {
-    crate::image::resolve_name(image, name)
+    crate::engine::image::resolve_name(image, name)
 }
 
 /// Split a qemu-img `-o` string ("a=b,c=d"; ",," is a literal comma) into pairs.

@@ -1,0 +1,185 @@
+//! Copy-on-write and allocation of guest clusters (and of subclusters with extended L2).
+
+use crate::engine::image::Image;
+use crate::engine::write::{nonzero_span, subcluster_mask};
+use crate::format::l2::{self, ClusterEntry, COPIED};
+use crate::{Error, Result};
+
+impl Image {
+    /// Guest content of a whole cluster as it reads now (for copy-on-write).
+    pub(crate) async fn cluster_content(&self, gc: u64) -> Result<Vec<u8>> {
+        let cs = self.inner.layout.cluster_size;
+        let g = gc * cs;
+        let mut buf = vec![0u8; cs as usize];
+        let size = self.size();
+        let n = (size - g).min(cs) as usize;
+        self.read_at(&mut buf[..n], g).await?;
+        Ok(buf)
+    }
+
+    /// Allocate (or copy) guest cluster `gc` and write the range into it.
+    pub(crate) async fn allocating_write(
+        &self,
+        gc: u64,
+        within: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let w = self.ws()?;
+        let external = self.inner.data_path.is_some();
+        let (e, bm, _) = self.current_entry(gc).await?;
+        let ce = l2::decode(e, lay.cluster_bits, lay.extended);
+
+        // Extended L2: an allocated cluster with refcount 1 gets new subclusters in place.
+        if lay.extended {
+            if let ClusterEntry::Normal { host, copied: true } = ce {
+                if self.lookup_l2_off(gc).2 {
+                    return self
+                        .subcluster_alloc_write(gc, host, bm, within, data, len)
+                        .await;
+                }
+            }
+        }
+
+        // Build the new cluster content: current guest content with the range overlaid.
+        let whole = within == 0 && len == cs;
+        let fresh_possible =
+            matches!(ce, ClusterEntry::Unallocated | ClusterEntry::Zero { .. }) && !lay.extended;
+        let mut content = if whole {
+            vec![0u8; cs as usize]
+        } else {
+            self.cluster_content(gc).await?
+        };
+        match data {
+            Some(d) => content[within as usize..(within + len) as usize].copy_from_slice(d),
+            None => content[within as usize..(within + len) as usize].fill(0),
+        }
+        let _ = fresh_possible;
+        // Which subclusters end up allocated (extended L2): every subcluster, since the whole
+        // cluster content is written.
+        // Choose the host cluster.
+        let (host, fresh, old_refs): (u64, bool, Vec<u64>) = {
+            let mut m = w.meta.lock().await;
+            self.ensure_l2_writable(&mut m, gc).await?;
+            let mut old_refs = Vec::new();
+            let reuse = match ce {
+                ClusterEntry::Zero { host: Some(h) } if e & COPIED != 0 && !external => Some(h),
+                _ => None,
+            };
+            match ce {
+                ClusterEntry::Normal { host, .. } if !external => {
+                    old_refs.push(host >> lay.cluster_bits)
+                }
+                ClusterEntry::Zero { host: Some(h) } if reuse.is_none() && !external => {
+                    old_refs.push(h >> lay.cluster_bits)
+                }
+                ClusterEntry::Compressed(d) => {
+                    let (a, b) = d.host_clusters(lay.cluster_bits);
+                    let mut c = a;
+                    while c <= b {
+                        old_refs.push(c >> lay.cluster_bits);
+                        c += cs;
+                    }
+                }
+                _ => {}
+            }
+            if external {
+                (gc * cs, false, old_refs)
+            } else if let Some(h) = reuse {
+                (h, false, old_refs)
+            } else {
+                let hw = m.high_water;
+                let h = self.alloc_clusters(&mut m, 1).await?;
+                self.check_overlap(h, cs, crate::engine::overlap::Target::Data)
+                    .await?;
+                (h, (h >> lay.cluster_bits) >= hw, old_refs)
+            }
+        };
+        // Write the data (outside the lock). A fresh cluster past the old end of file already
+        // reads as zeros: write only the non-zero part, and the last sector (zeros) so that
+        // the file covers the whole cluster (qemu-img check calls a cluster wholly past the
+        // end of the file a corruption; readers may refuse to read past it).
+        let res = if fresh {
+            let c = content.len();
+            let (a, b) = nonzero_span(&content).unwrap_or((c - 512, c));
+            let data = &self.inner.data;
+            let span = data.write_at(&content[a..b], host + a as u64);
+            if b < c {
+                let tail = data.write_at(&content[c - 512..], host + c as u64 - 512);
+                futures::future::try_join(span, tail).await.map(|_| ())
+            } else {
+                span.await
+            }
+        } else {
+            self.inner.data.write_at(&content, host).await
+        };
+        if let Err(err) = res {
+            // Give the cluster back (it is not referenced by any table).
+            if !external && old_refs.iter().all(|&c| c != host >> lay.cluster_bits) {
+                let mut m = w.meta.lock().await;
+                if !matches!(ce, ClusterEntry::Zero { host: Some(h) } if h == host) {
+                    m.pending_free.push(host >> lay.cluster_bits);
+                }
+            }
+            return Err(Error::io(
+                err,
+                format!(
+                    "{}: writing data at host offset 0x{host:x}",
+                    self.inner.path.display()
+                ),
+            ));
+        }
+        // Publish the mapping.
+        let mut m = w.meta.lock().await;
+        let new_bm = if lay.extended { 0xffff_ffffu64 } else { 0 };
+        self.set_l2_entry(&mut m, gc, host | COPIED, new_bm).await?;
+        m.pending_free.extend(old_refs);
+        Ok(())
+    }
+
+    /// Extended L2: write into unallocated/zero subclusters of an allocated cluster in place.
+    pub(crate) async fn subcluster_alloc_write(
+        &self,
+        gc: u64,
+        host: u64,
+        bm: u64,
+        within: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> Result<()> {
+        let lay = self.inner.layout;
+        let sc = lay.sc_size;
+        let first = within / sc;
+        let last = (within + len - 1) / sc;
+        let start = first * sc;
+        let end = (last + 1) * sc;
+        // Content of the touched subclusters as they read now, with our range overlaid.
+        let g0 = gc * lay.cluster_size + start;
+        let span = (end - start) as usize;
+        let mut buf = vec![0u8; span];
+        let readable = (self.size().saturating_sub(g0) as usize).min(span);
+        if !(within == start && within + len == end) {
+            self.read_at(&mut buf[..readable], g0).await?;
+        }
+        let a = (within - start) as usize;
+        match data {
+            Some(d) => buf[a..a + len as usize].copy_from_slice(d),
+            None => buf[a..a + len as usize].fill(0),
+        }
+        self.check_host(gc, host)?;
+        self.inner
+            .data
+            .write_at(&buf, host + start)
+            .await
+            .map_err(|e| Error::io(e, format!("{}: writing data", self.inner.path.display())))?;
+        let w = self.ws()?;
+        let mut m = w.meta.lock().await;
+        let mask = subcluster_mask(first as u32, last as u32);
+        let (e, cur_bm, _) = self.current_entry(gc).await?;
+        let new_bm = (cur_bm | mask) & !(mask << 32);
+        let _ = bm;
+        self.set_l2_entry(&mut m, gc, e, new_bm).await
+    }
+}

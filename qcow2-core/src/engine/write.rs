@@ -1,0 +1,303 @@
+//! Guest writes: the in-place fast path and the entry into copy-on-write.
+//!
+//! Concurrency: metadata changes take one async mutex (`Meta`), held only for cache
+//! updates, never across guest data I/O. Writes into clusters that are already allocated
+//! with refcount 1 take no lock at all. Writes that must allocate or copy a cluster first
+//! register the guest cluster as in flight; a second request for the same cluster waits for
+//! the first to publish its mapping and then re-evaluates.
+
+use crate::engine::image::Image;
+use crate::engine::metadata::Meta;
+use crate::format::header::{self, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
+use crate::format::l2::{self, ClusterEntry};
+use crate::{Error, Result};
+use parking_lot::Mutex as PMutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use tokio::sync::{Mutex, Notify, OnceCell};
+
+/// Write state of an image opened writable.
+pub struct WriteState {
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) inflight: PMutex<HashMap<u64, Arc<Notify>>>,
+    pub(crate) first_write: OnceCell<()>,
+}
+
+impl WriteState {
+    pub(crate) fn new(high_water: u64) -> Self {
+        WriteState {
+            meta: Mutex::new(Meta {
+                free_hint: 0,
+                pending_free: Vec::new(),
+                l1_dirty: BTreeSet::new(),
+                reftable_dirty: BTreeSet::new(),
+                high_water,
+                comp_cursor: 0,
+                reserved_end: 0,
+            }),
+            inflight: PMutex::new(HashMap::new()),
+            first_write: OnceCell::new(),
+        }
+    }
+}
+impl Image {
+    pub(crate) fn ws(&self) -> Result<&WriteState> {
+        self.inner.w.as_ref().ok_or_else(|| {
+            Error::read_only(format!(
+                "{}: image is opened read-only",
+                self.inner.path.display()
+            ))
+        })
+    }
+
+    /// Write header bytes at `off` and make them durable.
+    pub(crate) async fn write_header_bytes(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner
+            .file
+            .write_at(buf, off)
+            .await
+            .map_err(|e| Error::io(e, "writing the header"))?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "flush"))
+    }
+
+    /// Whether the image was opened writable.
+    pub fn is_writable(&self) -> bool {
+        self.inner.w.is_some()
+    }
+
+    /// Before the first change: clear autoclear bits we do not maintain (bitmaps, unknown).
+    pub(crate) async fn before_first_write(&self) -> Result<()> {
+        let w = self.ws()?;
+        w.first_write
+            .get_or_try_init(|| async {
+                let (ver, clear, bitmaps) = {
+                    let h = self.inner.header.read();
+                    let keep = AUTOCLEAR_DATA_FILE_RAW;
+                    (h.version, h.autoclear_features & !keep, h.bitmaps)
+                };
+                if ver >= 3 && clear != 0 {
+                    let bits = {
+                        let mut h = self.inner.header.write();
+                        h.autoclear_features &= !clear;
+                        if clear & AUTOCLEAR_BITMAPS != 0 {
+                            h.bitmaps = None;
+                        }
+                        h.autoclear_features
+                    };
+                    self.write_header_bytes(&bits.to_be_bytes(), 88).await?;
+                    if clear & AUTOCLEAR_BITMAPS != 0 {
+                        if let Some(ext) = bitmaps {
+                            self.drop_bitmaps(&ext).await?;
+                        }
+                    }
+                }
+                Ok::<(), Error>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The bitmaps are stale once their autoclear bit is clear (done, and durable, before
+    /// this): remove their header extension and free their clusters (directory, tables,
+    /// data) at the next metadata flush, rather than leaking them as QEMU does. A crash in
+    /// between only leaks them. Nothing is freed when the directory looks wrong.
+    pub(crate) async fn drop_bitmaps(&self, ext: &header::BitmapsExt) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let file_len = self.inner.file.len().map_err(Error::from)?;
+        let inside = |off: u64, len: u64| {
+            off & (cs - 1) == 0 && off != 0 && off.checked_add(len).is_some_and(|e| e <= file_len)
+        };
+        let mut clusters = Vec::new();
+        let mut ok = inside(ext.directory_offset, ext.directory_size) && ext.directory_size > 0;
+        if ok {
+            let first = ext.directory_offset / cs;
+            clusters.extend(first..(ext.directory_offset + ext.directory_size).div_ceil(cs));
+        }
+        for b in &self.inner.bitmaps {
+            let bytes = b.table_size as u64 * 8;
+            if !ok || bytes == 0 || bytes > 64 << 20 || !inside(b.table_offset, bytes) {
+                ok = false;
+                break;
+            }
+            clusters.extend(b.table_offset / cs..(b.table_offset + bytes).div_ceil(cs));
+            let mut t = vec![0u8; bytes as usize];
+            self.inner
+                .file
+                .read_at(&mut t, b.table_offset)
+                .await
+                .map_err(|e| Error::io(e, "reading a bitmap table"))?;
+            for e in t.chunks_exact(8) {
+                let off = u64::from_be_bytes(e.try_into().unwrap()) & l2::OFFSET_MASK;
+                if off != 0 {
+                    if !inside(off, cs) {
+                        ok = false;
+                        break;
+                    }
+                    clusters.push(off / cs);
+                }
+            }
+        }
+        let hdr = self.inner.header.read().to_bytes()?;
+        self.write_header_bytes(&hdr, 0).await?;
+        if ok {
+            clusters.sort_unstable();
+            clusters.dedup();
+            let w = self.ws()?;
+            w.meta.lock().await.pending_free.extend(clusters);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_write(&self, off: u64, len: u64) -> Result<()> {
+        self.ws()?;
+        if self.inner.header.read().corrupt() {
+            return Err(Error::read_only(format!(
+                "{}: image is marked corrupt; writes are refused",
+                self.inner.path.display()
+            )));
+        }
+        crate::engine::disk::check_range(off, len, self.size())
+    }
+
+    /// Write `buf` at guest offset `off`.
+    pub async fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_write(off, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.before_first_write().await?;
+        let cs = self.inner.layout.cluster_size;
+        let mut futs = Vec::new();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = off + pos as u64;
+            let n = ((cs - g % cs) as usize).min(buf.len() - pos);
+            futs.push(self.write_cluster(g, Some(&buf[pos..pos + n]), n as u64));
+            pos += n;
+        }
+        if futs.len() == 1 {
+            futs.pop().unwrap().await?;
+        } else {
+            futures::future::try_join_all(futs).await?;
+        }
+        self.maybe_writeback().await
+    }
+
+    /// Write back metadata if evicted dirty slices are waiting.
+    pub(crate) async fn maybe_writeback(&self) -> Result<()> {
+        if self.inner.l2_cache.has_evicted_dirty() || self.inner.rc_cache.has_evicted_dirty() {
+            let w = self.ws()?;
+            let mut m = w.meta.lock().await;
+            self.flush_metadata(&mut m).await?;
+        }
+        Ok(())
+    }
+
+    /// Write (or zero, when `data` is None) `len` bytes inside one guest cluster at `g`.
+    pub(crate) async fn write_cluster(&self, g: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
+        let lay = self.inner.layout;
+        let gc = g >> lay.cluster_bits;
+        let within = g & (lay.cluster_size - 1);
+        // Fast path: allocated, refcount 1, in place.
+        if let Some(host) = self.in_place_target(gc, within, len).await? {
+            return self.write_data(host + within, data, len).await;
+        }
+        let _guard = self.acquire(gc).await;
+        self.write_cluster_guarded(g, data, len).await
+    }
+
+    /// `write_cluster` for a caller that holds the cluster's in-flight mark.
+    pub(crate) async fn write_cluster_guarded(
+        &self,
+        g: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> Result<()> {
+        let lay = self.inner.layout;
+        let gc = g >> lay.cluster_bits;
+        let within = g & (lay.cluster_size - 1);
+        if let Some(host) = self.in_place_target(gc, within, len).await? {
+            return self.write_data(host + within, data, len).await;
+        }
+        self.allocating_write(gc, within, data, len).await
+    }
+
+    /// Host cluster offset when the range can be written in place.
+    pub(crate) async fn in_place_target(
+        &self,
+        gc: u64,
+        within: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let lay = self.inner.layout;
+        let (e, bm, l2_copied) = self.current_entry(gc).await?;
+        if !l2_copied {
+            return Ok(None);
+        }
+        match l2::decode(e, lay.cluster_bits, lay.extended) {
+            ClusterEntry::Normal { host, copied: true } => {
+                if lay.extended {
+                    let first = (within >> lay.sc_bits) as u32;
+                    let last = ((within + len - 1) >> lay.sc_bits) as u32;
+                    let mask = subcluster_mask(first, last);
+                    if bm & mask != mask {
+                        return Ok(None);
+                    }
+                }
+                self.check_host(gc, host)?;
+                Ok(Some(host))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub(crate) fn check_host(&self, gc: u64, host: u64) -> Result<()> {
+        if host & (self.inner.layout.cluster_size - 1) != 0
+            || (host == 0 && self.inner.data_path.is_none())
+        {
+            return Err(Error::corrupt(format!(
+                "{}: L2 entry for guest cluster {gc} has an invalid host offset 0x{host:x}",
+                self.inner.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn write_data(&self, host: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
+        let r = match data {
+            Some(d) => self.inner.data.write_at(d, host).await,
+            None => self.inner.data.write_zeroes(host, len).await,
+        };
+        r.map_err(|e| {
+            Error::io(
+                e,
+                format!(
+                    "{}: writing data at host offset 0x{host:x}",
+                    self.inner.path.display()
+                ),
+            )
+        })
+    }
+}
+
+/// Mask of subcluster bits `first..=last`.
+pub(crate) fn subcluster_mask(first: u32, last: u32) -> u64 {
+    let n = last - first + 1;
+    (if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }) << first
+}
+
+/// The span `[first non-zero byte, end of last non-zero 4 KiB)` of `b`, if any.
+pub(crate) fn nonzero_span(b: &[u8]) -> Option<(usize, usize)> {
+    let g = 512usize.min(b.len());
+    let chunks = b.len() / g;
+    let first = (0..chunks).find(|&i| !crate::jobs::convert::is_zero(&b[i * g..(i + 1) * g]))?;
+    let last = (0..chunks)
+        .rev()
+        .find(|&i| !crate::jobs::convert::is_zero(&b[i * g..(i + 1) * g]))?;
+    Some((first * g, (last + 1) * g))
+}

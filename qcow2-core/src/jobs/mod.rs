@@ -1,0 +1,9 @@
+//! Whole-image jobs built on the engine: create, check and repair, convert and compare,
+//! info, resize.
+
+pub mod check;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod repair;
+pub mod resize;
