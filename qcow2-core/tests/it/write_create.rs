@@ -2,9 +2,7 @@
 //! info` reports the options asked for, and qemu-io reads back what we wrote with
 //! `write_at`. Invalid combinations are refused. Needs qemu-img and qemu-io.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions, Preallocation};
 use qcow2_core::format::header::CompressionType;
 use std::path::Path;

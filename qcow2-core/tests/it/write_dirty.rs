@@ -2,9 +2,7 @@
 //! open works; a writable open must rebuild the refcounts before anything is allocated,
 //! otherwise new clusters land on top of live data. Needs qemu-img and qemu-io.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// `qemu-io -c 'write …' -c abort`: the process dies with the dirty bit set.

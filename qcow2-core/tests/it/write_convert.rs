@@ -3,9 +3,7 @@
 //! checked with `qemu-img check`, `qemu-img compare` and `qemu-img map`. Needs qemu-img
 //! and qemu-io.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::convert::{convert, convert_to_raw, ConvertOptions, Target};
 use qcow2_core::create::{create_qcow2, CreateOptions};
 use qcow2_core::format::header::CompressionType;

@@ -6,9 +6,7 @@
 //! read back intact, and other bytes must hold either their durable value or one that a
 //! later request wrote. The crashed image must also accept new writes.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::io::mem::MemStorage;
 use qcow2_core::io::{IoFuture, Storage};
 use qcow2_core::{Image, OpenOptions};

@@ -1,9 +1,7 @@
 //! Small deterministic reproducers of write-side bugs found by the randomized suites (see
 //! the comment on each). Those needing qemu-img skip without it (and fail in CI).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions, Preallocation};
 use qcow2_core::ZeroMode;
 use std::path::Path;

@@ -3,9 +3,7 @@
 //! with `qemu-img check`, `qemu-img compare` against a raw mirror, and our own reader.
 //! Needs qemu-img and qemu-io.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions, Preallocation};
 use qcow2_core::format::header::CompressionType;
 use qcow2_core::{Image, OpenOptions};

@@ -3,9 +3,7 @@
 //! queue depth 32; tiny metadata caches (eviction while writing). Checked against a model,
 //! then with `qemu-img check` (when installed).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions};
 use qcow2_core::{Image, OpenOptions};
 use rand::seq::SliceRandom;
