@@ -1,0 +1,204 @@
+"""The asyncio API: :func:`open` gives an :class:`AsyncImage`, whose methods are coroutines.
+
+Each request runs on qcow2rs's own I/O threads (no thread per request); many may be in
+flight at once (``asyncio.gather``). Completions reach the event loop through
+``loop.call_soon_threadsafe``. Cancelling a task whose request is in flight does not stop the
+request: it runs to its end, keeping the buffers it uses alive, and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generator
+
+from . import _qcow2rs
+from ._qcow2rs import Image
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer, Self
+
+__all__ = ["AsyncImage", "open"]
+
+
+def _deliver(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Resolve completed requests' futures (called on the event loop's thread)."""
+    for fut, ok, value in items:
+        if fut.done():  # cancelled while in flight: the result is dropped
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+_qcow2rs._set_deliver(_deliver)
+
+
+def _future() -> tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]:
+    loop = asyncio.get_running_loop()
+    return loop, loop.create_future()
+
+
+class AsyncImage:
+    """An open qcow2 image whose I/O methods are coroutines (see :class:`qcow2rs.Image`)."""
+
+    __slots__ = ("_image",)
+
+    def __init__(self, image: Image) -> None:
+        self._image = image
+
+    @property
+    def image(self) -> Image:
+        """The synchronous :class:`qcow2rs.Image` behind this object (same handle)."""
+        return self._image
+
+    @property
+    def size(self) -> int:
+        return self._image.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._image.cluster_size
+
+    @property
+    def backing_file(self) -> str | None:
+        return self._image.backing_file
+
+    @property
+    def read_only(self) -> bool:
+        return self._image.read_only
+
+    @property
+    def closed(self) -> bool:
+        return self._image.closed
+
+    @property
+    def filename(self) -> str:
+        return self._image.filename
+
+    @property
+    def mode(self) -> str:
+        return self._image.mode
+
+    def __repr__(self) -> str:
+        return "<qcow2rs.aio.AsyncImage " + repr(self._image)[len("<qcow2rs.Image ") :]
+
+    async def pread(self, length: int, offset: int) -> bytes:
+        """Read up to ``length`` bytes at ``offset`` (fewer at the end of the image)."""
+        loop, fut = _future()
+        self._image._aio_pread(loop, fut, length, offset)
+        result: bytes = await fut
+        return result
+
+    async def preadinto(self, buf: Buffer, offset: int) -> int:
+        """Read into ``buf`` (any writable C-contiguous buffer) at ``offset``, without a copy.
+        ``buf`` stays in use until the request ends, even if the awaiting task is cancelled."""
+        loop, fut = _future()
+        self._image._aio_preadinto(loop, fut, buf, offset)
+        result: int = await fut
+        return result
+
+    async def pwrite(self, data: Buffer, offset: int) -> int:
+        """Write ``data`` (any bytes-like object) at ``offset``."""
+        loop, fut = _future()
+        self._image._aio_pwrite(loop, fut, data, offset)
+        result: int = await fut
+        return result
+
+    async def write_zeroes(self, length: int, offset: int, *, unmap: bool = False) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros."""
+        loop, fut = _future()
+        self._image._aio_write_zeroes(loop, fut, length, offset, unmap)
+        await fut
+
+    async def discard(self, length: int, offset: int) -> None:
+        """Discard ``length`` bytes at ``offset`` (they read as zeros afterwards)."""
+        loop, fut = _future()
+        self._image._aio_discard(loop, fut, length, offset)
+        await fut
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        loop, fut = _future()
+        self._image._aio_flush(loop, fut)
+        await fut
+
+    async def close(self) -> None:
+        """Flush and close once every request in flight has finished (idempotent)."""
+        loop, fut = _future()
+        self._image._aio_close(loop, fut)
+        await fut
+
+    async def info(self) -> dict[str, Any]:
+        """What ``qcow2rs info --output=json`` prints for this image."""
+        loop, fut = _future()
+        self._image._aio_info(loop, fut)
+        result: dict[str, Any] = await fut
+        return result
+
+    async def map(self) -> list[dict[str, Any]]:
+        """The entries of ``qcow2rs map --output=json`` for this image."""
+        loop, fut = _future()
+        self._image._aio_map(loop, fut)
+        result: list[dict[str, Any]] = await fut
+        return result
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class _Opening:
+    """What :func:`open` returns: await it for an :class:`AsyncImage`, or use it with
+    ``async with`` (the image is closed at the end of the block)."""
+
+    __slots__ = ("_args", "_image")
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self._args = args
+        self._image: AsyncImage | None = None
+
+    async def _open(self) -> AsyncImage:
+        loop, fut = _future()
+        _qcow2rs._aio_open(loop, fut, *self._args)
+        image: Image = await fut
+        return AsyncImage(image)
+
+    def __await__(self) -> Generator[Any, None, AsyncImage]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncImage:
+        self._image = await self._open()
+        return self._image
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._image is not None:
+            await self._image.close()
+
+
+def open(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    direct: bool = False,
+    backing: bool = True,
+    untrusted: bool = False,
+    cache_size: int | None = None,
+) -> _Opening:
+    """Open a qcow2 image for asyncio: ``img = await qcow2rs.aio.open(path)`` or
+    ``async with qcow2rs.aio.open(path, "r+") as img: ...``. Options as :func:`qcow2rs.open`."""
+    return _Opening((path, mode, direct, backing, untrusted, cache_size))
