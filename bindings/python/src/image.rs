@@ -253,7 +253,12 @@ impl Image {
     }
 
     /// Read up to `length` bytes at `offset` (fewer at the end of the image).
-    fn pread<'py>(&self, py: Python<'py>, length: i64, offset: i64) -> PyResult<Bound<'py, PyBytes>> {
+    fn pread<'py>(
+        &self,
+        py: Python<'py>,
+        length: i64,
+        offset: i64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let length = non_negative(length, "length")?;
         let (off, n) = self.read_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
@@ -386,14 +391,11 @@ impl Image {
     /// A file-like view of the guest disk: an `io.BufferedReader` ("rb") or
     /// `io.BufferedRandom` ("r+b") over an `io.RawIOBase`.
     #[pyo3(signature = (mode = "rb", buffering = -1))]
-    fn fileobj(
-        slf: &Bound<'_, Self>,
-        mode: &str,
-        buffering: i64,
-    ) -> PyResult<Py<PyAny>> {
+    fn fileobj(slf: &Bound<'_, Self>, mode: &str, buffering: i64) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let m = py.import("qcow2rs._fileobj")?;
-        Ok(m.call_method1("open_view", (slf, mode, buffering))?.unbind())
+        Ok(m.call_method1("open_view", (slf, mode, buffering))?
+            .unbind())
     }
 
     // ---- asyncio submissions (used by qcow2rs.aio.AsyncImage) ----
@@ -508,7 +510,13 @@ impl Image {
         Ok(())
     }
 
-    fn _aio_discard(&self, lp: Py<PyAny>, fut: Py<PyAny>, length: i64, offset: i64) -> PyResult<()> {
+    fn _aio_discard(
+        &self,
+        lp: Py<PyAny>,
+        fut: Py<PyAny>,
+        length: i64,
+        offset: i64,
+    ) -> PyResult<()> {
         let length = non_negative(length, "length")?;
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;

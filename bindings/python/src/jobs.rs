@@ -102,16 +102,16 @@ pub fn create(
     let mut co = CreateOptions::default();
     let bad = |e: Error| create_err(e, &path);
     if let Some(s) = size {
-        co.size = Some(
-            u64::try_from(s).map_err(|_| PyValueError::new_err("size must not be negative"))?,
-        );
+        co.size =
+            Some(u64::try_from(s).map_err(|_| PyValueError::new_err("size must not be negative"))?);
     }
     co.cluster_size = u64::try_from(cluster_size)
         .map_err(|_| PyValueError::new_err("cluster_size must not be negative"))?;
     co.set("compat", compat).map_err(bad)?;
     co.set("refcount_bits", &refcount_bits.to_string())
         .map_err(bad)?;
-    co.set("lazy_refcounts", onoff(lazy_refcounts)).map_err(bad)?;
+    co.set("lazy_refcounts", onoff(lazy_refcounts))
+        .map_err(bad)?;
     co.set("extended_l2", onoff(extended_l2)).map_err(bad)?;
     co.set("compression_type", compression_type).map_err(bad)?;
     co.set("preallocation", preallocation).map_err(bad)?;
@@ -266,9 +266,10 @@ pub fn convert(
         opts.progress = Some(Arc::new(move |f| p.report(f)));
     }
     let res = py.detach(|| {
-        let disk = open_disk(&src, src_format, &OpenOptions::default())
-            .map_err(|e| (e, src.clone()))?;
-        runtime::block_on(core::convert::convert(&disk, &dst, &target, &opts)).map_err(|e| (e, dst.clone()))
+        let disk =
+            open_disk(&src, src_format, &OpenOptions::default()).map_err(|e| (e, src.clone()))?;
+        runtime::block_on(core::convert::convert(&disk, &dst, &target, &opts))
+            .map_err(|e| (e, dst.clone()))
     });
     drop(opts);
     res.map_err(|(e, p)| create_err(e, &p))?;

@@ -20,7 +20,10 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<image::Image>()?;
     m.add("Error", py.get_type::<errors::Error>())?;
-    m.add("CorruptImageError", py.get_type::<errors::CorruptImageError>())?;
+    m.add(
+        "CorruptImageError",
+        py.get_type::<errors::CorruptImageError>(),
+    )?;
     m.add(
         "UnsupportedFeatureError",
         py.get_type::<errors::UnsupportedFeatureError>(),

@@ -6,9 +6,26 @@ import io
 import os
 from types import TracebackType
 from collections.abc import Callable
-from typing import Any, Literal, overload
+from typing import Any, Literal, final, overload
 
 from typing_extensions import Buffer, Self
+
+__all__ = [
+    "Image",
+    "Error",
+    "CorruptImageError",
+    "UnsupportedFeatureError",
+    "open",
+    "create",
+    "info",
+    "check",
+    "convert",
+    "compare",
+    "cli_main",
+    "_aio_open",
+    "_set_deliver",
+    "__version__",
+]
 
 __version__: str
 
@@ -23,6 +40,7 @@ class CorruptImageError(Error):
 class UnsupportedFeatureError(Error):
     """The image uses a feature qcow2rs does not support (errno ENOTSUP)."""
 
+@final
 class Image:
     """An open qcow2 image (see qcow2rs.open). Safe to use from many threads at once."""
 
