@@ -403,7 +403,7 @@ impl Image {
     fn _aio_pread(
         &self,
         py: Python<'_>,
-        lp: Py<PyAny>,
+        q: PyRef<'_, crate::aio::Completions>,
         fut: Py<PyAny>,
         length: i64,
         offset: i64,
@@ -417,7 +417,7 @@ impl Image {
         let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
             // moved into the outcome after the read).
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
@@ -433,7 +433,7 @@ impl Image {
 
     fn _aio_preadinto(
         &self,
-        lp: Py<PyAny>,
+        q: PyRef<'_, crate::aio::Completions>,
         fut: Py<PyAny>,
         buf: &Bound<'_, PyAny>,
         offset: i64,
@@ -444,7 +444,7 @@ impl Image {
         let name = self.name.clone();
         let held = Arc::new(held);
         let h = held.clone();
-        aio::submit(lp, fut, Some(held), async move {
+        aio::submit(&q, fut, Some(held), async move {
             // SAFETY: the buffer is writable and held (in the completion) until after this
             // future has completed; nothing else in Rust uses it.
             let dst = unsafe { h.slice_mut(n) };
@@ -461,7 +461,7 @@ impl Image {
 
     fn _aio_pwrite(
         &self,
-        lp: Py<PyAny>,
+        q: PyRef<'_, crate::aio::Completions>,
         fut: Py<PyAny>,
         data: &Bound<'_, PyAny>,
         offset: i64,
@@ -473,7 +473,7 @@ impl Image {
         let name = self.name.clone();
         let held = Arc::new(held);
         let h = held.clone();
-        aio::submit(lp, fut, Some(held), async move {
+        aio::submit(&q, fut, Some(held), async move {
             // SAFETY: the buffer is held (in the completion) until after this future ends.
             let src = unsafe { h.slice(n) };
             let r = sh.img.write_at(src, off).await;
@@ -489,7 +489,7 @@ impl Image {
 
     fn _aio_write_zeroes(
         &self,
-        lp: Py<PyAny>,
+        q: PyRef<'_, crate::aio::Completions>,
         fut: Py<PyAny>,
         length: i64,
         offset: i64,
@@ -499,7 +499,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             let r = sh
                 .img
                 .write_zeroes(off, length, Self::zero_mode(unmap))
@@ -512,7 +512,7 @@ impl Image {
 
     fn _aio_discard(
         &self,
-        lp: Py<PyAny>,
+        q: PyRef<'_, crate::aio::Completions>,
         fut: Py<PyAny>,
         length: i64,
         offset: i64,
@@ -521,7 +521,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             let r = sh.img.discard(off, length).await;
             drop(permit);
             Outcome::unit(r, name)
@@ -529,10 +529,10 @@ impl Image {
         Ok(())
     }
 
-    fn _aio_flush(&self, lp: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_flush(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             let r = sh.img.flush().await;
             drop(permit);
             Outcome::unit(r, name)
@@ -540,21 +540,21 @@ impl Image {
         Ok(())
     }
 
-    fn _aio_close(&self, lp: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_close(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(lp, fut, None, async { Outcome::Unit }),
-            Some(sh) => aio::submit(lp, fut, None, async move {
+            None => aio::submit(&q, fut, None, async { Outcome::Unit }),
+            Some(sh) => aio::submit(&q, fut, None, async move {
                 Outcome::unit(Image::close_shared(sh).await, name)
             }),
         }
         Ok(())
     }
 
-    fn _aio_info(&self, lp: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_info(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
             drop(permit);
             match r {
@@ -565,10 +565,10 @@ impl Image {
         Ok(())
     }
 
-    fn _aio_map(&self, lp: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_map(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(lp, fut, None, async move {
+        aio::submit(&q, fut, None, async move {
             let r = Disk::Qcow2(sh.img.clone()).map().await;
             drop(permit);
             match r {

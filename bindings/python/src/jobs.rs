@@ -43,10 +43,10 @@ pub fn open(
 
 /// Submit an asynchronous open (`qcow2rs.aio.open`).
 #[pyfunction]
-#[pyo3(signature = (lp, fut, path, mode, direct, backing, untrusted, cache_size))]
+#[pyo3(signature = (q, fut, path, mode, direct, backing, untrusted, cache_size))]
 #[allow(clippy::too_many_arguments)]
 pub fn _aio_open(
-    lp: Py<PyAny>,
+    q: PyRef<'_, crate::aio::Completions>,
     fut: Py<PyAny>,
     path: PathBuf,
     mode: &str,
@@ -56,7 +56,7 @@ pub fn _aio_open(
     cache_size: Option<i64>,
 ) -> PyResult<()> {
     let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size)?;
-    crate::aio::submit_open(lp, fut, args);
+    crate::aio::submit_open(&q, fut, args);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::compare, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::_aio_open, m)?)?;
-    m.add_function(wrap_pyfunction!(aio::_set_deliver, m)?)?;
+    m.add_class::<aio::Completions>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

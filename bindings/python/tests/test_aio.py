@@ -54,6 +54,9 @@ def test_io_and_results(img_path):
             data = pattern(5, 200_000)
             assert await img.pwrite(data, 4321) == len(data)
             assert await img.pread(len(data), 4321) == data
+            ba = bytearray(len(data))
+            assert await img.preadinto(ba, 4321) == len(data)
+            ba.append(0)  # released before the awaiting task resumes: resizable again
             buf = np.zeros(len(data), dtype=np.uint8)
             assert await img.preadinto(buf, 4321) == len(data)
             assert buf.tobytes() == data
@@ -200,7 +203,7 @@ def test_loop_closed_before_completion(img_path):
     loop = asyncio.new_event_loop()
     img = qcow2rs.open(img_path)
     fut = loop.create_future()
-    img._aio_pread(loop, fut, 1 << 20, 0)
+    img._aio_pread(qcow2rs._qcow2rs._Completions(loop), fut, 1 << 20, 0)
     loop.close()
     time.sleep(0.2)
     assert img.pread(4, 0) == bytes(4)

@@ -2,8 +2,9 @@
 
 Each request runs on qcow2rs's own I/O threads (no thread per request); many may be in
 flight at once (``asyncio.gather``). Completions reach the event loop through
-``loop.call_soon_threadsafe``. Cancelling a task whose request is in flight does not stop the
-request: it runs to its end, keeping the buffers it uses alive, and its result is dropped.
+``loop.call_soon_threadsafe`` (while the loop is busy, it picks them up itself). Cancelling
+a task whose request is in flight does not stop the request: it runs to its end, keeping
+the buffers it uses alive, and its result is dropped.
 """
 
 from __future__ import annotations
@@ -22,32 +23,24 @@ if TYPE_CHECKING:
 __all__ = ["AsyncImage", "open"]
 
 
-def _deliver(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    """Resolve completed requests' futures (called on the event loop's thread)."""
-    for fut, ok, value in items:
-        if fut.done():  # cancelled while in flight: the result is dropped
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-
-
-_qcow2rs._set_deliver(_deliver)
-
-
-def _future() -> tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]:
-    loop = asyncio.get_running_loop()
-    return loop, loop.create_future()
+_running_loop = asyncio.get_running_loop
 
 
 class AsyncImage:
     """An open qcow2 image whose I/O methods are coroutines (see :class:`qcow2rs.Image`)."""
 
-    __slots__ = ("_image",)
+    __slots__ = ("_image", "_loop", "_queue")
 
     def __init__(self, image: Image) -> None:
         self._image = image
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: _qcow2rs._Completions | None = None
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> _qcow2rs._Completions:
+        """The completion queue for requests submitted from `loop` (one per loop)."""
+        q = _qcow2rs._Completions(loop)
+        self._loop, self._queue = loop, q
+        return q
 
     @property
     def image(self) -> Image:
@@ -87,61 +80,97 @@ class AsyncImage:
 
     async def pread(self, length: int, offset: int) -> bytes:
         """Read up to ``length`` bytes at ``offset`` (fewer at the end of the image)."""
-        loop, fut = _future()
-        self._image._aio_pread(loop, fut, length, offset)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_pread(q, fut, length, offset)
         result: bytes = await fut
         return result
 
     async def preadinto(self, buf: Buffer, offset: int) -> int:
         """Read into ``buf`` (any writable C-contiguous buffer) at ``offset``, without a copy.
         ``buf`` stays in use until the request ends, even if the awaiting task is cancelled."""
-        loop, fut = _future()
-        self._image._aio_preadinto(loop, fut, buf, offset)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_preadinto(q, fut, buf, offset)
         result: int = await fut
         return result
 
     async def pwrite(self, data: Buffer, offset: int) -> int:
         """Write ``data`` (any bytes-like object) at ``offset``."""
-        loop, fut = _future()
-        self._image._aio_pwrite(loop, fut, data, offset)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_pwrite(q, fut, data, offset)
         result: int = await fut
         return result
 
     async def write_zeroes(self, length: int, offset: int, *, unmap: bool = False) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros."""
-        loop, fut = _future()
-        self._image._aio_write_zeroes(loop, fut, length, offset, unmap)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_write_zeroes(q, fut, length, offset, unmap)
         await fut
 
     async def discard(self, length: int, offset: int) -> None:
         """Discard ``length`` bytes at ``offset`` (they read as zeros afterwards)."""
-        loop, fut = _future()
-        self._image._aio_discard(loop, fut, length, offset)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_discard(q, fut, length, offset)
         await fut
 
     async def flush(self) -> None:
         """Make every completed write durable."""
-        loop, fut = _future()
-        self._image._aio_flush(loop, fut)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_flush(q, fut)
         await fut
 
     async def close(self) -> None:
         """Flush and close once every request in flight has finished (idempotent)."""
-        loop, fut = _future()
-        self._image._aio_close(loop, fut)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_close(q, fut)
         await fut
 
     async def info(self) -> dict[str, Any]:
         """What ``qcow2rs info --output=json`` prints for this image."""
-        loop, fut = _future()
-        self._image._aio_info(loop, fut)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_info(q, fut)
         result: dict[str, Any] = await fut
         return result
 
     async def map(self) -> list[dict[str, Any]]:
         """The entries of ``qcow2rs map --output=json`` for this image."""
-        loop, fut = _future()
-        self._image._aio_map(loop, fut)
+        loop = _running_loop()
+        q = self._queue
+        if q is None or loop is not self._loop:
+            q = self._bind(loop)
+        fut = loop.create_future()
+        self._image._aio_map(q, fut)
         result: list[dict[str, Any]] = await fut
         return result
 
@@ -168,8 +197,9 @@ class _Opening:
         self._image: AsyncImage | None = None
 
     async def _open(self) -> AsyncImage:
-        loop, fut = _future()
-        _qcow2rs._aio_open(loop, fut, *self._args)
+        loop = _running_loop()
+        fut = loop.create_future()
+        _qcow2rs._aio_open(_qcow2rs._Completions(loop), fut, *self._args)
         image: Image = await fut
         return AsyncImage(image)
 
