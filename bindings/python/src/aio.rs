@@ -83,7 +83,10 @@ impl Completion {
             }
         }
         let fut = self.fut.bind(py);
-        match fut.call_method0(intern!(py, "done")).and_then(|d| d.is_truthy()) {
+        match fut
+            .call_method0(intern!(py, "done"))
+            .and_then(|d| d.is_truthy())
+        {
             Ok(false) => {}
             _ => return,
         }
@@ -170,9 +173,11 @@ impl Completions {
             c.resolve(py);
         }
         // The tasks just woken will submit more; look again after they ran.
-        let again = q
-            .lp
-            .call_method1(py, intern!(py, "call_soon"), (slf.getattr(intern!(py, "_drain"))?,));
+        let again = q.lp.call_method1(
+            py,
+            intern!(py, "call_soon"),
+            (slf.getattr(intern!(py, "_drain"))?,),
+        );
         if again.is_err() {
             q.lock().armed = false;
         }
@@ -231,8 +236,7 @@ fn arm(py: Python<'_>, q: Arc<Queue>) {
     let scheduled = Bound::new(py, Completions { q: q.clone() })
         .and_then(|c| c.getattr(intern!(py, "_drain")))
         .and_then(|drain| {
-            q.lp
-                .call_method1(py, intern!(py, "call_soon_threadsafe"), (drain,))
+            q.lp.call_method1(py, intern!(py, "call_soon_threadsafe"), (drain,))
         });
     if scheduled.is_err() {
         let items = {

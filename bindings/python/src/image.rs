@@ -176,8 +176,24 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // An image dropped without close(): flush and close it in the background.
-        if let Some(sh) = self.slot.get_mut().take() {
+        // An image dropped without close() is flushed and closed, as Python files are: here
+        // with the GIL released (the requests it waits for never need the GIL); from inside
+        // the runtime (a callback), in the background.
+        let Some(sh) = self.slot.get_mut().take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            runtime::spawn(async move {
+                let _ = Image::close_shared(sh).await;
+            });
+            return;
+        }
+        let closed = Python::try_attach(|py| {
+            py.detach(|| {
+                let _ = runtime::block_on(Image::close_shared(sh.clone()));
+            })
+        });
+        if closed.is_none() {
             runtime::spawn(async move {
                 let _ = Image::close_shared(sh).await;
             });

@@ -310,3 +310,14 @@ def test_backing_chain_reads_and_info(scratch, qemu):
         assert any(e["depth"] == 1 for e in img.map())
     assert_clean(top)
     assert qemu_img("compare", top, base, check=False).returncode == 1
+
+
+def test_dropped_image_is_flushed_and_closed(img_path, scratch, qemu):
+    img = qcow2rs.open(img_path, "r+")
+    img.pwrite(b"\x77" * 200_000, 3 * MiB + 5)
+    del img  # no close(): closed (flushed, reserved space given back) when dropped
+    assert_clean(img_path)
+    raw = scratch / "dropped.raw"
+    qemu_img("convert", "-O", "raw", img_path, raw)
+    with open(raw, "rb") as f:
+        assert os.pread(f.fileno(), 200_000, 3 * MiB + 5) == b"\x77" * 200_000
