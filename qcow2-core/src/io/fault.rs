@@ -552,8 +552,10 @@ impl Storage for HookStorage {
                 data: Some(buf),
             };
             let inner = &self.inner;
-            self.run(r, move |n| inner.write_at(&buf[..n.unwrap_or(buf.len())], off))
-                .await
+            self.run(r, move |n| {
+                inner.write_at(&buf[..n.unwrap_or(buf.len())], off)
+            })
+            .await
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {

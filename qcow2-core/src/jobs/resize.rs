@@ -19,10 +19,10 @@ impl Image {
                 "cannot resize an image that has internal snapshots",
             ));
         }
-        let new_size = new_size.div_ceil(512) * 512;
         if new_size > crate::format::header::MAX_VIRTUAL_SIZE {
             return Err(Error::invalid(format!("size {new_size} is too large")));
         }
+        let new_size = new_size.div_ceil(512) * 512;
         let old = self.size();
         if new_size == old {
             return Ok(());
