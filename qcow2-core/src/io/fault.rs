@@ -9,7 +9,10 @@
 //!   one go on ([`HookStorage::hold`]; [`HookStorage::hold_after`] performs the I/O first and
 //!   holds only its completion);
 //! - **fails** it with an errno ([`HookStorage::fail`]), or writes only a prefix and then
-//!   fails ([`HookStorage::short_write`]).
+//!   fails ([`HookStorage::short_write`]);
+//! - **defers** it: the request yields to the executor a few times before it reaches the
+//!   wrapped storage, as a real disk completes later ([`HookStorage::defer`]); a future
+//!   dropped meanwhile never performs its I/O.
 //!
 //! It can also record every request (kind, range, and the order in which requests started and
 //! ended), so that a test can assert an ordering such as "a flush completed between these two
@@ -194,6 +197,7 @@ pub struct RuleId(u64);
 
 #[derive(Clone)]
 enum Action {
+    Defer(u32),
     Hold { gate: Gate, after: bool },
     Fail(i32),
     ShortWrite { bytes: usize, errno: i32 },
@@ -333,6 +337,24 @@ impl Gate {
     }
 }
 
+/// A future that is pending once (waking itself), then ready: a yield to the executor.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// One recorded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -415,6 +437,13 @@ impl HookStorage {
         );
         gate
     }
+    /// Let the matching requests yield to the executor `yields` times before they reach the
+    /// wrapped storage (a request matched by a later rule too is then handled by that rule
+    /// as well). A future dropped meanwhile performs no I/O, as a request not yet submitted
+    /// to a disk.
+    pub fn defer(&self, m: Match, yields: u32) -> RuleId {
+        self.add(m, Action::Defer(yields))
+    }
     /// Fail the matching requests with `errno` (for example `libc::EIO` or `libc::ENOSPC`)
     /// without passing them on.
     pub fn fail(&self, m: Match, errno: i32) -> RuleId {
@@ -455,9 +484,11 @@ impl HookStorage {
         self.counts[op as usize].load(Ordering::SeqCst)
     }
 
-    fn action_for(&self, r: &Request<'_>) -> Option<Action> {
+    /// The yields of the deferring rules that match, and the first other rule's action.
+    fn action_for(&self, r: &Request<'_>) -> (u32, Option<Action>) {
         self.counts[r.op as usize].fetch_add(1, Ordering::SeqCst);
         let mut rules = self.rules.lock();
+        let mut yields = 0u32;
         for rule in rules.iter_mut() {
             if rule.done >= rule.m.times || !rule.m.matches(r) {
                 continue;
@@ -467,9 +498,12 @@ impl HookStorage {
                 continue;
             }
             rule.done += 1;
-            return Some(rule.action.clone());
+            match rule.action {
+                Action::Defer(n) => yields = yields.saturating_add(n),
+                ref a => return (yields, Some(a.clone())),
+            }
         }
-        None
+        (yields, None)
     }
 
     fn begin(&self) -> u64 {
@@ -495,10 +529,14 @@ impl HookStorage {
     where
         F: FnOnce(Option<usize>) -> IoFuture<'b, T>,
     {
-        let act = self.action_for(&r);
+        let (yields, act) = self.action_for(&r);
+        for _ in 0..yields {
+            YieldOnce(false).await;
+        }
         let mut after = None;
         let mut short = None;
         match act {
+            Some(Action::Defer(_)) => {}
             Some(Action::Hold { gate, after: false }) => gate.pass().await,
             Some(Action::Hold { gate, after: true }) => after = Some(gate),
             Some(Action::Fail(errno)) => {
@@ -612,9 +650,10 @@ impl Storage for HookStorage {
             len: 0,
             data: None,
         };
-        let act = self.action_for(&r);
+        let (_, act) = self.action_for(&r);
         let mut after = None;
         match act {
+            Some(Action::Defer(_)) => {}
             Some(Action::Hold { gate, after: false }) => gate.pass_blocking(),
             Some(Action::Hold { gate, after: true }) => after = Some(gate),
             Some(Action::Fail(errno)) | Some(Action::ShortWrite { errno, .. }) => {
