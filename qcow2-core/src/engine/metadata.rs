@@ -1,13 +1,17 @@
 //! Metadata state of a writable image, L2 table updates, and the ordered write-back of
 //! dirty metadata (`flush`).
 //!
-//! Ordering (crash safety):
+//! Ordering (crash safety): every "table, then the pointer to it" pair has a barrier (a
+//! sync of the file) between the two writes.
 //! 1. Guest data is written (and completed) before the L2 entry that exposes it changes,
 //!    even in the cache.
 //! 2. Refcount increments live in dirty refcount slices; `flush_metadata` writes them (and
 //!    syncs) before any dirty L2 slice or L1 entry, so no table on disk ever points at a
-//!    cluster whose on-disk refcount is 0.
-//! 3. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
+//!    cluster whose on-disk refcount is 0. New refcount blocks are written and synced before
+//!    the refcount table entry that points at them (`new_refblock`), and a new refcount
+//!    table, L1 table or snapshot table before the header that points at it.
+//! 3. L2 slices are written and synced before the L1 entries that point at their tables.
+//! 4. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
 //!    reference are on disk and synced; only then are holes punched and refcounts lowered,
 //!    so a freed cluster is never reused while an on-disk table still points at it.
 
@@ -145,8 +149,11 @@ impl Image {
             // 2. L2 slices.
             self.write_back(&self.inner.l2_cache, crate::engine::overlap::Target::L2)
                 .await?;
-            // 3. L1 entries (the sectors that hold dirty entries).
+            // 3. L1 entries (the sectors that hold dirty entries), after a barrier: an L1
+            // entry points at a new (or copied) L2 table, which must be durable first, or a
+            // power cut could leave the entry pointing at garbage.
             if !m.l1_dirty.is_empty() {
+                sync().await?;
                 let l1_off = self.inner.header.read().l1_table_offset;
                 let l1 = self.inner.l1.read().clone();
                 let mut sectors: BTreeSet<u64> = BTreeSet::new();

@@ -353,3 +353,133 @@ async fn consecutive_eio_during_flush_then_recovery() {
         }
     }
 }
+
+// ---- bug 4: barriers between tables and the pointers to them ----
+
+/// Every write into `table` that completed before a write into `pointer` must be followed by
+/// a completed flush that ended before that pointer write started. Returns how many
+/// (table write, pointer write) pairs were checked.
+fn assert_barriers(
+    ev: &[qcow2_core::io::fault::Event],
+    table: (u64, u64),
+    pointer: (u64, u64),
+    what: &str,
+) -> usize {
+    let hits = |e: &qcow2_core::io::fault::Event, (off, len): (u64, u64)| {
+        e.op == Op::Write && e.ok && e.offset < off + len && off < e.offset + e.len
+    };
+    let mut pairs = 0;
+    for p in ev.iter().filter(|e| hits(e, pointer)) {
+        for t in ev.iter().filter(|e| hits(e, table) && e.end < p.start) {
+            let fenced = ev
+                .iter()
+                .any(|f| f.op == Op::Flush && f.ok && f.start > t.end && f.end < p.start);
+            assert!(
+                fenced,
+                "{what}: no flush between the table write {t:?} and the pointer write {p:?}"
+            );
+            pairs += 1;
+        }
+    }
+    pairs
+}
+
+/// `flush_metadata` wrote L2 slices and then the L1 entries pointing at their tables with no
+/// sync in between: after a power cut the disk could hold the new L1 entry and not the new
+/// (or copied) L2 table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_table_is_synced_before_its_l1_entry() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    make(&path, 64 << 20, CreateOptions::default()).await;
+    let (img, hs) = open_hooked(&path).await;
+    let cs = img.layout().cluster_size;
+    hs.record(true);
+    // A new L2 table (and a second one further on).
+    img.write_at(&pattern(1, 4096), 0).await.unwrap();
+    img.write_at(&pattern(2, 4096), 40 << 20).await.unwrap();
+    img.flush().await.unwrap();
+    let ev = hs.take_events();
+    let l1_off = img.header().l1_table_offset;
+    let l1 = img.l1_table();
+    let mut pairs = 0;
+    for &e in l1.iter().filter(|&&e| e != 0) {
+        let t = e & qcow2_core::format::l2::OFFSET_MASK;
+        pairs += assert_barriers(&ev, (t, cs), (l1_off, l1.len() as u64 * 8), "new L2");
+    }
+    assert!(pairs >= 2, "expected L2 and L1 writes: {ev:?}");
+    img.close().await.unwrap();
+
+    // An L2 table shared with an internal snapshot is copied on the first write.
+    if !have_qemu() {
+        return;
+    }
+    run("qemu-img", &["snapshot", "-c", "s1", p(&path)]);
+    let (img, hs) = open_hooked(&path).await;
+    let old = img.l1_table()[0];
+    hs.record(true);
+    img.write_at(&pattern(3, 4096), 8192).await.unwrap();
+    img.flush().await.unwrap();
+    let ev = hs.take_events();
+    let new = img.l1_table()[0];
+    assert_ne!(
+        old & !(1 << 63),
+        new & !(1 << 63),
+        "the L2 table was not copied"
+    );
+    let t = new & qcow2_core::format::l2::OFFSET_MASK;
+    let n = assert_barriers(&ev, (t, cs), (l1_off, 8), "copied L2");
+    assert!(n >= 1, "expected the copy and the L1 write: {ev:?}");
+    img.close().await.unwrap();
+    assert_clean(&path, "copied L2");
+}
+
+/// The same rule for the other "table, then pointer" pairs: a new refcount block before its
+/// refcount table entry, a new refcount table before the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refcount_structures_are_synced_before_their_pointers() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    make(
+        &path,
+        8 << 20,
+        CreateOptions {
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (img, hs) = open_hooked(&path).await;
+    let rt_before = img.header().refcount_table_offset;
+    hs.record(true);
+    // 64 refcounts per block and 64 blocks per table cluster: 3 MiB of data needs new
+    // blocks and a bigger refcount table.
+    let model = fill(&img, 48, 7).await;
+    img.flush().await.unwrap();
+    let ev = hs.take_events();
+    let h = img.header();
+    assert_ne!(h.refcount_table_offset, rt_before, "the table did not grow");
+    let rt_bytes = h.refcount_table_clusters as u64 * 512;
+    // Entry updates of the live table are 8-byte writes; a new table is written whole, with
+    // its blocks, before the header switches to it (checked below).
+    let entry_writes: Vec<_> = ev
+        .iter()
+        .filter(|e| e.op != Op::Write || e.len <= 8 || e.offset != h.refcount_table_offset)
+        .cloned()
+        .collect();
+    let mut pairs = 0;
+    for (i, &b) in img.refcount_table().iter().enumerate() {
+        if b != 0 {
+            pairs += assert_barriers(
+                &entry_writes,
+                (b, 512),
+                (h.refcount_table_offset + i as u64 * 8, 8),
+                "refcount block",
+            );
+        }
+    }
+    pairs += assert_barriers(&ev, (h.refcount_table_offset, rt_bytes), (48, 12), "table");
+    assert!(pairs > 10, "{pairs} pairs");
+    verify_closed(img, &path, &model, "reftable growth").await;
+}
