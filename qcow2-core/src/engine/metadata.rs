@@ -109,6 +109,7 @@ impl Image {
 
     /// Write back all dirty metadata in the crash-safe order and apply deferred frees.
     pub(crate) async fn flush_metadata(&self, m: &mut Meta) -> Result<()> {
+        self.check_poison()?;
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let sync = || async {

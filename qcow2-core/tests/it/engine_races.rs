@@ -190,7 +190,7 @@ async fn resize_to_huge_size_is_an_error() {
     img.read_at(&mut b, 0).await.unwrap();
     assert_eq!(b, [5u8; 4096]);
     let cs = img.layout().cluster_size;
-    img.write_compressed(u64::MAX & !(cs - 1), &[1u8; 100])
+    img.write_compressed(!(cs - 1), &[1u8; 100])
         .await
         .unwrap_err();
     img.write_compressed(0, &[]).await.unwrap_err();
@@ -482,4 +482,207 @@ async fn refcount_structures_are_synced_before_their_pointers() {
     pairs += assert_barriers(&ev, (h.refcount_table_offset, rt_bytes), (48, 12), "table");
     assert!(pairs > 10, "{pairs} pairs");
     verify_closed(img, &path, &model, "reftable growth").await;
+}
+
+// ---- bug 5: header switches that memory does not follow ----
+
+/// An image whose refcount table grows after about 2 MiB of data (512-byte clusters, 64-bit
+/// refcounts: 64 refcounts per block, 64 blocks per table cluster).
+async fn small_reftable_image(path: &Path) {
+    make(
+        path,
+        8 << 20,
+        CreateOptions {
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+/// After a poisoning failure: writes, write-zeroes, discards, resizes and flushes fail with
+/// a message saying why; reads go on.
+async fn assert_poisoned(img: &Image, what: &str) {
+    assert!(img.is_poisoned(), "{what}: the handle is not poisoned");
+    let e = img.write_at(&[1u8; 512], 0).await.unwrap_err();
+    assert!(e.to_string().contains("reopen"), "{what}: {e}");
+    img.flush().await.unwrap_err();
+    img.discard(0, 512).await.unwrap_err();
+    img.resize(img.size() * 2, false).await.unwrap_err();
+    let mut b = [0u8; 512];
+    img.read_at(&mut b, 0).await.unwrap();
+}
+
+/// Reopen after poisoning: no corruption (leaks allowed) and every flushed write intact.
+async fn verify_reopened(path: &Path, model: &[u8], flushed: usize, what: &str) {
+    let again = open_ro(path).await;
+    let got = read_all(&again).await;
+    assert_same(&got[..flushed], &model[..flushed], what);
+    drop(again);
+    if have_qemu() {
+        assert_no_corruption(path, what);
+    }
+}
+
+/// Write 64 KiB chunks, flushing after each, until a write fails; returns the model, the
+/// number of flushed bytes and the error.
+async fn write_until_error(img: &Image) -> (Vec<u8>, usize, qcow2_core::Error) {
+    let mut model = vec![0u8; img.size() as usize];
+    let mut flushed = 0;
+    for i in 0..64usize {
+        let d = pattern(i as u8, 65536);
+        let r = img.write_at(&d, (i * 65536) as u64).await;
+        let r = match r {
+            Ok(()) => img.flush().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                model[i * 65536..(i + 1) * 65536].copy_from_slice(&d);
+                flushed = (i + 1) * 65536;
+            }
+            Err(e) => return (model, flushed, e),
+        }
+    }
+    panic!("no write failed");
+}
+
+/// `grow_reftable` wrote the new table's offset into the header, then a failed sync returned
+/// an error before memory followed: the handle went on updating the old table while the file
+/// used the new one. The handle is poisoned now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reftable_switch_failure_poisons() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    small_reftable_image(&path).await;
+    let (img, hs) = open_hooked(&path).await;
+    // The header write happens; the sync after it fails.
+    let gate = hs.hold_after(Match::op(Op::Write).range(48, 12));
+    let i2 = img.clone();
+    let t = tokio::spawn(async move { write_until_error(&i2).await });
+    arrived(&gate, 1, "refcount table switch").await;
+    hs.fail(Match::op(Op::Flush), libc::EIO);
+    gate.release();
+    let (model, flushed, e) = t.await.unwrap();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    hs.clear();
+    assert_poisoned(&img, "reftable switch").await;
+    img.close().await.unwrap_err();
+    verify_reopened(&path, &model, flushed, "reftable switch").await;
+}
+
+/// The same window, with the future dropped while the header write is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reftable_switch_dropped_future_poisons() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    small_reftable_image(&path).await;
+    let (img, hs) = open_hooked(&path).await;
+    let gate = hs.hold_after(Match::op(Op::Write).range(48, 12));
+    let mut model = vec![0u8; img.size() as usize];
+    let mut flushed = 0;
+    for i in 0..64usize {
+        let d = pattern(i as u8, 65536);
+        let w = async {
+            img.write_at(&d, (i * 65536) as u64).await?;
+            img.flush().await
+        };
+        tokio::select! {
+            r = w => {
+                r.unwrap();
+                model[i * 65536..(i + 1) * 65536].copy_from_slice(&d);
+                flushed = (i + 1) * 65536;
+            }
+            _ = gate.wait_arrived(1) => break,
+        }
+    }
+    assert_eq!(gate.arrived(), 1, "the refcount table never grew");
+    gate.release();
+    assert_poisoned(&img, "dropped reftable switch").await;
+    verify_reopened(&path, &model, flushed, "dropped reftable switch").await;
+}
+
+/// `resize` wrote the new L1 table's offset into the header, then failed (or was dropped)
+/// before memory followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_switch_failure_and_drop_poison() {
+    for drop_it in [false, true] {
+        let what = if drop_it {
+            "dropped resize"
+        } else {
+            "failed resize"
+        };
+        let dir = tmpdir();
+        let path = dir.path().join("a.qcow2");
+        make(&path, 1 << 20, CreateOptions::default()).await;
+        let (img, hs) = open_hooked(&path).await;
+        let model = fill(&img, 4, 3).await;
+        img.flush().await.unwrap();
+        let gate = hs.hold_after(Match::op(Op::Write).range(36, 12));
+        if drop_it {
+            tokio::select! {
+                r = img.resize(1 << 40, false) => panic!("{what}: resize ended: {r:?}"),
+                _ = gate.wait_arrived(1) => {}
+            }
+        } else {
+            let i2 = img.clone();
+            let t = tokio::spawn(async move { i2.resize(1 << 40, false).await });
+            arrived(&gate, 1, what).await;
+            hs.fail(Match::op(Op::Flush), libc::EIO);
+            gate.release();
+            t.await.unwrap().unwrap_err();
+        }
+        hs.clear();
+        assert_poisoned(&img, what).await;
+        drop(img);
+        verify_reopened(&path, &model, model.len(), what).await;
+    }
+}
+
+/// The new virtual size written into the header, then a failed sync: memory kept the old
+/// size while the file may have the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_write_failure_poisons() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    make(&path, 1 << 20, CreateOptions::default()).await;
+    let (img, hs) = open_hooked(&path).await;
+    let model = fill(&img, 4, 5).await;
+    img.flush().await.unwrap();
+    let gate = hs.hold_after(Match::op(Op::Write).range(24, 8));
+    let i2 = img.clone();
+    let t = tokio::spawn(async move { i2.resize(2 << 20, false).await });
+    arrived(&gate, 1, "size write").await;
+    hs.fail(Match::op(Op::Flush), libc::EIO);
+    gate.release();
+    t.await.unwrap().unwrap_err();
+    hs.clear();
+    assert_poisoned(&img, "size write").await;
+    drop(img);
+    verify_reopened(&path, &model, model.len(), "size write").await;
+}
+
+/// Before the first write the bitmaps' autoclear bit is cleared. Memory was cleared before
+/// the header write: when that write failed, the next write believed the bit already clear
+/// and changed the disk under bitmaps that qemu still considered valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_autoclear_write_is_retried() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_create(dir.path(), "b.qcow2", "", "4M");
+    run("qemu-img", &["bitmap", "--add", p(&path), "b0"]);
+    let (img, hs) = open_hooked(&path).await;
+    hs.fail(Match::op(Op::Write).range(88, 8), libc::EIO);
+    img.write_at(&[1u8; 512], 0).await.unwrap_err();
+    img.write_at(&[1u8; 512], 0).await.unwrap();
+    img.close().await.unwrap();
+    let info = qemu_info(&path);
+    assert!(
+        info["format-specific"]["data"].get("bitmaps").is_none(),
+        "stale bitmaps still valid: {info}"
+    );
+    assert_clean(&path, "autoclear retry");
 }
