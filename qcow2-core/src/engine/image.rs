@@ -6,7 +6,7 @@ use crate::format::be64;
 use crate::format::header::{self, Header};
 use crate::format::l2::{self};
 use crate::format::snapshot::{self, Snapshot};
-use crate::io::{EngineKind, FileOptions, Storage};
+use crate::io::{lock, EngineKind, FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -43,6 +43,13 @@ pub struct OpenOptions {
     /// Open for `check -r`: a writable open of a corrupt-marked image is allowed (writes other
     /// than the repair's are still refused while the corrupt bit is set).
     pub for_repair: bool,
+    /// Share every permission with other users of the files (qemu-img `-U`/`--force-share`):
+    /// the open succeeds while another process writes the image, and the content read may be
+    /// inconsistent. Read-only opens only.
+    pub force_share: bool,
+    /// Take QEMU-compatible locks on every file of the chain (see [`crate::io::lock`]), held
+    /// until the last clone of the handle is dropped. `false` is QEMU's `locking=off`.
+    pub locking: bool,
 }
 
 impl Default for OpenOptions {
@@ -57,6 +64,8 @@ impl Default for OpenOptions {
             data_file: None,
             no_backing: false,
             for_repair: false,
+            force_share: false,
+            locking: true,
         }
     }
 }
@@ -159,6 +168,9 @@ pub(crate) struct Inner {
     /// The repair done when this dirty image was opened for writing, reported by a later
     /// `check -r` on the same handle.
     pub open_repair: Mutex<Option<crate::jobs::repair::Pass>>,
+    /// QEMU-compatible locks on the image and data file, released when the last clone of
+    /// the handle goes (backing files hold their own in their handles).
+    _locks: Vec<lock::FileLock>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
@@ -248,10 +260,24 @@ impl Image {
             engine: opts.engine,
             ..Default::default()
         };
+        if opts.writable && opts.force_share {
+            return Err(Error::invalid(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
         let file = match storage {
             Some(s) => s,
             None => crate::io::open_file(path, &fo).map_err(|e| Error::io(e, "open"))?,
         };
+        // Locks before the first read, as QEMU attaches its permissions before the format
+        // driver reads the header; held by `Inner` for the handle's life.
+        let mut locks = Vec::new();
+        locks.extend(lock::take(
+            &file,
+            lock::Perms::qcow2(opts.writable, opts.force_share),
+            path,
+            opts,
+        )?);
         let file_len = file.len()?;
         let mut first =
             vec![0u8; (2 << 20).min(file_len.max(header::V3_HEADER_LEN as u64)) as usize];
@@ -347,6 +373,15 @@ impl Image {
             };
             let f = crate::io::open_file(&p, &fo)
                 .map_err(|e| Error::io(e, format!("data file '{}'", p.display())))?;
+            locks.extend(
+                lock::take(
+                    &f,
+                    lock::Perms::data_file(opts.writable, opts.force_share),
+                    &p,
+                    opts,
+                )
+                .map_err(|e| e.context(format!("data file '{}'", p.display())))?,
+            );
             (f, Some(p))
         } else {
             (file.clone(), None)
@@ -420,6 +455,7 @@ impl Image {
             },
             prealloc: tokio::sync::OnceCell::new(),
             open_repair: Mutex::new(None),
+            _locks: locks,
         };
         let img = Image {
             inner: Arc::new(inner),

@@ -20,6 +20,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub mod lock;
 pub mod mem;
 pub mod threads;
 pub mod uring;
@@ -66,6 +67,11 @@ pub trait Storage: Send + Sync + 'static {
     fn alignment(&self) -> usize;
     /// A short name of the engine, for diagnostics ("io_uring", "threads", "mem").
     fn engine_name(&self) -> &'static str;
+    /// The file descriptor the I/O goes through, if this storage is a file: image locks
+    /// ([`lock`]) are taken on it. Storage without one (memory, test storage) is never locked.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Which engine to use for files.
@@ -121,5 +127,25 @@ pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn Storage>
             }
             Err(e) => Err(e),
         },
+    }
+}
+
+/// A file's identity: its device and inode. Different names of one file (`./x`, a symbolic
+/// link, a hard link) have the same identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `path` names (following symbolic links), or `None` when
+    /// there is no such file.
+    pub fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
     }
 }
