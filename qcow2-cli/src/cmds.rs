@@ -582,6 +582,8 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
     let mut oo = open_opts(&p);
     oo.writable = repair.is_some();
     oo.for_repair = repair.is_some();
+    // Damage the check reports must not keep it from running (QEMU's BDRV_O_CHECK).
+    oo.for_check = true;
     let disk = open(&file, p.value("format"), &oo).await?;
     let img = match &disk {
         Disk::Qcow2(i) => i,

@@ -149,3 +149,23 @@ impl FileId {
         })
     }
 }
+
+/// Whether `a` and `b` name the same file: the same device and inode when both exist; when
+/// either does not exist yet, the same name in the same folder (folders compared by
+/// identity), so a file about to be created is caught too.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (FileId::of(a), FileId::of(b)) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => {
+            let dir = |p: &Path| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => FileId::of(d),
+                _ => FileId::of(Path::new(".")),
+            };
+            a.file_name().is_some()
+                && a.file_name() == b.file_name()
+                && dir(a).is_some()
+                && dir(a) == dir(b)
+        }
+        _ => false,
+    }
+}

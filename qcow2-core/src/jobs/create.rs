@@ -307,8 +307,6 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
         let d = create_file(dpath, &fo).ctx("data file")?;
         d.file.set_len(size).ctx(dpath.display())?;
     }
-    // Again now that the data file exists (the image may have named it before it existed).
-    refuse_own_files(path, opts, backing.as_ref(), None)?;
     let new = create_file(path, &fo)?;
     let file = new.file.clone();
     let hdr = h.to_bytes().ctx(path.display())?;
@@ -362,36 +360,34 @@ fn refuse_own_files(
     backing: Option<&Disk>,
     data_file: Option<&str>,
 ) -> Result<()> {
-    let Some(id) = FileId::of(target) else {
-        return Ok(());
-    };
-    let what = match data_file {
-        None => "image".to_string(),
-        Some(df) => format!("data file '{df}'"),
-    };
-    if let Some(b) = &opts.backing_file {
-        if FileId::of(&crate::engine::image::resolve_name(target, b)) == Some(id)
-            && data_file.is_none()
-        {
-            return Err(Error::invalid(format!(
-                "Trying to create an image with the same file as its backing file '{b}'"
-            )));
-        }
-    }
-    if let Some(f) = backing.and_then(|d| d.same_file_in_chain(target)) {
-        return Err(Error::invalid(format!(
-            "the new {what} would overwrite '{}', a file of its own backing chain",
-            f.display()
-        )));
-    }
     if data_file.is_none() {
         if let Some(df) = &opts.data_file {
-            if FileId::of(&crate::engine::image::resolve_name(target, df)) == Some(id) {
+            if crate::io::same_file(target, &crate::engine::image::resolve_name(target, df)) {
                 return Err(Error::invalid(format!(
                     "the data file '{df}' is the image file itself"
                 )));
             }
         }
+    }
+    if let (Some(b), None) = (&opts.backing_file, data_file) {
+        if crate::io::same_file(target, &crate::engine::image::resolve_name(target, b)) {
+            return Err(Error::invalid(format!(
+                "Trying to create an image with the same file as its backing file '{b}'"
+            )));
+        }
+    }
+    if FileId::of(target).is_none() {
+        return Ok(());
+    }
+    let what = match data_file {
+        None => "image".to_string(),
+        Some(df) => format!("data file '{df}'"),
+    };
+    if let Some(f) = backing.and_then(|d| d.same_file_in_chain(target)) {
+        return Err(Error::invalid(format!(
+            "the new {what} would overwrite '{}', a file of its own backing chain",
+            f.display()
+        )));
     }
     Ok(())
 }
