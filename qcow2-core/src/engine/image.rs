@@ -613,7 +613,7 @@ async fn read_snapshots(
             .await
             .map_err(|e| Error::io(e, "reading the snapshot table"))?;
         let parsed = if for_check {
-            snapshot::parse_table_unchecked(&buf, h.nb_snapshots).and_then(|snaps| {
+            snapshot::parse_table_unchecked(&buf, h.nb_snapshots).map(|snaps| {
                 let problem = snapshot::validate(&snaps, h.cluster_size())
                     .err()
                     .map(|e| e.message().to_string())
@@ -622,7 +622,7 @@ async fn read_snapshots(
                         (h.snapshots_offset.saturating_add(len) > file_len)
                             .then(|| "snapshot table lies beyond the end of the file".to_string())
                     });
-                Ok((snaps, problem))
+                (snaps, problem)
             })
         } else {
             snapshot::parse_table(&buf, h.nb_snapshots, h.cluster_size()).map(|s| (s, None))

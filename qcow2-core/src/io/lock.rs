@@ -183,22 +183,17 @@ impl FileLock {
             }
         }
         // Step two: nobody else refuses what we use, nobody else uses what we refuse.
-        for n in 0..NAMES.len() {
+        for (n, perm) in NAMES.iter().enumerate() {
             if perms.used & (1 << n) != 0 {
-                test(
-                    fd,
-                    SHARED_BASE + n as i64,
-                    &format!("\"{}\"", NAMES[n]),
-                    name,
-                )?;
+                test(fd, SHARED_BASE + n as i64, &format!("\"{perm}\""), name)?;
             }
         }
-        for n in 0..NAMES.len() {
+        for (n, perm) in NAMES.iter().enumerate() {
             if perms.unshared & (1 << n) != 0 {
                 test(
                     fd,
                     PERM_BASE + n as i64,
-                    &format!("shared \"{}\"", NAMES[n]),
+                    &format!("shared \"{perm}\""),
                     name,
                 )?;
             }
