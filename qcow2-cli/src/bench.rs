@@ -9,7 +9,7 @@
 //! submitted offsets is qemu-img's. Every task reads into its own 4 KiB-aligned buffer.
 
 use crate::args::{parse, Parsed};
-use crate::cmds::{opt, specs};
+use crate::cmds::{opt, specs, FORCE_SHARE};
 use crate::Fail;
 use qcow2_core::convert;
 use qcow2_core::disk::{check_range, Disk};
@@ -173,6 +173,7 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('c', "", true),
             opt('d', "", true),
             opt('f', "format", true),
@@ -203,6 +204,7 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
         engine: prm.engine,
         direct: prm.direct,
         no_external_files: p.flag("untrusted"),
+        force_share: p.flag("force-share"),
         ..OpenOptions::default()
     };
     let buffers = if prm.write && prm.flush_interval != 0 {

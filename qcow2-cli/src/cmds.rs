@@ -16,11 +16,14 @@ pub(crate) const fn opt(short: char, long: &'static str, value: bool) -> Spec {
     Spec { short, long, value }
 }
 
-const COMMON: [Spec; 3] = [
+const COMMON: [Spec; 2] = [
     opt('\0', "untrusted", false),
-    opt('U', "force-share", false),
     opt('\0', "image-opts", false),
 ];
+
+/// `-U`/`--force-share`: only on the commands where qemu-img accepts it (info, map, check,
+/// compare, convert, snapshot, bench; and our dump).
+pub(crate) const FORCE_SHARE: Spec = opt('U', "force-share", false);
 
 pub(crate) fn specs(extra: &[Spec]) -> Vec<Spec> {
     let mut v: Vec<Spec> = COMMON
@@ -52,6 +55,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
 fn open_opts(p: &Parsed) -> OpenOptions {
     OpenOptions {
         no_external_files: p.flag("untrusted"),
+        force_share: p.flag("force-share"),
         ..OpenOptions::default()
     }
 }
@@ -103,6 +107,7 @@ async fn cmd_info(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('f', "format", true),
             opt('\0', "output", true),
             opt('\0', "backing-chain", false),
@@ -143,6 +148,7 @@ async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('f', "format", true),
             opt('\0', "output", true),
             opt('\0', "start-offset", true),
@@ -375,6 +381,7 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('f', "format", true),
             opt('O', "target-format", true),
             opt('o', "options", true),
@@ -451,6 +458,7 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('f', "a-format", true),
             opt('F', "b-format", true),
             opt('s', "strict", false),
@@ -504,6 +512,7 @@ async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('l', "list", false),
             opt('f', "format", true),
             opt('q', "quiet", false),
@@ -530,6 +539,7 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
         &specs(&[
+            FORCE_SHARE,
             opt('f', "format", true),
             opt('\0', "output", true),
             opt('r', "repair", true),
@@ -551,6 +561,8 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
     let mut oo = open_opts(&p);
     oo.writable = repair.is_some();
     oo.for_repair = repair.is_some();
+    // Damage the check reports must not keep it from running (QEMU's BDRV_O_CHECK).
+    oo.for_check = true;
     let disk = open(&file, p.value("format"), &oo).await?;
     let img = match &disk {
         Disk::Qcow2(i) => i,

@@ -8,7 +8,7 @@
 //! offset taken from the image is bounds-checked; problems end in one error line.
 
 use crate::args::parse;
-use crate::cmds::{opt, output_json, specs};
+use crate::cmds::{opt, output_json, specs, FORCE_SHARE};
 use crate::Fail;
 use qcow2_core::format::header::{self, FeatureKind, Header};
 use qcow2_core::format::l2::{self, ClusterEntry};
@@ -30,7 +30,11 @@ const HEX_LIMIT: usize = 256;
 pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
     let p = parse(
         args,
-        &specs(&[opt('f', "format", true), opt('\0', "output", true)]),
+        &specs(&[
+            FORCE_SHARE,
+            opt('f', "format", true),
+            opt('\0', "output", true),
+        ]),
     )?;
     let file = match p.operands.as_slice() {
         [f] => f.clone(),
@@ -56,6 +60,7 @@ pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
         // The data file holds guest data only; dump never reads it. Pointing it at the image
         // itself keeps dump from opening a file named inside the image.
         data_file: Some(path.to_path_buf()),
+        force_share: p.flag("force-share"),
         ..OpenOptions::default()
     };
     let img = Image::open(path, &opts).await.map_err(|e| {

@@ -12,14 +12,18 @@ const USAGE: &str = "usage: qcow2rs COMMAND [OPTIONS] ...
 
 Commands (options as qemu-img):
   info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
-  map [-f FMT] [--output=human|json] FILE
-  check [-f FMT] [--output=human|json] FILE
-  compare [-f FMT] [-F FMT] [-s] [-p] FILE1 FILE2
-  convert [-f FMT] [-O raw] [-p] [-m N] [-t none|writeback] SRC DST
-  snapshot -l FILE
-  dump FILE
-  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] FILE
+  map [-f FMT] [--output=human|json] [-U] FILE
+  check [-f FMT] [--output=human|json] [-r leaks|all] [-U] FILE
+  compare [-f FMT] [-F FMT] [-s] [-p] [-U] FILE1 FILE2
+  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-U] SRC DST
+  create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
+  resize [--shrink] [-f FMT] FILE [+|-]SIZE
+  snapshot -l [-U] FILE
+  dump [-U] FILE
+  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
 
+Images are locked as QEMU locks them: an image another process writes is refused, and
+-U (--force-share, read-only commands) opens it anyway.
 Every command accepts --untrusted: refuse to open files named inside an image.";
 
 /// An error for the user: a message (one line) and an exit code.

@@ -34,6 +34,10 @@ pub enum ErrorKind {
     Deadlock,
     /// A backing chain loops or is too deep.
     Loop,
+    /// Another process (or another handle) uses the file in a way that conflicts with this
+    /// open: QEMU's image locks (see [`crate::io::lock`]). Reported as `EAGAIN`, the errno
+    /// QEMU's own lock test returns.
+    Locked,
 }
 
 impl ErrorKind {
@@ -52,6 +56,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Deadlock => libc::EDEADLK,
             ErrorKind::Loop => libc::ELOOP,
+            ErrorKind::Locked => libc::EAGAIN,
         }
     }
 

@@ -81,6 +81,8 @@ pub struct RawDisk {
     file: Arc<dyn Storage>,
     size: u64,
     path: PathBuf,
+    /// QEMU-compatible locks, shared by the clones and released with the last one.
+    _lock: Option<Arc<crate::io::lock::FileLock>>,
 }
 
 impl RawDisk {
@@ -93,18 +95,37 @@ impl RawDisk {
             direct: opts.direct,
             engine: opts.engine,
         };
+        if opts.writable && opts.force_share {
+            return Err(Error::invalid(
+                "force-share=on can only be used with read-only images",
+            ))
+            .ctx(path.display());
+        }
         let file = crate::io::open_file(path, &fo).ctx(path.display())?;
+        let lock = crate::io::lock::take(
+            &file,
+            crate::io::lock::Perms::raw(opts.writable),
+            path,
+            opts,
+        )
+        .ctx(path.display())?;
         let size = file.len().ctx(path.display())?;
         Ok(RawDisk {
             file,
             size,
             path: path.to_path_buf(),
+            _lock: lock.map(Arc::new),
         })
     }
-    /// Wrap an already open storage.
+    /// Wrap an already open storage (not locked).
     pub fn from_storage(file: Arc<dyn Storage>, path: PathBuf) -> Result<RawDisk> {
         let size = file.len().ctx(path.display())?;
-        Ok(RawDisk { file, size, path })
+        Ok(RawDisk {
+            file,
+            size,
+            path,
+            _lock: None,
+        })
     }
     /// The storage.
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -226,6 +247,29 @@ impl Disk {
                 }
             }
         })
+    }
+
+    /// Every file this disk reads, down the chain: each layer's file and external data file.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut out = Vec::new();
+        let mut layer = Some(self);
+        while let Some(d) = layer {
+            out.push(d.path());
+            if let Disk::Qcow2(i) = d {
+                out.extend(i.data_file_path());
+            }
+            layer = d.backing();
+        }
+        out
+    }
+
+    /// The file of this disk's chain that `path` names under another name (same device and
+    /// inode), if any: writing `path` would destroy data this disk reads.
+    pub fn same_file_in_chain(&self, path: &Path) -> Option<&Path> {
+        let id = crate::io::FileId::of(path)?;
+        self.files()
+            .into_iter()
+            .find(|f| crate::io::FileId::of(f) == Some(id))
     }
 
     /// The backing disk, if any.

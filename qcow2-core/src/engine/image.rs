@@ -6,7 +6,7 @@ use crate::format::be64;
 use crate::format::header::{self, Header};
 use crate::format::l2::{self};
 use crate::format::snapshot::{self, Snapshot};
-use crate::io::{EngineKind, FileOptions, Storage};
+use crate::io::{lock, EngineKind, FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -43,6 +43,19 @@ pub struct OpenOptions {
     /// Open for `check -r`: a writable open of a corrupt-marked image is allowed (writes other
     /// than the repair's are still refused while the corrupt bit is set).
     pub for_repair: bool,
+    /// Share every permission with other users of the files (qemu-img `-U`/`--force-share`):
+    /// the open succeeds while another process writes the image, and the content read may be
+    /// inconsistent. Read-only opens only.
+    pub force_share: bool,
+    /// Take QEMU-compatible locks on every file of the chain (see [`crate::io::lock`]), held
+    /// until the last clone of the handle is dropped. `false` is QEMU's `locking=off`.
+    pub locking: bool,
+    /// Open for `check` (QEMU's `BDRV_O_CHECK`): damage that the check reports (L1 and
+    /// refcount table entries pointing at misaligned offsets or past the end of the file,
+    /// bad snapshot table entries, a snapshot table past the end of the file) does not fail
+    /// the open. A handle opened so on a damaged image refuses guest reads and writes: use
+    /// it for [`crate::check::check`] only. Backing files are opened normally.
+    pub for_check: bool,
 }
 
 impl Default for OpenOptions {
@@ -57,6 +70,9 @@ impl Default for OpenOptions {
             data_file: None,
             no_backing: false,
             for_repair: false,
+            force_share: false,
+            locking: true,
+            for_check: false,
         }
     }
 }
@@ -161,6 +177,12 @@ pub(crate) struct Inner {
     pub open_repair: Mutex<Option<crate::jobs::repair::Pass>>,
     /// Why the handle refuses changes (see `engine/poison.rs`), if it does.
     pub poisoned: Mutex<Option<String>>,
+    /// QEMU-compatible locks on the image and data file, released when the last clone of
+    /// the handle goes (backing files hold their own in their handles).
+    _locks: Vec<lock::FileLock>,
+    /// Opened for check with damaged metadata (the first problem found): guest I/O through
+    /// this handle is refused, since the engine relies on what a normal open validates.
+    pub damage: Option<String>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
@@ -250,10 +272,24 @@ impl Image {
             engine: opts.engine,
             ..Default::default()
         };
+        if opts.writable && opts.force_share {
+            return Err(Error::invalid(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
         let file = match storage {
             Some(s) => s,
             None => crate::io::open_file(path, &fo).map_err(|e| Error::io(e, "open"))?,
         };
+        // Locks before the first read, as QEMU attaches its permissions before the format
+        // driver reads the header; held by `Inner` for the handle's life.
+        let mut locks = Vec::new();
+        locks.extend(lock::take(
+            &file,
+            lock::Perms::qcow2(opts.writable, opts.force_share),
+            path,
+            opts,
+        )?);
         let file_len = file.len()?;
         let mut first =
             vec![0u8; (2 << 20).min(file_len.max(header::V3_HEADER_LEN as u64)) as usize];
@@ -263,10 +299,13 @@ impl Image {
         if first.len() >= 4 && crate::format::be32(&first, 0) != header::MAGIC {
             return Err(Error::invalid("not a qcow2 image (bad magic)"));
         }
-        let h = Header::parse(
-            &first[..first.len().min(file_len.max(72) as usize)],
-            file_len,
-        )?;
+        let hbuf = &first[..first.len().min(file_len.max(72) as usize)];
+        let (h, header_damage) = if opts.for_check {
+            let h = Header::parse_for_check(hbuf, file_len)?;
+            (h, Header::parse(hbuf, file_len).err())
+        } else {
+            (Header::parse(hbuf, file_len)?, None)
+        };
         let layout = Layout::new(&h);
         let h_l1_off = h.l1_table_offset;
         if opts.writable && h.corrupt() && !opts.for_repair {
@@ -285,17 +324,27 @@ impl Image {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
             .collect();
         let cs = layout.cluster_size;
+        // Damage that `check` reports: a normal open refuses the image; an open for check
+        // records the first problem (the handle then refuses guest I/O) and goes on.
+        let mut damage: Option<String> = header_damage.map(|e| e.message().to_string());
+        let mut found = |msg: String| -> Result<()> {
+            if opts.for_check {
+                damage.get_or_insert(msg);
+                Ok(())
+            } else {
+                Err(Error::corrupt(msg))
+            }
+        };
         for (i, &e) in l1.iter().enumerate() {
             let off = l2::l1_offset(e);
             if !off.is_multiple_of(cs) {
-                return Err(Error::corrupt(format!(
+                found(format!(
                     "L1 entry {i}: L2 table offset 0x{off:x} is not cluster aligned"
-                )));
-            }
-            if off != 0 && off.saturating_add(cs) > file_len.div_ceil(cs) * cs {
-                return Err(Error::corrupt(format!(
+                ))?;
+            } else if off != 0 && off.saturating_add(cs) > file_len.div_ceil(cs) * cs {
+                found(format!(
                     "L1 entry {i}: L2 table at 0x{off:x} lies beyond the end of the file"
-                )));
+                ))?;
             }
         }
         // Refcount table.
@@ -310,14 +359,19 @@ impl Image {
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & !511;
             if off % cs != 0 {
-                return Err(Error::corrupt(format!(
+                found(format!(
                     "refcount table entry {i}: refcount block offset 0x{off:x} is not cluster aligned"
-                )));
+                ))?;
             }
         }
-        // Snapshots.
+        // Snapshots: for check, entries as stored (the check reports what is wrong with them),
+        // and a table reaching past the end of the file reads as zeros, as in QEMU.
         let snapshots = if h.nb_snapshots > 0 {
-            read_snapshots(&*file, &h, file_len).await?
+            let (snaps, problem) = read_snapshots(&*file, &h, file_len, opts.for_check).await?;
+            if let Some(p) = problem {
+                found(p)?;
+            }
+            snaps
         } else {
             Vec::new()
         };
@@ -349,6 +403,15 @@ impl Image {
             };
             let f = crate::io::open_file(&p, &fo)
                 .map_err(|e| Error::io(e, format!("data file '{}'", p.display())))?;
+            locks.extend(
+                lock::take(
+                    &f,
+                    lock::Perms::data_file(opts.writable, opts.force_share),
+                    &p,
+                    opts,
+                )
+                .map_err(|e| e.context(format!("data file '{}'", p.display())))?,
+            );
             (f, Some(p))
         } else {
             (file.clone(), None)
@@ -370,6 +433,7 @@ impl Image {
                 let bopts = OpenOptions {
                     writable: false,
                     data_file: None,
+                    for_check: false,
                     ..opts.clone()
                 };
                 let fmt = match fmt {
@@ -423,6 +487,8 @@ impl Image {
             prealloc: tokio::sync::OnceCell::new(),
             open_repair: Mutex::new(None),
             poisoned: Mutex::new(None),
+            _locks: locks,
+            damage,
         };
         let img = Image {
             inner: Arc::new(inner),
@@ -431,6 +497,17 @@ impl Image {
             img.repair_dirty_on_open().await?;
         }
         Ok(img)
+    }
+
+    /// Refuse guest I/O on a handle opened for check on damaged metadata.
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        match &self.inner.damage {
+            None => Ok(()),
+            Some(d) => Err(Error::corrupt(format!(
+                "{}: {d} (the image was opened for check only)",
+                self.inner.path.display()
+            ))),
+        }
     }
 
     /// Virtual size.
@@ -517,17 +594,44 @@ impl Image {
     }
 }
 
-async fn read_snapshots(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+/// Read and parse the snapshot table. Strict: every entry validated, the table inside the
+/// file. `for_check`: the entries as stored, zeros past the end of the file; the second value
+/// then names the first problem a strict read would have refused.
+async fn read_snapshots(
+    file: &dyn Storage,
+    h: &Header,
+    file_len: u64,
+    for_check: bool,
+) -> Result<(Vec<Snapshot>, Option<String>)> {
     let mut want = 64 << 10;
     loop {
-        let avail = file_len.saturating_sub(h.snapshots_offset);
+        let avail = if for_check {
+            u64::MAX
+        } else {
+            file_len.saturating_sub(h.snapshots_offset)
+        };
         let n = want.min(avail).min(snapshot::MAX_TABLE_BYTES);
         let mut buf = vec![0u8; n as usize];
         file.read_at(&mut buf, h.snapshots_offset)
             .await
             .map_err(|e| Error::io(e, "reading the snapshot table"))?;
-        match snapshot::parse_table(&buf, h.nb_snapshots, h.cluster_size()) {
-            Ok(s) => return Ok(s),
+        let parsed = if for_check {
+            snapshot::parse_table_unchecked(&buf, h.nb_snapshots).map(|snaps| {
+                let problem = snapshot::validate(&snaps, h.cluster_size())
+                    .err()
+                    .map(|e| e.message().to_string())
+                    .or_else(|| {
+                        let len = snapshot::table_len(&snaps);
+                        (h.snapshots_offset.saturating_add(len) > file_len)
+                            .then(|| "snapshot table lies beyond the end of the file".to_string())
+                    });
+                (snaps, problem)
+            })
+        } else {
+            snapshot::parse_table(&buf, h.nb_snapshots, h.cluster_size()).map(|s| (s, None))
+        };
+        match parsed {
+            Ok(r) => return Ok(r),
             Err(e)
                 if n < avail.min(snapshot::MAX_TABLE_BYTES)
                     && e.message().contains("truncated") =>

@@ -172,6 +172,7 @@ impl Image {
     /// The mapping of the run starting at guest `off`, at most `max` bytes, at this layer.
     /// Runs of data are physically contiguous; compressed runs are one cluster.
     pub(crate) async fn run_at(&self, off: u64, max: u64) -> Result<Run> {
+        self.check_usable()?;
         let lay = self.inner.layout;
         if max == 0 {
             return Err(Error::invalid("mapping lookup of zero bytes"));

@@ -158,6 +158,7 @@ impl Image {
     pub(crate) fn check_write(&self, off: u64, len: u64) -> Result<()> {
         self.ws()?;
         self.check_poison()?;
+        self.check_usable()?;
         if self.inner.header.read().corrupt() {
             return Err(Error::read_only(format!(
                 "{}: image is marked corrupt; writes are refused",

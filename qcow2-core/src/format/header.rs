@@ -244,6 +244,17 @@ impl Header {
     /// Parse and validate a header from the first bytes of the image (at least the first
     /// cluster, or the whole file if shorter). `file_len` bounds offsets.
     pub fn parse(buf: &[u8], file_len: u64) -> Result<Header> {
+        Self::parse_with(buf, file_len, false)
+    }
+
+    /// Parse a header as `qemu-img check` opens an image: the L1, refcount and snapshot
+    /// tables must be cluster aligned and addressable, but may lie past the end of the file
+    /// or over the header (QEMU's `validate_table_offset`); the check reports what follows.
+    pub fn parse_for_check(buf: &[u8], file_len: u64) -> Result<Header> {
+        Self::parse_with(buf, file_len, true)
+    }
+
+    fn parse_with(buf: &[u8], file_len: u64, for_check: bool) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
             return Err(Error::corrupt(format!(
                 "file too short for a qcow2 header ({} bytes)",
@@ -329,7 +340,7 @@ impl Header {
         }
         // Extensions are needed to name unknown feature bits, so parse them first.
         h.parse_extensions(buf, cluster_size)?;
-        h.validate(file_len)?;
+        h.validate(file_len, for_check)?;
         Ok(h)
     }
 
@@ -428,7 +439,7 @@ impl Header {
         Ok(())
     }
 
-    fn validate(&self, file_len: u64) -> Result<()> {
+    fn validate(&self, file_len: u64, for_check: bool) -> Result<()> {
         let cs = self.cluster_size();
         let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -519,6 +530,7 @@ impl Header {
             cs,
             file_len,
             self.l1_size > 0,
+            for_check,
         )?;
         // Refcount table.
         let rt_bytes = self.refcount_table_clusters as u64 * cs;
@@ -538,6 +550,7 @@ impl Header {
             cs,
             file_len,
             true,
+            for_check,
         )?;
         // Snapshot table.
         if self.nb_snapshots > MAX_SNAPSHOTS {
@@ -554,6 +567,7 @@ impl Header {
                 cs,
                 file_len,
                 true,
+                for_check,
             )?;
         }
         if let Some(b) = &self.bitmaps {
@@ -687,6 +701,7 @@ fn check_table(
     cs: u64,
     file_len: u64,
     present: bool,
+    for_check: bool,
 ) -> Result<()> {
     if !present {
         return Ok(());
@@ -695,6 +710,14 @@ fn check_table(
         return Err(Error::corrupt(format!(
             "{what} offset 0x{off:x} is not cluster aligned"
         )));
+    }
+    if for_check {
+        return match off.checked_add(len) {
+            Some(end) if end <= i64::MAX as u64 => Ok(()),
+            _ => Err(Error::corrupt(format!(
+                "{what} offset 0x{off:x} is too large"
+            ))),
+        };
     }
     if off == 0 {
         return Err(Error::corrupt(format!(

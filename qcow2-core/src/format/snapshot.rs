@@ -65,8 +65,34 @@ impl Snapshot {
     }
 }
 
-/// Parse `count` entries from the table bytes `buf`. Validates every length against `buf`.
+/// Parse `count` entries from the table bytes `buf`. Validates every length against `buf`,
+/// and every entry's L1 table (see [`validate`]).
 pub fn parse_table(buf: &[u8], count: u32, cluster_size: u64) -> Result<Vec<Snapshot>> {
+    let snaps = parse_table_unchecked(buf, count)?;
+    validate(&snaps, cluster_size)?;
+    Ok(snaps)
+}
+
+/// Check each entry's L1 table: cluster aligned, within QEMU's size limit.
+pub fn validate(snaps: &[Snapshot], cluster_size: u64) -> Result<()> {
+    for (i, s) in snaps.iter().enumerate() {
+        if !s.l1_table_offset.is_multiple_of(cluster_size) {
+            return Err(Error::corrupt(format!(
+                "snapshot {i}: L1 table offset is not cluster aligned"
+            )));
+        }
+        if s.l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "snapshot {i}: L1 table is too large"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parse `count` entries from the table bytes `buf` as stored: lengths are validated against
+/// `buf` (and extra data against QEMU's limit), the entries' L1 tables are not.
+pub fn parse_table_unchecked(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
     let mut out = Vec::with_capacity(count.min(4096) as usize);
     let mut off = 0usize;
     let short = || Error::corrupt("snapshot table is truncated");
@@ -117,16 +143,6 @@ pub fn parse_table(buf: &[u8], count: u32, cluster_size: u64) -> Result<Vec<Snap
         } else {
             None
         };
-        if !l1_table_offset.is_multiple_of(cluster_size) {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: L1 table offset is not cluster aligned"
-            )));
-        }
-        if l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: L1 table is too large"
-            )));
-        }
         out.push(Snapshot {
             l1_table_offset,
             l1_size,

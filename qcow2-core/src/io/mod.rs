@@ -23,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub mod fault;
+pub mod lock;
 pub mod mem;
 pub mod threads;
 pub mod uring;
@@ -69,6 +70,11 @@ pub trait Storage: Send + Sync + 'static {
     fn alignment(&self) -> usize;
     /// A short name of the engine, for diagnostics ("io_uring", "threads", "mem").
     fn engine_name(&self) -> &'static str;
+    /// The file descriptor the I/O goes through, if this storage is a file: image locks
+    /// ([`lock`]) are taken on it. Storage without one (memory, test storage) is never locked.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Which engine to use for files.
@@ -124,5 +130,45 @@ pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn Storage>
             }
             Err(e) => Err(e),
         },
+    }
+}
+
+/// A file's identity: its device and inode. Different names of one file (`./x`, a symbolic
+/// link, a hard link) have the same identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `path` names (following symbolic links), or `None` when
+    /// there is no such file.
+    pub fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// Whether `a` and `b` name the same file: the same device and inode when both exist; when
+/// either does not exist yet, the same name in the same folder (folders compared by
+/// identity), so a file about to be created is caught too.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (FileId::of(a), FileId::of(b)) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => {
+            let dir = |p: &Path| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => FileId::of(d),
+                _ => FileId::of(Path::new(".")),
+            };
+            a.file_name().is_some()
+                && a.file_name() == b.file_name()
+                && dir(a).is_some()
+                && dir(a) == dir(b)
+        }
+        _ => false,
     }
 }

@@ -925,4 +925,7 @@ impl Storage for ThreadsFile {
     fn engine_name(&self) -> &'static str {
         "threads"
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.core.fd())
+    }
 }

@@ -557,4 +557,7 @@ impl Storage for UringFile {
     fn engine_name(&self) -> &'static str {
         "io_uring"
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.core.file.as_raw_fd())
+    }
 }

@@ -109,13 +109,9 @@ async fn plan(src: &Disk) -> Result<Vec<Piece>> {
 /// Copy the guest content of `src` into a new raw file at `dst` (created or truncated),
 /// leaving holes where the content is zero.
 pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Result<()> {
-    let fo = FileOptions {
-        writable: true,
-        create: true,
-        truncate: true,
-        ..opts.file
-    };
-    let out = crate::io::open_file(dst, &fo).ctx(dst.display())?;
+    refuse_source_as_target(src, dst)?;
+    let new = crate::jobs::create::create_file(dst, &opts.file)?;
+    let out = new.file.clone();
     let size = src.size();
     out.set_len(size).ctx(dst.display())?;
     let pieces = plan(src).await?;
@@ -143,6 +139,25 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
         .await?;
     out.flush().await.ctx(dst.display())?;
     Ok(())
+}
+
+/// Refuse a destination that is a file the source reads (the source image, a file of its
+/// backing chain, an external data file), whatever its name (`./x`, a link): creating the
+/// destination would empty it before anything is read. Compares devices and inodes.
+pub fn refuse_source_as_target(src: &Disk, dst: &Path) -> Result<()> {
+    let Some(f) = src.same_file_in_chain(dst) else {
+        return Ok(());
+    };
+    let what = if f == src.path() {
+        "the source image".to_string()
+    } else if matches!(src, Disk::Qcow2(i) if i.data_file_path() == Some(f)) {
+        format!("the source's data file '{}'", f.display())
+    } else {
+        format!("'{}' of the source's backing chain", f.display())
+    };
+    Err(Error::invalid(format!(
+        "the destination is the same file as {what}; refusing to overwrite it"
+    )))
 }
 
 /// Write the non-zero `ZERO_GRANULE` runs of `buf` at `off`.
@@ -268,6 +283,16 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
             ));
         }
         return convert_to_raw(src, dst, opts).await;
+    }
+    refuse_source_as_target(src, dst)?;
+    if let Some(df) = &target.create.data_file {
+        let dp = crate::engine::image::resolve_name(dst, df);
+        if let Some(f) = src.same_file_in_chain(&dp) {
+            return Err(Error::invalid(format!(
+                "the destination's data file '{df}' is the same file as '{}', which the source reads; refusing to overwrite it",
+                f.display()
+            )));
+        }
     }
     let mut co = target.create.clone();
     co.size = Some(src.size());

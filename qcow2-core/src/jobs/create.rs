@@ -4,9 +4,11 @@ use crate::engine::disk::{Disk, Format};
 use crate::engine::image::{Image, OpenOptions};
 use crate::format::header::{self, CompressionType, FeatureKind, FeatureName, Header};
 use crate::format::refcount;
-use crate::io::{FileOptions, Storage};
+use crate::io::lock::{FileLock, Perms};
+use crate::io::{FileId, FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Preallocation modes (as qemu-img `-o preallocation=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -171,36 +173,29 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
     opts.validate()?;
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
-    // Size: given, or the backing file's.
-    let size = match (opts.size, &opts.backing_file) {
-        (Some(s), _) => s,
-        (None, Some(b)) if !opts.unsafe_backing => {
+    // The backing file must exist and open (unless -u); it stays open until the image is
+    // written, so that its chain's locks refuse an image that is part of that chain.
+    let backing = match &opts.backing_file {
+        Some(b) if !opts.unsafe_backing => {
             let bpath = crate::engine::image::resolve_name(path, b);
             let fmt = match &opts.backing_format {
                 Some(f) => Some(Format::parse(f)?),
                 None => None,
             };
-            let d = Disk::open(&bpath, fmt, &OpenOptions::default())
-                .await
-                .map_err(|e| e.context(format!("could not open backing file '{b}'")))?;
-            d.size()
+            Some(
+                Disk::open(&bpath, fmt, &OpenOptions::default())
+                    .await
+                    .map_err(|e| e.context(format!("could not open backing file '{b}'")))?,
+            )
         }
+        _ => None,
+    };
+    // Size: given, or the backing file's.
+    let size = match (opts.size, &backing) {
+        (Some(s), _) => s,
+        (None, Some(d)) => d.size(),
         _ => return Err(Error::invalid("image size must be given")),
     };
-    if let (Some(b), true) = (
-        &opts.backing_file,
-        opts.size.is_some() && !opts.unsafe_backing,
-    ) {
-        // The backing file must exist and open.
-        let bpath = crate::engine::image::resolve_name(path, b);
-        let fmt = match &opts.backing_format {
-            Some(f) => Some(Format::parse(f)?),
-            None => None,
-        };
-        Disk::open(&bpath, fmt, &OpenOptions::default())
-            .await
-            .map_err(|e| e.context(format!("could not open backing file '{b}'")))?;
-    }
     let size = size.div_ceil(512) * 512;
     if size > header::MAX_VIRTUAL_SIZE {
         return Err(Error::invalid(format!("image size {size} is too large")));
@@ -299,20 +294,21 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
         ));
     }
 
-    // Data file first, so a failure leaves no half-made image pointing at it.
-    let fo = FileOptions {
-        writable: true,
-        create: true,
-        truncate: true,
-        ..Default::default()
-    };
-    if let Some(df) = &opts.data_file {
-        let dpath = crate::engine::image::resolve_name(path, df);
-        let d =
-            crate::io::open_file(&dpath, &fo).ctx(format!("data file '{}'", dpath.display()))?;
-        d.set_len(size).ctx(dpath.display())?;
+    // Data file first, so a failure leaves no half-made image pointing at it. Nothing is
+    // created or emptied that the new image would read.
+    let fo = FileOptions::default();
+    let dpath = opts
+        .data_file
+        .as_ref()
+        .map(|df| crate::engine::image::resolve_name(path, df));
+    refuse_own_files(path, opts, backing.as_ref(), None)?;
+    if let (Some(df), Some(dpath)) = (&opts.data_file, &dpath) {
+        refuse_own_files(dpath, opts, backing.as_ref(), Some(df))?;
+        let d = create_file(dpath, &fo).ctx("data file")?;
+        d.file.set_len(size).ctx(dpath.display())?;
     }
-    let file = crate::io::open_file(path, &fo).ctx(path.display())?;
+    let new = create_file(path, &fo)?;
+    let file = new.file.clone();
     let hdr = h.to_bytes().ctx(path.display())?;
     let mut rt = vec![0u8; (rt_clusters * cs) as usize];
     for i in 0..n_rb {
@@ -335,6 +331,7 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
     w(hdr, 0).await.ctx(path.display())?;
     file.flush().await.ctx(path.display())?;
     drop(file);
+    drop(new);
 
     // Data mappings: preallocation, and data_file_raw (host offset == guest offset).
     if opts.preallocation != Preallocation::Off || opts.data_file_raw {
@@ -353,19 +350,79 @@ pub async fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<u64> {
     Ok(size)
 }
 
-/// Create a raw image of `size` bytes (sparse unless preallocated).
-pub async fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+/// Refuse to create (or empty) `target`, the image (`data_file` None) or its data file
+/// (`data_file` = the name in the options), when it is a file the new image reads: its
+/// backing file or a file of the backing file's chain, or (for the image) its data file.
+/// Compares devices and inodes, so `./x`, links and other spellings are caught.
+fn refuse_own_files(
+    target: &Path,
+    opts: &CreateOptions,
+    backing: Option<&Disk>,
+    data_file: Option<&str>,
+) -> Result<()> {
+    if data_file.is_none() {
+        if let Some(df) = &opts.data_file {
+            if crate::io::same_file(target, &crate::engine::image::resolve_name(target, df)) {
+                return Err(Error::invalid(format!(
+                    "the data file '{df}' is the image file itself"
+                )));
+            }
+        }
+    }
+    if let (Some(b), None) = (&opts.backing_file, data_file) {
+        if crate::io::same_file(target, &crate::engine::image::resolve_name(target, b)) {
+            return Err(Error::invalid(format!(
+                "Trying to create an image with the same file as its backing file '{b}'"
+            )));
+        }
+    }
+    if FileId::of(target).is_none() {
+        return Ok(());
+    }
+    let what = match data_file {
+        None => "image".to_string(),
+        Some(df) => format!("data file '{df}'"),
+    };
+    if let Some(f) = backing.and_then(|d| d.same_file_in_chain(target)) {
+        return Err(Error::invalid(format!(
+            "the new {what} would overwrite '{}', a file of its own backing chain",
+            f.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A file being created, with the locks that protect it until it is dropped.
+pub(crate) struct NewFile {
+    pub file: Arc<dyn Storage>,
+    _lock: Option<FileLock>,
+}
+
+/// Create the file at `path`, or empty an existing one, as qemu-img does (`raw_co_create`):
+/// open it without truncating, take the creation locks (write and resize, resize not
+/// shared), and only then truncate it. A file that another process (QEMU, or one of our own
+/// handles) uses is refused intact: its users unshare write, or use resize.
+pub(crate) fn create_file(path: &Path, fo: &FileOptions) -> Result<NewFile> {
     let fo = FileOptions {
         writable: true,
         create: true,
-        truncate: true,
-        ..Default::default()
+        truncate: false,
+        ..*fo
     };
-    let f = crate::io::open_file(path, &fo).ctx(path.display())?;
+    let file = crate::io::open_file(path, &fo).ctx(path.display())?;
+    let lock = FileLock::acquire(&file, Perms::CREATE, path).ctx(path.display())?;
+    file.set_len(0).ctx(path.display())?;
+    Ok(NewFile { file, _lock: lock })
+}
+
+/// Create a raw image of `size` bytes (sparse unless preallocated).
+pub async fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+    let new = create_file(path, &FileOptions::default())?;
+    let f = &new.file;
     match prealloc {
         Preallocation::Off | Preallocation::Metadata => f.set_len(size).ctx(path.display())?,
         Preallocation::Falloc => f.allocate(0, size).await.ctx(path.display())?,
-        Preallocation::Full => write_zeros_full(&*f, 0, size).await.ctx(path.display())?,
+        Preallocation::Full => write_zeros_full(&**f, 0, size).await.ctx(path.display())?,
     }
     f.flush().await.ctx(path.display())?;
     Ok(())

@@ -186,14 +186,18 @@ async fn mark_clean(img: &Image) -> Result<()> {
 /// Rewrite the snapshot table with complete entries (`qcow2_check_fix_snapshot_table`): the
 /// new table goes to new clusters, the header switches to it, the old one is freed.
 async fn fix_snapshot_table(img: &Image, m: &mut Meta, c: &mut Checker<'_>) -> Result<()> {
-    let r = write_snapshot_table(img, m).await;
-    if let Err(e) = r {
-        c.res.check_errors += 1;
-        c.msg(format!(
-            "ERROR failed to update snapshot table: {}",
-            e.message()
-        ));
-        return Err(e);
+    match write_snapshot_table(img, m).await {
+        Err(e) => {
+            c.res.check_errors += 1;
+            c.msg(format!(
+                "ERROR failed to update snapshot table: {}",
+                e.message()
+            ));
+            return Err(e);
+        }
+        // QEMU reports the failed free and goes on (the old clusters leak).
+        Ok(false) => c.msg("qcow2_free_clusters failed: Invalid argument".into()),
+        Ok(true) => {}
     }
     c.res.corruptions -= c.snap_corruptions;
     c.res.corruptions_fixed += c.snap_corruptions;
@@ -201,9 +205,22 @@ async fn fix_snapshot_table(img: &Image, m: &mut Meta, c: &mut Checker<'_>) -> R
     Ok(())
 }
 
-async fn write_snapshot_table(img: &Image, m: &mut Meta) -> Result<()> {
+/// Returns whether the old table's clusters were freed.
+async fn write_snapshot_table(img: &Image, m: &mut Meta) -> Result<bool> {
     let lay = img.inner.layout;
     let cs = lay.cluster_size;
+    // Allocating goes through the refcount table; a handle opened for check may hold one
+    // with misaligned entries (a normal open refuses those), which would send refcount
+    // updates into the wrong clusters.
+    if let Some(i) = img
+        .refcount_table()
+        .iter()
+        .position(|&e| (e & !511) % cs != 0)
+    {
+        return Err(Error::corrupt(format!(
+            "refcount table entry {i} is not cluster aligned"
+        )));
+    }
     let vsize = img.size() / 512 * 512;
     let mut snaps = img.snapshots();
     for s in &mut snaps {
@@ -245,15 +262,26 @@ async fn write_snapshot_table(img: &Image, m: &mut Meta) -> Result<()> {
     img.inner.header.write().snapshots_offset = new_off;
     *img.inner.snapshots.write() = snaps;
     guard.disarm();
+    // Free the old table (`qcow2_free_clusters`): all of it or, when a cluster of it has no
+    // reference to drop (a table that lay past the end of the file, say), none of it.
+    let mut freed = true;
     if old_off != 0 && old_len != 0 {
         let first = old_off / cs;
         let last = (old_off + old_len - 1) / cs;
-        m.pending_free.extend(first..=last);
+        for ci in first..=last {
+            if img.refcount(ci).await? == 0 {
+                freed = false;
+                break;
+            }
+        }
+        if freed {
+            m.pending_free.extend(first..=last);
+        }
     }
     img.flush_metadata(m).await?;
     img.inner.rc_cache.clear();
     reset_allocator(img, m);
-    Ok(())
+    Ok(freed)
 }
 
 impl Image {

@@ -1,0 +1,290 @@
+//! Image locking against the real QEMU (qemu-io holding an image, qemu-img inspecting ours),
+//! and the refusal to overwrite a file the source reads. Needs qemu-img and qemu-io: skipped
+//! (with a message) when they are missing, failing in CI.
+
+use crate::common::have_qemu;
+use qcow2_core::convert::{self, ConvertOptions, Target};
+use qcow2_core::create::{self, CreateOptions};
+use qcow2_core::{Disk, ErrorKind, Format, Image, OpenOptions};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn cmd(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog).args(args).output().unwrap()
+}
+
+fn make(path: &Path) {
+    assert!(
+        cmd("qemu-img", &["create", "-q", "-f", "qcow2", p(path), "16M"])
+            .status
+            .success()
+    );
+    assert!(cmd("qemu-io", &["-c", "write -P 7 0 64k", p(path)])
+        .status
+        .success());
+}
+
+/// `qemu-io -f qcow2 IMG` (writable), kept open by its stdin pipe until killed.
+struct QemuIo(Child);
+impl QemuIo {
+    fn hold(path: &Path) -> QemuIo {
+        let child = Command::new("qemu-io")
+            .args(["-f", "qcow2", p(path)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until its locks are there: a read-only open of ours (unsharing write) fails.
+        let t = Instant::now();
+        loop {
+            let out = cmd("qemu-img", &["info", p(path)]);
+            if !out.status.success() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "qemu-io took no lock"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        QemuIo(child)
+    }
+}
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_writer_excludes_us() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("held.qcow2");
+    make(&img);
+    let holder = QemuIo::hold(&img);
+    // Writable open (resize, check -r, a writer): refused like qemu-img resize.
+    let rw = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let e = Image::open(&img, &rw).await.err().expect("writable open");
+    assert_eq!(e.kind(), ErrorKind::Locked);
+    assert_eq!(e.errno(), libc::EAGAIN);
+    assert!(
+        e.to_string().contains("Failed to get \"write\" lock"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("Is another process using the image")
+            || e.to_string().contains("is another process using the image"),
+        "{e}"
+    );
+    // Read-only open: refused, as qemu-img info/check/map do without -U.
+    let e = Image::open(&img, &OpenOptions::default())
+        .await
+        .err()
+        .expect("read-only open");
+    assert!(
+        e.to_string()
+            .contains("Failed to get shared \"write\" lock"),
+        "{e}"
+    );
+    // -U: allowed; writable + force-share: refused as by qemu.
+    let fs = OpenOptions {
+        force_share: true,
+        ..Default::default()
+    };
+    let i = Image::open(&img, &fs).await.unwrap();
+    let mut buf = vec![0u8; 512];
+    i.read_at(&mut buf, 0).await.unwrap();
+    assert_eq!(buf[0], 7);
+    drop(i);
+    let e = Image::open(
+        &img,
+        &OpenOptions {
+            writable: true,
+            force_share: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(e
+        .to_string()
+        .contains("force-share=on can only be used with read-only images"));
+    // Creating over it is refused and leaves it intact.
+    let e = create::create_qcow2(
+        &img,
+        &CreateOptions {
+            size: Some(1 << 20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
+    drop(holder);
+    let i = Image::open(&img, &OpenOptions::default()).await.unwrap();
+    assert_eq!(i.size(), 16 << 20);
+    i.read_at(&mut buf, 0).await.unwrap();
+    assert_eq!(buf[0], 7);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_writer_excludes_qemu_and_us() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("ours.qcow2");
+    make(&img);
+    let rw = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let w = Image::open(&img, &rw).await.unwrap();
+    let out = cmd("qemu-img", &["info", p(&img)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Failed to get shared \"write\" lock"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(cmd("qemu-img", &["info", "-U", p(&img)]).status.success());
+    let out = cmd("qemu-io", &["-c", "read 0 512", p(&img)]);
+    assert!(
+        stderr(&out).contains("Failed to get \"write\" lock"),
+        "qemu-io opened an image we write: {}",
+        stderr(&out)
+    );
+    // A second writer of ours, in the same process, is refused too; a reader as well.
+    let e = Image::open(&img, &rw).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Locked);
+    assert!(Image::open(&img, &OpenOptions::default()).await.is_err());
+    // Clones share the locks; the last one releases them.
+    let w2 = w.clone();
+    drop(w);
+    assert!(!cmd("qemu-img", &["info", p(&img)]).status.success());
+    w2.close().await.unwrap();
+    let out = cmd("qemu-img", &["info", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Reading backing files locks them as qemu does: no writer while an overlay is open.
+    let top = d.path().join("top.qcow2");
+    assert!(cmd(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&img),
+            "-F",
+            "qcow2",
+            p(&top)
+        ]
+    )
+    .status
+    .success());
+    let o = Image::open(&top, &rw).await.unwrap();
+    let out = cmd("qemu-io", &["-c", "read 0 512", p(&img)]);
+    assert!(
+        stderr(&out).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(cmd("qemu-img", &["info", p(&img)]).status.success());
+    drop(o);
+    // Locking off: no locks at all.
+    let off = OpenOptions {
+        writable: true,
+        locking: false,
+        ..Default::default()
+    };
+    let _w = Image::open(&img, &off).await.unwrap();
+    assert!(cmd("qemu-img", &["info", p(&img)]).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn convert_onto_the_source_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.qcow2");
+    make(&src);
+    let keep = d.path().join("keep.qcow2");
+    std::fs::copy(&src, &keep).unwrap();
+    std::os::unix::fs::symlink(&src, d.path().join("link.qcow2")).unwrap();
+    std::fs::hard_link(&src, d.path().join("hard.qcow2")).unwrap();
+    let top = d.path().join("top.qcow2");
+    assert!(cmd(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "src.qcow2",
+            "-F",
+            "qcow2",
+            p(&top)
+        ]
+    )
+    .status
+    .success());
+    let dot = d.path().join(".").join("src.qcow2");
+    for (from, to) in [
+        (&src, &src),
+        (&src, &dot),
+        (&src, &d.path().join("link.qcow2")),
+        (&src, &d.path().join("hard.qcow2")),
+        (&top, &src),
+    ] {
+        for fmt in [Format::Raw, Format::Qcow2] {
+            // Opened with force-share, so that only the identity check can refuse it.
+            let disk = Disk::open(
+                from,
+                None,
+                &OpenOptions {
+                    force_share: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let t = Target {
+                format: fmt,
+                create: CreateOptions::default(),
+                compress: false,
+            };
+            let e = convert::convert(&disk, to, &t, &ConvertOptions::default())
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("refusing to overwrite it"),
+                "{} -> {}: {e}",
+                from.display(),
+                to.display()
+            );
+        }
+    }
+    let out = cmd("qemu-img", &["compare", p(&keep), p(&src)]);
+    assert!(out.status.success(), "the source changed");
+}
