@@ -22,6 +22,7 @@ DEMO         := demo
 PYTEST_ARGS  ?=
 
 .PHONY: all build lint venv test test-cargo test-py demo clean-demo clean
+.PHONY: test-c install install-c header
 
 all: build
 
@@ -47,7 +48,7 @@ test-cargo: build
 test-py: venv build
 	$(VENV_PY) -m pytest tests -q $(PYTEST_ARGS)
 
-test: venv build lint test-cargo test-py
+test: venv build lint test-cargo test-c test-py
 
 # The demo makes its own images with qcow2rs (no qemu needed; qemu-img double-checks if present).
 demo: build
@@ -59,3 +60,29 @@ clean-demo:
 clean: clean-demo
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+# --- The C library (qcow2-capi) ------------------------------------------------------------
+PREFIX      ?= /usr/local
+LIBDIR      ?= $(PREFIX)/lib
+INCLUDEDIR  ?= $(PREFIX)/include
+DESTDIR     ?=
+CAPI_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+
+test-c: build
+	bash tests/c/run.sh
+
+header:
+	QCOW2RS_UPDATE_HEADER=1 $(CARGO) test --release -p qcow2-capi header_is_current
+
+install: install-c
+
+install-c: build
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 755 target/release/libqcow2rs.so $(DESTDIR)$(LIBDIR)/libqcow2rs.so.$(CAPI_VERSION)
+	ln -sfn libqcow2rs.so.$(CAPI_VERSION) $(DESTDIR)$(LIBDIR)/libqcow2rs.so.0
+	ln -sfn libqcow2rs.so.0 $(DESTDIR)$(LIBDIR)/libqcow2rs.so
+	install -m 644 target/release/libqcow2rs.a $(DESTDIR)$(LIBDIR)/libqcow2rs.a
+	install -m 644 include/qcow2rs.h $(DESTDIR)$(INCLUDEDIR)/qcow2rs.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(CAPI_VERSION)|' \
+	    qcow2-capi/qcow2rs.pc.in >$(DESTDIR)$(LIBDIR)/pkgconfig/qcow2rs.pc
