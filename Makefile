@@ -3,8 +3,14 @@
 #   make build   release build of the whole workspace (CLI: target/release/qcow2rs)
 #   make lint    rustfmt --check + clippy -D warnings
 #   make venv    .venv with the Python test dependencies (tests/requirements.txt)
-#   make test    venv + build + lint + cargo test + pytest interop suite
+#   make test    venv + build + lint + cargo test + C tests + pytest interop suite + Python package
+#   make python  build and install the Python package (bindings/python) into .venv
 #   make demo    build, make demo images with qemu-img, run the CLI on them
+#   make test-c  the C library: exports, header, C tests and examples (plain, ASan+UBSan,
+#                valgrind), install + pkg-config (tests/c/run.sh)
+#   make install PREFIX=/usr/local   libqcow2rs.so (+ symlinks), libqcow2rs.a, qcow2rs.h,
+#                qcow2rs.pc into PREFIX (DESTDIR, LIBDIR, INCLUDEDIR also honoured)
+#   make header  regenerate include/qcow2rs.h with cbindgen (the pinned version)
 #
 # Everything uses the release profile so the workspace compiles once.
 
@@ -20,14 +26,17 @@ VENV_PY      := $(VENV)/bin/python
 BIN          := target/release/qcow2rs
 DEMO         := demo
 PYTEST_ARGS  ?=
+PY_PKG       := bindings/python
 
-.PHONY: all build lint venv test test-cargo test-py demo clean-demo clean
+.PHONY: all build lint venv test test-cargo test-py python test-python demo clean-demo clean
 .PHONY: test-c install install-c header
 
 all: build
 
+# The Python extension (qcow2rs-python) is built by maturin (`make python`), not here: a plain
+# cargo build of it would differ from maturin's (PYO3_* environment) and build it twice.
 build:
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release --workspace --exclude qcow2rs-python
 
 lint:
 	$(CARGO) fmt --all --check
@@ -48,7 +57,15 @@ test-cargo: build
 test-py: venv build
 	$(VENV_PY) -m pytest tests -q $(PYTEST_ARGS)
 
-test: venv build lint test-cargo test-c test-py
+# The Python package: `pip install ./bindings/python` (maturin, sharing target/ with the
+# workspace) with its test extras, then its own pytest run.
+python: venv
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check "./$(PY_PKG)[test]"
+
+test-python: python build
+	$(VENV_PY) -m pytest $(PY_PKG)/tests -q $(PYTEST_ARGS)
+
+test: venv build lint test-cargo test-c test-py test-python
 
 # The demo makes its own images with qcow2rs (no qemu needed; qemu-img double-checks if present).
 demo: build

@@ -156,21 +156,7 @@ async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
     let chain = info::chain(&disk);
     let mut out = String::new();
     if json {
-        out.push('[');
-        for (i, e) in entries.iter().enumerate() {
-            if i > 0 {
-                out.push_str(",\n");
-            }
-            out += &format!(
-                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-                e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-            );
-            if let Some(o) = e.offset {
-                out += &format!(", \"offset\": {o}");
-            }
-            out.push('}');
-        }
-        out.push_str("]\n");
+        out = info::map_json(&entries);
     } else {
         out += &format!(
             "{:<16}{:<16}{:<16}{}\n",
@@ -442,16 +428,9 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     }
     let compress = p.flag("compress");
     let mut co = ConvertOptions {
-        parallel,
+        parallel: ConvertOptions::requests_in_flight(parallel, compress),
         ..Default::default()
     };
-    if compress {
-        co.parallel = co.parallel.max(
-            4 * std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-        );
-    }
     co.file.engine = engine;
     co.file.direct = direct;
     if p.flag("progress") && !p.flag("quiet") {

@@ -304,18 +304,22 @@ impl Image {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.meta_write(&hdr, 48).await?;
+        // From the header write until memory follows, a failure or a dropped future leaves
+        // the file maybe pointing at the new table and memory at the old one: poison.
+        let mut guard = self.poison_guard("switching the header to a new refcount table");
+        self.meta_write(&hdr, 48).await.map_err(|e| guard.fail(e))?;
         self.inner
             .file
             .flush()
             .await
-            .map_err(|e| Error::io(e, "flush"))?;
+            .map_err(|e| guard.fail(Error::io(e, "flush")))?;
         {
             let mut h = self.inner.header.write();
             h.refcount_table_offset = new_off;
             h.refcount_table_clusters = table_clusters as u32;
         }
         *self.inner.reftable.write() = table;
+        guard.disarm();
         m.reftable_dirty.clear();
         m.high_water = m.high_water.max(end);
         for c in 0..old_clusters {

@@ -6,12 +6,18 @@
 //! on one lock. Loads happen outside the lock; concurrent misses on the same slice
 //! share one read. Slices may be dirty (the write side): a dirty slice is never
 //! dropped by eviction before it has been written back.
+//!
+//! Dirty tracking uses change generations: every change bumps the slice's generation under
+//! its data lock; a write-back copies the data and the generation together, and after the
+//! write has succeeded marks only that generation clean. A slice therefore stays dirty until
+//! a write of its latest content has succeeded: a failed or cancelled write-back, or a change
+//! made while the write was in flight, leaves it dirty.
 
 use crate::io::Storage;
 use crate::{Error, Result};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::OnceCell;
 
@@ -20,9 +26,13 @@ pub struct Slice {
     /// Host offset of the slice.
     pub offset: u64,
     loaded: OnceCell<()>,
-    /// The raw on-disk bytes (big-endian entries).
+    /// The raw on-disk bytes (big-endian entries). Change them only through
+    /// [`Slice::modify`], which keeps the dirty tracking right.
     pub data: RwLock<Vec<u8>>,
-    dirty: AtomicBool,
+    /// Change generation: bumped (under the data lock) by every change.
+    gen: AtomicU64,
+    /// The newest generation known to be written.
+    clean_gen: AtomicU64,
 }
 
 impl Slice {
@@ -31,20 +41,29 @@ impl Slice {
             offset,
             loaded: OnceCell::new(),
             data: RwLock::new(Vec::new()),
-            dirty: AtomicBool::new(false),
+            gen: AtomicU64::new(0),
+            clean_gen: AtomicU64::new(0),
         }
     }
     /// Whether the slice has changes not yet written.
     pub fn is_dirty(&self) -> bool {
-        self.dirty.load(Ordering::Acquire)
+        self.gen.load(Ordering::Acquire) != self.clean_gen.load(Ordering::Acquire)
     }
-    /// Mark as changed.
-    pub fn mark_dirty(&self) {
-        self.dirty.store(true, Ordering::Release)
+    /// Change the content: the slice is dirty from before the change until a write-back of
+    /// this (or a later) content has succeeded.
+    pub fn modify<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut d = self.data.write();
+        self.gen.fetch_add(1, Ordering::AcqRel);
+        f(&mut d)
     }
-    /// Clear the dirty mark (after a successful write-back), returning whether it was set.
-    pub fn take_dirty(&self) -> bool {
-        self.dirty.swap(false, Ordering::AcqRel)
+    /// A copy of the content and its generation, for a write-back.
+    pub fn snapshot(&self) -> (Vec<u8>, u64) {
+        let d = self.data.read();
+        (d.clone(), self.gen.load(Ordering::Acquire))
+    }
+    /// Record that the content of generation `gen` (from [`Slice::snapshot`]) is written.
+    pub fn mark_written(&self, gen: u64) {
+        self.clean_gen.fetch_max(gen, Ordering::AcqRel);
     }
     /// Read a big-endian u64 at byte `off` of the slice.
     pub fn get64(&self, off: usize) -> u64 {
@@ -152,7 +171,7 @@ impl SliceCache {
         let s = Arc::new(Slice::new(offset));
         *s.data.write() = data;
         let _ = s.loaded.set(());
-        s.mark_dirty();
+        s.gen.store(1, Ordering::Release);
         let mut sh = self.shard(offset).lock();
         sh.lru.put(offset, s.clone());
         while sh.lru.len() > self.cap_per_shard {

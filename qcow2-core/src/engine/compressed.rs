@@ -78,6 +78,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 /// Compress one cluster. Returns `None` when the result would not be smaller than the
 /// cluster (the caller then writes it uncompressed).
 pub fn compress(ty: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
+    if input.is_empty() {
+        return Ok(None);
+    }
     let limit = input.len() - 1;
     match ty {
         CompressionType::Zlib => {
@@ -108,11 +111,22 @@ pub fn compress(ty: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
 
 /// Run CPU-heavy work on the runtime's blocking pool when there is a tokio runtime (so that
 /// many clusters are (de)compressed on all cores at once), else inline.
-async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+///
+/// The blocking task can end without a result: the runtime cancels queued blocking tasks when
+/// it shuts down, and a panic in `f` is caught by the pool. Both become an error here, never a
+/// panic in the caller (across a C boundary a panic is an abort).
+async fn offload<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     match tokio::runtime::Handle::try_current() {
         Ok(h) => match h.spawn_blocking(f).await {
             Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_cancelled() => Err(Error::io(
+                std::io::Error::from_raw_os_error(libc::ECANCELED),
+                "compression task cancelled (the runtime is shutting down)",
+            )),
+            Err(_) => Err(Error::io(
+                std::io::Error::from_raw_os_error(libc::EIO),
+                "compression task failed (internal error)",
+            )),
         },
         Err(_) => f(),
     }
@@ -177,7 +191,9 @@ impl Image {
     pub async fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
+        self.check_write(off, data.len() as u64)?;
         if off & (cs - 1) != 0
+            || data.is_empty()
             || (data.len() as u64 != cs && off + data.len() as u64 != self.size())
         {
             return Err(Error::invalid(
@@ -189,7 +205,6 @@ impl Image {
                 "compressed clusters are not supported with an external data file",
             ));
         }
-        self.check_write(off, data.len() as u64)?;
         self.before_first_write().await?;
         let ty = self.inner.header.read().compression_type();
         let mut input = vec![0u8; cs as usize];

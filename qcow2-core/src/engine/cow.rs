@@ -140,6 +140,14 @@ impl Image {
     }
 
     /// Extended L2: write into unallocated/zero subclusters of an allocated cluster in place.
+    ///
+    /// `bm` is the cluster's bitmap, read while holding the cluster's in-flight mark (so the
+    /// unallocated and zero subclusters cannot change meanwhile). Only what must be written
+    /// is: an unallocated or zero subcluster touched by the request gets its whole content
+    /// (the request's bytes over what it reads as now: backing data or zeros); an allocated
+    /// one gets only the request's bytes. Rewriting the rest of an allocated subcluster
+    /// would overwrite a concurrent in-place write into it (which takes no lock) with the
+    /// stale bytes read before.
     pub(crate) async fn subcluster_alloc_write(
         &self,
         gc: u64,
@@ -153,20 +161,31 @@ impl Image {
         let sc = lay.sc_size;
         let first = within / sc;
         let last = (within + len - 1) / sc;
-        let start = first * sc;
-        let end = (last + 1) * sc;
-        // Content of the touched subclusters as they read now, with our range overlaid.
-        let g0 = gc * lay.cluster_size + start;
-        let span = (end - start) as usize;
-        let mut buf = vec![0u8; span];
-        let readable = (self.size().saturating_sub(g0) as usize).min(span);
-        if !(within == start && within + len == end) {
-            self.read_at(&mut buf[..readable], g0).await?;
-        }
+        let allocated = |i: u64| bm & (1u64 << i) != 0;
+        // Only the ends can be partial subclusters: the middle ones are wholly covered.
+        let start = if allocated(first) { within } else { first * sc };
+        let end = if allocated(last) {
+            within + len
+        } else {
+            (last + 1) * sc
+        };
+        let cstart = gc * lay.cluster_size;
+        let size = self.size();
+        let mut buf = vec![0u8; (end - start) as usize];
         let a = (within - start) as usize;
+        let b = a + len as usize;
+        // The head and tail of unallocated subclusters as they read now (past the end of the
+        // disk: zeros).
+        for (lo, hi) in [(0, a), (b, buf.len())] {
+            let g = cstart + start + lo as u64;
+            let n = (size.saturating_sub(g) as usize).min(hi - lo);
+            if n > 0 {
+                self.read_at(&mut buf[lo..lo + n], g).await?;
+            }
+        }
         match data {
-            Some(d) => buf[a..a + len as usize].copy_from_slice(d),
-            None => buf[a..a + len as usize].fill(0),
+            Some(d) => buf[a..b].copy_from_slice(d),
+            None => buf[a..b].fill(0),
         }
         self.check_host(gc, host)?;
         self.inner
@@ -179,7 +198,6 @@ impl Image {
         let mask = subcluster_mask(first as u32, last as u32);
         let (e, cur_bm, _) = self.current_entry(gc).await?;
         let new_bm = (cur_bm | mask) & !(mask << 32);
-        let _ = bm;
         self.set_l2_entry(&mut m, gc, e, new_bm).await
     }
 }

@@ -205,13 +205,15 @@ impl Disk {
         })
     }
 
-    /// Status of the run at `off` (at most `len` bytes) at this layer only.
+    /// Status of the run at `off` (at most `len` bytes, at least one) at this layer only.
+    /// `off` must lie inside the disk and `len` must not be 0 (else an error).
     pub fn layer_status(&self, off: u64, len: u64) -> DiskFuture<'_, LayerStatus> {
         Box::pin(async move {
             match self {
                 Disk::Qcow2(i) => i.layer_status(off, len).await,
                 Disk::Raw(r) => {
-                    let len = len.min(r.size.saturating_sub(off));
+                    crate::engine::mappings::check_status_range(off, len, r.size)?;
+                    let len = len.min(r.size - off);
                     let (n, data) = r.file.data_run(off, len).ctx(r.path.display())?;
                     Ok(LayerStatus {
                         len: n.max(1).min(len),
@@ -235,11 +237,26 @@ impl Disk {
     }
 
     /// qemu-img map's view of the run at `off`: walks down the chain until a layer decides.
+    /// `off` must lie inside the disk and `len` must not be 0 (else an error). A layer below
+    /// that is shorter than `off` reads as zeros there.
     pub async fn map_entry(&self, off: u64, len: u64) -> Result<MapEntry> {
         let mut layer = self;
         let mut depth = 0u32;
         let mut len = len;
         loop {
+            if depth > 0 && off >= layer.size() {
+                // A backing file shorter than the overlay reads as zeros past its end.
+                return Ok(MapEntry {
+                    start: off,
+                    length: len,
+                    depth: depth - 1,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                });
+            }
             let st = layer.layer_status(off, len).await?;
             len = st.len;
             if st.data || st.zero {

@@ -167,6 +167,8 @@ pub(crate) struct Inner {
     /// The repair done when this dirty image was opened for writing, reported by a later
     /// `check -r` on the same handle.
     pub open_repair: Mutex<Option<crate::jobs::repair::Pass>>,
+    /// Why the handle refuses changes (see `engine/poison.rs`), if it does.
+    pub poisoned: Mutex<Option<String>>,
 }
 
 /// An open qcow2 image. Cheap to clone (shared handle); safe to use from many tasks and threads.
@@ -438,6 +440,7 @@ impl Image {
             },
             prealloc: tokio::sync::OnceCell::new(),
             open_repair: Mutex::new(None),
+            poisoned: Mutex::new(None),
         };
         let img = Image {
             inner: Arc::new(inner),

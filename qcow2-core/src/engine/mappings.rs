@@ -6,6 +6,19 @@ use crate::format::be64;
 use crate::format::l2::{self, ClusterEntry, SubState, COPIED};
 use crate::{Error, Result};
 
+/// The arguments of a block-status query: `off` inside the disk, `len` not zero.
+pub(crate) fn check_status_range(off: u64, len: u64, size: u64) -> Result<()> {
+    if off >= size {
+        return Err(Error::out_of_range(format!(
+            "block status at offset {off} is beyond the end of the disk ({size} bytes)"
+        )));
+    }
+    if len == 0 {
+        return Err(Error::invalid("block status of zero bytes"));
+    }
+    Ok(())
+}
+
 /// Where a guest range is, at this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
@@ -160,6 +173,9 @@ impl Image {
     /// Runs of data are physically contiguous; compressed runs are one cluster.
     pub(crate) async fn run_at(&self, off: u64, max: u64) -> Result<Run> {
         let lay = self.inner.layout;
+        if max == 0 {
+            return Err(Error::invalid("mapping lookup of zero bytes"));
+        }
         let gc = off >> lay.cluster_bits;
         let l1_idx = gc / lay.l2_entries;
         let l2_idx = gc % lay.l2_entries;
@@ -227,7 +243,13 @@ impl Image {
                 }
             }
         }
-        let (state, alloc_host) = first.expect("at least one cluster");
+        let Some((state, alloc_host)) = first else {
+            // Unreachable with max > 0 (the first subcluster is always taken); an error
+            // rather than a panic all the same.
+            return Err(Error::invalid(format!(
+                "mapping lookup at offset {off} found no cluster"
+            )));
+        };
         Ok(Run {
             state,
             len,
@@ -235,7 +257,9 @@ impl Image {
         })
     }
 
-    /// qemu's block status of the run at `off` at this layer only.
+    /// qemu's block status of the run at `off` at this layer only (at most `len` bytes, at
+    /// least one). Fails with an out-of-range error when `off` is not inside the disk, and an
+    /// invalid-argument error when `len` is 0.
     pub async fn layer_status(&self, off: u64, len: u64) -> Result<LayerStatus> {
         self.layer_status_inner(off, len)
             .await
@@ -244,7 +268,8 @@ impl Image {
 
     pub(crate) async fn layer_status_inner(&self, off: u64, len: u64) -> Result<LayerStatus> {
         let size = self.size();
-        let len = len.min(size.saturating_sub(off));
+        check_status_range(off, len, size)?;
+        let len = len.min(size - off);
         let run = self.run_at(off, len).await?;
         let mut st = LayerStatus {
             len: run.len,

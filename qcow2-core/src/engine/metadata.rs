@@ -1,13 +1,17 @@
 //! Metadata state of a writable image, L2 table updates, and the ordered write-back of
 //! dirty metadata (`flush`).
 //!
-//! Ordering (crash safety):
+//! Ordering (crash safety): every "table, then the pointer to it" pair has a barrier (a
+//! sync of the file) between the two writes.
 //! 1. Guest data is written (and completed) before the L2 entry that exposes it changes,
 //!    even in the cache.
 //! 2. Refcount increments live in dirty refcount slices; `flush_metadata` writes them (and
 //!    syncs) before any dirty L2 slice or L1 entry, so no table on disk ever points at a
-//!    cluster whose on-disk refcount is 0.
-//! 3. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
+//!    cluster whose on-disk refcount is 0. New refcount blocks are written and synced before
+//!    the refcount table entry that points at them (`new_refblock`), and a new refcount
+//!    table, L1 table or snapshot table before the header that points at it.
+//! 3. L2 slices are written and synced before the L1 entries that point at their tables.
+//! 4. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
 //!    reference are on disk and synced; only then are holes punched and refcounts lowered,
 //!    so a freed cluster is never reused while an on-disk table still points at it.
 
@@ -105,6 +109,7 @@ impl Image {
 
     /// Write back all dirty metadata in the crash-safe order and apply deferred frees.
     pub(crate) async fn flush_metadata(&self, m: &mut Meta) -> Result<()> {
+        self.check_poison()?;
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let sync = || async {
@@ -145,8 +150,11 @@ impl Image {
             // 2. L2 slices.
             self.write_back(&self.inner.l2_cache, crate::engine::overlap::Target::L2)
                 .await?;
-            // 3. L1 entries (the sectors that hold dirty entries).
+            // 3. L1 entries (the sectors that hold dirty entries), after a barrier: an L1
+            // entry points at a new (or copied) L2 table, which must be durable first, or a
+            // power cut could leave the entry pointing at garbage.
             if !m.l1_dirty.is_empty() {
+                sync().await?;
                 let l1_off = self.inner.header.read().l1_table_offset;
                 let l1 = self.inner.l1.read().clone();
                 let mut sectors: BTreeSet<u64> = BTreeSet::new();
@@ -168,12 +176,26 @@ impl Image {
         sync().await?;
         // 4. Deferred frees: punch holes while still referenced by refcount, then decrement.
         if !m.pending_free.is_empty() {
-            let frees = std::mem::take(&mut m.pending_free);
-            for &c in &frees {
-                if self.rc_slot(c).await?.is_none() {
-                    continue;
-                }
-                let now = self.rc_add(c, -1).await?;
+            // One at a time: an error leaves the rest (and the failed one) pending for the
+            // next flush instead of leaking them. Each is taken off the list before its
+            // decrement, so a dropped future can leak one reference but never drop it twice.
+            while let Some(c) = m.pending_free.pop() {
+                let now = match self.rc_slot(c).await {
+                    Ok(None) => continue,
+                    Ok(Some(_)) => self.rc_add(c, -1).await,
+                    Err(e) => Err(e),
+                };
+                let now = match now {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Retry after an I/O error; a refcount that cannot be decremented
+                        // (already 0: a corrupt image) is not retried forever.
+                        if e.kind() != crate::ErrorKind::Corrupt {
+                            m.pending_free.push(c);
+                        }
+                        return Err(e);
+                    }
+                };
                 if now == 0 {
                     // The compressed-data cursor must not point into a freed cluster: it
                     // would add references to it after it has been handed out again.
@@ -250,8 +272,12 @@ impl Image {
         .await
     }
 
-    /// Write every dirty slice of `cache` (after the overlap check for `target`); a slice
-    /// whose write fails stays dirty.
+    /// Write every dirty slice of `cache` (after the overlap check for `target`). A slice is
+    /// marked clean only once the write of its content has succeeded (and only for the
+    /// content written: see `Slice::snapshot`), so a slice whose write fails, is refused by
+    /// the overlap check, or is cancelled (the future dropped) stays dirty and is written by
+    /// the next write-back. Every write is attempted even when some fail; the first error is
+    /// returned.
     pub(crate) async fn write_back(
         &self,
         cache: &crate::engine::cache::SliceCache,
@@ -259,30 +285,30 @@ impl Image {
     ) -> Result<()> {
         let dirty = cache.dirty_slices();
         let futs = dirty.iter().map(|s| async move {
-            if s.take_dirty() {
-                let data = s.data.read().clone();
-                self.check_overlap(s.offset, data.len() as u64, target)
-                    .await?;
-                if let Err(e) = self.meta_write(&data, s.offset).await {
-                    s.mark_dirty();
-                    return Err(e);
-                }
+            if !s.is_dirty() {
+                return Ok(());
             }
+            let (data, gen) = s.snapshot();
+            self.check_overlap(s.offset, data.len() as u64, target)
+                .await?;
+            self.meta_write(&data, s.offset).await?;
+            s.mark_written(gen);
             Ok::<(), Error>(())
         });
-        futures::future::try_join_all(futs).await?;
+        let results = futures::future::join_all(futs).await;
         cache.prune_evicted();
+        results.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 }
 
 /// Change a cached metadata slice (under the metadata lock) so that the change cannot be
-/// lost. The slice is marked dirty before it is changed, so an eviction from then on keeps
-/// it on the cache's write-back list. An eviction between the lookup and `mark_dirty` (a
-/// concurrent reader's lookup can evict it while it is still clean) drops it from the
-/// cache: the next lookup would reload the old bytes from disk and the change would never
-/// be written. That case is detected by looking the slice up again, and the changed copy
-/// is put back.
+/// lost. The slice is dirty from the moment it is changed (`Slice::modify`), so an eviction
+/// from then on keeps it on the cache's write-back list. An eviction between the lookup and
+/// the change (a concurrent reader's lookup can evict it while it is still clean) drops it
+/// from the cache: the next lookup would reload the old bytes from disk and the change would
+/// never be written. That case is detected by looking the slice up again, and the changed
+/// copy is put back.
 pub(crate) async fn update_slice<R>(
     cache: &crate::engine::cache::SliceCache,
     file: &dyn crate::io::Storage,
@@ -290,8 +316,7 @@ pub(crate) async fn update_slice<R>(
     f: impl FnOnce(&mut [u8]) -> R,
 ) -> Result<R> {
     let slice = cache.get(file, off).await?;
-    slice.mark_dirty();
-    let r = f(&mut slice.data.write());
+    let r = slice.modify(f);
     let now = cache.get(file, off).await?;
     if !Arc::ptr_eq(&slice, &now) {
         let data = slice.data.read().clone();

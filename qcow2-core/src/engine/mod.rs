@@ -14,6 +14,7 @@
 //! - [`metadata`]: L2 table updates and the ordered write-back of dirty metadata;
 //! - [`cache`]: the sliced LRU cache of L2 tables and refcount blocks;
 //! - [`overlap`]: the metadata overlap check;
+//! - [`poison`]: refusing changes once memory and file may disagree;
 //! - [`disk`]: a raw or qcow2 disk, as a backing file or a job's input.
 
 pub mod allocation;
@@ -26,6 +27,7 @@ pub mod inflight;
 pub mod mappings;
 pub mod metadata;
 pub mod overlap;
+pub mod poison;
 pub mod read;
 pub mod write;
 pub mod zero;

@@ -74,21 +74,23 @@ impl Image {
         let w = self.ws()?;
         w.first_write
             .get_or_try_init(|| async {
-                let (ver, clear, bitmaps) = {
+                let (ver, clear, bitmaps, bits) = {
                     let h = self.inner.header.read();
                     let keep = AUTOCLEAR_DATA_FILE_RAW;
-                    (h.version, h.autoclear_features & !keep, h.bitmaps)
+                    let clear = h.autoclear_features & !keep;
+                    (h.version, clear, h.bitmaps, h.autoclear_features & !clear)
                 };
                 if ver >= 3 && clear != 0 {
-                    let bits = {
+                    // The file first, then memory: a failure or a dropped future before the
+                    // end leaves memory with the bits set, and the next write tries again.
+                    self.write_header_bytes(&bits.to_be_bytes(), 88).await?;
+                    {
                         let mut h = self.inner.header.write();
                         h.autoclear_features &= !clear;
                         if clear & AUTOCLEAR_BITMAPS != 0 {
                             h.bitmaps = None;
                         }
-                        h.autoclear_features
-                    };
-                    self.write_header_bytes(&bits.to_be_bytes(), 88).await?;
+                    }
                     if clear & AUTOCLEAR_BITMAPS != 0 {
                         if let Some(ext) = bitmaps {
                             self.drop_bitmaps(&ext).await?;
@@ -155,6 +157,7 @@ impl Image {
 
     pub(crate) fn check_write(&self, off: u64, len: u64) -> Result<()> {
         self.ws()?;
+        self.check_poison()?;
         if self.inner.header.read().corrupt() {
             return Err(Error::read_only(format!(
                 "{}: image is marked corrupt; writes are refused",

@@ -463,6 +463,13 @@ impl Header {
                 "encryption header extension present in an unencrypted image",
             ));
         }
+        if self.extended_l2() && cs < 16384 {
+            // 32 subclusters per cluster: QEMU refuses subclusters under 512 bytes.
+            return Err(Error::unsupported(format!(
+                "unsupported subcluster size {} (extended L2 entries need clusters of at least 16 KiB, this image has {cs}-byte clusters)",
+                cs / 32
+            )));
+        }
         if self.refcount_order > 6 {
             return Err(Error::corrupt(format!(
                 "invalid refcount_order {} (refcount width must be 1 to 64 bits)",

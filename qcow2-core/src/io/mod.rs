@@ -4,7 +4,9 @@
 //! backing files) is accessed through the [`Storage`] trait. Engines:
 //! - [`threads`]: a portable pool of worker threads doing `pread`/`pwrite`;
 //! - [`uring`]: Linux io_uring with a completion thread;
-//! - [`mem`]: an in-memory store with fault injection, for tests.
+//! - [`mem`]: an in-memory store with fault injection, for tests;
+//! - [`fault`]: a wrapper around any storage that holds (delays) or fails chosen requests
+//!   and records their order, for deterministic race and fault tests.
 //!
 //! Contract shared by all engines:
 //! - Reads and writes take any offset, length and buffer address. An engine
@@ -20,6 +22,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub mod fault;
 pub mod mem;
 pub mod threads;
 pub mod uring;

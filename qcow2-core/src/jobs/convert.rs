@@ -34,6 +34,22 @@ impl Default for ConvertOptions {
     }
 }
 
+impl ConvertOptions {
+    /// Requests in flight for a conversion asked to run `parallel` at once: compressing
+    /// conversions get at least four per core, so that compression keeps every core busy.
+    pub fn requests_in_flight(parallel: usize, compress: bool) -> usize {
+        if compress {
+            parallel.max(
+                4 * std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            )
+        } else {
+            parallel
+        }
+    }
+}
+
 /// Whether `b` is all zeros.
 pub fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(32);

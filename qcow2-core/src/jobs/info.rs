@@ -1,6 +1,6 @@
 //! `info`: what qemu-img info reports, as JSON (qemu-img's keys) and as text.
 
-use crate::engine::disk::Disk;
+use crate::engine::disk::{Disk, MapEntry};
 use crate::format::snapshot::Snapshot;
 use crate::Result;
 use serde_json::{json, Map, Value};
@@ -312,6 +312,42 @@ pub fn info_human(disk: &Disk) -> Result<String> {
     );
     s += &format!("    disk size: {}\n", size_to_str(actual));
     Ok(s)
+}
+
+/// One entry of `qemu-img map --output=json`: its keys, in its order (`offset` only when the
+/// host offset is known).
+pub fn map_entry_json(e: &MapEntry) -> Value {
+    let mut m = Map::new();
+    m.insert("start".into(), json!(e.start));
+    m.insert("length".into(), json!(e.length));
+    m.insert("depth".into(), json!(e.depth));
+    m.insert("present".into(), json!(e.present));
+    m.insert("zero".into(), json!(e.zero));
+    m.insert("data".into(), json!(e.data));
+    m.insert("compressed".into(), json!(e.compressed));
+    if let Some(o) = e.offset {
+        m.insert("offset".into(), json!(o));
+    }
+    Value::Object(m)
+}
+
+/// The text of `qemu-img map --output=json`: a JSON array with one entry a line, spaced as
+/// qemu-img prints it.
+pub fn map_json(entries: &[MapEntry]) -> String {
+    let mut out = String::from("[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push_str(",\n");
+        }
+        out.push_str("{ ");
+        if let Value::Object(m) = map_entry_json(e) {
+            let fields: Vec<String> = m.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            out.push_str(&fields.join(", "));
+        }
+        out.push('}');
+    }
+    out.push_str("]\n");
+    out
 }
 
 /// The disks of the chain, top first.

@@ -239,10 +239,12 @@ async fn write_snapshot_table(img: &Image, m: &mut Meta) -> Result<()> {
     let mut hdr = [0u8; 12];
     hdr[..4].copy_from_slice(&nb.to_be_bytes());
     hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-    img.meta_write(&hdr, 60).await?;
-    sync().await?;
+    let mut guard = img.poison_guard("switching the header to a new snapshot table");
+    img.meta_write(&hdr, 60).await.map_err(|e| guard.fail(e))?;
+    sync().await.map_err(|e| guard.fail(e))?;
     img.inner.header.write().snapshots_offset = new_off;
     *img.inner.snapshots.write() = snaps;
+    guard.disarm();
     if old_off != 0 && old_len != 0 {
         let first = old_off / cs;
         let last = (old_off + old_len - 1) / cs;

@@ -1,7 +1,6 @@
 //! Changing the virtual size of an image.
 
 use crate::engine::image::Image;
-use crate::format::l2::COPIED;
 use crate::{Error, Result};
 
 impl Image {
@@ -9,6 +8,7 @@ impl Image {
     /// `allow_shrink`; the data past the new end is discarded.
     pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let w = self.ws()?;
+        self.check_poison()?;
         if self.inner.header.read().corrupt() {
             return Err(Error::read_only(
                 "image is marked corrupt; resizing is refused",
@@ -19,10 +19,10 @@ impl Image {
                 "cannot resize an image that has internal snapshots",
             ));
         }
-        let new_size = new_size.div_ceil(512) * 512;
         if new_size > crate::format::header::MAX_VIRTUAL_SIZE {
             return Err(Error::invalid(format!("size {new_size} is too large")));
         }
+        let new_size = new_size.div_ceil(512) * 512;
         let old = self.size();
         if new_size == old {
             return Ok(());
@@ -71,8 +71,15 @@ impl Image {
             let mut hb = [0u8; 12];
             hb[..4].copy_from_slice(&(need as u32).to_be_bytes());
             hb[4..].copy_from_slice(&new_off.to_be_bytes());
-            self.meta_write(&hb, 36).await?;
-            self.inner.file.flush().await.map_err(Error::from)?;
+            // The file may point at the new table from the header write on; memory follows
+            // only at the end: a failure or a dropped future in between poisons the handle.
+            let mut guard = self.poison_guard("switching the header to a new L1 table");
+            self.meta_write(&hb, 36).await.map_err(|e| guard.fail(e))?;
+            self.inner
+                .file
+                .flush()
+                .await
+                .map_err(|e| guard.fail(Error::from(e)))?;
             let (old_off, old_len) = {
                 let mut h = self.inner.header.write();
                 let r = (h.l1_table_offset, h.l1_size as u64);
@@ -81,6 +88,7 @@ impl Image {
                 r
             };
             self.inner.l1.write().resize(need as usize, 0);
+            guard.disarm();
             if old_len > 0 {
                 let first = old_off / cs;
                 for c in 0..(old_len * 8).div_ceil(cs) {
@@ -92,19 +100,22 @@ impl Image {
             Some(b) if new_size > old => b.size().min(new_size),
             _ => 0,
         };
+        // Memory announces the new size from here (the zeroing below writes past the old
+        // end) until the header says it too; an error or a dropped future before that puts
+        // the old size back (the header still has it).
+        let restore = RestoreSize {
+            img: self,
+            old,
+            armed: true,
+        };
         if zero_to > old {
             // Growing over a longer backing file: like QEMU, make the new area read as zeros
             // rather than as the backing file's data there. The zero entries are made
             // durable before the header announces the new size.
             drop(m);
             self.inner.header.write().size = new_size;
-            let r = self
-                .zero_or_discard(old, zero_to - old, Some(crate::ZeroMode::Unmap))
-                .await;
-            if let Err(e) = r {
-                self.inner.header.write().size = old;
-                return Err(e);
-            }
+            self.zero_or_discard(old, zero_to - old, Some(crate::ZeroMode::Unmap))
+                .await?;
             m = w.meta.lock().await;
             self.flush_metadata(&mut m).await?;
         }
@@ -118,10 +129,39 @@ impl Image {
                 .await
                 .map_err(|e| Error::io(e, "flush of the data file"))?;
         }
-        self.meta_write(&new_size.to_be_bytes(), 24).await?;
-        self.inner.file.flush().await.map_err(Error::from)?;
+        let mut guard = self.poison_guard("writing the new virtual size into the header");
+        self.meta_write(&new_size.to_be_bytes(), 24)
+            .await
+            .map_err(|e| guard.fail(e))?;
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| guard.fail(Error::from(e)))?;
         self.inner.header.write().size = new_size;
-        let _ = COPIED;
+        guard.disarm();
+        restore.disarm();
         self.flush_metadata(&mut m).await
+    }
+}
+
+/// Puts the old virtual size back into memory unless disarmed.
+struct RestoreSize<'a> {
+    img: &'a Image,
+    old: u64,
+    armed: bool,
+}
+
+impl RestoreSize<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RestoreSize<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.img.inner.header.write().size = self.old;
+        }
     }
 }

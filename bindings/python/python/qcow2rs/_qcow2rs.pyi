@@ -1,0 +1,157 @@
+# Type stubs of the extension module qcow2rs._qcow2rs (hand-written; checked against the
+# module by mypy's stubtest in bindings/python/tests/test_typing.py).
+
+import asyncio
+import io
+import os
+from types import TracebackType
+from collections.abc import Callable
+from typing import Any, Literal, final, overload
+
+from typing_extensions import Buffer, Self
+
+__all__ = [
+    "Image",
+    "Error",
+    "CorruptImageError",
+    "UnsupportedFeatureError",
+    "open",
+    "create",
+    "info",
+    "check",
+    "convert",
+    "compare",
+    "cli_main",
+    "_aio_open",
+    "_Completions",
+    "__version__",
+]
+
+__version__: str
+
+_Path = str | os.PathLike[str]
+
+class Error(OSError):
+    """A problem with an image's format (an OSError with errno, strerror and filename)."""
+
+class CorruptImageError(Error):
+    """The image's metadata is inconsistent or malformed (errno EUCLEAN)."""
+
+class UnsupportedFeatureError(Error):
+    """The image uses a feature qcow2rs does not support (errno ENOTSUP)."""
+
+@final
+class _Completions:
+    """The completion queue of one event loop (used by qcow2rs.aio)."""
+
+    def __new__(cls, lp: asyncio.AbstractEventLoop) -> Self: ...
+    def _drain(self) -> None: ...
+
+@final
+class Image:
+    """An open qcow2 image (see qcow2rs.open). Safe to use from many threads at once."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def cluster_size(self) -> int: ...
+    @property
+    def backing_file(self) -> str | None: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        *_exc: type[BaseException] | BaseException | TracebackType | None,
+    ) -> None: ...
+    def pread(self, length: int, offset: int) -> bytes: ...
+    def preadinto(self, buf: Buffer, offset: int) -> int: ...
+    def pwrite(self, data: Buffer, offset: int) -> int: ...
+    def write_zeroes(self, length: int, offset: int, *, unmap: bool = False) -> None: ...
+    def discard(self, length: int, offset: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def info(self) -> dict[str, Any]: ...
+    def map(self) -> list[dict[str, Any]]: ...
+    @overload
+    def fileobj(self, mode: Literal["rb", "r"] = "rb", buffering: int = -1) -> io.BufferedReader: ...
+    @overload
+    def fileobj(self, mode: Literal["r+b", "rb+", "r+"], buffering: int = -1) -> io.BufferedRandom: ...
+    # Submissions of the asyncio API (qcow2rs.aio): the result arrives in `fut` through `q`.
+    def _aio_pread(self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int) -> None: ...
+    def _aio_preadinto(self, q: _Completions, fut: asyncio.Future[Any], buf: Buffer, offset: int) -> None: ...
+    def _aio_pwrite(self, q: _Completions, fut: asyncio.Future[Any], data: Buffer, offset: int) -> None: ...
+    def _aio_write_zeroes(
+        self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int, unmap: bool
+    ) -> None: ...
+    def _aio_discard(self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int) -> None: ...
+    def _aio_flush(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
+    def _aio_close(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
+    def _aio_info(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
+    def _aio_map(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
+
+def open(
+    path: _Path,
+    mode: str = "r",
+    *,
+    direct: bool = False,
+    backing: bool = True,
+    untrusted: bool = False,
+    cache_size: int | None = None,
+) -> Image: ...
+def create(
+    path: _Path,
+    size: int | None,
+    *,
+    cluster_size: int = 65536,
+    compat: str = "1.1",
+    refcount_bits: int = 16,
+    lazy_refcounts: bool = False,
+    extended_l2: bool = False,
+    compression_type: str = "zlib",
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    data_file: str | None = None,
+    data_file_raw: bool = False,
+    preallocation: str = "off",
+) -> None: ...
+def info(path: _Path, *, format: str | None = None) -> dict[str, Any]: ...
+def check(path: _Path, repair: Literal["leaks", "all"] | None = None) -> dict[str, Any]: ...
+def convert(
+    src: _Path,
+    dst: _Path,
+    *,
+    out_format: str = "qcow2",
+    compress: bool = False,
+    compression_type: str | None = None,
+    cluster_size: int | None = None,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    src_format: str | None = None,
+    progress: Callable[[float], object] | None = None,
+) -> None: ...
+def compare(
+    a: _Path,
+    b: _Path,
+    *,
+    strict: bool = False,
+    a_format: str | None = None,
+    b_format: str | None = None,
+) -> bool: ...
+def cli_main(argv: list[str]) -> int: ...
+def _aio_open(
+    q: _Completions,
+    fut: asyncio.Future[Any],
+    path: _Path,
+    mode: str,
+    direct: bool,
+    backing: bool,
+    untrusted: bool,
+    cache_size: int | None,
+) -> None: ...

@@ -1,0 +1,108 @@
+//! Python buffers held across a request.
+//!
+//! A request borrows the memory of a Python object (bytearray, memoryview, mmap, numpy
+//! array, bytes, ...) through the buffer protocol. The `Py_buffer` is held, and with it the
+//! object (and, for resizable exporters such as bytearray, its size), until the request has
+//! really completed, which for the asyncio API may be after the awaiting task was cancelled.
+//! The buffer is released with the GIL held (on the thread that delivers the completion).
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+
+/// A held, C-contiguous Python buffer.
+pub struct HeldBuffer {
+    buf: PyUntypedBuffer,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer refers to memory owned by the exporting Python object, which the held
+// `Py_buffer` keeps alive and in place until `buf` is released (PyUntypedBuffer is Send and
+// Sync itself; releasing it attaches to the interpreter).
+unsafe impl Send for HeldBuffer {}
+// SAFETY: as above; `HeldBuffer` only hands out the pointer, never references.
+unsafe impl Sync for HeldBuffer {}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into())
+}
+
+impl HeldBuffer {
+    fn get(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<HeldBuffer> {
+        let buf = PyUntypedBuffer::get(obj).map_err(|_| {
+            PyTypeError::new_err(format!(
+                "{what} must be a{} bytes-like object, not {}",
+                if writable { " writable" } else { "" },
+                type_name(obj)
+            ))
+        })?;
+        if writable && buf.readonly() {
+            return Err(PyTypeError::new_err(format!(
+                "{what} must be a writable bytes-like object, not read-only {}",
+                type_name(obj)
+            )));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(PyTypeError::new_err(format!(
+                "{what} must be a C-contiguous buffer"
+            )));
+        }
+        let len = buf.len_bytes();
+        let ptr = buf.buf_ptr().cast::<u8>();
+        Ok(HeldBuffer { buf, ptr, len })
+    }
+
+    /// A writable buffer (TypeError for read-only or non-contiguous buffers).
+    pub fn writable(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<HeldBuffer> {
+        Self::get(obj, what, true)
+    }
+
+    /// A readable buffer (any bytes-like object).
+    pub fn readable(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<HeldBuffer> {
+        Self::get(obj, what, false)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The first `n` bytes as a mutable slice.
+    ///
+    /// # Safety
+    /// The buffer must be writable (made by [`HeldBuffer::writable`]), `n <= len()`, `self`
+    /// must outlive every use of the slice, and no other Rust reference to the memory may be
+    /// used meanwhile. (Python code may still touch the memory concurrently, as with every
+    /// buffer-protocol consumer that releases the GIL, e.g. `io.FileIO.readinto`: the bytes
+    /// then hold an unspecified mix, but memory stays valid.)
+    pub unsafe fn slice_mut<'a>(&self, n: usize) -> &'a mut [u8] {
+        debug_assert!(n <= self.len && !self.buf.readonly());
+        if n == 0 {
+            return &mut [];
+        }
+        // SAFETY: the caller guarantees the conditions above; `ptr` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
+    }
+
+    /// The first `n` bytes as a slice.
+    ///
+    /// # Safety
+    /// `n <= len()` and `self` must outlive every use of the slice.
+    pub unsafe fn slice<'a>(&self, n: usize) -> &'a [u8] {
+        debug_assert!(n <= self.len);
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: the caller guarantees the conditions above; `ptr` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, n) }
+    }
+
+    /// Release the buffer now (the GIL is held).
+    pub fn release(self, py: Python<'_>) {
+        self.buf.release(py);
+    }
+}

@@ -1,0 +1,606 @@
+//! `qcow2rs.Image`: an open qcow2 image, usable from many Python threads at once.
+//!
+//! Every call that does I/O or waits runs with the GIL released, blocking the calling thread
+//! on the core's future (the runtime's workers drive the I/O). The asyncio API
+//! (`qcow2rs.aio.AsyncImage`) uses the `_aio_*` methods, which submit a request and return at
+//! once (see `aio.rs`).
+
+use crate::aio::{self, Outcome};
+use crate::buffers::HeldBuffer;
+use crate::errors::{closed, to_pyerr};
+use crate::json;
+use crate::runtime;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use qcow2_core::{self as core, Disk, ZeroMode};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+
+/// The open image shared by the Python object and its in-flight requests.
+pub struct Shared {
+    pub img: core::Image,
+    /// Requests hold a read permit while they run; close takes the write permit, so it
+    /// flushes and closes only after every request already submitted has finished.
+    gate: Arc<RwLock<()>>,
+}
+
+/// A request's permit: the image stays open while it is held.
+pub type Permit = OwnedRwLockReadGuard<()>;
+
+/// How an image is opened (the keyword arguments of `qcow2rs.open`).
+pub struct OpenArgs {
+    pub path: PathBuf,
+    pub opts: core::OpenOptions,
+}
+
+impl OpenArgs {
+    pub fn parse(
+        path: PathBuf,
+        mode: &str,
+        direct: bool,
+        backing: bool,
+        untrusted: bool,
+        cache_size: Option<i64>,
+    ) -> PyResult<OpenArgs> {
+        let writable = match mode {
+            "r" | "rb" => false,
+            "r+" | "r+b" | "rb+" => true,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "invalid mode '{mode}' (expected 'r' or 'r+')"
+                )))
+            }
+        };
+        let mut opts = core::OpenOptions {
+            writable,
+            direct,
+            no_backing: !backing,
+            no_external_files: untrusted,
+            ..Default::default()
+        };
+        if let Some(c) = cache_size {
+            if c < 0 {
+                return Err(PyValueError::new_err("cache_size must not be negative"));
+            }
+            opts.cache_size = c as usize;
+        }
+        Ok(OpenArgs { path, opts })
+    }
+
+    pub fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    pub async fn open(&self) -> core::Result<core::Image> {
+        core::Image::open(&self.path, &self.opts).await
+    }
+}
+
+/// An open qcow2 image.
+#[pyclass(frozen, module = "qcow2rs", name = "Image")]
+pub struct Image {
+    slot: parking_lot::RwLock<Option<Arc<Shared>>>,
+    name: String,
+    read_only: bool,
+    size: u64,
+    cluster_size: u64,
+    backing_file: Option<String>,
+}
+
+/// Validate a non-negative integer argument.
+fn non_negative(v: i64, what: &str) -> PyResult<u64> {
+    u64::try_from(v).map_err(|_| PyValueError::new_err(format!("{what} must not be negative")))
+}
+
+impl Image {
+    /// Wrap an image opened by the core.
+    pub fn new(img: core::Image, name: String) -> Image {
+        let h = img.header();
+        Image {
+            name,
+            read_only: !img.is_writable(),
+            size: img.size(),
+            cluster_size: img.layout().cluster_size,
+            backing_file: h.backing_file.clone(),
+            slot: parking_lot::RwLock::new(Some(Arc::new(Shared {
+                img,
+                gate: Arc::new(RwLock::new(())),
+            }))),
+        }
+    }
+
+    /// The open image and a permit keeping it open (`ValueError` once closed or closing).
+    pub fn acquire(&self) -> PyResult<(Arc<Shared>, Permit)> {
+        let sh = self.slot.read().clone().ok_or_else(closed)?;
+        let permit = sh.gate.clone().try_read_owned().map_err(|_| closed())?;
+        Ok((sh, permit))
+    }
+
+    /// Take the image out for closing (None when already closed).
+    pub fn take(&self) -> Option<Arc<Shared>> {
+        self.slot.write().take()
+    }
+
+    /// Translate a core error, naming this image's file.
+    pub fn err(&self, e: &core::Error) -> PyErr {
+        to_pyerr(e, Some(&self.name))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A read of `length` bytes at `offset`, clipped at the end of the image (as `os.pread`).
+    /// `ValueError` when `offset` lies past the end.
+    pub fn read_range(&self, length: u64, offset: i64) -> PyResult<(u64, usize)> {
+        let off = non_negative(offset, "offset")?;
+        if off > self.size {
+            return Err(PyValueError::new_err(format!(
+                "offset {off} is beyond the end of the image ({} bytes)",
+                self.size
+            )));
+        }
+        let n = length.min(self.size - off);
+        let n = usize::try_from(n).map_err(|_| PyValueError::new_err("length is too large"))?;
+        Ok((off, n))
+    }
+
+    /// A write of `length` bytes at `offset`, which must lie inside the image.
+    pub fn write_range(&self, length: u64, offset: i64) -> PyResult<u64> {
+        let off = non_negative(offset, "offset")?;
+        match off.checked_add(length) {
+            Some(end) if end <= self.size => Ok(off),
+            _ => Err(PyValueError::new_err(format!(
+                "request at offset {off} length {length} is beyond the end of the image ({} bytes)",
+                self.size
+            ))),
+        }
+    }
+
+    /// Flush and close `sh` once every request holding a permit has finished.
+    pub async fn close_shared(sh: Arc<Shared>) -> core::Result<()> {
+        let _all = sh.gate.clone().write_owned().await;
+        sh.img.clone().close().await
+    }
+
+    fn zero_mode(unmap: bool) -> ZeroMode {
+        if unmap {
+            ZeroMode::Unmap
+        } else {
+            ZeroMode::Keep
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // An image dropped without close() is flushed and closed, as Python files are: here
+        // with the GIL released (the requests it waits for never need the GIL); from inside
+        // the runtime (a callback), in the background.
+        let Some(sh) = self.slot.get_mut().take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            runtime::spawn(async move {
+                let _ = Image::close_shared(sh).await;
+            });
+            return;
+        }
+        let closed = Python::try_attach(|py| {
+            py.detach(|| {
+                let _ = runtime::block_on(Image::close_shared(sh.clone()));
+            })
+        });
+        if closed.is_none() {
+            runtime::spawn(async move {
+                let _ = Image::close_shared(sh).await;
+            });
+        }
+    }
+}
+
+#[pymethods]
+impl Image {
+    /// Virtual size of the disk in bytes.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Cluster size in bytes.
+    #[getter]
+    fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The backing file name as stored in the image, or None.
+    #[getter]
+    fn backing_file(&self) -> Option<String> {
+        self.backing_file.clone()
+    }
+
+    /// Whether the image was opened read-only (mode "r").
+    #[getter]
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether the image is closed.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.slot.read().is_none()
+    }
+
+    /// The file name the image was opened with.
+    #[getter]
+    fn filename(&self) -> &str {
+        &self.name
+    }
+
+    /// "r" or "r+".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        if self.read_only {
+            "r"
+        } else {
+            "r+"
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<qcow2rs.Image {:?} mode={:?} size={}{}>",
+            self.name,
+            self.mode(),
+            self.size,
+            if self.closed() { " closed" } else { "" }
+        )
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+
+    /// Read up to `length` bytes at `offset` (fewer at the end of the image).
+    fn pread<'py>(
+        &self,
+        py: Python<'py>,
+        length: i64,
+        offset: i64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let length = non_negative(length, "length")?;
+        let (off, n) = self.read_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let mut res = Ok(());
+        let bytes = PyBytes::new_with(py, n, |buf| {
+            res = py.detach(|| {
+                let r = runtime::block_on(sh.img.read_at(buf, off));
+                drop(permit);
+                r
+            });
+            Ok(())
+        })?;
+        res.map_err(|e| self.err(&e))?;
+        Ok(bytes)
+    }
+
+    /// Read into `buf` (any writable C-contiguous buffer) at `offset`, without copying.
+    /// Returns the number of bytes read (fewer than `len(buf)` at the end of the image).
+    fn preadinto(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: i64) -> PyResult<usize> {
+        let held = HeldBuffer::writable(buf, "preadinto() argument 1")?;
+        let (off, n) = self.read_range(held.len() as u64, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let held_ref = &held;
+        let res = py.detach(|| {
+            // SAFETY: `held` is writable, outlives this call and nothing else in Rust uses it.
+            let dst = unsafe { held_ref.slice_mut(n) };
+            let r = runtime::block_on(sh.img.read_at(dst, off));
+            drop(permit);
+            r
+        });
+        held.release(py);
+        res.map_err(|e| self.err(&e))?;
+        Ok(n)
+    }
+
+    /// Write `data` (any bytes-like object) at `offset`. Returns the number of bytes written.
+    fn pwrite(&self, py: Python<'_>, data: &Bound<'_, PyAny>, offset: i64) -> PyResult<usize> {
+        let held = HeldBuffer::readable(data, "pwrite() argument 1")?;
+        let n = held.len();
+        let off = self.write_range(n as u64, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let held_ref = &held;
+        let res = py.detach(|| {
+            // SAFETY: `held` outlives this call.
+            let src = unsafe { held_ref.slice(n) };
+            let r = runtime::block_on(sh.img.write_at(src, off));
+            drop(permit);
+            r
+        });
+        held.release(py);
+        res.map_err(|e| self.err(&e))?;
+        Ok(n)
+    }
+
+    /// Make `length` bytes at `offset` read as zeros (`unmap=True` frees the host clusters).
+    #[pyo3(signature = (length, offset, *, unmap = false))]
+    fn write_zeroes(&self, py: Python<'_>, length: i64, offset: i64, unmap: bool) -> PyResult<()> {
+        let length = non_negative(length, "length")?;
+        let off = self.write_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.write_zeroes(off, length, Self::zero_mode(unmap)));
+            drop(permit);
+            r
+        })
+        .map_err(|e| self.err(&e))
+    }
+
+    /// Discard `length` bytes at `offset`: the range reads as zeros afterwards and whole
+    /// clusters are freed.
+    fn discard(&self, py: Python<'_>, length: i64, offset: i64) -> PyResult<()> {
+        let length = non_negative(length, "length")?;
+        let off = self.write_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.discard(off, length));
+            drop(permit);
+            r
+        })
+        .map_err(|e| self.err(&e))
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.flush());
+            drop(permit);
+            r
+        })
+        .map_err(|e| self.err(&e))
+    }
+
+    /// Flush and close the image (after every request in flight has finished). Closing a
+    /// closed image does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(sh) = self.take() else {
+            return Ok(());
+        };
+        py.detach(|| runtime::block_on(Image::close_shared(sh)))
+            .map_err(|e| self.err(&e))
+    }
+
+    /// What `qcow2rs info --output=json` prints for this image, as a dict.
+    fn info(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let (sh, permit) = self.acquire()?;
+        let v = py
+            .detach(|| {
+                let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
+                drop(permit);
+                r
+            })
+            .map_err(|e| self.err(&e))?;
+        json::to_py(py, &v)
+    }
+
+    /// The entries of `qcow2rs map --output=json` for this image, as a list of dicts.
+    fn map(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let (sh, permit) = self.acquire()?;
+        let entries = py
+            .detach(|| {
+                let r = runtime::block_on(Disk::Qcow2(sh.img.clone()).map());
+                drop(permit);
+                r
+            })
+            .map_err(|e| self.err(&e))?;
+        map_to_py(py, &entries)
+    }
+
+    /// A file-like view of the guest disk: an `io.BufferedReader` ("rb") or
+    /// `io.BufferedRandom` ("r+b") over an `io.RawIOBase`.
+    #[pyo3(signature = (mode = "rb", buffering = -1))]
+    fn fileobj(slf: &Bound<'_, Self>, mode: &str, buffering: i64) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let m = py.import("qcow2rs._fileobj")?;
+        Ok(m.call_method1("open_view", (slf, mode, buffering))?
+            .unbind())
+    }
+
+    // ---- asyncio submissions (used by qcow2rs.aio.AsyncImage) ----
+
+    fn _aio_pread(
+        &self,
+        py: Python<'_>,
+        q: PyRef<'_, crate::aio::Completions>,
+        fut: Py<PyAny>,
+        length: i64,
+        offset: i64,
+    ) -> PyResult<()> {
+        let length = non_negative(length, "length")?;
+        let (off, n) = self.read_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let bytes = PyBytes::new_with(py, n, |_| Ok(()))?;
+        // SAFETY: a new bytes object that no Python code has seen yet; it stays alive (owned
+        // by the request) until the request completes, and it is handed out only then.
+        let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
+        let obj = bytes.into_any().unbind();
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
+            // moved into the outcome after the read).
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
+            let r = sh.img.read_at(dst, off).await;
+            drop(permit);
+            match r {
+                Ok(()) => Outcome::Object(obj),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        });
+        Ok(())
+    }
+
+    fn _aio_preadinto(
+        &self,
+        q: PyRef<'_, crate::aio::Completions>,
+        fut: Py<PyAny>,
+        buf: &Bound<'_, PyAny>,
+        offset: i64,
+    ) -> PyResult<()> {
+        let held = HeldBuffer::writable(buf, "preadinto() argument 1")?;
+        let (off, n) = self.read_range(held.len() as u64, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        let held = Arc::new(held);
+        let h = held.clone();
+        aio::submit(&q, fut, Some(held), async move {
+            // SAFETY: the buffer is writable and held (in the completion) until after this
+            // future has completed; nothing else in Rust uses it.
+            let dst = unsafe { h.slice_mut(n) };
+            let r = sh.img.read_at(dst, off).await;
+            drop(permit);
+            drop(h);
+            match r {
+                Ok(()) => Outcome::Count(n as u64),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        });
+        Ok(())
+    }
+
+    fn _aio_pwrite(
+        &self,
+        q: PyRef<'_, crate::aio::Completions>,
+        fut: Py<PyAny>,
+        data: &Bound<'_, PyAny>,
+        offset: i64,
+    ) -> PyResult<()> {
+        let held = HeldBuffer::readable(data, "pwrite() argument 1")?;
+        let n = held.len();
+        let off = self.write_range(n as u64, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        let held = Arc::new(held);
+        let h = held.clone();
+        aio::submit(&q, fut, Some(held), async move {
+            // SAFETY: the buffer is held (in the completion) until after this future ends.
+            let src = unsafe { h.slice(n) };
+            let r = sh.img.write_at(src, off).await;
+            drop(permit);
+            drop(h);
+            match r {
+                Ok(()) => Outcome::Count(n as u64),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        });
+        Ok(())
+    }
+
+    fn _aio_write_zeroes(
+        &self,
+        q: PyRef<'_, crate::aio::Completions>,
+        fut: Py<PyAny>,
+        length: i64,
+        offset: i64,
+        unmap: bool,
+    ) -> PyResult<()> {
+        let length = non_negative(length, "length")?;
+        let off = self.write_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            let r = sh
+                .img
+                .write_zeroes(off, length, Self::zero_mode(unmap))
+                .await;
+            drop(permit);
+            Outcome::unit(r, name)
+        });
+        Ok(())
+    }
+
+    fn _aio_discard(
+        &self,
+        q: PyRef<'_, crate::aio::Completions>,
+        fut: Py<PyAny>,
+        length: i64,
+        offset: i64,
+    ) -> PyResult<()> {
+        let length = non_negative(length, "length")?;
+        let off = self.write_range(length, offset)?;
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            let r = sh.img.discard(off, length).await;
+            drop(permit);
+            Outcome::unit(r, name)
+        });
+        Ok(())
+    }
+
+    fn _aio_flush(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            let r = sh.img.flush().await;
+            drop(permit);
+            Outcome::unit(r, name)
+        });
+        Ok(())
+    }
+
+    fn _aio_close(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+        let name = self.name.clone();
+        match self.take() {
+            None => aio::submit(&q, fut, None, async { Outcome::Unit }),
+            Some(sh) => aio::submit(&q, fut, None, async move {
+                Outcome::unit(Image::close_shared(sh).await, name)
+            }),
+        }
+        Ok(())
+    }
+
+    fn _aio_info(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
+            drop(permit);
+            match r {
+                Ok(v) => Outcome::Json(v),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        });
+        Ok(())
+    }
+
+    fn _aio_map(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        let name = self.name.clone();
+        aio::submit(&q, fut, None, async move {
+            let r = Disk::Qcow2(sh.img.clone()).map().await;
+            drop(permit);
+            match r {
+                Ok(v) => Outcome::Map(v),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Map entries as a list of dicts with the keys of `qcow2rs map --output=json`.
+pub fn map_to_py(py: Python<'_>, entries: &[core::MapEntry]) -> PyResult<Py<PyAny>> {
+    let list = pyo3::types::PyList::empty(py);
+    for e in entries {
+        list.append(json::to_py(py, &core::info::map_entry_json(e))?)?;
+    }
+    Ok(list.into_any().unbind())
+}

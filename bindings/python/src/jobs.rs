@@ -1,0 +1,313 @@
+//! Module functions: open, create, info, check, convert, compare, and the CLI entry point.
+
+use crate::errors::to_pyerr;
+use crate::image::{Image, OpenArgs};
+use crate::json;
+use crate::runtime;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use qcow2_core::check::{CheckOptions, Repair};
+use qcow2_core::convert::{CompareResult, ConvertOptions, Target};
+use qcow2_core::create::CreateOptions;
+use qcow2_core::{self as core, Disk, Error, ErrorKind, Format, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+fn name_of(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A core error naming `path`.
+fn err(e: &Error, path: &Path) -> PyErr {
+    to_pyerr(e, Some(&name_of(path)))
+}
+
+/// Open a qcow2 image. `mode` is "r" (read-only) or "r+" (read-write).
+#[pyfunction]
+#[pyo3(signature = (path, mode = "r", *, direct = false, backing = true, untrusted = false, cache_size = None))]
+pub fn open(
+    py: Python<'_>,
+    path: PathBuf,
+    mode: &str,
+    direct: bool,
+    backing: bool,
+    untrusted: bool,
+    cache_size: Option<i64>,
+) -> PyResult<Image> {
+    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size)?;
+    let img = py
+        .detach(|| runtime::block_on(args.open()))
+        .map_err(|e| err(&e, &args.path))?;
+    Ok(Image::new(img, args.name()))
+}
+
+/// Submit an asynchronous open (`qcow2rs.aio.open`).
+#[pyfunction]
+#[pyo3(signature = (q, fut, path, mode, direct, backing, untrusted, cache_size))]
+#[allow(clippy::too_many_arguments)]
+pub fn _aio_open(
+    q: PyRef<'_, crate::aio::Completions>,
+    fut: Py<PyAny>,
+    path: PathBuf,
+    mode: &str,
+    direct: bool,
+    backing: bool,
+    untrusted: bool,
+    cache_size: Option<i64>,
+) -> PyResult<()> {
+    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size)?;
+    crate::aio::submit_open(&q, fut, args);
+    Ok(())
+}
+
+fn onoff(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// Invalid creation options are `ValueError`s.
+fn create_err(e: Error, path: &Path) -> PyErr {
+    if e.kind() == ErrorKind::InvalidArgument {
+        PyValueError::new_err(e.message().to_string())
+    } else {
+        err(&e, path)
+    }
+}
+
+/// Create a qcow2 image (replacing an existing file), with qemu-img's options.
+#[pyfunction]
+#[pyo3(signature = (path, size, *, cluster_size = 65536, compat = "1.1", refcount_bits = 16,
+    lazy_refcounts = false, extended_l2 = false, compression_type = "zlib", backing_file = None,
+    backing_format = None, data_file = None, data_file_raw = false, preallocation = "off"))]
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    py: Python<'_>,
+    path: PathBuf,
+    size: Option<i64>,
+    cluster_size: i64,
+    compat: &str,
+    refcount_bits: i64,
+    lazy_refcounts: bool,
+    extended_l2: bool,
+    compression_type: &str,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    data_file: Option<String>,
+    data_file_raw: bool,
+    preallocation: &str,
+) -> PyResult<()> {
+    let mut co = CreateOptions::default();
+    let bad = |e: Error| create_err(e, &path);
+    if let Some(s) = size {
+        co.size =
+            Some(u64::try_from(s).map_err(|_| PyValueError::new_err("size must not be negative"))?);
+    }
+    co.cluster_size = u64::try_from(cluster_size)
+        .map_err(|_| PyValueError::new_err("cluster_size must not be negative"))?;
+    co.set("compat", compat).map_err(bad)?;
+    co.set("refcount_bits", &refcount_bits.to_string())
+        .map_err(bad)?;
+    co.set("lazy_refcounts", onoff(lazy_refcounts))
+        .map_err(bad)?;
+    co.set("extended_l2", onoff(extended_l2)).map_err(bad)?;
+    co.set("compression_type", compression_type).map_err(bad)?;
+    co.set("preallocation", preallocation).map_err(bad)?;
+    co.set("data_file_raw", onoff(data_file_raw)).map_err(bad)?;
+    co.data_file = data_file;
+    co.backing_file = backing_file;
+    co.backing_format = backing_format;
+    py.detach(|| runtime::block_on(core::create::create_qcow2(&path, &co)))
+        .map_err(bad)?;
+    Ok(())
+}
+
+fn open_disk(path: &Path, format: Option<&str>, opts: &OpenOptions) -> core::Result<Disk> {
+    runtime::block_on(core::convert::open_disk(path, format, opts))
+}
+
+/// What `qcow2rs info --output=json` prints for the image at `path` (qcow2 or raw).
+#[pyfunction]
+#[pyo3(signature = (path, *, format = None))]
+pub fn info(py: Python<'_>, path: PathBuf, format: Option<&str>) -> PyResult<Py<PyAny>> {
+    let v = py
+        .detach(|| {
+            let d = open_disk(&path, format, &OpenOptions::default())?;
+            core::info::info_json(&d)
+        })
+        .map_err(|e| err(&e, &path))?;
+    json::to_py(py, &v)
+}
+
+/// Check the qcow2 image at `path` (and repair "leaks" or "all"); returns what
+/// `qcow2rs check --output=json` prints, as a dict.
+#[pyfunction]
+#[pyo3(signature = (path, repair = None))]
+pub fn check(py: Python<'_>, path: PathBuf, repair: Option<&str>) -> PyResult<Py<PyAny>> {
+    let repair = match repair {
+        None => None,
+        Some("leaks") => Some(Repair::Leaks),
+        Some("all") => Some(Repair::All),
+        Some(o) => {
+            return Err(PyValueError::new_err(format!(
+                "invalid repair mode '{o}' (expected None, 'leaks' or 'all')"
+            )))
+        }
+    };
+    let report = py
+        .detach(|| {
+            let opts = OpenOptions {
+                writable: repair.is_some(),
+                for_repair: repair.is_some(),
+                ..Default::default()
+            };
+            let disk = open_disk(&path, None, &opts)?;
+            let Disk::Qcow2(img) = &disk else {
+                return Err(Error::unsupported(
+                    "this image format (raw) does not support checks",
+                ));
+            };
+            runtime::block_on(async {
+                let r = core::check::check(img, &CheckOptions { repair }).await?;
+                img.clone().close().await?;
+                Ok(r)
+            })
+        })
+        .map_err(|e| err(&e, &path))?;
+    json::to_py(py, &report.to_json())
+}
+
+/// Calls the Python progress callback with the fraction done, at most once per 0.1 %.
+struct Progress {
+    cb: Py<PyAny>,
+    last: Mutex<f64>,
+    error: Mutex<Option<PyErr>>,
+}
+
+impl Progress {
+    fn report(&self, f: f64) {
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if f < 1.0 && f - *last < 0.001 {
+                return;
+            }
+            *last = f;
+        }
+        Python::attach(|py| {
+            if let Err(e) = self.cb.call1(py, (f,)) {
+                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
+            }
+        });
+    }
+}
+
+/// Copy the image `src` into a new image `dst` (qcow2 or raw). `progress(fraction)` is
+/// called as the copy advances; an exception it raises is re-raised when the copy is done.
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, out_format = "qcow2", compress = false, compression_type = None,
+    cluster_size = None, backing_file = None, backing_format = None, src_format = None,
+    progress = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn convert(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    out_format: &str,
+    compress: bool,
+    compression_type: Option<&str>,
+    cluster_size: Option<i64>,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    src_format: Option<&str>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let format = Format::parse(out_format).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let mut co = CreateOptions::default();
+    let bad = |e: Error| create_err(e, &dst);
+    if let Some(c) = compression_type {
+        co.set("compression_type", c).map_err(bad)?;
+    }
+    if let Some(c) = cluster_size {
+        co.cluster_size = u64::try_from(c)
+            .map_err(|_| PyValueError::new_err("cluster_size must not be negative"))?;
+    }
+    if format == Format::Raw
+        && (compression_type.is_some() || cluster_size.is_some() || backing_file.is_some())
+    {
+        return Err(PyValueError::new_err(
+            "compression_type, cluster_size and backing_file need out_format='qcow2'",
+        ));
+    }
+    co.backing_file = backing_file;
+    co.backing_format = backing_format;
+    let target = Target {
+        format,
+        create: co,
+        compress,
+    };
+    let prog = progress.map(|cb| {
+        Arc::new(Progress {
+            cb,
+            last: Mutex::new(-1.0),
+            error: Mutex::new(None),
+        })
+    });
+    let mut opts = ConvertOptions {
+        parallel: ConvertOptions::requests_in_flight(8, compress),
+        ..Default::default()
+    };
+    if let Some(p) = &prog {
+        let p = p.clone();
+        opts.progress = Some(Arc::new(move |f| p.report(f)));
+    }
+    let res = py.detach(|| {
+        let disk =
+            open_disk(&src, src_format, &OpenOptions::default()).map_err(|e| (e, src.clone()))?;
+        runtime::block_on(core::convert::convert(&disk, &dst, &target, &opts))
+            .map_err(|e| (e, dst.clone()))
+    });
+    drop(opts);
+    res.map_err(|(e, p)| create_err(e, &p))?;
+    if let Some(p) = prog {
+        if let Some(e) = p.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Whether the images `a` and `b` have the same guest content (as `qemu-img compare`;
+/// `strict`: their sizes must be equal too).
+#[pyfunction]
+#[pyo3(signature = (a, b, *, strict = false, a_format = None, b_format = None))]
+pub fn compare(
+    py: Python<'_>,
+    a: PathBuf,
+    b: PathBuf,
+    strict: bool,
+    a_format: Option<&str>,
+    b_format: Option<&str>,
+) -> PyResult<bool> {
+    let r = py.detach(|| {
+        let da = open_disk(&a, a_format, &OpenOptions::default()).map_err(|e| (e, a.clone()))?;
+        let db = open_disk(&b, b_format, &OpenOptions::default()).map_err(|e| (e, b.clone()))?;
+        runtime::block_on(core::convert::compare(&da, &db, strict)).map_err(|e| (e, a.clone()))
+    });
+    match r {
+        Ok(CompareResult::Identical) => Ok(true),
+        Ok(_) => Ok(false),
+        Err((e, p)) => Err(err(&e, &p)),
+    }
+}
+
+/// Run the `qcow2rs` command line (argv with the program name first); returns the exit
+/// status. The console script `qcow2rs` of the wheel calls this.
+#[pyfunction]
+pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
+    py.detach(|| qcow2_cli::run(&argv))
+}

@@ -1,0 +1,54 @@
+//! The one tokio runtime of the extension module, and blocking on it from Python threads.
+//!
+//! The runtime (worker threads named `qcow2rs-py-*`) starts with the first call that needs it
+//! and lives as long as the process: a request that was submitted always runs to its end (no
+//! runtime shutdown ever drops a request halfway while it may still be using a caller's
+//! buffer).
+
+use qcow2_core::{Error, ErrorKind};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use tokio::runtime::{Handle, Runtime};
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+fn runtime() -> &'static Runtime {
+    RUNTIME.get_or_init(|| {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 16);
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name_fn(|| format!("qcow2rs-py-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+            .enable_all()
+            .build()
+            // Without a runtime nothing can work; this only fails when threads cannot start.
+            .expect("qcow2rs: cannot start the I/O runtime")
+    })
+}
+
+/// The runtime's handle (starting it on first use).
+pub fn handle() -> &'static Handle {
+    runtime().handle()
+}
+
+/// Run `fut` to completion on the calling thread (the runtime's workers drive I/O and timers).
+/// Call with the GIL released. Called from inside the runtime (for example from a progress
+/// callback that itself blocks), it fails with `EDEADLK` instead of panicking.
+pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    if Handle::try_current().is_ok() {
+        return Err(Error::new(
+            ErrorKind::Deadlock,
+            "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
+        ));
+    }
+    handle().block_on(fut)
+}
+
+/// Spawn `fut` on the runtime; it runs to its end whatever happens to the caller.
+pub fn spawn(fut: impl Future<Output = ()> + Send + 'static) {
+    handle().spawn(fut);
+}

@@ -1,0 +1,234 @@
+"""The asyncio API: coroutines, many requests in flight, errors, and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+import qcow2rs
+from helpers import MiB, assert_clean, pattern, qemu_compare, to_raw
+
+
+@pytest.fixture
+def img_path(scratch):
+    p = scratch / "a.qcow2"
+    qcow2rs.create(p, 64 * MiB)
+    return p
+
+
+class Buf(bytearray):
+    """A bytearray that supports weak references."""
+
+
+def test_open_forms_and_properties(img_path):
+    async def main():
+        img = await qcow2rs.aio.open(img_path)
+        assert isinstance(img, qcow2rs.aio.AsyncImage)
+        assert img.size == 64 * MiB and img.cluster_size == 65536 and img.read_only
+        assert img.backing_file is None and img.mode == "r" and img.filename == str(img_path)
+        assert isinstance(img.image, qcow2rs.Image)
+        assert "a.qcow2" in repr(img)
+        await img.close()
+        assert img.closed
+        await img.close()  # idempotent
+        async with qcow2rs.aio.open(img_path, "r+") as img2:
+            assert not img2.read_only
+            async with img2 as same:
+                assert same is img2
+            assert img2.closed
+
+    asyncio.run(main())
+
+
+def test_io_and_results(img_path):
+    async def main():
+        async with qcow2rs.aio.open(img_path, "r+") as img:
+            data = pattern(5, 200_000)
+            assert await img.pwrite(data, 4321) == len(data)
+            assert await img.pread(len(data), 4321) == data
+            ba = bytearray(len(data))
+            assert await img.preadinto(ba, 4321) == len(data)
+            ba.append(0)  # released before the awaiting task resumes: resizable again
+            buf = np.zeros(len(data), dtype=np.uint8)
+            assert await img.preadinto(buf, 4321) == len(data)
+            assert buf.tobytes() == data
+            mv = memoryview(bytearray(300_000))
+            assert await img.preadinto(mv[1000:201_000], 4321) == len(data)
+            assert mv[1000:201_000] == data
+            await img.write_zeroes(1000, 5000)
+            await img.write_zeroes(65536, 1 << 20, unmap=True)
+            await img.discard(65536, 2 << 20)
+            assert await img.pread(1000, 5000) == bytes(1000)
+            await img.flush()
+            info = await img.info()
+            assert info["virtual-size"] == 64 * MiB
+            assert info == img.image.info()
+            assert await img.map() == img.image.map()
+            assert await img.pread(10, img.size - 5) == bytes(5)
+            assert await img.pread(10, img.size) == b""
+
+    asyncio.run(main())
+    assert_clean(img_path)
+
+
+def test_many_in_flight(img_path, scratch):
+    """64 writes then 64 reads at once through asyncio.gather; one completion thread, no
+    thread per request."""
+    n = 64
+
+    async def main():
+        async with qcow2rs.aio.open(img_path, "r+") as img:
+            before = threading.active_count()
+            blocks = [pattern(i, 70_000) for i in range(n)]
+            res = await asyncio.gather(*(img.pwrite(blocks[i], i * 100_000) for i in range(n)))
+            assert res == [70_000] * n
+            bufs = [bytearray(70_000) for _ in range(n)]
+            res = await asyncio.gather(*(img.preadinto(bufs[i], i * 100_000) for i in range(n)))
+            assert res == [70_000] * n
+            assert bufs == blocks
+            # The threads are the runtime's and the completion thread, started once.
+            assert threading.active_count() <= before + 1
+            return blocks
+
+    blocks = asyncio.run(main())
+    mirror = scratch / "mirror.raw"
+    with open(mirror, "wb") as f:
+        f.truncate(64 * MiB)
+        for i, b in enumerate(blocks):
+            f.seek(i * 100_000)
+            f.write(b)
+    qemu_compare(img_path, mirror)
+
+
+def test_errors(img_path, scratch):
+    async def main():
+        with pytest.raises(FileNotFoundError):
+            await qcow2rs.aio.open(scratch / "missing.qcow2")
+        raw = scratch / "x.raw"
+        raw.write_bytes(bytes(4096))
+        with pytest.raises(qcow2rs.Error):
+            async with qcow2rs.aio.open(raw):
+                pass
+        async with qcow2rs.aio.open(img_path) as img:
+            with pytest.raises(OSError) as ei:
+                await img.pwrite(b"x", 0)
+            assert ei.value.errno == errno.EBADF
+            with pytest.raises(ValueError):
+                await img.pread(1, img.size + 1)
+            with pytest.raises(TypeError):
+                await img.preadinto(b"read-only", 0)
+        with pytest.raises(ValueError, match="closed"):
+            await img.pread(1, 0)
+        with pytest.raises(ValueError):
+            await qcow2rs.aio.open(img_path, "x")
+
+    asyncio.run(main())
+
+
+def test_cancelled_read_keeps_buffer_until_request_ends(scratch):
+    """A cancelled task's buffer stays alive (held by the request) until the request has
+    really finished, then it is released: no use after free, no leak."""
+    p = scratch / "huge.qcow2"
+    qcow2rs.create(p, 1 << 40)
+
+    async def main():
+        async with qcow2rs.aio.open(p) as img:
+            buf = Buf(512 * MiB)  # reading 512 MiB of zeros takes tens of milliseconds
+            ref = weakref.ref(buf)
+            task = asyncio.create_task(img.preadinto(buf, 12345))
+            await asyncio.sleep(0)  # the task submits its request
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del buf
+            gc.collect()
+            alive_while_in_flight = ref() is not None
+            # close() waits for the request; the buffer is released right after it.
+        deadline = time.monotonic() + 10
+        while ref() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            gc.collect()
+        return alive_while_in_flight, ref() is None
+
+    held, released = asyncio.run(main())
+    assert held, "the buffer of a cancelled request was released while the request ran"
+    assert released, "the buffer of a cancelled request was never released"
+
+
+def test_cancelled_requests_run_to_their_end(img_path, scratch):
+    """Cancel tasks mid-request at random points: each request still completes (writes land),
+    nothing crashes, and the image reads, writes and checks correctly afterwards."""
+    import random
+
+    rnd = random.Random(7)
+    n = 200
+    blocks = [pattern(100 + i, 30_000) for i in range(n)]
+
+    async def main():
+        async with qcow2rs.aio.open(img_path, "r+") as img:
+            tasks = [asyncio.create_task(img.pwrite(blocks[i], i * 65_536 + 1000)) for i in range(n)]
+            reads = [asyncio.create_task(img.preadinto(bytearray(50_000), i * 65_536)) for i in range(n)]
+            for _ in range(3):
+                await asyncio.sleep(0)
+                for t in rnd.sample(tasks + reads, 60):
+                    t.cancel()
+            done = await asyncio.gather(*tasks, *reads, return_exceptions=True)
+            assert any(isinstance(r, asyncio.CancelledError) for r in done)
+            assert not [r for r in done if isinstance(r, Exception)]
+        # Every write ran to its end, cancelled or not.
+        async with qcow2rs.aio.open(img_path, "r+") as img:
+            for i in range(n):
+                assert await img.pread(30_000, i * 65_536 + 1000) == blocks[i]
+            await img.pwrite(b"after", 0)
+            assert await img.pread(5, 0) == b"after"
+
+    asyncio.run(main())
+    assert_clean(img_path)
+    mirror = to_raw(img_path, scratch / "m.raw")
+    with open(mirror, "rb") as f:
+        for i in range(n):
+            assert os.pread(f.fileno(), 30_000, i * 65_536 + 1000) == blocks[i]
+
+
+def test_loop_closed_before_completion(img_path):
+    """A loop that goes away with requests in flight: the results are dropped quietly."""
+    loop = asyncio.new_event_loop()
+    img = qcow2rs.open(img_path)
+    fut = loop.create_future()
+    img._aio_pread(qcow2rs._qcow2rs._Completions(loop), fut, 1 << 20, 0)
+    loop.close()
+    time.sleep(0.2)
+    assert img.pread(4, 0) == bytes(4)
+    img.close()
+
+
+def test_two_loops_in_two_threads(img_path):
+    qcow2rs.create(img_path, 64 * MiB)
+    errors = []
+
+    def run(k):
+        async def main():
+            async with qcow2rs.aio.open(img_path) as img:
+                for _ in range(50):
+                    rs = await asyncio.gather(*(img.pread(4096, i * 4096) for i in range(16)))
+                    assert rs == [bytes(4096)] * 16
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors

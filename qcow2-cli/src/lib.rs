@@ -1,0 +1,99 @@
+//! `qcow2rs`: a qemu-img compatible command-line tool over qcow2-core.
+//!
+//! The library target holds the whole tool behind [`run`], so that the `qcow2rs` binary and
+//! the console script of the Python package (`qcow2rs._qcow2rs.cli_main`) run the same code.
+
+mod args;
+mod bench;
+mod cmds;
+mod dump;
+
+const USAGE: &str = "usage: qcow2rs COMMAND [OPTIONS] ...
+
+Commands (options as qemu-img):
+  info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
+  map [-f FMT] [--output=human|json] FILE
+  check [-f FMT] [--output=human|json] FILE
+  compare [-f FMT] [-F FMT] [-s] [-p] FILE1 FILE2
+  convert [-f FMT] [-O raw] [-p] [-m N] [-t none|writeback] SRC DST
+  snapshot -l FILE
+  dump FILE
+  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] FILE
+
+Every command accepts --untrusted: refuse to open files named inside an image.";
+
+/// An error for the user: a message (one line) and an exit code.
+pub(crate) struct Fail {
+    pub msg: String,
+    pub code: u8,
+}
+
+impl Fail {
+    pub fn new(msg: impl Into<String>) -> Fail {
+        Fail {
+            msg: msg.into(),
+            code: 1,
+        }
+    }
+    pub fn code(mut self, code: u8) -> Fail {
+        self.code = code;
+        self
+    }
+}
+
+impl From<qcow2_core::Error> for Fail {
+    fn from(e: qcow2_core::Error) -> Fail {
+        Fail::new(e.to_string())
+    }
+}
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail::new(s)
+    }
+}
+
+/// Run the tool with `argv` (program name first) and return the exit status. Output goes to
+/// the process's stdout and stderr (flushed before returning).
+pub fn run(argv: &[String]) -> u8 {
+    let code = run_inner(argv);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code
+}
+
+fn run_inner(argv: &[String]) -> u8 {
+    if argv.len() < 2 {
+        eprintln!("{USAGE}");
+        return 1;
+    }
+    let cmd = argv[1].as_str();
+    let rest = &argv[2..];
+    if matches!(cmd, "-h" | "--help" | "help") {
+        println!("{USAGE}");
+        return 0;
+    }
+    if matches!(cmd, "-V" | "--version") {
+        println!("qcow2rs version {}", env!("CARGO_PKG_VERSION"));
+        return 0;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("qcow2rs-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qcow2rs: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let res = rt.block_on(cmds::run(cmd, rest));
+    match res {
+        Ok(code) => code,
+        Err(f) => {
+            let msg = f.msg.replace('\n', " ");
+            eprintln!("qcow2rs: {msg}");
+            f.code
+        }
+    }
+}
