@@ -3,9 +3,14 @@
 #   make build   release build of the whole workspace (CLI: target/release/qcow2rs)
 #   make lint    rustfmt --check + clippy -D warnings
 #   make venv    .venv with the Python test dependencies (tests/requirements.txt)
-#   make test    venv + build + lint + cargo test + pytest interop suite + Python package
+#   make test    venv + build + lint + cargo test + C tests + pytest interop suite + Python package
 #   make python  build and install the Python package (bindings/python) into .venv
 #   make demo    build, make demo images with qemu-img, run the CLI on them
+#   make test-c  the C library: exports, header, C tests and examples (plain, ASan+UBSan,
+#                valgrind), install + pkg-config (tests/c/run.sh)
+#   make install PREFIX=/usr/local   libqcow2rs.so (+ symlinks), libqcow2rs.a, qcow2rs.h,
+#                qcow2rs.pc into PREFIX (DESTDIR, LIBDIR, INCLUDEDIR also honoured)
+#   make header  regenerate include/qcow2rs.h with cbindgen (the pinned version)
 #
 # Everything uses the release profile so the workspace compiles once.
 
@@ -24,6 +29,7 @@ PYTEST_ARGS  ?=
 PY_PKG       := bindings/python
 
 .PHONY: all build lint venv test test-cargo test-py python test-python demo clean-demo clean
+.PHONY: test-c install install-c header
 
 all: build
 
@@ -59,7 +65,7 @@ python: venv
 test-python: python build
 	$(VENV_PY) -m pytest $(PY_PKG)/tests -q $(PYTEST_ARGS)
 
-test: venv build lint test-cargo test-py test-python
+test: venv build lint test-cargo test-c test-py test-python
 
 # The demo makes its own images with qcow2rs (no qemu needed; qemu-img double-checks if present).
 demo: build
@@ -71,3 +77,29 @@ clean-demo:
 clean: clean-demo
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+# --- The C library (qcow2-capi) ------------------------------------------------------------
+PREFIX      ?= /usr/local
+LIBDIR      ?= $(PREFIX)/lib
+INCLUDEDIR  ?= $(PREFIX)/include
+DESTDIR     ?=
+CAPI_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+
+test-c: build
+	bash tests/c/run.sh
+
+header:
+	QCOW2RS_UPDATE_HEADER=1 $(CARGO) test --release -p qcow2-capi header_is_current
+
+install: install-c
+
+install-c: build
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 755 target/release/libqcow2rs.so $(DESTDIR)$(LIBDIR)/libqcow2rs.so.$(CAPI_VERSION)
+	ln -sfn libqcow2rs.so.$(CAPI_VERSION) $(DESTDIR)$(LIBDIR)/libqcow2rs.so.0
+	ln -sfn libqcow2rs.so.0 $(DESTDIR)$(LIBDIR)/libqcow2rs.so
+	install -m 644 target/release/libqcow2rs.a $(DESTDIR)$(LIBDIR)/libqcow2rs.a
+	install -m 644 include/qcow2rs.h $(DESTDIR)$(INCLUDEDIR)/qcow2rs.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(CAPI_VERSION)|' \
+	    qcow2-capi/qcow2rs.pc.in >$(DESTDIR)$(LIBDIR)/pkgconfig/qcow2rs.pc

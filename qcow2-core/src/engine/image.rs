@@ -38,8 +38,14 @@ pub struct OpenOptions {
     pub max_chain: usize,
     /// Use this external data file instead of the name in the image.
     pub data_file: Option<PathBuf>,
-    /// Do not open the backing file (reads of unallocated clusters fail).
+    /// Do not open the backing file: unallocated clusters read as zeros.
     pub no_backing: bool,
+    /// Use this file as the backing file instead of the one the image names (also for an
+    /// image that names none). Its format is `backing_format`, else probed. Applies to the
+    /// top image only; allowed with `no_external_files`, since the caller names it.
+    pub backing_file: Option<PathBuf>,
+    /// The format of `backing_file` (probed when `None`).
+    pub backing_format: Option<Format>,
     /// Open for `check -r`: a writable open of a corrupt-marked image is allowed (writes other
     /// than the repair's are still refused while the corrupt bit is set).
     pub for_repair: bool,
@@ -69,6 +75,8 @@ impl Default for OpenOptions {
             max_chain: DEFAULT_MAX_CHAIN,
             data_file: None,
             no_backing: false,
+            backing_file: None,
+            backing_format: None,
             for_repair: false,
             force_share: false,
             locking: true,
@@ -417,23 +425,33 @@ impl Image {
             (file.clone(), None)
         };
 
-        // Backing file.
-        let backing = match &h.backing_file {
-            Some(name) if !opts.no_backing => {
-                if opts.no_external_files {
-                    return Err(Error::invalid(format!(
-                        "image names a backing file '{name}'; refused because external files are disabled"
-                    )));
-                }
-                let bpath = resolve_name(path, name);
-                let fmt = match h.backing_format.as_deref() {
-                    Some(f) => Some(Format::parse(f).ctx(format!("backing file '{name}'"))?),
-                    None => None,
-                };
+        // Backing file: the caller's override, or the one the image names.
+        let backing_src = if opts.no_backing {
+            None
+        } else if let Some(p) = &opts.backing_file {
+            Some((p.clone(), p.display().to_string(), opts.backing_format))
+        } else if let Some(name) = &h.backing_file {
+            if opts.no_external_files {
+                return Err(Error::invalid(format!(
+                    "image names a backing file '{name}'; refused because external files are disabled"
+                )));
+            }
+            let fmt = match h.backing_format.as_deref() {
+                Some(f) => Some(Format::parse(f).ctx(format!("backing file '{name}'"))?),
+                None => None,
+            };
+            Some((resolve_name(path, name), name.clone(), fmt))
+        } else {
+            None
+        };
+        let backing = match backing_src {
+            Some((bpath, name, fmt)) => {
                 let bopts = OpenOptions {
                     writable: false,
                     data_file: None,
                     for_check: false,
+                    backing_file: None,
+                    backing_format: None,
                     ..opts.clone()
                 };
                 let fmt = match fmt {
@@ -454,7 +472,7 @@ impl Image {
                     ),
                 })
             }
-            _ => None,
+            None => None,
         };
 
         let slice = layout.slice_size as usize;

@@ -80,7 +80,8 @@ pub trait Storage: Send + Sync + 'static {
 /// Which engine to use for files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
-    /// io_uring where the kernel allows it, else threads.
+    /// io_uring where the kernel allows it, else threads. The environment can change that
+    /// choice (see [`auto_uses_threads`]).
     #[default]
     Auto,
     /// Linux io_uring.
@@ -118,11 +119,49 @@ pub struct FileOptions {
     pub engine: EngineKind,
 }
 
+thread_local! {
+    static ENGINE_THREAD: std::cell::Cell<Option<std::thread::ThreadId>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Mark the calling thread as one of an engine's own threads.
+pub(crate) fn mark_engine_thread() {
+    ENGINE_THREAD.with(|c| c.set(Some(std::thread::current().id())));
+}
+
+/// The calling thread's id if it is an engine thread, else `None`: for the "never join
+/// yourself" checks of the engines' `Drop`. It does not call `thread::current()` on other
+/// threads, which on a thread Rust did not start (the main thread of a C program using the
+/// C library) allocates a handle that is never freed.
+pub(crate) fn engine_thread_id() -> Option<std::thread::ThreadId> {
+    ENGINE_THREAD.with(|c| c.get())
+}
+
+/// Whether [`EngineKind::Auto`] picks the thread pool without trying io_uring: when the
+/// environment variable `QCOW2RS_ENGINE` is `threads`, or when the process runs under
+/// valgrind (whose `io_uring_enter` wrapper holds valgrind's global lock while the call
+/// waits, so the process deadlocks), unless `QCOW2RS_ENGINE` is `io_uring`. Read once.
+pub fn auto_uses_threads() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| {
+        match std::env::var("QCOW2RS_ENGINE").as_deref() {
+            Ok("threads") => return true,
+            Ok("io_uring") | Ok("uring") => return false,
+            _ => {}
+        }
+        // Valgrind preloads its vgpreload_*.so into the programs it runs.
+        std::env::var_os("LD_PRELOAD").is_some_and(|p| p.to_string_lossy().contains("vgpreload"))
+    })
+}
+
 /// Open `path` with the engine chosen by `opts`.
 pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn Storage>> {
     match opts.engine {
         EngineKind::Threads => Ok(Arc::new(threads::ThreadsFile::open(path, opts)?)),
         EngineKind::IoUring => Ok(Arc::new(uring::UringFile::open(path, opts)?)),
+        EngineKind::Auto if auto_uses_threads() => {
+            Ok(Arc::new(threads::ThreadsFile::open(path, opts)?))
+        }
         EngineKind::Auto => match uring::UringFile::open(path, opts) {
             Ok(f) => Ok(Arc::new(f)),
             Err(e) if uring::is_unavailable(&e) => {

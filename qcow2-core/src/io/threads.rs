@@ -726,6 +726,8 @@ struct PoolShared {
 struct Pool {
     shared: Arc<PoolShared>,
     workers: Vec<thread::JoinHandle<()>>,
+    /// The process that started the workers: after `fork()` the child has none of them.
+    pid: u32,
 }
 
 /// The current pool, if any file holds it.
@@ -736,7 +738,13 @@ impl Pool {
     fn get() -> io::Result<Arc<Pool>> {
         let mut cur = POOL.lock();
         if let Some(p) = cur.upgrade() {
-            return Ok(p);
+            if p.pid == std::process::id() {
+                return Ok(p);
+            }
+            // A pool of the parent process (files opened before fork() keep it alive): its
+            // threads do not exist here, so start a new one. Never drop the parent's: its
+            // Drop would join threads that are not there.
+            std::mem::forget(p);
         }
         let n = thread::available_parallelism()
             .map(|n| n.get())
@@ -760,6 +768,7 @@ impl Pool {
         let mut pool = Pool {
             shared,
             workers: Vec::with_capacity(n),
+            pid: std::process::id(),
         };
         for i in 0..n {
             let s = pool.shared.clone();
@@ -790,11 +799,11 @@ impl Drop for Pool {
     fn drop(&mut self) {
         self.shared.queue.lock().shutdown = true;
         self.shared.ready.notify_all();
-        let me = thread::current().id();
+        let me = super::engine_thread_id();
         for h in self.workers.drain(..) {
             // Workers finish the queued jobs (those of dropped futures) first.
             // Never join ourselves, should the last file be dropped on a worker.
-            if h.thread().id() != me {
+            if Some(h.thread().id()) != me {
                 let _ = h.join();
             }
         }
@@ -802,6 +811,7 @@ impl Drop for Pool {
 }
 
 fn worker(s: &PoolShared) {
+    super::mark_engine_thread();
     loop {
         let job = {
             let mut q = s.queue.lock();

@@ -329,6 +329,7 @@ impl Ring {
 
 /// The completion thread: reap, advance, refill from the backlog, answer.
 fn reap(ring: Arc<Ring>) {
+    super::mark_engine_thread();
     let mut exiting = false;
     let mut cqes: Vec<(u64, i32)> = Vec::new();
     let mut finished: Vec<(Op, io::Result<usize>)> = Vec::new();
@@ -468,7 +469,7 @@ impl Drop for UringFile {
         self.ring.start(Kind::Exit, 0, None);
         if let Some(h) = self.reaper.take() {
             // Waits for the operations of dropped futures to finish.
-            if h.thread().id() != thread::current().id() {
+            if Some(h.thread().id()) != super::engine_thread_id() {
                 let _ = h.join();
             }
         }

@@ -1,0 +1,642 @@
+//! Asynchronous requests: completion callbacks, requests in flight, the event-loop mode.
+//!
+//! Every request is a task on the library runtime that runs the core future to its end
+//! (it is never dropped halfway: the engines may still be using the caller's buffer), then
+//! completes: in the default mode its callback runs right there, on the runtime thread; with
+//! `QCOW2RS_OPEN_POLL` the completion is queued and an eventfd signalled, and
+//! `qcow2rs_process_completions` runs the callback on the caller's thread. A request counts
+//! as in flight from its submission until its callback has returned; `qcow2rs_close` waits
+//! for that count to reach zero.
+
+use crate::error::{cstring, errno_of, ffi, panic_fail, Fail};
+use crate::image::{image_ref, qcow2rs_image};
+use crate::runtime::CallbackScope;
+use futures::FutureExt;
+use parking_lot::{Condvar, Mutex};
+use qcow2_core::{Image, ZeroMode};
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// What a completion callback receives. Valid only during the callback: copy what you need.
+#[repr(C)]
+pub struct qcow2rs_completion {
+    /// 0 on success, or a negative errno (see RETURN VALUES AND ERRORS at the top).
+    pub ret: c_int,
+    /// NULL on success, else a one-line message saying what failed. Owned by the library;
+    /// valid until the callback returns.
+    pub error_msg: *const c_char,
+    /// The image the request was submitted on.
+    pub img: *mut qcow2rs_image,
+}
+
+/// A completion callback: `user_data` is the pointer given at submission, `c` describes the
+/// outcome (valid only during the call).
+///
+/// The callback runs exactly once for every submission that returned 0, on a library thread
+/// (or, for an image opened with `QCOW2RS_OPEN_POLL`, inside `qcow2rs_process_completions` or
+/// `qcow2rs_close`), never inside the submitting call, with no library lock held. It may
+/// submit new requests (on any image) and use non-blocking calls; blocking calls
+/// (`qcow2rs_read`, `qcow2rs_close`, ...) return `-EDEADLK` there. It must not throw a C++
+/// exception or `longjmp` out. Keep it short: while it runs, its library thread runs nothing
+/// else.
+pub type qcow2rs_completion_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, c: *const qcow2rs_completion)>;
+
+/// `qcow2rs_aio_write_zeroes` / `qcow2rs_write_zeroes`: the zeroed range may be deallocated
+/// (whole clusters lose their host cluster and read as zeros); without it, host clusters stay
+/// allocated (marked zero), which keeps later writes there cheap.
+pub const QCOW2RS_ZEROES_MAY_UNMAP: u32 = 1 << 0;
+
+/// Most `struct iovec` entries a vectored call takes (Linux's `IOV_MAX`).
+pub const QCOW2RS_IOV_MAX: c_int = 1024;
+
+/// A pointer that may cross threads: the header's contract makes the caller keep what it
+/// points to valid until the callback returns.
+pub(crate) struct SendPtr<T>(pub *mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: the pointee is owned by the C caller, who guarantees (header contract) that it
+// stays valid and is not used conflictingly until the request's callback returns; the
+// library only touches it from the one task of that request.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above; shared references are only used to read the pointer value.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// A finished request whose callback has not run yet.
+pub(crate) struct Done {
+    cb: CompletionFn,
+    user_data: SendPtr<c_void>,
+    ret: c_int,
+    msg: Option<CString>,
+    img: SendPtr<qcow2rs_image>,
+}
+
+impl Done {
+    /// Run the callback on this thread.
+    fn run(self) {
+        let c = qcow2rs_completion {
+            ret: self.ret,
+            error_msg: self.msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
+            img: self.img.0,
+        };
+        let _scope = CallbackScope::enter();
+        // SAFETY: `cb` is the caller's completion function, called as the header promises:
+        // once, with its user data and a completion valid for the duration of the call.
+        unsafe { (self.cb)(self.user_data.0, &c) };
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    done: VecDeque<Done>,
+    /// `qcow2rs_close` is waiting: wake it on every queued completion.
+    closing: bool,
+}
+
+/// Request bookkeeping of one image, shared with its request tasks.
+pub(crate) struct Shared {
+    inflight: AtomicUsize,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    /// The eventfd of the event-loop mode (`QCOW2RS_OPEN_POLL`); closed when the last task
+    /// lets go of this struct.
+    efd: Option<OwnedFd>,
+}
+
+impl Shared {
+    pub(crate) fn new(poll: bool) -> Result<Shared, Fail> {
+        let efd = if poll {
+            // SAFETY: eventfd(2) with constant flags; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(Fail::new(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot create the completion eventfd: {e}"),
+                ));
+            }
+            // SAFETY: `fd` is a new descriptor that nothing else owns.
+            Some(unsafe { OwnedFd::from_raw_fd(fd) })
+        } else {
+            None
+        };
+        Ok(Shared {
+            inflight: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+            efd,
+        })
+    }
+
+    pub(crate) fn event_fd(&self) -> Option<c_int> {
+        self.efd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// A request's callback has returned.
+    fn finish(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Taking the lock orders this against a closer that saw a non-zero count.
+            let _q = self.queue.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// A request task is done: run its callback (default mode) or queue it (event-loop mode).
+    fn complete(&self, d: Done) {
+        match &self.efd {
+            None => {
+                d.run();
+                self.finish();
+            }
+            Some(fd) => {
+                let mut q = self.queue.lock();
+                q.done.push_back(d);
+                if q.closing {
+                    self.cv.notify_all();
+                }
+                // Signalled under the lock: a poller that drained the eventfd before this
+                // push then finds the completion when it takes the lock.
+                signal(fd.as_raw_fd());
+            }
+        }
+    }
+
+    /// Run up to `max` queued callbacks on this thread (event-loop mode); returns how many.
+    fn process(&self, max: usize) -> usize {
+        let Some(fd) = &self.efd else { return 0 };
+        let mut buf = 0u64;
+        // SAFETY: reads 8 bytes into `buf` from our eventfd (non-blocking; EAGAIN when empty).
+        unsafe { libc::read(fd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+        let mut n = 0;
+        while n < max {
+            let Some(d) = self.queue.lock().done.pop_front() else {
+                break;
+            };
+            d.run();
+            self.finish();
+            n += 1;
+        }
+        if n == max {
+            let q = self.queue.lock();
+            if !q.done.is_empty() {
+                signal(fd.as_raw_fd());
+            }
+        }
+        n
+    }
+
+    /// Wait until no request is in flight, running queued callbacks (event-loop mode) on
+    /// this thread meanwhile. Callbacks may submit more requests; those are waited for too.
+    pub(crate) fn drain(&self) {
+        let mut q = self.queue.lock();
+        q.closing = true;
+        loop {
+            while let Some(d) = q.done.pop_front() {
+                drop(q);
+                d.run();
+                self.finish();
+                q = self.queue.lock();
+            }
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            self.cv.wait(&mut q);
+        }
+    }
+}
+
+fn signal(fd: c_int) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from `one` to our eventfd. It can only fail with EAGAIN when the
+    // counter is about to overflow, and then the poller is woken anyway.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Start `fut` as a request task of `h`: its outcome goes to `cb(user_data, ...)`.
+pub(crate) fn submit<F>(h: &qcow2rs_image, cb: CompletionFn, user_data: *mut c_void, fut: F)
+where
+    F: Future<Output = qcow2_core::Result<()>> + Send + 'static,
+{
+    let shared = h.shared.clone();
+    let img = SendPtr(h as *const qcow2rs_image as *mut qcow2rs_image);
+    let user_data = SendPtr(user_data);
+    shared.inflight.fetch_add(1, Ordering::AcqRel);
+    // The JoinHandle is dropped: the task runs detached, to its end.
+    drop(h.rt.handle().spawn(async move {
+        // The request's future (and its clone of the image) is dropped here, once finished.
+        let res = AssertUnwindSafe(fut).catch_unwind().await;
+        let (ret, msg) = match res {
+            Ok(Ok(())) => (0, None),
+            Ok(Err(e)) => (-errno_of(&e), Some(cstring(e.to_string()))),
+            Err(p) => {
+                let f = panic_fail("request", &*p);
+                (-f.errno, Some(cstring(f.msg)))
+            }
+        };
+        shared.complete(Done {
+            cb,
+            user_data,
+            ret,
+            msg,
+            img,
+        });
+    }));
+}
+
+/// The checks every submission makes; returns the image and the callback.
+fn begin<'a>(
+    img: *const qcow2rs_image,
+    cb: qcow2rs_completion_fn,
+    flags: u32,
+    known_flags: u32,
+    call: &str,
+) -> Result<(&'a qcow2rs_image, CompletionFn), Fail> {
+    // SAFETY: the caller passes NULL or a handle from qcow2rs_open that is not closed.
+    let h = unsafe { image_ref(img, call)? };
+    let cb = cb.ok_or_else(|| Fail::fault("the completion callback"))?;
+    if flags & !known_flags != 0 {
+        return Err(Fail::inval(format!(
+            "{call}: unknown flags 0x{:x}",
+            flags & !known_flags
+        )));
+    }
+    Ok((h, cb))
+}
+
+/// A buffer argument: NULL is allowed only with a length of 0.
+pub(crate) fn check_buf(p: *const c_void, len: usize, what: &str) -> Result<(), Fail> {
+    if p.is_null() && len != 0 {
+        return Err(Fail::fault(what));
+    }
+    if len > isize::MAX as usize {
+        return Err(Fail::inval(format!("{what}: length {len} is too large")));
+    }
+    Ok(())
+}
+
+/// The buffers of a vectored request: (start, length), non-empty ones only.
+pub(crate) type Segments = Vec<(SendPtr<u8>, usize)>;
+
+/// A completion function that is not NULL.
+pub(crate) type CompletionFn = unsafe extern "C" fn(*mut c_void, *const qcow2rs_completion);
+
+/// Copy and check an iovec array; returns the segments and the total length.
+pub(crate) fn iovecs(iov: *const libc::iovec, iovcnt: c_int) -> Result<(Segments, u64), Fail> {
+    if !(0..=QCOW2RS_IOV_MAX).contains(&iovcnt) {
+        return Err(Fail::inval(format!(
+            "iovcnt {iovcnt} is outside 0..={QCOW2RS_IOV_MAX}"
+        )));
+    }
+    if iov.is_null() && iovcnt > 0 {
+        return Err(Fail::fault("iov"));
+    }
+    let mut segs = Vec::with_capacity(iovcnt as usize);
+    let mut total = 0u64;
+    for i in 0..iovcnt as usize {
+        // SAFETY: the caller passes `iovcnt` readable entries at `iov` (header contract).
+        let v = unsafe { &*iov.add(i) };
+        check_buf(v.iov_base, v.iov_len, "iov_base")?;
+        total = total
+            .checked_add(v.iov_len as u64)
+            .ok_or_else(|| Fail::inval("the iovec lengths overflow"))?;
+        if v.iov_len > 0 {
+            segs.push((SendPtr(v.iov_base.cast::<u8>()), v.iov_len));
+        }
+    }
+    if total > isize::MAX as u64 {
+        return Err(Fail::inval("the iovec lengths add up to too much"));
+    }
+    Ok((segs, total))
+}
+
+/// Writes gathered into one buffer (one engine request) up to this total size.
+const GATHER_MAX: u64 = 1 << 20;
+
+/// Read into the segments, which lie back to back from `off`.
+pub(crate) async fn readv_segments(img: Image, segs: Segments, off: u64) -> qcow2_core::Result<()> {
+    let mut pos = off;
+    let mut futs = Vec::with_capacity(segs.len());
+    for (p, len) in segs {
+        // SAFETY: header contract: each iov_base points to iov_len writable bytes that the
+        // caller leaves alone until the request completes; the segments do not overlap.
+        let buf = unsafe { std::slice::from_raw_parts_mut(p.0, len) };
+        futs.push(img.read_at(buf, pos));
+        pos += len as u64;
+    }
+    futures::future::try_join_all(futs).await.map(|_| ())
+}
+
+/// Write the segments, which lie back to back from `off`: small totals gathered into one
+/// request, larger ones one segment after the other.
+pub(crate) async fn writev_segments(
+    img: Image,
+    segs: Segments,
+    off: u64,
+    total: u64,
+) -> qcow2_core::Result<()> {
+    if segs.len() > 1 && total <= GATHER_MAX {
+        let mut data = Vec::with_capacity(total as usize);
+        for (p, len) in &segs {
+            // SAFETY: header contract: each iov_base points to iov_len readable bytes, valid
+            // until the request completes.
+            data.extend_from_slice(unsafe { std::slice::from_raw_parts(p.0, *len) });
+        }
+        return img.write_at(&data, off).await;
+    }
+    let mut pos = off;
+    for (p, len) in segs {
+        // SAFETY: as above.
+        let buf = unsafe { std::slice::from_raw_parts(p.0, len) };
+        img.write_at(buf, pos).await?;
+        pos += len as u64;
+    }
+    Ok(())
+}
+
+/// Start an asynchronous read of `len` bytes at guest offset `offset` into `buf`.
+///
+/// Returns 0 when the request was submitted: `cb(user_data, c)` then runs exactly once, after
+/// the data is in `buf` (`c->ret == 0`) or the read failed (`c->ret < 0`, `buf` undefined).
+/// Returns a negative errno when it was not submitted (the callback never runs):
+/// `-EFAULT` (`img` or `cb` NULL, or `buf` NULL with `len` > 0), `-EINVAL` (unknown `flags`,
+/// or the range is not inside the virtual disk), `-ECHILD` (image opened before fork()).
+/// Completion errors: `-EIO` and other I/O errnos, `-EUCLEAN` (corrupt metadata found),
+/// `-ENOTSUP`.
+///
+/// `buf` must stay valid, and must not be read or written by the caller, until the callback
+/// returns. `flags` must be 0. Never blocks on I/O. Any thread may submit, including
+/// callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_read(
+    img: *mut qcow2rs_image,
+    buf: *mut c_void,
+    len: usize,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_read", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_read")?;
+        check_buf(buf, len, "buf")?;
+        h.check_range(offset, len as u64)?;
+        let (image, p) = (h.img.clone(), SendPtr(buf.cast::<u8>()));
+        submit(h, cb, user_data, async move {
+            let p = p;
+            // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
+            // and untouched by the caller until the callback returns, which happens only
+            // after this future has finished.
+            let slice = unsafe { make_slice_mut(p.0, len) };
+            image.read_at(slice, offset).await
+        });
+        Ok(0)
+    })
+}
+
+/// Start an asynchronous write of `len` bytes from `buf` at guest offset `offset`.
+///
+/// As `qcow2rs_aio_read`, plus `-EBADF` when the image was opened read-only (or is marked
+/// corrupt). Completion errors also include `-ENOSPC`. `buf` must stay valid, unchanged,
+/// until the callback returns. A completed write is durable only after a flush.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_write(
+    img: *mut qcow2rs_image,
+    buf: *const c_void,
+    len: usize,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_write", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_write")?;
+        check_buf(buf, len, "buf")?;
+        h.check_writable("qcow2rs_aio_write")?;
+        h.check_range(offset, len as u64)?;
+        let (image, p) = (h.img.clone(), SendPtr(buf as *mut u8));
+        submit(h, cb, user_data, async move {
+            let p = p;
+            // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
+            // and unchanged until the callback returns, after this future has finished.
+            let slice = unsafe { make_slice(p.0, len) };
+            image.write_at(slice, offset).await
+        });
+        Ok(0)
+    })
+}
+
+/// Asynchronous vectored read: fills the `iovcnt` buffers of `iov` one after the other with
+/// the guest data starting at `offset`. As `qcow2rs_aio_read`; also `-EINVAL` when `iovcnt`
+/// is negative or above `QCOW2RS_IOV_MAX`. The `iov` array itself is copied during the call;
+/// the buffers it points to stay borrowed until the callback returns.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_readv(
+    img: *mut qcow2rs_image,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_readv", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_readv")?;
+        let (segs, total) = iovecs(iov, iovcnt)?;
+        h.check_range(offset, total)?;
+        submit(
+            h,
+            cb,
+            user_data,
+            readv_segments(h.img.clone(), segs, offset),
+        );
+        Ok(0)
+    })
+}
+
+/// Asynchronous vectored write of the `iovcnt` buffers of `iov`, back to back from
+/// `offset`. As `qcow2rs_aio_write` and `qcow2rs_aio_readv`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_writev(
+    img: *mut qcow2rs_image,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_writev", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_writev")?;
+        let (segs, total) = iovecs(iov, iovcnt)?;
+        h.check_writable("qcow2rs_aio_writev")?;
+        h.check_range(offset, total)?;
+        submit(
+            h,
+            cb,
+            user_data,
+            writev_segments(h.img.clone(), segs, offset, total),
+        );
+        Ok(0)
+    })
+}
+
+/// Asynchronous flush: when the callback reports success, every write that had completed
+/// before this call was made is durable (metadata in order, then `fdatasync`). Requests still
+/// in flight at submission are not covered. Errors as `qcow2rs_aio_read` (no range); on a
+/// read-only image it succeeds and does nothing.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_flush(
+    img: *mut qcow2rs_image,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_flush", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_flush")?;
+        let image = h.img.clone();
+        submit(h, cb, user_data, async move { image.flush().await });
+        Ok(0)
+    })
+}
+
+/// Make `len` bytes at `offset` read as zeros, asynchronously. Whole clusters are marked
+/// zero in their L2 entries (no data written); partial clusters are written with zeros.
+/// `flags`: 0 or `QCOW2RS_ZEROES_MAY_UNMAP`. Errors as `qcow2rs_aio_write`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_write_zeroes(
+    img: *mut qcow2rs_image,
+    len: u64,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_write_zeroes", || {
+        let (h, cb) = begin(
+            img,
+            cb,
+            flags,
+            QCOW2RS_ZEROES_MAY_UNMAP,
+            "qcow2rs_aio_write_zeroes",
+        )?;
+        h.check_writable("qcow2rs_aio_write_zeroes")?;
+        h.check_range(offset, len)?;
+        let image = h.img.clone();
+        let mode = zero_mode(flags);
+        submit(h, cb, user_data, async move {
+            image.write_zeroes(offset, len, mode).await
+        });
+        Ok(0)
+    })
+}
+
+/// Discard `len` bytes at `offset`, asynchronously: whole clusters are deallocated (they read
+/// as zeros afterwards, never as backing-file data) and their space given back to the host
+/// file system; partial clusters are written with zeros. `flags` must be 0. Errors as
+/// `qcow2rs_aio_write`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_aio_discard(
+    img: *mut qcow2rs_image,
+    len: u64,
+    offset: u64,
+    cb: qcow2rs_completion_fn,
+    user_data: *mut c_void,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_aio_discard", || {
+        let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_discard")?;
+        h.check_writable("qcow2rs_aio_discard")?;
+        h.check_range(offset, len)?;
+        let image = h.img.clone();
+        submit(
+            h,
+            cb,
+            user_data,
+            async move { image.discard(offset, len).await },
+        );
+        Ok(0)
+    })
+}
+
+pub(crate) fn zero_mode(flags: u32) -> ZeroMode {
+    if flags & QCOW2RS_ZEROES_MAY_UNMAP != 0 {
+        ZeroMode::Unmap
+    } else {
+        ZeroMode::Keep
+    }
+}
+
+/// A mutable byte slice over caller memory (empty for a length of 0, whatever the pointer).
+///
+/// # Safety
+/// With `len > 0`, `p` must point to `len` writable bytes that nothing else accesses while
+/// the slice lives.
+pub(crate) unsafe fn make_slice_mut<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts_mut(p, len) }
+}
+
+/// A byte slice over caller memory (empty for a length of 0, whatever the pointer).
+///
+/// # Safety
+/// With `len > 0`, `p` must point to `len` readable bytes that nobody changes while the
+/// slice lives.
+pub(crate) unsafe fn make_slice<'a>(p: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts(p, len) }
+}
+
+/// The eventfd of an image opened with `QCOW2RS_OPEN_POLL`: it becomes readable when
+/// completions are queued. Poll it for `POLLIN` (never read it yourself) and call
+/// `qcow2rs_process_completions`. The descriptor belongs to the image (closed by
+/// `qcow2rs_close`).
+///
+/// Returns the descriptor (>= 0), or `-EFAULT` (`img` NULL), `-EINVAL` (image not opened with
+/// `QCOW2RS_OPEN_POLL`), `-ECHILD` (image opened before fork()).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_get_completion_fd(img: *mut qcow2rs_image) -> c_int {
+    ffi("qcow2rs_get_completion_fd", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { image_ref(img, "qcow2rs_get_completion_fd")? };
+        h.shared.event_fd().ok_or_else(|| {
+            Fail::inval(
+                "qcow2rs_get_completion_fd: the image was not opened with QCOW2RS_OPEN_POLL",
+            )
+        })
+    })
+}
+
+/// Run the callbacks of completed requests of an image opened with `QCOW2RS_OPEN_POLL`, on
+/// the calling thread, at most `max` of them (`max` <= 0: all that are queued). Returns how
+/// many ran (0 when none was ready: it never waits), or `-EFAULT`, `-EINVAL` (image not in
+/// event-loop mode), `-ECHILD`. When callbacks remain queued after `max`, the eventfd stays
+/// readable. Callbacks run here may submit requests; blocking calls return `-EDEADLK` in them.
+/// May be called from several threads at once (each callback still runs once).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_process_completions(img: *mut qcow2rs_image, max: c_int) -> c_int {
+    ffi("qcow2rs_process_completions", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { image_ref(img, "qcow2rs_process_completions")? };
+        if h.shared.event_fd().is_none() {
+            return Err(Fail::inval(
+                "qcow2rs_process_completions: the image was not opened with QCOW2RS_OPEN_POLL",
+            ));
+        }
+        let max = if max <= 0 { usize::MAX } else { max as usize };
+        Ok(h.shared.process(max).min(c_int::MAX as usize) as c_int)
+    })
+}

@@ -1,0 +1,402 @@
+//! Whole-image jobs: create, check, convert (the CLI's semantics).
+
+use crate::aio::SendPtr;
+use crate::error::{ffi, Fail};
+use crate::image::{engine_arg, malloc_string, opt_str, path_arg, pretty_json, read_sized, utf8};
+use crate::runtime::{self, CallbackScope};
+use qcow2_core::check::{CheckOptions, Repair};
+use qcow2_core::convert::{self, ConvertOptions, Target};
+use qcow2_core::create::{self, CreateOptions, Preallocation};
+use qcow2_core::disk::{Disk, Format};
+use qcow2_core::format::header::CompressionType;
+use qcow2_core::{Image, OpenOptions};
+use std::ffi::{c_char, c_int, c_void};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Compression type zlib (the default).
+pub const QCOW2RS_COMPRESSION_ZLIB: u32 = 0;
+/// Compression type zstd (needs version 3).
+pub const QCOW2RS_COMPRESSION_ZSTD: u32 = 1;
+
+/// Preallocation: none (the default).
+pub const QCOW2RS_PREALLOC_OFF: u32 = 0;
+/// Preallocation: L2 tables and data cluster mappings; the file stays sparse.
+pub const QCOW2RS_PREALLOC_METADATA: u32 = 1;
+/// Preallocation: metadata, plus `fallocate` of the data.
+pub const QCOW2RS_PREALLOC_FALLOC: u32 = 2;
+/// Preallocation: metadata, plus zeros written to the data.
+pub const QCOW2RS_PREALLOC_FULL: u32 = 3;
+
+/// `qcow2rs_create_options.flags`: lazy refcounts (`lazy_refcounts=on`, version 3).
+pub const QCOW2RS_CREATE_LAZY_REFCOUNTS: u32 = 1 << 0;
+/// `qcow2rs_create_options.flags`: extended L2 entries (`extended_l2=on`, version 3,
+/// clusters of at least 16 KiB).
+pub const QCOW2RS_CREATE_EXTENDED_L2: u32 = 1 << 1;
+/// `qcow2rs_create_options.flags`: keep the external data file a valid raw image
+/// (`data_file_raw=on`).
+pub const QCOW2RS_CREATE_DATA_FILE_RAW: u32 = 1 << 2;
+/// `qcow2rs_create_options.flags`: do not open the backing file (`qemu-img create -u`); the
+/// size must then be given.
+pub const QCOW2RS_CREATE_UNSAFE_BACKING: u32 = 1 << 3;
+
+const CREATE_FLAGS: u32 = QCOW2RS_CREATE_LAZY_REFCOUNTS
+    | QCOW2RS_CREATE_EXTENDED_L2
+    | QCOW2RS_CREATE_DATA_FILE_RAW
+    | QCOW2RS_CREATE_UNSAFE_BACKING;
+
+/// Options of `qcow2rs_create` (and of the qcow2 output of `qcow2rs_convert`): the `-o`
+/// options of `qcow2rs create`. Zero-initialize it and set `size` to
+/// `sizeof(struct qcow2rs_create_options)` (or use `QCOW2RS_CREATE_OPTIONS_INIT`); fields left
+/// 0 or NULL take the defaults.
+#[repr(C)]
+pub struct qcow2rs_create_options {
+    /// `sizeof(struct qcow2rs_create_options)` as the caller compiled it.
+    pub size: usize,
+    /// qcow2 version: 2 (compat=0.10) or 3 (compat=1.1); 0: 3.
+    pub version: u32,
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB; 0: 65536.
+    pub cluster_size: u32,
+    /// Refcount width in bits: a power of two up to 64; 0: 16.
+    pub refcount_bits: u32,
+    /// `QCOW2RS_COMPRESSION_*`.
+    pub compression_type: u32,
+    /// `QCOW2RS_PREALLOC_*`.
+    pub preallocation: u32,
+    /// `QCOW2RS_CREATE_*` flags.
+    pub flags: u32,
+    /// Backing file name, stored as given (relative names are relative to the new image's
+    /// folder); NULL: none.
+    pub backing_file: *const c_char,
+    /// Backing file format stored in the image (`"qcow2"`, `"raw"`); NULL: probed at create
+    /// time and not stored.
+    pub backing_format: *const c_char,
+    /// External data file name, stored as given; NULL: none.
+    pub data_file: *const c_char,
+}
+
+fn create_options(opts: *const qcow2rs_create_options) -> Result<CreateOptions, Fail> {
+    let mut co = CreateOptions::default();
+    if opts.is_null() {
+        return Ok(co);
+    }
+    // SAFETY: `opts` points to a struct qcow2rs_create_options of `opts->size` bytes.
+    let o = unsafe { read_sized(opts, "struct qcow2rs_create_options")? };
+    if o.flags & !CREATE_FLAGS != 0 {
+        return Err(Fail::inval(format!(
+            "struct qcow2rs_create_options: unknown flags 0x{:x}",
+            o.flags & !CREATE_FLAGS
+        )));
+    }
+    if o.version != 0 {
+        co.version = o.version;
+    }
+    if o.cluster_size != 0 {
+        co.cluster_size = o.cluster_size as u64;
+    }
+    if o.refcount_bits != 0 {
+        co.refcount_bits = o.refcount_bits;
+    }
+    co.compression_type = match o.compression_type {
+        QCOW2RS_COMPRESSION_ZLIB => CompressionType::Zlib,
+        QCOW2RS_COMPRESSION_ZSTD => CompressionType::Zstd,
+        t => return Err(Fail::inval(format!("unknown compression type {t}"))),
+    };
+    co.preallocation = match o.preallocation {
+        QCOW2RS_PREALLOC_OFF => Preallocation::Off,
+        QCOW2RS_PREALLOC_METADATA => Preallocation::Metadata,
+        QCOW2RS_PREALLOC_FALLOC => Preallocation::Falloc,
+        QCOW2RS_PREALLOC_FULL => Preallocation::Full,
+        p => return Err(Fail::inval(format!("unknown preallocation mode {p}"))),
+    };
+    co.lazy_refcounts = o.flags & QCOW2RS_CREATE_LAZY_REFCOUNTS != 0;
+    co.extended_l2 = o.flags & QCOW2RS_CREATE_EXTENDED_L2 != 0;
+    co.data_file_raw = o.flags & QCOW2RS_CREATE_DATA_FILE_RAW != 0;
+    co.unsafe_backing = o.flags & QCOW2RS_CREATE_UNSAFE_BACKING != 0;
+    if let Some(b) = opt_str(o.backing_file) {
+        co.backing_file = Some(utf8(b, "backing_file")?.to_string());
+    }
+    if let Some(f) = opt_str(o.backing_format) {
+        co.backing_format = Some(utf8(f, "backing_format")?.to_string());
+    }
+    if let Some(d) = opt_str(o.data_file) {
+        co.data_file = Some(utf8(d, "data_file")?.to_string());
+    }
+    Ok(co)
+}
+
+/// Run a job on the calling thread, with the library runtime up meanwhile.
+fn run_job<T>(call: &str, fut: impl Future<Output = qcow2_core::Result<T>>) -> Result<T, Fail> {
+    if runtime::in_library_context() {
+        return Err(Fail::deadlock(call));
+    }
+    let rt = runtime::acquire().map_err(|e| {
+        Fail::new(
+            e.raw_os_error().unwrap_or(libc::EAGAIN),
+            format!("cannot start the library threads: {e}"),
+        )
+    })?;
+    let res = rt.handle().block_on(fut);
+    drop(rt);
+    Ok(res?)
+}
+
+/// An error message that names `file` first.
+fn named(file: &Path, e: qcow2_core::Error) -> qcow2_core::Error {
+    let f = file.display().to_string();
+    if e.message().starts_with(&f) {
+        e
+    } else {
+        e.context(f)
+    }
+}
+
+/// Create a qcow2 image at `path` (an existing file is replaced) with a virtual size of
+/// `size` bytes, as `qcow2rs create -f qcow2 -o ... path size`. `opts` NULL: the defaults
+/// (version 3, 64 KiB clusters, 16-bit refcounts, zlib, no preallocation). With a backing
+/// file and `size` 0, the size is the backing file's. Blocking.
+///
+/// Returns 0, or: `-EFAULT` (`path` NULL), `-EINVAL` (bad or inconsistent options, unknown
+/// flags, names that are not UTF-8), `-ENOTSUP`, `-ENOENT` (the backing file does not
+/// exist), `-EACCES`, `-ENOSPC`, `-EDEADLK` (called from a callback or a library thread),
+/// `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_create(
+    path: *const c_char,
+    size: u64,
+    opts: *const qcow2rs_create_options,
+) -> c_int {
+    ffi("qcow2rs_create", || {
+        let path = path_arg(path, "path")?;
+        let mut co = create_options(opts)?;
+        co.size = if size == 0 && co.backing_file.is_some() {
+            None
+        } else {
+            Some(size)
+        };
+        run_job("qcow2rs_create", async {
+            create::create_qcow2(&path, &co)
+                .await
+                .map_err(|e| named(&path, e))
+        })?;
+        Ok(0)
+    })
+}
+
+/// `qcow2rs_check` repair mode: report only.
+pub const QCOW2RS_REPAIR_NONE: c_int = 0;
+/// `qcow2rs_check` repair mode: repair leaked clusters (`-r leaks`).
+pub const QCOW2RS_REPAIR_LEAKS: c_int = 1;
+/// `qcow2rs_check` repair mode: repair leaks and corruptions (`-r all`).
+pub const QCOW2RS_REPAIR_ALL: c_int = 2;
+
+/// `qcow2rs_check` result: no problem found (qemu-img check's exit code 0).
+pub const QCOW2RS_CHECK_CLEAN: c_int = 0;
+/// `qcow2rs_check` result: the check could not complete (check errors; exit code 1).
+pub const QCOW2RS_CHECK_ERRORS: c_int = 1;
+/// `qcow2rs_check` result: corruptions remain (exit code 2).
+pub const QCOW2RS_CHECK_CORRUPT: c_int = 2;
+/// `qcow2rs_check` result: only leaked clusters remain (exit code 3).
+pub const QCOW2RS_CHECK_LEAKS: c_int = 3;
+
+/// Check the qcow2 image at `path` for consistency, as `qcow2rs check [-r leaks|all]` and
+/// `qemu-img check`; with `repair` (`QCOW2RS_REPAIR_*`) also repair it (the image is opened
+/// for writing; nobody else may use it meanwhile). Blocking.
+///
+/// If `report_json` is not NULL, `*report_json` receives the report (the JSON of
+/// `qcow2rs check --output=json`: `corruptions`, `leaks`, `check-errors`, `image-end-offset`,
+/// ...), to be freed with `qcow2rs_free`; NULL when the call fails.
+///
+/// Returns a `QCOW2RS_CHECK_*` value (>= 0: the check ran; qemu-img's exit codes), or a
+/// negative errno when it could not run: `-EFAULT` (`path` NULL), `-EINVAL` (bad `repair`,
+/// not a qcow2 image), `-ENOENT`, `-EACCES`, `-ENOTSUP`, `-EUCLEAN` (metadata too broken to
+/// check: qemu-img's "Check failed"), `-EDEADLK`, `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_check(
+    path: *const c_char,
+    repair: c_int,
+    report_json: *mut *mut c_char,
+) -> c_int {
+    ffi("qcow2rs_check", || {
+        if !report_json.is_null() {
+            // SAFETY: a valid place for a pointer (header contract).
+            unsafe { *report_json = std::ptr::null_mut() };
+        }
+        let path = path_arg(path, "path")?;
+        let repair = match repair {
+            QCOW2RS_REPAIR_NONE => None,
+            QCOW2RS_REPAIR_LEAKS => Some(Repair::Leaks),
+            QCOW2RS_REPAIR_ALL => Some(Repair::All),
+            r => return Err(Fail::inval(format!("unknown repair mode {r}"))),
+        };
+        let oo = OpenOptions {
+            writable: repair.is_some(),
+            for_repair: repair.is_some(),
+            ..OpenOptions::default()
+        };
+        let report = run_job("qcow2rs_check", async {
+            let img = Image::open(&path, &oo).await?;
+            let r = qcow2_core::check::check(&img, &CheckOptions { repair }).await;
+            let closed = img.close().await;
+            let r = r?;
+            closed?;
+            Ok(r)
+        })?;
+        if !report_json.is_null() {
+            let s = malloc_string(&pretty_json(&report.to_json()))?;
+            // SAFETY: as above.
+            unsafe { *report_json = s };
+        }
+        Ok(report.exit_code())
+    })
+}
+
+/// A progress callback: `fraction` goes from 0.0 to 1.0. Called on the thread that called
+/// the job, never concurrently; blocking library calls return `-EDEADLK` inside it.
+pub type qcow2rs_progress_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, fraction: f64)>;
+
+/// `qcow2rs_convert_options.flags`: write compressed clusters (`-c`; qcow2 output only),
+/// using every core.
+pub const QCOW2RS_CONVERT_COMPRESS: u32 = 1 << 0;
+/// `qcow2rs_convert_options.flags`: bypass the page cache for the output (`-t none`).
+pub const QCOW2RS_CONVERT_DIRECT: u32 = 1 << 1;
+/// `qcow2rs_convert_options.flags`: open no file named inside the source image (see
+/// `QCOW2RS_OPEN_UNTRUSTED`).
+pub const QCOW2RS_CONVERT_UNTRUSTED: u32 = 1 << 2;
+
+const CONVERT_FLAGS: u32 =
+    QCOW2RS_CONVERT_COMPRESS | QCOW2RS_CONVERT_DIRECT | QCOW2RS_CONVERT_UNTRUSTED;
+
+/// Options of `qcow2rs_convert`. Zero-initialize it and set `size` to
+/// `sizeof(struct qcow2rs_convert_options)` (or use `QCOW2RS_CONVERT_OPTIONS_INIT`); fields
+/// left 0 or NULL take the defaults.
+#[repr(C)]
+pub struct qcow2rs_convert_options {
+    /// `sizeof(struct qcow2rs_convert_options)` as the caller compiled it.
+    pub size: usize,
+    /// `QCOW2RS_CONVERT_*` flags.
+    pub flags: u32,
+    /// Requests in flight (`-m`, 1 to 64; 0: 8).
+    pub parallel: u32,
+    /// Source format, `"qcow2"` or `"raw"` (`-f`; NULL: probed).
+    pub src_format: *const c_char,
+    /// Output format, `"qcow2"` or `"raw"` (`-O`; NULL: `"raw"`, as qemu-img).
+    pub dst_format: *const c_char,
+    /// Creation options of a qcow2 output (`-o`, `-B`, `-F`); NULL: the defaults. Its `size`
+    /// field aside, the virtual size is the source's.
+    pub create: *const qcow2rs_create_options,
+    /// Called as the copy progresses (`-p`); NULL: not called.
+    pub progress: qcow2rs_progress_fn,
+    /// Passed to `progress`.
+    pub progress_data: *mut c_void,
+    /// `QCOW2RS_ENGINE_*` for every file (0: auto).
+    pub engine: u32,
+}
+
+/// Copy the disk at `src` into a new image at `dst` (replaced if it exists), as
+/// `qcow2rs convert [-f FMT] [-O FMT] [-c] [-o ...] [-B ...] [-m N] [-t none] src dst`: zeros
+/// are detected and left unallocated, and with a backing file in `opts->create` only what
+/// differs from it is written. `opts` NULL: raw output, defaults. Blocking; progress is
+/// reported through `opts->progress`.
+///
+/// Returns 0, or: `-EFAULT` (`src` or `dst` NULL), `-EINVAL` (bad options, unknown flags,
+/// compression with raw output, a backing file with raw output), `-ENOTSUP` (a format other
+/// than `"qcow2"` and `"raw"`, an unsupported feature of the source), `-ENOENT`, `-EACCES`,
+/// `-EUCLEAN` (corrupt source), `-ENOSPC`, `-EDEADLK`, `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_convert(
+    src: *const c_char,
+    dst: *const c_char,
+    opts: *const qcow2rs_convert_options,
+) -> c_int {
+    ffi("qcow2rs_convert", || {
+        let src = path_arg(src, "src")?;
+        let dst = path_arg(dst, "dst")?;
+        let o = if opts.is_null() {
+            // SAFETY: every field is an integer, a raw pointer or an Option of a function
+            // pointer: all-zero is valid (NULL / None).
+            unsafe { std::mem::zeroed::<qcow2rs_convert_options>() }
+        } else {
+            // SAFETY: `opts` points to a struct qcow2rs_convert_options of `opts->size`
+            // bytes.
+            unsafe { read_sized(opts, "struct qcow2rs_convert_options")? }
+        };
+        if o.flags & !CONVERT_FLAGS != 0 {
+            return Err(Fail::inval(format!(
+                "struct qcow2rs_convert_options: unknown flags 0x{:x}",
+                o.flags & !CONVERT_FLAGS
+            )));
+        }
+        let parallel = match o.parallel {
+            0 => 8,
+            n @ 1..=64 => n as usize,
+            n => {
+                return Err(Fail::inval(format!(
+                    "invalid number of requests in flight {n} (1 to 64)"
+                )))
+            }
+        };
+        let engine = engine_arg(o.engine)?;
+        let src_format = match opt_str(o.src_format) {
+            Some(f) => Some(utf8(f, "src_format")?.to_string()),
+            None => None,
+        };
+        let dst_format = match opt_str(o.dst_format) {
+            Some(f) => Format::parse(utf8(f, "dst_format")?)?,
+            None => Format::Raw,
+        };
+        let mut create = create_options(o.create)?;
+        create.size = None;
+        if create.backing_file.is_some() && dst_format != Format::Qcow2 {
+            return Err(Fail::inval(
+                "a backing file requires the qcow2 output format",
+            ));
+        }
+        let compress = o.flags & QCOW2RS_CONVERT_COMPRESS != 0;
+        let mut co = ConvertOptions {
+            parallel,
+            ..Default::default()
+        };
+        if compress {
+            co.parallel = co.parallel.max(
+                4 * std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            );
+        }
+        co.file.engine = engine;
+        co.file.direct = o.flags & QCOW2RS_CONVERT_DIRECT != 0;
+        if let Some(cb) = o.progress {
+            let data = SendPtr(o.progress_data);
+            let last = parking_lot::Mutex::new(());
+            co.progress = Some(Arc::new(move |f: f64| {
+                let _serial = last.lock();
+                let _scope = CallbackScope::enter();
+                let data = data;
+                // SAFETY: the caller's progress function with its own data pointer, which
+                // stays valid for the duration of qcow2rs_convert (header contract).
+                unsafe { cb(data.0, f) };
+            }));
+        }
+        let oo = OpenOptions {
+            engine,
+            no_external_files: o.flags & QCOW2RS_CONVERT_UNTRUSTED != 0,
+            ..OpenOptions::default()
+        };
+        let target = Target {
+            format: dst_format,
+            create,
+            compress,
+        };
+        run_job("qcow2rs_convert", async {
+            let disk: Disk = convert::open_disk(&src, src_format.as_deref(), &oo)
+                .await
+                .map_err(|e| named(&src, e))?;
+            convert::convert(&disk, &dst, &target, &co)
+                .await
+                .map_err(|e| named(&dst, e))
+        })?;
+        Ok(0)
+    })
+}

@@ -1,0 +1,1029 @@
+/*
+ * The C API's contract: every error code, the callback contract (exactly once, on a library
+ * thread, never inside the submitting call, submitting from a callback), close with requests
+ * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, options, info, jobs.
+ *
+ * Usage: test_api WORKDIR [TEST...]   (needs qemu-img on PATH for a few tests)
+ */
+#include "harness.h"
+
+#include <poll.h>
+
+#define MiB (1024 * 1024)
+
+static int make_image(const char *path, uint64_t size)
+{
+    return qcow2rs_create(path, size, NULL);
+}
+
+/* Create `path` (size MiB) with `n` clusters of pattern data written from offset 0. */
+static int make_filled(const char *path, uint64_t size, int nclusters, uint64_t seed)
+{
+    int r = make_image(path, size);
+    if (r < 0)
+        return r;
+    struct qcow2rs_image *img;
+    r = qcow2rs_open(path, QCOW2RS_OPEN_RDWR, &img);
+    if (r < 0)
+        return r;
+    uint8_t *buf = malloc(65536);
+    for (int i = 0; i < nclusters && r == 0; i++) {
+        fill_pattern(buf, 65536, seed + (uint64_t)i);
+        r = qcow2rs_write(img, buf, 65536, (uint64_t)i * 65536);
+    }
+    free(buf);
+    int c = qcow2rs_close(img);
+    return r < 0 ? r : c;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static void test_version(void)
+{
+    const char *v = qcow2rs_version();
+    char want[64];
+    snprintf(want, sizeof want, "%d.%d.%d", QCOW2RS_VERSION_MAJOR, QCOW2RS_VERSION_MINOR,
+             QCOW2RS_VERSION_PATCH);
+    CHECK(v != NULL);
+    CHECK(strcmp(v, want) == 0);
+    CHECK(QCOW2RS_VERSION_NUMBER ==
+          QCOW2RS_VERSION_MAJOR * 10000 + QCOW2RS_VERSION_MINOR * 100 + QCOW2RS_VERSION_PATCH);
+    CHECK(qcow2rs_last_error() != NULL);
+}
+
+static void test_efault(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img = (struct qcow2rs_image *)1;
+    uint8_t buf[512];
+    struct waiter w = WAITER_INIT;
+
+    CHECK_RET(qcow2rs_open(NULL, 0, &img), -EFAULT);
+    CHECK(img == NULL);
+    CHECK(strstr(qcow2rs_last_error(), "NULL") != NULL);
+    CHECK_RET(make_image(p, MiB), 0);
+    CHECK_RET(qcow2rs_open(p, 0, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_open_ext(p, NULL, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_read(NULL, buf, sizeof buf, 0), -EFAULT);
+    CHECK_RET(qcow2rs_write(NULL, buf, sizeof buf, 0), -EFAULT);
+    CHECK_RET(qcow2rs_flush(NULL), -EFAULT);
+    CHECK_RET(qcow2rs_write_zeroes(NULL, 512, 0, 0), -EFAULT);
+    CHECK_RET(qcow2rs_discard(NULL, 512, 0, 0), -EFAULT);
+    CHECK_RET(qcow2rs_aio_read(NULL, buf, sizeof buf, 0, waiter_cb, &w, 0), -EFAULT);
+    CHECK_RET(qcow2rs_aio_flush(NULL, waiter_cb, &w, 0), -EFAULT);
+    CHECK_RET(qcow2rs_get_info(NULL, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_get_completion_fd(NULL), -EFAULT);
+    CHECK_RET(qcow2rs_process_completions(NULL, 0), -EFAULT);
+    CHECK_RET(qcow2rs_create(NULL, MiB, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_check(NULL, 0, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_convert(p, NULL, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_convert(NULL, p, NULL), -EFAULT);
+    CHECK(qcow2rs_get_size(NULL) == 0);
+    CHECK_RET(qcow2rs_close(NULL), 0);
+
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_read(img, NULL, 512, 0), -EFAULT);
+    CHECK_RET(qcow2rs_write(img, NULL, 512, 0), -EFAULT);
+    CHECK_RET(qcow2rs_read(img, NULL, 0, 0), 0); /* NULL is fine with a length of 0 */
+    CHECK_RET(qcow2rs_aio_read(img, buf, sizeof buf, 0, NULL, &w, 0), -EFAULT);
+    CHECK_RET(qcow2rs_aio_write(img, NULL, 512, 0, waiter_cb, &w, 0), -EFAULT);
+    CHECK_RET(qcow2rs_aio_readv(img, NULL, 1, 0, waiter_cb, &w, 0), -EFAULT);
+    struct iovec iov = { NULL, 512 };
+    CHECK_RET(qcow2rs_aio_writev(img, &iov, 1, 0, waiter_cb, &w, 0), -EFAULT);
+    CHECK_RET(qcow2rs_get_info(img, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_info_json(img, 0, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK(w.done == 0); /* no callback for a refused submission */
+}
+
+static void test_einval(void)
+{
+    const char *p = tpath("a.qcow2");
+    const char *raw = tpath("a.raw");
+    struct qcow2rs_image *img;
+    uint8_t buf[4096] = { 0 };
+    struct waiter w = WAITER_INIT;
+
+    CHECK_RET(make_image(p, MiB), 0);
+    CHECK_RET(qcow2rs_open(p, 1u << 20, &img), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "flags") != NULL);
+
+    struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+    o.engine = 99;
+    CHECK_RET(qcow2rs_open_ext(p, &o, &img), -EINVAL);
+    o.engine = 0;
+    o.size = 0;
+    CHECK_RET(qcow2rs_open_ext(p, &o, &img), -EINVAL);
+    /* A struct from a newer header with a field set that this library does not know. */
+    struct {
+        struct qcow2rs_open_options o;
+        uint64_t newer;
+    } big;
+    memset(&big, 0, sizeof big);
+    big.o.size = sizeof big;
+    big.newer = 1;
+    CHECK_RET(qcow2rs_open_ext(p, &big.o, &img), -EINVAL);
+    big.newer = 0; /* zero: fine */
+    CHECK_RET(qcow2rs_open_ext(p, &big.o, &img), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+
+    /* Not a qcow2 image. */
+    FILE *f = fopen(raw, "w");
+    CHECK(f != NULL);
+    CHECK(fwrite(buf, 1, sizeof buf, f) == sizeof buf);
+    fclose(f);
+    CHECK_RET(qcow2rs_open(raw, 0, &img), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "qcow2") != NULL);
+
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    /* Outside the disk, overflowing, unknown flags. */
+    CHECK_RET(qcow2rs_read(img, buf, 4096, MiB - 4095), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "beyond the end") != NULL);
+    CHECK_RET(qcow2rs_write(img, buf, 1, MiB), -EINVAL);
+    CHECK_RET(qcow2rs_read(img, buf, 16, UINT64_MAX - 8), -EINVAL);
+    CHECK_RET(qcow2rs_aio_read(img, buf, 4096, MiB, waiter_cb, &w, 0), -EINVAL);
+    CHECK_RET(qcow2rs_aio_read(img, buf, 4096, 0, waiter_cb, &w, 1), -EINVAL);
+    CHECK_RET(qcow2rs_aio_write_zeroes(img, 512, 0, waiter_cb, &w, 2), -EINVAL);
+    CHECK_RET(qcow2rs_aio_discard(img, 512, MiB, waiter_cb, &w, 0), -EINVAL);
+    CHECK_RET(qcow2rs_aio_flush(img, waiter_cb, &w, 4), -EINVAL);
+    CHECK_RET(qcow2rs_write_zeroes(img, 512, 0, 0x80), -EINVAL);
+    CHECK_RET(qcow2rs_discard(img, 512, 0, 1), -EINVAL);
+    struct iovec iov[2] = { { buf, 512 }, { buf + 512, 512 } };
+    CHECK_RET(qcow2rs_aio_readv(img, iov, -1, 0, waiter_cb, &w, 0), -EINVAL);
+    CHECK_RET(qcow2rs_aio_readv(img, iov, QCOW2RS_IOV_MAX + 1, 0, waiter_cb, &w, 0), -EINVAL);
+    CHECK_RET(qcow2rs_readv(img, iov, 2, MiB - 1000), -EINVAL);
+    CHECK_RET(qcow2rs_get_completion_fd(img), -EINVAL);
+    CHECK_RET(qcow2rs_process_completions(img, 1), -EINVAL);
+    char *json = (char *)1;
+    CHECK_RET(qcow2rs_info_json(img, 8, &json), -EINVAL);
+    CHECK(json == NULL);
+    struct qcow2rs_info info = QCOW2RS_INFO_INIT;
+    info.size = 2;
+    CHECK_RET(qcow2rs_get_info(img, &info), -EINVAL);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK(w.done == 0);
+
+    /* Jobs. */
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.cluster_size = 1000;
+    CHECK_RET(qcow2rs_create(tpath("b.qcow2"), MiB, &co), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "cluster size") != NULL);
+    co.cluster_size = 0;
+    co.flags = 1u << 30;
+    CHECK_RET(qcow2rs_create(tpath("b.qcow2"), MiB, &co), -EINVAL);
+    co.flags = 0;
+    co.version = 2;
+    co.compression_type = QCOW2RS_COMPRESSION_ZSTD;
+    CHECK_RET(qcow2rs_create(tpath("b.qcow2"), MiB, &co), -EINVAL);
+    CHECK_RET(qcow2rs_check(p, 7, NULL), -EINVAL);
+    struct qcow2rs_convert_options cv = QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.dst_format = "vmdk"; /* a format qcow2rs does not write */
+    CHECK_RET(qcow2rs_convert(p, tpath("c.img"), &cv), -ENOTSUP);
+    cv.dst_format = "raw";
+    cv.flags = QCOW2RS_CONVERT_COMPRESS;
+    CHECK_RET(qcow2rs_convert(p, tpath("c.img"), &cv), -EINVAL);
+    cv.flags = 0;
+    cv.parallel = 65;
+    CHECK_RET(qcow2rs_convert(p, tpath("c.img"), &cv), -EINVAL);
+}
+
+static void test_ebadf(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img;
+    uint8_t buf[512] = { 1 };
+    struct waiter w = WAITER_INIT;
+    struct iovec iov = { buf, sizeof buf };
+
+    CHECK_RET(make_image(p, MiB), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDONLY, &img), 0);
+    CHECK_RET(qcow2rs_write(img, buf, sizeof buf, 0), -EBADF);
+    CHECK(strstr(qcow2rs_last_error(), "read-only") != NULL);
+    CHECK_RET(qcow2rs_writev(img, &iov, 1, 0), -EBADF);
+    CHECK_RET(qcow2rs_write_zeroes(img, 512, 0, 0), -EBADF);
+    CHECK_RET(qcow2rs_discard(img, 512, 0, 0), -EBADF);
+    CHECK_RET(qcow2rs_aio_write(img, buf, sizeof buf, 0, waiter_cb, &w, 0), -EBADF);
+    CHECK_RET(qcow2rs_aio_writev(img, &iov, 1, 0, waiter_cb, &w, 0), -EBADF);
+    CHECK_RET(qcow2rs_aio_write_zeroes(img, 512, 0, waiter_cb, &w, 0), -EBADF);
+    CHECK_RET(qcow2rs_aio_discard(img, 512, 0, waiter_cb, &w, 0), -EBADF);
+    CHECK_RET(qcow2rs_flush(img), 0); /* a flush of a read-only image does nothing */
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 0), 0);
+    CHECK(all_zero(buf, sizeof buf));
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK(w.done == 0);
+
+    /* An image marked corrupt opens read-only only. */
+    uint8_t feat[8];
+    CHECK_RET(read_file_at(p, 72, feat, 8), 0);
+    feat[7] |= 2; /* incompatible feature bit 1: corrupt */
+    CHECK_RET(patch_file(p, 72, feat, 8), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), -EBADF);
+    CHECK(strstr(qcow2rs_last_error(), "corrupt") != NULL);
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    struct qcow2rs_info info = QCOW2RS_INFO_INIT;
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.corrupt && info.read_only && !info.dirty);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
+static void test_enoent(void)
+{
+    struct qcow2rs_image *img = NULL;
+    CHECK_RET(qcow2rs_open(tpath("missing.qcow2"), 0, &img), -ENOENT);
+    CHECK(img == NULL);
+    CHECK(strstr(qcow2rs_last_error(), "missing.qcow2") != NULL);
+    CHECK_RET(qcow2rs_check(tpath("missing.qcow2"), 0, NULL), -ENOENT);
+    CHECK_RET(qcow2rs_convert(tpath("missing.qcow2"), tpath("out.raw"), NULL), -ENOENT);
+
+    /* A backing file that does not exist. */
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.backing_file = "nobase.qcow2";
+    co.backing_format = "qcow2";
+    co.flags = QCOW2RS_CREATE_UNSAFE_BACKING;
+    CHECK_RET(qcow2rs_create(tpath("top.qcow2"), MiB, &co), 0);
+    CHECK_RET(qcow2rs_open(tpath("top.qcow2"), 0, &img), -ENOENT);
+    CHECK(strstr(qcow2rs_last_error(), "nobase.qcow2") != NULL);
+    /* ... and opens without it. */
+    CHECK_RET(qcow2rs_open(tpath("top.qcow2"), QCOW2RS_OPEN_NO_BACKING, &img), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
+static void test_enotsup(void)
+{
+    struct qcow2rs_image *img;
+    const char *p = tpath("feat.qcow2");
+    /* An unknown incompatible feature bit. */
+    CHECK_RET(make_image(p, MiB), 0);
+    uint8_t feat[8];
+    CHECK_RET(read_file_at(p, 72, feat, 8), 0);
+    feat[0] |= 0x10; /* bit 60 */
+    CHECK_RET(patch_file(p, 72, feat, 8), 0);
+    CHECK_RET(qcow2rs_open(p, 0, &img), -ENOTSUP);
+    CHECK(strstr(qcow2rs_last_error(), "feature") != NULL);
+
+    /* Encryption, made by qemu-img. */
+    const char *enc = tpath("enc.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 --object secret,id=s0,data=pw "
+                    "-o encrypt.format=luks,encrypt.key-secret=s0 '%s' 1M",
+                    enc),
+              0);
+    CHECK_RET(qcow2rs_open(enc, 0, &img), -ENOTSUP);
+    CHECK(strstr(qcow2rs_last_error(), "ncrypt") != NULL);
+}
+
+/* An image whose first L1 entry points at an unaligned L2 table. */
+static int make_corrupt_l1(const char *p)
+{
+    int r = make_filled(p, MiB, 1, 1);
+    if (r < 0)
+        return r;
+    uint8_t hdr[48];
+    if (read_file_at(p, 0, hdr, sizeof hdr) < 0)
+        return -1;
+    uint64_t l1 = be64(hdr + 40);
+    uint8_t e[8];
+    put_be64(e, (1ull << 63) | 0x10200); /* not cluster aligned */
+    return patch_file(p, l1, e, 8);
+}
+
+static void test_euclean(void)
+{
+    struct qcow2rs_image *img;
+    const char *p = tpath("bad.qcow2");
+    CHECK_RET(make_corrupt_l1(p), 0);
+    CHECK_RET(qcow2rs_open(p, 0, &img), -EUCLEAN);
+    CHECK(strstr(qcow2rs_last_error(), "L1") != NULL);
+
+    /* Corruption found by a request: an L2 entry pointing past the end of the file. */
+    const char *q = tpath("bad2.qcow2");
+    CHECK_RET(make_filled(q, MiB, 1, 1), 0);
+    uint8_t hdr[48], e[8];
+    CHECK_RET(read_file_at(q, 0, hdr, sizeof hdr), 0);
+    CHECK_RET(read_file_at(q, be64(hdr + 40), e, 8), 0);
+    uint64_t l2 = be64(e) & 0x00fffffffffffe00ull;
+    put_be64(e, (1ull << 63) | (1ull << 40)); /* data cluster at 1 TiB */
+    CHECK_RET(patch_file(q, l2, e, 8), 0);
+    CHECK_RET(qcow2rs_open(q, 0, &img), 0);
+    uint8_t buf[512];
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 0), -EUCLEAN);
+    struct waiter w = WAITER_INIT;
+    CHECK_RET(qcow2rs_aio_read(img, buf, sizeof buf, 0, waiter_cb, &w, 0), 0);
+    waiter_wait(&w, 1);
+    CHECK(w.last_ret == -EUCLEAN);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The callback contract. */
+
+static __thread int in_submit;
+
+struct once {
+    int count[512];
+    int bad_thread;
+    int inside_submit;
+    int errors;
+    struct waiter w;
+};
+
+struct once_req {
+    struct once *o;
+    int id;
+};
+
+static void once_cb(void *ud, const struct qcow2rs_completion *c)
+{
+    struct once_req *r = ud;
+    char name[32] = "";
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    if (strncmp(name, "qcow2rs-", 8) != 0)
+        __atomic_add_fetch(&r->o->bad_thread, 1, __ATOMIC_SEQ_CST);
+    if (in_submit)
+        __atomic_add_fetch(&r->o->inside_submit, 1, __ATOMIC_SEQ_CST);
+    if (c->ret < 0 || c->error_msg != NULL)
+        __atomic_add_fetch(&r->o->errors, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&r->o->count[r->id], 1, __ATOMIC_SEQ_CST);
+    waiter_add(&r->o->w, c->ret);
+}
+
+static void test_callback_once(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img;
+    static struct once o = { .w = WAITER_INIT };
+    static struct once_req reqs[512];
+    static uint8_t bufs[512][4096];
+    int n = small_run() ? 64 : 512;
+
+    CHECK_RET(make_image(p, 64 * MiB), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    for (int i = 0; i < n; i++) {
+        reqs[i].o = &o;
+        reqs[i].id = i;
+        uint64_t off = (uint64_t)(i * 7919 % 16384) * 4096;
+        fill_pattern(bufs[i], 4096, (uint64_t)i);
+        struct iovec iov[2] = { { bufs[i], 1024 }, { bufs[i] + 1024, 3072 } };
+        in_submit = 1;
+        int r;
+        switch (i % 8) {
+        case 0: r = qcow2rs_aio_write(img, bufs[i], 4096, off, once_cb, &reqs[i], 0); break;
+        case 1: r = qcow2rs_aio_read(img, bufs[i], 4096, off, once_cb, &reqs[i], 0); break;
+        case 2: r = qcow2rs_aio_writev(img, iov, 2, off, once_cb, &reqs[i], 0); break;
+        case 3: r = qcow2rs_aio_readv(img, iov, 2, off, once_cb, &reqs[i], 0); break;
+        case 4: r = qcow2rs_aio_write_zeroes(img, 65536, off & ~65535ull, once_cb, &reqs[i],
+                                             QCOW2RS_ZEROES_MAY_UNMAP); break;
+        case 5: r = qcow2rs_aio_discard(img, 8192, off, once_cb, &reqs[i], 0); break;
+        case 6: r = qcow2rs_aio_flush(img, once_cb, &reqs[i], 0); break;
+        default: r = qcow2rs_aio_read(img, bufs[i], 0, off, once_cb, &reqs[i], 0); break;
+        }
+        in_submit = 0;
+        CHECK_RET(r, 0);
+    }
+    waiter_wait(&o.w, n);
+    CHECK_RET(qcow2rs_close(img), 0);
+    for (int i = 0; i < n; i++)
+        CHECK(o.count[i] == 1);
+    CHECK(o.w.done == n);
+    CHECK(o.bad_thread == 0);
+    CHECK(o.inside_submit == 0);
+    CHECK(o.errors == 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+}
+
+/* A chain of reads: each callback submits the next one, on this image and on another. */
+struct chain {
+    struct qcow2rs_image *a, *b;
+    uint8_t buf[2][4096];
+    int left;
+    int submit_errors;
+    struct waiter w;
+};
+
+static void chain_cb(void *ud, const struct qcow2rs_completion *c)
+{
+    struct chain *ch = ud;
+    if (c->ret < 0)
+        ch->submit_errors++;
+    if (--ch->left <= 0) {
+        waiter_add(&ch->w, 0);
+        return;
+    }
+    struct qcow2rs_image *next = ch->left % 2 ? ch->a : ch->b;
+    uint64_t off = (uint64_t)(ch->left % 256) * 4096;
+    if (qcow2rs_aio_read(next, ch->buf[ch->left % 2], 4096, off, chain_cb, ch, 0) != 0) {
+        ch->submit_errors++;
+        waiter_add(&ch->w, -1);
+    }
+}
+
+static void test_submit_from_callback(void)
+{
+    static struct chain ch = { .w = WAITER_INIT };
+    CHECK_RET(make_filled(tpath("a.qcow2"), MiB, 16, 1), 0);
+    CHECK_RET(make_filled(tpath("b.qcow2"), MiB, 16, 2), 0);
+    CHECK_RET(qcow2rs_open(tpath("a.qcow2"), 0, &ch.a), 0);
+    CHECK_RET(qcow2rs_open(tpath("b.qcow2"), 0, &ch.b), 0);
+    ch.left = small_run() ? 50 : 2000;
+    CHECK_RET(qcow2rs_aio_read(ch.a, ch.buf[0], 4096, 0, chain_cb, &ch, 0), 0);
+    waiter_wait(&ch.w, 1);
+    CHECK(ch.submit_errors == 0);
+    CHECK_RET(qcow2rs_close(ch.a), 0);
+    CHECK_RET(qcow2rs_close(ch.b), 0);
+}
+
+/* Close while many requests are in flight: every callback has run when close returns, and
+ * every write is on disk. */
+static void test_close_in_flight(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img;
+    static struct waiter w = WAITER_INIT;
+    int n = small_run() ? 32 : 256;
+    uint8_t *bufs = malloc((size_t)n * 65536);
+    CHECK(bufs != NULL);
+    CHECK_RET(make_image(p, 64 * MiB), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    for (int i = 0; i < n; i++) {
+        fill_pattern(bufs + (size_t)i * 65536, 65536, 100 + (uint64_t)i);
+        CHECK_RET(qcow2rs_aio_write(img, bufs + (size_t)i * 65536, 65536, (uint64_t)i * 65536,
+                                    waiter_cb, &w, 0),
+                  0);
+    }
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK(w.done == n); /* no waiting: close ran them all */
+    CHECK(w.errors == 0);
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    uint8_t *got = malloc(65536), *want = malloc(65536);
+    for (int i = 0; i < n; i++) {
+        CHECK_RET(qcow2rs_read(img, got, 65536, (uint64_t)i * 65536), 0);
+        fill_pattern(want, 65536, 100 + (uint64_t)i);
+        CHECK(memcmp(got, want, 65536) == 0);
+    }
+    free(got);
+    free(want);
+    free(bufs);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* -EDEADLK: blocking calls from inside callbacks. */
+
+struct dl {
+    struct qcow2rs_image *img;
+    const char *path;
+    int r_read, r_write, r_flush, r_zero, r_discard, r_close, r_open, r_create, r_check,
+        r_convert, r_readv;
+    struct waiter w;
+};
+
+static void deadlock_cb(void *ud, const struct qcow2rs_completion *c)
+{
+    struct dl *d = ud;
+    uint8_t buf[512] = { 0 };
+    struct iovec iov = { buf, sizeof buf };
+    struct qcow2rs_image *other = NULL;
+    (void)c;
+    d->r_read = qcow2rs_read(d->img, buf, sizeof buf, 0);
+    d->r_readv = qcow2rs_readv(d->img, &iov, 1, 0);
+    d->r_write = qcow2rs_write(d->img, buf, sizeof buf, 0);
+    d->r_flush = qcow2rs_flush(d->img);
+    d->r_zero = qcow2rs_write_zeroes(d->img, 512, 0, 0);
+    d->r_discard = qcow2rs_discard(d->img, 512, 0, 0);
+    d->r_close = qcow2rs_close(d->img);
+    d->r_open = qcow2rs_open(d->path, 0, &other);
+    d->r_create = qcow2rs_create(d->path, MiB, NULL);
+    d->r_check = qcow2rs_check(d->path, 0, NULL);
+    d->r_convert = qcow2rs_convert(d->path, d->path, NULL);
+    waiter_add(&d->w, 0);
+}
+
+static void check_deadlocks(struct dl *d)
+{
+    CHECK(d->r_read == -EDEADLK);
+    CHECK(d->r_readv == -EDEADLK);
+    CHECK(d->r_write == -EDEADLK);
+    CHECK(d->r_flush == -EDEADLK);
+    CHECK(d->r_zero == -EDEADLK);
+    CHECK(d->r_discard == -EDEADLK);
+    CHECK(d->r_close == -EDEADLK);
+    CHECK(d->r_open == -EDEADLK);
+    CHECK(d->r_create == -EDEADLK);
+    CHECK(d->r_check == -EDEADLK);
+    CHECK(d->r_convert == -EDEADLK);
+}
+
+struct prog {
+    struct qcow2rs_image *img;
+    int calls, r_flush, r_open, last_ok;
+    double last;
+};
+
+static void progress_cb(void *ud, double f)
+{
+    struct prog *p = ud;
+    struct qcow2rs_image *other = NULL;
+    p->calls++;
+    p->last_ok = f >= p->last && f <= 1.0;
+    p->last = f;
+    p->r_flush = qcow2rs_flush(p->img);
+    p->r_open = qcow2rs_open("/nonexistent", 0, &other);
+}
+
+static void test_edeadlk(void)
+{
+    const char *p = tpath("a.qcow2");
+    static struct dl d = { .w = WAITER_INIT };
+    uint8_t buf[512];
+    CHECK_RET(make_filled(p, MiB, 2, 1), 0);
+    d.path = tpath("other.qcow2");
+    CHECK_RET(make_image(d.path, MiB), 0);
+
+    /* Default mode: the callback runs on a library thread. */
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &d.img), 0);
+    CHECK_RET(qcow2rs_aio_read(d.img, buf, sizeof buf, 0, deadlock_cb, &d, 0), 0);
+    waiter_wait(&d.w, 1);
+    check_deadlocks(&d);
+    CHECK(strstr(qcow2rs_last_error(), "") != NULL);
+    CHECK_RET(qcow2rs_close(d.img), 0);
+
+    /* Event-loop mode: the callback runs on this thread, inside process_completions. */
+    memset(&d.r_read, 0, sizeof(int) * 11);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR | QCOW2RS_OPEN_POLL, &d.img), 0);
+    CHECK_RET(qcow2rs_aio_read(d.img, buf, sizeof buf, 0, deadlock_cb, &d, 0), 0);
+    while (d.w.done < 2) {
+        struct pollfd pf = { qcow2rs_get_completion_fd(d.img), POLLIN, 0 };
+        CHECK(poll(&pf, 1, 10000) == 1);
+        CHECK(qcow2rs_process_completions(d.img, 0) >= 0);
+    }
+    check_deadlocks(&d);
+    /* The message says what to do. */
+    CHECK_RET(qcow2rs_close(d.img), 0);
+
+    /* A progress callback. */
+    static struct prog pr;
+    CHECK_RET(qcow2rs_open(p, 0, &pr.img), 0);
+    struct qcow2rs_convert_options cv = QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.progress = progress_cb;
+    cv.progress_data = &pr;
+    CHECK_RET(qcow2rs_convert(p, tpath("out.raw"), &cv), 0);
+    CHECK(pr.calls > 0);
+    CHECK(pr.last == 1.0);
+    CHECK(pr.last_ok);
+    CHECK(pr.r_flush == -EDEADLK);
+    CHECK(pr.r_open == -EDEADLK);
+    CHECK_RET(qcow2rs_close(pr.img), 0);
+    CHECK_RET(shell("qemu-img compare -q -f qcow2 -F raw '%s' '%s'", p, tpath("out.raw")), 0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* fork(): the child cannot use the parent's images, but can open its own. */
+
+static int child_main(struct qcow2rs_image *img, const char *path, const char *path2)
+{
+    uint8_t buf[4096];
+    struct waiter w = WAITER_INIT;
+#define CHILD_CHECK(c)                                                             \
+    do {                                                                           \
+        if (!(c)) {                                                                \
+            fprintf(stderr, "child: %s:%d: %s (%s)\n", __FILE__, __LINE__, #c,     \
+                    qcow2rs_last_error());                                         \
+            return 1;                                                              \
+        }                                                                          \
+    } while (0)
+    CHILD_CHECK(qcow2rs_read(img, buf, sizeof buf, 0) == -ECHILD);
+    CHILD_CHECK(strstr(qcow2rs_last_error(), "fork") != NULL);
+    CHILD_CHECK(qcow2rs_write(img, buf, sizeof buf, 0) == -ECHILD);
+    CHILD_CHECK(qcow2rs_flush(img) == -ECHILD);
+    CHILD_CHECK(qcow2rs_aio_read(img, buf, sizeof buf, 0, waiter_cb, &w, 0) == -ECHILD);
+    CHILD_CHECK(qcow2rs_aio_flush(img, waiter_cb, &w, 0) == -ECHILD);
+    CHILD_CHECK(qcow2rs_get_info(img, NULL) == -ECHILD);
+    CHILD_CHECK(qcow2rs_get_size(img) == 4 * MiB);
+    CHILD_CHECK(qcow2rs_close(img) == -ECHILD);
+    CHILD_CHECK(w.done == 0);
+    /* Its own images work: with either engine. */
+    for (uint32_t engine = QCOW2RS_ENGINE_AUTO; engine <= QCOW2RS_ENGINE_THREADS; engine++) {
+        struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+        o.engine = engine;
+        if (engine == QCOW2RS_ENGINE_IO_URING)
+            continue; /* io_uring may be unavailable; AUTO covers it where it is */
+        struct qcow2rs_image *own;
+        CHILD_CHECK(qcow2rs_open_ext(path2, &o, &own) == 0);
+        CHILD_CHECK(qcow2rs_read(own, buf, sizeof buf, 0) == 0);
+        CHILD_CHECK(qcow2rs_aio_read(own, buf, sizeof buf, 0, waiter_cb, &w, 0) == 0);
+        waiter_wait(&w, (int)engine / 2 + 1);
+        CHILD_CHECK(qcow2rs_close(own) == 0);
+    }
+    (void)path;
+    return 0;
+}
+
+static void test_fork_child(void)
+{
+    const char *p = tpath("a.qcow2"), *p2 = tpath("b.qcow2");
+    struct qcow2rs_image *img;
+    static struct waiter w = WAITER_INIT;
+    static uint8_t bufs[64][4096];
+    CHECK_RET(make_filled(p, 4 * MiB, 4, 1), 0);
+    CHECK_RET(make_filled(p2, 4 * MiB, 4, 2), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    /* Fork with requests in flight in the parent. */
+    for (int i = 0; i < 64; i++)
+        CHECK_RET(qcow2rs_aio_write(img, bufs[i], 4096, (uint64_t)i * 4096, waiter_cb, &w, 0),
+                  0);
+    /* The child reports through a pipe, not its exit status: under valgrind the child's
+     * exit status counts the parent's memory it inherited and cannot free as leaks. */
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        char verdict = child_main(img, p, p2) == 0 ? 'y' : 'n';
+        if (write(fds[1], &verdict, 1) != 1)
+            _exit(3);
+        _exit(0);
+    }
+    close(fds[1]);
+    char verdict = 0;
+    CHECK(read(fds[0], &verdict, 1) == 1);
+    close(fds[0]);
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    CHECK(verdict == 'y');
+    /* The parent carries on. */
+    waiter_wait(&w, 64);
+    CHECK(w.errors == 0);
+    uint8_t buf[4096];
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 0), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static void test_no_backing(void)
+{
+    const char *base = tpath("base.qcow2"), *top = tpath("top.qcow2");
+    struct qcow2rs_image *img;
+    uint8_t buf[65536], want[65536];
+    CHECK_RET(make_filled(base, 4 * MiB, 4, 7), 0);
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.backing_file = "base.qcow2";
+    co.backing_format = "qcow2";
+    CHECK_RET(qcow2rs_create(top, 0, &co), 0); /* size 0: the backing file's */
+
+    CHECK_RET(qcow2rs_open(top, 0, &img), 0);
+    CHECK(qcow2rs_get_size(img) == 4 * MiB);
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 65536), 0);
+    fill_pattern(want, sizeof want, 8);
+    CHECK(memcmp(buf, want, sizeof buf) == 0);
+    struct qcow2rs_info info = QCOW2RS_INFO_INIT;
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.backing_file && strcmp(info.backing_file, "base.qcow2") == 0);
+    CHECK(info.backing_format && strcmp(info.backing_format, "qcow2") == 0);
+    CHECK(info.backing_path && strstr(info.backing_path, "base.qcow2") != NULL);
+    CHECK_RET(qcow2rs_close(img), 0);
+
+    CHECK_RET(qcow2rs_open(top, QCOW2RS_OPEN_NO_BACKING, &img), 0);
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 65536), 0);
+    CHECK(all_zero(buf, sizeof buf));
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.backing_file && strcmp(info.backing_file, "base.qcow2") == 0);
+    CHECK(info.backing_path == NULL);
+    CHECK_RET(qcow2rs_close(img), 0);
+
+    /* Writing without the backing file would copy zeros into partly written clusters. */
+    CHECK_RET(qcow2rs_open(top, QCOW2RS_OPEN_NO_BACKING | QCOW2RS_OPEN_RDWR, &img), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "NO_BACKING") != NULL);
+    /* A self-contained image may be written with NO_BACKING. */
+    CHECK_RET(qcow2rs_open(base, QCOW2RS_OPEN_NO_BACKING | QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
+static void test_untrusted(void)
+{
+    const char *base = tpath("base.qcow2"), *top = tpath("top.qcow2");
+    struct qcow2rs_image *img;
+    uint8_t buf[65536], want[65536];
+    CHECK_RET(make_filled(base, 4 * MiB, 2, 7), 0);
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.backing_file = "base.qcow2";
+    CHECK_RET(qcow2rs_create(top, 0, &co), 0);
+
+    CHECK_RET(qcow2rs_open(top, QCOW2RS_OPEN_UNTRUSTED, &img), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "base.qcow2") != NULL);
+    CHECK(strstr(qcow2rs_last_error(), "refused") != NULL);
+    /* A self-contained image opens. */
+    CHECK_RET(qcow2rs_open(base, QCOW2RS_OPEN_UNTRUSTED, &img), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    /* The caller may name the backing file itself. */
+    struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+    o.flags = QCOW2RS_OPEN_UNTRUSTED;
+    o.backing_file = base;
+    o.backing_format = "qcow2";
+    CHECK_RET(qcow2rs_open_ext(top, &o, &img), 0);
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 0), 0);
+    fill_pattern(want, sizeof want, 7);
+    CHECK(memcmp(buf, want, sizeof buf) == 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    /* An external data file named in the image is refused too. */
+    const char *ext = tpath("ext.qcow2");
+    struct qcow2rs_create_options dc = QCOW2RS_CREATE_OPTIONS_INIT;
+    dc.data_file = "ext.data";
+    CHECK_RET(qcow2rs_create(ext, MiB, &dc), 0);
+    CHECK_RET(qcow2rs_open(ext, QCOW2RS_OPEN_UNTRUSTED, &img), -EINVAL);
+    CHECK(strstr(qcow2rs_last_error(), "data file") != NULL);
+    o.backing_file = NULL;
+    o.backing_format = NULL;
+    o.data_file = tpath("ext.data");
+    CHECK_RET(qcow2rs_open_ext(ext, &o, &img), 0);
+    struct qcow2rs_info info = QCOW2RS_INFO_INIT;
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.data_file && strcmp(info.data_file, "ext.data") == 0);
+    CHECK(info.data_path && strstr(info.data_path, "ext.data") != NULL);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
+/* The event-loop mode. */
+struct pl {
+    pthread_t owner;
+    int ran, wrong_thread;
+    struct qcow2rs_image *img;
+    uint8_t buf[4096];
+    int resubmit;
+};
+
+static void poll_cb(void *ud, const struct qcow2rs_completion *c)
+{
+    struct pl *p = ud;
+    if (!pthread_equal(pthread_self(), p->owner) || c->ret != 0 || c->img != p->img)
+        p->wrong_thread++;
+    p->ran++;
+    if (p->resubmit > 0) {
+        p->resubmit--;
+        if (qcow2rs_aio_read(p->img, p->buf, sizeof p->buf, 0, poll_cb, p, 0) != 0)
+            p->wrong_thread++;
+    }
+}
+
+static void test_poll_mode(void)
+{
+    const char *p = tpath("a.qcow2");
+    static struct pl pl;
+    CHECK_RET(make_filled(p, MiB, 4, 3), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_POLL, &pl.img), 0);
+    pl.owner = pthread_self();
+    int fd = qcow2rs_get_completion_fd(pl.img);
+    CHECK(fd >= 0);
+    CHECK(qcow2rs_get_completion_fd(pl.img) == fd);
+    /* Nothing queued yet: returns 0 at once. */
+    CHECK_RET(qcow2rs_process_completions(pl.img, 0), 0);
+    int n = 16;
+    pl.resubmit = 8; /* callbacks submit more */
+    for (int i = 0; i < n; i++)
+        CHECK_RET(qcow2rs_aio_read(pl.img, pl.buf, sizeof pl.buf, 0, poll_cb, &pl, 0), 0);
+    int total = n + 8;
+    while (pl.ran < total) {
+        struct pollfd pf = { fd, POLLIN, 0 };
+        CHECK(poll(&pf, 1, 10000) == 1);
+        int r = qcow2rs_process_completions(pl.img, 1);
+        CHECK(r >= 0 && r <= 1);
+    }
+    CHECK(pl.ran == total);
+    CHECK(pl.wrong_thread == 0);
+    /* Queued completions left to close: close runs them on this thread. */
+    for (int i = 0; i < n; i++)
+        CHECK_RET(qcow2rs_aio_read(pl.img, pl.buf, sizeof pl.buf, 0, poll_cb, &pl, 0), 0);
+    CHECK_RET(qcow2rs_close(pl.img), 0);
+    CHECK(pl.ran == total + n);
+    CHECK(pl.wrong_thread == 0);
+}
+
+static void test_readv_writev(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img;
+    static uint8_t a[3000], b[70000], c[1], got[73001], want[73001];
+    fill_pattern(a, sizeof a, 1);
+    fill_pattern(b, sizeof b, 2);
+    c[0] = 0x5a;
+    memcpy(want, a, sizeof a);
+    memcpy(want + sizeof a, b, sizeof b);
+    memcpy(want + sizeof a + sizeof b, c, 1);
+    struct iovec iov[4] = { { a, sizeof a }, { NULL, 0 }, { b, sizeof b }, { c, 1 } };
+    CHECK_RET(make_image(p, 4 * MiB), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_writev(img, iov, 4, 12345), 0);
+    CHECK_RET(qcow2rs_read(img, got, sizeof got, 12345), 0);
+    CHECK(memcmp(got, want, sizeof want) == 0);
+    /* Vectored read back into three other buffers. */
+    static uint8_t r1[100], r2[72900], r3[1];
+    struct iovec riov[3] = { { r1, sizeof r1 }, { r2, sizeof r2 }, { r3, 1 } };
+    struct waiter w = WAITER_INIT;
+    CHECK_RET(qcow2rs_aio_readv(img, riov, 3, 12345, waiter_cb, &w, 0), 0);
+    waiter_wait(&w, 1);
+    CHECK(w.last_ret == 0);
+    CHECK(memcmp(r1, want, 100) == 0 && memcmp(r2, want + 100, sizeof r2) == 0 &&
+          r3[0] == want[73000]);
+    /* Asynchronous vectored write, then zeroes and discard. */
+    CHECK_RET(qcow2rs_aio_writev(img, iov, 4, 2 * MiB, waiter_cb, &w, 0), 0);
+    waiter_wait(&w, 2);
+    CHECK(w.errors == 0);
+    CHECK_RET(qcow2rs_readv(img, riov, 3, 2 * MiB), 0);
+    CHECK(memcmp(r2, want + 100, sizeof r2) == 0);
+    CHECK_RET(qcow2rs_write_zeroes(img, 70000, 12345, 0), 0);
+    CHECK_RET(qcow2rs_read(img, got, sizeof got, 12345), 0);
+    CHECK(all_zero(got, 70000) && memcmp(got + 70000, want + 70000, 3001) == 0);
+    CHECK_RET(qcow2rs_discard(img, 2 * MiB, 2 * MiB, 0), 0);
+    CHECK_RET(qcow2rs_read(img, got, sizeof got, 2 * MiB), 0);
+    CHECK(all_zero(got, sizeof got));
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+}
+
+static void test_info(void)
+{
+    const char *p = tpath("a.qcow2");
+    struct qcow2rs_image *img;
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.cluster_size = 16384;
+    co.refcount_bits = 8;
+    co.flags = QCOW2RS_CREATE_EXTENDED_L2 | QCOW2RS_CREATE_LAZY_REFCOUNTS;
+    co.compression_type = QCOW2RS_COMPRESSION_ZSTD;
+    CHECK_RET(qcow2rs_create(p, 3 * MiB + 512, &co), 0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    struct qcow2rs_info info = QCOW2RS_INFO_INIT;
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.virtual_size == 3 * MiB + 512);
+    CHECK(info.cluster_size == 16384);
+    CHECK(info.version == 3);
+    CHECK(info.refcount_bits == 8);
+    CHECK(info.extended_l2 && !info.read_only && !info.corrupt && !info.dirty);
+    CHECK(info.backing_file == NULL && info.data_file == NULL);
+    /* A caller that knows only the first fields gets only those. */
+    struct qcow2rs_info partial;
+    memset(&partial, 0xff, sizeof partial);
+    partial.size = offsetof(struct qcow2rs_info, cluster_size);
+    CHECK_RET(qcow2rs_get_info(img, &partial), 0);
+    CHECK(partial.virtual_size == 3 * MiB + 512);
+    CHECK(partial.cluster_size == UINT64_MAX);
+
+    char *json = NULL;
+    CHECK_RET(qcow2rs_info_json(img, 0, &json), 0);
+    CHECK(json != NULL);
+    CHECK(strstr(json, "\"virtual-size\": 3146240") != NULL);
+    CHECK(strstr(json, "\"compression-type\": \"zstd\"") != NULL);
+    CHECK(strstr(json, "\"extended-l2\": true") != NULL);
+    qcow2rs_free(json);
+    CHECK_RET(qcow2rs_info_json(img, QCOW2RS_INFO_BACKING_CHAIN, &json), 0);
+    CHECK(json != NULL && json[0] == '[');
+    qcow2rs_free(json);
+    qcow2rs_free(NULL);
+    CHECK_RET(qcow2rs_close(img), 0);
+    /* The same keys as qemu-img info. */
+    CHECK_RET(shell("qemu-img info --output=json '%s' | grep -q '\"cluster-size\": 16384'", p), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+
+    /* Version 2, preallocated metadata. */
+    co = (struct qcow2rs_create_options)QCOW2RS_CREATE_OPTIONS_INIT;
+    co.version = 2;
+    co.preallocation = QCOW2RS_PREALLOC_METADATA;
+    CHECK_RET(qcow2rs_create(tpath("v2.qcow2"), MiB, &co), 0);
+    CHECK_RET(qcow2rs_open(tpath("v2.qcow2"), 0, &img), 0);
+    CHECK_RET(qcow2rs_get_info(img, &info), 0);
+    CHECK(info.version == 2 && info.cluster_size == 65536 && info.read_only);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("v2.qcow2")), 0);
+}
+
+static void test_engines(void)
+{
+    const char *p = tpath("a.qcow2");
+    uint8_t buf[65536], want[65536];
+    fill_pattern(want, sizeof want, 9);
+    CHECK_RET(make_filled(p, MiB, 2, 8), 0);
+    uint32_t engines[] = { QCOW2RS_ENGINE_AUTO, QCOW2RS_ENGINE_THREADS };
+    for (size_t i = 0; i < 2; i++) {
+        struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+        o.engine = engines[i];
+        o.cache_size = 1 << 20;
+        o.max_chain = 4;
+        struct qcow2rs_image *img;
+        CHECK_RET(qcow2rs_open_ext(p, &o, &img), 0);
+        CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 65536), 0);
+        CHECK(memcmp(buf, want, sizeof buf) == 0);
+        CHECK_RET(qcow2rs_close(img), 0);
+    }
+    /* O_DIRECT (where the file system allows it: not on tmpfs). */
+    struct qcow2rs_image *img;
+    int r = qcow2rs_open(p, QCOW2RS_OPEN_DIRECT | QCOW2RS_OPEN_RDWR, &img);
+    CHECK(r == 0 || r == -EINVAL);
+    if (r == 0) {
+        CHECK_RET(qcow2rs_read(img, buf + 1, 1000, 65537), 0); /* unaligned: bounced */
+        CHECK(memcmp(buf + 1, want + 1, 1000) == 0);
+        CHECK_RET(qcow2rs_write(img, want + 3, 777, 3), 0);
+        CHECK_RET(qcow2rs_close(img), 0);
+    }
+}
+
+/* Leaked clusters: a refcount of 1 on two clusters nothing references (data clusters of
+ * guest clusters 1 and 2, discarded, then their refcounts put back). */
+static int make_leaky(const char *p)
+{
+    int r = make_filled(p, MiB, 4, 1);
+    if (r < 0)
+        return r;
+    uint8_t hdr[64], e[8], l2e[8 * 3];
+    if (read_file_at(p, 0, hdr, sizeof hdr) < 0 || read_file_at(p, be64(hdr + 40), e, 8) < 0)
+        return -1;
+    uint64_t l2 = be64(e) & 0x00fffffffffffe00ull;
+    if (read_file_at(p, l2, l2e, sizeof l2e) < 0)
+        return -1;
+    struct qcow2rs_image *img;
+    if ((r = qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img)) < 0)
+        return r;
+    r = qcow2rs_discard(img, 2 * 65536, 65536, 0);
+    int c = qcow2rs_close(img);
+    if (r < 0 || c < 0)
+        return -1;
+    if (read_file_at(p, be64(hdr + 48), e, 8) < 0)
+        return -1;
+    uint64_t rb = be64(e);
+    uint8_t one[2] = { 0, 1 };
+    for (int i = 1; i <= 2; i++) {
+        uint64_t host = be64(l2e + 8 * i) & 0x00fffffffffffe00ull;
+        if (patch_file(p, rb + 2 * (host / 65536), one, 2) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void test_check(void)
+{
+    const char *p = tpath("a.qcow2");
+    char *report = (char *)1;
+    CHECK_RET(make_filled(p, MiB, 2, 1), 0);
+    CHECK_RET(qcow2rs_check(p, QCOW2RS_REPAIR_NONE, &report), QCOW2RS_CHECK_CLEAN);
+    CHECK(report != NULL && strstr(report, "\"check-errors\": 0") != NULL);
+    qcow2rs_free(report);
+    CHECK_RET(qcow2rs_check(p, QCOW2RS_REPAIR_NONE, NULL), QCOW2RS_CHECK_CLEAN);
+
+    CHECK_RET(make_leaky(p), 0);
+    CHECK_RET(shell("qemu-img check -q '%s' >/dev/null 2>&1", p), 3);
+    CHECK_RET(qcow2rs_check(p, QCOW2RS_REPAIR_NONE, &report), QCOW2RS_CHECK_LEAKS);
+    CHECK(report != NULL && strstr(report, "\"leaks\": 2") != NULL);
+    qcow2rs_free(report);
+    CHECK_RET(qcow2rs_check(p, QCOW2RS_REPAIR_LEAKS, &report), QCOW2RS_CHECK_CLEAN);
+    CHECK(report != NULL && strstr(report, "\"leaks-fixed\": 2") != NULL);
+    qcow2rs_free(report);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+
+    /* Metadata too broken to check. */
+    CHECK_RET(make_corrupt_l1(tpath("bad.qcow2")), 0);
+    report = (char *)1;
+    int r = qcow2rs_check(tpath("bad.qcow2"), 0, &report);
+    CHECK(r == -EUCLEAN || r == QCOW2RS_CHECK_CORRUPT);
+    if (r < 0)
+        CHECK(report == NULL);
+    else
+        qcow2rs_free(report);
+}
+
+static void test_convert(void)
+{
+    const char *p = tpath("a.qcow2");
+    CHECK_RET(make_filled(p, 4 * MiB, 8, 5), 0);
+    struct prog pr = { 0 };
+    CHECK_RET(qcow2rs_open(p, 0, &pr.img), 0);
+    struct qcow2rs_convert_options cv = QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.progress = progress_cb;
+    cv.progress_data = &pr;
+    CHECK_RET(qcow2rs_convert(p, tpath("a.raw"), &cv), 0);
+    CHECK(pr.calls > 0 && pr.last == 1.0);
+    CHECK_RET(qcow2rs_close(pr.img), 0);
+    CHECK_RET(shell("qemu-img compare -q -f qcow2 -F raw '%s' '%s'", p, tpath("a.raw")), 0);
+
+    /* To compressed qcow2 (zstd, 4 requests in flight). */
+    struct qcow2rs_create_options co = QCOW2RS_CREATE_OPTIONS_INIT;
+    co.compression_type = QCOW2RS_COMPRESSION_ZSTD;
+    cv = (struct qcow2rs_convert_options)QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.dst_format = "qcow2";
+    cv.src_format = "raw";
+    cv.flags = QCOW2RS_CONVERT_COMPRESS;
+    cv.parallel = 4;
+    cv.create = &co;
+    CHECK_RET(qcow2rs_convert(tpath("a.raw"), tpath("c.qcow2"), &cv), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("c.qcow2")), 0);
+    CHECK_RET(shell("qemu-img compare -q -f raw -F qcow2 '%s' '%s'", tpath("a.raw"),
+                    tpath("c.qcow2")),
+              0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q 'compression type: zstd'", tpath("c.qcow2")),
+              0);
+}
+
+TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
+          TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
+          TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
+          TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
+          TEST(check), TEST(convert))
