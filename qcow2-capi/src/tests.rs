@@ -171,12 +171,14 @@ fn runtime_threads() -> usize {
 fn runtime_lives_while_images_are_open() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (dir, path) = temp_image("runtime");
+    // A second image: two writable opens of one image exclude each other (image locking).
+    let (dir2, path2) = temp_image("runtime2");
     assert!(!crate::runtime::is_running());
     assert_eq!(runtime_threads(), 0);
     let a = open(&path);
     assert!(crate::runtime::is_running());
     assert!(runtime_threads() >= 2);
-    let b = open(&path);
+    let b = open(&path2);
     // SAFETY: open handles, closed once.
     assert_eq!(unsafe { qcow2rs_close(a) }, 0);
     assert!(crate::runtime::is_running());
@@ -185,4 +187,5 @@ fn runtime_lives_while_images_are_open() {
     assert!(!crate::runtime::is_running());
     assert_eq!(runtime_threads(), 0);
     let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(dir2);
 }
