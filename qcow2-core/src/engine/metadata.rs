@@ -39,6 +39,8 @@ pub(crate) struct Meta {
     /// The image file has space reserved (`fallocate`) up to this offset: allocations below it
     /// write into allocated blocks, which is much faster than extending the file write by write.
     pub reserved_end: u64,
+    /// Freed clusters not yet allocatable (see `engine/inflight.rs`).
+    pub quarantine: crate::engine::inflight::Quarantine,
 }
 impl Image {
     /// Make sure guest cluster `gc` has an L2 table with refcount 1 (allocating or copying it).
@@ -202,16 +204,15 @@ impl Image {
                     if m.comp_cursor / cs == c {
                         m.comp_cursor = 0;
                     }
-                    let _ = self.inner.file.discard(c * cs, cs).await;
-                    self.inner.l2_cache.invalidate_range(c * cs, (c + 1) * cs);
-                    if c < m.free_hint {
-                        m.free_hint = c;
-                    }
+                    // Not allocatable (nor punched) until the requests that may still use
+                    // it are done (the in-flight rule, `engine/inflight.rs`).
+                    self.quarantine(m, c);
                 }
             }
             self.write_dirty_refblocks().await?;
             sync().await?;
         }
+        self.release_quarantine(m).await;
         Ok(())
     }
 
