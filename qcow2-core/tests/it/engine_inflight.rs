@@ -152,10 +152,7 @@ async fn inplace_write_across_free(how: Free, l2: bool) {
     let b = pattern(2, CS as usize);
     img.write_at(&b, target).await.unwrap();
     img.flush().await.unwrap();
-    assert!(
-        img.quarantined_clusters().await >= 1,
-        "{what}: the freed cluster is not quarantined"
-    );
+    let quarantined = img.quarantined_clusters().await;
     gate.release();
     w.await.unwrap().unwrap();
     assert_same(&read(&img, target, CS as usize).await, &b, &what);
@@ -170,12 +167,13 @@ async fn inplace_write_across_free(how: Free, l2: bool) {
         .await
         .unwrap();
     img.flush().await.unwrap();
-    assert_eq!(
-        img.quarantined_clusters().await,
-        0,
-        "{what}: still quarantined"
-    );
+    let left = img.quarantined_clusters().await;
     verify_closed(img, &path, &[(target, b)], &what).await;
+    assert!(
+        quarantined >= 1,
+        "{what}: the freed cluster was not quarantined"
+    );
+    assert_eq!(left, 0, "{what}: still quarantined after the drain");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +341,7 @@ async fn quarantine_grows_the_file_instead_of_waiting() {
     img.discard(0, 16 * CS).await.unwrap();
     img.flush().await.unwrap();
     model[..(16 * CS) as usize].fill(0);
-    assert_eq!(img.quarantined_clusters().await, 16);
+    let quarantined = img.quarantined_clusters().await;
     for i in 16..32u64 {
         let d = pattern(i as u8, CS as usize);
         img.write_at(&d, i * CS).await.unwrap();
@@ -362,6 +360,7 @@ async fn quarantine_grows_the_file_instead_of_waiting() {
         "the held read returned other data"
     );
     img.flush().await.unwrap();
+    assert_eq!(quarantined, 16, "quarantined while the read was held");
     assert_eq!(img.quarantined_clusters().await, 0);
     assert_eq!(img.requests_in_flight(), 0);
     assert_same(&read_all(&img).await, &model, "after the drain");
