@@ -19,7 +19,8 @@
 //!   epoch it read.
 //! - A free that brings a refcount to 0 (`flush_metadata`, after the tables that dropped
 //!   the reference are durable) writes the refcount 0 as before, but puts the cluster in
-//!   [`Quarantine`] with the current epoch `q`, instead of making it allocatable. The
+//!   [`Quarantine`] with the current epoch `q`, instead of making it allocatable (its hole
+//!   is punched only at release, so a late reader still finds the old bytes). The
 //!   allocator never hands out a quarantined cluster; when no free cluster is left it
 //!   grows the file, so nothing ever waits for a request to drain (no deadlock with a
 //!   request that itself waits for an allocation).

@@ -12,8 +12,10 @@
 //!    table, L1 table or snapshot table before the header that points at it.
 //! 3. L2 slices are written and synced before the L1 entries that point at their tables.
 //! 4. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
-//!    reference are on disk and synced; only then are holes punched and refcounts lowered,
-//!    so a freed cluster is never reused while an on-disk table still points at it.
+//!    reference are on disk and synced; only then are refcounts lowered, so a freed cluster
+//!    is never reused while an on-disk table still points at it. A cluster reaching 0 is
+//!    quarantined until the requests that may use it are done, and punched at its release
+//!    (`inflight.rs`).
 
 use crate::engine::image::Image;
 use crate::format::l2::COPIED;
