@@ -242,14 +242,10 @@ pub fn parse_request_header(buf: &[u8], extended: bool) -> Result<RequestHeader,
     let offset = be64(buf, 16);
     let (length, payload) = if extended {
         let l = be64(buf, 24);
-        (
-            l,
-            if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-                l
-            } else {
-                0
-            },
-        )
+        // The specification wants the payload flag on every write; QEMU's client leaves it
+        // off. A write carries its data either way.
+        let has = flags & CMD_FLAG_PAYLOAD_LEN != 0 || typ == CMD_WRITE;
+        (l, if has { l } else { 0 })
     } else {
         let l = be32(buf, 24) as u64;
         if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
@@ -416,9 +412,6 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
             EINVAL,
             format!("unsupported flags {:#x} for command {}", h.flags, h.typ),
         ));
-    }
-    if lim.extended && h.typ == CMD_WRITE && h.flags & CMD_FLAG_PAYLOAD_LEN == 0 {
-        return Err(refuse(EINVAL, "write without payload length flag"));
     }
     let (off, len) = (h.offset, h.length);
     let fua = h.flags & CMD_FLAG_FUA != 0;
