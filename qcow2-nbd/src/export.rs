@@ -188,6 +188,23 @@ impl Export {
         Ok(self.disk.flush().await?)
     }
 
+    /// `qemu:allocation-depth` of a map entry at `pos`, as QEMU counts it: the 1-based
+    /// depth of the layer that decides, 0 when no layer does. A backing file shorter than
+    /// the layer above it decides the range past its end (it reads as zeros there).
+    fn allocation_depth(&self, e: &qcow2_core::MapEntry, pos: u64) -> u32 {
+        if e.present {
+            return e.depth + 1;
+        }
+        let mut layer = Some(&self.disk);
+        for _ in 0..=e.depth {
+            layer = layer.and_then(|l| l.backing());
+        }
+        match layer {
+            Some(below) if pos >= below.size() => e.depth + 2,
+            _ => 0,
+        }
+    }
+
     /// Status runs from `off` covering at least `len` bytes (the last may go past) or until
     /// `max` runs; adjacent runs of equal status are merged.
     pub async fn status(&self, off: u64, len: u64, max: usize) -> Result<Vec<Status>, OpError> {
@@ -201,7 +218,7 @@ impl Export {
                 len,
                 hole: !e.data,
                 zero: e.zero,
-                depth: if e.present { e.depth + 1 } else { 0 },
+                depth: self.allocation_depth(&e, pos),
             };
             pos += len;
             match out.last_mut() {
