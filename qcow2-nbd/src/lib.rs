@@ -15,7 +15,11 @@
 pub mod cli;
 pub mod conn;
 pub mod export;
+pub mod fuzz;
 pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod tls;
+
+#[cfg(test)]
+mod tests;
