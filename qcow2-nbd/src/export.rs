@@ -137,8 +137,8 @@ impl Export {
                 let end = off + len;
                 h.version >= 3
                     && !h.data_file_raw()
-                    && off % cs == 0
-                    && (end % cs == 0 || end == self.size)
+                    && off.is_multiple_of(cs)
+                    && (end.is_multiple_of(cs) || end == self.size)
             }
             Disk::Raw(_) => true,
         }
