@@ -205,14 +205,14 @@ impl Export {
         }
     }
 
-    /// Status runs from `off` covering at least `len` bytes (the last may go past) or until
+    /// Status runs from `off` covering `len` bytes (clipped to the export) or until
     /// `max` runs; adjacent runs of equal status are merged.
     pub async fn status(&self, off: u64, len: u64, max: usize) -> Result<Vec<Status>, OpError> {
         let end = off.saturating_add(len).min(self.size);
         let mut out: Vec<Status> = Vec::new();
         let mut pos = off;
         while pos < end {
-            let e = self.disk.map_entry(pos, self.size - pos).await?;
+            let e = self.disk.map_entry(pos, end - pos).await?;
             let len = e.length.max(1).min(self.size - pos);
             let st = Status {
                 len,
