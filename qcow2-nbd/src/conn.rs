@@ -10,7 +10,7 @@ use crate::proto::{self, *};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// A bidirectional byte stream (Unix socket, TCP socket, or TLS over one of them).
@@ -133,11 +133,16 @@ struct Ctx {
 
 type Msg = Vec<Vec<u8>>;
 
-async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Msg>) {
+/// A reply and the share of the connection's budget it holds until it is written, so a
+/// client that sends requests without reading the replies cannot make the server queue
+/// unbounded memory.
+type Out = (Msg, Option<OwnedSemaphorePermit>);
+
+async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Out>) {
     let mut bw = BufWriter::with_capacity(256 << 10, w);
     'outer: while let Some(msg) = rx.recv().await {
         let mut next = Some(msg);
-        while let Some(m) = next.take() {
+        while let Some((m, _permit)) = next.take() {
             for part in m {
                 if bw.write_all(&part).await.is_err() {
                     break 'outer;
@@ -154,7 +159,7 @@ async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Msg
 
 async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> Result<(), String> {
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer = tokio::spawn(writer(wr, rx));
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let mode = if neg.extended {
@@ -229,7 +234,8 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
         }
         match validate(&h, &lim) {
             Err(r) => {
-                let _ = tx.send(vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg)]);
+                let reply = vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg)];
+                let _ = tx.send((reply, Some(permit)));
             }
             Ok(Command::Disc) => break,
             Ok(cmd) => {
@@ -237,8 +243,7 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
                 let tx = tx.clone();
                 tasks.spawn(async move {
                     let reply = run(&ctx, &h, cmd, payload).await;
-                    let _ = tx.send(reply);
-                    drop(permit);
+                    let _ = tx.send((reply, Some(permit)));
                 });
             }
         }
