@@ -88,6 +88,7 @@ impl Image {
             return Err(Error::invalid("allocation of zero clusters"));
         }
         let max_ci = (crate::format::l2::OFFSET_MASK >> lay.cluster_bits) - n;
+        self.release_quarantine(m).await;
         'search: loop {
             // Find n free clusters in a row from the hint.
             let mut start = m.free_hint;
@@ -101,7 +102,9 @@ impl Image {
                         "image file has reached the maximum size",
                     ));
                 }
-                if self.is_free(ci).await? {
+                // A quarantined cluster has refcount 0 but may still be used by a request
+                // in flight: skip it (past the end of the file there is always room).
+                if !m.quarantine.contains(ci) && self.is_free(ci).await? {
                     first_free.get_or_insert(ci);
                     run += 1;
                 } else {
@@ -175,7 +178,7 @@ impl Image {
             return self.grow_reftable(m, ci.max(run_end - 1)).await;
         }
         let mut x = run_end;
-        while !self.is_free(x).await? {
+        while m.quarantine.contains(x) || !self.is_free(x).await? {
             x += 1;
         }
         let rx = x / lay.rb_entries;

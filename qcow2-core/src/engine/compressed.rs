@@ -153,9 +153,15 @@ pub async fn decompress_owned(
 impl Image {
     /// The decompressed content of a compressed cluster (cached).
     pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.inner.zcache.lock().get(&d.offset) {
-            return Ok(c.clone());
-        }
+        let gen = {
+            let mut z = self.inner.zcache.lock();
+            if let Some(c) = z.get(&d.offset) {
+                return Ok(c.clone());
+            }
+            self.inner
+                .zcache_gen
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
         let cs = self.inner.layout.cluster_size as usize;
         let mut input = vec![0u8; d.len as usize];
         self.inner
@@ -181,7 +187,16 @@ impl Image {
             ))
         })?;
         let out = Arc::new(out);
-        self.inner.zcache.lock().put(d.offset, out.clone());
+        let mut z = self.inner.zcache.lock();
+        // Not if a free happened meanwhile: the cluster read may be one that was freed.
+        if self
+            .inner
+            .zcache_gen
+            .load(std::sync::atomic::Ordering::Acquire)
+            == gen
+        {
+            z.put(d.offset, out.clone());
+        }
         Ok(out)
     }
 
@@ -216,6 +231,8 @@ impl Image {
         let gc = off / cs;
         let w = self.ws()?;
         let _g = self.acquire(gc).await;
+        // Allocated but not referenced until published below (see `WriteState::alloc_gate`).
+        let _gate = w.alloc_gate.read().await;
         let len = comp.len() as u64;
         let host = {
             let mut m = w.meta.lock().await;

@@ -59,6 +59,9 @@ impl Image {
         let _ = fresh_possible;
         // Which subclusters end up allocated (extended L2): every subcluster, since the whole
         // cluster content is written.
+        // From the allocation until the mapping is published the new cluster is counted
+        // but not referenced: `check` waits for that window to close (`alloc_gate`).
+        let _gate = w.alloc_gate.read().await;
         // Choose the host cluster.
         let (host, fresh, old_refs): (u64, bool, Vec<u64>) = {
             let mut m = w.meta.lock().await;

@@ -175,6 +175,10 @@ pub(crate) struct Inner {
     pub bitmaps: Vec<BitmapInfo>,
     pub backing: Option<Disk>,
     pub zcache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Bumped (under the `zcache` lock) whenever decompressed clusters are forgotten because
+    /// their host cluster was freed or released: a read that began before does not fill the
+    /// cache with what it read.
+    pub zcache_gen: std::sync::atomic::AtomicU64,
     pub opts: OpenOptions,
     /// Write state, for images opened writable.
     pub w: Option<crate::engine::write::WriteState>,
@@ -496,6 +500,7 @@ impl Image {
             bitmaps,
             backing,
             zcache: Mutex::new(LruCache::new(NonZeroUsize::new(zentries).unwrap())),
+            zcache_gen: std::sync::atomic::AtomicU64::new(0),
             opts: opts.clone(),
             w: if opts.writable {
                 Some(crate::engine::write::WriteState::new(file_len.div_ceil(cs)))

@@ -12,8 +12,10 @@
 //!    table, L1 table or snapshot table before the header that points at it.
 //! 3. L2 slices are written and synced before the L1 entries that point at their tables.
 //! 4. Decrements are deferred (`Meta::pending_free`) until the tables that dropped the
-//!    reference are on disk and synced; only then are holes punched and refcounts lowered,
-//!    so a freed cluster is never reused while an on-disk table still points at it.
+//!    reference are on disk and synced; only then are refcounts lowered, so a freed cluster
+//!    is never reused while an on-disk table still points at it. A cluster reaching 0 is
+//!    quarantined until the requests that may use it are done, and punched at its release
+//!    (`inflight.rs`).
 
 use crate::engine::image::Image;
 use crate::format::l2::COPIED;
@@ -39,6 +41,8 @@ pub(crate) struct Meta {
     /// The image file has space reserved (`fallocate`) up to this offset: allocations below it
     /// write into allocated blocks, which is much faster than extending the file write by write.
     pub reserved_end: u64,
+    /// Freed clusters not yet allocatable (see `engine/inflight.rs`).
+    pub quarantine: crate::engine::inflight::Quarantine,
 }
 impl Image {
     /// Make sure guest cluster `gc` has an L2 table with refcount 1 (allocating or copying it).
@@ -202,16 +206,15 @@ impl Image {
                     if m.comp_cursor / cs == c {
                         m.comp_cursor = 0;
                     }
-                    let _ = self.inner.file.discard(c * cs, cs).await;
-                    self.inner.l2_cache.invalidate_range(c * cs, (c + 1) * cs);
-                    if c < m.free_hint {
-                        m.free_hint = c;
-                    }
+                    // Not allocatable (nor punched) until the requests that may still use
+                    // it are done (the in-flight rule, `engine/inflight.rs`).
+                    self.quarantine(m, c);
                 }
             }
             self.write_dirty_refblocks().await?;
             sync().await?;
         }
+        self.release_quarantine(m).await;
         Ok(())
     }
 

@@ -24,6 +24,9 @@ impl Image {
 
     pub(crate) async fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
         check_range(off, buf.len() as u64, self.size())?;
+        // Held until every piece is read: the host clusters looked up below are not
+        // reused meanwhile (`engine/inflight.rs`).
+        let _ticket = self.ticket();
         let mut rest: &mut [u8] = buf;
         let mut pos = off;
         let mut futs = Vec::new();

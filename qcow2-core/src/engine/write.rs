@@ -21,6 +21,13 @@ pub struct WriteState {
     pub(crate) meta: Mutex<Meta>,
     pub(crate) inflight: PMutex<HashMap<u64, Arc<Notify>>>,
     pub(crate) first_write: OnceCell<()>,
+    /// Request tickets (see `engine/inflight.rs`).
+    pub(crate) epochs: crate::engine::inflight::Epochs,
+    /// Held shared by a request from the allocation of a host cluster until the mapping
+    /// that references it is published (the cluster is counted but not referenced in
+    /// between); held exclusively by `check` so that it sees no such cluster. Taken before
+    /// the metadata lock, never while holding it.
+    pub(crate) alloc_gate: tokio::sync::RwLock<()>,
 }
 
 impl WriteState {
@@ -34,9 +41,12 @@ impl WriteState {
                 high_water,
                 comp_cursor: 0,
                 reserved_end: 0,
+                quarantine: Default::default(),
             }),
             inflight: PMutex::new(HashMap::new()),
             first_write: OnceCell::new(),
+            epochs: Default::default(),
+            alloc_gate: tokio::sync::RwLock::new(()),
         }
     }
 }
@@ -175,6 +185,7 @@ impl Image {
             return Ok(());
         }
         self.before_first_write().await?;
+        let _ticket = self.ticket();
         let cs = self.inner.layout.cluster_size;
         let mut futs = Vec::new();
         let mut pos = 0usize;

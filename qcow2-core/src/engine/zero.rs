@@ -47,6 +47,7 @@ impl Image {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
         let size = self.size();
+        let _ticket = self.ticket();
         let mut pos = off;
         let end = off + len;
         while pos < end {

@@ -208,10 +208,15 @@ fn percent(v: f64) -> String {
 /// Check `img` like `qemu-img check`, and with `opts.repair` repair it like
 /// `qemu-img check -r leaks|all` (the image must be opened writable).
 ///
-/// The image file is read directly, not through the image's caches: run the check on an image
-/// that nobody writes to meanwhile (qemu-img holds the image lock for that). A repair writes
-/// its changes directly too, under the image's metadata lock, after writing back the caches,
-/// and drops the caches afterwards.
+/// The image file is read directly, not through the image's caches. On a handle opened
+/// writable the check first holds off metadata changes (allocating writes, discards, flushes
+/// and the like wait; in-place writes and reads go on), waits for allocating writes whose
+/// new cluster is not referenced yet, and writes back the caches: it sees a consistent image
+/// even while other tasks write through the same handle. Freed clusters kept from reuse
+/// while requests that looked them up run (`engine/inflight.rs`) have refcount 0 on disk and
+/// are not leaks. Another process writing the image is kept out by the image locks. A
+/// repair writes its changes directly too, under the same exclusion, and drops the caches
+/// afterwards.
 ///
 /// Returns the report, or an error where qemu-img would fail with "Check failed" and print no
 /// report (for example an unreadable table, a broken bitmap directory, an image file too
@@ -229,8 +234,10 @@ pub async fn check(img: &Image, opts: &CheckOptions) -> Result<CheckReport> {
     if let Some(r) = opts.repair {
         return crate::jobs::repair::check_repair(img, r).await.map_err(ctx);
     }
+    let quiet = img.quiesce().await.map_err(ctx)?;
     let mut c = Checker::new(img, Fix::NONE).map_err(ctx)?;
     c.run().await.map_err(ctx)?;
+    drop(quiet);
     Ok(make_report(img, &c.res, c.msgs, 0))
 }
 
@@ -512,6 +519,9 @@ pub(crate) struct Checker<'a> {
     pub(crate) overlap: Option<std::collections::HashMap<u64, u16>>,
     /// Byte length of the snapshot table.
     pub(crate) snapshots_size: u64,
+    /// Clusters a rebuild must not place structures in (quarantined: free on disk, but
+    /// maybe still used by a request in flight).
+    pub(crate) avoid: std::collections::HashSet<u64>,
 }
 
 impl<'a> Checker<'a> {
@@ -552,6 +562,7 @@ impl<'a> Checker<'a> {
             rebuilt: false,
             overlap: None,
             snapshots_size: 0,
+            avoid: Default::default(),
         })
     }
 

@@ -108,8 +108,10 @@ pub(crate) async fn check_repair(img: &Image, r: Repair) -> Result<CheckReport> 
         return Ok(make_report(img, &first.res, first.msgs, n));
     }
     // Double check the fixed image, read-only, and report what remains.
+    let quiet = img.quiesce().await?;
     let mut c = Checker::new(img, Fix::NONE)?;
     c.run().await?;
+    drop(quiet);
     let mut res = c.res;
     res.corruptions_fixed = first.res.corruptions_fixed;
     res.leaks_fixed = first.res.leaks_fixed;
@@ -122,12 +124,16 @@ pub(crate) async fn check_repair(img: &Image, r: Repair) -> Result<CheckReport> 
 /// One repairing check pass (`qcow2_co_check_locked` with `fix`), under the metadata lock.
 async fn repair_pass(img: &Image, fix: Fix) -> Result<Pass> {
     let ws = img.ws()?;
+    // No cluster allocated and not yet referenced while the repair runs: it would be a
+    // leak to free (see `WriteState::alloc_gate`).
+    let _gate = ws.alloc_gate.write().await;
     let mut m = ws.meta.lock().await;
     // Everything the caches hold goes to disk first: the check reads the file.
     img.flush_metadata(&mut m).await?;
     img.inner.l2_cache.clear();
     img.inner.rc_cache.clear();
     let mut c = Checker::new(img, fix)?;
+    c.avoid = m.quarantine.clusters().collect();
     let r = c.run().await;
     // Whatever happened, repaired refcounts reach the disk and the caches forget what the
     // repair may have changed underneath them.
@@ -572,7 +578,7 @@ impl Checker<'_> {
         let mut first_gap = true;
         let mut contiguous = 0u64;
         while cluster < self.refs.len && contiguous < count {
-            if self.refs.get(cluster) == 0 {
+            if self.refs.get(cluster) == 0 && !self.avoid.contains(&cluster) {
                 contiguous += 1;
                 if first_gap {
                     *first_free = cluster;
