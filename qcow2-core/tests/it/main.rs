@@ -4,6 +4,7 @@
 mod check_qemu;
 mod check_repair;
 mod common;
+mod crash_powercut;
 mod engine_races;
 mod io_engines;
 mod safety_locking;
