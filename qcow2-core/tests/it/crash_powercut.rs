@@ -18,6 +18,7 @@
 //!
 //! Knobs: `QCOW2RS_POWERCUT_CUTS=N` cut points per scenario (default 220, 2,200 in all; the cut points are
 //! all log positions, repeated with other survivor seeds when N exceeds them),
+//! `QCOW2RS_POWERCUT_ROUNDS=R` makes the workloads R times longer,
 //! `QCOW2RS_POWERCUT_REPAIR=K` runs the repair on every K-th cut (default 8),
 //! `QCOW2_TEST_SEED` changes the workloads. A failure names the scenario, the workload seed,
 //! the cut and the survivor seed.
@@ -265,9 +266,10 @@ async fn run_workload(
         issued: Vec::new(),
     };
     let mut resized = false;
-    for round in 0..s.rounds {
+    let rounds = s.rounds * env_usize("QCOW2RS_POWERCUT_ROUNDS", 1).max(1);
+    for round in 0..rounds {
         if let (Some(n), false) = (s.resize_to, resized) {
-            if round >= s.rounds / 2 {
+            if round >= rounds / 2 {
                 resized = true;
                 rec.issued.push((pc.len(), GOp::Resize(n)));
                 img.resize(n, false)
