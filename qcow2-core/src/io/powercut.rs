@@ -229,7 +229,7 @@ impl PowerCut {
             }
         }
         let mut rng = SplitMix(match survivors {
-            Survivors::Random(s) => s ^ 0x5eed_0f_c075,
+            Survivors::Random(s) => s ^ 0x005e_ed0f_c075,
             _ => 0,
         });
         let mut keep = |i: usize, file: usize| -> bool {

@@ -448,7 +448,7 @@ async fn check_cut(c: &CutCtx<'_>, k: usize, cut: usize, tdir: &Path) -> bool {
             assert_same(&got, snap, &format!("{what}: snapshot s1"));
         }
     }
-    let repaired = k % c.repair_every == 0;
+    let repaired = k.is_multiple_of(c.repair_every);
     if repaired {
         let opts = OpenOptions {
             writable: true,
