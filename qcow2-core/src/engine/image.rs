@@ -246,7 +246,7 @@ impl Image {
                     ),
                 ));
             }
-            Self::open_one(path, None, opts, seen, depth)
+            Self::open_one(path, None, None, opts, seen, depth)
                 .await
                 .map_err(|e| {
                     if e.message().starts_with(&path.display().to_string()) {
@@ -266,7 +266,24 @@ impl Image {
         opts: &OpenOptions,
     ) -> Result<Image> {
         let mut seen = HashSet::new();
-        Self::open_one(path, Some(file), opts, &mut seen, 0)
+        Self::open_one(path, Some(file), None, opts, &mut seen, 0)
+            .await
+            .map_err(|e| e.context(path.display()))
+    }
+
+    /// [`Image::open_storage`] for an image with an external data file, whose storage is
+    /// `data` (instead of the file the image or `opts.data_file` names; `data_path` names it
+    /// in messages). An image without an external data file does not use `data`.
+    pub async fn open_storage_with_data(
+        file: Arc<dyn Storage>,
+        path: &Path,
+        data: Arc<dyn Storage>,
+        data_path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let mut seen = HashSet::new();
+        let data = Some((data, data_path.to_path_buf()));
+        Self::open_one(path, Some(file), data, opts, &mut seen, 0)
             .await
             .map_err(|e| e.context(path.display()))
     }
@@ -274,6 +291,7 @@ impl Image {
     async fn open_one(
         path: &Path,
         storage: Option<Arc<dyn Storage>>,
+        data_storage: Option<(Arc<dyn Storage>, PathBuf)>,
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
         depth: usize,
@@ -396,7 +414,9 @@ impl Image {
         };
 
         // External data file.
-        let (data, data_path) = if h.has_data_file() {
+        let (data, data_path) = if let (true, Some((d, p))) = (h.has_data_file(), data_storage) {
+            (d, Some(p))
+        } else if h.has_data_file() {
             let p = match (&opts.data_file, &h.data_file) {
                 (Some(p), _) => p.clone(),
                 (None, Some(name)) => {

@@ -5,6 +5,8 @@
 //! - [`threads`]: a portable pool of worker threads doing `pread`/`pwrite`;
 //! - [`uring`]: Linux io_uring with a completion thread;
 //! - [`mem`]: an in-memory store with fault injection, for tests;
+//! - [`powercut`]: in-memory files that log every change and materialize what a disk could
+//!   hold after a power cut at any point, for crash tests;
 //! - [`fault`]: a wrapper around any storage that holds (delays) or fails chosen requests
 //!   and records their order, for deterministic race and fault tests.
 //!
@@ -25,6 +27,7 @@ use std::sync::Arc;
 pub mod fault;
 pub mod lock;
 pub mod mem;
+pub mod powercut;
 pub mod threads;
 pub mod uring;
 

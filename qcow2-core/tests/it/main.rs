@@ -4,10 +4,13 @@
 mod check_qemu;
 mod check_repair;
 mod common;
+mod crash_powercut;
 mod engine_inflight;
 mod engine_races;
+mod faults_io;
 mod io_engines;
 mod safety_locking;
+mod stress_concurrency;
 mod write_concurrency;
 mod write_convert;
 mod write_crash;
