@@ -5,6 +5,7 @@ mod check_qemu;
 mod check_repair;
 mod common;
 mod engine_races;
+mod hostile_fuzz;
 mod io_engines;
 mod safety_locking;
 mod write_concurrency;
