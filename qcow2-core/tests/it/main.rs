@@ -6,6 +6,7 @@ mod check_repair;
 mod common;
 mod engine_races;
 mod hostile_fuzz;
+mod hostile_memory;
 mod io_engines;
 mod safety_locking;
 mod write_concurrency;
