@@ -201,7 +201,6 @@ async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
     if json {
         put("]\n")?;
     }
-    drop(put);
     w.flush()
         .map_err(|e| qcow2_core::Error::io(e, "writing the map"))?;
     Ok(0)

@@ -96,7 +96,7 @@ pub fn tables(data: &[u8]) {
         }
     }
     for order in 0..=6u32 {
-        let n = rest.len() * 8 >> order;
+        let n = (rest.len() * 8) >> order;
         for idx in 0..n.min(4096) {
             let v = refcount::get(rest, order, idx);
             assert!(v <= refcount::max(order));
