@@ -159,34 +159,51 @@ async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
     let file = one_operand(&p, "a file name")?;
     let json = output_json(&p)?;
     let disk = open(&file, p.value("format"), &open_opts(&p)).await?;
-    let entries = disk.map().await?;
     let chain = info::chain(&disk);
-    let mut out = String::new();
+    // Streamed: each entry is printed as soon as it is known (constant memory).
+    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
+    let mut put = |s: &str| -> qcow2_core::Result<()> {
+        w.write_all(s.as_bytes())
+            .map_err(|e| qcow2_core::Error::io(e, "writing the map"))
+    };
     if json {
-        out = info::map_json(&entries);
+        put("[")?;
     } else {
-        out += &format!(
+        put(&format!(
             "{:<16}{:<16}{:<16}{}\n",
             "Offset", "Length", "Mapped to", "File"
-        );
-        for e in &entries {
-            if let (true, Some(o)) = (e.data, e.offset) {
-                let layer = chain.get(e.depth as usize).copied().unwrap_or(&disk);
-                let fname = match layer {
-                    Disk::Qcow2(i) => i.data_file_path().unwrap_or(i.path()).display().to_string(),
-                    Disk::Raw(_) => layer.path().display().to_string(),
-                };
-                out += &format!(
-                    "{:<16}{:<16}{:<16}{}\n",
-                    hex(e.start),
-                    hex(e.length),
-                    hex(o),
-                    fname
-                );
-            }
-        }
+        ))?;
     }
-    print!("{out}");
+    disk.map_each(|e| {
+        if json {
+            if !first {
+                put(",\n")?;
+            }
+            first = false;
+            put(&info::map_json_line(&e))?;
+        } else if let (true, Some(o)) = (e.data, e.offset) {
+            let layer = chain.get(e.depth as usize).copied().unwrap_or(&disk);
+            let fname = match layer {
+                Disk::Qcow2(i) => i.data_file_path().unwrap_or(i.path()).display().to_string(),
+                Disk::Raw(_) => layer.path().display().to_string(),
+            };
+            put(&format!(
+                "{:<16}{:<16}{:<16}{}\n",
+                hex(e.start),
+                hex(e.length),
+                hex(o),
+                fname
+            ))?;
+        }
+        Ok(())
+    })
+    .await?;
+    if json {
+        put("]\n")?;
+    }
+    w.flush()
+        .map_err(|e| qcow2_core::Error::io(e, "writing the map"))?;
     Ok(0)
 }
 

@@ -13,6 +13,8 @@
 pub mod engine;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod jobs;
 

@@ -110,6 +110,11 @@ impl SliceCache {
         }
     }
 
+    /// Most bytes the cache keeps (dirty slices waiting for write-back aside).
+    pub fn capacity(&self) -> usize {
+        self.cap_per_shard * SHARDS * self.slice_size
+    }
+
     /// Bytes in a slice.
     pub fn slice_size(&self) -> usize {
         self.slice_size

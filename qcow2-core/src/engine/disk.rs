@@ -336,15 +336,29 @@ impl Disk {
         }
     }
 
-    /// The whole map, merged like `qemu-img map`.
+    /// The whole map, merged like `qemu-img map`. Collects every entry: for a disk of
+    /// any size and fragmentation prefer [`Disk::map_each`], which streams.
     pub async fn map(&self) -> Result<Vec<MapEntry>> {
+        let mut out = Vec::new();
+        self.map_each(|e| {
+            out.push(e);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// The whole map, merged like `qemu-img map`, handed to `f` one entry at a time as
+    /// soon as it is complete (memory is constant whatever the disk's size and layout).
+    /// An error from `f` stops the walk.
+    pub async fn map_each(&self, mut f: impl FnMut(MapEntry) -> Result<()>) -> Result<()> {
         let size = self.size();
-        let mut out: Vec<MapEntry> = Vec::new();
+        let mut cur: Option<MapEntry> = None;
         let mut off = 0;
         while off < size {
             let e = self.map_entry(off, size - off).await?;
             off += e.length;
-            if let Some(last) = out.last_mut() {
+            if let Some(last) = cur.as_mut() {
                 if last.start + last.length == e.start
                     && last.depth == e.depth
                     && last.present == e.present
@@ -360,9 +374,14 @@ impl Disk {
                     continue;
                 }
             }
-            out.push(e);
+            if let Some(done) = cur.replace(e) {
+                f(done)?;
+            }
         }
-        Ok(out)
+        if let Some(done) = cur {
+            f(done)?;
+        }
+        Ok(())
     }
 
     /// Flush (durably write) everything written so far.

@@ -29,7 +29,10 @@ pub struct OpenOptions {
     pub engine: EngineKind,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
-    /// Total bytes of metadata cache (L2 tables and refcount blocks) per image.
+    /// Total bytes of metadata cache (L2 tables and refcount blocks) of the image and its
+    /// backing chain together: an image with a qcow2 backing file keeps half, the backing
+    /// file gets the other half (and shares it with its own backing file the same way).
+    /// Each cache keeps at least two slices per shard, so very small budgets are rounded up.
     pub cache_size: usize,
     /// Refuse to open any file named inside the image (backing file, data file): for
     /// untrusted images.
@@ -470,8 +473,12 @@ impl Image {
         };
         let backing = match backing_src {
             Some((bpath, name, fmt)) => {
+                // The chain shares one cache budget: the backing chain gets half of it
+                // (and passes half of that on), this image keeps the rest; the total across
+                // the chain stays within `cache_size`.
                 let bopts = OpenOptions {
                     writable: false,
+                    cache_size: opts.cache_size / 2,
                     data_file: None,
                     for_check: false,
                     backing_file: None,
@@ -500,8 +507,12 @@ impl Image {
         };
 
         let slice = layout.slice_size as usize;
-        let l2_cap = opts.cache_size * 3 / 4;
-        let rc_cap = opts.cache_size - l2_cap;
+        let own_cache = match &backing {
+            Some(Disk::Qcow2(_)) => opts.cache_size - opts.cache_size / 2,
+            _ => opts.cache_size,
+        };
+        let l2_cap = own_cache * 3 / 4;
+        let rc_cap = own_cache - l2_cap;
         let zentries = ((4u64 << 20) / cs).max(2) as usize;
         let inner = Inner {
             path: path.to_path_buf(),
@@ -607,6 +618,11 @@ impl Image {
     /// A copy of the active L1 table.
     pub fn l1_table(&self) -> Vec<u64> {
         self.inner.l1.read().clone()
+    }
+    /// Most bytes this image's metadata caches (L2 tables, refcount blocks) keep; the
+    /// backing files' caches are theirs (see [`OpenOptions::cache_size`]).
+    pub fn metadata_cache_capacity(&self) -> usize {
+        self.inner.l2_cache.capacity() + self.inner.rc_cache.capacity()
     }
     /// A copy of the refcount table.
     pub fn refcount_table(&self) -> Vec<u64> {

@@ -2,6 +2,10 @@
 //!
 //! Faults: fail the Nth and later writes (`fail_writes_after`), which simulates a crash
 //! at that point: every write before it is kept, none after.
+//!
+//! Size: writes that would grow the content past `max_len` (by default 1 TiB; set lower
+//! with [`MemStorage::set_max_len`], as the fuzz targets do) fail with `EFBIG`, as a file
+//! system does past its largest file, instead of allocating that much memory.
 
 use super::{IoFuture, Storage};
 use parking_lot::Mutex;
@@ -14,6 +18,7 @@ pub struct MemStorage {
     data: Mutex<Vec<u8>>,
     writes: AtomicU64,
     fail_after: AtomicU64,
+    max_len: AtomicU64,
 }
 
 impl MemStorage {
@@ -23,6 +28,18 @@ impl MemStorage {
             data: Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
             fail_after: AtomicU64::new(u64::MAX),
+            max_len: AtomicU64::new(1 << 40),
+        }
+    }
+    /// Refuse (`EFBIG`) any change that would make the content longer than `n` bytes.
+    pub fn set_max_len(&self, n: u64) {
+        self.max_len.store(n, Ordering::SeqCst);
+    }
+    /// `off + len`, when within the size limit; else `EFBIG`.
+    fn end_within_limit(&self, off: u64, len: u64) -> io::Result<usize> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.max_len.load(Ordering::SeqCst) => Ok(end as usize),
+            _ => Err(io::Error::from_raw_os_error(libc::EFBIG)),
         }
     }
     /// Storage holding `bytes`.
@@ -55,8 +72,8 @@ impl MemStorage {
     }
     fn write_sync(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.count_write()?;
+        let end = self.end_within_limit(off, buf.len() as u64)?;
         let mut d = self.data.lock();
-        let end = off as usize + buf.len();
         if d.len() < end {
             d.resize(end, 0);
         }
@@ -69,8 +86,8 @@ impl Storage for MemStorage {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let d = self.data.lock();
-            let start = (off as usize).min(d.len());
-            let end = (off as usize).saturating_add(buf.len()).min(d.len());
+            let start = off.min(d.len() as u64) as usize;
+            let end = off.saturating_add(buf.len() as u64).min(d.len() as u64) as usize;
             let n = end - start;
             buf[..n].copy_from_slice(&d[start..end]);
             buf[n..].fill(0);
@@ -87,22 +104,26 @@ impl Storage for MemStorage {
         Box::pin(async move {
             self.count_write()?;
             let mut d = self.data.lock();
-            let end = ((off + len) as usize).min(d.len());
-            if (off as usize) < end {
+            let end = off.saturating_add(len).min(d.len() as u64) as usize;
+            if off < end as u64 {
                 d[off as usize..end].fill(0);
             }
             Ok(true)
         })
     }
     fn write_zeroes(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.write_sync(&vec![0; len as usize], off) })
+        Box::pin(async move {
+            self.end_within_limit(off, len)?;
+            self.write_sync(&vec![0; len as usize], off)
+        })
     }
     fn allocate(&self, off: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.count_write()?;
+            let end = self.end_within_limit(off, len)?;
             let mut d = self.data.lock();
-            if (d.len() as u64) < off + len {
-                d.resize((off + len) as usize, 0);
+            if d.len() < end {
+                d.resize(end, 0);
             }
             Ok(())
         })
@@ -112,7 +133,8 @@ impl Storage for MemStorage {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.count_write()?;
-        self.data.lock().resize(len as usize, 0);
+        let len = self.end_within_limit(len, 0)?;
+        self.data.lock().resize(len, 0);
         Ok(())
     }
     fn allocated_size(&self) -> io::Result<u64> {

@@ -72,8 +72,12 @@ unsafe impl Sync for AlignedBuf {}
 const POOL_MIN_BITS: u32 = 12;
 const POOL_MAX_BITS: u32 = 22;
 const POOL_ALIGN: usize = 4096;
-/// Buffers kept per size class.
+/// Buffers kept per size class: at most 64, and at most `POOL_CLASS_BYTES` bytes (at least
+/// two buffers), so the pool never holds more than about 44 MiB in all.
 const POOL_KEEP: usize = 64;
+const POOL_CLASS_BYTES: usize = 4 << 20;
+/// How often a size class gives back the buffers that stayed idle in it (see [`ClassPool`]).
+const POOL_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A freed pool buffer (its allocation, of the class's layout).
 struct PoolSlot(NonNull<u8>);
@@ -81,8 +85,74 @@ struct PoolSlot(NonNull<u8>);
 // moving the pointer between threads is like moving a `Box<[u8]>`.
 unsafe impl Send for PoolSlot {}
 
-static BUF_POOL: [parking_lot::Mutex<Vec<PoolSlot>>; (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize] =
-    [const { parking_lot::Mutex::new(Vec::new()) }; (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize];
+/// The free buffers of one size class. It shrinks after a burst: every
+/// `POOL_TRIM_INTERVAL` (checked when buffers come and go) the buffers that stayed in the
+/// pool through the whole interval (its low-water mark) are freed.
+struct ClassPool {
+    free: Vec<PoolSlot>,
+    /// The fewest free buffers seen since the last trim.
+    low: usize,
+    last_trim: Option<std::time::Instant>,
+}
+
+impl ClassPool {
+    const fn new() -> Self {
+        ClassPool {
+            free: Vec::new(),
+            low: 0,
+            last_trim: None,
+        }
+    }
+    fn take(&mut self) -> Option<PoolSlot> {
+        let s = self.free.pop();
+        self.low = self.low.min(self.free.len());
+        s
+    }
+    /// Keep `slot` if there is room (else hand it back, to be freed), and trim at `now`.
+    /// Returns the slots to free.
+    fn give(&mut self, slot: PoolSlot, keep: usize, now: std::time::Instant) -> Vec<PoolSlot> {
+        let mut out = self.trim(now);
+        if self.free.len() < keep {
+            self.free.push(slot);
+        } else {
+            out.push(slot);
+        }
+        out
+    }
+    /// The slots idle since the last trim, when the interval has passed.
+    fn trim(&mut self, now: std::time::Instant) -> Vec<PoolSlot> {
+        let due = match self.last_trim {
+            Some(t) => now.saturating_duration_since(t) >= POOL_TRIM_INTERVAL,
+            None => true,
+        };
+        if !due {
+            return Vec::new();
+        }
+        self.last_trim = Some(now);
+        let idle = self.low.min(self.free.len());
+        let out = self.free.split_off(self.free.len() - idle);
+        self.low = self.free.len();
+        out
+    }
+}
+
+/// Buffers kept in size class `class`.
+fn pool_keep(class: usize) -> usize {
+    (POOL_CLASS_BYTES >> (class as u32 + POOL_MIN_BITS)).clamp(2, POOL_KEEP)
+}
+
+static BUF_POOL: [parking_lot::Mutex<ClassPool>; (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize] =
+    [const { parking_lot::Mutex::new(ClassPool::new()) };
+        (POOL_MAX_BITS - POOL_MIN_BITS + 1) as usize];
+
+/// Bytes held by the buffer pool (free buffers waiting for reuse).
+pub fn pool_bytes() -> usize {
+    BUF_POOL
+        .iter()
+        .enumerate()
+        .map(|(c, p)| p.lock().free.len() << (c as u32 + POOL_MIN_BITS))
+        .sum()
+}
 
 fn pool_class(len: usize, align: usize) -> Option<usize> {
     if align > POOL_ALIGN || len > 1 << POOL_MAX_BITS {
@@ -111,7 +181,7 @@ impl AlignedBuf {
                 )
             })?,
         };
-        if let Some(PoolSlot(ptr)) = class.and_then(|c| BUF_POOL[c].lock().pop()) {
+        if let Some(PoolSlot(ptr)) = class.and_then(|c| BUF_POOL[c].lock().take()) {
             return Ok(AlignedBuf { ptr, len, layout });
         }
         // SAFETY: `layout` has a non-zero size (at least 1 byte).
@@ -154,11 +224,16 @@ impl Drop for AlignedBuf {
         if self.layout.align() == POOL_ALIGN && self.layout.size().is_power_of_two() {
             if let Some(class) = pool_class(self.layout.size(), POOL_ALIGN) {
                 if 1usize << (class as u32 + POOL_MIN_BITS) == self.layout.size() {
-                    let mut pool = BUF_POOL[class].lock();
-                    if pool.len() < POOL_KEEP {
-                        pool.push(PoolSlot(self.ptr));
-                        return;
+                    let now = std::time::Instant::now();
+                    let slot = PoolSlot(self.ptr);
+                    let gone = BUF_POOL[class].lock().give(slot, pool_keep(class), now);
+                    for PoolSlot(p) in gone {
+                        // SAFETY: every pooled slot of this class was allocated with this
+                        // layout (`alloc_zeroed`) and is owned by the pool alone; it leaves
+                        // the pool here and is freed once.
+                        unsafe { alloc::dealloc(p.as_ptr(), self.layout) }
                     }
+                    return;
                 }
             }
         }
@@ -937,5 +1012,65 @@ impl Storage for ThreadsFile {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.core.fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn slots(n: usize) -> Vec<PoolSlot> {
+        (0..n).map(|_| PoolSlot(NonNull::dangling())).collect()
+    }
+
+    #[test]
+    fn pool_keeps_a_bounded_number_per_class() {
+        assert_eq!(pool_keep(0), 64); // 4 KiB buffers: 256 KiB
+        assert_eq!(pool_keep(6), 16); // 256 KiB buffers: 4 MiB
+        assert_eq!(pool_keep(10), 2); // 4 MiB buffers: 8 MiB
+        let total: usize = (0..=(POOL_MAX_BITS - POOL_MIN_BITS) as usize)
+            .map(|c| pool_keep(c) << (c as u32 + POOL_MIN_BITS))
+            .sum();
+        assert!(total <= 48 << 20, "{total}");
+        let mut p = ClassPool::new();
+        let t = Instant::now();
+        let mut freed = 0;
+        for s in slots(100) {
+            freed += p.give(s, 16, t).len();
+        }
+        assert_eq!(p.free.len(), 16);
+        assert_eq!(freed, 84);
+    }
+
+    #[test]
+    fn pool_gives_memory_back_after_a_burst() {
+        let mut p = ClassPool::new();
+        let t0 = Instant::now();
+        // A burst: 16 buffers in use at once, then all returned.
+        let mut freed = 0;
+        for s in slots(16) {
+            freed += p.give(s, 64, t0).len();
+        }
+        assert_eq!((p.free.len(), freed), (16, 0));
+        // Steady use of 2 buffers at a time for a while.
+        let mut t = t0;
+        for _ in 0..10 {
+            t += Duration::from_millis(300);
+            let a = p.take().unwrap();
+            let b = p.take().unwrap();
+            freed += p.give(a, 64, t).len();
+            freed += p.give(b, 64, t).len();
+        }
+        // The 14 buffers idle through a whole interval were freed; the 2 in use stay.
+        assert_eq!(freed, 14);
+        assert_eq!(p.free.len(), 2);
+        // No use at all: within a few intervals everything is given back.
+        for _ in 0..3 {
+            t += Duration::from_secs(2);
+            freed += p.trim(t).len();
+        }
+        assert_eq!(p.free.len(), 0);
+        assert_eq!(freed, 16);
     }
 }

@@ -238,7 +238,8 @@ pub async fn check(img: &Image, opts: &CheckOptions) -> Result<CheckReport> {
     let mut c = Checker::new(img, Fix::NONE).map_err(ctx)?;
     c.run().await.map_err(ctx)?;
     drop(quiet);
-    Ok(make_report(img, &c.res, c.msgs, 0))
+    let msgs = c.take_msgs();
+    Ok(make_report(img, &c.res, msgs, 0))
 }
 
 /// The report of a check run with counters `res`.
@@ -280,6 +281,8 @@ pub(crate) const QCOW_OFLAG_ZERO: u64 = l2::ZERO;
 const MAX_L1_BYTES: u64 = crate::format::header::MAX_L1_BYTES;
 /// QEMU's largest request offset/length (`BDRV_MAX_LENGTH`); beyond it reads fail with EIO.
 const MAX_IO_OFFSET: u64 = (i64::MAX as u64) & !((1u64 << 30) - 1);
+/// Diagnostic lines kept by one check pass (the counters count everything).
+pub const MAX_MESSAGES: usize = 10_000;
 /// Entries of an L1 table read at once.
 const L1_CHUNK: u64 = 64 << 10;
 
@@ -501,6 +504,8 @@ pub(crate) struct Checker<'a> {
     /// Corruptions of the snapshot table (QEMU counts them in a separate result).
     pub(crate) snap_corruptions: u64,
     pub(crate) msgs: Vec<String>,
+    /// Messages not kept because `msgs` reached [`MAX_MESSAGES`].
+    pub(crate) suppressed: u64,
     pub(crate) refs: RefArray,
     /// One L2 table.
     l2_buf: Vec<u8>,
@@ -552,6 +557,7 @@ impl<'a> Checker<'a> {
             res: Counters::default(),
             snap_corruptions: 0,
             msgs: Vec::new(),
+            suppressed: 0,
             refs,
             l2_buf: vec![0u8; cs as usize],
             rb: None,
@@ -566,8 +572,27 @@ impl<'a> Checker<'a> {
         })
     }
 
+    /// Record a diagnostic line. At most [`MAX_MESSAGES`] are kept (a hostile image can have
+    /// a problem in every one of billions of clusters); the rest are counted.
     pub(crate) fn msg(&mut self, m: String) {
-        self.msgs.push(m);
+        if self.msgs.len() < MAX_MESSAGES {
+            self.msgs.push(m);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    /// The diagnostic lines, ending with how many were suppressed, if any.
+    pub(crate) fn take_msgs(&mut self) -> Vec<String> {
+        let mut v = std::mem::take(&mut self.msgs);
+        if self.suppressed > 0 {
+            v.push(format!(
+                "... {} more messages suppressed (at most {MAX_MESSAGES} are shown)",
+                self.suppressed
+            ));
+            self.suppressed = 0;
+        }
+        v
     }
 
     /// Read `buf.len()` bytes at `off` of the image file, as QEMU's `bdrv_pread` on the file
@@ -717,10 +742,8 @@ impl<'a> Checker<'a> {
             for (i, s) in out.iter().enumerate() {
                 if s.extra_data_size < 16 {
                     self.snap_corruptions += 1;
-                    self.msgs.push(format!(
-                        "{} snapshot table entry {i} is incomplete",
-                        self.fix.tag()
-                    ));
+                    let m = format!("{} snapshot table entry {i} is incomplete", self.fix.tag());
+                    self.msg(m);
                 }
             }
         }

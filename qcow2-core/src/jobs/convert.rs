@@ -3,7 +3,7 @@
 use crate::engine::disk::{Disk, Format};
 use crate::io::{FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, TryStreamExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,41 +69,82 @@ struct Piece {
     zero: bool,
 }
 
-/// Split `[0, size)` into pieces of at most `CHUNK` bytes, marking those that the chain says
-/// read as zeros.
-async fn plan(src: &Disk) -> Result<Vec<Piece>> {
-    let size = src.size();
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let e = src.map_entry(off, (size - off).min(1 << 30)).await?;
-        let zero = e.zero;
-        let mut o = off;
-        let end = off + e.length;
-        while o < end {
-            let l = (end - o).min(CHUNK - o % CHUNK);
-            match out.last_mut() {
-                Some(Piece {
-                    off: po,
-                    len: pl,
-                    zero: pz,
-                }) if *pz == zero && zero && *po + *pl == o => *pl += l,
-                Some(Piece {
-                    off: po,
-                    len: pl,
-                    zero: pz,
-                }) if *pz == zero && !zero && *po + *pl == o && *pl + l <= CHUNK => *pl += l,
-                _ => out.push(Piece {
-                    off: o,
-                    len: l,
-                    zero,
-                }),
-            }
-            o += l;
+/// The copy plan, produced lazily (memory is constant whatever the disk size): `[0, size)`
+/// cut into windows aligned to `CHUNK` (a multiple of every cluster size), so that no cluster
+/// of a target is split between two windows (compression needs whole clusters, and windows
+/// copied concurrently never share a cluster). A window is zero when the chain says all of it
+/// reads as zeros; neighbouring zero windows are merged into one piece (which can be huge: it
+/// is never read into memory).
+struct Planner<'a> {
+    src: &'a Disk,
+    size: u64,
+    pos: u64,
+}
+
+impl<'a> Planner<'a> {
+    fn new(src: &'a Disk) -> Self {
+        Planner {
+            src,
+            size: src.size(),
+            pos: 0,
         }
-        off = end;
     }
-    Ok(out)
+
+    /// The next piece, or `None` at the end of the disk.
+    async fn next_piece(&mut self) -> Result<Option<Piece>> {
+        let size = self.size;
+        let start = self.pos;
+        let mut pos = start;
+        while pos < size {
+            let wend = ((pos / CHUNK + 1) * CHUNK).min(size);
+            let mut q = pos;
+            let mut zero = true;
+            while q < wend {
+                let e = self.src.map_entry(q, size - q).await?;
+                if !e.zero {
+                    zero = false;
+                    break;
+                }
+                q += e.length.max(1);
+            }
+            if !zero {
+                if pos > start {
+                    // The zero run before this window first.
+                    self.pos = pos;
+                    return Ok(Some(Piece {
+                        off: start,
+                        len: pos - start,
+                        zero: true,
+                    }));
+                }
+                self.pos = wend;
+                return Ok(Some(Piece {
+                    off: pos,
+                    len: wend - pos,
+                    zero: false,
+                }));
+            }
+            // Zeros up to `q`: skip to the last window boundary inside the run.
+            pos = if q >= size {
+                size
+            } else {
+                (q / CHUNK * CHUNK).max(wend)
+            };
+        }
+        self.pos = pos;
+        Ok((pos > start).then_some(Piece {
+            off: start,
+            len: pos - start,
+            zero: true,
+        }))
+    }
+
+    /// The plan as a stream of pieces.
+    fn stream(self) -> impl futures::Stream<Item = Result<Piece>> + 'a {
+        stream::try_unfold(self, |mut p| async move {
+            Ok(p.next_piece().await?.map(|piece| (piece, p)))
+        })
+    }
 }
 
 /// Copy the guest content of `src` into a new raw file at `dst` (created or truncated),
@@ -114,11 +155,11 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let out = new.file.clone();
     let size = src.size();
     out.set_len(size).ctx(dst.display())?;
-    let pieces = plan(src).await?;
     let done = AtomicU64::new(0);
     let total = size.max(1);
     let out_ref: &dyn Storage = &*out;
-    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
+    Planner::new(src)
+        .stream()
         .try_for_each_concurrent(opts.parallel.max(1), |p| {
             let done = &done;
             async move {
@@ -212,41 +253,55 @@ pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> 
 }
 
 /// First offset in `[start, end)` where `a` differs from `b` (or from zeros when `b` is None).
+///
+/// Streams: the block status of both sides is walked lazily; runs where both read as zeros
+/// are skipped without reading (an empty disk of any size costs one status lookup per L2
+/// table's range), the rest is read and compared a `CHUNK` window at a time, 8 windows in
+/// flight. Memory is constant whatever the disk size, and the walk stops at the first
+/// difference.
 async fn first_difference(a: &Disk, b: Option<&Disk>, start: u64, end: u64) -> Result<Option<u64>> {
-    let ranges: Vec<(u64, u64)> = (start..end)
-        .step_by(CHUNK as usize)
-        .map(|o| (o, (end - o).min(CHUNK)))
-        .collect();
-    let results: Vec<Option<u64>> = stream::iter(ranges)
-        .map(|(off, len)| async move {
-            let za = a.map_entry(off, len).await?;
-            let zb = match b {
-                Some(b) => Some(b.map_entry(off, len).await?),
-                None => None,
+    let windows = stream::try_unfold(start, move |mut pos| async move {
+        while pos < end {
+            let za = a.map_entry(pos, end - pos).await?;
+            let (zb_zero, n) = match b {
+                Some(b) => {
+                    let zb = b.map_entry(pos, end - pos).await?;
+                    (zb.zero, za.length.min(zb.length))
+                }
+                None => (true, za.length),
             };
-            if za.zero && za.length == len && zb.is_none_or(|z| z.zero && z.length == len) {
-                return Ok::<Option<u64>, Error>(None);
+            if za.zero && zb_zero {
+                pos += n.max(1);
+                continue;
             }
+            // Read the whole CHUNK window around the run (as data runs are often short).
+            let wend = ((pos / CHUNK + 1) * CHUNK).min(end);
+            return Ok::<_, Error>(Some(((pos, wend - pos), wend)));
+        }
+        Ok(None)
+    });
+    let diffs = windows
+        .map_ok(|(off, len)| async move {
             let mut ba = vec![0u8; len as usize];
             a.read_at(&mut ba, off).await?;
-            let bb = match b {
+            let pos = match b {
                 Some(b) => {
                     let mut bb = vec![0u8; len as usize];
                     b.read_at(&mut bb, off).await?;
-                    bb
+                    ba.iter().zip(bb.iter()).position(|(x, y)| x != y)
                 }
-                None => vec![0u8; len as usize],
+                None => ba.iter().position(|&x| x != 0),
             };
-            Ok(ba
-                .iter()
-                .zip(bb.iter())
-                .position(|(x, y)| x != y)
-                .map(|p| off + p as u64))
+            Ok::<Option<u64>, Error>(pos.map(|p| off + p as u64))
         })
-        .buffered(8)
-        .try_collect()
-        .await?;
-    Ok(results.into_iter().flatten().next())
+        .try_buffered(8);
+    let mut diffs = std::pin::pin!(diffs);
+    while let Some(d) = diffs.try_next().await? {
+        if d.is_some() {
+            return Ok(d);
+        }
+    }
+    Ok(None)
 }
 
 /// Open a disk for reading by name and optional format name.
@@ -313,50 +368,6 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
     closed
 }
 
-/// Cut `[0, size)` into windows aligned to `CHUNK` (a multiple of every cluster size), so
-/// that no cluster of the target is split between two windows: compression needs whole
-/// clusters, and windows copied concurrently never share a cluster. A window is zero when
-/// every piece of the plan inside it is; neighbouring zero windows are merged (a zero
-/// window can be huge: it is never read into memory).
-fn windows(pieces: &[Piece], size: u64) -> Vec<Piece> {
-    let mut out: Vec<Piece> = Vec::new();
-    let mut pi = 0;
-    let mut w = 0;
-    while w < size {
-        let wend = (w + CHUNK).min(size);
-        while pi + 1 < pieces.len() && pieces[pi].off + pieces[pi].len <= w {
-            pi += 1;
-        }
-        let p = pieces[pi];
-        let (end, zero) = if p.zero && p.off + p.len >= wend {
-            // Skip to the last window boundary inside this zero piece.
-            let pend = p.off + p.len;
-            let end = if pend >= size {
-                size
-            } else {
-                pend / CHUNK * CHUNK
-            };
-            (end.max(wend), true)
-        } else {
-            let zero = pieces[pi..]
-                .iter()
-                .take_while(|q| q.off < wend)
-                .all(|q| q.zero);
-            (wend, zero)
-        };
-        match out.last_mut() {
-            Some(l) if zero && l.zero && l.off + l.len == w => l.len += end - w,
-            _ => out.push(Piece {
-                off: w,
-                len: end - w,
-                zero,
-            }),
-        }
-        w = end;
-    }
-    out
-}
-
 /// Zero window `p` of a target with a backing file: write zeros where the backing file
 /// does not read as zeros.
 async fn zero_over_backing(
@@ -403,10 +414,10 @@ async fn copy_into(
     let size = src.size();
     let cs = img.layout().cluster_size;
     let backing = img.backing().cloned();
-    let pieces = windows(&plan(src).await?, size);
     let done = AtomicU64::new(0);
     let total = size.max(1);
-    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
+    Planner::new(src)
+        .stream()
         .try_for_each_concurrent(opts.parallel.max(1), |p| {
             let done = &done;
             let backing = &backing;

@@ -331,6 +331,17 @@ pub fn map_entry_json(e: &MapEntry) -> Value {
     Value::Object(m)
 }
 
+/// One line of `qemu-img map --output=json` (without the separator): `{ "start": ..}`.
+pub fn map_json_line(e: &MapEntry) -> String {
+    let mut out = String::from("{ ");
+    if let Value::Object(m) = map_entry_json(e) {
+        let fields: Vec<String> = m.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        out.push_str(&fields.join(", "));
+    }
+    out.push('}');
+    out
+}
+
 /// The text of `qemu-img map --output=json`: a JSON array with one entry a line, spaced as
 /// qemu-img prints it.
 pub fn map_json(entries: &[MapEntry]) -> String {
@@ -339,12 +350,7 @@ pub fn map_json(entries: &[MapEntry]) -> String {
         if i > 0 {
             out.push_str(",\n");
         }
-        out.push_str("{ ");
-        if let Value::Object(m) = map_entry_json(e) {
-            let fields: Vec<String> = m.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
-            out.push_str(&fields.join(", "));
-        }
-        out.push('}');
+        out.push_str(&map_json_line(e));
     }
     out.push_str("]\n");
     out

@@ -117,7 +117,7 @@ pub(crate) async fn check_repair(img: &Image, r: Repair) -> Result<CheckReport> 
     res.leaks_fixed = first.res.leaks_fixed;
     let n = first.msgs.len();
     let mut msgs = first.msgs;
-    msgs.append(&mut c.msgs);
+    msgs.append(&mut c.take_msgs());
     Ok(make_report(img, &res, msgs, n))
 }
 
@@ -151,7 +151,7 @@ async fn repair_pass(img: &Image, fix: Fix) -> Result<Pass> {
     }
     Ok(Pass {
         res: c.res,
-        msgs: std::mem::take(&mut c.msgs),
+        msgs: c.take_msgs(),
         rebuilt: c.rebuilt,
     })
 }

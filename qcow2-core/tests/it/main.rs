@@ -8,6 +8,8 @@ mod crash_powercut;
 mod engine_inflight;
 mod engine_races;
 mod faults_io;
+mod hostile_fuzz;
+mod hostile_memory;
 mod io_engines;
 mod safety_locking;
 mod stress_concurrency;

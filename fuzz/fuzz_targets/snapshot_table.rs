@@ -1,0 +1,6 @@
+#![no_main]
+//! cargo-fuzz target: see `qcow2_core::fuzzing::snapshot_table`.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| qcow2_core::fuzzing::snapshot_table(data));
