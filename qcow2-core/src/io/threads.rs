@@ -38,6 +38,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::thread;
@@ -185,6 +186,41 @@ pub(super) struct FileCore {
     /// into the operations so that a write whose future was dropped keeps the
     /// lock until the write really finished.
     lock: Arc<tokio::sync::RwLock<()>>,
+    /// What may run on the calling thread (see [`FileCore::read_inline`]): one of
+    /// `INLINE_NO`, `INLINE_NOWAIT`, `INLINE_ALWAYS`.
+    inline: AtomicU8,
+}
+
+/// Nothing runs on the calling thread (`O_DIRECT`, or `RWF_NOWAIT` is refused).
+const INLINE_NO: u8 = 0;
+/// Reads are tried with `preadv2(RWF_NOWAIT)` on the calling thread first: a page-cache
+/// hit completes there, a miss goes to the engine.
+const INLINE_NOWAIT: u8 = 1;
+/// The file lives in memory (tmpfs, ramfs): reads and writes never wait for a device,
+/// so they run on the calling thread with plain `pread`/`pwrite`.
+const INLINE_ALWAYS: u8 = 2;
+
+/// `statfs.f_type` of tmpfs and ramfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// The inline mode of a newly opened file.
+fn inline_mode(file: &File, direct: bool) -> u8 {
+    if direct {
+        return INLINE_NO;
+    }
+    let mut sfs = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fstatfs` writes one `statfs` into the memory we pass, which is ours and
+    // of that type; the fd is valid (owned by `file`).
+    if unsafe { libc::fstatfs(file.as_raw_fd(), sfs.as_mut_ptr()) } == 0 {
+        // SAFETY: zero-initialized, then filled by the successful `fstatfs`.
+        #[allow(clippy::unnecessary_cast)]
+        let t = unsafe { sfs.assume_init() }.f_type as i64;
+        if t == TMPFS_MAGIC || t == RAMFS_MAGIC {
+            return INLINE_ALWAYS;
+        }
+    }
+    INLINE_NOWAIT
 }
 
 impl FileCore {
@@ -217,12 +253,79 @@ impl FileCore {
         } else {
             1
         };
+        let inline = AtomicU8::new(inline_mode(&file, opts.direct));
         Ok(FileCore {
             file,
             align,
             direct: opts.direct,
             lock: Arc::new(tokio::sync::RwLock::new(())),
+            inline,
         })
+    }
+
+    /// Read on the calling thread, straight into the caller's `buf` (no bounce buffer,
+    /// no hand-off to another thread), as much as can be read without waiting for a
+    /// device: everything on tmpfs, page-cache hits elsewhere (`preadv2(RWF_NOWAIT)`).
+    /// Returns the bytes read and whether the read is complete (`buf` full, or the end of
+    /// the file reached, the rest zero-filled); the caller reads the rest through the
+    /// engine. The call is synchronous, so `buf` is only touched while it is borrowed:
+    /// this needs no ownership rule. Without `O_DIRECT` only.
+    pub(super) fn read_inline(&self, buf: &mut [u8], off: u64) -> io::Result<(usize, bool)> {
+        let mode = self.inline.load(Ordering::Relaxed);
+        if mode == INLINE_NO {
+            return Ok((0, false));
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let Ok(pos) = libc::off_t::try_from(off + done as u64) else {
+                return Ok((done, false)); // the engine reports it
+            };
+            let r = if mode == INLINE_ALWAYS {
+                // SAFETY: `rest` is writable memory we borrow for this synchronous call.
+                unsafe { libc::pread(self.fd(), rest.as_mut_ptr().cast(), rest.len(), pos) }
+            } else {
+                let iov = libc::iovec {
+                    iov_base: rest.as_mut_ptr().cast(),
+                    iov_len: rest.len(),
+                };
+                // SAFETY: `iov` describes `rest`, writable memory we borrow for this
+                // synchronous call; one iovec is passed.
+                unsafe { libc::preadv2(self.fd(), &iov, 1, pos, libc::RWF_NOWAIT) }
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not in the page cache (or the rest of it is not): the engine reads it.
+                    Some(libc::EAGAIN) => return Ok((done, false)),
+                    // The file system does not do RWF_NOWAIT reads: stop trying.
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                        self.inline.store(INLINE_NO, Ordering::Relaxed);
+                        return Ok((done, false));
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if r == 0 {
+                // End of file: the rest reads as zeros.
+                buf[done..].fill(0);
+                return Ok((buf.len(), true));
+            }
+            done += r as usize;
+        }
+        Ok((done, true))
+    }
+
+    /// Write all of `data` at `off` on the calling thread when the file lives in memory
+    /// (tmpfs): such a write never waits for a device. Returns false (nothing written)
+    /// for other files, which go through the engine.
+    pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
+        if self.inline.load(Ordering::Relaxed) != INLINE_ALWAYS {
+            return Ok(false);
+        }
+        self.file.write_all_at(data, off)?;
+        Ok(true)
     }
 
     fn fd(&self) -> libc::c_int {
@@ -509,6 +612,14 @@ pub(super) mod ops {
         if buf.is_empty() {
             return Ok(());
         }
+        end_of(off, buf.len())?;
+        // Page-cache hits (everything on tmpfs) are read on this thread into `buf` itself.
+        let (done, complete) = b.core().read_inline(buf, off)?;
+        if complete {
+            return Ok(());
+        }
+        let buf = &mut buf[done..];
+        let off = off + done as u64;
         let end = end_of(off, buf.len())?;
         let a = b.core().align as u64;
         let mut pos = align_down(off, a);
@@ -557,6 +668,9 @@ pub(super) mod ops {
         let end = end_of(off, data.len())?;
         let core = b.core();
         if !core.direct {
+            if core.write_inline(data, off)? {
+                return Ok(());
+            }
             let mut pos = 0;
             while pos < data.len() {
                 let n = (data.len() - pos).min(MAX_CHUNK);
