@@ -317,6 +317,13 @@ impl FileCore {
         Ok((done, true))
     }
 
+    /// Whether the file lives in memory (tmpfs, ramfs): nothing done to it waits for a
+    /// device, so the engines run its `fallocate` and `fdatasync` on the calling thread
+    /// too (an io_uring `fallocate` would otherwise go to an io-wq worker).
+    pub(super) fn in_memory(&self) -> bool {
+        self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS
+    }
+
     /// Write all of `data` at `off` on the calling thread when the file lives in memory
     /// (tmpfs): such a write never waits for a device. Returns false (nothing written)
     /// for other files, which go through the engine.
@@ -520,6 +527,27 @@ impl<T> Pending<T> {
         let (tx, rx) = oneshot::channel();
         (tx, Pending(rx))
     }
+
+    /// An operation already done (on the calling thread).
+    pub(super) fn ready(r: io::Result<T>) -> Self {
+        let (tx, p) = Self::channel();
+        let _ = tx.send(r);
+        p
+    }
+}
+
+impl FileCore {
+    /// `fdatasync` on the calling thread, for a file in memory (else `None`).
+    pub(super) fn fdatasync_inline(&self) -> Option<Pending<()>> {
+        self.in_memory()
+            .then(|| Pending::ready(self.file.sync_data()))
+    }
+
+    /// `fallocate` on the calling thread, for a file in memory (else `None`).
+    pub(super) fn fallocate_inline(&self, mode: i32, off: u64, len: u64) -> Option<Pending<()>> {
+        self.in_memory()
+            .then(|| Pending::ready(fallocate(&self.file, mode, off, len)))
+    }
 }
 
 impl<T> Future for Pending<T> {
@@ -535,6 +563,93 @@ impl<T> Future for Pending<T> {
     }
 }
 
+/// The caller's memory, lent to a worker or to the kernel for one read
+/// ([`Backend::read_into`]).
+///
+/// **The rule that makes lending sound: a request always runs to its end.** The
+/// only reader of a `RawBuf` is an operation whose [`Pending`] is wrapped in
+/// [`RunToEnd`], and `RunToEnd` does not let its borrow of the memory end before
+/// the engine has answered: dropping it (a cancelled request, a runtime shutting
+/// down) blocks until the operation has finished. Leaking the request's future
+/// instead (`mem::forget`) would end the borrow early; nothing in this crate, in
+/// the C library or in the Python package does that (their requests run on the
+/// runtime to their end even when the caller stops waiting), and code that cannot
+/// promise it must use owned buffers. See docs/RELIABILITY.md, "Zero-copy reads".
+pub(super) struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a `RawBuf` stands for an exclusive borrow of `len` bytes (`&mut [u8]`,
+// which is `Send`), kept alive by the `RunToEnd` rule above.
+unsafe impl Send for RawBuf {}
+
+impl RawBuf {
+    fn new(buf: &mut [u8]) -> Self {
+        RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    pub(super) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The memory as a slice, for a worker's `pread`.
+    ///
+    /// # Safety
+    /// Only while the operation that owns this `RawBuf` runs: the `RunToEnd` rule
+    /// keeps the caller's exclusive borrow alive until then.
+    unsafe fn as_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the caller's contract above; `ptr`/`len` come from a `&mut [u8]`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// A [`Pending`] of an operation that uses the caller's memory: it cannot end
+/// before the operation does. Dropped early, it waits (blocking the thread) for
+/// the engine's answer, which comes from the engine's own threads, never from the
+/// runtime, so this cannot deadlock.
+struct RunToEnd<'a, T> {
+    pending: Pending<T>,
+    finished: bool,
+    _borrow: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a, T> RunToEnd<'a, T> {
+    fn new(_buf: &'a mut [u8], pending: Pending<T>) -> Self {
+        RunToEnd {
+            pending,
+            finished: false,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> Future for RunToEnd<'_, T> {
+    type Output = io::Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let r = Pin::new(&mut self.pending).poll(cx);
+        if r.is_ready() {
+            self.finished = true;
+        }
+        r
+    }
+}
+
+impl<T> Drop for RunToEnd<'_, T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = futures::executor::block_on(&mut self.pending);
+        }
+    }
+}
+
 /// The primitive operations of an engine. They own their buffers and start at
 /// once; the request logic in [`ops`] is written once on top of them.
 pub(super) trait Backend: Send + Sync {
@@ -543,6 +658,9 @@ pub(super) trait Backend: Send + Sync {
     /// Read into `buf` at `off` until it is full or the end of the file; gives the
     /// buffer back with the number of bytes read.
     fn read_owned(&self, buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)>;
+    /// Read into the caller's memory at `off` until it is full or the end of the
+    /// file; gives the number of bytes read. Only through [`RunToEnd`] (see [`RawBuf`]).
+    fn read_into(&self, buf: RawBuf, off: u64) -> Pending<usize>;
     /// Write all of `buf` at `off`, then truncate the file to `truncate_to` if
     /// given. `hold` is dropped once that is done.
     fn write_owned(
@@ -560,7 +678,7 @@ pub(super) trait Backend: Send + Sync {
 
 /// Request logic shared by the file engines (see the module documentation).
 pub(super) mod ops {
-    use super::{AlignedBuf, Backend, Hold, MAX_CHUNK, ZERO_CHUNK};
+    use super::{AlignedBuf, Backend, Hold, RawBuf, RunToEnd, MAX_CHUNK, ZERO_CHUNK};
     use std::any::Any;
     use std::io;
     use std::sync::Arc;
@@ -622,6 +740,25 @@ pub(super) mod ops {
         let off = off + done as u64;
         let end = end_of(off, buf.len())?;
         let a = b.core().align as u64;
+        if (buf.as_ptr() as u64 | off | buf.len() as u64) & (a - 1) == 0 {
+            // Zero copy: the caller's memory goes to the engine (aligned for O_DIRECT,
+            // or no O_DIRECT at all). The request runs to its end (`RunToEnd`).
+            let mut pos = 0;
+            while pos < buf.len() {
+                let n = (buf.len() - pos).min(max_piece(a) as usize);
+                let piece = &mut buf[pos..pos + n];
+                let pending = b.read_into(RawBuf::new(piece), off + pos as u64);
+                let got = RunToEnd::new(piece, pending).await?.min(n);
+                if got < n {
+                    // End of file: the rest reads as zeros.
+                    buf[pos + got..].fill(0);
+                    break;
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
+        // Misaligned O_DIRECT: bounce through aligned buffers owned by the operation.
         let mut pos = align_down(off, a);
         let aend = align_up(end, a)?;
         while pos < aend {
@@ -979,6 +1116,16 @@ impl Backend for ThreadsFile {
         })
     }
 
+    fn read_into(&self, mut buf: RawBuf, off: u64) -> Pending<usize> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            // SAFETY: this job is the operation that owns `buf`; the caller's
+            // `RunToEnd` keeps the memory borrowed until the job has returned.
+            let s = unsafe { buf.as_slice() };
+            pread_full(&core.file, s, off, core.align)
+        })
+    }
+
     fn write_owned(
         &self,
         buf: AlignedBuf,
@@ -998,11 +1145,17 @@ impl Backend for ThreadsFile {
     }
 
     fn fdatasync(&self) -> Pending<()> {
+        if let Some(p) = self.core.fdatasync_inline() {
+            return p;
+        }
         let core = self.core.clone();
         self.pool.run(move || core.file.sync_data())
     }
 
     fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        if let Some(p) = self.core.fallocate_inline(mode, off, len) {
+            return p;
+        }
         let core = self.core.clone();
         self.pool.run(move || {
             let r = fallocate(&core.file, mode, off, len);

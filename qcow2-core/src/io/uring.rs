@@ -42,7 +42,7 @@
 //! read-modify-write and fallbacks are shared with the threads engine (see
 //! [`super::threads`]).
 
-use super::threads::{ops, AlignedBuf, Backend, FileCore, Hold, Pending};
+use super::threads::{ops, AlignedBuf, Backend, FileCore, Hold, Pending, RawBuf};
 use super::{FileOptions, IoFuture, Storage};
 use futures::channel::oneshot;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
@@ -82,6 +82,11 @@ enum Kind {
     Read {
         buf: AlignedBuf,
         tx: oneshot::Sender<io::Result<(AlignedBuf, usize)>>,
+    },
+    /// A read into the caller's memory (see [`RawBuf`]: the request runs to its end).
+    ReadInto {
+        buf: RawBuf,
+        tx: oneshot::Sender<io::Result<usize>>,
     },
     Write {
         buf: AlignedBuf,
@@ -124,6 +129,11 @@ impl Op {
                 let p = buf.as_mut_ptr().wrapping_add(self.done);
                 opcode::Read::new(fd, p, rest).offset(pos).build()
             }
+            Kind::ReadInto { buf, .. } => {
+                let rest = (buf.len() - self.done) as u32;
+                let p = buf.as_mut_ptr().wrapping_add(self.done);
+                opcode::Read::new(fd, p, rest).offset(pos).build()
+            }
             Kind::Write { buf, .. } => {
                 let rest = (buf.len() - self.done) as u32;
                 let p = buf.as_mut_ptr().wrapping_add(self.done);
@@ -147,6 +157,9 @@ impl Op {
         match self.kind {
             Kind::Read { buf, tx } => {
                 let _ = tx.send(r.map(|n| (buf, n)));
+            }
+            Kind::ReadInto { tx, .. } => {
+                let _ = tx.send(r);
             }
             Kind::Write { tx, .. } | Kind::Fsync { tx } | Kind::Fallocate { tx, .. } => {
                 let _ = tx.send(r.map(drop));
@@ -247,7 +260,9 @@ impl Ring {
         // SAFETY: `push` requires the entry's resources to stay valid until the
         // operation completes. The buffer (if any) is owned by the operation,
         // which stays in `st.ops` (its heap memory never moves) until the
-        // completion thread has reaped its CQE; the fd belongs to the operation's
+        // completion thread has reaped its CQE, or (`ReadInto`) is the caller's
+        // memory, which the caller's `RunToEnd` keeps borrowed until the operation
+        // has answered (after that CQE); the fd belongs to the operation's
         // `core`, an `Arc` the operation holds until then.
         let ok = unsafe { sq.push(&sqe) }.is_ok();
         drop(sq); // publishes the new tail
@@ -301,7 +316,12 @@ impl Ring {
             return Step::Done(Ok(0)); // the exit request
         };
         match &op.kind {
-            Kind::Read { buf, .. } => {
+            Kind::Read { .. } | Kind::ReadInto { .. } => {
+                let len = match &op.kind {
+                    Kind::Read { buf, .. } => buf.len(),
+                    Kind::ReadInto { buf, .. } => buf.len(),
+                    _ => 0,
+                };
                 if n == 0 {
                     return Step::Done(Ok(op.done)); // end of file
                 }
@@ -309,7 +329,7 @@ impl Ring {
                 let pos = op.off + op.done as u64;
                 let align = core.align as u64;
                 // With O_DIRECT, stopping at an unaligned position is the end of file.
-                if op.done >= buf.len() || pos & (align - 1) != 0 {
+                if op.done >= len || pos & (align - 1) != 0 {
                     Step::Done(Ok(op.done))
                 } else {
                     Step::Again
@@ -593,6 +613,12 @@ impl Backend for UringFile {
         pending
     }
 
+    fn read_into(&self, buf: RawBuf, off: u64) -> Pending<usize> {
+        let (tx, pending) = Pending::channel();
+        self.start(Kind::ReadInto { buf, tx }, off, None);
+        pending
+    }
+
     fn write_owned(
         &self,
         buf: AlignedBuf,
@@ -614,12 +640,18 @@ impl Backend for UringFile {
     }
 
     fn fdatasync(&self) -> Pending<()> {
+        if let Some(p) = self.core.fdatasync_inline() {
+            return p;
+        }
         let (tx, pending) = Pending::channel();
         self.start(Kind::Fsync { tx }, 0, None);
         pending
     }
 
     fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        if let Some(p) = self.core.fallocate_inline(mode, off, len) {
+            return p;
+        }
         let (tx, pending) = Pending::channel();
         self.start(Kind::Fallocate { mode, len, tx }, off, hold);
         pending
