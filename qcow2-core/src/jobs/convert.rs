@@ -61,6 +61,101 @@ pub fn is_zero(b: &[u8]) -> bool {
     whole && chunks.remainder().iter().all(|&x| x == 0)
 }
 
+/// Piece buffers reused from piece to piece: a conversion has at most `parallel` pieces in
+/// flight, so it keeps at most that many (2 MiB each) and pays no allocation, zero-fill or
+/// page faults per piece. A buffer's old bytes are never seen: every piece is read over the
+/// whole buffer before it is looked at.
+#[derive(Default)]
+struct PieceBufs(parking_lot::Mutex<Vec<Vec<u8>>>);
+
+impl PieceBufs {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        self.0.lock().push(b);
+    }
+}
+
+/// Run `work` on every piece, `parallel` pieces at once. On a multi-threaded Tokio runtime
+/// the pieces are spread over one task per worker thread ("lanes", each with its share of
+/// `parallel` in flight), so that the CPU work of a conversion (zero detection, copies,
+/// decompression) runs on every core; elsewhere they run concurrently in the calling task.
+/// The first error stops the lanes from taking new pieces and is returned; dropping the
+/// returned future aborts the lanes (their I/O still runs to its end).
+async fn run_pieces<F, Fut>(pieces: Vec<Piece>, parallel: usize, work: F) -> Result<()>
+where
+    F: Fn(Piece) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let parallel = parallel.max(1);
+    let multi = matches!(
+        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+    );
+    let lanes = if multi {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(parallel)
+            .min(pieces.len())
+    } else {
+        1
+    };
+    if lanes <= 1 {
+        return stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
+            .try_for_each_concurrent(parallel, work)
+            .await;
+    }
+    let queue = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(pieces)));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let per_lane = parallel.div_ceil(lanes);
+    struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<()>>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for h in &self.0 {
+                h.abort();
+            }
+        }
+    }
+    let mut lanes_h = AbortOnDrop(Vec::with_capacity(lanes));
+    for _ in 0..lanes {
+        let (queue, failed, work) = (queue.clone(), failed.clone(), work.clone());
+        lanes_h.0.push(tokio::spawn(async move {
+            let next = stream::poll_fn(move |_| {
+                std::task::Poll::Ready(if failed.load(Ordering::Relaxed) {
+                    None
+                } else {
+                    queue.lock().pop_front()
+                })
+            });
+            next.map(Ok::<Piece, Error>)
+                .try_for_each_concurrent(per_lane, work)
+                .await
+        }));
+    }
+    let mut first = Ok(());
+    for h in lanes_h.0.iter_mut() {
+        let r = match h.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::from(std::io::Error::other(format!(
+                "a conversion task failed: {e}"
+            )))),
+        };
+        if let Err(e) = r {
+            failed.store(true, Ordering::Relaxed);
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    lanes_h.0.clear();
+    first
+}
+
 /// One unit of copy work: the guest range and whether it is known to read as zeros.
 #[derive(Clone, Copy, Debug)]
 struct Piece {
@@ -115,28 +210,41 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let size = src.size();
     out.set_len(size).ctx(dst.display())?;
     let pieces = plan(src).await?;
-    let done = AtomicU64::new(0);
+    let done = Arc::new(AtomicU64::new(0));
     let total = size.max(1);
-    let out_ref: &dyn Storage = &*out;
-    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
-        .try_for_each_concurrent(opts.parallel.max(1), |p| {
-            let done = &done;
-            async move {
-                if !p.zero {
-                    let mut buf = vec![0u8; p.len as usize];
-                    src.read_at(&mut buf, p.off).await?;
-                    write_nonzero(out_ref, &buf, p.off)
-                        .await
-                        .ctx(dst.display())?;
-                }
-                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                if let Some(cb) = &opts.progress {
-                    cb(d as f64 / total as f64);
-                }
-                Ok(())
+    let bufs = Arc::new(PieceBufs::default());
+    let (src2, out2, dst2, progress) = (
+        src.clone(),
+        out.clone(),
+        dst.to_path_buf(),
+        opts.progress.clone(),
+    );
+    run_pieces(pieces, opts.parallel, move |p| {
+        let (src, out, dst, progress, done, bufs) = (
+            src2.clone(),
+            out2.clone(),
+            dst2.clone(),
+            progress.clone(),
+            done.clone(),
+            bufs.clone(),
+        );
+        async move {
+            if !p.zero {
+                let mut buf = bufs.take(p.len as usize);
+                src.read_at(&mut buf, p.off).await?;
+                write_nonzero(&*out, &buf, p.off)
+                    .await
+                    .ctx(dst.display())?;
+                bufs.give(buf);
             }
-        })
-        .await?;
+            let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
+            if let Some(cb) = &progress {
+                cb(d as f64 / total as f64);
+            }
+            Ok(())
+        }
+    })
+    .await?;
     out.flush().await.ctx(dst.display())?;
     Ok(())
 }
@@ -406,10 +514,12 @@ async fn copy_into(
     let pieces = windows(&plan(src).await?, size);
     let done = AtomicU64::new(0);
     let total = size.max(1);
+    let bufs = PieceBufs::default();
     stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
         .try_for_each_concurrent(opts.parallel.max(1), |p| {
             let done = &done;
             let backing = &backing;
+            let bufs = &bufs;
             async move {
                 if p.zero {
                     // The new image reads as zeros already; over a backing file, zeros are
@@ -423,11 +533,11 @@ async fn copy_into(
                     }
                     return Ok(());
                 }
-                let mut buf = vec![0u8; p.len as usize];
+                let mut buf = bufs.take(p.len as usize);
                 src.read_at(&mut buf, p.off).await?;
                 let base = match backing {
                     Some(b) => {
-                        let mut bb = vec![0u8; p.len as usize];
+                        let mut bb = bufs.take(p.len as usize);
                         b.read_padded(&mut bb, p.off).await?;
                         Some(bb)
                     }
@@ -474,6 +584,10 @@ async fn copy_into(
                     }
                     img.write_at(&buf[i as usize..j as usize], g).await?;
                     i = j;
+                }
+                bufs.give(buf);
+                if let Some(bb) = base {
+                    bufs.give(bb);
                 }
                 let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
                 if let Some(cb) = &opts.progress {
