@@ -110,7 +110,9 @@ where
             .try_for_each_concurrent(parallel, work)
             .await;
     }
-    let queue = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(pieces)));
+    let queue = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(
+        pieces,
+    )));
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let per_lane = parallel.div_ceil(lanes);
     struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<()>>>);
@@ -232,9 +234,7 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
             if !p.zero {
                 let mut buf = bufs.take(p.len as usize);
                 src.read_at(&mut buf, p.off).await?;
-                write_nonzero(&*out, &buf, p.off)
-                    .await
-                    .ctx(dst.display())?;
+                write_nonzero(&*out, &buf, p.off).await.ctx(dst.display())?;
                 bufs.give(buf);
             }
             let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
