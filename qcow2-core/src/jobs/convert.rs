@@ -80,13 +80,20 @@ impl PieceBufs {
     }
 }
 
-/// Run `work` on every piece, `parallel` pieces at once. On a multi-threaded Tokio runtime
-/// the pieces are spread over one task per worker thread ("lanes", each with its share of
-/// `parallel` in flight), so that the CPU work of a conversion (zero detection, copies,
-/// decompression) runs on every core; elsewhere they run concurrently in the calling task.
-/// The first error stops the lanes from taking new pieces and is returned; dropping the
-/// returned future aborts the lanes (their I/O still runs to its end).
-async fn run_pieces<F, Fut>(pieces: Vec<Piece>, parallel: usize, work: F) -> Result<()>
+/// Run `work` on every piece, `parallel` pieces at once, calling `progress` with the bytes
+/// done so far after each piece. On a multi-threaded Tokio runtime the pieces are spread over
+/// one task per worker thread ("lanes", each with its share of `parallel` in flight), so that
+/// the CPU work of a conversion (zero detection, copies, decompression) runs on every core;
+/// elsewhere they run concurrently in the calling task. `progress` always runs in the calling
+/// task (the C library promises its callers the calling thread), never concurrently. The
+/// first error stops the lanes from taking new pieces and is returned; dropping the returned
+/// future aborts the lanes (their I/O still runs to its end).
+async fn run_pieces<F, Fut>(
+    pieces: Vec<Piece>,
+    parallel: usize,
+    work: F,
+    mut progress: impl FnMut(u64),
+) -> Result<()>
 where
     F: Fn(Piece) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
@@ -105,9 +112,22 @@ where
     } else {
         1
     };
+    let mut done = 0u64;
     if lanes <= 1 {
+        let progress = parking_lot::Mutex::new((&mut done, &mut progress));
         return stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
-            .try_for_each_concurrent(parallel, work)
+            .try_for_each_concurrent(parallel, |p| {
+                let fut = work(p);
+                let progress = &progress;
+                async move {
+                    fut.await?;
+                    let mut g = progress.lock();
+                    *g.0 += p.len;
+                    let d = *g.0;
+                    (g.1)(d);
+                    Ok(())
+                }
+            })
             .await;
     }
     let queue = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(
@@ -123,9 +143,10 @@ where
             }
         }
     }
+    let (tx, mut rx) = futures::channel::mpsc::unbounded::<u64>();
     let mut lanes_h = AbortOnDrop(Vec::with_capacity(lanes));
     for _ in 0..lanes {
-        let (queue, failed, work) = (queue.clone(), failed.clone(), work.clone());
+        let (queue, failed, work, tx) = (queue.clone(), failed.clone(), work.clone(), tx.clone());
         lanes_h.0.push(tokio::spawn(async move {
             let next = stream::poll_fn(move |_| {
                 std::task::Poll::Ready(if failed.load(Ordering::Relaxed) {
@@ -135,9 +156,23 @@ where
                 })
             });
             next.map(Ok::<Piece, Error>)
-                .try_for_each_concurrent(per_lane, work)
+                .try_for_each_concurrent(per_lane, |p| {
+                    let fut = work(p);
+                    let tx = tx.clone();
+                    async move {
+                        fut.await?;
+                        let _ = tx.unbounded_send(p.len);
+                        Ok(())
+                    }
+                })
                 .await
         }));
+    }
+    drop(tx);
+    // The lanes' senders are dropped when they end: then the channel ends.
+    while let Some(n) = rx.next().await {
+        done += n;
+        progress(done);
     }
     let mut first = Ok(());
     for h in lanes_h.0.iter_mut() {
@@ -212,24 +247,11 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let size = src.size();
     out.set_len(size).ctx(dst.display())?;
     let pieces = plan(src).await?;
-    let done = Arc::new(AtomicU64::new(0));
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
-    let (src2, out2, dst2, progress) = (
-        src.clone(),
-        out.clone(),
-        dst.to_path_buf(),
-        opts.progress.clone(),
-    );
-    run_pieces(pieces, opts.parallel, move |p| {
-        let (src, out, dst, progress, done, bufs) = (
-            src2.clone(),
-            out2.clone(),
-            dst2.clone(),
-            progress.clone(),
-            done.clone(),
-            bufs.clone(),
-        );
+    let (src2, out2, dst2) = (src.clone(), out.clone(), dst.to_path_buf());
+    let work = move |p: Piece| {
+        let (src, out, dst, bufs) = (src2.clone(), out2.clone(), dst2.clone(), bufs.clone());
         async move {
             if !p.zero {
                 let mut buf = bufs.take(p.len as usize);
@@ -237,11 +259,12 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
                 write_nonzero(&*out, &buf, p.off).await.ctx(dst.display())?;
                 bufs.give(buf);
             }
-            let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-            if let Some(cb) = &progress {
-                cb(d as f64 / total as f64);
-            }
             Ok(())
+        }
+    };
+    run_pieces(pieces, opts.parallel, work, |d| {
+        if let Some(cb) = &opts.progress {
+            cb(d as f64 / total as f64);
         }
     })
     .await?;
