@@ -5,7 +5,7 @@ use crate::io::{FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Bytes per unit of work.
@@ -535,89 +535,84 @@ async fn copy_into(
     let cs = img.layout().cluster_size;
     let backing = img.backing().cloned();
     let pieces = windows(&plan(src).await?, size);
-    let done = AtomicU64::new(0);
     let total = size.max(1);
-    let bufs = PieceBufs::default();
-    stream::iter(pieces.into_iter().map(Ok::<Piece, Error>))
-        .try_for_each_concurrent(opts.parallel.max(1), |p| {
-            let done = &done;
-            let backing = &backing;
-            let bufs = &bufs;
-            async move {
-                if p.zero {
-                    // The new image reads as zeros already; over a backing file, zeros are
-                    // written where the backing file has data.
-                    if let Some(b) = backing {
-                        zero_over_backing(img, b, p).await?;
-                    }
-                    let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                    if let Some(cb) = &opts.progress {
-                        cb(d as f64 / total as f64);
-                    }
-                    return Ok(());
+    let bufs = Arc::new(PieceBufs::default());
+    let (src2, img2) = (src.clone(), img.clone());
+    let work = move |p: Piece| {
+        let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
+        async move {
+            let (src, img, backing, bufs) = (&src, &img, &backing, &bufs);
+            if p.zero {
+                // The new image reads as zeros already; over a backing file, zeros are
+                // written where the backing file has data.
+                if let Some(b) = backing {
+                    zero_over_backing(img, b, p).await?;
                 }
-                let mut buf = bufs.take(p.len as usize);
-                src.read_at(&mut buf, p.off).await?;
-                let base = match backing {
-                    Some(b) => {
-                        let mut bb = bufs.take(p.len as usize);
-                        b.read_padded(&mut bb, p.off).await?;
-                        Some(bb)
-                    }
-                    None => None,
-                };
-                // Walk cluster by cluster, grouping runs that need the same treatment.
-                let mut i = 0u64;
-                while i < p.len {
-                    let g = p.off + i;
-                    let n = (cs - g % cs).min(p.len - i);
-                    let piece = &buf[i as usize..(i + n) as usize];
-                    let same_as_base = match &base {
-                        Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
-                        None => is_zero(piece),
-                    };
-                    if same_as_base {
-                        i += n;
-                        continue;
-                    }
-                    if is_zero(piece) {
-                        // Differs from the backing file: explicit zeros.
-                        img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
-                        i += n;
-                        continue;
-                    }
-                    if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
-                        img.write_compressed(g, piece).await?;
-                        i += n;
-                        continue;
-                    }
-                    // Merge following clusters that also need a plain write.
-                    let mut j = i + n;
-                    while j < p.len && !compress {
-                        let m = cs.min(p.len - j);
-                        let next = &buf[j as usize..(j + m) as usize];
-                        let skip = match &base {
-                            Some(bb) => &bb[j as usize..(j + m) as usize] == next,
-                            None => is_zero(next),
-                        };
-                        if skip || is_zero(next) {
-                            break;
-                        }
-                        j += m;
-                    }
-                    img.write_at(&buf[i as usize..j as usize], g).await?;
-                    i = j;
-                }
-                bufs.give(buf);
-                if let Some(bb) = base {
-                    bufs.give(bb);
-                }
-                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                if let Some(cb) = &opts.progress {
-                    cb(d as f64 / total as f64);
-                }
-                Ok(())
+                return Ok(());
             }
-        })
-        .await
+            let mut buf = bufs.take(p.len as usize);
+            src.read_at(&mut buf, p.off).await?;
+            let base = match backing {
+                Some(b) => {
+                    let mut bb = bufs.take(p.len as usize);
+                    b.read_padded(&mut bb, p.off).await?;
+                    Some(bb)
+                }
+                None => None,
+            };
+            // Walk cluster by cluster, grouping runs that need the same treatment.
+            let mut i = 0u64;
+            while i < p.len {
+                let g = p.off + i;
+                let n = (cs - g % cs).min(p.len - i);
+                let piece = &buf[i as usize..(i + n) as usize];
+                let same_as_base = match &base {
+                    Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
+                    None => is_zero(piece),
+                };
+                if same_as_base {
+                    i += n;
+                    continue;
+                }
+                if is_zero(piece) {
+                    // Differs from the backing file: explicit zeros.
+                    img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
+                    i += n;
+                    continue;
+                }
+                if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
+                    img.write_compressed(g, piece).await?;
+                    i += n;
+                    continue;
+                }
+                // Merge following clusters that also need a plain write.
+                let mut j = i + n;
+                while j < p.len && !compress {
+                    let m = cs.min(p.len - j);
+                    let next = &buf[j as usize..(j + m) as usize];
+                    let skip = match &base {
+                        Some(bb) => &bb[j as usize..(j + m) as usize] == next,
+                        None => is_zero(next),
+                    };
+                    if skip || is_zero(next) {
+                        break;
+                    }
+                    j += m;
+                }
+                img.write_at(&buf[i as usize..j as usize], g).await?;
+                i = j;
+            }
+            bufs.give(buf);
+            if let Some(bb) = base {
+                bufs.give(bb);
+            }
+            Ok(())
+        }
+    };
+    run_pieces(pieces, opts.parallel, work, |d| {
+        if let Some(cb) = &opts.progress {
+            cb(d as f64 / total as f64);
+        }
+    })
+    .await
 }
