@@ -6,6 +6,9 @@
 #   make test    venv + build + lint + cargo test + C tests + pytest interop suite + Python package
 #   make python  build and install the Python package (bindings/python) into .venv
 #   make demo    build, make demo images with qemu-img, run the CLI on them
+#   make test-nbd  the NBD server (qcow2rs serve): its cargo tests, then tests/test_nbd.py
+#                with qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy and python3-libnbd
+#                (apt-get install libnbd-bin python3-libnbd qemu-utils openssl)
 #   make test-c  the C library: exports, header, C tests and examples (plain, ASan+UBSan,
 #                valgrind), install + pkg-config (tests/c/run.sh)
 #   make install PREFIX=/usr/local   libqcow2rs.so (+ symlinks), libqcow2rs.a, qcow2rs.h,
@@ -29,7 +32,7 @@ PYTEST_ARGS  ?=
 PY_PKG       := bindings/python
 
 .PHONY: all build lint venv test test-cargo test-py python test-python demo clean-demo clean
-.PHONY: test-c install install-c header
+.PHONY: test-c install install-c header test-nbd nbd-deps
 
 all: build
 
@@ -54,13 +57,22 @@ test-cargo: build
 	$(CARGO) test --release --workspace
 
 # pytest's exit code is not masked: 5 (no tests collected) fails the run.
-test-py: venv build
+test-py: venv build nbd-deps
 	$(VENV_PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # The Python package: `pip install ./bindings/python` (maturin, sharing target/ with the
 # workspace) with its test extras, then its own pytest run.
 python: venv
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check "./$(PY_PKG)[test]"
+
+# The tools tests/test_nbd.py drives (installed with apt-get when missing).
+nbd-deps:
+	bash scripts/nbd-deps.sh
+
+# The NBD tests also run inside test-cargo/test-py; this target runs only them.
+test-nbd: venv build nbd-deps
+	$(CARGO) test --release -p qcow2-nbd
+	$(VENV_PY) -m pytest tests/test_nbd.py -q $(PYTEST_ARGS)
 
 test-python: python build
 	$(VENV_PY) -m pytest $(PY_PKG)/tests -q $(PYTEST_ARGS)

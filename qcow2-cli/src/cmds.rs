@@ -46,6 +46,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "resize" => cmd_resize(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
+        "serve" => Ok(qcow2_nbd::cli::run(args).await),
         other => Err(Fail::new(format!(
             "unknown command '{other}' (try 'qcow2rs --help')"
         ))),

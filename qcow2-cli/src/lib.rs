@@ -21,6 +21,7 @@ Commands (options as qemu-img):
   snapshot -l [-U] FILE
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
+  serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)
 
 Images are locked as QEMU locks them: an image another process writes is refused, and
 -U (--force-share, read-only commands) opens it anyway.

@@ -1,0 +1,343 @@
+//! `qcow2rs serve`: option parsing (qemu-nbd's names) and the server's life cycle.
+
+use crate::conn::Shared;
+use crate::export::Export;
+use crate::handshake::ExportInfo;
+use crate::server::{self, Listen, Listener};
+use qcow2_core::{Disk, Format, OpenOptions};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Usage text.
+pub const USAGE: &str = "usage: qcow2rs serve [OPTIONS] IMAGE
+
+Export IMAGE over NBD (options as qemu-nbd's).
+  -k, --socket=PATH        listen on a Unix socket
+  -b, --bind=ADDR          listen on this address (default 127.0.0.1 when -k is not given)
+  -p, --port=PORT          TCP port (default 10809)
+  -r, --read-only          export read-only
+  -x, --export-name=NAME   export name (default ''; the empty name always selects it)
+  -D, --description=TEXT   export description
+  -e, --shared=NUM         clients served at once (default 1; 0: no limit)
+  -t, --persistent         keep serving after the last client leaves
+      --pid-file=PATH      write the process id there once listening
+  -f, --format=FMT         qcow2 or raw (default: probed)
+      --cache=MODE         none, writeback (default), writethrough or directsync
+      --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
+                           optionally ca-cert.pem (qemu's x509 credentials layout)
+      --tls-verify-peer    require client certificates signed by DIR/ca-cert.pem
+      --handshake-limit=N  seconds a client may take for the handshake (default 10)
+  -U, --force-share        open a read-only image that another process writes
+      --untrusted          refuse files named inside the image (backing, data file)
+  -v, --verbose            report connection errors on stderr";
+
+#[derive(Debug, Default)]
+struct Args {
+    socket: Option<PathBuf>,
+    bind: Option<String>,
+    port: Option<u16>,
+    read_only: bool,
+    name: String,
+    description: String,
+    shared: usize,
+    persistent: bool,
+    pid_file: Option<PathBuf>,
+    format: Option<Format>,
+    cache: String,
+    tls_creds: Option<PathBuf>,
+    tls_verify_peer: bool,
+    handshake_limit: u64,
+    force_share: bool,
+    untrusted: bool,
+    verbose: bool,
+    image: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        shared: 1,
+        cache: "writeback".into(),
+        handshake_limit: 10,
+        ..Args::default()
+    };
+    // (short, long, takes a value)
+    const OPTS: &[(char, &str, bool)] = &[
+        ('k', "socket", true),
+        ('b', "bind", true),
+        ('p', "port", true),
+        ('r', "read-only", false),
+        ('x', "export-name", true),
+        ('D', "description", true),
+        ('e', "shared", true),
+        ('t', "persistent", false),
+        ('\0', "pid-file", true),
+        ('f', "format", true),
+        ('\0', "cache", true),
+        ('\0', "tls-creds", true),
+        ('\0', "tls-verify-peer", false),
+        ('\0', "handshake-limit", true),
+        ('U', "force-share", false),
+        ('\0', "untrusted", false),
+        ('v', "verbose", false),
+        ('h', "help", false),
+    ];
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (long, inline): (&str, Option<String>) = if let Some(l) = arg.strip_prefix("--") {
+            match l.split_once('=') {
+                Some((k, v)) => (
+                    OPTS.iter()
+                        .find(|o| o.1 == k)
+                        .map(|o| o.1)
+                        .ok_or_else(|| format!("unknown option '--{k}'"))?,
+                    Some(v.to_string()),
+                ),
+                None => (
+                    OPTS.iter()
+                        .find(|o| o.1 == l)
+                        .map(|o| o.1)
+                        .ok_or_else(|| format!("unknown option '--{l}'"))?,
+                    None,
+                ),
+            }
+        } else if arg.len() >= 2 && arg.starts_with('-') {
+            let c = arg[1..].chars().next().unwrap();
+            let o = OPTS
+                .iter()
+                .find(|o| o.0 == c && c != '\0')
+                .ok_or_else(|| format!("unknown option '-{c}'"))?;
+            let rest = &arg[1 + c.len_utf8()..];
+            (o.1, (!rest.is_empty()).then(|| rest.to_string()))
+        } else {
+            if a.image.is_some() {
+                return Err(format!("too many arguments: '{arg}' (expecting one image)"));
+            }
+            a.image = Some(PathBuf::from(arg));
+            continue;
+        };
+        let takes = OPTS.iter().find(|o| o.1 == long).unwrap().2;
+        let val = if takes {
+            match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("option '--{long}' needs a value"))?,
+            }
+        } else {
+            if inline.is_some() {
+                return Err(format!("option '--{long}' takes no value"));
+            }
+            String::new()
+        };
+        let num = |v: &str| -> Result<u64, String> {
+            v.parse::<u64>()
+                .map_err(|_| format!("invalid value '{v}' for --{long}"))
+        };
+        match long {
+            "socket" => a.socket = Some(PathBuf::from(val)),
+            "bind" => a.bind = Some(val),
+            "port" => {
+                a.port =
+                    Some(u16::try_from(num(&val)?).map_err(|_| format!("invalid port '{val}'"))?)
+            }
+            "read-only" => a.read_only = true,
+            "export-name" => {
+                if val.len() > crate::proto::MAX_STRING {
+                    return Err("export name longer than 4096 bytes".into());
+                }
+                a.name = val
+            }
+            "description" => {
+                if val.len() > crate::proto::MAX_STRING {
+                    return Err("description longer than 4096 bytes".into());
+                }
+                a.description = val
+            }
+            "shared" => a.shared = num(&val)? as usize,
+            "persistent" => a.persistent = true,
+            "pid-file" => a.pid_file = Some(PathBuf::from(val)),
+            "format" => a.format = Some(Format::parse(&val).map_err(|e| e.to_string())?),
+            "cache" => match val.as_str() {
+                "none" | "writeback" | "writethrough" | "directsync" => a.cache = val,
+                _ => {
+                    return Err(format!(
+                        "invalid cache mode '{val}' (none, writeback, writethrough, directsync)"
+                    ))
+                }
+            },
+            "tls-creds" => a.tls_creds = Some(PathBuf::from(val)),
+            "tls-verify-peer" => a.tls_verify_peer = true,
+            "handshake-limit" => a.handshake_limit = num(&val)?,
+            "force-share" => a.force_share = true,
+            "untrusted" => a.untrusted = true,
+            "verbose" => a.verbose = true,
+            "help" => return Err(String::new()),
+            _ => unreachable!(),
+        }
+    }
+    if a.socket.is_some() && (a.bind.is_some() || a.port.is_some()) {
+        return Err("-k/--socket cannot be combined with -b/--bind or -p/--port".into());
+    }
+    if a.force_share && !a.read_only {
+        return Err("--force-share requires --read-only".into());
+    }
+    if a.image.is_none() {
+        return Err("expecting an image file name".into());
+    }
+    Ok(a)
+}
+
+/// Run `qcow2rs serve ARGS` (the arguments after `serve`) and return the exit status.
+/// Prints its own errors. Must be called inside a multi-threaded Tokio runtime.
+pub async fn run(args: &[String]) -> u8 {
+    let a = match parse(args) {
+        Ok(a) => a,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("qcow2rs serve: {e}");
+            eprintln!("(try 'qcow2rs serve --help')");
+            return 1;
+        }
+    };
+    match serve(a).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("qcow2rs serve: {}", e.replace('\n', " "));
+            1
+        }
+    }
+}
+
+async fn serve(a: Args) -> Result<(), String> {
+    let image = a.image.clone().unwrap();
+    let direct = matches!(a.cache.as_str(), "none" | "directsync");
+    let opts = OpenOptions {
+        writable: !a.read_only,
+        direct,
+        no_external_files: a.untrusted,
+        force_share: a.force_share,
+        ..OpenOptions::default()
+    };
+    let disk = Disk::open(&image, a.format, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut export = Export::new(disk, !a.read_only);
+    export.writethrough = matches!(a.cache.as_str(), "writethrough" | "directsync");
+    let export = Arc::new(export);
+
+    let tls = match &a.tls_creds {
+        Some(dir) => Some(crate::tls::acceptor(dir, a.tls_verify_peer)?),
+        None => None,
+    };
+    let listen = match &a.socket {
+        Some(p) => Listen::Unix(p.clone()),
+        None => {
+            let host = a.bind.clone().unwrap_or_else(|| "127.0.0.1".into());
+            let ip: IpAddr = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| format!("invalid bind address '{host}' (an IP address)"))?;
+            if !ip.is_loopback() && tls.is_none() {
+                eprintln!(
+                    "qcow2rs serve: warning: serving on {ip} without TLS: anyone who can reach \
+                     this address can read{} the image (use --tls-creds)",
+                    if a.read_only { "" } else { " and write" }
+                );
+            }
+            Listen::Tcp(SocketAddr::new(ip, a.port.unwrap_or(10809)))
+        }
+    };
+    let listener = Listener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen:?}: {e}"))?;
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // SIGTERM/SIGINT: stop accepting, finish in-flight requests, flush, close.
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let tx = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            let _ = tx.send(true);
+        });
+    }
+    let info = ExportInfo {
+        name: a.name.clone(),
+        description: a.description.clone(),
+        size: export.size(),
+        read_only: !export.writable(),
+        min_block: if direct { 512 } else { 1 },
+        pref_block: 4096,
+        tls: tls.is_some(),
+        multi_conn: a.shared != 1,
+    };
+    let shared = Arc::new(Shared {
+        export: export.clone(),
+        info,
+        tls,
+        shutdown: stop_rx,
+        handshake_limit: Duration::from_secs(a.handshake_limit.max(1)),
+    });
+    let res = server::run(
+        listener,
+        shared,
+        server::Options {
+            persistent: a.persistent,
+            shared: a.shared,
+            verbose: a.verbose,
+        },
+        stop_tx,
+    )
+    .await;
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    res?;
+    // Every connection is gone: close the image (flush, give back reserved space).
+    match Arc::try_unwrap(export) {
+        Ok(e) => match e.into_disk() {
+            Disk::Qcow2(i) => i.close().await.map_err(|e| e.to_string()),
+            d => d.flush().await.map_err(|e| e.to_string()),
+        },
+        Err(e) => e.flush().await.map_err(|e| e.msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: &[&str]) -> Result<Args, String> {
+        parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options() {
+        let a = p(&["-k", "/tmp/s", "-r", "-xname", "--shared=4", "-t", "img"]).unwrap();
+        assert_eq!(a.socket.unwrap(), PathBuf::from("/tmp/s"));
+        assert!(a.read_only && a.persistent);
+        assert_eq!((a.name.as_str(), a.shared), ("name", 4));
+        assert!(p(&["-k", "s", "-p", "1", "img"]).is_err());
+        assert!(p(&["--cache=bogus", "img"]).is_err());
+        assert!(p(&["--nope", "img"]).is_err());
+        assert!(p(&["-k"]).is_err());
+        assert!(p(&["a", "b"]).is_err());
+        assert_eq!(p(&["-h"]).err().unwrap(), "");
+    }
+}

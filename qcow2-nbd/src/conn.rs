@@ -1,0 +1,427 @@
+//! One client connection: the handshake driver, then the transmission phase. Requests are
+//! read by one loop, run concurrently as tasks, and their replies are written by a writer
+//! task of their own, in completion order.
+
+use crate::export::{extents, Export, OpError};
+use crate::handshake::{
+    greeting, ExportInfo, Handshake, Negotiated, Step, CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION,
+};
+use crate::proto::{self, *};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// A bidirectional byte stream (Unix socket, TCP socket, or TLS over one of them).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// What every connection shares.
+pub struct Shared {
+    /// The export.
+    pub export: Arc<Export>,
+    /// What the handshake tells clients.
+    pub info: ExportInfo,
+    /// TLS acceptor when TLS is required.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Becomes `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Time allowed for the handshake.
+    pub handshake_limit: Duration,
+}
+
+/// Option data larger than this is refused (discarded) with `NBD_REP_ERR_TOO_BIG`.
+const MAX_OPTION: u32 = 64 << 10;
+/// Option data larger than this drops the connection.
+const MAX_OPTION_DISCARD: u32 = 16 << 20;
+/// Bytes in flight per connection, in units of `UNIT` (request payloads and read buffers).
+const BUDGET: u32 = 2048;
+const UNIT: u64 = 64 << 10;
+/// Most extents in one block status chunk.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// Serve one client until it leaves or the server shuts down. The error says why the
+/// connection ended badly (for the log).
+pub async fn serve(stream: Box<dyn Io>, sh: Arc<Shared>) -> Result<(), String> {
+    let limit = sh.handshake_limit;
+    let mut shutdown = sh.shutdown.clone();
+    let neg = tokio::select! {
+        r = tokio::time::timeout(limit, negotiate(stream, &sh)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("handshake not finished within {limit:?}")),
+        },
+        _ = shutdown.wait_for(|&s| s) => return Ok(()),
+    };
+    let Some((stream, neg)) = neg else {
+        return Ok(());
+    };
+    transmission(stream, neg, sh).await
+}
+
+async fn negotiate(
+    mut s: Box<dyn Io>,
+    sh: &Shared,
+) -> Result<Option<(Box<dyn Io>, Negotiated)>, String> {
+    let e = |e: std::io::Error| format!("handshake: {e}");
+    s.write_all(&greeting()).await.map_err(e)?;
+    s.flush().await.map_err(e)?;
+    let mut hs = Handshake::new(sh.info.clone());
+    let flags = s.read_u32().await.map_err(e)?;
+    hs.client_flags(flags)?;
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await.map_err(e)?;
+        let magic = u64::from_be_bytes(h[0..8].try_into().unwrap());
+        if magic != IHAVEOPT {
+            return Err(format!("bad option magic {magic:#x}"));
+        }
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        if len > MAX_OPTION {
+            if len > MAX_OPTION_DISCARD {
+                return Err(format!("option data of {len} bytes"));
+            }
+            tokio::io::copy(&mut (&mut s).take(len as u64), &mut tokio::io::sink())
+                .await
+                .map_err(e)?;
+            let r = crate::handshake::opt_reply(opt, REP_ERR_TOO_BIG, b"option data too large");
+            s.write_all(&r).await.map_err(e)?;
+            s.flush().await.map_err(e)?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await.map_err(e)?;
+        match hs.option(opt, &data) {
+            Step::Reply(r) => {
+                s.write_all(&r).await.map_err(e)?;
+                s.flush().await.map_err(e)?;
+            }
+            Step::StartTls(r) => {
+                s.write_all(&r).await.map_err(e)?;
+                s.flush().await.map_err(e)?;
+                let Some(acc) = &sh.tls else {
+                    return Err("STARTTLS without TLS configured".into());
+                };
+                let t = acc
+                    .accept(s)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                s = Box::new(t);
+                hs.tls_started();
+            }
+            Step::Transmission(r, neg) => {
+                s.write_all(&r).await.map_err(e)?;
+                s.flush().await.map_err(e)?;
+                return Ok(Some((s, neg)));
+            }
+            Step::Close(r) => {
+                let _ = s.write_all(&r).await;
+                let _ = s.shutdown().await;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Per-connection state a request needs.
+struct Ctx {
+    export: Arc<Export>,
+    mode: ReplyMode,
+    contexts: Vec<u32>,
+}
+
+type Msg = Vec<Vec<u8>>;
+
+/// A reply and the share of the connection's budget it holds until it is written, so a
+/// client that sends requests without reading the replies cannot make the server queue
+/// unbounded memory.
+type Out = (Msg, Option<OwnedSemaphorePermit>);
+
+async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Out>) {
+    let mut bw = BufWriter::with_capacity(256 << 10, w);
+    'outer: while let Some(msg) = rx.recv().await {
+        let mut next = Some(msg);
+        while let Some((m, _permit)) = next.take() {
+            for part in m {
+                if bw.write_all(&part).await.is_err() {
+                    break 'outer;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if bw.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = bw.shutdown().await;
+}
+
+async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> Result<(), String> {
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let writer = tokio::spawn(writer(wr, rx));
+    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    let mode = if neg.extended {
+        ReplyMode::Extended
+    } else if neg.structured {
+        ReplyMode::Structured
+    } else {
+        ReplyMode::Simple
+    };
+    let lim = Limits {
+        size: sh.export.size(),
+        read_only: !sh.export.writable(),
+        structured: neg.structured,
+        extended: neg.extended,
+        contexts: neg.contexts.len(),
+        min_block: if neg.block_size_agreed {
+            sh.info.min_block
+        } else {
+            1
+        },
+    };
+    let ctx = Arc::new(Ctx {
+        export: sh.export.clone(),
+        mode,
+        contexts: neg.contexts.clone(),
+    });
+    let budget = Arc::new(Semaphore::new(BUDGET as usize));
+    let mut tasks = JoinSet::new();
+    let mut shutdown = sh.shutdown.clone();
+    let hlen = if neg.extended {
+        EXT_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
+    let mut result = Ok(());
+    loop {
+        let mut hb = [0u8; EXT_REQUEST_LEN];
+        let r = tokio::select! {
+            r = rd.read_exact(&mut hb[..hlen]) => r,
+            _ = shutdown.wait_for(|&s| s) => break,
+            _ = tx.closed() => break,
+        };
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                result = Err(format!("reading a request: {e}"));
+            }
+            break;
+        }
+        let h = match parse_request_header(&hb[..hlen], neg.extended) {
+            Ok(h) => h,
+            Err(e) => {
+                result = Err(e.0);
+                break;
+            }
+        };
+        let bytes = if h.typ == CMD_READ {
+            h.length.min(MAX_PAYLOAD as u64)
+        } else {
+            h.payload
+        };
+        let cost = (1 + bytes.div_ceil(UNIT)) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+            break;
+        };
+        let mut payload = Vec::new();
+        if h.payload > 0 {
+            payload = vec![0u8; h.payload as usize];
+            if let Err(e) = rd.read_exact(&mut payload).await {
+                result = Err(format!("reading a request payload: {e}"));
+                break;
+            }
+        }
+        match validate(&h, &lim) {
+            Err(r) => {
+                let reply = vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg)];
+                let _ = tx.send((reply, Some(permit)));
+            }
+            Ok(Command::Disc) => break,
+            Ok(cmd) => {
+                let ctx = ctx.clone();
+                let tx = tx.clone();
+                tasks.spawn(async move {
+                    let reply = run(&ctx, &h, cmd, payload).await;
+                    let _ = tx.send((reply, Some(permit)));
+                });
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    // Finish what is in flight (its replies go out if the client is still there).
+    while tasks.join_next().await.is_some() {}
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Vec<u8>) -> Msg {
+    let mode = ctx.mode;
+    let ex = &ctx.export;
+    let done = |r: Result<(), OpError>| match r {
+        Ok(()) => vec![ok_reply(mode, h.cookie, h.offset)],
+        Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+    };
+    match cmd {
+        Command::Read { off, len, df } => match read(ctx, h, off, len, df).await {
+            Ok(m) => m,
+            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+        },
+        Command::Write { off, fua, .. } => done(ex.write(&payload, off, fua).await),
+        Command::Flush => done(ex.flush().await),
+        Command::Trim { off, len, fua } => done(ex.trim(off, len, fua).await),
+        Command::WriteZeroes {
+            off,
+            len,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            if fast && !ex.fast_zero_possible(off, len) {
+                done(Err(OpError {
+                    errno: proto::ENOTSUP,
+                    msg: "zeroing this range would write data".into(),
+                }))
+            } else {
+                done(ex.write_zeroes(off, len, no_hole, fua).await)
+            }
+        }
+        Command::Cache { off, len } => {
+            // Warm the metadata and the host cache for (at most) the first 32 MiB.
+            let len = len.min(MAX_PAYLOAD as u64);
+            let mut buf = vec![0u8; len.min(1 << 20) as usize];
+            let mut pos = off;
+            let mut r = Ok(());
+            while pos < off + len {
+                let n = (off + len - pos).min(buf.len() as u64) as usize;
+                if let Err(e) = ex.read(&mut buf[..n], pos).await {
+                    r = Err(e);
+                    break;
+                }
+                pos += n as u64;
+            }
+            done(r)
+        }
+        Command::BlockStatus { off, len, req_one } => {
+            match block_status(ctx, h, off, len, req_one).await {
+                Ok(m) => m,
+                Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+            }
+        }
+        Command::Disc => Vec::new(),
+    }
+}
+
+/// Reads smaller than this are sent as one data chunk without looking for holes.
+const SPARSE_READ_MIN: u64 = 64 << 10;
+
+async fn read(ctx: &Ctx, h: &RequestHeader, off: u64, len: u64, df: bool) -> Result<Msg, OpError> {
+    let ex = &ctx.export;
+    let mode = ctx.mode;
+    if mode == ReplyMode::Simple {
+        let mut data = vec![0u8; len as usize];
+        ex.read(&mut data, off).await?;
+        return Ok(vec![simple_reply(h.cookie, 0), data]);
+    }
+    // Segments (zero?, offset, length) covering the request.
+    let mut segs: Vec<(bool, u64, u64)> = Vec::new();
+    if df || len < SPARSE_READ_MIN {
+        segs.push((false, off, len));
+    } else {
+        let runs = ex.status(off, len, 1024).await?;
+        let mut pos = off;
+        for r in runs {
+            if pos >= off + len {
+                break;
+            }
+            let n = r.len.min(off + len - pos);
+            match segs.last_mut() {
+                Some(l) if l.0 == r.zero => l.2 += n,
+                _ => segs.push((r.zero, pos, n)),
+            }
+            pos += n;
+        }
+        if pos < off + len {
+            match segs.last_mut() {
+                Some(l) if !l.0 => l.2 += off + len - pos,
+                _ => segs.push((false, pos, off + len - pos)),
+            }
+        }
+    }
+    if len == 0 {
+        return Ok(vec![chunk_header(
+            mode,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            h.cookie,
+            h.offset,
+            0,
+        )]);
+    }
+    let mut msg = Vec::with_capacity(2 * segs.len());
+    let last = segs.len() - 1;
+    for (i, &(zero, o, n)) in segs.iter().enumerate() {
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        if zero {
+            let mut c = chunk_header(mode, flags, REPLY_TYPE_OFFSET_HOLE, h.cookie, h.offset, 12);
+            c.extend_from_slice(&o.to_be_bytes());
+            c.extend_from_slice(&(n as u32).to_be_bytes());
+            msg.push(c);
+        } else {
+            let mut data = vec![0u8; 8 + n as usize];
+            data[..8].copy_from_slice(&o.to_be_bytes());
+            ex.read(&mut data[8..], o).await?;
+            msg.push(chunk_header(
+                mode,
+                flags,
+                REPLY_TYPE_OFFSET_DATA,
+                h.cookie,
+                h.offset,
+                8 + n,
+            ));
+            msg.push(data);
+        }
+    }
+    Ok(msg)
+}
+
+async fn block_status(
+    ctx: &Ctx,
+    h: &RequestHeader,
+    off: u64,
+    len: u64,
+    req_one: bool,
+) -> Result<Msg, OpError> {
+    let ex = &ctx.export;
+    let mode = ctx.mode;
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let runs = ex.status(off, len, max).await?;
+    let mut max_len = if mode == ReplyMode::Extended {
+        u64::MAX
+    } else {
+        0xffff_f000
+    };
+    if req_one {
+        max_len = max_len.min(len);
+    }
+    let mut msg = Vec::new();
+    let n = ctx.contexts.len();
+    for (i, &id) in ctx.contexts.iter().enumerate() {
+        let ext = match id {
+            CTX_BASE_ALLOCATION => extents(
+                &runs,
+                |s| (if s.hole { STATE_HOLE } else { 0 }) | (if s.zero { STATE_ZERO } else { 0 }),
+                max_len,
+                max,
+            ),
+            CTX_ALLOCATION_DEPTH => extents(&runs, |s| s.depth, max_len, max),
+            _ => continue,
+        };
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        msg.push(block_status_chunk(
+            mode, flags, h.cookie, h.offset, id, &ext,
+        ));
+    }
+    Ok(msg)
+}

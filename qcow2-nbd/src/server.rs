@@ -1,0 +1,159 @@
+//! The listener: accepts clients (Unix or TCP socket), limits how many are served at once,
+//! and shuts down cleanly: stop accepting, let every connection finish its in-flight
+//! requests, then flush.
+
+use crate::conn::{self, Io, Shared};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+/// A bound listener.
+pub enum Listener {
+    /// Unix socket (the path is removed when the server stops).
+    Unix(UnixListener, PathBuf),
+    /// TCP socket.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Bind `l`. A stale Unix socket file at the path is replaced, as QEMU does.
+    pub async fn bind(l: &Listen) -> std::io::Result<Listener> {
+        match l {
+            Listen::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+            Listen::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        match self {
+            Listener::Unix(l, _) => Ok(Box::new(l.accept().await?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s))
+            }
+        }
+    }
+
+    /// The TCP address bound (for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Server behaviour.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Keep serving after the last client leaves (`-t`).
+    pub persistent: bool,
+    /// Clients served at once (`-e`); 0 for no limit.
+    pub shared: usize,
+    /// Print connection errors on stderr.
+    pub verbose: bool,
+}
+
+/// Serve until `stop` becomes true (a signal) or, without `persistent`, until the last
+/// client has left. In-flight requests finish before this returns; the export is flushed.
+pub async fn run(
+    listener: Listener,
+    shared: Arc<Shared>,
+    opts: Options,
+    stop_tx: watch::Sender<bool>,
+) -> Result<(), String> {
+    let limit = Arc::new(Semaphore::new(if opts.shared == 0 {
+        Semaphore::MAX_PERMITS
+    } else {
+        opts.shared
+    }));
+    let active = Arc::new(AtomicUsize::new(0));
+    let left = Arc::new(Notify::new());
+    let mut served_one = false;
+    let mut conns = JoinSet::new();
+    let mut stop = stop_tx.subscribe();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if served_one && !opts.persistent && active.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.map_err(|e| e.to_string())?,
+            _ = stop.wait_for(|&s| s) => break,
+            _ = left.notified() => continue,
+        };
+        let stream = tokio::select! {
+            s = listener.accept() => s,
+            _ = stop.wait_for(|&s| s) => break,
+            _ = left.notified() => continue,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                if opts.verbose {
+                    eprintln!("qcow2rs serve: accept: {e}");
+                }
+                // Out of file descriptors and the like: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        served_one = true;
+        active.fetch_add(1, Ordering::SeqCst);
+        let sh = shared.clone();
+        let active = active.clone();
+        let left = left.clone();
+        let verbose = opts.verbose;
+        conns.spawn(async move {
+            let r = conn::serve(stream, sh).await;
+            if let (Err(e), true) = (&r, verbose) {
+                eprintln!("qcow2rs serve: connection closed: {e}");
+            }
+            drop(permit);
+            active.fetch_sub(1, Ordering::SeqCst);
+            left.notify_one();
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    // Connections stop reading new requests, finish those in flight and close.
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    shared
+        .export
+        .flush()
+        .await
+        .map_err(|e| format!("flush: {}", e.msg))
+}

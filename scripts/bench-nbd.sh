@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `qcow2rs serve` vs `qemu-nbd` serving the same 1 GiB qcow2 image, in one run, over a Unix socket:
+# qemu-img bench -f raw nbd+unix://... (4 KiB strided reads and writes, 64 KiB sequential reads) and
+# nbdcopy of the whole image to /dev/null. Prints wall time, the server's CPU time (user+sys from
+# /proc) and the ratio ours/qemu-nbd for each row. Usage: scripts/bench-nbd.sh [COUNT]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN=${BIN:-target/release/qcow2rs}
+COUNT=${1:-40000}
+D=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$D"' EXIT
+TICK=$(getconf CLK_TCK)
+
+qemu-img create -q -f qcow2 "$D/img.qcow2" 1G
+qemu-io -f qcow2 -c "write -q -P 0x5a 0 1G" "$D/img.qcow2"
+
+cpu() { awk -v t="$TICK" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat"; }
+
+start() { # name -> pid
+    local sock="$D/$1.sock"
+    rm -f "$sock"
+    if [ "$1" = ours ]; then
+        "$BIN" serve -t -e 0 -k "$sock" "$D/img.qcow2" &
+    else
+        qemu-nbd -t -e 0 -f qcow2 -k "$sock" "$D/img.qcow2" &
+    fi
+    PID=$!
+    for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+}
+
+declare -A WALL CPU
+run_row() { # row name, command (with SOCK placeholder)
+    local row=$1; shift
+    for s in ours qemu; do
+        start "$s"
+        local uri="nbd+unix:///?socket=$D/$s.sock"
+        local c0; c0=$(cpu "$PID")
+        local t0; t0=$(date +%s.%N)
+        eval "${*//URI/$uri}" >/dev/null
+        local t1; t1=$(date +%s.%N)
+        local c1; c1=$(cpu "$PID")
+        WALL[$row,$s]=$(echo "$t1 - $t0" | bc)
+        CPU[$row,$s]=$(echo "$c1 - $c0" | bc)
+        kill "$PID"; wait "$PID" 2>/dev/null || true
+    done
+    printf '%-28s ours %6.2fs (cpu %5.2fs)  qemu-nbd %6.2fs (cpu %5.2fs)  wall ratio %.2f  cpu ratio %.2f\n' \
+        "$row" "${WALL[$row,ours]}" "${CPU[$row,ours]}" "${WALL[$row,qemu]}" "${CPU[$row,qemu]}" \
+        "$(echo "${WALL[$row,ours]} / ${WALL[$row,qemu]}" | bc -l)" \
+        "$(echo "(${CPU[$row,ours]} + 0.01) / (${CPU[$row,qemu]} + 0.01)" | bc -l)"
+}
+
+# qemu-img bench has no random mode: a 1 MiB + 4 KiB stride scatters the requests over the image.
+run_row "4k strided read qd32"  qemu-img bench -f raw -c "$COUNT" -d 32 -s 4k -S 1052672 URI
+run_row "4k strided write qd32" qemu-img bench -f raw -w -c "$COUNT" -d 32 -s 4k -S 1052672 URI
+run_row "64k sequential read qd16" qemu-img bench -f raw -c $((COUNT / 4)) -d 16 -s 64k URI
+run_row "64k sequential write qd16" qemu-img bench -f raw -w -c $((COUNT / 4)) -d 16 -s 64k URI
+run_row "nbdcopy 1 GiB to null" nbdcopy URI null:

@@ -1,0 +1,419 @@
+"""`qcow2rs serve` (NBD) against the real clients: qemu-img/qemu-io over nbd+unix://, nbdcopy and
+nbdinfo (libnbd-bin), python3-libnbd (run with the system /usr/bin/python3), and qemu-nbd as the
+reference server. With CI=true, missing tools fail instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imagematrix import IMAGE_NAMES
+from qemu_tools import in_ci, qemu_img, qemu_io, qcow2rs_bin, run
+
+HERE = Path(__file__).resolve().parent
+SYS_PY = "/usr/bin/python3"
+CLIENT = HERE / "nbd_client.py"
+MiB = 1024 * 1024
+
+
+def require_nbd_tools():
+    missing = [t for t in ("nbdinfo", "nbdcopy", "qemu-nbd", "qemu-img", "qemu-io") if shutil.which(t) is None]
+    if not missing:
+        cp = subprocess.run([SYS_PY, "-c", "import nbd"], capture_output=True)
+        if cp.returncode != 0:
+            missing.append("python3-libnbd (for /usr/bin/python3)")
+    if missing:
+        msg = f"missing {', '.join(missing)} (Debian: apt-get install libnbd-bin python3-libnbd qemu-utils)"
+        if in_ci():
+            pytest.fail(msg + " [CI=true: failing instead of skipping]", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nbd_tools():
+    require_nbd_tools()
+
+
+def uri(sock: Path) -> str:
+    return f"nbd+unix:///?socket={sock}"
+
+
+def wait_for_socket(sock: Path, proc, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sock.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early ({proc.returncode}): {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"server did not create {sock}")
+
+
+def wait_for_port(port, proc, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early ({proc.returncode}): {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"server did not listen on port {port}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`qcow2rs serve -k SOCK ARGS IMAGE` (or qemu-nbd with qemu=True) as a context manager."""
+
+    def __init__(self, image, tmp: Path, *args, qemu=False, name="s", tcp_port=None):
+        self.sock = tmp / f"{name}.sock"
+        where = ["-b", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-k", self.sock]
+        if qemu:
+            cmd = ["qemu-nbd", *where, *args, image]
+        else:
+            cmd = [qcow2rs_bin(), "serve", *where, *args, image]
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            if tcp_port:
+                wait_for_port(tcp_port, self.proc)
+            else:
+                wait_for_socket(self.sock, self.proc)
+        except BaseException:
+            self.proc.kill()
+            raise
+        self.uri = f"nbds://localhost:{tcp_port}/" if tcp_port else uri(self.sock)
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server did not stop within the time limit after SIGTERM")
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def client(*args, timeout=120, check=True):
+    cp = run([SYS_PY, CLIENT, *args], timeout=timeout)
+    if check:
+        assert cp.returncode == 0, f"libnbd client {args[0]} failed:\n{cp.stdout}\n{cp.stderr}"
+    return cp
+
+
+def same_files(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+READ_IMAGES = [n for n in IMAGE_NAMES if n != "huge-1t"]
+
+
+@pytest.mark.parametrize("name", READ_IMAGES)
+def test_read_matrix(name, matrix, scratch):
+    """qemu-img convert and nbdcopy over our server give the bytes qemu-img convert gives from the file."""
+    image = matrix[name]
+    ref = scratch / "ref.raw"
+    qemu_img("convert", "-O", "raw", image.path, ref)
+    with Server(image.path, scratch, "-r", "-t", "-e", "0") as s:
+        a = scratch / "via-qemu-img.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", s.uri, a)
+        assert same_files(a, ref), "qemu-img convert over NBD differs from the file's content"
+        b = scratch / "via-nbdcopy.raw"
+        cp = run(["nbdcopy", s.uri, b])
+        assert cp.returncode == 0, cp.stderr
+        assert same_files(b, ref), "nbdcopy over NBD differs from the file's content"
+        assert s.stop() == 0
+
+
+def nbdinfo_map(u, ctx="base:allocation"):
+    cp = run(["nbdinfo", "--json", f"--map={ctx}", u])
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_map_matches_qemu_nbd(name, matrix, scratch):
+    """qemu-img map and nbdinfo --map (both contexts) over our server equal those over qemu-nbd."""
+    image = matrix[name]
+    with Server(image.path, scratch, "-r", "-t", "-e", "0") as ours, Server(
+        image.path, scratch, "-r", "-t", "-e", "0", "-f", "qcow2", "-A", qemu=True, name="q"
+    ) as ref:
+        for ctx in ("base:allocation", "qemu:allocation-depth"):
+            assert nbdinfo_map(ours.uri, ctx) == nbdinfo_map(ref.uri, ctx), f"nbdinfo --map={ctx} differs"
+        m_ours = json.loads(qemu_img("map", "-f", "raw", "--output=json", ours.uri).stdout)
+        m_ref = json.loads(qemu_img("map", "-f", "raw", "--output=json", ref.uri).stdout)
+        assert m_ours == m_ref, "qemu-img map over NBD differs"
+        ref.stop()
+        assert ours.stop() == 0
+
+
+def fresh(tmp: Path, size=64 * MiB, opts="cluster_size=65536"):
+    img = tmp / "img.qcow2"
+    mirror = tmp / "mirror.raw"
+    qemu_img("create", "-f", "qcow2", "-o", opts, img, str(size))
+    with open(mirror, "wb") as f:
+        f.truncate(size)
+    return img, mirror
+
+
+def check_and_compare(img: Path, mirror: Path):
+    cp = qemu_img("check", img, check=False)
+    assert cp.returncode == 0, f"qemu-img check: {cp.stdout}{cp.stderr}"
+    cp = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, mirror, check=False)
+    assert cp.returncode == 0, f"qemu-img compare: {cp.stdout}{cp.stderr}"
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=32768,extended_l2=on", "compat=0.10"])
+def test_writes_qemu_io(opts, scratch):
+    img, mirror = fresh(scratch, opts=opts)
+    cmds = [
+        "write -P 0x11 0 1M",
+        "write -P 0x22 4095 10000",
+        "write -z 65536 131072",
+        "write -z -u 1048576 65536",
+        "discard 2097152 131072",
+        "write -P 0x33 3000000 70000",
+        "write -f -P 0x44 5000000 4096",  # FUA
+        "aio_write -P 0x55 8388608 65536",
+        "aio_write -P 0x56 8454144 65536",
+        "aio_flush",
+        "write -P 0x66 67043328 65536",  # the last 64 KiB
+        "flush",
+    ]
+    with Server(img, scratch, "-t") as s:
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        cp = run([*args, s.uri])
+        assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        # Past the end: the protocol's error, the server goes on.
+        cp = run(["qemu-io", "-f", "raw", "-c", "write 67108864 512", s.uri])
+        assert "failed" in cp.stdout + cp.stderr or cp.returncode != 0
+        assert s.stop() == 0
+    qemu_io(mirror, *cmds, fmt="raw")
+    check_and_compare(img, mirror)
+
+
+def test_libnbd_multiconn(scratch):
+    img, mirror = fresh(scratch)
+    with Server(img, scratch, "-t", "-e", "8") as s:
+        out = client("multiconn", s.uri, mirror, "1")
+        assert "ok" in out.stdout
+        assert s.stop() == 0
+    check_and_compare(img, mirror)
+
+
+def test_exits_after_last_client(scratch):
+    img, _ = fresh(scratch)
+    with Server(img, scratch) as s:
+        cp = run(["nbdinfo", s.uri])
+        assert cp.returncode == 0, cp.stderr
+        s.proc.wait(timeout=20)
+        assert s.proc.returncode == 0
+        assert not s.sock.exists()
+
+
+def read_opt_reply(f):
+    hdr = f.read(20)
+    magic, opt, typ, n = struct.unpack(">QIII", hdr)
+    assert magic == 0x3E889045565A9
+    return typ, f.read(n)
+
+
+def handshake(sock_path, structured=True):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock_path))
+    f = s.makefile("rwb")
+    assert f.read(18)[:8] == b"NBDMAGIC"
+    f.write(struct.pack(">I", 1))
+    if structured:
+        f.write(struct.pack(">QII", 0x49484156454F5054, 8, 0))
+        f.flush()
+        assert read_opt_reply(f)[0] == 1
+    f.write(struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0))
+    f.flush()
+    while True:
+        typ, _ = read_opt_reply(f)
+        if typ == 1:
+            return s, f
+        assert typ == 3, f"reply {typ:#x}"
+
+
+def test_garbage_and_truncated_packets(scratch):
+    """Random and truncated packets cost only their own connection: no panic, no hang, the other client works."""
+    img, _ = fresh(scratch)
+    with Server(img, scratch, "-t", "-e", "0") as s:
+        other = subprocess.Popen(
+            [SYS_PY, str(CLIENT), "worker", s.uri, "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        rnd = random.Random(5)
+        for i in range(60):
+            try:
+                kind = i % 6
+                if kind == 0:  # random bytes instead of a handshake
+                    c = socket.socket(socket.AF_UNIX)
+                    c.settimeout(5)
+                    c.connect(str(s.sock))
+                    c.sendall(rnd.randbytes(rnd.randrange(1, 300)))
+                    c.close()
+                    continue
+                c, f = handshake(s.sock, structured=bool(i & 1))
+                if kind == 1:  # random request bytes
+                    f.write(rnd.randbytes(rnd.randrange(1, 200)))
+                elif kind == 2:  # truncated write payload
+                    f.write(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 65536) + b"x" * 100)
+                elif kind == 3:  # valid magic, random fields (errors are replied, then disconnect)
+                    for _ in range(20):
+                        flags, typ = rnd.randrange(0, 1 << 16), rnd.randrange(0, 12)
+                        if typ == 1:
+                            typ = 0
+                        f.write(struct.pack(">IHHQQI", 0x25609513, flags, typ, i, rnd.getrandbits(64), rnd.getrandbits(32) & 0xFFFF))
+                    f.flush()
+                    time.sleep(0.01)
+                elif kind == 4:  # past the end and a huge read: error replies, connection kept
+                    f.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 9, 1 << 40, 512))
+                    f.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 10, 0, 64 << 20))
+                    f.flush()
+                    for cookie in (9, 10):
+                        hdr = f.read(4)
+                        magic = struct.unpack(">I", hdr)[0]
+                        if magic == 0x67446698:
+                            err, ck = struct.unpack(">IQ", f.read(12))
+                        else:
+                            flags, typ, ck, n = struct.unpack(">HHQI", f.read(16))
+                            body = f.read(n)
+                            err = struct.unpack(">I", body[:4])[0]
+                        assert ck == cookie and err in (22, 75), (ck, err)
+                else:  # truncated header, then hang up
+                    f.write(struct.pack(">IHH", 0x25609513, 0, 0))
+                f.flush()
+                c.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 0, f"the other client failed: {out}{err}"
+        assert s.proc.poll() is None, "the server died"
+        cp = run(["nbdinfo", "--size", s.uri])
+        assert cp.returncode == 0 and cp.stdout.strip() == str(64 * MiB)
+        assert s.stop() == 0, s.proc.stderr.read()
+    cp = qemu_img("check", img, check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def block_data(seed, off, n):
+    return random.Random(seed * 1_000_003 + off).randbytes(n)
+
+
+def test_sigkill_keeps_flushed_writes(scratch):
+    img, _ = fresh(scratch, size=32 * MiB)
+    journal = scratch / "journal"
+    journal.touch()
+    with Server(img, scratch, "-t") as s:
+        writer = subprocess.Popen([SYS_PY, str(CLIENT), "killwrites", s.uri, str(journal)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and len(journal.read_text().split()) < 64:
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGKILL)
+        s.proc.wait(timeout=20)
+        writer.wait(timeout=30)
+    flushed = [int(x) for x in journal.read_text().split()]
+    assert len(flushed) >= 64, "too few flushed writes before the kill"
+    cp = qemu_img("check", img, check=False)
+    # 0: clean, 3: leaked clusters only (allowed after a crash).
+    assert cp.returncode in (0, 3), cp.stdout + cp.stderr
+    assert "corrupt" not in cp.stdout.lower() or "0 errors" in cp.stdout
+    raw = scratch / "after.raw"
+    qemu_img("convert", "-O", "raw", img, raw)
+    with open(raw, "rb") as f:
+        for off in flushed:
+            f.seek(off)
+            assert f.read(65536) == block_data(1, off, 65536), f"flushed write at {off} lost"
+
+
+def make_certs(d: Path, cn="localhost", ca="test CA"):
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*a):
+        cp = run(["openssl", *a], cwd=d)
+        assert cp.returncode == 0, cp.stderr
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", "server-key.pem", "-out", "server.csr")
+    (d / "ext.cnf").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    )
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2",
+        "-extfile", "ext.cnf", "-out", "server-cert.pem")
+
+
+def test_tls(scratch):
+    if shutil.which("openssl") is None:
+        if in_ci():
+            pytest.fail("openssl not found [CI=true]")
+        pytest.skip("openssl not found")
+    img, _ = fresh(scratch)
+    qemu_io(img, "write -P 0x77 0 4096")
+    creds = scratch / "creds"
+    make_certs(creds)
+    good = scratch / "client-good"
+    good.mkdir()
+    shutil.copy(creds / "ca-cert.pem", good / "ca-cert.pem")
+    bad = scratch / "client-bad"
+    make_certs(bad, ca="another CA")
+    for f in ("server-cert.pem", "server-key.pem", "ca-key.pem"):
+        (bad / f).unlink()
+    want = __import__("hashlib").sha256(b"\x77" * 4096).hexdigest()
+    # TCP: libnbd checks the certificate's host name (and so its CA) only for TCP.
+    with Server(img, scratch, "-t", "-e", "0", "--tls-creds", creds, tcp_port=free_port()) as s:
+        env = dict(os.environ, NBD_TLS_DIR=str(good))
+        cp = subprocess.run([SYS_PY, CLIENT, "read", s.uri], capture_output=True, text=True, env=env, timeout=60)
+        assert cp.returncode == 0 and cp.stdout.strip() == want, cp.stderr
+        # Without TLS: refused, no data.
+        plain = s.uri.replace("nbds://", "nbd://")
+        cp = subprocess.run([SYS_PY, CLIENT, "read", plain], capture_output=True, text=True, timeout=60)
+        assert cp.returncode != 0 and want not in cp.stdout
+        # Wrong CA: the client rejects the server's certificate.
+        env = dict(os.environ, NBD_TLS_DIR=str(bad))
+        cp = subprocess.run([SYS_PY, CLIENT, "read", s.uri], capture_output=True, text=True, env=env, timeout=60)
+        assert cp.returncode != 0 and want not in cp.stdout
+        assert s.proc.poll() is None
+        assert s.stop() == 0
