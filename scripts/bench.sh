@@ -2,9 +2,20 @@
 # Side-by-side read benchmark: qcow2rs vs qemu-img (bench and convert).
 #
 # Usage: scripts/bench.sh            (from anywhere in the repository)
-#   BENCH_DIR=/path  put the images there (default target/bench; must not be tmpfs)
+#   BENCH_MODE=device  (default) images on a disk, O_DIRECT and page-cache rows, cold converts
+#   BENCH_MODE=cpu     CPU-bound: images on tmpfs (default /dev/shm/qcow2rs-bench), page-cache rows
+#                      only (tmpfs has no O_DIRECT), warm converts: measures the CPU cost of the
+#                      format and of the engine, not the disk
+#   BENCH_DIR=/path  put the images there (default target/bench; device mode refuses tmpfs)
 #   BENCH_QUICK=1    tiny request counts (a smoke test of the script, not a measurement)
 #   BENCH_REPEAT=N   run every measurement N times and keep the best (default 3)
+#   BENCH_ONLY=REGEX run only the rows whose label matches (grep -E)
+#   BENCH_QCOW2RS=/path/to/qcow2rs  measure that binary instead of building one
+#
+# Every row gives wall time and CPU time (task-clock from `perf stat` when it works here, else
+# user+sys from /usr/bin/time) for both tools; CPU time is much less disturbed by other work on
+# a shared machine than wall time. A fio row on the raw copy of the image is the physical limit
+# (fio is installed with apt-get when missing and permitted; else the row is skipped).
 #
 # What it does:
 # 1. builds qcow2rs in release mode;
@@ -30,23 +41,75 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DIR=${BENCH_DIR:-$ROOT/target/bench}
+MODE=${BENCH_MODE:-device}
+case $MODE in
+device) DIR=${BENCH_DIR:-$ROOT/target/bench} ;;
+cpu) DIR=${BENCH_DIR:-/dev/shm/qcow2rs-bench} ;;
+*)
+    echo "bench.sh: BENCH_MODE must be device or cpu" >&2
+    exit 1
+    ;;
+esac
 REPEAT=${BENCH_REPEAT:-3}
 QUICK=${BENCH_QUICK:-0}
+ONLY=${BENCH_ONLY:-}
+want() { [ -z "$ONLY" ] || grep -Eq -- "$ONLY" <<<"$1"; }
 
 for t in qemu-img qemu-io python3; do
     command -v "$t" >/dev/null || { echo "bench.sh: $t is required" >&2; exit 1; }
 done
 
-echo "== building qcow2rs (release)" >&2
-(cd "$ROOT" && cargo build --release -q -p qcow2-cli)
-BIN=$ROOT/target/release/qcow2rs
+if [ -n "${BENCH_QCOW2RS:-}" ]; then
+    BIN=$BENCH_QCOW2RS
+else
+    echo "== building qcow2rs (release)" >&2
+    (cd "$ROOT" && cargo build --release -q -p qcow2-cli)
+    BIN=$ROOT/target/release/qcow2rs
+fi
+
+# CPU time of a command: perf stat's task-clock (and context switches) when perf works here,
+# else user+sys of /usr/bin/time, else nothing.
+if perf stat -x, -e task-clock,context-switches -o /dev/null true 2>/dev/null; then
+    CPUTOOL=perf
+elif [ -x /usr/bin/time ]; then
+    CPUTOOL=time
+else
+    CPUTOOL=none
+fi
+CPUFILE=$(mktemp)
+trap 'rm -f "$CPUFILE"' EXIT
+timed() { # command... ; runs it, leaves "cpu_seconds context_switches" in $CPUFILE
+    case $CPUTOOL in
+    perf)
+        local rc=0
+        perf stat -x, -e task-clock,context-switches -o "$CPUFILE.raw" "$@" || rc=$?
+        awk -F, '$3 == "task-clock" { cpu = $1 / 1000 } $3 == "context-switches" { cs = $1 }
+                 END { printf "%.3f %s\n", cpu, cs }' "$CPUFILE.raw" >"$CPUFILE"
+        rm -f "$CPUFILE.raw"
+        return $rc
+        ;;
+    time)
+        local rc=0
+        /usr/bin/time -o "$CPUFILE.raw" -f "%U %S %c %w" "$@" || rc=$?
+        awk '{ printf "%.3f %d\n", $1 + $2, $3 + $4 }' "$CPUFILE.raw" >"$CPUFILE"
+        rm -f "$CPUFILE.raw"
+        return $rc
+        ;;
+    *)
+        echo "- -" >"$CPUFILE"
+        "$@"
+        ;;
+    esac
+}
 
 mkdir -p "$DIR"
 FSTYPE=$(df --output=fstype "$DIR" | tail -n1)
-if [ "$FSTYPE" = tmpfs ] || [ "$FSTYPE" = ramfs ]; then
-    echo "bench.sh: $DIR is on $FSTYPE; set BENCH_DIR to a directory on a disk" >&2
+if [ "$MODE" = device ] && { [ "$FSTYPE" = tmpfs ] || [ "$FSTYPE" = ramfs ]; }; then
+    echo "bench.sh: $DIR is on $FSTYPE; set BENCH_DIR to a directory on a disk (or BENCH_MODE=cpu)" >&2
     exit 1
+fi
+if [ "$MODE" = cpu ] && [ "$FSTYPE" != tmpfs ] && [ "$FSTYPE" != ramfs ]; then
+    echo "bench.sh: note: BENCH_MODE=cpu with $DIR on $FSTYPE (not tmpfs): reads come from the page cache" >&2
 fi
 
 PLAIN=$DIR/plain.qcow2
@@ -91,21 +154,32 @@ else
     C4_32=50000 C4_1=10000 C64=16384
 fi
 
+# A measurement is "wall cpu switches" (seconds, seconds, count) or "fail".
 TABLE=()
-best() { # best (smallest) of the numbers on stdin
-    sort -g | head -n1
+best() { # measurements on stdin -> smallest wall, smallest CPU, fewest switches
+    awk '$1 != "fail" { n++; if (n == 1 || $1 < w) w = $1; if (n == 1 || $2 < c) c = $2; if (n == 1 || $3 < s) s = $3 }
+         END { if (n) print w, c, s; else print "fail" }'
 }
-bench_time() { # tool args... -> seconds (or "fail")
+bench_time() { # tool args... -> measurement
     local out
-    if ! out=$("$@" 2>&1); then
+    if ! out=$(timed "$@" 2>&1); then
         echo "bench.sh: failed: $* : $out" >&2
         echo fail
         return
     fi
-    sed -n 's/^Run completed in \([0-9.]*\) seconds\./\1/p' <<<"$out"
+    echo "$(sed -n 's/^Run completed in \([0-9.]*\) seconds\./\1/p' <<<"$out") $(cat "$CPUFILE")"
 }
-ratio() {
-    if [[ $1 == fail || $2 == fail ]]; then echo "-"; else
+wall() { echo "${1%% *}"; }
+cpu() { # measurement -> CPU seconds
+    [[ $1 == fail ]] && { echo "-"; return; }
+    awk '{ print $2 }' <<<"$1"
+}
+switches() { # measurement count -> context switches per request
+    [[ $1 == fail ]] && { echo "-"; return; }
+    awk -v n="$2" '{ if ($3 == "-" || n == 0) print "-"; else printf "%.2f", $3 / n }' <<<"$1"
+}
+ratio() { # a b -> a / b
+    if [[ $1 == fail || $2 == fail || $1 == - || $2 == - ]]; then echo "-"; else
         awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'
     fi
 }
@@ -113,9 +187,16 @@ rate() { # seconds count bytes -> "N IOPS, M MiB/s" of the faster run
     [[ $1 == fail ]] && { echo "-"; return; }
     awk -v t="$1" -v n="$2" -v s="$3" 'BEGIN { if (t > 0) printf "%.0f IOPS, %.0f MiB/s", n / t, n * s / t / 1048576; else print "-" }'
 }
+cells() { # qemu-measurement ours-measurement count -> the common table cells
+    local q=$1 r=$2 n=$3 qw rw
+    qw=$(wall "$q")
+    rw=$(wall "$r")
+    echo "$qw | $rw | $(ratio "$rw" "$qw") | $(cpu "$q") | $(cpu "$r") | $(ratio "$(cpu "$r")" "$(cpu "$q")") | $(switches "$q" "$n") / $(switches "$r" "$n")"
+}
 row() { # label image count bufsize args...
     local label=$1 img=$2 count=$3 bs=$4
     shift 4
+    want "$label" || return 0
     local q=() r=() i
     echo "== bench: $label" >&2
     for ((i = 0; i < REPEAT; i++)); do
@@ -125,18 +206,61 @@ row() { # label image count bufsize args...
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
-    TABLE+=("| $label | \`$*\` | $qb | $rb | $(ratio "$rb" "$qb") | $(rate "$rb" "$count" "$bs") |")
+    TABLE+=("| $label | \`$*\` | $(cells "$qb" "$rb" "$count") | $(rate "$(wall "$rb")" "$count" "$bs") |")
+}
+
+# fio on the raw copy of the image: the physical limit of a row (no format at all).
+RAW=$DIR/source.raw
+FIOTABLE=()
+have_fio() {
+    command -v fio >/dev/null && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing fio (apt-get)" >&2
+        apt-get install -y -q fio >/dev/null 2>&1 || true
+    fi
+    command -v fio >/dev/null
+}
+fio_row() { # label size depth direct(0/1) rw(randread/read) count
+    local label=$1 bs=$2 depth=$3 direct=$4 rw=$5 count=$6
+    want "$label" || return 0
+    echo "== fio: $label" >&2
+    local m=() i out bw
+    for ((i = 0; i < REPEAT; i++)); do
+        if out=$(timed fio --name=limit --filename="$RAW" --readonly --ioengine=io_uring \
+            --rw="$rw" --bs="$bs" --iodepth="$depth" --direct="$direct" \
+            --io_size=$((count * bs)) --randrepeat=0 --norandommap --output-format=terse \
+            --terse-version=3 2>&1); then
+            # terse v3: field 7 is the read bandwidth (KiB/s), 9 the runtime (ms)
+            m+=("$(awk -F';' 'NR == 1 { printf "%.3f", $9 / 1000 }' <<<"$out") $(cat "$CPUFILE")")
+        else
+            echo "bench.sh: fio failed: $out" >&2
+            m+=(fail)
+        fi
+    done
+    local b
+    b=$(printf '%s\n' "${m[@]}" | best)
+    FIOTABLE+=("| $label | \`--bs=$bs --iodepth=$depth --direct=$direct --rw=$rw\` | $(wall "$b") | $(cpu "$b") | $(rate "$(wall "$b")" "$count" "$bs") |")
 }
 
 # The page-cache rows measure reads from a warm cache.
 cat "$PLAIN" "$COMP" >/dev/null
-row "4 KiB spread, depth 32, O_DIRECT" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t none -i io_uring
+if [ "$MODE" = device ]; then
+    row "4 KiB spread, depth 32, O_DIRECT" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t none -i io_uring
+fi
 row "4 KiB spread, depth 32, page cache" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t writeback -i io_uring
-row "4 KiB spread, depth 1, O_DIRECT" "$PLAIN" $C4_1 4096 -d 1 -S $STEP -t none -i io_uring
+if [ "$MODE" = device ]; then
+    row "4 KiB spread, depth 1, O_DIRECT" "$PLAIN" $C4_1 4096 -d 1 -S $STEP -t none -i io_uring
+fi
 row "4 KiB spread, depth 1, page cache" "$PLAIN" $C4_32 4096 -d 1 -S $STEP -t writeback -i io_uring
-row "64 KiB sequential, depth 32, O_DIRECT" "$PLAIN" $C64 65536 -d 32 -t none -i io_uring
+if [ "$MODE" = device ]; then
+    row "64 KiB sequential, depth 32, O_DIRECT" "$PLAIN" $C64 65536 -d 32 -t none -i io_uring
+fi
 row "64 KiB sequential, depth 32, page cache" "$PLAIN" $C64 65536 -d 32 -t writeback -i io_uring
-row "4 KiB spread, depth 32, O_DIRECT, threads" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t none -i threads
+if [ "$MODE" = device ]; then
+    row "4 KiB spread, depth 32, O_DIRECT, threads" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t none -i threads
+else
+    row "4 KiB spread, depth 32, page cache, threads" "$PLAIN" $C4_32 4096 -d 32 -S $STEP -t writeback -i threads
+fi
 row "64 KiB sequential, depth 32, compressed, page cache" "$COMP" $C64 65536 -d 32 -t writeback -i io_uring
 
 # Write side. Allocating writes go to a new empty image each run; overwrites to a copy of
@@ -144,6 +268,7 @@ row "64 KiB sequential, depth 32, compressed, page cache" "$COMP" $C64 65536 -d 
 wrow() { # label count bufsize args...   (bench -w on a fresh empty 1 GiB image)
     local label=$1 count=$2 bs=$3
     shift 3
+    want "$label" || return 0
     local q=() r=() i tool t
     echo "== bench -w: $label" >&2
     for ((i = 0; i < REPEAT; i++)); do
@@ -159,32 +284,54 @@ wrow() { # label count bufsize args...   (bench -w on a fresh empty 1 GiB image)
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
-    TABLE+=("| $label | \`-w $*\` | $qb | $rb | $(ratio "$rb" "$qb") | $(rate "$rb" "$count" "$bs") |")
+    TABLE+=("| $label | \`-w $*\` | $(cells "$qb" "$rb" "$count") | $(rate "$(wall "$rb")" "$count" "$bs") |")
 }
 if [ "$QUICK" = 1 ]; then CW=2000; else CW=16384; fi
-wrow "4 KiB allocating writes, a new cluster each, depth 32, O_DIRECT" $CW 4096 -d 32 -S 65536 -t none -i io_uring
-wrow "4 KiB allocating writes, 8 per cluster, depth 32, O_DIRECT" $((CW * 3)) 4096 -d 32 -S 8192 -t none -i io_uring
-cp "$PLAIN" "$DIR/over.qcow2"
-row "64 KiB overwrites, depth 32, O_DIRECT" "$DIR/over.qcow2" $C64 65536 -w -d 32 -t none -i io_uring
-rm -f "$DIR/over.qcow2"
+if [ "$MODE" = device ]; then WCACHE=none WNAME=O_DIRECT; else WCACHE=writeback WNAME="page cache"; fi
+wrow "4 KiB allocating writes, a new cluster each, depth 32, $WNAME" $CW 4096 -d 32 -S 65536 -t $WCACHE -i io_uring
+wrow "4 KiB allocating writes, 8 per cluster, depth 32, $WNAME" $((CW * 3)) 4096 -d 32 -S 8192 -t $WCACHE -i io_uring
+if want "64 KiB overwrites"; then
+    cp "$PLAIN" "$DIR/over.qcow2"
+    row "64 KiB overwrites, depth 32, $WNAME" "$DIR/over.qcow2" $C64 65536 -w -d 32 -t $WCACHE -i io_uring
+    rm -f "$DIR/over.qcow2"
+fi
+
+[ -s "$RAW" ] || qemu-img convert -f qcow2 -O raw "$PLAIN" "$RAW"
+if have_fio; then
+    if [ "$MODE" = device ]; then
+        fio_row "fio raw, 4 KiB random, depth 32, O_DIRECT" 4096 32 1 randread $C4_32
+        fio_row "fio raw, 4 KiB random, depth 1, O_DIRECT" 4096 1 1 randread $C4_1
+        fio_row "fio raw, 64 KiB sequential, depth 32, O_DIRECT" 65536 32 1 read $C64
+    fi
+    fio_row "fio raw, 4 KiB random, depth 32, page cache" 4096 32 0 randread $C4_32
+    fio_row "fio raw, 4 KiB random, depth 1, page cache" 4096 1 0 randread $C4_32
+    fio_row "fio raw, 64 KiB sequential, depth 32, page cache" 65536 32 0 read $C64
+else
+    echo "bench.sh: fio is not installed (and could not be): no physical-limit rows" >&2
+fi
 
 CTABLE=()
-convert_time() { # tool args... -> "total exit" seconds: total includes a final `sync`
+convert_time() { # tool args... -> measurement; wall time includes a final `sync`, then the time to exit
     local t0 t1 t2
     t0=$(date +%s.%N)
-    if ! "$@" >/dev/null 2>&1; then
-        echo "fail fail"
+    if ! timed "$@" >/dev/null 2>&1; then
+        echo "fail"
         return
     fi
     t1=$(date +%s.%N)
     sync
     t2=$(date +%s.%N)
-    awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN { printf "%.3f %.3f", c - a, b - a }'
+    awk -v a="$t0" -v b="$t1" -v c="$t2" -v m="$(cat "$CPUFILE")" 'BEGIN { printf "%.3f %s %.3f", c - a, m, b - a }'
+}
+exit_time() { # measurements on stdin -> smallest time to exit (4th field)
+    awk '$1 != "fail" { n++; if (n == 1 || $4 < e) e = $4 } END { if (n) print e; else print "-" }'
 }
 convert_row() { # label src
-    local label=$1 src=$2 out=$DIR/out.raw i mode tool
-    for mode in cold warm; do
-        local q=() r=() qe=()
+    local label=$1 src=$2 out=$DIR/out.raw i mode tool modes=cold
+    want "$label" || return 0
+    [ "$MODE" = cpu ] && modes=warm || modes="cold warm"
+    for mode in $modes; do
+        local q=() r=()
         echo "== convert ($mode source): $label" >&2
         for ((i = 0; i < REPEAT; i++)); do
             for tool in qemu-img "$BIN"; do
@@ -197,20 +344,15 @@ convert_row() { # label src
                 fi
                 local t
                 t=$(convert_time "$tool" convert -f qcow2 -O raw "$src" "$out")
-                if [ "$tool" = qemu-img ]; then
-                    q+=("${t% *}")
-                    qe+=("${t#* }")
-                else
-                    r+=("${t% *}")
-                fi
+                if [ "$tool" = qemu-img ]; then q+=("$t"); else r+=("$t"); fi
             done
         done
         rm -f "$out"
         local qb rb qeb
         qb=$(printf '%s\n' "${q[@]}" | best)
-        qeb=$(printf '%s\n' "${qe[@]}" | best)
+        qeb=$(printf '%s\n' "${q[@]}" | exit_time)
         rb=$(printf '%s\n' "${r[@]}" | best)
-        CTABLE+=("| $label | $mode | $qb ($qeb) | $rb | $(ratio "$rb" "$qb") |")
+        CTABLE+=("| $label | $mode | $(wall "$qb") ($qeb) | $(wall "$rb") | $(ratio "$(wall "$rb")" "$(wall "$qb")") | $(cpu "$qb") | $(cpu "$rb") | $(ratio "$(cpu "$rb")" "$(cpu "$qb")") |")
     done
 }
 if [ "$QUICK" != 1 ]; then
@@ -219,12 +361,11 @@ if [ "$QUICK" != 1 ]; then
 fi
 
 # convert from raw to qcow2: plain, and compressed with zlib and with zstd (warm source).
-RAW=$DIR/source.raw
-[ -s "$RAW" ] || qemu-img convert -f qcow2 -O raw "$PLAIN" "$RAW"
 WTABLE=()
 to_qcow2_row() { # label extra-args...
     local label=$1
     shift
+    want "$label" || return 0
     local q=() r=() i tool t out=$DIR/out.qcow2
     echo "== convert raw -> qcow2: $label" >&2
     for ((i = 0; i < REPEAT; i++)); do
@@ -232,15 +373,15 @@ to_qcow2_row() { # label extra-args...
             rm -f "$out"
             cat "$RAW" >/dev/null
             t=$(convert_time "$tool" convert -f raw -O qcow2 "$@" "$RAW" "$out")
-            qemu-img compare -q -f raw "$RAW" "$out" || { echo "bench.sh: $tool output differs" >&2; t="fail fail"; }
-            if [ "$tool" = qemu-img ]; then q+=("${t% *}"); else r+=("${t% *}"); fi
+            qemu-img compare -q -f raw "$RAW" "$out" || { echo "bench.sh: $tool output differs" >&2; t=fail; }
+            if [ "$tool" = qemu-img ]; then q+=("$t"); else r+=("$t"); fi
         done
     done
     rm -f "$out"
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
-    WTABLE+=("| $label | \`$*\` | $qb | $rb | $(ratio "$rb" "$qb") |")
+    WTABLE+=("| $label | \`$*\` | $(wall "$qb") | $(wall "$rb") | $(ratio "$(wall "$rb")" "$(wall "$qb")") | $(cpu "$qb") | $(cpu "$rb") | $(ratio "$(cpu "$rb")" "$(cpu "$qb")") |")
 }
 if [ "$QUICK" != 1 ]; then
     to_qcow2_row "raw -> qcow2"
@@ -250,28 +391,36 @@ fi
 
 {
     echo "qcow2rs $("$BIN" --version | awk '{print $3}') vs $(qemu-img --version | head -n1)"
-    echo "$(nproc) CPUs, kernel $(uname -r), $FSTYPE on $(df --output=source "$DIR" | tail -n1), best of $REPEAT, page cache dropped for cold runs: $DROP"
+    echo "mode $MODE: $(nproc) CPUs, kernel $(uname -r), $FSTYPE on $(df --output=source "$DIR" | tail -n1), best of $REPEAT, page cache dropped for cold runs: $DROP, CPU time from: $CPUTOOL"
     echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine makes timings noisy)"
-    if grep -q PLACEHOLDER "$ROOT/qcow2-core/src/io/uring.rs" 2>/dev/null; then
-        echo "NOTE: the io_uring engine is still a placeholder"
-    fi
     echo
-    echo "| workload | options (both tools) | qemu-img (s) | qcow2rs (s) | qcow2rs / qemu-img | qcow2rs rate |"
-    echo "|---|---|---:|---:|---:|---|"
+    echo "Ratios are qcow2rs / qemu-img: below 1 means qcow2rs is faster (wall) or cheaper (CPU)."
+    echo "CPU is the task-clock (or user+sys) of the whole process; \"switches\" are context switches per request."
+    echo
+    echo "| workload | options (both tools) | qemu-img (s) | qcow2rs (s) | wall ratio | qemu-img CPU (s) | qcow2rs CPU (s) | CPU ratio | switches/request qemu-img / qcow2rs | qcow2rs rate |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     printf '%s\n' "${TABLE[@]}"
+    if [ ${#FIOTABLE[@]} -gt 0 ]; then
+        echo
+        echo "Physical limit: fio (io_uring engine) on the raw copy of the same data, same request count."
+        echo
+        echo "| fio on raw | options | time (s) | CPU (s) | rate |"
+        echo "|---|---|---:|---:|---|"
+        printf '%s\n' "${FIOTABLE[@]}"
+    fi
     if [ ${#CTABLE[@]} -gt 0 ]; then
         echo
         echo "Convert times include a final \`sync\` (qemu-img's default destination cache is"
         echo "\"unsafe\": it exits before its output is on disk; its time to exit is in parentheses)."
         echo
-        echo "| convert | source cache | qemu-img (s) | qcow2rs (s) | qcow2rs / qemu-img |"
-        echo "|---|---|---:|---:|---:|"
+        echo "| convert | source cache | qemu-img (s) | qcow2rs (s) | wall ratio | qemu-img CPU (s) | qcow2rs CPU (s) | CPU ratio |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|"
         printf '%s\n' "${CTABLE[@]}"
     fi
     if [ ${#WTABLE[@]} -gt 0 ]; then
         echo
-        echo "| convert from raw (warm source, times include \`sync\`) | options | qemu-img (s) | qcow2rs (s) | qcow2rs / qemu-img |"
-        echo "|---|---|---:|---:|---:|"
+        echo "| convert from raw (warm source, times include \`sync\`) | options | qemu-img (s) | qcow2rs (s) | wall ratio | qemu-img CPU (s) | qcow2rs CPU (s) | CPU ratio |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|"
         printf '%s\n' "${WTABLE[@]}"
     fi
 } | tee "$DIR/results.md"

@@ -38,6 +38,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::thread;
@@ -260,6 +261,41 @@ pub(super) struct FileCore {
     /// into the operations so that a write whose future was dropped keeps the
     /// lock until the write really finished.
     lock: Arc<tokio::sync::RwLock<()>>,
+    /// What may run on the calling thread (see [`FileCore::read_inline`]): one of
+    /// `INLINE_NO`, `INLINE_NOWAIT`, `INLINE_ALWAYS`.
+    inline: AtomicU8,
+}
+
+/// Nothing runs on the calling thread (`O_DIRECT`, or `RWF_NOWAIT` is refused).
+const INLINE_NO: u8 = 0;
+/// Reads are tried with `preadv2(RWF_NOWAIT)` on the calling thread first: a page-cache
+/// hit completes there, a miss goes to the engine.
+const INLINE_NOWAIT: u8 = 1;
+/// The file lives in memory (tmpfs, ramfs): reads and writes never wait for a device,
+/// so they run on the calling thread with plain `pread`/`pwrite`.
+const INLINE_ALWAYS: u8 = 2;
+
+/// `statfs.f_type` of tmpfs and ramfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// The inline mode of a newly opened file.
+fn inline_mode(file: &File, direct: bool) -> u8 {
+    if direct {
+        return INLINE_NO;
+    }
+    let mut sfs = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fstatfs` writes one `statfs` into the memory we pass, which is ours and
+    // of that type; the fd is valid (owned by `file`).
+    if unsafe { libc::fstatfs(file.as_raw_fd(), sfs.as_mut_ptr()) } == 0 {
+        // SAFETY: zero-initialized, then filled by the successful `fstatfs`.
+        #[allow(clippy::unnecessary_cast)]
+        let t = unsafe { sfs.assume_init() }.f_type as i64;
+        if t == TMPFS_MAGIC || t == RAMFS_MAGIC {
+            return INLINE_ALWAYS;
+        }
+    }
+    INLINE_NOWAIT
 }
 
 impl FileCore {
@@ -292,12 +328,86 @@ impl FileCore {
         } else {
             1
         };
+        let inline = AtomicU8::new(inline_mode(&file, opts.direct));
         Ok(FileCore {
             file,
             align,
             direct: opts.direct,
             lock: Arc::new(tokio::sync::RwLock::new(())),
+            inline,
         })
+    }
+
+    /// Read on the calling thread, straight into the caller's `buf` (no bounce buffer,
+    /// no hand-off to another thread), as much as can be read without waiting for a
+    /// device: everything on tmpfs, page-cache hits elsewhere (`preadv2(RWF_NOWAIT)`).
+    /// Returns the bytes read and whether the read is complete (`buf` full, or the end of
+    /// the file reached, the rest zero-filled); the caller reads the rest through the
+    /// engine. The call is synchronous, so `buf` is only touched while it is borrowed:
+    /// this needs no ownership rule. Without `O_DIRECT` only.
+    pub(super) fn read_inline(&self, buf: &mut [u8], off: u64) -> io::Result<(usize, bool)> {
+        let mode = self.inline.load(Ordering::Relaxed);
+        if mode == INLINE_NO {
+            return Ok((0, false));
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let Ok(pos) = libc::off_t::try_from(off + done as u64) else {
+                return Ok((done, false)); // the engine reports it
+            };
+            let r = if mode == INLINE_ALWAYS {
+                // SAFETY: `rest` is writable memory we borrow for this synchronous call.
+                unsafe { libc::pread(self.fd(), rest.as_mut_ptr().cast(), rest.len(), pos) }
+            } else {
+                let iov = libc::iovec {
+                    iov_base: rest.as_mut_ptr().cast(),
+                    iov_len: rest.len(),
+                };
+                // SAFETY: `iov` describes `rest`, writable memory we borrow for this
+                // synchronous call; one iovec is passed.
+                unsafe { libc::preadv2(self.fd(), &iov, 1, pos, libc::RWF_NOWAIT) }
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not in the page cache (or the rest of it is not): the engine reads it.
+                    Some(libc::EAGAIN) => return Ok((done, false)),
+                    // The file system does not do RWF_NOWAIT reads: stop trying.
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                        self.inline.store(INLINE_NO, Ordering::Relaxed);
+                        return Ok((done, false));
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if r == 0 {
+                // End of file: the rest reads as zeros.
+                buf[done..].fill(0);
+                return Ok((buf.len(), true));
+            }
+            done += r as usize;
+        }
+        Ok((done, true))
+    }
+
+    /// Whether the file lives in memory (tmpfs, ramfs): nothing done to it waits for a
+    /// device, so the engines run its `fallocate` and `fdatasync` on the calling thread
+    /// too (an io_uring `fallocate` would otherwise go to an io-wq worker).
+    pub(super) fn in_memory(&self) -> bool {
+        self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS
+    }
+
+    /// Write all of `data` at `off` on the calling thread when the file lives in memory
+    /// (tmpfs): such a write never waits for a device. Returns false (nothing written)
+    /// for other files, which go through the engine.
+    pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
+        if self.inline.load(Ordering::Relaxed) != INLINE_ALWAYS {
+            return Ok(false);
+        }
+        self.file.write_all_at(data, off)?;
+        Ok(true)
     }
 
     fn fd(&self) -> libc::c_int {
@@ -492,6 +602,27 @@ impl<T> Pending<T> {
         let (tx, rx) = oneshot::channel();
         (tx, Pending(rx))
     }
+
+    /// An operation already done (on the calling thread).
+    pub(super) fn ready(r: io::Result<T>) -> Self {
+        let (tx, p) = Self::channel();
+        let _ = tx.send(r);
+        p
+    }
+}
+
+impl FileCore {
+    /// `fdatasync` on the calling thread, for a file in memory (else `None`).
+    pub(super) fn fdatasync_inline(&self) -> Option<Pending<()>> {
+        self.in_memory()
+            .then(|| Pending::ready(self.file.sync_data()))
+    }
+
+    /// `fallocate` on the calling thread, for a file in memory (else `None`).
+    pub(super) fn fallocate_inline(&self, mode: i32, off: u64, len: u64) -> Option<Pending<()>> {
+        self.in_memory()
+            .then(|| Pending::ready(fallocate(&self.file, mode, off, len)))
+    }
 }
 
 impl<T> Future for Pending<T> {
@@ -507,6 +638,93 @@ impl<T> Future for Pending<T> {
     }
 }
 
+/// The caller's memory, lent to a worker or to the kernel for one read
+/// ([`Backend::read_into`]).
+///
+/// **The rule that makes lending sound: a request always runs to its end.** The
+/// only reader of a `RawBuf` is an operation whose [`Pending`] is wrapped in
+/// [`RunToEnd`], and `RunToEnd` does not let its borrow of the memory end before
+/// the engine has answered: dropping it (a cancelled request, a runtime shutting
+/// down) blocks until the operation has finished. Leaking the request's future
+/// instead (`mem::forget`) would end the borrow early; nothing in this crate, in
+/// the C library or in the Python package does that (their requests run on the
+/// runtime to their end even when the caller stops waiting), and code that cannot
+/// promise it must use owned buffers. See docs/RELIABILITY.md, "Zero-copy reads".
+pub(super) struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a `RawBuf` stands for an exclusive borrow of `len` bytes (`&mut [u8]`,
+// which is `Send`), kept alive by the `RunToEnd` rule above.
+unsafe impl Send for RawBuf {}
+
+impl RawBuf {
+    fn new(buf: &mut [u8]) -> Self {
+        RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    pub(super) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The memory as a slice, for a worker's `pread`.
+    ///
+    /// # Safety
+    /// Only while the operation that owns this `RawBuf` runs: the `RunToEnd` rule
+    /// keeps the caller's exclusive borrow alive until then.
+    unsafe fn as_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the caller's contract above; `ptr`/`len` come from a `&mut [u8]`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// A [`Pending`] of an operation that uses the caller's memory: it cannot end
+/// before the operation does. Dropped early, it waits (blocking the thread) for
+/// the engine's answer, which comes from the engine's own threads, never from the
+/// runtime, so this cannot deadlock.
+struct RunToEnd<'a, T> {
+    pending: Pending<T>,
+    finished: bool,
+    _borrow: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a, T> RunToEnd<'a, T> {
+    fn new(_buf: &'a mut [u8], pending: Pending<T>) -> Self {
+        RunToEnd {
+            pending,
+            finished: false,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> Future for RunToEnd<'_, T> {
+    type Output = io::Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let r = Pin::new(&mut self.pending).poll(cx);
+        if r.is_ready() {
+            self.finished = true;
+        }
+        r
+    }
+}
+
+impl<T> Drop for RunToEnd<'_, T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = futures::executor::block_on(&mut self.pending);
+        }
+    }
+}
+
 /// The primitive operations of an engine. They own their buffers and start at
 /// once; the request logic in [`ops`] is written once on top of them.
 pub(super) trait Backend: Send + Sync {
@@ -515,6 +733,9 @@ pub(super) trait Backend: Send + Sync {
     /// Read into `buf` at `off` until it is full or the end of the file; gives the
     /// buffer back with the number of bytes read.
     fn read_owned(&self, buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)>;
+    /// Read into the caller's memory at `off` until it is full or the end of the
+    /// file; gives the number of bytes read. Only through [`RunToEnd`] (see [`RawBuf`]).
+    fn read_into(&self, buf: RawBuf, off: u64) -> Pending<usize>;
     /// Write all of `buf` at `off`, then truncate the file to `truncate_to` if
     /// given. `hold` is dropped once that is done.
     fn write_owned(
@@ -532,7 +753,7 @@ pub(super) trait Backend: Send + Sync {
 
 /// Request logic shared by the file engines (see the module documentation).
 pub(super) mod ops {
-    use super::{AlignedBuf, Backend, Hold, MAX_CHUNK, ZERO_CHUNK};
+    use super::{AlignedBuf, Backend, Hold, RawBuf, RunToEnd, MAX_CHUNK, ZERO_CHUNK};
     use std::any::Any;
     use std::io;
     use std::sync::Arc;
@@ -584,8 +805,35 @@ pub(super) mod ops {
         if buf.is_empty() {
             return Ok(());
         }
+        end_of(off, buf.len())?;
+        // Page-cache hits (everything on tmpfs) are read on this thread into `buf` itself.
+        let (done, complete) = b.core().read_inline(buf, off)?;
+        if complete {
+            return Ok(());
+        }
+        let buf = &mut buf[done..];
+        let off = off + done as u64;
         let end = end_of(off, buf.len())?;
         let a = b.core().align as u64;
+        if (buf.as_ptr() as u64 | off | buf.len() as u64) & (a - 1) == 0 {
+            // Zero copy: the caller's memory goes to the engine (aligned for O_DIRECT,
+            // or no O_DIRECT at all). The request runs to its end (`RunToEnd`).
+            let mut pos = 0;
+            while pos < buf.len() {
+                let n = (buf.len() - pos).min(max_piece(a) as usize);
+                let piece = &mut buf[pos..pos + n];
+                let pending = b.read_into(RawBuf::new(piece), off + pos as u64);
+                let got = RunToEnd::new(piece, pending).await?.min(n);
+                if got < n {
+                    // End of file: the rest reads as zeros.
+                    buf[pos + got..].fill(0);
+                    break;
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
+        // Misaligned O_DIRECT: bounce through aligned buffers owned by the operation.
         let mut pos = align_down(off, a);
         let aend = align_up(end, a)?;
         while pos < aend {
@@ -632,6 +880,9 @@ pub(super) mod ops {
         let end = end_of(off, data.len())?;
         let core = b.core();
         if !core.direct {
+            if core.write_inline(data, off)? {
+                return Ok(());
+            }
             let mut pos = 0;
             while pos < data.len() {
                 let n = (data.len() - pos).min(MAX_CHUNK);
@@ -940,6 +1191,16 @@ impl Backend for ThreadsFile {
         })
     }
 
+    fn read_into(&self, mut buf: RawBuf, off: u64) -> Pending<usize> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            // SAFETY: this job is the operation that owns `buf`; the caller's
+            // `RunToEnd` keeps the memory borrowed until the job has returned.
+            let s = unsafe { buf.as_slice() };
+            pread_full(&core.file, s, off, core.align)
+        })
+    }
+
     fn write_owned(
         &self,
         buf: AlignedBuf,
@@ -959,11 +1220,17 @@ impl Backend for ThreadsFile {
     }
 
     fn fdatasync(&self) -> Pending<()> {
+        if let Some(p) = self.core.fdatasync_inline() {
+            return p;
+        }
         let core = self.core.clone();
         self.pool.run(move || core.file.sync_data())
     }
 
     fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        if let Some(p) = self.core.fallocate_inline(mode, off, len) {
+            return p;
+        }
         let core = self.core.clone();
         self.pool.run(move || {
             let r = fallocate(&core.file, mode, off, len);

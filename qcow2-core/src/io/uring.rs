@@ -1,12 +1,20 @@
 //! Linux io_uring engine.
 //!
 //! Design:
-//! - **One ring and one completion thread per open file.** Dropping the file
-//!   tears both down exactly (no global state, no thread left behind), a slow
-//!   file cannot fill the queues of another, and an image has few files open (the
-//!   image, its data file, its backing chain). The cost is a thread and a small
-//!   ring (256 submission entries) per open file.
-//! - **Submission from any thread.** A request is registered in the file's table
+//! - **A few rings shared by every open file, one per CPU** (at most
+//!   [`MAX_RINGS`]), each with one completion thread (`qcow2rs-uring-N`). A thread
+//!   submits to "its" ring (threads are spread over the rings round-robin, so each
+//!   runtime worker mostly has a ring of its own), whatever the file: a 64-image
+//!   backing chain costs no more rings or threads than one image. The set starts
+//!   with the first open file and stops (joining its threads) when the last one is
+//!   dropped, as the threads engine's pool does.
+//! - **Page-cache hits never reach a ring.** Reads of files opened without
+//!   `O_DIRECT` are first tried on the submitting thread with
+//!   `preadv2(RWF_NOWAIT)` straight into the caller's buffer (plain
+//!   `pread`/`pwrite` on tmpfs, which never waits for a device); only what would
+//!   block goes to the ring (see [`super::threads`] `FileCore::read_inline`). So a
+//!   request that completes at once costs no wake-up of another thread at all.
+//! - **Submission from any thread.** A request is registered in the ring's table
 //!   of operations and its SQE pushed under a mutex (the only place a submission
 //!   queue is touched); the submitting thread then calls `io_uring_enter` itself,
 //!   without the mutex, so no thread hop is added. If the ring is full (more than
@@ -14,41 +22,45 @@
 //!   slot), the request waits in a backlog that the completion thread drains as
 //!   operations finish, so any number of requests can be outstanding and the
 //!   completion queue never overflows.
-//! - **The completion thread** (`qcow2rs-uring`) waits in `io_uring_enter`, which
+//! - **The completion thread** waits in `io_uring_enter`, which
 //!   also submits whatever SQEs are pending, reaps CQEs and, with the mutex held,
 //!   advances each operation: a short read or write is resubmitted for the rest,
 //!   `EAGAIN`/`EINTR` are resubmitted, and finished operations are completed
 //!   through their oneshot sender after the mutex is released. A submitter never
 //!   waits for the completion thread and the completion thread never blocks with
 //!   the mutex held, so they cannot deadlock.
-//! - **Ownership.** Every operation owns its (aligned) buffer and keeps it in the
-//!   table until its CQE is reaped: dropping the caller's future only drops the
-//!   receiving end. The file descriptor is owned by the ring's shared state,
-//!   which the completion thread keeps alive until every operation is finished.
-//! - **Teardown.** Dropping the [`UringFile`] queues a `NOP` marked as the exit
-//!   request; the completion thread exits once it has seen it and no operation
-//!   is left, and the drop joins it.
+//! - **Ownership.** Every operation owns its (aligned) buffer and a reference to
+//!   its file (so the fd stays open), and keeps both in the table until its CQE is
+//!   reaped: dropping the caller's future only drops the receiving end. Dropping a
+//!   [`UringFile`] waits until the operations of its dropped futures have finished.
+//! - **Teardown.** Dropping the ring set queues a `NOP` marked as the exit
+//!   request on each ring; a completion thread exits once it has seen it and no
+//!   operation is left, and the drop joins it.
 //!
 //! `flush` is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`; `discard`,
 //! `write_zeroes` and `allocate` are `IORING_OP_FALLOCATE`. Alignment bouncing,
 //! read-modify-write and fallbacks are shared with the threads engine (see
 //! [`super::threads`]).
 
-use super::threads::{ops, AlignedBuf, Backend, FileCore, Hold, Pending};
+use super::threads::{ops, AlignedBuf, Backend, FileCore, Hold, Pending, RawBuf};
 use super::{FileOptions, IoFuture, Storage};
 use futures::channel::oneshot;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::Duration;
 
 /// Submission queue entries per ring (the completion queue gets twice as many).
 const RING_ENTRIES: u32 = 256;
+/// Most rings (and completion threads) in a process.
+pub const MAX_RINGS: usize = 8;
 
 /// Whether an open error means io_uring is not available here (so `Auto` falls back).
 ///
@@ -71,6 +83,11 @@ enum Kind {
         buf: AlignedBuf,
         tx: oneshot::Sender<io::Result<(AlignedBuf, usize)>>,
     },
+    /// A read into the caller's memory (see [`RawBuf`]: the request runs to its end).
+    ReadInto {
+        buf: RawBuf,
+        tx: oneshot::Sender<io::Result<usize>>,
+    },
     Write {
         buf: AlignedBuf,
         truncate_to: Option<u64>,
@@ -91,6 +108,8 @@ enum Kind {
 /// One operation, from registration until its last CQE.
 struct Op {
     kind: Kind,
+    /// The file (`None` for the exit request): kept open until the operation is finished.
+    core: Option<Arc<FileCore>>,
     /// File offset of the operation's start.
     off: u64,
     /// Bytes already transferred (short reads/writes are resubmitted for the rest).
@@ -101,10 +120,16 @@ struct Op {
 
 impl Op {
     /// The SQE for the part of the operation not done yet.
-    fn sqe(&mut self, fd: types::Fd, id: u64) -> squeue::Entry {
+    fn sqe(&mut self, id: u64) -> squeue::Entry {
+        let fd = types::Fd(self.core.as_ref().map_or(-1, |c| c.file.as_raw_fd()));
         let pos = self.off + self.done as u64;
         let entry = match &mut self.kind {
             Kind::Read { buf, .. } => {
+                let rest = (buf.len() - self.done) as u32;
+                let p = buf.as_mut_ptr().wrapping_add(self.done);
+                opcode::Read::new(fd, p, rest).offset(pos).build()
+            }
+            Kind::ReadInto { buf, .. } => {
                 let rest = (buf.len() - self.done) as u32;
                 let p = buf.as_mut_ptr().wrapping_add(self.done);
                 opcode::Read::new(fd, p, rest).offset(pos).build()
@@ -133,6 +158,9 @@ impl Op {
             Kind::Read { buf, tx } => {
                 let _ = tx.send(r.map(|n| (buf, n)));
             }
+            Kind::ReadInto { tx, .. } => {
+                let _ = tx.send(r);
+            }
             Kind::Write { tx, .. } | Kind::Fsync { tx } | Kind::Fallocate { tx, .. } => {
                 let _ = tx.send(r.map(drop));
             }
@@ -159,9 +187,8 @@ struct State {
     backlog: VecDeque<u64>,
 }
 
-/// A ring and the file it serves, shared by the [`UringFile`] and its completion thread.
+/// A ring, shared by the files of the threads that submit to it and its completion thread.
 struct Ring {
-    core: FileCore,
     uring: IoUring,
     state: Mutex<State>,
     /// Most operations in the ring at once: the completion queue's size, so it
@@ -170,12 +197,8 @@ struct Ring {
 }
 
 impl Ring {
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.core.file.as_raw_fd())
-    }
-
     /// Register an operation and get it submitted.
-    fn start(&self, kind: Kind, off: u64, hold: Hold) {
+    fn start(&self, kind: Kind, core: Option<Arc<FileCore>>, off: u64, hold: Hold) {
         let mut st = self.state.lock();
         let id = st.next_id;
         st.next_id += 1;
@@ -183,6 +206,7 @@ impl Ring {
             id,
             Op {
                 kind,
+                core,
                 off,
                 done: 0,
                 hold,
@@ -225,11 +249,10 @@ impl Ring {
 
     /// Push the SQE of operation `id`; false if the submission queue is full.
     fn push(&self, st: &mut State, id: u64) -> bool {
-        let fd = self.fd();
         let Some(op) = st.ops.get_mut(&id) else {
             return true; // unreachable: operations are registered before being queued
         };
-        let sqe = op.sqe(fd, id);
+        let sqe = op.sqe(id);
         // SAFETY: `submission_shared` requires that no other `SubmissionQueue`
         // exists: one is only ever created with the state mutex held (here and in
         // `kernel_busy`), and we hold it (we have `&mut State` from its guard).
@@ -237,8 +260,10 @@ impl Ring {
         // SAFETY: `push` requires the entry's resources to stay valid until the
         // operation completes. The buffer (if any) is owned by the operation,
         // which stays in `st.ops` (its heap memory never moves) until the
-        // completion thread has reaped its CQE; the fd belongs to `self.core`,
-        // which the completion thread keeps alive until no operation is left.
+        // completion thread has reaped its CQE, or (`ReadInto`) is the caller's
+        // memory, which the caller's `RunToEnd` keeps borrowed until the operation
+        // has answered (after that CQE); the fd belongs to the operation's
+        // `core`, an `Arc` the operation holds until then.
         let ok = unsafe { sq.push(&sqe) }.is_ok();
         drop(sq); // publishes the new tail
         ok
@@ -287,16 +312,24 @@ impl Ring {
             };
         }
         let n = res as usize;
+        let Some(core) = op.core.clone() else {
+            return Step::Done(Ok(0)); // the exit request
+        };
         match &op.kind {
-            Kind::Read { buf, .. } => {
+            Kind::Read { .. } | Kind::ReadInto { .. } => {
+                let len = match &op.kind {
+                    Kind::Read { buf, .. } => buf.len(),
+                    Kind::ReadInto { buf, .. } => buf.len(),
+                    _ => 0,
+                };
                 if n == 0 {
                     return Step::Done(Ok(op.done)); // end of file
                 }
                 op.done += n;
                 let pos = op.off + op.done as u64;
-                let align = self.core.align as u64;
+                let align = core.align as u64;
                 // With O_DIRECT, stopping at an unaligned position is the end of file.
-                if op.done >= buf.len() || pos & (align - 1) != 0 {
+                if op.done >= len || pos & (align - 1) != 0 {
                     Step::Done(Ok(op.done))
                 } else {
                     Step::Again
@@ -316,7 +349,7 @@ impl Ring {
                     return Step::Again;
                 }
                 if let Some(len) = truncate_to {
-                    if let Err(e) = self.core.set_len(*len) {
+                    if let Err(e) = core.set_len(*len) {
                         return Step::Done(Err(e));
                     }
                 }
@@ -397,23 +430,17 @@ fn reap(ring: Arc<Ring>) {
     }
 }
 
-/// A file accessed through io_uring.
-pub struct UringFile {
+/// A ring and its completion thread, as the ring set holds them.
+struct RingThread {
     ring: Arc<Ring>,
     reaper: Option<thread::JoinHandle<()>>,
 }
 
-impl UringFile {
-    /// Open a file. Fails with an error for which [`is_unavailable`] is true when
-    /// io_uring cannot be used here; with `opts.direct`, fails (`InvalidInput`,
-    /// errno `EINVAL`) when the file system refuses `O_DIRECT`.
-    pub fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
-        // The ring first, so that its errors are the ones `is_unavailable` sees.
+impl RingThread {
+    fn start(i: usize) -> io::Result<RingThread> {
         let uring = new_ring()?;
-        let core = FileCore::open(path, opts)?;
         let cap = uring.params().cq_entries().max(1) as usize;
         let ring = Arc::new(Ring {
-            core,
             uring,
             state: Mutex::new(State {
                 ops: HashMap::new(),
@@ -425,12 +452,108 @@ impl UringFile {
         });
         let r = ring.clone();
         let reaper = thread::Builder::new()
-            .name("qcow2rs-uring".into())
+            .name(format!("qcow2rs-uring-{i}"))
             .spawn(move || reap(r))?;
-        Ok(UringFile {
+        Ok(RingThread {
             ring,
             reaper: Some(reaper),
         })
+    }
+}
+
+impl Drop for RingThread {
+    fn drop(&mut self) {
+        self.ring.start(Kind::Exit, None, 0, None);
+        if let Some(h) = self.reaper.take() {
+            // Waits for the operations of dropped futures to finish. Never join
+            // ourselves, should the last file be dropped on a completion thread.
+            if Some(h.thread().id()) != super::engine_thread_id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The rings of the process, shared by every open [`UringFile`].
+struct RingSet {
+    rings: Vec<RingThread>,
+    /// The process that started the threads: after `fork()` the child has none of them.
+    pid: u32,
+}
+
+/// The current ring set, if any file holds it.
+static RINGS: parking_lot::Mutex<Weak<RingSet>> = parking_lot::const_mutex(Weak::new());
+/// Hands out ring slots to threads, round-robin.
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's ring slot (taken modulo the number of rings).
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+impl RingSet {
+    /// The shared set, started if no open file holds it.
+    fn get() -> io::Result<Arc<RingSet>> {
+        let mut cur = RINGS.lock();
+        if let Some(s) = cur.upgrade() {
+            if s.pid == std::process::id() {
+                return Ok(s);
+            }
+            // A set of the parent process (files opened before fork() keep it alive): its
+            // threads do not exist here, so start a new one, and never drop the parent's
+            // (its Drop would join threads that are not there).
+            std::mem::forget(s);
+        }
+        let n = thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, MAX_RINGS);
+        let mut rings = Vec::with_capacity(n);
+        for i in 0..n {
+            // On an error the rings already started are dropped, which stops them.
+            rings.push(RingThread::start(i)?);
+        }
+        let s = Arc::new(RingSet {
+            rings,
+            pid: std::process::id(),
+        });
+        *cur = Arc::downgrade(&s);
+        Ok(s)
+    }
+
+    /// The calling thread's ring.
+    fn ring(&self) -> &Ring {
+        let slot = SLOT.with(|s| {
+            if s.get() == usize::MAX {
+                s.set(NEXT_SLOT.fetch_add(1, Ordering::Relaxed));
+            }
+            s.get()
+        });
+        &self.rings[slot % self.rings.len()].ring
+    }
+}
+
+/// A file accessed through io_uring.
+pub struct UringFile {
+    core: Arc<FileCore>,
+    rings: Arc<RingSet>,
+}
+
+impl UringFile {
+    /// Open a file. Fails with an error for which [`is_unavailable`] is true when
+    /// io_uring cannot be used here; with `opts.direct`, fails (`InvalidInput`,
+    /// errno `EINVAL`) when the file system refuses `O_DIRECT`.
+    pub fn open(path: &Path, opts: &FileOptions) -> io::Result<Self> {
+        // The rings first, so that their errors are the ones `is_unavailable` sees.
+        let rings = RingSet::get()?;
+        let core = Arc::new(FileCore::open(path, opts)?);
+        Ok(UringFile { core, rings })
+    }
+
+    fn start(&self, kind: Kind, off: u64, hold: Hold) {
+        self.rings
+            .ring()
+            .start(kind, Some(self.core.clone()), off, hold);
     }
 }
 
@@ -466,11 +589,14 @@ fn new_ring() -> io::Result<IoUring> {
 
 impl Drop for UringFile {
     fn drop(&mut self) {
-        self.ring.start(Kind::Exit, 0, None);
-        if let Some(h) = self.reaper.take() {
-            // Waits for the operations of dropped futures to finish.
-            if Some(h.thread().id()) != super::engine_thread_id() {
-                let _ = h.join();
+        // Operations of dropped futures hold the file: wait until they have finished, so
+        // that the file is closed (and its locks released) when this returns. Not on a
+        // completion thread, which would wait for itself.
+        if super::engine_thread_id().is_none() {
+            let mut delay = Duration::from_micros(50);
+            while Arc::strong_count(&self.core) > 1 {
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(5));
             }
         }
     }
@@ -478,12 +604,18 @@ impl Drop for UringFile {
 
 impl Backend for UringFile {
     fn core(&self) -> &FileCore {
-        &self.ring.core
+        &self.core
     }
 
     fn read_owned(&self, buf: AlignedBuf, off: u64) -> Pending<(AlignedBuf, usize)> {
         let (tx, pending) = Pending::channel();
-        self.ring.start(Kind::Read { buf, tx }, off, None);
+        self.start(Kind::Read { buf, tx }, off, None);
+        pending
+    }
+
+    fn read_into(&self, buf: RawBuf, off: u64) -> Pending<usize> {
+        let (tx, pending) = Pending::channel();
+        self.start(Kind::ReadInto { buf, tx }, off, None);
         pending
     }
 
@@ -495,7 +627,7 @@ impl Backend for UringFile {
         hold: Hold,
     ) -> Pending<()> {
         let (tx, pending) = Pending::channel();
-        self.ring.start(
+        self.start(
             Kind::Write {
                 buf,
                 truncate_to,
@@ -508,15 +640,20 @@ impl Backend for UringFile {
     }
 
     fn fdatasync(&self) -> Pending<()> {
+        if let Some(p) = self.core.fdatasync_inline() {
+            return p;
+        }
         let (tx, pending) = Pending::channel();
-        self.ring.start(Kind::Fsync { tx }, 0, None);
+        self.start(Kind::Fsync { tx }, 0, None);
         pending
     }
 
     fn fallocate(&self, mode: i32, off: u64, len: u64, hold: Hold) -> Pending<()> {
+        if let Some(p) = self.core.fallocate_inline(mode, off, len) {
+            return p;
+        }
         let (tx, pending) = Pending::channel();
-        self.ring
-            .start(Kind::Fallocate { mode, len, tx }, off, hold);
+        self.start(Kind::Fallocate { mode, len, tx }, off, hold);
         pending
     }
 }
@@ -541,24 +678,24 @@ impl Storage for UringFile {
         Box::pin(ops::allocate(self, off, len))
     }
     fn len(&self) -> io::Result<u64> {
-        self.ring.core.len()
+        self.core.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.ring.core.set_len(len)
+        self.core.set_len(len)
     }
     fn allocated_size(&self) -> io::Result<u64> {
-        self.ring.core.allocated_size()
+        self.core.allocated_size()
     }
     fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
-        self.ring.core.data_run(off, len)
+        self.core.data_run(off, len)
     }
     fn alignment(&self) -> usize {
-        self.ring.core.align
+        self.core.align
     }
     fn engine_name(&self) -> &'static str {
         "io_uring"
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.ring.core.file.as_raw_fd())
+        Some(self.core.file.as_raw_fd())
     }
 }

@@ -3,9 +3,9 @@
 use crate::engine::disk::{Disk, Format};
 use crate::io::{FileOptions, Storage};
 use crate::{Error, Result, ResultExt};
-use futures::stream::{self, TryStreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Bytes per unit of work.
@@ -59,6 +59,164 @@ pub fn is_zero(b: &[u8]) -> bool {
             == 0
     });
     whole && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// Piece buffers reused from piece to piece: a conversion has at most `parallel` pieces in
+/// flight, so it keeps at most that many (2 MiB each) and pays no allocation, zero-fill or
+/// page faults per piece. A buffer's old bytes are never seen: every piece is read over the
+/// whole buffer before it is looked at.
+#[derive(Default)]
+struct PieceBufs(parking_lot::Mutex<Vec<Vec<u8>>>);
+
+impl PieceBufs {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        self.0.lock().push(b);
+    }
+}
+
+/// Run `work` on every piece, `parallel` pieces at once, calling `progress` with the bytes
+/// done so far after each piece. On a multi-threaded Tokio runtime the pieces are spread over
+/// one task per worker thread ("lanes", each with its share of `parallel` in flight), so that
+/// the CPU work of a conversion (zero detection, copies, decompression) runs on every core;
+/// elsewhere they run concurrently in the calling task. `progress` always runs in the calling
+/// task (the C library promises its callers the calling thread), never concurrently. The
+/// first error stops the lanes from taking new pieces and is returned; dropping the returned
+/// future aborts the lanes (their I/O still runs to its end).
+async fn run_pieces<S, F, Fut>(
+    pieces: S,
+    parallel: usize,
+    work: F,
+    mut progress: impl FnMut(u64),
+) -> Result<()>
+where
+    S: futures::Stream<Item = Result<Piece>>,
+    F: Fn(Piece) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let parallel = parallel.max(1);
+    let multi = matches!(
+        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+    );
+    let lanes = if multi {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(parallel)
+    } else {
+        1
+    };
+    let mut done = 0u64;
+    if lanes <= 1 {
+        let progress = parking_lot::Mutex::new((&mut done, &mut progress));
+        return pieces
+            .try_for_each_concurrent(parallel, |p| {
+                let fut = work(p);
+                let progress = &progress;
+                async move {
+                    fut.await?;
+                    let mut g = progress.lock();
+                    *g.0 += p.len;
+                    let d = *g.0;
+                    (g.1)(d);
+                    Ok(())
+                }
+            })
+            .await;
+    }
+    // The plan is produced here, in the calling task, as the lanes take pieces from a
+    // bounded channel: memory stays constant whatever the size of the disk. The receiver is
+    // shared behind an async (fair) mutex, so that every lane waiting for a piece is woken,
+    // at the latest when the channel closes.
+    let (piece_tx, piece_rx) = tokio::sync::mpsc::channel::<Piece>(parallel);
+    let piece_rx = Arc::new(tokio::sync::Mutex::new(piece_rx));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let per_lane = parallel.div_ceil(lanes);
+    struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<()>>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for h in &self.0 {
+                h.abort();
+            }
+        }
+    }
+    let (tx, mut rx) = futures::channel::mpsc::unbounded::<u64>();
+    let mut lanes_h = AbortOnDrop(Vec::with_capacity(lanes));
+    for _ in 0..lanes {
+        let (queue, failed, work, tx) =
+            (piece_rx.clone(), failed.clone(), work.clone(), tx.clone());
+        lanes_h.0.push(tokio::spawn(async move {
+            let next = stream::unfold((queue, failed), |(queue, failed)| async move {
+                if failed.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let p = queue.lock().await.recv().await?;
+                Some((p, (queue, failed)))
+            });
+            next.map(Ok::<Piece, Error>)
+                .try_for_each_concurrent(per_lane, |p| {
+                    let fut = work(p);
+                    let tx = tx.clone();
+                    async move {
+                        fut.await?;
+                        let _ = tx.unbounded_send(p.len);
+                        Ok(())
+                    }
+                })
+                .await
+        }));
+    }
+    drop(piece_rx);
+    drop(tx);
+    let feed_failed = failed.clone();
+    let feed = async move {
+        let mut pieces = std::pin::pin!(pieces);
+        while let Some(p) = pieces.next().await {
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    feed_failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            if feed_failed.load(Ordering::Relaxed) || piece_tx.send(p).await.is_err() {
+                // A lane failed (its error is returned below).
+                break;
+            }
+        }
+        Ok(())
+    };
+    // The lanes' senders are dropped when they end: then the progress channel ends.
+    let drain = async {
+        while let Some(n) = rx.next().await {
+            done += n;
+            progress(done);
+        }
+    };
+    let (fed, ()) = futures::future::join(feed, drain).await;
+    let mut first = fed;
+    for h in lanes_h.0.iter_mut() {
+        let r = match h.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::from(std::io::Error::other(format!(
+                "a conversion task failed: {e}"
+            )))),
+        };
+        if let Err(e) = r {
+            failed.store(true, Ordering::Relaxed);
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    lanes_h.0.clear();
+    first
 }
 
 /// One unit of copy work: the guest range and whether it is known to read as zeros.
@@ -155,29 +313,28 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let out = new.file.clone();
     let size = src.size();
     out.set_len(size).ctx(dst.display())?;
-    let done = AtomicU64::new(0);
+    let pieces = Planner::new(src).stream();
     let total = size.max(1);
-    let out_ref: &dyn Storage = &*out;
-    Planner::new(src)
-        .stream()
-        .try_for_each_concurrent(opts.parallel.max(1), |p| {
-            let done = &done;
-            async move {
-                if !p.zero {
-                    let mut buf = vec![0u8; p.len as usize];
-                    src.read_at(&mut buf, p.off).await?;
-                    write_nonzero(out_ref, &buf, p.off)
-                        .await
-                        .ctx(dst.display())?;
-                }
-                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                if let Some(cb) = &opts.progress {
-                    cb(d as f64 / total as f64);
-                }
-                Ok(())
+    let bufs = Arc::new(PieceBufs::default());
+    let (src2, out2, dst2) = (src.clone(), out.clone(), dst.to_path_buf());
+    let work = move |p: Piece| {
+        let (src, out, dst, bufs) = (src2.clone(), out2.clone(), dst2.clone(), bufs.clone());
+        async move {
+            if !p.zero {
+                let mut buf = bufs.take(p.len as usize);
+                src.read_at(&mut buf, p.off).await?;
+                write_nonzero(&*out, &buf, p.off).await.ctx(dst.display())?;
+                bufs.give(buf);
             }
-        })
-        .await?;
+            Ok(())
+        }
+    };
+    run_pieces(pieces, opts.parallel, work, |d| {
+        if let Some(cb) = &opts.progress {
+            cb(d as f64 / total as f64);
+        }
+    })
+    .await?;
     out.flush().await.ctx(dst.display())?;
     Ok(())
 }
@@ -414,84 +571,85 @@ async fn copy_into(
     let size = src.size();
     let cs = img.layout().cluster_size;
     let backing = img.backing().cloned();
-    let done = AtomicU64::new(0);
+    let pieces = Planner::new(src).stream();
     let total = size.max(1);
-    Planner::new(src)
-        .stream()
-        .try_for_each_concurrent(opts.parallel.max(1), |p| {
-            let done = &done;
-            let backing = &backing;
-            async move {
-                if p.zero {
-                    // The new image reads as zeros already; over a backing file, zeros are
-                    // written where the backing file has data.
-                    if let Some(b) = backing {
-                        zero_over_backing(img, b, p).await?;
-                    }
-                    let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                    if let Some(cb) = &opts.progress {
-                        cb(d as f64 / total as f64);
-                    }
-                    return Ok(());
+    let bufs = Arc::new(PieceBufs::default());
+    let (src2, img2) = (src.clone(), img.clone());
+    let work = move |p: Piece| {
+        let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
+        async move {
+            let (src, img, backing, bufs) = (&src, &img, &backing, &bufs);
+            if p.zero {
+                // The new image reads as zeros already; over a backing file, zeros are
+                // written where the backing file has data.
+                if let Some(b) = backing {
+                    zero_over_backing(img, b, p).await?;
                 }
-                let mut buf = vec![0u8; p.len as usize];
-                src.read_at(&mut buf, p.off).await?;
-                let base = match backing {
-                    Some(b) => {
-                        let mut bb = vec![0u8; p.len as usize];
-                        b.read_padded(&mut bb, p.off).await?;
-                        Some(bb)
-                    }
-                    None => None,
-                };
-                // Walk cluster by cluster, grouping runs that need the same treatment.
-                let mut i = 0u64;
-                while i < p.len {
-                    let g = p.off + i;
-                    let n = (cs - g % cs).min(p.len - i);
-                    let piece = &buf[i as usize..(i + n) as usize];
-                    let same_as_base = match &base {
-                        Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
-                        None => is_zero(piece),
-                    };
-                    if same_as_base {
-                        i += n;
-                        continue;
-                    }
-                    if is_zero(piece) {
-                        // Differs from the backing file: explicit zeros.
-                        img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
-                        i += n;
-                        continue;
-                    }
-                    if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
-                        img.write_compressed(g, piece).await?;
-                        i += n;
-                        continue;
-                    }
-                    // Merge following clusters that also need a plain write.
-                    let mut j = i + n;
-                    while j < p.len && !compress {
-                        let m = cs.min(p.len - j);
-                        let next = &buf[j as usize..(j + m) as usize];
-                        let skip = match &base {
-                            Some(bb) => &bb[j as usize..(j + m) as usize] == next,
-                            None => is_zero(next),
-                        };
-                        if skip || is_zero(next) {
-                            break;
-                        }
-                        j += m;
-                    }
-                    img.write_at(&buf[i as usize..j as usize], g).await?;
-                    i = j;
-                }
-                let d = done.fetch_add(p.len, Ordering::Relaxed) + p.len;
-                if let Some(cb) = &opts.progress {
-                    cb(d as f64 / total as f64);
-                }
-                Ok(())
+                return Ok(());
             }
-        })
-        .await
+            let mut buf = bufs.take(p.len as usize);
+            src.read_at(&mut buf, p.off).await?;
+            let base = match backing {
+                Some(b) => {
+                    let mut bb = bufs.take(p.len as usize);
+                    b.read_padded(&mut bb, p.off).await?;
+                    Some(bb)
+                }
+                None => None,
+            };
+            // Walk cluster by cluster, grouping runs that need the same treatment.
+            let mut i = 0u64;
+            while i < p.len {
+                let g = p.off + i;
+                let n = (cs - g % cs).min(p.len - i);
+                let piece = &buf[i as usize..(i + n) as usize];
+                let same_as_base = match &base {
+                    Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
+                    None => is_zero(piece),
+                };
+                if same_as_base {
+                    i += n;
+                    continue;
+                }
+                if is_zero(piece) {
+                    // Differs from the backing file: explicit zeros.
+                    img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
+                    i += n;
+                    continue;
+                }
+                if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
+                    img.write_compressed(g, piece).await?;
+                    i += n;
+                    continue;
+                }
+                // Merge following clusters that also need a plain write.
+                let mut j = i + n;
+                while j < p.len && !compress {
+                    let m = cs.min(p.len - j);
+                    let next = &buf[j as usize..(j + m) as usize];
+                    let skip = match &base {
+                        Some(bb) => &bb[j as usize..(j + m) as usize] == next,
+                        None => is_zero(next),
+                    };
+                    if skip || is_zero(next) {
+                        break;
+                    }
+                    j += m;
+                }
+                img.write_at(&buf[i as usize..j as usize], g).await?;
+                i = j;
+            }
+            bufs.give(buf);
+            if let Some(bb) = base {
+                bufs.give(bb);
+            }
+            Ok(())
+        }
+    };
+    run_pieces(pieces, opts.parallel, work, |d| {
+        if let Some(cb) = &opts.progress {
+            cb(d as f64 / total as f64);
+        }
+    })
+    .await
 }
