@@ -284,6 +284,9 @@ impl Image {
             engine: opts.engine,
             ..Default::default()
         };
+        if opts.snapshot.is_some() && opts.writable {
+            return Err(Error::invalid("a snapshot can only be opened read-only"));
+        }
         if opts.writable && opts.force_share {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",
@@ -326,9 +329,6 @@ impl Image {
             ));
         }
 
-        if opts.snapshot.is_some() && opts.writable {
-            return Err(Error::invalid("a snapshot can only be opened read-only"));
-        }
         // L1 table.
         let mut l1 = vec![0u8; h.l1_size as usize * 8];
         file.read_at(&mut l1, h.l1_table_offset)

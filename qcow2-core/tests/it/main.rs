@@ -6,6 +6,7 @@ mod check_repair;
 mod common;
 mod engine_races;
 mod io_engines;
+mod jobs_snapshot;
 mod safety_locking;
 mod write_concurrency;
 mod write_convert;
