@@ -554,6 +554,44 @@ struct qcow2rs_convert_options {
     uint32_t engine;
 };
 
+/**
+ * One internal snapshot, as listed by `qcow2rs_snapshot_list`.
+ */
+struct qcow2rs_snapshot_info {
+    /**
+     * The snapshot's ID (a number, as text).
+     */
+    char *id;
+    /**
+     * The snapshot's name (tag).
+     */
+    char *name;
+    /**
+     * Creation time: seconds since the epoch.
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time: nanoseconds.
+     */
+    uint32_t date_nsec;
+    /**
+     * Guest clock at creation, nanoseconds.
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * Size of the saved VM state in bytes (0: a disk-only snapshot).
+     */
+    uint64_t vm_state_size;
+    /**
+     * Virtual disk size when the snapshot was taken (0: not recorded).
+     */
+    uint64_t disk_size;
+    /**
+     * Instruction count (`UINT64_MAX`: not recorded).
+     */
+    uint64_t icount;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -875,6 +913,49 @@ int qcow2rs_check(const char *path,
 int qcow2rs_convert(const char *src,
                     const char *dst,
                     const struct qcow2rs_convert_options *opts);
+
+/**
+ * Create an internal snapshot named `name` of the image's current state (`qemu-img snapshot
+ * -c`). The image must be open read-write and no request may be in flight on the handle
+ * during the call. Blocking. Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EBADF` (open
+ * read-only, or marked corrupt), `-EINVAL` (name not UTF-8 or too long, 1-bit refcounts that
+ * cannot share a cluster), `-ENOTSUP` (an external data file), `-EDEADLK`, `-ECHILD`, I/O
+ * errnos.
+ */
+int qcow2rs_snapshot_create(struct qcow2rs_image *img,
+                            const char *name);
+
+/**
+ * Revert the image to the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot
+ * -a`): the current state is discarded and the virtual size becomes the snapshot's (see
+ * `qcow2rs_get_size`). Conditions and errors as `qcow2rs_snapshot_create`, plus `-ENOENT`
+ * (no such snapshot) and `-EUCLEAN` (the snapshot's tables are damaged).
+ */
+int qcow2rs_snapshot_apply(struct qcow2rs_image *img,
+                           const char *id_or_name);
+
+/**
+ * Delete the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot -d`); clusters
+ * only it held are freed. Conditions and errors as `qcow2rs_snapshot_apply`.
+ */
+int qcow2rs_snapshot_delete(struct qcow2rs_image *img,
+                            const char *id_or_name);
+
+/**
+ * List the image's internal snapshots: `*list` receives an array of `*count` entries (NULL
+ * and 0 when there is none), in table order, which the caller frees with
+ * `qcow2rs_snapshot_list_free(*list, *count)`. Does no I/O. Returns 0, or `-EFAULT` (`img`,
+ * `list` or `count` NULL), `-ECHILD`, `-ENOMEM`; on failure `*list` is NULL and `*count` 0.
+ */
+int qcow2rs_snapshot_list(struct qcow2rs_image *img,
+                          struct qcow2rs_snapshot_info **list,
+                          size_t *count);
+
+/**
+ * Free a list from `qcow2rs_snapshot_list` (its strings and the array). NULL is allowed.
+ */
+void qcow2rs_snapshot_list_free(struct qcow2rs_snapshot_info *list,
+                                size_t count);
 
 /**
  * The message of the last call that failed on the calling thread: a one-line, NUL-terminated

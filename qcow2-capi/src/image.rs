@@ -52,7 +52,8 @@ pub struct qcow2rs_image {
     pub(crate) img: Image,
     pub(crate) shared: std::sync::Arc<Shared>,
     pub(crate) writable: bool,
-    size: u64,
+    /// The virtual size (changes when a snapshot of another size is applied).
+    pub(crate) size: std::sync::atomic::AtomicU64,
     backing_file: Option<CString>,
     backing_path: Option<CString>,
     backing_format: Option<CString>,
@@ -151,11 +152,11 @@ pub(crate) unsafe fn image_ref<'a>(
 impl qcow2rs_image {
     pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<(), Fail> {
         match off.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size.load(std::sync::atomic::Ordering::Relaxed) => Ok(()),
             _ => Err(Fail::inval(format!(
                 "{}: request at offset {off} length {len} is beyond the end of the disk ({} bytes)",
                 self.img.path().display(),
-                self.size
+                self.size.load(std::sync::atomic::Ordering::Relaxed)
             ))),
         }
     }
@@ -336,7 +337,7 @@ fn open_impl(
     let cp =
         |p: Option<&std::path::Path>| p.map(|p| crate::error::cstring(p.as_os_str().as_bytes()));
     let handle = Box::new(qcow2rs_image {
-        size: img.size(),
+        size: std::sync::atomic::AtomicU64::new(img.size()),
         writable: oo.writable,
         backing_file: c(h.backing_file.as_deref()),
         backing_path: cp(img.backing().map(|b| b.path())),
@@ -453,7 +454,7 @@ pub unsafe extern "C" fn qcow2rs_get_size(img: *const qcow2rs_image) -> u64 {
         return 0;
     }
     // SAFETY: a live handle (header contract); only reads a plain field.
-    unsafe { (*img).size }
+    unsafe { (*img).size.load(std::sync::atomic::Ordering::Relaxed) }
 }
 
 /// Fill `*info` (whose `size` field the caller set) with facts about the image; fields
@@ -484,7 +485,7 @@ pub unsafe extern "C" fn qcow2rs_get_info(
         // (and the padding bytes stay zero).
         let mut full: qcow2rs_info = unsafe { std::mem::zeroed() };
         full.size = size;
-        full.virtual_size = h.size;
+        full.virtual_size = h.size.load(std::sync::atomic::Ordering::Relaxed);
         full.cluster_size = hd.cluster_size();
         full.version = hd.version;
         full.refcount_bits = hd.refcount_bits();

@@ -8,7 +8,7 @@
 //! Modules: [`runtime`] (the runtime's lifetime, library-thread and callback detection,
 //! fork), [`error`] (errno translation, `qcow2rs_last_error`, the panic boundary),
 //! [`image`] (open, close, information), [`aio`] (completion callbacks and the event-loop
-//! mode), [`blocking`] (blocking I/O calls), [`jobs`] (create, check, convert).
+//! mode), [`blocking`] (blocking I/O calls), [`jobs`] (create, check, convert), [`snapshot`] (internal snapshots).
 //!
 //! Every exported function is `unsafe extern "C"` and starts with `qcow2rs_`: their
 //! pointer arguments must be valid as the header describes.
@@ -26,6 +26,8 @@ pub mod blocking;
 
 pub mod jobs;
 
+pub mod snapshot;
+
 pub mod error;
 
 pub mod runtime;
@@ -35,6 +37,7 @@ pub use blocking::*;
 pub use error::*;
 pub use image::*;
 pub use jobs::*;
+pub use snapshot::*;
 
 use std::ffi::c_char;
 

@@ -414,6 +414,7 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             opt('n', "", false),
             opt('q', "quiet", false),
             opt('\0', "aio", true),
+            opt('l', "", true),
         ]),
     )?;
     if p.operands.len() != 2 {
@@ -440,7 +441,16 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let (engine, direct) = parse_engine(&p)?;
     let mut oo = open_opts(&p);
     oo.engine = engine;
-    let disk = open(src, p.value("format"), &oo).await?;
+    if let Some(l) = p.value("l") {
+        oo.snapshot = Some(snapshot_param(l)?);
+    }
+    let disk = open(src, p.value("format"), &oo).await.map_err(|f| {
+        if oo.snapshot.is_some() && f.msg.contains("Can't find snapshot") {
+            Fail::new("Failed to load snapshot: Can't find snapshot")
+        } else {
+            f
+        }
+    })?;
     let mut create = create_options(&p, out_fmt.name())?;
     if let Some(b) = p.value("backing") {
         create.backing_file = Some(b.to_string());
@@ -470,6 +480,29 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
         .await
         .map_err(|e| prefixed(dst, e))?;
     Ok(0)
+}
+
+/// `convert -l`: `snapshot.id=ID[,snapshot.name=NAME]`, `snapshot.name=NAME`, or an ID or name.
+fn snapshot_param(l: &str) -> Result<qcow2_core::SnapshotKey, Fail> {
+    use qcow2_core::SnapshotKey;
+    if !l.starts_with("snapshot.") {
+        return Ok(SnapshotKey::IdOrName(l.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for part in l.split(',') {
+        match part.split_once('=') {
+            Some(("snapshot.id", v)) => id = Some(v.to_string()),
+            Some(("snapshot.name", v)) => name = Some(v.to_string()),
+            Some((k, _)) => return Err(Fail::new(format!("Invalid parameter '{k}'"))),
+            None => return Err(Fail::new(format!("Invalid parameter '{part}'"))),
+        }
+    }
+    Ok(match (id, name) {
+        (Some(i), Some(n)) => SnapshotKey::IdAndName(i, n),
+        (Some(i), None) => SnapshotKey::Id(i),
+        (None, Some(n)) => SnapshotKey::Name(n),
+        (None, None) => return Err(Fail::new(format!("Invalid parameter '{l}'"))),
+    })
 }
 
 async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
@@ -527,29 +560,73 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
 }
 
 async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::SnapshotKey;
     let p = parse(
         args,
         &specs(&[
             FORCE_SHARE,
             opt('l', "list", false),
+            opt('c', "create", true),
+            opt('a', "apply", true),
+            opt('d', "delete", true),
             opt('f', "format", true),
             opt('q', "quiet", false),
         ]),
     )?;
-    let file = one_operand(&p, "a file name")?;
-    if !p.flag("list") {
-        return Err(Fail::new("only 'snapshot -l' (list) is supported"));
+    let ops: Vec<&str> = ["list", "create", "apply", "delete"]
+        .into_iter()
+        .filter(|k| p.flag(k))
+        .collect();
+    if ops.len() > 1 {
+        return Err(Fail::new("Cannot mix '-l', '-a', '-c', '-d'"));
     }
+    let file = one_operand(&p, "a file name")?;
+    let op = ops.first().copied().unwrap_or("list");
     let mut oo = open_opts(&p);
     oo.no_backing = true;
-    let disk = open(&file, p.value("format"), &oo).await?;
-    if let Disk::Qcow2(img) = &disk {
-        let snaps = img.snapshots();
-        if !snaps.is_empty() {
-            print!("{}", info::snapshot_table(&snaps));
+    if op == "list" {
+        let disk = open(&file, p.value("format"), &oo).await?;
+        if let Disk::Qcow2(img) = &disk {
+            let snaps = img.snapshots();
+            if !snaps.is_empty() {
+                print!("{}", info::snapshot_table(&snaps));
+            }
         }
+        return Ok(0);
     }
-    Ok(0)
+    if oo.force_share {
+        return Err(Fail::new(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    oo.writable = true;
+    let name = p.value(op).unwrap_or_default().to_string();
+    let disk = open(&file, p.value("format"), &oo).await?;
+    let Disk::Qcow2(img) = &disk else {
+        return Err(Fail::new(format!(
+            "Could not {op} snapshot '{name}': Operation not supported"
+        )));
+    };
+    let key = SnapshotKey::IdOrName(name.clone());
+    let r = match op {
+        "create" => img.snapshot_create(&name).await.map(|_| ()),
+        "apply" => img.snapshot_apply(&key).await,
+        _ => img.snapshot_delete(&key).await,
+    };
+    let r = match r {
+        Ok(()) => img.clone().close().await,
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == qcow2_core::ErrorKind::NotFound && op == "apply" => Err(Fail::new(
+            format!("Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"),
+        )),
+        Err(e) => Err(Fail::new(format!(
+            "Could not {op} snapshot '{name}': {}",
+            e.message()
+        ))),
+    }
 }
 
 async fn cmd_check(args: &[String]) -> Result<u8, Fail> {

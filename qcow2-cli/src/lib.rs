@@ -15,10 +15,10 @@ Commands (options as qemu-img):
   map [-f FMT] [--output=human|json] [-U] FILE
   check [-f FMT] [--output=human|json] [-r leaks|all] [-U] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] [-U] FILE1 FILE2
-  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-U] SRC DST
+  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-U] SRC DST
   create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
-  snapshot -l [-U] FILE
+  snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
   serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)

@@ -22,4 +22,5 @@ pub use engine::disk::{self, Disk, Format, MapEntry};
 pub use engine::image::{self, BitmapInfo, Image, Layout, OpenOptions};
 pub use engine::zero::ZeroMode;
 pub use error::{Error, ErrorKind, Result, ResultExt};
-pub use jobs::{check, convert, create, info, resize};
+pub use jobs::snapshot::SnapshotKey;
+pub use jobs::{check, convert, create, info, resize, snapshot};

@@ -1022,8 +1022,57 @@ static void test_convert(void)
               0);
 }
 
+/* Internal snapshots: create, list, apply (content and size back), delete; qemu-img agrees. */
+static void test_snapshot(void)
+{
+    const char *p = tpath("s.qcow2");
+    CHECK_RET(make_filled(p, 4 * MiB, 4, 7), 0);
+    struct qcow2rs_image *img;
+    struct qcow2rs_snapshot_info *list = (struct qcow2rs_snapshot_info *)1;
+    size_t n = 99;
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_snapshot_list(img, &list, &n), 0);
+    CHECK(list == NULL && n == 0);
+    CHECK_RET(qcow2rs_snapshot_create(img, "first"), 0);
+    uint8_t want[65536], buf[65536];
+    fill_pattern(want, sizeof want, 7);
+    memset(buf, 0xab, sizeof buf);
+    CHECK_RET(qcow2rs_write(img, buf, sizeof buf, 0), 0);
+    CHECK_RET(qcow2rs_snapshot_create(img, "second"), 0);
+    CHECK_RET(qcow2rs_snapshot_list(img, &list, &n), 0);
+    CHECK(n == 2 && list != NULL);
+    if (n == 2 && list) {
+        CHECK(strcmp(list[0].id, "1") == 0 && strcmp(list[0].name, "first") == 0);
+        CHECK(strcmp(list[1].id, "2") == 0 && strcmp(list[1].name, "second") == 0);
+        CHECK(list[0].disk_size == 4 * MiB && list[0].vm_state_size == 0);
+    }
+    qcow2rs_snapshot_list_free(list, n);
+    qcow2rs_snapshot_list_free(NULL, 0);
+    CHECK_RET(qcow2rs_snapshot_apply(img, "first"), 0);
+    CHECK_RET(qcow2rs_read(img, buf, sizeof buf, 0), 0);
+    CHECK(memcmp(buf, want, sizeof buf) == 0);
+    CHECK(qcow2rs_get_size(img) == 4 * MiB);
+    CHECK_RET(qcow2rs_snapshot_apply(img, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_snapshot_delete(img, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_snapshot_delete(img, "1"), 0);
+    CHECK_RET(qcow2rs_snapshot_create(img, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_snapshot_list(img, NULL, &n), -EFAULT);
+    CHECK_RET(qcow2rs_snapshot_create(NULL, "x"), -EFAULT);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(shell("qemu-img snapshot -l '%s' | grep -q ' second '", p), 0);
+    CHECK_RET(shell("qemu-img snapshot -l '%s' | grep -q ' first '", p), 1);
+    /* Read-only handle: -EBADF. */
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    CHECK_RET(qcow2rs_snapshot_create(img, "x"), -EBADF);
+    CHECK_RET(qcow2rs_snapshot_list(img, &list, &n), 0);
+    CHECK(n == 1);
+    qcow2rs_snapshot_list_free(list, n);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
 TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
-          TEST(check), TEST(convert))
+          TEST(check), TEST(convert), TEST(snapshot))

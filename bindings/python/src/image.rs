@@ -84,7 +84,7 @@ pub struct Image {
     slot: parking_lot::RwLock<Option<Arc<Shared>>>,
     name: String,
     read_only: bool,
-    size: u64,
+    size: std::sync::atomic::AtomicU64,
     cluster_size: u64,
     backing_file: Option<String>,
 }
@@ -101,7 +101,7 @@ impl Image {
         Image {
             name,
             read_only: !img.is_writable(),
-            size: img.size(),
+            size: std::sync::atomic::AtomicU64::new(img.size()),
             cluster_size: img.layout().cluster_size,
             backing_file: h.backing_file.clone(),
             slot: parking_lot::RwLock::new(Some(Arc::new(Shared {
@@ -132,17 +132,22 @@ impl Image {
         &self.name
     }
 
+    /// The virtual size (it changes when a snapshot of another size is applied).
+    pub fn cur_size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A read of `length` bytes at `offset`, clipped at the end of the image (as `os.pread`).
     /// `ValueError` when `offset` lies past the end.
     pub fn read_range(&self, length: u64, offset: i64) -> PyResult<(u64, usize)> {
         let off = non_negative(offset, "offset")?;
-        if off > self.size {
+        let size = self.cur_size();
+        if off > size {
             return Err(PyValueError::new_err(format!(
-                "offset {off} is beyond the end of the image ({} bytes)",
-                self.size
+                "offset {off} is beyond the end of the image ({size} bytes)"
             )));
         }
-        let n = length.min(self.size - off);
+        let n = length.min(size - off);
         let n = usize::try_from(n).map_err(|_| PyValueError::new_err("length is too large"))?;
         Ok((off, n))
     }
@@ -151,10 +156,10 @@ impl Image {
     pub fn write_range(&self, length: u64, offset: i64) -> PyResult<u64> {
         let off = non_negative(offset, "offset")?;
         match off.checked_add(length) {
-            Some(end) if end <= self.size => Ok(off),
+            Some(end) if end <= self.cur_size() => Ok(off),
             _ => Err(PyValueError::new_err(format!(
                 "request at offset {off} length {length} is beyond the end of the image ({} bytes)",
-                self.size
+                self.cur_size()
             ))),
         }
     }
@@ -206,7 +211,7 @@ impl Image {
     /// Virtual size of the disk in bytes.
     #[getter]
     fn size(&self) -> u64 {
-        self.size
+        self.cur_size()
     }
 
     /// Cluster size in bytes.
@@ -254,7 +259,7 @@ impl Image {
             "<qcow2rs.Image {:?} mode={:?} size={}{}>",
             self.name,
             self.mode(),
-            self.size,
+            self.cur_size(),
             if self.closed() { " closed" } else { "" }
         )
     }
@@ -402,6 +407,62 @@ impl Image {
             })
             .map_err(|e| self.err(&e))?;
         map_to_py(py, &entries)
+    }
+
+    /// The internal snapshots, as the `snapshots` list of `info()` (keys of `qemu-img info
+    /// --output=json`: `id`, `name`, `date-sec`, `date-nsec`, `vm-clock-sec`, `vm-clock-nsec`,
+    /// `vm-state-size`, `icount`).
+    fn snapshots(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let (sh, permit) = self.acquire()?;
+        let v = serde_json::Value::Array(
+            sh.img
+                .snapshots()
+                .iter()
+                .map(core::info::snapshot_json)
+                .collect(),
+        );
+        drop(permit);
+        json::to_py(py, &v)
+    }
+
+    /// Create an internal snapshot named `name` of the current state (`qemu-img snapshot
+    /// -c`); returns its ID. No other request may be in flight on the image meanwhile.
+    fn snapshot_create(&self, py: Python<'_>, name: &str) -> PyResult<String> {
+        let (sh, permit) = self.acquire()?;
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.snapshot_create(name));
+            drop(permit);
+            r
+        })
+        .map(|s| s.id)
+        .map_err(|e| self.err(&e))
+    }
+
+    /// Revert to the snapshot with this ID, else this name (`qemu-img snapshot -a`); the
+    /// size becomes the snapshot's. `FileNotFoundError` when there is no such snapshot.
+    fn snapshot_apply(&self, py: Python<'_>, name_or_id: &str) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        let key = core::SnapshotKey::IdOrName(name_or_id.to_string());
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.snapshot_apply(&key));
+            self.size
+                .store(sh.img.size(), std::sync::atomic::Ordering::Relaxed);
+            drop(permit);
+            r
+        })
+        .map_err(|e| self.err(&e))
+    }
+
+    /// Delete the snapshot with this ID, else this name (`qemu-img snapshot -d`).
+    fn snapshot_delete(&self, py: Python<'_>, name_or_id: &str) -> PyResult<()> {
+        let (sh, permit) = self.acquire()?;
+        let key = core::SnapshotKey::IdOrName(name_or_id.to_string());
+        py.detach(|| {
+            let r = runtime::block_on(sh.img.snapshot_delete(&key));
+            drop(permit);
+            r
+        })
+        .map_err(|e| self.err(&e))
     }
 
     /// A file-like view of the guest disk: an `io.BufferedReader` ("rb") or

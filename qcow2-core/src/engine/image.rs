@@ -65,6 +65,9 @@ pub struct OpenOptions {
     /// the open. A handle opened so on a damaged image refuses guest reads and writes: use
     /// it for [`crate::check::check`] only. Backing files are opened normally.
     pub for_check: bool,
+    /// Open this internal snapshot's content instead of the active state (read-only; the
+    /// size is the snapshot's). `qemu-img convert -l`.
+    pub snapshot: Option<crate::SnapshotKey>,
 }
 
 impl Default for OpenOptions {
@@ -84,6 +87,7 @@ impl Default for OpenOptions {
             force_share: false,
             locking: true,
             for_check: false,
+            snapshot: None,
         }
     }
 }
@@ -305,6 +309,9 @@ impl Image {
             engine: opts.engine,
             ..Default::default()
         };
+        if opts.snapshot.is_some() && opts.writable {
+            return Err(Error::invalid("a snapshot can only be opened read-only"));
+        }
         if opts.writable && opts.force_share {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",
@@ -333,14 +340,14 @@ impl Image {
             return Err(Error::invalid("not a qcow2 image (bad magic)"));
         }
         let hbuf = &first[..first.len().min(file_len.max(72) as usize)];
-        let (h, header_damage) = if opts.for_check {
+        let (mut h, header_damage) = if opts.for_check {
             let h = Header::parse_for_check(hbuf, file_len)?;
             (h, Header::parse(hbuf, file_len).err())
         } else {
             (Header::parse(hbuf, file_len)?, None)
         };
         let layout = Layout::new(&h);
-        let h_l1_off = h.l1_table_offset;
+        let mut h_l1_off = h.l1_table_offset;
         if opts.writable && h.corrupt() && !opts.for_repair {
             return Err(Error::read_only(
                 "image is marked corrupt; it can only be opened read-only (or repaired)",
@@ -352,7 +359,7 @@ impl Image {
         file.read_at(&mut l1, h.l1_table_offset)
             .await
             .map_err(|e| Error::io(e, "reading the L1 table"))?;
-        let l1: Vec<u64> = l1
+        let mut l1: Vec<u64> = l1
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
             .collect();
@@ -408,6 +415,54 @@ impl Image {
         } else {
             Vec::new()
         };
+        // A snapshot's content instead of the active state.
+        if let Some(key) = &opts.snapshot {
+            let sn = key
+                .find(&snapshots)
+                .map(|i| snapshots[i].clone())
+                .ok_or_else(|| {
+                    Error::new(
+                        crate::ErrorKind::NotFound,
+                        format!("Can't find snapshot '{}'", key.text()),
+                    )
+                })?;
+            let bytes = sn.l1_size as u64 * 8;
+            if !sn.l1_table_offset.is_multiple_of(cs)
+                || sn.l1_table_offset.saturating_add(bytes) > file_len
+            {
+                return Err(Error::corrupt(format!(
+                    "L1 table of snapshot '{}' lies beyond the end of the file",
+                    sn.name
+                )));
+            }
+            let mut b = vec![0u8; bytes as usize];
+            file.read_at(&mut b, sn.l1_table_offset)
+                .await
+                .map_err(|e| Error::io(e, "reading a snapshot L1 table"))?;
+            l1 = b
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect();
+            for (i, &e) in l1.iter().enumerate() {
+                let off = l2::l1_offset(e);
+                if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_len.div_ceil(cs) * cs {
+                    return Err(Error::corrupt(format!(
+                        "snapshot '{}': L1 entry {i}: L2 table offset 0x{off:x} is invalid",
+                        sn.name
+                    )));
+                }
+            }
+            h.size = sn.disk_size.unwrap_or(h.size);
+            if h.size > header::MAX_VIRTUAL_SIZE {
+                return Err(Error::corrupt(format!(
+                    "snapshot '{}': its virtual size is invalid",
+                    sn.name
+                )));
+            }
+            h.l1_size = sn.l1_size;
+            h.l1_table_offset = sn.l1_table_offset;
+            h_l1_off = sn.l1_table_offset;
+        }
         // Bitmaps.
         let bitmaps = match &h.bitmaps {
             Some(ext) if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 => {
@@ -483,6 +538,7 @@ impl Image {
                     for_check: false,
                     backing_file: None,
                     backing_format: None,
+                    snapshot: None,
                     ..opts.clone()
                 };
                 let fmt = match fmt {

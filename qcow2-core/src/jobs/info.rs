@@ -89,7 +89,8 @@ pub fn snapshot_table(snaps: &[Snapshot]) -> String {
     s
 }
 
-fn snapshot_json(sn: &Snapshot) -> Value {
+/// One snapshot as `qemu-img info --output=json` lists it (`snapshots` array).
+pub fn snapshot_json(sn: &Snapshot) -> Value {
     let mut m = Map::new();
     if let Some(ic) = sn.icount {
         m.insert("icount".into(), json!(ic));

@@ -1,5 +1,5 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize.
+//! info, resize, snapshot.
 
 pub mod check;
 pub mod convert;
@@ -7,3 +7,4 @@ pub mod create;
 pub mod info;
 pub mod repair;
 pub mod resize;
+pub mod snapshot;

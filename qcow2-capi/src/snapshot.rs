@@ -1,0 +1,194 @@
+//! Internal snapshots: list, create, apply, delete (`qemu-img snapshot -l/-c/-a/-d`).
+
+use crate::error::{ffi, Fail};
+use crate::image::{image_ref, malloc_string, qcow2rs_image, str_arg, utf8};
+use qcow2_core::SnapshotKey;
+use std::ffi::{c_char, c_int};
+
+/// One internal snapshot, as listed by `qcow2rs_snapshot_list`.
+#[repr(C)]
+pub struct qcow2rs_snapshot_info {
+    /// The snapshot's ID (a number, as text).
+    pub id: *mut c_char,
+    /// The snapshot's name (tag).
+    pub name: *mut c_char,
+    /// Creation time: seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time: nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock at creation, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state in bytes (0: a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// Virtual disk size when the snapshot was taken (0: not recorded).
+    pub disk_size: u64,
+    /// Instruction count (`UINT64_MAX`: not recorded).
+    pub icount: u64,
+}
+
+/// The snapshot named by `id_or_name` (an ID, else a name, as qemu-img).
+fn key(p: *const c_char, what: &str) -> Result<SnapshotKey, Fail> {
+    let s = utf8(str_arg(p, what)?, what)?;
+    Ok(SnapshotKey::IdOrName(s.to_string()))
+}
+
+/// The handle behind `img`, which must be open read-write.
+///
+/// # Safety
+/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
+unsafe fn writable<'a>(img: *mut qcow2rs_image, call: &str) -> Result<&'a qcow2rs_image, Fail> {
+    // SAFETY: guaranteed by the caller (see above).
+    let h = unsafe { image_ref(img, call)? };
+    h.check_writable(call)?;
+    Ok(h)
+}
+
+/// Create an internal snapshot named `name` of the image's current state (`qemu-img snapshot
+/// -c`). The image must be open read-write and no request may be in flight on the handle
+/// during the call. Blocking. Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EBADF` (open
+/// read-only, or marked corrupt), `-EINVAL` (name not UTF-8 or too long, 1-bit refcounts that
+/// cannot share a cluster), `-ENOTSUP` (an external data file), `-EDEADLK`, `-ECHILD`, I/O
+/// errnos.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_snapshot_create(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_snapshot_create", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_snapshot_create")? };
+        let name = utf8(str_arg(name, "name")?, "name")?;
+        h.block_on("qcow2rs_snapshot_create", h.img.snapshot_create(name))
+            .map(|_| 0)
+    })
+}
+
+/// Revert the image to the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot
+/// -a`): the current state is discarded and the virtual size becomes the snapshot's (see
+/// `qcow2rs_get_size`). Conditions and errors as `qcow2rs_snapshot_create`, plus `-ENOENT`
+/// (no such snapshot) and `-EUCLEAN` (the snapshot's tables are damaged).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_snapshot_apply(
+    img: *mut qcow2rs_image,
+    id_or_name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_snapshot_apply", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_snapshot_apply")? };
+        let k = key(id_or_name, "id_or_name")?;
+        h.block_on("qcow2rs_snapshot_apply", h.img.snapshot_apply(&k))?;
+        h.size
+            .store(h.img.size(), std::sync::atomic::Ordering::Relaxed);
+        Ok(0)
+    })
+}
+
+/// Delete the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot -d`); clusters
+/// only it held are freed. Conditions and errors as `qcow2rs_snapshot_apply`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_snapshot_delete(
+    img: *mut qcow2rs_image,
+    id_or_name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_snapshot_delete", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_snapshot_delete")? };
+        let k = key(id_or_name, "id_or_name")?;
+        h.block_on("qcow2rs_snapshot_delete", h.img.snapshot_delete(&k))
+            .map(|()| 0)
+    })
+}
+
+/// List the image's internal snapshots: `*list` receives an array of `*count` entries (NULL
+/// and 0 when there is none), in table order, which the caller frees with
+/// `qcow2rs_snapshot_list_free(*list, *count)`. Does no I/O. Returns 0, or `-EFAULT` (`img`,
+/// `list` or `count` NULL), `-ECHILD`, `-ENOMEM`; on failure `*list` is NULL and `*count` 0.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_snapshot_list(
+    img: *mut qcow2rs_image,
+    list: *mut *mut qcow2rs_snapshot_info,
+    count: *mut usize,
+) -> c_int {
+    ffi("qcow2rs_snapshot_list", || {
+        if list.is_null() {
+            return Err(Fail::fault("list"));
+        }
+        if count.is_null() {
+            return Err(Fail::fault("count"));
+        }
+        // SAFETY: both are valid places (checked non-NULL; header contract).
+        unsafe {
+            *list = std::ptr::null_mut();
+            *count = 0;
+        }
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { image_ref(img, "qcow2rs_snapshot_list")? };
+        let snaps = h.img.snapshots();
+        if snaps.is_empty() {
+            return Ok(0);
+        }
+        let n = snaps.len();
+        // SAFETY: calloc of n entries; the result is checked. All-zero entries are valid
+        // (NULL strings), so a partial fill can be freed by qcow2rs_snapshot_list_free.
+        let arr = unsafe { libc::calloc(n, std::mem::size_of::<qcow2rs_snapshot_info>()) }
+            .cast::<qcow2rs_snapshot_info>();
+        if arr.is_null() {
+            return Err(Fail::new(libc::ENOMEM, "out of memory"));
+        }
+        for (i, s) in snaps.iter().enumerate() {
+            let (id, name) = match (malloc_string(&s.id), malloc_string(&s.name)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (a, b) => {
+                    // SAFETY: from malloc_string or NULL.
+                    unsafe {
+                        libc::free(a.unwrap_or(std::ptr::null_mut()).cast());
+                        libc::free(b.unwrap_or(std::ptr::null_mut()).cast());
+                        qcow2rs_snapshot_list_free(arr, n);
+                    }
+                    return Err(Fail::new(libc::ENOMEM, "out of memory"));
+                }
+            };
+            // SAFETY: `arr` has `n` entries and i < n.
+            unsafe {
+                arr.add(i).write(qcow2rs_snapshot_info {
+                    id,
+                    name,
+                    date_sec: s.date_sec,
+                    date_nsec: s.date_nsec,
+                    vm_clock_nsec: s.vm_clock_nsec,
+                    vm_state_size: s.vm_state_size,
+                    disk_size: s.disk_size.unwrap_or(0),
+                    icount: s.icount.unwrap_or(u64::MAX),
+                })
+            };
+        }
+        // SAFETY: as above.
+        unsafe {
+            *list = arr;
+            *count = n;
+        }
+        Ok(0)
+    })
+}
+
+/// Free a list from `qcow2rs_snapshot_list` (its strings and the array). NULL is allowed.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_snapshot_list_free(
+    list: *mut qcow2rs_snapshot_info,
+    count: usize,
+) {
+    if list.is_null() {
+        return;
+    }
+    for i in 0..count {
+        // SAFETY: `list` has `count` entries from qcow2rs_snapshot_list (header contract);
+        // their strings are NULL or from malloc.
+        unsafe {
+            let e = &*list.add(i);
+            libc::free(e.id.cast());
+            libc::free(e.name.cast());
+        }
+    }
+    // SAFETY: the array came from calloc.
+    unsafe { libc::free(list.cast()) }
+}
