@@ -155,7 +155,7 @@ impl Image {
     pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
         let gen = {
             let mut z = self.inner.zcache.lock();
-            if let Some(c) = z.get(&d.offset) {
+            if let Some(c) = z.get(&(self.inner.zdepth, d.offset)) {
                 return Ok(c.clone());
             }
             self.inner
@@ -195,7 +195,7 @@ impl Image {
             .load(std::sync::atomic::Ordering::Acquire)
             == gen
         {
-            z.put(d.offset, out.clone());
+            z.put((self.inner.zdepth, d.offset), out.clone());
         }
         Ok(out)
     }
@@ -263,7 +263,7 @@ impl Image {
         })?;
         // A compressed cluster freed earlier may have lived at this very offset: its
         // decompressed copy must not be served for the new one.
-        self.inner.zcache.lock().pop(&host);
+        self.inner.zcache.lock().pop(&(self.inner.zdepth, host));
         let mut m = w.meta.lock().await;
         let (e, _, _) = self.current_entry(gc).await?;
         let old: Vec<u64> = match l2::decode(e, lay.cluster_bits, lay.extended) {

@@ -17,6 +17,9 @@ use std::sync::Arc;
 
 /// Default total size of the metadata caches (L2 + refcount), bytes.
 pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
+
+/// Bytes of decompressed clusters cached for an image and its backing chain together.
+const ZCACHE_BYTES: u64 = 4 << 20;
 /// Default limit on the backing chain length.
 pub const DEFAULT_MAX_CHAIN: usize = 64;
 
@@ -181,7 +184,12 @@ pub(crate) struct Inner {
     pub snapshots: RwLock<Vec<Snapshot>>,
     pub bitmaps: Vec<BitmapInfo>,
     pub backing: Option<Disk>,
-    pub zcache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Decompressed clusters, one cache shared by the whole backing chain (so its memory is
+    /// bounded per chain, not per image), keyed by (this image's depth in the chain, host
+    /// offset).
+    pub zcache: Arc<Mutex<LruCache<(usize, u64), Arc<Vec<u8>>>>>,
+    /// This image's depth in its chain (0 for the image opened): its part of `zcache`'s key.
+    pub zdepth: usize,
     /// Bumped (under the `zcache` lock) whenever decompressed clusters are forgotten because
     /// their host cluster was freed or released: a read that began before does not fill the
     /// cache with what it read.
@@ -569,7 +577,23 @@ impl Image {
         };
         let l2_cap = own_cache * 3 / 4;
         let rc_cap = own_cache - l2_cap;
-        let zentries = ((4u64 << 20) / cs).max(2) as usize;
+        // One decompressed-cluster cache of ZCACHE_BYTES (at least two clusters of the
+        // largest cluster size) for the whole chain: taken over from the backing file.
+        let zentries =
+            NonZeroUsize::new((ZCACHE_BYTES / cs).max(2) as usize).unwrap_or(NonZeroUsize::MIN);
+        let zcache = match &backing {
+            Some(Disk::Qcow2(b)) => {
+                let z = b.inner.zcache.clone();
+                {
+                    let mut g = z.lock();
+                    if g.cap() > zentries {
+                        g.resize(zentries);
+                    }
+                }
+                z
+            }
+            _ => Arc::new(Mutex::new(LruCache::new(zentries))),
+        };
         let inner = Inner {
             path: path.to_path_buf(),
             file,
@@ -586,7 +610,8 @@ impl Image {
             snapshots: RwLock::new(snapshots),
             bitmaps,
             backing,
-            zcache: Mutex::new(LruCache::new(NonZeroUsize::new(zentries).unwrap())),
+            zcache,
+            zdepth: depth,
             zcache_gen: std::sync::atomic::AtomicU64::new(0),
             opts: opts.clone(),
             w: if opts.writable {
@@ -679,6 +704,16 @@ impl Image {
     /// backing files' caches are theirs (see [`OpenOptions::cache_size`]).
     pub fn metadata_cache_capacity(&self) -> usize {
         self.inner.l2_cache.capacity() + self.inner.rc_cache.capacity()
+    }
+    /// Bytes of this image's decompressed clusters held now in the decompressed-cluster
+    /// cache, which the whole backing chain shares (4 MiB, or two clusters of the largest
+    /// cluster size, for the chain together).
+    pub fn decompressed_cache_bytes(&self) -> usize {
+        let z = self.inner.zcache.lock();
+        z.iter()
+            .filter(|(k, _)| k.0 == self.inner.zdepth)
+            .map(|(_, v)| v.len())
+            .sum()
     }
     /// A copy of the refcount table.
     pub fn refcount_table(&self) -> Vec<u64> {

@@ -296,10 +296,11 @@ impl Image {
             return;
         }
         let set: HashSet<u64> = clusters.iter().copied().collect();
-        let stale: Vec<u64> = z
+        let depth = self.inner.zdepth;
+        let stale: Vec<(usize, u64)> = z
             .iter()
             .map(|(&k, _)| k)
-            .filter(|k| set.contains(&(k >> bits)))
+            .filter(|&(d, off)| d == depth && set.contains(&(off >> bits)))
             .collect();
         for k in stale {
             z.pop(&k);

@@ -1,7 +1,7 @@
 //! Memory bounds on hostile or huge images: compare, map and the convert plan stream (an
 //! empty image of the largest size qemu-img creates completes, in constant memory: the old
 //! code built a list of every 2 MiB range and aborted), check's messages are capped, and a
-//! backing chain shares one cache budget.
+//! backing chain shares one cache budget (metadata caches and the decompressed-cluster cache).
 
 use crate::common::{have_qemu, p, qemu_create, qemu_io, run, tmpdir};
 use qcow2_core::check::{check, CheckOptions, MAX_MESSAGES};
@@ -112,5 +112,43 @@ async fn a_backing_chain_shares_one_cache_budget() {
     assert!(
         total <= budget + n * floor,
         "{total} bytes of cache over a chain of {n}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backing_chain_shares_one_decompressed_cluster_cache() {
+    if !have_qemu() {
+        return;
+    }
+    // Four layers, each with 3 MiB of compressed clusters (64 KiB) of its own: reading the
+    // whole disk through the top decompresses 12 MiB. The chain shares one 4 MiB cache
+    // (it was 4 MiB per image: 12 MiB here).
+    let dir = tmpdir();
+    let mut prev = qemu_create(dir.path(), "0.qcow2", "", "16M");
+    qemu_io(&prev, Some("qcow2"), &["write -c -P 0x10 0 3M"]);
+    for k in 1..4u64 {
+        let name = format!("{k}.qcow2");
+        let opts = format!("backing_file={},backing_fmt=qcow2", p(&prev));
+        prev = qemu_create(dir.path(), &name, &opts, "16M");
+        let cmd = format!("write -c -P 0x{:x} {}M 3M", 0x10 + k, 3 * k);
+        qemu_io(&prev, Some("qcow2"), &[cmd.as_str()]);
+    }
+    let top = Image::open(&prev, &OpenOptions::default()).await.unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..12u64 << 20).step_by(1 << 20) {
+        top.read_at(&mut buf, off).await.unwrap();
+        let want = 0x10 + (off >> 20) / 3;
+        assert!(buf.iter().all(|&b| b as u64 == want), "content at {off}");
+    }
+    let mut total = top.decompressed_cache_bytes();
+    let mut d = top.backing().cloned();
+    while let Some(Disk::Qcow2(i)) = d {
+        total += i.decompressed_cache_bytes();
+        d = i.backing().cloned();
+    }
+    assert!(total > 0, "nothing was cached");
+    assert!(
+        total <= 4 << 20,
+        "{total} bytes of decompressed clusters cached over a chain of 4"
     );
 }
