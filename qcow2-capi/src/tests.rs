@@ -177,6 +177,12 @@ fn runtime_lives_while_images_are_open() {
     assert_eq!(runtime_threads(), 0);
     let a = open(&path);
     assert!(crate::runtime::is_running());
+    // The workers name themselves when they first run: on a loaded machine that can be a
+    // moment after the runtime is built (seen in CI), so wait for them (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while runtime_threads() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(runtime_threads() >= 2);
     let b = open(&path2);
     // SAFETY: open handles, closed once.
