@@ -20,6 +20,9 @@ pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 
 /// Bytes of decompressed clusters cached for an image and its backing chain together.
 const ZCACHE_BYTES: u64 = 4 << 20;
+
+/// Decompressed clusters by (depth of the image in its chain, host offset).
+pub(crate) type ZCache = LruCache<(usize, u64), Arc<Vec<u8>>>;
 /// Default limit on the backing chain length.
 pub const DEFAULT_MAX_CHAIN: usize = 64;
 
@@ -187,7 +190,7 @@ pub(crate) struct Inner {
     /// Decompressed clusters, one cache shared by the whole backing chain (so its memory is
     /// bounded per chain, not per image), keyed by (this image's depth in the chain, host
     /// offset).
-    pub zcache: Arc<Mutex<LruCache<(usize, u64), Arc<Vec<u8>>>>>,
+    pub zcache: Arc<Mutex<ZCache>>,
     /// This image's depth in its chain (0 for the image opened): its part of `zcache`'s key.
     pub zdepth: usize,
     /// Bumped (under the `zcache` lock) whenever decompressed clusters are forgotten because
