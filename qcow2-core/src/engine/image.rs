@@ -18,13 +18,14 @@ use std::sync::Arc;
 /// Default total size of the metadata caches (L2 + refcount), bytes.
 pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 
+/// Default limit on the backing chain length.
+pub const DEFAULT_MAX_CHAIN: usize = 64;
+
 /// Bytes of decompressed clusters cached for an image and its backing chain together.
 const ZCACHE_BYTES: u64 = 4 << 20;
 
 /// Decompressed clusters by (depth of the image in its chain, host offset).
 pub(crate) type ZCache = LruCache<(usize, u64), Arc<Vec<u8>>>;
-/// Default limit on the backing chain length.
-pub const DEFAULT_MAX_CHAIN: usize = 64;
 
 /// How to open an image.
 #[derive(Debug, Clone)]
