@@ -165,6 +165,21 @@ fn runtime_threads() -> usize {
         .count()
 }
 
+/// Waits (at most 30 s) until `ok(runtime_threads())`, and returns the last count. A joined
+/// thread can still be listed in /proc/self/task for a moment (pthread_join returns when the
+/// kernel clears the thread id, a little before the task is released), and a new worker names
+/// itself only when it first runs: both were seen in CI on a loaded machine.
+fn runtime_threads_until(ok: impl Fn(usize) -> bool) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n = runtime_threads();
+        if ok(n) || std::time::Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The runtime starts with the first open image and is gone, its threads joined, after the
 /// last close.
 #[test]
@@ -174,16 +189,10 @@ fn runtime_lives_while_images_are_open() {
     // A second image: two writable opens of one image exclude each other (image locking).
     let (dir2, path2) = temp_image("runtime2");
     assert!(!crate::runtime::is_running());
-    assert_eq!(runtime_threads(), 0);
+    assert_eq!(runtime_threads_until(|n| n == 0), 0);
     let a = open(&path);
     assert!(crate::runtime::is_running());
-    // The workers name themselves when they first run: on a loaded machine that can be a
-    // moment after the runtime is built (seen in CI), so wait for them (bounded).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while runtime_threads() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(runtime_threads() >= 2);
+    assert!(runtime_threads_until(|n| n >= 2) >= 2);
     let b = open(&path2);
     // SAFETY: open handles, closed once.
     assert_eq!(unsafe { qcow2rs_close(a) }, 0);
@@ -191,7 +200,7 @@ fn runtime_lives_while_images_are_open() {
     // SAFETY: as above.
     assert_eq!(unsafe { qcow2rs_close(b) }, 0);
     assert!(!crate::runtime::is_running());
-    assert_eq!(runtime_threads(), 0);
+    assert_eq!(runtime_threads_until(|n| n == 0), 0);
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(dir2);
 }
