@@ -308,7 +308,7 @@ async fn cmd_create(args: &[String]) -> Result<u8, Fail> {
             }
             create::create_raw(path, size, co.preallocation)
                 .await
-                .map_err(|e| Fail::new(format!("{file}: {e}")))?;
+                .map_err(|e| Fail::new(format!("{file}: {}", e)))?;
         }
         Format::Qcow2 => {
             let size = create::create_qcow2(path, &co)
@@ -386,7 +386,7 @@ async fn cmd_resize(args: &[String]) -> Result<u8, Fail> {
             }
             let st = disk.raw_storage().expect("raw disk has storage");
             st.set_len(new)
-                .map_err(|e| Fail::new(format!("{file}: {e}")))?;
+                .map_err(|e| Fail::new(format!("{file}: {}", qcow2_core::Error::from(e))))?;
         }
     }
     if !p.flag("quiet") {
@@ -518,9 +518,10 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
             opt('T', "cache", true),
         ]),
     )
-    .map_err(|e| Fail::new(e).code(2))?;
+    .map_err(Fail::new)?;
     if p.operands.len() != 2 {
-        return Err(Fail::new("compare needs exactly two file names").code(2));
+        // qemu-img exits 1 for a usage error of compare (2 means "error while comparing").
+        return Err(Fail::new("compare needs exactly two file names").code(1));
     }
     let oo = open_opts(&p);
     let a = open(&p.operands[0], p.value("a-format"), &oo)

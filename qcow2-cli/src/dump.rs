@@ -394,7 +394,7 @@ async fn collect(img: &Image, file: &str) -> Result<Dump, Fail> {
     let file_size = img
         .storage()
         .len()
-        .map_err(|e| Fail::new(format!("{file}: {e}")))?;
+        .map_err(|e| Fail::new(format!("{file}: {}", qcow2_core::Error::from(e))))?;
     // The file rounded up to whole clusters: the last cluster may be partly written.
     let file_end = file_size.div_ceil(cs).saturating_mul(cs);
 
@@ -521,7 +521,7 @@ async fn collect(img: &Image, file: &str) -> Result<Dump, Fail> {
                         stats.beyond_eof += 1;
                     } else if refcount_of(img, &reftable, &lay, host, file_end, &mut stats)
                         .await
-                        .map_err(|e| Fail::new(format!("{file}: {e}")))?
+                        .map_err(|e| Fail::new(format!("{file}: {}", e)))?
                         > 1
                     {
                         stats.shared += 1;

@@ -155,11 +155,24 @@ impl Error {
     }
 }
 
+/// The text of an I/O error as the C library's `strerror` gives it: Rust's `" (os error N)"`
+/// suffix removed, so messages read as qemu-img's do.
+fn io_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match e.raw_os_error() {
+        Some(code) => {
+            let suffix = format!(" (os error {code})");
+            s.strip_suffix(&suffix).map(str::to_owned).unwrap_or(s)
+        }
+        None => s,
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
-            Some(src) if !self.msg.is_empty() => write!(f, "{}: {}", self.msg, src),
-            Some(src) => write!(f, "{src}"),
+            Some(src) if !self.msg.is_empty() => write!(f, "{}: {}", self.msg, io_text(src)),
+            Some(src) => f.write_str(&io_text(src)),
             None => f.write_str(&self.msg),
         }
     }
@@ -192,6 +205,15 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_has_no_os_error_suffix() {
+        let e = Error::io(io::Error::from_raw_os_error(libc::ENOENT), "x.qcow2");
+        assert_eq!(e.to_string(), "x.qcow2: No such file or directory");
+        let e = Error::from(io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.to_string(), "Input/output error");
+        assert_eq!(e.errno(), libc::EIO);
+    }
 
     #[test]
     fn context_keeps_errno() {

@@ -111,6 +111,15 @@ pub fn snapshot_json(sn: &Snapshot) -> Value {
     Value::Object(m)
 }
 
+/// The virtual size `info` reports: a raw file's length rounded up to 512 bytes, as QEMU
+/// reports it (it sizes block devices in sectors); a qcow2 image's size as it is.
+fn reported_size(disk: &Disk) -> u64 {
+    match disk {
+        Disk::Raw(_) => disk.size().div_ceil(512) * 512,
+        Disk::Qcow2(_) => disk.size(),
+    }
+}
+
 /// `qemu-img info --output=json` for one disk (no chain).
 pub fn info_json(disk: &Disk) -> Result<Value> {
     let filename = disk.path().display().to_string();
@@ -118,7 +127,7 @@ pub fn info_json(disk: &Disk) -> Result<Value> {
     let mut m = Map::new();
     let file_len = match disk {
         Disk::Qcow2(i) => i.storage().len().unwrap_or(0).div_ceil(512) * 512,
-        Disk::Raw(_) => disk.size(),
+        Disk::Raw(_) => reported_size(disk),
     };
     m.insert(
         "children".into(),
@@ -134,7 +143,7 @@ pub fn info_json(disk: &Disk) -> Result<Value> {
     );
     match disk {
         Disk::Raw(_) => {
-            m.insert("virtual-size".into(), json!(disk.size()));
+            m.insert("virtual-size".into(), json!(reported_size(disk)));
             m.insert("filename".into(), json!(filename));
             m.insert("format".into(), json!("raw"));
             m.insert("actual-size".into(), json!(actual));
@@ -229,13 +238,13 @@ pub fn info_human(disk: &Disk) -> Result<String> {
     s += &format!("file format: {}\n", disk.format().name());
     s += &format!(
         "virtual size: {} ({} bytes)\n",
-        size_to_str(disk.size()),
-        disk.size()
+        size_to_str(reported_size(disk)),
+        reported_size(disk)
     );
     s += &format!("disk size: {}\n", size_to_str(actual));
     let file_len;
     match disk {
-        Disk::Raw(_) => file_len = disk.size(),
+        Disk::Raw(_) => file_len = reported_size(disk),
         Disk::Qcow2(img) => {
             file_len = img.storage().len().unwrap_or(0).div_ceil(512) * 512;
             let h = img.header();

@@ -4,8 +4,9 @@ use crate::engine::image::Image;
 use crate::{Error, Result};
 
 impl Image {
-    /// Change the virtual size to `new_size` (rounded up to 512 bytes). Shrinking needs
-    /// `allow_shrink`; the data past the new end is discarded.
+    /// Change the virtual size to `new_size`, which must be a multiple of 512 (as qemu-img
+    /// requires of qcow2 images). Shrinking needs `allow_shrink`; the data past the new end is
+    /// discarded.
     pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let w = self.ws()?;
         self.check_poison()?;
@@ -22,7 +23,9 @@ impl Image {
         if new_size > crate::format::header::MAX_VIRTUAL_SIZE {
             return Err(Error::invalid(format!("size {new_size} is too large")));
         }
-        let new_size = new_size.div_ceil(512) * 512;
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::invalid("The new size must be a multiple of 512"));
+        }
         let old = self.size();
         if new_size == old {
             return Ok(());
