@@ -228,6 +228,7 @@ impl Image {
             Some(c) if (c.len() as u64) < cs - 512 => c,
             _ => return self.write_at(data, off).await,
         };
+        let _req = self.enter_request().await;
         let gc = off / cs;
         let w = self.ws()?;
         let _g = self.acquire(gc).await;

@@ -13,7 +13,10 @@ impl Image {
         let mut buf = vec![0u8; cs as usize];
         let size = self.size();
         let n = (size - g).min(cs) as usize;
-        self.read_at(&mut buf[..n], g).await?;
+        // Inside a request already: not `read_at` (see `enter_request`).
+        self.read_inner(&mut buf[..n], g)
+            .await
+            .map_err(|e| self.named(e))?;
         Ok(buf)
     }
 
@@ -183,7 +186,9 @@ impl Image {
             let g = cstart + start + lo as u64;
             let n = (size.saturating_sub(g) as usize).min(hi - lo);
             if n > 0 {
-                self.read_at(&mut buf[lo..lo + n], g).await?;
+                self.read_inner(&mut buf[lo..lo + n], g)
+                    .await
+                    .map_err(|e| self.named(e))?;
             }
         }
         match data {

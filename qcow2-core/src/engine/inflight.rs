@@ -204,6 +204,17 @@ impl Image {
         }
     }
 
+    /// Enter a guest request: `None` on a read-only handle, else a guard to hold until the
+    /// request is done, which waits while an operation drains the handle (`WriteState::
+    /// drain`). Only public entry points take it, once per request: a request never waits
+    /// for it while holding it (a drain waiting in between would deadlock).
+    pub(crate) async fn enter_request(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        match &self.inner.w {
+            Some(w) => Some(w.drain.read().await),
+            None => None,
+        }
+    }
+
     /// A ticket for a guest request (`None` on a read-only handle, where nothing is
     /// freed). Take it before the first mapping lookup; hold it until the I/O is done.
     pub(crate) fn ticket(&self) -> Option<Ticket<'_>> {

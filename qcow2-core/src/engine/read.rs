@@ -9,6 +9,7 @@ use crate::{Error, Result};
 impl Image {
     /// Read `buf.len()` bytes of guest data at `off`.
     pub async fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let _req = self.enter_request().await;
         self.read_inner(buf, off).await.map_err(|e| self.named(e))
     }
 

@@ -28,6 +28,10 @@ pub struct WriteState {
     /// between); held exclusively by `check` so that it sees no such cluster. Taken before
     /// the metadata lock, never while holding it.
     pub(crate) alloc_gate: tokio::sync::RwLock<()>,
+    /// Held shared by every guest request from its start to its end (see
+    /// [`Image::enter_request`]); held exclusively by an operation that must see no request
+    /// in flight (internal snapshots). Taken before `alloc_gate` and the metadata lock.
+    pub(crate) drain: tokio::sync::RwLock<()>,
 }
 
 impl WriteState {
@@ -47,6 +51,7 @@ impl WriteState {
             first_write: OnceCell::new(),
             epochs: Default::default(),
             alloc_gate: tokio::sync::RwLock::new(()),
+            drain: tokio::sync::RwLock::new(()),
         }
     }
 }
@@ -185,6 +190,7 @@ impl Image {
             return Ok(());
         }
         self.before_first_write().await?;
+        let _req = self.enter_request().await;
         let _ticket = self.ticket();
         let cs = self.inner.layout.cluster_size;
         let mut futs = Vec::new();

@@ -21,6 +21,7 @@ impl Image {
             return Ok(());
         }
         self.before_first_write().await?;
+        let _req = self.enter_request().await;
         self.zero_or_discard(off, len, Some(mode)).await?;
         self.maybe_writeback().await
     }
@@ -34,6 +35,7 @@ impl Image {
             return Ok(());
         }
         self.before_first_write().await?;
+        let _req = self.enter_request().await;
         self.zero_or_discard(off, len, None).await?;
         self.maybe_writeback().await
     }
