@@ -485,6 +485,20 @@ pub(crate) struct SnapInfo {
     extra_data_size: u32,
 }
 
+impl SnapInfo {
+    /// The entry `s` as [`crate::format::snapshot::Snapshot::to_bytes`] writes it.
+    pub(crate) fn of(s: &crate::format::snapshot::Snapshot) -> SnapInfo {
+        SnapInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            l1_table_offset: s.l1_table_offset,
+            l1_size: s.l1_size,
+            // Only checked when the table is read back from the file.
+            extra_data_size: 16,
+        }
+    }
+}
+
 /// A bitmap of the bitmap directory.
 struct BitmapEntry {
     table_offset: u64,
@@ -527,6 +541,8 @@ pub(crate) struct Checker<'a> {
     /// Clusters a rebuild must not place structures in (quarantined: free on disk, but
     /// maybe still used by a request in flight).
     pub(crate) avoid: std::collections::HashSet<u64>,
+    /// A rebuild places new refcount blocks and tables at or after this cluster index.
+    pub(crate) alloc_floor: u64,
 }
 
 impl<'a> Checker<'a> {
@@ -569,6 +585,7 @@ impl<'a> Checker<'a> {
             overlap: None,
             snapshots_size: 0,
             avoid: Default::default(),
+            alloc_floor: 0,
         })
     }
 
@@ -802,6 +819,20 @@ impl<'a> Checker<'a> {
         snapshots_size: u64,
         rebuild: &mut bool,
     ) -> Result<()> {
+        self.count_references(snaps, snapshots_size, Some(rebuild))
+            .await
+    }
+
+    /// Count every reference of the state `self.h` describes (with `snaps` as its snapshot
+    /// table, `snapshots_size` bytes long) into `self.refs`. With `rebuild` the refcount
+    /// structure's own references are counted too (and checked); without, they are left
+    /// out (for a caller that writes a new structure, see `jobs/repair.rs`).
+    pub(crate) async fn count_references(
+        &mut self,
+        snaps: &[SnapInfo],
+        snapshots_size: u64,
+        rebuild: Option<&mut bool>,
+    ) -> Result<()> {
         let cs = self.lay.cluster_size;
         // Header.
         self.inc_refcounts(0, cs)?;
@@ -845,8 +876,10 @@ impl<'a> Checker<'a> {
             self.inc_refcounts(self.h.snapshots_offset, snapshots_size)?;
         }
         // Refcount table.
-        let rt_bytes = self.reftable.len() as u64 * 8;
-        self.inc_refcounts(self.h.refcount_table_offset, rt_bytes)?;
+        if rebuild.is_some() {
+            let rt_bytes = self.reftable.len() as u64 * 8;
+            self.inc_refcounts(self.h.refcount_table_offset, rt_bytes)?;
+        }
         // Encryption header.
         if let Some((off, len)) = self.h.crypto_header {
             self.inc_refcounts(off, len)?;
@@ -854,7 +887,10 @@ impl<'a> Checker<'a> {
         // Persistent bitmaps.
         self.check_bitmaps_refcounts().await?;
         // Refcount blocks.
-        self.check_refblocks(rebuild).await
+        match rebuild {
+            Some(rebuild) => self.check_refblocks(rebuild).await,
+            None => Ok(()),
+        }
     }
 
     async fn check_refcounts_l1(

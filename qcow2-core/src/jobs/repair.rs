@@ -158,7 +158,7 @@ async fn repair_pass(img: &Image, fix: Fix) -> Result<Pass> {
 
 /// After a repair the allocator must search from the start (clusters were freed) and know
 /// about everything written past the old end of the file.
-fn reset_allocator(img: &Image, m: &mut Meta) {
+pub(crate) fn reset_allocator(img: &Image, m: &mut Meta) {
     let cs = img.inner.layout.cluster_size;
     m.free_hint = 0;
     m.comp_cursor = 0;
@@ -574,7 +574,7 @@ impl Checker<'_> {
     /// Allocate `count` contiguous clusters in the refcount array, from `*first_free` on
     /// (`alloc_clusters_imrt`); `*first_free` becomes the first free cluster seen.
     fn alloc_clusters_imrt(&mut self, count: u64, first_free: &mut u64) -> Result<u64> {
-        let mut cluster = *first_free;
+        let mut cluster = (*first_free).max(self.alloc_floor);
         let mut first_gap = true;
         let mut contiguous = 0u64;
         while cluster < self.refs.len && contiguous < count {
@@ -664,14 +664,50 @@ impl Checker<'_> {
     }
 
     async fn rebuild_inner(&mut self) -> Result<()> {
-        let lay = self.lay;
-        let cs = lay.cluster_size;
         self.flush_rb()
             .await
             .map_err(|e| Error::io(e, "writing a refcount block"))?;
         self.rb = None;
         self.img.inner.rc_cache.clear();
+        let (rt_off, rt_clusters, rt) = self.write_refcount_structure().await?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&rt_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&rt_clusters.to_be_bytes());
+        self.file
+            .write_at(&hdr, 48)
+            .await
+            .map_err(|e| Error::io(e, "ERROR setting reftable"))?;
+        self.file
+            .flush()
+            .await
+            .map_err(|e| Error::io(e, "ERROR setting reftable"))?;
 
+        {
+            let mut h = self.img.inner.header.write();
+            h.refcount_table_offset = rt_off;
+            h.refcount_table_clusters = rt_clusters;
+        }
+        *self.img.inner.reftable.write() = rt.clone();
+        self.img.inner.rc_cache.clear();
+        self.h.refcount_table_offset = rt_off;
+        self.h.refcount_table_clusters = rt_clusters;
+        self.reftable = rt;
+        self.file_len = self
+            .file
+            .len()
+            .map_err(|e| Error::io(e, "getting the image file length"))?;
+        self.overlap = None;
+        self.rebuilt = true;
+        Ok(())
+    }
+
+    /// Write new refcount blocks for every cluster in use in the refcount array, then a new
+    /// refcount table, into clusters free in the array (at or after `alloc_floor`), and make
+    /// them durable; the array receives their references. Returns the table's offset,
+    /// length in clusters and entries. Nothing points at the new structure yet.
+    pub(crate) async fn write_refcount_structure(&mut self) -> Result<(u64, u32, Vec<u64>)> {
+        let lay = self.lay;
+        let cs = lay.cluster_size;
         let mut rt: Vec<u64> = Vec::new();
         let end = self.refs.len;
         let grown = self.write_refblocks(0, end, &mut rt).await?;
@@ -716,34 +752,6 @@ impl Checker<'_> {
             .flush()
             .await
             .map_err(|e| Error::io(e, "ERROR writing reftable"))?;
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&rt_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
-        self.file
-            .write_at(&hdr, 48)
-            .await
-            .map_err(|e| Error::io(e, "ERROR setting reftable"))?;
-        self.file
-            .flush()
-            .await
-            .map_err(|e| Error::io(e, "ERROR setting reftable"))?;
-
-        {
-            let mut h = self.img.inner.header.write();
-            h.refcount_table_offset = rt_off;
-            h.refcount_table_clusters = rt_clusters as u32;
-        }
-        *self.img.inner.reftable.write() = rt.clone();
-        self.img.inner.rc_cache.clear();
-        self.h.refcount_table_offset = rt_off;
-        self.h.refcount_table_clusters = rt_clusters as u32;
-        self.reftable = rt;
-        self.file_len = self
-            .file
-            .len()
-            .map_err(|e| Error::io(e, "getting the image file length"))?;
-        self.overlap = None;
-        self.rebuilt = true;
-        Ok(())
+        Ok((rt_off, rt_clusters as u32, rt))
     }
 }

@@ -4,36 +4,64 @@
 //! reach it, one per L1 table (active or snapshot) that references it, directly (an L2 table)
 //! or through an L2 table (a data cluster, or every host cluster a compressed cluster's bytes
 //! touch). A shared L2 table therefore adds one reference per L1 table to each of its data
-//! clusters. The copied flag (bit 63) of an active L1 or L2 entry says "refcount is 1"; it
-//! is recomputed from the refcounts after every operation.
+//! clusters. The copied flag (bit 63) of an active L1 or L2 entry says "refcount is 1".
 //!
-//! Crash safety (each step durable before the next):
-//! - create: the L1 copy and the refcount increments, then the active tables with their
-//!   copied flags cleared, then the new snapshot table, then the header (`nb_snapshots` and
-//!   `snapshots_offset` in one write), then the old table is freed;
-//! - apply: the increments for the snapshot's clusters and a new active L1 table (a copy of
-//!   the snapshot's, resized), then the header (size, L1 size and offset in one write), then
-//!   the old active state's references are dropped through the engine's deferred-free path;
-//! - delete: the new snapshot table and the header, then the snapshot's references are
-//!   dropped through the deferred-free path, then the copied flags are set again where a
-//!   refcount went back to 1.
+//! Crash safety: every operation is atomic. The whole new state is built in clusters past
+//! the end of the file, without touching anything the header reaches: the new snapshot
+//! table, a new snapshot L1 table (create), a new active L1 table, copies of the active L2
+//! tables whose copied flags change (flags are right for the new refcounts), and a complete
+//! new refcount structure (blocks and table) counted from the new state by `check`'s
+//! reference counting ([`crate::jobs::check`]) and written by the repair's rebuild
+//! ([`crate::jobs::repair`]). All of it is made durable, then ONE header write of bytes
+//! 24..72 (virtual size, L1 size and offset, refcount table offset and size, snapshot
+//! count and table offset: one sector) switches to the new state, and is made durable. A
+//! crash before that write leaves the old image (plus unreferenced clusters past its
+//! end: not even leaks); after it, the new one. The old structures are free in the new
+//! refcounts. Any reference count the new state would need beyond what the refcount width
+//! holds (1-bit refcounts cannot share at all) is found while counting, before the header
+//! is touched: the operation fails naming the overflow and the file is cut back to its
+//! old length. An image whose references `check` finds corrupt is refused the same way.
 //!
-//! A crash leaves refcounts too high (leaks), never too low. Between a refcount change and
-//! the copied-flag fix that follows it, the flags may disagree with the refcounts in the
-//! safe direction only (flag clear while the refcount is 1: writes copy where they needed
-//! not); `qemu-img check` reports such entries (QEMU's own snapshot code has the same
-//! window) and `check -r all` fixes them.
-//!
-//! The operations take the metadata lock; like QEMU, which drains the device first, they
-//! expect no guest request in flight on the handle (the fast write path into clusters with
-//! the copied flag takes no lock).
+//! The operations drain the handle first: every guest request in flight finishes and new
+//! ones wait until the operation is done (a write that looked its mapping up before a
+//! create would otherwise write into a cluster the snapshot now shares).
 
 use crate::engine::image::Image;
 use crate::engine::metadata::Meta;
 use crate::engine::overlap::Target;
 use crate::format::l2::{self, ClusterEntry, COPIED};
 use crate::format::snapshot::{self, Snapshot};
+use crate::jobs::check::{Checker, Fix, SnapInfo};
 use crate::{Error, ErrorKind, Result};
+
+/// The state a snapshot operation switches to.
+struct NewState {
+    /// Virtual size.
+    size: u64,
+    /// Active L1 entries (their L2 offsets; the copied flags are computed).
+    l1: Vec<u64>,
+    /// The snapshot table.
+    snaps: Vec<Snapshot>,
+    /// A snapshot (index in `snaps`) whose L1 table is to be written with these entries.
+    snap_l1: Option<(usize, Vec<u64>)>,
+    /// Write `snaps` as a new table (else the current one stays).
+    new_table: bool,
+}
+
+/// Where the new state is built: clusters past everything the live image uses.
+struct Tail {
+    /// Next free cluster index.
+    next: u64,
+    bits: u32,
+}
+
+impl Tail {
+    fn alloc(&mut self, clusters: u64) -> u64 {
+        let off = self.next << self.bits;
+        self.next += clusters;
+        off
+    }
+}
 
 /// QEMU's limit on the number of snapshots.
 pub const MAX_SNAPSHOTS: usize = 65536;
@@ -143,193 +171,240 @@ impl Image {
         Ok(l1)
     }
 
-    /// Host cluster indices the L2 table at `l2_off` references, one per reference (data
-    /// clusters, preallocated zero clusters, every host cluster of a compressed cluster).
-    async fn l2_refs(&self, l2_off: u64) -> Result<Vec<u64>> {
-        let lay = self.inner.layout;
-        let ss = lay.slice_size;
-        let es = lay.l2_entry_size as usize;
-        let mut out = Vec::new();
-        for s in 0..lay.cluster_size / ss {
-            let slice = self
-                .inner
-                .l2_cache
-                .get(&*self.inner.file, l2_off + s * ss)
-                .await?;
-            let d = slice.data.read();
-            for chunk in d.chunks_exact(es) {
-                let e = crate::format::be64(chunk, 0);
-                match l2::decode(e, lay.cluster_bits, lay.extended) {
-                    ClusterEntry::Unallocated | ClusterEntry::Zero { host: None } => {}
-                    ClusterEntry::Zero { host: Some(h) } | ClusterEntry::Normal { host: h, .. } => {
-                        out.push(h >> lay.cluster_bits)
-                    }
-                    ClusterEntry::Compressed(c) => {
-                        let (first, last) = c.host_clusters(lay.cluster_bits);
-                        for ci in (first >> lay.cluster_bits)..=(last >> lay.cluster_bits) {
-                            out.push(ci);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(out)
+    /// Write `buf` into clusters past the end of the live image (the new state being built).
+    async fn tail_write(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_overlap(off, buf.len() as u64, Target::Data)
+            .await?;
+        self.meta_write(buf, off).await
     }
 
-    /// Add one reference to every cluster reachable from `l1` (its L2 tables and theirs).
-    async fn raise_refcounts(&self, l1: &[u64]) -> Result<()> {
-        let bits = self.inner.layout.cluster_bits;
-        for &e in l1 {
-            let t = l2::l1_offset(e);
-            if t == 0 {
-                continue;
-            }
-            self.rc_add(t >> bits, 1).await?;
-            for c in self.l2_refs(t).await? {
-                self.rc_add(c, 1).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Queue one reference drop for every cluster reachable from `l1` on the engine's
-    /// deferred-free path (applied by the next `flush_metadata`).
-    async fn drop_refcounts(&self, m: &mut Meta, l1: &[u64]) -> Result<()> {
-        let bits = self.inner.layout.cluster_bits;
-        for &e in l1 {
-            let t = l2::l1_offset(e);
-            if t == 0 {
-                continue;
-            }
-            let refs = self.l2_refs(t).await?;
-            m.pending_free.extend(refs);
-            m.pending_free.push(t >> bits);
-        }
-        Ok(())
-    }
-
-    /// Set the copied flag of every active L1 and L2 entry whose cluster has refcount 1, and
-    /// clear it everywhere else (QEMU's `qcow2_update_snapshot_refcount` with addend 0).
-    async fn fix_copied_flags(&self, m: &mut Meta) -> Result<()> {
-        let lay = self.inner.layout;
-        let bits = lay.cluster_bits;
-        let ss = lay.slice_size;
-        let es = lay.l2_entry_size as usize;
-        let l1 = self.inner.l1.read().clone();
-        for (i, &e) in l1.iter().enumerate() {
-            let t = l2::l1_offset(e);
-            if t == 0 {
-                continue;
-            }
-            let want = self.refcount(t >> bits).await? == 1;
-            if (e & COPIED != 0) != want {
-                let ne = if want { e | COPIED } else { e & !COPIED };
-                self.inner.l1.write()[i] = ne;
-                m.l1_dirty.insert(i as u64);
-            }
-            for s in 0..lay.cluster_size / ss {
-                let off = t + s * ss;
-                let entries: Vec<u64> = {
-                    let slice = self.inner.l2_cache.get(&*self.inner.file, off).await?;
-                    let d = slice.data.read();
-                    d.chunks_exact(es)
-                        .map(|c| crate::format::be64(c, 0))
-                        .collect()
-                };
-                let mut changes = Vec::new();
-                for (j, &le) in entries.iter().enumerate() {
-                    let host = match l2::decode(le, bits, lay.extended) {
-                        ClusterEntry::Zero { host: Some(h) }
-                        | ClusterEntry::Normal { host: h, .. } => h,
-                        _ => continue,
-                    };
-                    let want = self.refcount(host >> bits).await? == 1;
-                    if (le & COPIED != 0) != want {
-                        changes.push((j, if want { le | COPIED } else { le & !COPIED }));
-                    }
-                }
-                if !changes.is_empty() {
-                    crate::engine::metadata::update_slice(
-                        &self.inner.l2_cache,
-                        &*self.inner.file,
-                        off,
-                        |d| {
-                            for (j, ne) in &changes {
-                                d[j * es..j * es + 8].copy_from_slice(&ne.to_be_bytes());
-                            }
-                        },
-                    )
-                    .await?;
-                }
+    /// Build `st` past the end of the file and switch the header to it (see the module
+    /// documentation). The caller holds the drain, the allocation gate and the metadata
+    /// lock, and has written the metadata back.
+    async fn switch_state(&self, m: &mut Meta, st: NewState) -> Result<()> {
+        let cs = self.inner.layout.cluster_size;
+        let end0 = self
+            .inner
+            .file
+            .len()
+            .map_err(|e| Error::io(e, "getting the image file length"))?;
+        let mut tail = Tail {
+            next: end0.div_ceil(cs).max(m.high_water),
+            bits: self.inner.layout.cluster_bits,
+        };
+        let mut switched = false;
+        let r = self.build_and_switch(m, &mut tail, st, &mut switched).await;
+        if r.is_err() && !switched {
+            // Nothing references what was written past the old end: cut it off (best
+            // effort; left there it is harmless).
+            if self.inner.file.len().is_ok_and(|l| l > end0) {
+                let _ = self.inner.file.set_len(end0);
             }
         }
-        Ok(())
+        r
     }
 
-    /// Write `snaps` as the new snapshot table and switch the header to it (one write of
-    /// `nb_snapshots` and `snapshots_offset`), then free the old table.
-    async fn write_snapshot_table(&self, m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
+    async fn build_and_switch(
+        &self,
+        m: &mut Meta,
+        tail: &mut Tail,
+        st: NewState,
+        switched: &mut bool,
+    ) -> Result<()> {
         let lay = self.inner.layout;
         let cs = lay.cluster_size;
-        if snaps.len() > MAX_SNAPSHOTS {
-            return Err(Error::invalid(format!(
-                "too many snapshots (QEMU's limit is {MAX_SNAPSHOTS})"
-            )));
+        let bits = lay.cluster_bits;
+        let NewState {
+            size,
+            l1: mut new_l1,
+            mut snaps,
+            snap_l1,
+            new_table,
+        } = st;
+        let l1_bytes = |n: usize| (n as u64 * 8).div_ceil(cs).max(1) * cs;
+        let table_bytes = |l1: &[u64]| {
+            let mut buf = vec![0u8; l1_bytes(l1.len()) as usize];
+            for (i, e) in l1.iter().enumerate() {
+                buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            buf
+        };
+        // 1. The new snapshot's L1 table (create).
+        if let Some((idx, entries)) = snap_l1 {
+            let buf = table_bytes(&entries);
+            let off = tail.alloc(buf.len() as u64 / cs);
+            self.tail_write(&buf, off).await?;
+            snaps[idx].l1_table_offset = off;
         }
-        let mut buf = Vec::new();
-        for s in &snaps {
-            buf.extend_from_slice(&s.to_bytes());
-        }
-        if buf.len() as u64 > snapshot::MAX_TABLE_BYTES {
-            return Err(Error::invalid("snapshot table would exceed 64 MiB"));
-        }
-        let new_off = if snaps.is_empty() {
-            0
+        // 2. The new active L1 table, with the current L2 offsets for now.
+        let l1_off = if new_l1.is_empty() {
+            self.inner.header.read().l1_table_offset
         } else {
-            let clusters = (buf.len() as u64).div_ceil(cs);
-            let off = self.alloc_clusters(m, clusters).await?;
-            buf.resize((clusters * cs) as usize, 0);
-            self.check_overlap(off, buf.len() as u64, Target::Data)
-                .await?;
-            self.meta_write(&buf, off).await?;
+            let buf = table_bytes(&new_l1);
+            let off = tail.alloc(buf.len() as u64 / cs);
+            self.tail_write(&buf, off).await?;
             off
         };
-        // The table and its refcounts durable before the header points at it.
-        self.flush_metadata(m).await?;
-        let (old_off, old_len) = {
-            let h = self.inner.header.read();
-            let len = if h.nb_snapshots > 0 {
-                snapshot::table_len(&self.inner.snapshots.read())
-            } else {
-                0
-            };
-            (h.snapshots_offset, len)
+        // 3. The snapshot table.
+        let (sn_off, sn_len) = if !new_table {
+            (
+                self.inner.header.read().snapshots_offset,
+                snapshot::table_len(&snaps),
+            )
+        } else if snaps.is_empty() {
+            (0, 0)
+        } else {
+            let mut buf = Vec::new();
+            for s in &snaps {
+                buf.extend_from_slice(&s.to_bytes());
+            }
+            if buf.len() as u64 > snapshot::MAX_TABLE_BYTES {
+                return Err(Error::invalid("snapshot table would exceed 64 MiB"));
+            }
+            let len = buf.len() as u64;
+            let clusters = len.div_ceil(cs);
+            buf.resize((clusters * cs) as usize, 0);
+            let off = tail.alloc(clusters);
+            self.tail_write(&buf, off).await?;
+            (off, len)
         };
-        let mut hb = [0u8; 12];
-        hb[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
-        hb[4..].copy_from_slice(&new_off.to_be_bytes());
-        let mut guard = self.poison_guard("switching the header to a new snapshot table");
-        self.meta_write(&hb, 60).await.map_err(|e| guard.fail(e))?;
+        // 4. Count every reference of the new state.
+        let mut c = Checker::new(self, Fix::NONE)?;
+        c.h.size = size;
+        c.h.l1_size = new_l1.len() as u32;
+        c.h.l1_table_offset = l1_off;
+        c.h.nb_snapshots = snaps.len() as u32;
+        c.h.snapshots_offset = sn_off;
+        if tail.next > c.refs.len {
+            c.refs.resize(tail.next)?;
+        }
+        let infos: Vec<SnapInfo> = snaps.iter().map(SnapInfo::of).collect();
+        c.count_references(&infos, sn_len, None).await?;
+        if c.res.corruptions != 0 || c.res.check_errors != 0 {
+            let msgs = c.take_msgs();
+            if let Some(o) = msgs.iter().find(|l| l.contains("overflow")) {
+                let at = o.rsplit("offset=").next().unwrap_or("?");
+                return Err(Error::invalid(format!(
+                    "refcount overflow: cluster {at} would need more references than {}-bit \
+                     refcounts can hold; nothing was changed (qemu-img amend -o refcount_bits=16 \
+                     widens them)",
+                    1u32 << lay.refcount_order
+                )));
+            }
+            return Err(Error::corrupt(format!(
+                "the image has errors ({}); nothing was changed (repair it with check -r all)",
+                msgs.first().map(String::as_str).unwrap_or("check errors")
+            )));
+        }
+        // 5. Copied flags from the new refcounts: an active L2 table whose flags change is
+        // copied (it is live until the switch), and L1 entries get theirs.
+        let es = lay.l2_entry_size as usize;
+        let mut l2 = vec![0u8; cs as usize];
+        for e in new_l1.iter_mut() {
+            let t = l2::l1_offset(*e);
+            if t == 0 {
+                *e = 0;
+                continue;
+            }
+            self.inner
+                .file
+                .read_at(&mut l2, t)
+                .await
+                .map_err(|err| Error::io(err, "reading an L2 table"))?;
+            let mut changed = false;
+            for chunk in l2.chunks_exact_mut(es) {
+                let le = crate::format::be64(chunk, 0);
+                let host = match l2::decode(le, bits, lay.extended) {
+                    ClusterEntry::Zero { host: Some(h) } | ClusterEntry::Normal { host: h, .. } => {
+                        h
+                    }
+                    _ => continue,
+                };
+                let want = c.refs.get(host >> bits) == 1;
+                if (le & COPIED != 0) != want {
+                    let ne = if want { le | COPIED } else { le & !COPIED };
+                    chunk[..8].copy_from_slice(&ne.to_be_bytes());
+                    changed = true;
+                }
+            }
+            let mut at = t;
+            if changed {
+                at = tail.alloc(1);
+                self.tail_write(&l2, at).await?;
+                if tail.next > c.refs.len {
+                    c.refs.resize(tail.next)?;
+                }
+                c.refs.set(at >> bits, 1);
+                let old = c.refs.get(t >> bits);
+                c.refs.set(t >> bits, old.saturating_sub(1));
+            }
+            *e = at
+                | if c.refs.get(at >> bits) == 1 {
+                    COPIED
+                } else {
+                    0
+                };
+        }
+        if !new_l1.is_empty() {
+            self.tail_write(&table_bytes(&new_l1), l1_off).await?;
+        }
+        // 6. A new refcount structure for all of it, after everything else (durable when
+        // this returns, as is everything written before).
+        if tail.next > c.refs.len {
+            c.refs.resize(tail.next)?;
+        }
+        c.alloc_floor = tail.next;
+        let (rt_off, rt_clusters, rt) = c.write_refcount_structure().await?;
+        drop(c);
+        // 7. The switch: one write inside the first sector.
+        let crypt = self.inner.header.read().crypt_method;
+        let mut hb = [0u8; 48];
+        hb[..8].copy_from_slice(&size.to_be_bytes());
+        hb[8..12].copy_from_slice(&crypt.to_be_bytes());
+        hb[12..16].copy_from_slice(&(new_l1.len() as u32).to_be_bytes());
+        hb[16..24].copy_from_slice(&l1_off.to_be_bytes());
+        hb[24..32].copy_from_slice(&rt_off.to_be_bytes());
+        hb[32..36].copy_from_slice(&rt_clusters.to_be_bytes());
+        hb[36..40].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
+        hb[40..].copy_from_slice(&sn_off.to_be_bytes());
+        *switched = true;
+        let mut guard = self.poison_guard("switching the header to a new snapshot state");
+        self.meta_write(&hb, 24).await.map_err(|e| guard.fail(e))?;
         self.inner
             .file
             .flush()
             .await
             .map_err(|e| guard.fail(Error::io(e, "flush")))?;
+        // 8. The handle follows: tables, caches, allocator.
         {
             let mut h = self.inner.header.write();
+            h.size = size;
+            h.l1_size = new_l1.len() as u32;
+            h.l1_table_offset = l1_off;
+            h.refcount_table_offset = rt_off;
+            h.refcount_table_clusters = rt_clusters;
             h.nb_snapshots = snaps.len() as u32;
-            h.snapshots_offset = new_off;
+            h.snapshots_offset = sn_off;
         }
+        *self.inner.l1.write() = new_l1;
+        *self.inner.reftable.write() = rt;
         *self.inner.snapshots.write() = snaps;
-        guard.disarm();
-        if old_len > 0 && old_off != 0 {
-            for c in 0..old_len.div_ceil(cs) {
-                m.pending_free.push((old_off >> lay.cluster_bits) + c);
-            }
+        self.inner.l2_cache.clear();
+        self.inner.rc_cache.clear();
+        {
+            let mut z = self.inner.zcache.lock();
+            self.inner
+                .zcache_gen
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            z.clear();
         }
-        self.flush_metadata(m).await
+        m.l1_dirty.clear();
+        m.reftable_dirty.clear();
+        m.pending_free.clear();
+        crate::jobs::repair::reset_allocator(self, m);
+        guard.disarm();
+        Ok(())
     }
-
     /// Create an internal snapshot named `name` of the current state (`qemu-img snapshot
     /// -c`). Returns the new table entry. IDs are numeric: one more than the largest.
     pub async fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
@@ -339,14 +414,15 @@ impl Image {
         }
         let w = self.ws()?;
         self.before_first_write().await?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
         let mut m = w.meta.lock().await;
         self.flush_metadata(&mut m).await?;
-        let lay = self.inner.layout;
-        let cs = lay.cluster_size;
         let l1 = self.inner.l1.read().clone();
-        if lay.refcount_order == 0 && l1.iter().any(|&e| l2::l1_offset(e) != 0) {
+        if self.inner.layout.refcount_order == 0 && l1.iter().any(|&e| l2::l1_offset(e) != 0) {
             return Err(Error::invalid(
-                "Invalid argument: 1-bit refcounts cannot count a cluster shared with a snapshot",
+                "Invalid argument: refcount overflow: 1-bit refcounts cannot count a cluster \
+                 shared with a snapshot",
             ));
         }
         let snaps = self.snapshots();
@@ -355,23 +431,6 @@ impl Image {
                 "too many snapshots (QEMU's limit is {MAX_SNAPSHOTS})"
             )));
         }
-        // 1. The snapshot's L1 table: a copy of the active one, flags as they are.
-        let bytes = l1.len() as u64 * 8;
-        let clusters = bytes.div_ceil(cs).max(1);
-        let sn_l1_off = self.alloc_clusters(&mut m, clusters).await?;
-        let mut buf = vec![0u8; (clusters * cs) as usize];
-        for (i, e) in l1.iter().enumerate() {
-            buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
-        self.check_overlap(sn_l1_off, buf.len() as u64, Target::Data)
-            .await?;
-        self.meta_write(&buf, sn_l1_off).await?;
-        // 2. One more reference to everything the active tables reach, then the copied
-        // flags (refcount blocks are written and synced before the tables).
-        self.raise_refcounts(&l1).await?;
-        self.fix_copied_flags(&mut m).await?;
-        self.flush_metadata(&mut m).await?;
-        // 3. The new table entry, then the header.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -382,7 +441,8 @@ impl Image {
             .unwrap_or(0)
             + 1;
         let sn = Snapshot {
-            l1_table_offset: sn_l1_off,
+            // Placed by `switch_state`.
+            l1_table_offset: 0,
             l1_size: l1.len() as u32,
             id: id.to_string(),
             name: name.to_string(),
@@ -396,9 +456,18 @@ impl Image {
             extra: Vec::new(),
         };
         let mut new = snaps;
-        new.push(sn.clone());
-        self.write_snapshot_table(&mut m, new).await?;
-        Ok(sn)
+        new.push(sn);
+        let idx = new.len() - 1;
+        let st = NewState {
+            size: self.size(),
+            l1: l1.clone(),
+            snaps: new,
+            // The snapshot's L1 table: a copy of the active one, flags as they are.
+            snap_l1: Some((idx, l1)),
+            new_table: true,
+        };
+        self.switch_state(&mut m, st).await?;
+        Ok(self.snapshots()[idx].clone())
     }
 
     /// Make the snapshot selected by `key` the active state (`qemu-img snapshot -a`): the
@@ -407,106 +476,58 @@ impl Image {
         self.snapshot_preconditions()?;
         let w = self.ws()?;
         self.before_first_write().await?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
         let mut m = w.meta.lock().await;
         self.flush_metadata(&mut m).await?;
-        let lay = self.inner.layout;
-        let cs = lay.cluster_size;
         let snaps = self.snapshots();
         let sn = snaps[key.find(&snaps).ok_or_else(not_found)?].clone();
         let sn_l1 = self
             .read_snapshot_l1(sn.l1_table_offset, sn.l1_size)
             .await?;
-        let (cur_size, cur_l1_off, cur_l1_len, crypt) = {
-            let h = self.inner.header.read();
-            (h.size, h.l1_table_offset, h.l1_size as u64, h.crypt_method)
-        };
+        let cur_size = self.size();
         let new_size = sn.disk_size.unwrap_or(cur_size);
         if new_size > crate::format::header::MAX_VIRTUAL_SIZE {
             return Err(Error::corrupt("snapshot has an invalid virtual size"));
         }
         let need = self.inner.header.read().l1_entries_for(new_size);
-        let cur_l1 = self.inner.l1.read().clone();
-        let new_len = (cur_l1.len() as u64).max(sn_l1.len() as u64).max(need);
+        let cur_len = self.inner.l1.read().len() as u64;
+        let new_len = cur_len.max(sn_l1.len() as u64).max(need);
         if new_len * 8 > crate::format::header::MAX_L1_BYTES {
             return Err(Error::invalid("L1 table would exceed 32 MiB"));
         }
-        // 1. One more reference to everything the snapshot reaches, and the new active L1
-        // table (the snapshot's, resized; copied flags are fixed at the end).
-        self.raise_refcounts(&sn_l1).await?;
-        let mut new_l1: Vec<u64> = sn_l1.iter().map(|&e| e & !COPIED).collect();
-        new_l1.resize(new_len as usize, 0);
-        let clusters = (new_len * 8).div_ceil(cs).max(1);
-        let new_off = self.alloc_clusters(&mut m, clusters).await?;
-        let mut buf = vec![0u8; (clusters * cs) as usize];
-        for (i, e) in new_l1.iter().enumerate() {
-            buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
-        self.check_overlap(new_off, buf.len() as u64, Target::Data)
-            .await?;
-        self.meta_write(&buf, new_off).await?;
-        self.flush_metadata(&mut m).await?;
-        // 2. The header: size, crypt method (unchanged), L1 size and offset in one write.
-        let mut hb = [0u8; 24];
-        hb[..8].copy_from_slice(&new_size.to_be_bytes());
-        hb[8..12].copy_from_slice(&crypt.to_be_bytes());
-        hb[12..16].copy_from_slice(&(new_len as u32).to_be_bytes());
-        hb[16..].copy_from_slice(&new_off.to_be_bytes());
-        let mut guard = self.poison_guard("switching the header to a snapshot's L1 table");
-        self.meta_write(&hb, 24).await.map_err(|e| guard.fail(e))?;
-        self.inner
-            .file
-            .flush()
-            .await
-            .map_err(|e| guard.fail(Error::io(e, "flush")))?;
-        {
-            let mut h = self.inner.header.write();
-            h.size = new_size;
-            h.l1_size = new_len as u32;
-            h.l1_table_offset = new_off;
-        }
-        *self.inner.l1.write() = new_l1;
-        m.l1_dirty.clear();
-        guard.disarm();
-        // 3. Drop the old active state's references (its L1 table, L2 tables, data).
-        self.drop_refcounts(&mut m, &cur_l1).await?;
-        if cur_l1_len > 0 {
-            for c in 0..(cur_l1_len * 8).div_ceil(cs) {
-                m.pending_free.push((cur_l1_off >> lay.cluster_bits) + c);
-            }
-        }
-        self.flush_metadata(&mut m).await?;
-        self.inner.zcache.lock().clear();
-        // 4. Copied flags from the refcounts.
-        self.fix_copied_flags(&mut m).await?;
-        self.flush_metadata(&mut m).await
+        let mut l1: Vec<u64> = sn_l1.iter().map(|&e| e & !COPIED).collect();
+        l1.resize(new_len as usize, 0);
+        let st = NewState {
+            size: new_size,
+            l1,
+            snaps,
+            snap_l1: None,
+            new_table: false,
+        };
+        self.switch_state(&mut m, st).await
     }
 
-    /// Delete the snapshot selected by `key` (`qemu-img snapshot -d`): the table entry goes
-    /// first, then the references the snapshot held; clusters only it held are freed.
+    /// Delete the snapshot selected by `key` (`qemu-img snapshot -d`); clusters only it
+    /// held become free.
     pub async fn snapshot_delete(&self, key: &SnapshotKey) -> Result<()> {
         self.snapshot_preconditions()?;
         let w = self.ws()?;
         self.before_first_write().await?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
         let mut m = w.meta.lock().await;
         self.flush_metadata(&mut m).await?;
-        let cs = self.inner.layout.cluster_size;
-        let bits = self.inner.layout.cluster_bits;
         let mut snaps = self.snapshots();
         let idx = key.find(&snaps).ok_or_else(not_found)?;
-        let sn = snaps[idx].clone();
-        // Validated before anything changes: a bad L1 table is not followed.
-        let sn_l1 = self
-            .read_snapshot_l1(sn.l1_table_offset, sn.l1_size)
-            .await?;
         snaps.remove(idx);
-        self.write_snapshot_table(&mut m, snaps).await?;
-        self.drop_refcounts(&mut m, &sn_l1).await?;
-        for c in 0..(sn.l1_size as u64 * 8).div_ceil(cs) {
-            m.pending_free.push((sn.l1_table_offset >> bits) + c);
-        }
-        self.flush_metadata(&mut m).await?;
-        self.inner.zcache.lock().clear();
-        self.fix_copied_flags(&mut m).await?;
-        self.flush_metadata(&mut m).await
+        let st = NewState {
+            size: self.size(),
+            l1: self.inner.l1.read().clone(),
+            snaps,
+            snap_l1: None,
+            new_table: true,
+        };
+        self.switch_state(&mut m, st).await
     }
 }
