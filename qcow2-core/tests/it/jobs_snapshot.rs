@@ -401,3 +401,145 @@ async fn snapshot_crash_at_every_write() {
         }
     }
 }
+
+/// The guest content of snapshot `name` as our read-only open (sharing the file with the
+/// writer) reads it now.
+async fn our_snapshot(path: &Path, name: &str) -> Vec<u8> {
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            force_share: true,
+            snapshot: Some(SnapshotKey::Name(name.to_string())),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    read_all(&img).await
+}
+
+/// A guest write into an allocated cluster (refcount 1: the in-place path, no lock) that
+/// looked its mapping up before a `snapshot_create` and is held at its data write must not
+/// land in the snapshot after the create returns (the cluster is shared then): the create
+/// drains the handle first, so it waits for the write, and the snapshot's content never
+/// changes once the create has returned. Requests arriving during the create wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_create_drains_inflight_writes() {
+    use qcow2_core::io::fault::{HookStorage, Match, Op};
+    use qcow2_core::io::{open_file, FileOptions};
+    use std::time::Duration;
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_create(dir.path(), "img.qcow2", "", "1M");
+    qemu_io(&path, None, &["write -P 1 0 1M"]);
+    let host0 = qemu_map(&path)
+        .iter()
+        .find(|e| e["start"] == 0)
+        .and_then(|e| e["offset"].as_u64())
+        .expect("guest cluster 0 is allocated");
+    let file = open_file(
+        &path,
+        &FileOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let hs = HookStorage::new(file);
+    let img = Image::open_storage(
+        hs.clone() as Arc<dyn Storage>,
+        &path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let gate = hs.hold(Match::op(Op::Write).range(host0, 4096));
+    let w = {
+        let img = img.clone();
+        tokio::spawn(async move { img.write_at(&[9u8; 4096], 0).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), gate.wait_arrived(1))
+        .await
+        .expect("the write never reached its data write");
+    let c = {
+        let img = img.clone();
+        tokio::spawn(async move { img.snapshot_create("snap").await })
+    };
+    // A request arriving while the create waits for the drain waits too.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let late = {
+        let img = img.clone();
+        tokio::spawn(async move { img.write_at(&[7u8; 512], 8192).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let early = if c.is_finished() {
+        // Without the drain: the snapshot exists while the write is still pending.
+        Some(our_snapshot(&path, "snap").await)
+    } else {
+        None
+    };
+    gate.release();
+    w.await.unwrap().unwrap();
+    c.await.unwrap().unwrap();
+    late.await.unwrap().unwrap();
+    let snap = our_snapshot(&path, "snap").await;
+    if let Some(early) = &early {
+        assert_same(
+            &snap,
+            early,
+            "snapshot content changed after the create returned",
+        );
+    }
+    assert!(
+        early.is_none(),
+        "snapshot_create did not wait for the write in flight"
+    );
+    // The held write came first, the late one after the snapshot.
+    let mut want = vec![1u8; 1 << 20];
+    want[..4096].fill(9);
+    assert_same(&snap, &want, "snapshot");
+    want[8192..8192 + 512].fill(7);
+    assert_same(&read_all(&img).await, &want, "active");
+    img.close().await.unwrap();
+    assert_clean(&path, "after the raced create");
+    assert_same(
+        &export(&path, Some("snap"))[..4096],
+        &[9u8; 4096],
+        "qemu: snapshot",
+    );
+}
+
+/// Near the refcount limit (2-bit refcounts hold at most 3): a third snapshot of the same
+/// clusters needs a refcount of 4. The create fails naming the overflow and the file is
+/// left byte for byte as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_refcount_overflow_is_refused_before_any_change() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_create(dir.path(), "img.qcow2", "refcount_bits=2", "1M");
+    qemu_io(&path, None, &["write -P 1 0 256k"]);
+    let img = open_rw(&path).await;
+    img.snapshot_create("a").await.unwrap();
+    img.snapshot_create("b").await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "two snapshots");
+    let before = std::fs::read(&path).unwrap();
+    let img = open_rw(&path).await;
+    let e = img.snapshot_create("c").await.unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(e.to_string().contains("refcount overflow"), "{e}");
+    img.close().await.unwrap();
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "the file changed although the create was refused"
+    );
+    assert_clean(&path, "after the refusal");
+    assert_eq!(names(&path), ["a", "b"]);
+}
