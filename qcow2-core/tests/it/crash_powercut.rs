@@ -50,6 +50,9 @@ struct Scenario {
     size: u64,
     base: Base,
     snapshot: bool,
+    /// Snapshot operations in the workload: create `s2` a third of the way, delete `s1`
+    /// (needs `snapshot`) two thirds of the way.
+    snapshot_ops: bool,
     data_file: bool,
     compressed_writes: bool,
     /// Grow the disk to this size halfway.
@@ -66,6 +69,7 @@ impl Scenario {
             size,
             base: Base::Plain,
             snapshot: false,
+            snapshot_ops: false,
             data_file: false,
             compressed_writes: false,
             resize_to: None,
@@ -213,6 +217,8 @@ struct Record {
     flushed: Vec<(usize, Arc<Vec<u8>>, usize)>,
     /// (log position when the request was issued, request).
     issued: Vec<(usize, GOp)>,
+    /// The guest content when snapshot `s2` was created (scenarios with snapshot ops).
+    s2: Option<Arc<Vec<u8>>>,
 }
 
 fn pick_op(rng: &mut StdRng, size: u64, cs: u64, s: &Scenario) -> Op {
@@ -264,6 +270,7 @@ async fn run_workload(
     let mut rec = Record {
         flushed: vec![(0, Arc::new(model.clone()), 0)],
         issued: Vec::new(),
+        s2: None,
     };
     let mut resized = false;
     let rounds = s.rounds * env_usize("QCOW2RS_POWERCUT_ROUNDS", 1).max(1);
@@ -278,6 +285,22 @@ async fn run_workload(
                 model.resize(n as usize, 0);
                 continue;
             }
+        }
+        if s.snapshot_ops && (round == rounds / 3 || round == 2 * rounds / 3) {
+            // Each operation makes everything before it durable, like a flush.
+            if round == rounds / 3 {
+                img.snapshot_create("s2")
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: snapshot create: {e}", s.name));
+                rec.s2 = Some(Arc::new(model.clone()));
+            } else {
+                img.snapshot_delete(&"s1".into())
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: snapshot delete: {e}", s.name));
+            }
+            rec.flushed
+                .push((pc.len(), Arc::new(model.clone()), rec.issued.len()));
+            continue;
         }
         if rng.gen_range(0..5) == 0 {
             img.flush()
@@ -442,7 +465,35 @@ async fn check_cut(c: &CutCtx<'_>, k: usize, cut: usize, tdir: &Path) -> bool {
         .unwrap_or_else(|e| panic!("{what}: open: {e}"));
     check_content(&read_all(&img).await, c.rec, cut, &what);
     drop(img);
-    if let Some(snap) = c.snap {
+    if c.s.snapshot_ops && k % 4 == 3 {
+        // Each snapshot operation happened entirely or not at all.
+        let names: Vec<String> = qemu_info(&img_path)["snapshots"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().into())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            [&["s1"][..], &["s1", "s2"], &["s2"]]
+                .iter()
+                .any(|w| names == *w),
+            "{what}: snapshots {names:?}"
+        );
+        if names.iter().any(|n| n == "s1") {
+            let got = qemu_export(&img_path, Some("s1"), &tdir.join("s1.raw"));
+            assert_same(&got, c.snap.unwrap(), &format!("{what}: snapshot s1"));
+        }
+        if names.iter().any(|n| n == "s2") {
+            let got = qemu_export(&img_path, Some("s2"), &tdir.join("s2.raw"));
+            assert_same(
+                &got,
+                c.rec.s2.as_ref().unwrap(),
+                &format!("{what}: snapshot s2"),
+            );
+        }
+    } else if let Some(snap) = c.snap {
         if k % 16 == 3 {
             let got = qemu_export(&img_path, Some("s1"), &tdir.join("s1.raw"));
             assert_same(&got, snap, &format!("{what}: snapshot s1"));
@@ -615,6 +666,19 @@ fn powercut_snapshot_16k_rc8() {
             "cluster_size=16384,refcount_bits=8",
             4 << 20,
         )
+    });
+}
+
+/// Snapshot create and delete between guest writes (`jobs/snapshot.rs`: built past the end
+/// of the file, one header write switches).
+#[test]
+fn powercut_snapshot_ops_4k_rc16() {
+    powercut(Scenario {
+        snapshot: true,
+        snapshot_ops: true,
+        compressed_writes: true,
+        max_len: 40_000,
+        ..Scenario::new("pc-snapshot-ops-4k", "cluster_size=4096", 4 << 20)
     });
 }
 
