@@ -285,7 +285,8 @@ impl Image {
             if let Some(o) = msgs.iter().find(|l| l.contains("overflow")) {
                 let at = o.rsplit("offset=").next().unwrap_or("?");
                 return Err(Error::invalid(format!(
-                    "refcount overflow: cluster {at} would need more references than {}-bit \
+                    "Invalid argument: refcount overflow: cluster {at} would need more references \
+                     than {}-bit \
                      refcounts can hold; nothing was changed (qemu-img amend -o refcount_bits=16 \
                      widens them)",
                     1u32 << lay.refcount_order
