@@ -21,6 +21,10 @@
 //! holds (1-bit refcounts cannot share at all) is found while counting, before the header
 //! is touched: the operation fails naming the overflow and the file is cut back to its
 //! old length. An image whose references `check` finds corrupt is refused the same way.
+//! Since the new refcounts are counted from scratch, clusters leaked before the operation
+//! are free after it. After a create the active L2 tables are fresh copies with the copied
+//! flags cleared on shared data clusters, and the snapshot keeps the old ones (QEMU instead
+//! shares the L2 tables until the first write to each): one more L2 table per table in use.
 //!
 //! The operations drain the handle first: every guest request in flight finishes and new
 //! ones wait until the operation is done (a write that looked its mapping up before a
@@ -230,7 +234,8 @@ impl Image {
             buf
         };
         // 1. The new snapshot's L1 table (create).
-        if let Some((idx, entries)) = snap_l1 {
+        // An empty table has offset 0, as QEMU writes it.
+        if let Some((idx, entries)) = snap_l1.filter(|(_, e)| !e.is_empty()) {
             let buf = table_bytes(&entries);
             let off = tail.alloc(buf.len() as u64 / cs);
             self.tail_write(&buf, off).await?;

@@ -549,3 +549,26 @@ async fn snapshot_refcount_overflow_is_refused_before_any_change() {
     assert_clean(&path, "after the refusal");
     assert_eq!(names(&path), ["a", "b"]);
 }
+
+/// A disk of 0 bytes has an empty L1 table: the snapshot's has offset 0, as QEMU writes it,
+/// and create, apply and delete leave a clean image qemu-img reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_an_empty_disk() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_create(dir.path(), "z.qcow2", "", "0");
+    let img = open_rw(&path).await;
+    let sn = img.snapshot_create("s").await.unwrap();
+    assert_eq!((sn.l1_size, sn.l1_table_offset), (0, 0));
+    img.close().await.unwrap();
+    assert_clean(&path, "after create");
+    assert_eq!(names(&path), ["s"]);
+    let img = open_rw(&path).await;
+    img.snapshot_apply(&key("s")).await.unwrap();
+    img.snapshot_delete(&key("s")).await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "after apply and delete");
+    assert!(names(&path).is_empty());
+}
