@@ -304,6 +304,9 @@ struct Task {
     fut: Option<Pin<Box<dyn Future<Output = Outcome>>>>,
     flag: Arc<Flag>,
     out: Option<Outcome>,
+    /// The step at which it started and the one after which it was done.
+    start: Option<usize>,
+    end: Option<usize>,
 }
 
 /// Poll task `i` once (it runs until it waits for something).
@@ -404,14 +407,21 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
 
 /// Whether the final content and what the reads returned are those of some serial order.
 /// Bytes outside every request's range must be as they were.
-fn linearizable(base: &[u8], reqs: &[Req], reads: &[Option<Vec<u8>>], fin: &[u8]) -> bool {
-    let ranges = reqs.iter().filter_map(|r| r.range());
-    let lo = ranges.clone().map(|r| r.0).min().unwrap_or(0) as usize;
-    let hi = ranges.map(|r| r.1).max().unwrap_or(0) as usize;
+fn linearizable(
+    base: &[u8],
+    reqs: &[Req],
+    before: &[(usize, usize)],
+    reads: &[Option<Vec<u8>>],
+    fin: &[u8],
+) -> bool {
+    let (lo, hi) = window(reqs);
     if fin.len() != base.len() || fin[..lo] != base[..lo] || fin[hi..] != base[hi..] {
         return false;
     }
     permutations(reqs.len()).into_iter().any(|perm| {
+        if !respects(&perm, before) {
+            return false;
+        }
         let mut m = base[lo..hi].to_vec();
         for &i in &perm {
             let r = reqs[i].apply(&mut m, lo as u64);
@@ -420,6 +430,52 @@ fn linearizable(base: &[u8], reqs: &[Req], reads: &[Option<Vec<u8>>], fin: &[u8]
             }
         }
         m == fin[lo..hi]
+    })
+}
+
+/// The guest bytes `[lo, hi)` that the requests may touch.
+fn window(reqs: &[Req]) -> (usize, usize) {
+    let ranges = reqs.iter().filter_map(|r| r.range());
+    let lo = ranges.clone().map(|r| r.0).min().unwrap_or(0) as usize;
+    let hi = ranges.map(|r| r.1).max().unwrap_or(0) as usize;
+    (lo, hi)
+}
+
+/// Whether `perm` puts `i` before `j` for every `(i, j)` of `before`.
+fn respects(perm: &[usize], before: &[(usize, usize)]) -> bool {
+    let pos = |x: usize| perm.iter().position(|&y| y == x);
+    before.iter().all(|&(i, j)| pos(i) < pos(j))
+}
+
+/// Whether `got` (the guest content of the file when a flush returned) is the content after
+/// some of the requests in a serial order, including every request in `must` (those done
+/// before the flush started): what the flush promises.
+fn durable(
+    base: &[u8],
+    reqs: &[Req],
+    before: &[(usize, usize)],
+    must: &[usize],
+    got: &[u8],
+) -> bool {
+    let n = reqs.len();
+    let (lo, hi) = window(reqs);
+    if got.len() != base.len() || got[..lo] != base[..lo] || got[hi..] != base[hi..] {
+        return false;
+    }
+    permutations(n).into_iter().any(|perm| {
+        respects(&perm, before)
+            && (0..1u32 << n).any(|mask| {
+                if must.iter().any(|&i| mask & (1 << i) == 0) {
+                    return false;
+                }
+                let mut m = base[lo..hi].to_vec();
+                for &i in &perm {
+                    if mask & (1 << i) != 0 {
+                        reqs[i].apply(&mut m, lo as u64);
+                    }
+                }
+                m == got[lo..hi]
+            })
     })
 }
 
@@ -520,6 +576,8 @@ struct Scenario {
     max_delays: usize,
     /// Metadata cache size of the handle under test (small: lookups read the tables).
     cache_size: usize,
+    /// `(i, j)`: request `j` starts only once request `i` is done.
+    after: Vec<(usize, usize)>,
     /// Run with cold caches (every table a request uses is read, and concurrent lookups
     /// wait for one load), with warm ones (every L2 slice and refcount block the image has is
     /// loaded before the requests start: lookups race with the updates), or both.
@@ -614,13 +672,50 @@ fn run_one(
     let mut tasks: Vec<Task> = sc
         .reqs
         .iter()
-        .map(|r| Task {
-            fut: Some(r.start(&img)),
+        .map(|_| Task {
+            fut: None,
             flag: Arc::new(Flag(AtomicBool::new(true))),
             out: None,
+            start: None,
+            end: None,
         })
         .collect();
     let mut steps: Vec<Step> = Vec::new();
+    // Start the requests whose predecessors are done; note the ones that are done now; check
+    // what each flush that is done now promises.
+    let progress = |tasks: &mut [Task], steps: &[Step]| {
+        let now = steps.len();
+        for i in 0..tasks.len() {
+            if tasks[i].out.is_some() && tasks[i].end.is_none() {
+                tasks[i].end = Some(now);
+                if matches!(sc.reqs[i], Req::Flush) {
+                    let started = tasks[i].start.unwrap();
+                    let must: Vec<usize> = (0..tasks.len())
+                        .filter(|&j| tasks[j].end.is_some_and(|e| e <= started))
+                        .collect();
+                    let got = guest(&ps.written(cs));
+                    assert!(
+                        durable(base_guest, &sc.reqs, &sc.after, &must, &got),
+                        "{}: when r{i} (flush) returned, the file does not hold every request \
+                         done before it started ({must:?})",
+                        describe(sc, caches, steps)
+                    );
+                }
+            }
+        }
+        for i in 0..tasks.len() {
+            let ready = sc
+                .after
+                .iter()
+                .filter(|&&(_, j)| j == i)
+                .all(|&(k, _)| tasks[k].end.is_some());
+            if tasks[i].start.is_none() && ready {
+                tasks[i].start = Some(now);
+                tasks[i].fut = Some(sc.reqs[i].start(&img));
+            }
+        }
+    };
+    progress(&mut tasks, &steps);
     let mut step_checks = 0;
     loop {
         let woken = tasks
@@ -689,6 +784,7 @@ fn run_one(
             }
         }
         steps.push(Step { choice, choices });
+        progress(&mut tasks, &steps);
         assert!(
             steps.len() < 10_000,
             "{}: schedule too long",
@@ -704,7 +800,9 @@ fn run_one(
             Err(e) => panic!("{what}: r{i} ({}) failed: {e}", sc.reqs[i].label()),
         }
     }
-    drop(tasks);
+    for t in tasks.iter_mut() {
+        t.fut = None;
+    }
     ps.enable(false);
     // The content is that of a serial order, reads included.
     let live = block_on(async {
@@ -712,8 +810,18 @@ fn run_one(
         img.read_at(&mut b, 0).await.unwrap();
         b
     });
+    // Real-time order: a request done before another started comes first.
+    let mut before = Vec::new();
+    for (i, a) in tasks.iter().enumerate() {
+        for (j, b) in tasks.iter().enumerate() {
+            if a.end.unwrap() <= b.start.unwrap() {
+                before.push((i, j));
+            }
+        }
+    }
+    drop(tasks);
     assert!(
-        linearizable(base_guest, &sc.reqs, &reads, &live),
+        linearizable(base_guest, &sc.reqs, &before, &reads, &live),
         "{what}: the content or a read matches no serial order of the requests"
     );
     block_on(img.close()).unwrap_or_else(|e| panic!("{what}: close: {e}"));
@@ -852,6 +960,7 @@ fn sched_two_allocating_writes_same_cluster() {
             Req::Write(2 * K4 + 2048, pattern(3, 2048)),
         ],
         max_delays: usize::MAX,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -867,6 +976,7 @@ fn sched_allocating_and_in_place_write_same_l2() {
             Req::Write(1024, pattern(5, 1024)),
         ],
         max_delays: usize::MAX,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -883,6 +993,7 @@ fn sched_write_discard_flush_same_cluster() {
             Req::Flush,
         ],
         max_delays: 3,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -899,6 +1010,7 @@ fn sched_write_zeroes_unmap_and_read_same_cluster() {
             Req::Flush,
         ],
         max_delays: 3,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -923,6 +1035,7 @@ fn sched_extended_l2_writes_into_one_subcluster() {
             Req::Write(512, pattern(12, 512)),
         ],
         max_delays: 3,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -940,6 +1053,7 @@ fn sched_write_to_compressed_cluster_and_read() {
             Req::Flush,
         ],
         max_delays: 3,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -952,11 +1066,14 @@ fn sched_write_and_flush() {
     explore(Scenario {
         name: "write-flush",
         base,
+        // r3 starts when r0 is done: when it returns, the file must hold r0's data.
         reqs: vec![
             Req::Write((2 << 20) + 512, pattern(16, 1024)),
             Req::Flush,
             Req::Write(2048, pattern(17, 1024)),
+            Req::Flush,
         ],
+        after: vec![(0, 3)],
         max_delays: 3,
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
@@ -1004,6 +1121,7 @@ fn sched_refcount_table_growth_and_allocating_write() {
             Req::Write((k + 1) * 512 + 100, pattern(19, 300)),
         ],
         max_delays: 2,
+        after: vec![],
         cache_size: 1 << 20,
         // Cold, the allocator would read the 64 refcount blocks one by one.
         caches: &[Caches::Warm],
@@ -1028,6 +1146,7 @@ fn sched_in_place_write_discard_flush_and_allocation() {
             Req::Write(5 * K4, pattern(22, K4 as usize)),
         ],
         max_delays: 2,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
@@ -1045,6 +1164,7 @@ fn sched_read_write_zeroes_flush_and_allocation() {
             Req::Write(5 * K4 + 512, pattern(24, 2048)),
         ],
         max_delays: 2,
+        after: vec![],
         cache_size: TINY_CACHE,
         caches: &[Caches::Cold, Caches::Warm],
     });
