@@ -530,6 +530,7 @@ fn create(co: CreateOptions) -> Vec<u8> {
 enum Fill {
     Data(u64, Vec<u8>),
     Compressed(u64, Vec<u8>),
+    ZeroKeep(u64, u64),
 }
 
 /// The bytes of image `bytes` after `fill` and `close`.
@@ -543,6 +544,10 @@ fn populate(bytes: Vec<u8>, fill: &[Fill]) -> Vec<u8> {
             match f {
                 Fill::Data(off, d) => img.write_at(d, *off).await.unwrap(),
                 Fill::Compressed(off, d) => img.write_compressed(*off, d).await.unwrap(),
+                Fill::ZeroKeep(off, len) => img
+                    .write_zeroes(*off, *len, ZeroMode::Keep)
+                    .await
+                    .unwrap(),
             }
         }
         img.close().await.unwrap();
@@ -1043,13 +1048,20 @@ fn sched_write_zeroes_unmap_and_read_same_cluster() {
 
 #[test]
 fn sched_extended_l2_writes_into_one_subcluster() {
-    // 64 KiB clusters, 2 KiB subclusters; subcluster 0 of cluster 0 is allocated, 1 is not.
+    // 64 KiB clusters, 2 KiB subclusters. Cluster 0 is allocated with every subcluster zero
+    // (written, then write-zeroes keeping the cluster), then subcluster 0 written again: the
+    // first two requests allocate subcluster 1 in place (`subcluster_alloc_write`, under the
+    // cluster's in-flight mark), the third writes into subcluster 0 in place (no lock).
     let base = populate(
         create(CreateOptions {
             extended_l2: true,
             ..co(1 << 20, 65536)
         }),
-        &[Fill::Data(0, pattern(9, 2048))],
+        &[
+            Fill::Data(0, pattern(9, 65536)),
+            Fill::ZeroKeep(0, 65536),
+            Fill::Data(0, pattern(27, 2048)),
+        ],
     );
     explore(Scenario {
         name: "extended-l2-one-subcluster",
