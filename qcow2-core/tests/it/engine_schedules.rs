@@ -544,10 +544,9 @@ fn populate(bytes: Vec<u8>, fill: &[Fill]) -> Vec<u8> {
             match f {
                 Fill::Data(off, d) => img.write_at(d, *off).await.unwrap(),
                 Fill::Compressed(off, d) => img.write_compressed(*off, d).await.unwrap(),
-                Fill::ZeroKeep(off, len) => img
-                    .write_zeroes(*off, *len, ZeroMode::Keep)
-                    .await
-                    .unwrap(),
+                Fill::ZeroKeep(off, len) => {
+                    img.write_zeroes(*off, *len, ZeroMode::Keep).await.unwrap()
+                }
             }
         }
         img.close().await.unwrap();
