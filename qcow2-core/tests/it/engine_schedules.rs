@@ -1229,3 +1229,29 @@ fn sched_compressed_writes_sharing_a_cluster_discard_flush() {
         caches: &[Caches::Cold, Caches::Warm],
     });
 }
+
+// Cache eviction: 512-byte clusters, so each L2 table is one cache slice, and 64 of them
+// against caches of 32 slices. The read loads every L2 table and evicts the slice the first
+// allocating write dirtied; the second allocating write starts when the read is done, sees
+// the evicted dirty slices and writes the metadata back (`maybe_writeback`) while the first
+// may still run.
+#[test]
+fn sched_evictions_allocating_writes_and_wide_read() {
+    let fill: Vec<Fill> = (0..64u64)
+        .map(|t| Fill::Data(t * 32768, pattern(t as u8, 512)))
+        .collect();
+    let base = populate(create(co(2 << 20, 512)), &fill);
+    explore(Scenario {
+        name: "evictions-alloc-read-alloc",
+        base,
+        reqs: vec![
+            Req::Write(512, pattern(28, 512)),
+            Req::Read(0, 2 << 20),
+            Req::Write(40 * 32768 + 1024, pattern(29, 512)),
+        ],
+        after: vec![(1, 2)],
+        max_delays: 1,
+        cache_size: TINY_CACHE,
+        caches: &[Caches::Cold],
+    });
+}
