@@ -7,6 +7,7 @@ mod common;
 mod crash_powercut;
 mod engine_inflight;
 mod engine_races;
+mod engine_schedules;
 mod faults_io;
 mod hostile_fuzz;
 mod hostile_memory;
