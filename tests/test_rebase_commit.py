@@ -54,14 +54,14 @@ def make_chain(d, variant):
     if bo is None:
         base = d / "base.raw"
         create(base, "", fmt="raw")
-        qemu_io(base, "write -P 1 0 1M", "write -P 9 3M 512k", fmt="raw")
+        qemu_io(base, "write -P 1 0 1M", "write -P 8 2560k 64k", "write -P 9 3M 512k", fmt="raw")
     else:
         base = d / "base.qcow2"
         create(base, bo)
-        qemu_io(base, "write -P 1 0 1M", "write -P 9 3M 512k")
+        qemu_io(base, "write -P 1 0 1M", "write -P 8 2560k 64k", "write -P 9 3M 512k")
     mid = d / "mid.qcow2"
     create(mid, mo, backing=base)
-    qemu_io(mid, "write -P 2 512k 1M", "write -z 3M 64k", "write -P 6 3300k 5000")
+    qemu_io(mid, "write -P 2 512k 1M", "write -z 3M 64k", "write -P 6 3300k 5000", "write -P 6 2600k 4k")
     top = d / "top.qcow2"
     create(top, to, backing=mid)
     cmds = ["write -P 3 1M 1M", "write -z 0 64k", "write -P 4 3000 1000", "write -z 3200k 4k"]
