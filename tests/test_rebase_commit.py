@@ -188,6 +188,7 @@ REBASE_ERRORS = [
     (["-b", "B", "-F", "qcow2", "-x", "T"], None),
     (["-b", "B", "-F", "qcow2", "missing.qcow2"], "missing.qcow2"),
     (["-b", "T", "-F", "qcow2", "T"], None),
+    (["-b", "B", "-F", "qcow2", "R"], "Operation not supported"),
 ]
 
 
@@ -198,9 +199,11 @@ def test_rebase_errors_as_qemu_img(cli, scratch, argv, msg):
     ref.mkdir()
     for f in (base, mid, top):
         shutil.copy(f, ref / f.name)
+    for d in (scratch, ref):
+        (d / "r.img").write_bytes(b"\x01" * 65536)
 
     def args(d):
-        return [str(d / "top.qcow2") if a == "T" else "base.qcow2" if a == "B" else a for a in argv]
+        return [str(d / "top.qcow2") if a == "T" else "base.qcow2" if a == "B" else str(d / "r.img") if a == "R" else a for a in argv]
 
     want = qemu_img("rebase", *args(ref), check=False, cwd=ref)
     old = top.read_bytes()
@@ -316,6 +319,7 @@ COMMIT_ERRORS = [
     ([], "Expecting one image file name"),
     (["-x", "T"], None),
     (["-t", "foo", "T"], "Invalid cache option: foo"),
+    (["R"], "Image does not have a backing file"),
 ]
 
 
@@ -326,9 +330,14 @@ def test_commit_errors_as_qemu_img(cli, scratch, argv, msg):
     ref.mkdir()
     for f in (base, mid, top):
         shutil.copy(f, ref / f.name)
+    for d in (scratch, ref):
+        (d / "r.img").write_bytes(b"\x01" * 65536)
 
     def args(d):
-        return [str(d / "top.qcow2") if a == "T" else str(d / "base.qcow2") if a == "B" else a for a in argv]
+        return [
+            str(d / "top.qcow2") if a == "T" else str(d / "base.qcow2") if a == "B" else str(d / "r.img") if a == "R" else a
+            for a in argv
+        ]
 
     want = qemu_img("commit", *args(ref), check=False, cwd=ref)
     olds = [f.read_bytes() for f in (base, mid, top)]

@@ -36,6 +36,12 @@ const CHUNK: u64 = 1 << 20;
 /// Commit the image at `path` into its backing file or `opts.base`.
 pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
     let drop = opts.drop || opts.base.is_some();
+    let probed = crate::engine::disk::probe(path)
+        .await
+        .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    if probed == crate::Format::Raw {
+        return Err(Error::invalid("Image does not have a backing file"));
+    }
     let mut oo = opts.open.clone();
     oo.writable = !drop;
     oo.no_backing = false;

@@ -54,6 +54,15 @@ pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
             return Err(change_err("a backing file cannot be the image itself"));
         }
     }
+    let probed = crate::engine::disk::probe(path)
+        .await
+        .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    if probed == Format::Raw {
+        // A raw image has no backing file to change (qemu-img: "Operation not supported").
+        return Err(Error::unsupported(format!(
+            "Could not change the backing file to '{new_name}': Operation not supported"
+        )));
+    }
     let mut oo = opts.open.clone();
     oo.writable = true;
     oo.no_backing = opts.unsafe_mode;
