@@ -349,3 +349,46 @@ def test_commit_errors_as_qemu_img(cli, scratch, argv, msg):
         assert msg in want.stderr, want.stderr
         assert msg in got.stderr, got.stderr
     assert [f.read_bytes() for f in (base, mid, top)] == olds, "a failed commit changed a file"
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_rebase_name_that_does_not_fit_is_refused_before_any_change(cli, scratch, unsafe):
+    """A name over 1023 bytes, or one the header cluster (512 B here) cannot hold, is refused
+    before safe mode copies anything."""
+    img = scratch / "small-clusters.qcow2"
+    create(img, "cluster_size=512")
+    qemu_io(img, "write -P 1 0 4k")
+    raw = scratch / "base.raw"
+    create(raw, "", fmt="raw")
+    qemu_io(raw, "write -P 9 8k 4k", fmt="raw")
+    old = img.read_bytes()
+    # Both names reach base.raw, whose data safe mode would copy in.
+    for name in ("./" * 546 + "base.raw", "./" * 200 + "base.raw"):
+        cp = cli("rebase", *(["-u"] if unsafe else []), "-b", name, "-F", "raw", img)
+        assert cp.returncode == 1, cp.stderr
+        assert "Could not change the backing file" in cp.stderr, cp.stderr
+        assert img.read_bytes() == old
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_rebase_where_the_old_chain_reads_zeros(cli, scratch, fmt):
+    """Unallocated clusters that read as zeros (no backing file, or past the end of a shorter
+    one) are compared with the new chain too: its data there must be hidden by zeros."""
+    new = scratch / f"new.{fmt}"
+    create(new, "", fmt=fmt, size="4M")
+    qemu_io(new, "write -P 7 0 4M", fmt=fmt)
+    short = scratch / "short.qcow2"
+    create(short, "", size="1M")
+    qemu_io(short, "write -P 2 0 1M")
+    alone = scratch / "alone.qcow2"
+    create(alone, "")
+    qemu_io(alone, "write -P 1 64k 64k")
+    over_short = scratch / "over-short.qcow2"
+    create(over_short, "", backing=short, size="4M")
+    qemu_io(over_short, "write -P 3 2M 64k")
+    for img in (alone, over_short):
+        before = content(img, scratch, "before-" + img.stem)
+        ok(cli("rebase", "-b", new.name, "-F", fmt, img))
+        same(img, before, f"{img.name} after a safe rebase")
+        clean(img, "after rebase")
+        assert backing_of(img) == (new.name, fmt)

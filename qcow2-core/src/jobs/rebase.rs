@@ -72,6 +72,14 @@ pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
     let img = Image::open(path, &oo)
         .await
         .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    let new_ref = if new_name.is_empty() {
+        None
+    } else {
+        Some(new_name.as_str())
+    };
+    // What the header switch would refuse is refused before any data is copied.
+    backing_header(&img, new_ref, opts.backing_format)
+        .map_err(|e| e.context(format!("Could not change the backing file to '{new_name}'")))?;
     if !opts.unsafe_mode {
         let new_disk = match &new_path {
             None => None,
@@ -108,17 +116,9 @@ pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
     } else if new_path.is_some() && opts.backing_format.is_none() {
         return Err(change_err("backing format must be specified"));
     }
-    set_backing(
-        &img,
-        if new_name.is_empty() {
-            None
-        } else {
-            Some(new_name.as_str())
-        },
-        opts.backing_format,
-    )
-    .await
-    .map_err(|e| e.context(format!("Could not change the backing file to '{new_name}'")))?;
+    set_backing(&img, new_ref, opts.backing_format)
+        .await
+        .map_err(|e| e.context(format!("Could not change the backing file to '{new_name}'")))?;
     img.close().await
 }
 
@@ -151,7 +151,9 @@ async fn copy_differences(
         let want = (CHUNK - off % CHUNK).min(size - off);
         let st = img.layer_status(off, want).await?;
         let n = st.len.min(want);
-        if st.data || st.zero {
+        // Allocated here (data or zeros): the image decides. An unallocated run may still
+        // read as zeros (no backing file, or past its end): the new chain may differ there.
+        if st.allocated {
             off += n;
             report(off);
             continue;
@@ -199,7 +201,31 @@ pub(crate) async fn set_backing(
 ) -> Result<()> {
     img.ws()?;
     img.check_poison()?;
-    if img.header().corrupt() {
+    img.flush().await?;
+    // Built after the flush: the flush may have changed header fields (autoclear bits).
+    let bytes = backing_header(img, backing, format)?;
+    // One write of the header cluster; the file says the new name from here, memory follows.
+    let mut guard = img.poison_guard("switching the backing file in the header");
+    img.write_header_bytes(&bytes, 0)
+        .await
+        .map_err(|e| guard.fail(e))?;
+    {
+        let mut hw = img.inner.header.write();
+        hw.backing_file = backing.map(str::to_string);
+        hw.backing_format = backing.and(format).map(|f| f.name().to_string());
+        hw.backing_file_offset = crate::format::be64(&bytes, 8);
+        hw.backing_file_size = crate::format::be32(&bytes, 16);
+    }
+    guard.disarm();
+    Ok(())
+}
+
+/// The header cluster of `img` with `backing` (format `format`) or none; refuses what cannot
+/// be written (a corrupt image, a name over 1023 bytes or one that does not fit in the first
+/// cluster with the extensions, a backing file for a raw data file).
+fn backing_header(img: &Image, backing: Option<&str>, format: Option<Format>) -> Result<Vec<u8>> {
+    let mut h = img.header();
+    if h.corrupt() {
         return Err(Error::read_only(
             "image is marked corrupt; changing its backing file is refused",
         ));
@@ -210,33 +236,16 @@ pub(crate) async fn set_backing(
                 "backing file name is too long (over 1023 bytes)",
             ));
         }
-        if img.header().data_file_raw() {
+        if h.data_file_raw() {
             return Err(Error::unsupported(
                 "an image whose data file is raw (data_file_raw) cannot have a backing file",
             ));
         }
     }
-    img.flush().await?;
-    let mut h = img.header();
     h.backing_file = backing.map(str::to_string);
     h.backing_format = match backing {
         Some(_) => format.map(|f| f.name().to_string()),
         None => None,
     };
-    // Everything must fit in the first cluster: check before touching the file.
-    let bytes = h.to_bytes()?;
-    // One write of the header cluster; the file says the new name from here, memory follows.
-    let mut guard = img.poison_guard("switching the backing file in the header");
-    img.write_header_bytes(&bytes, 0)
-        .await
-        .map_err(|e| guard.fail(e))?;
-    {
-        let mut hw = img.inner.header.write();
-        hw.backing_file = h.backing_file.clone();
-        hw.backing_format = h.backing_format.clone();
-        hw.backing_file_offset = crate::format::be64(&bytes, 8);
-        hw.backing_file_size = crate::format::be32(&bytes, 16);
-    }
-    guard.disarm();
-    Ok(())
+    h.to_bytes()
 }
