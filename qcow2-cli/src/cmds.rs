@@ -44,6 +44,8 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "create" => cmd_create(args).await,
         "check" => cmd_check(args).await,
         "resize" => cmd_resize(args).await,
+        "rebase" => cmd_rebase(args).await,
+        "commit" => cmd_commit(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -679,4 +681,125 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
         print!("{}", report.human());
     }
     Ok(report.exit_code() as u8)
+}
+
+/// `-t`/`-T` cache modes as qemu-img spells them.
+fn cache_direct(mode: Option<&str>, what: &str) -> Result<bool, Fail> {
+    match mode {
+        None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
+        Some("none") | Some("directsync") => Ok(true),
+        Some(o) => Err(Fail::new(format!("Invalid {what}option: {o}"))),
+    }
+}
+
+fn image_format(p: &Parsed) -> Result<Option<Format>, Fail> {
+    p.value("format").map(check_fmt).transpose()
+}
+
+async fn cmd_rebase(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::rebase::{self, RebaseOptions};
+    let p = parse(
+        args,
+        &specs(&[
+            FORCE_SHARE,
+            opt('f', "format", true),
+            opt('b', "backing", true),
+            opt('F', "backing-format", true),
+            opt('u', "backing-unsafe", false),
+            opt('p', "progress", false),
+            opt('q', "quiet", false),
+            opt('t', "cache", true),
+            opt('T', "backing-cache", true),
+            opt('c', "compress", false),
+        ]),
+    )?;
+    let file = match p.operands.as_slice() {
+        [f] => f.clone(),
+        _ => return Err(Fail::new("Expecting one image file name")),
+    };
+    let unsafe_mode = p.flag("backing-unsafe");
+    let backing = match p.value("backing") {
+        Some(b) => b.to_string(),
+        None if unsafe_mode => String::new(),
+        None => {
+            return Err(Fail::new(
+                "Must specify backing file (-b) or use unsafe mode (-u)",
+            ))
+        }
+    };
+    let direct = cache_direct(p.value("cache"), "cache ")?;
+    cache_direct(p.value("backing-cache"), "source cache ")?;
+    let backing_format = match p.value("backing-format") {
+        None => None,
+        Some(f) => {
+            Some(Format::parse(f).map_err(|_| Fail::new(format!("Invalid format name: '{f}'")))?)
+        }
+    };
+    if image_format(&p)? == Some(Format::Raw) {
+        return Err(Fail::new(format!(
+            "Could not change the backing file to '{backing}': Operation not supported"
+        )));
+    }
+    if p.flag("compress") {
+        return Err(Fail::new("-c (compress) is not supported by rebase"));
+    }
+    let mut open = open_opts(&p);
+    // -U is accepted as qemu-img does; the image itself is opened for writing.
+    open.force_share = false;
+    open.direct = direct;
+    let quiet = p.flag("quiet");
+    let ro = RebaseOptions {
+        backing,
+        backing_format,
+        unsafe_mode,
+        open,
+        progress: (p.flag("progress") && !quiet && !unsafe_mode).then(progress_printer),
+    };
+    rebase::rebase(Path::new(&file), &ro)
+        .await
+        .map_err(|e| Fail::new(e.to_string()))?;
+    Ok(0)
+}
+
+async fn cmd_commit(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::commit::{self, CommitOptions};
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('b', "base", true),
+            opt('d', "drop", false),
+            opt('p', "progress", false),
+            opt('q', "quiet", false),
+            opt('t', "cache", true),
+            opt('r', "rate", true),
+        ]),
+    )?;
+    let file = match p.operands.as_slice() {
+        [f] => f.clone(),
+        _ => return Err(Fail::new("Expecting one image file name")),
+    };
+    let direct = cache_direct(p.value("cache"), "cache ")?;
+    if let Some(r) = p.value("rate") {
+        create::parse_size(r).map_err(|_| Fail::new(format!("Invalid rate limit: '{r}'")))?;
+    }
+    if image_format(&p)? == Some(Format::Raw) {
+        return Err(Fail::new("Image does not have a backing file"));
+    }
+    let mut open = open_opts(&p);
+    open.direct = direct;
+    let quiet = p.flag("quiet");
+    let co = CommitOptions {
+        base: p.value("base").map(str::to_string),
+        drop: p.flag("drop"),
+        open,
+        progress: (p.flag("progress") && !quiet).then(progress_printer),
+    };
+    commit::commit(Path::new(&file), &co)
+        .await
+        .map_err(|e| Fail::new(e.to_string()))?;
+    if !quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
 }

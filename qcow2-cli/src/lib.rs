@@ -18,6 +18,8 @@ Commands (options as qemu-img):
   convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-U] SRC DST
   create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
+  rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-U] [-u] -b BACKING|\"\" [-F FMT] FILE
+  commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE

@@ -1,4 +1,5 @@
-//! Module functions: open, create, info, check, convert, compare, and the CLI entry point.
+//! Module functions: open, create, info, check, convert, compare, rebase, commit, and the CLI
+//! entry point.
 
 use crate::errors::to_pyerr;
 use crate::image::{Image, OpenArgs};
@@ -273,6 +274,91 @@ pub fn convert(
     });
     drop(opts);
     res.map_err(|(e, p)| create_err(e, &p))?;
+    if let Some(p) = prog {
+        if let Some(e) = p.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Change the backing file of the qcow2 image at `path` (as `qemu-img rebase`): `backing` is
+/// the new name as stored ("" for none; relative to the image's directory), `backing_format`
+/// its format (required unless `backing` is ""). Safe mode copies into the image what differs
+/// between the old and the new chain, so the guest content stays the same; `unsafe=True`
+/// only changes the header.
+#[pyfunction]
+#[pyo3(signature = (path, backing, *, backing_format = None, r#unsafe = false, progress = None))]
+pub fn rebase(
+    py: Python<'_>,
+    path: PathBuf,
+    backing: String,
+    backing_format: Option<&str>,
+    r#unsafe: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let unsafe_mode = r#unsafe;
+    let backing_format = backing_format
+        .map(Format::parse)
+        .transpose()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let prog = progress_of(progress);
+    let mut ro = core::rebase::RebaseOptions {
+        backing,
+        backing_format,
+        unsafe_mode,
+        ..Default::default()
+    };
+    if let Some(p) = &prog {
+        let p = p.clone();
+        ro.progress = Some(Arc::new(move |f| p.report(f)));
+    }
+    let res = py.detach(|| runtime::block_on(core::rebase::rebase(&path, &ro)));
+    drop(ro);
+    res.map_err(|e| err(&e, &path))?;
+    progress_error(prog)
+}
+
+/// Write the qcow2 image at `path` into its backing file (as `qemu-img commit`), or into
+/// `base` further down the chain (named as the layer above stores it, or a path to the same
+/// file). Without `drop` and `base`, the image is emptied afterwards.
+#[pyfunction]
+#[pyo3(signature = (path, *, base = None, drop = false, progress = None))]
+pub fn commit(
+    py: Python<'_>,
+    path: PathBuf,
+    base: Option<String>,
+    drop: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let prog = progress_of(progress);
+    let mut co = core::commit::CommitOptions {
+        base,
+        drop,
+        ..Default::default()
+    };
+    if let Some(p) = &prog {
+        let p = p.clone();
+        co.progress = Some(Arc::new(move |f| p.report(f)));
+    }
+    let res = py.detach(|| runtime::block_on(core::commit::commit(&path, &co)));
+    std::mem::drop(co);
+    res.map_err(|e| err(&e, &path))?;
+    progress_error(prog)
+}
+
+fn progress_of(cb: Option<Py<PyAny>>) -> Option<Arc<Progress>> {
+    cb.map(|cb| {
+        Arc::new(Progress {
+            cb,
+            last: Mutex::new(-1.0),
+            error: Mutex::new(None),
+        })
+    })
+}
+
+/// The exception the progress callback raised, if any.
+fn progress_error(prog: Option<Arc<Progress>>) -> PyResult<()> {
     if let Some(p) = prog {
         if let Some(e) = p.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e);

@@ -34,6 +34,8 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::check, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::convert, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::compare, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::rebase, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::commit, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::_aio_open, m)?)?;
     m.add_class::<aio::Completions>()?;

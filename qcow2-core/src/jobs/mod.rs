@@ -1,10 +1,12 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot.
+//! info, resize, snapshot, rebase, commit.
 
 pub mod check;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod rebase;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;

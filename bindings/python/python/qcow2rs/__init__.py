@@ -4,7 +4,8 @@ Open an image with :func:`open` (a context manager), read and write it with ``pr
 ``preadinto`` (no copy, into any writable buffer), ``pwrite``, ``write_zeroes``, ``discard``
 and ``flush``; view it as a file with :meth:`Image.fileobj`; use it from asyncio with
 :func:`qcow2rs.aio.open`. :func:`create`, :func:`info`, :func:`check`, :func:`convert` and
-:func:`compare` do what the ``qcow2rs`` (and ``qemu-img``) commands of the same names do.
+:func:`compare`, :func:`rebase` and :func:`commit` do what the ``qcow2rs`` (and ``qemu-img``)
+commands of the same names do.
 
 Errors are ``OSError`` subclasses with ``errno``, ``strerror`` and ``filename``: a missing
 file is ``FileNotFoundError``; problems with an image's format raise :class:`Error`
@@ -22,11 +23,13 @@ from ._qcow2rs import (
     UnsupportedFeatureError,
     __version__,
     check,
+    commit,
     compare,
     convert,
     create,
     info,
     open,
+    rebase,
 )
 from . import aio
 
@@ -38,9 +41,11 @@ __all__ = [
     "__version__",
     "aio",
     "check",
+    "commit",
     "compare",
     "convert",
     "create",
     "info",
     "open",
+    "rebase",
 ]

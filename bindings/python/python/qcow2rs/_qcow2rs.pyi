@@ -21,6 +21,8 @@ __all__ = [
     "check",
     "convert",
     "compare",
+    "rebase",
+    "commit",
     "cli_main",
     "_aio_open",
     "_Completions",
@@ -127,6 +129,21 @@ def create(
 ) -> None: ...
 def info(path: _Path, *, format: str | None = None) -> dict[str, Any]: ...
 def check(path: _Path, repair: Literal["leaks", "all"] | None = None) -> dict[str, Any]: ...
+def rebase(
+    path: _Path,
+    backing: str,
+    *,
+    backing_format: str | None = None,
+    unsafe: bool = False,
+    progress: Callable[[float], object] | None = None,
+) -> None: ...
+def commit(
+    path: _Path,
+    *,
+    base: str | None = None,
+    drop: bool = False,
+    progress: Callable[[float], object] | None = None,
+) -> None: ...
 def convert(
     src: _Path,
     dst: _Path,
