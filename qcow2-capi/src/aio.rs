@@ -223,8 +223,9 @@ fn signal(fd: c_int) {
 /// Start the future `make(image)` as a request of `h`: its outcome goes to
 /// `cb(user_data, ...)`.
 ///
-/// The request runs on the library's request runner (`qcow2_core::runner`): it is polled
-/// first right here, and, if not finished, by the runner's worker tasks as its I/O completes,
+/// The request runs on the library's request runner (`qcow2_core::runner`): with `inline`
+/// (small reads and writes, see [`INLINE_MAX`]) it is polled first right here, and, if not
+/// finished, by the runner's worker tasks as its I/O completes,
 /// to its end. A request that finishes here (a page-cache hit) is delivered on a library
 /// thread, never inside this call: after the running callback returns when the submitter is
 /// itself a callback that [`deliver`] runs, else by a runner worker.
@@ -236,6 +237,7 @@ pub(crate) fn submit<F>(
     h: &qcow2rs_image,
     cb: CompletionFn,
     user_data: *mut c_void,
+    inline: bool,
     make: impl FnOnce(&'static Image) -> F,
 ) where
     F: Future<Output = qcow2_core::Result<()>> + Send + 'static,
@@ -248,7 +250,7 @@ pub(crate) fn submit<F>(
     // contract: no use after or during qcow2rs_close, which waits for requests in flight),
     // and the future that borrows the image is dropped before the callback runs.
     let image: &'static Image = unsafe { &(*img.0).img };
-    h.rt.runner().run(make(image), move |res, inline| {
+    let done = move |res: std::thread::Result<qcow2_core::Result<()>>, inline| {
         let (ret, msg) = match res {
             Ok(Ok(())) => (0, None),
             Ok(Err(e)) => (-errno_of(&e), Some(cstring(e.to_string()))),
@@ -274,8 +276,20 @@ pub(crate) fn submit<F>(
             // Inside the submitting call: never run the callback here.
             defer_delivery(d);
         }
-    });
+    };
+    if inline {
+        h.rt.runner().run(make(image), done);
+    } else {
+        h.rt.runner().spawn(make(image), done);
+    }
 }
+
+/// Reads and writes up to this size get their first poll inside the submitting call (see
+/// [`submit`]); larger ones, and the other requests, go to the runner's workers at once: a
+/// first poll can be long (a large read of unallocated clusters is a `memset` right there,
+/// zeroes and discards of large ranges update many L2 entries), and it would hold up the
+/// submitter.
+pub(crate) const INLINE_MAX: usize = 256 << 10;
 
 thread_local! {
     /// Whether [`deliver`] is running callbacks on this thread.
@@ -478,14 +492,20 @@ pub unsafe extern "C" fn qcow2rs_aio_read(
         check_buf(buf, len, "buf")?;
         h.check_range(offset, len as u64)?;
         let p = SendPtr(buf.cast::<u8>());
-        submit(h, cb, user_data, move |image| async move {
-            let p = p;
-            // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
-            // and untouched by the caller until the callback returns, which happens only
-            // after this future has finished.
-            let slice = unsafe { make_slice_mut(p.0, len) };
-            image.read_at(slice, offset).await
-        });
+        submit(
+            h,
+            cb,
+            user_data,
+            len <= INLINE_MAX,
+            move |image| async move {
+                let p = p;
+                // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
+                // and untouched by the caller until the callback returns, which happens only
+                // after this future has finished.
+                let slice = unsafe { make_slice_mut(p.0, len) };
+                image.read_at(slice, offset).await
+            },
+        );
         Ok(0)
     })
 }
@@ -511,13 +531,19 @@ pub unsafe extern "C" fn qcow2rs_aio_write(
         h.check_writable("qcow2rs_aio_write")?;
         h.check_range(offset, len as u64)?;
         let p = SendPtr(buf as *mut u8);
-        submit(h, cb, user_data, move |image| async move {
-            let p = p;
-            // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
-            // and unchanged until the callback returns, after this future has finished.
-            let slice = unsafe { make_slice(p.0, len) };
-            image.write_at(slice, offset).await
-        });
+        submit(
+            h,
+            cb,
+            user_data,
+            len <= INLINE_MAX,
+            move |image| async move {
+                let p = p;
+                // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
+                // and unchanged until the callback returns, after this future has finished.
+                let slice = unsafe { make_slice(p.0, len) };
+                image.write_at(slice, offset).await
+            },
+        );
         Ok(0)
     })
 }
@@ -540,7 +566,8 @@ pub unsafe extern "C" fn qcow2rs_aio_readv(
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_readv")?;
         let (segs, total) = iovecs(iov, iovcnt)?;
         h.check_range(offset, total)?;
-        submit(h, cb, user_data, move |image| {
+        let inline = total <= INLINE_MAX as u64;
+        submit(h, cb, user_data, inline, move |image| {
             readv_segments(image, segs, offset)
         });
         Ok(0)
@@ -564,7 +591,8 @@ pub unsafe extern "C" fn qcow2rs_aio_writev(
         let (segs, total) = iovecs(iov, iovcnt)?;
         h.check_writable("qcow2rs_aio_writev")?;
         h.check_range(offset, total)?;
-        submit(h, cb, user_data, move |image| {
+        let inline = total <= INLINE_MAX as u64;
+        submit(h, cb, user_data, inline, move |image| {
             writev_segments(image, segs, offset, total)
         });
         Ok(0)
@@ -584,7 +612,7 @@ pub unsafe extern "C" fn qcow2rs_aio_flush(
 ) -> c_int {
     ffi("qcow2rs_aio_flush", || {
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_flush")?;
-        submit(h, cb, user_data, |image| image.flush());
+        submit(h, cb, user_data, false, |image| image.flush());
         Ok(0)
     })
 }
@@ -612,7 +640,7 @@ pub unsafe extern "C" fn qcow2rs_aio_write_zeroes(
         h.check_writable("qcow2rs_aio_write_zeroes")?;
         h.check_range(offset, len)?;
         let mode = zero_mode(flags);
-        submit(h, cb, user_data, move |image| {
+        submit(h, cb, user_data, false, move |image| {
             image.write_zeroes(offset, len, mode)
         });
         Ok(0)
@@ -636,7 +664,9 @@ pub unsafe extern "C" fn qcow2rs_aio_discard(
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_discard")?;
         h.check_writable("qcow2rs_aio_discard")?;
         h.check_range(offset, len)?;
-        submit(h, cb, user_data, move |image| image.discard(offset, len));
+        submit(h, cb, user_data, false, move |image| {
+            image.discard(offset, len)
+        });
         Ok(0)
     })
 }

@@ -141,6 +141,23 @@ impl Runner {
         }
     }
 
+    /// As [`Runner::run`], but without the first poll on the calling thread: the future is
+    /// queued for the worker tasks at once and `done` always runs on one of them. For
+    /// requests whose first poll may be long (a large read of unallocated clusters fills the
+    /// buffer with zeros right there), which should not hold up the submitter.
+    pub fn spawn<F, D>(&self, fut: F, done: D)
+    where
+        F: Future + Send + 'static,
+        D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+    {
+        let task = Arc::new(Task {
+            state: AtomicU8::new(SCHEDULED),
+            slot: Mutex::new(Some((Box::pin(fut), done))),
+            runner: self.inner.clone(),
+        });
+        self.inner.push(task);
+    }
+
     /// Run `f` soon on one of the worker tasks (a runtime thread), never on the caller's stack.
     pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
         self.inner
@@ -390,6 +407,22 @@ mod tests {
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             (true, Inline::No)
+        );
+    }
+
+    #[test]
+    fn spawned_future_never_completes_inline() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 1);
+        let (tx, rx) = mpsc::channel();
+        let me = std::thread::current().id();
+        r.spawn(async { 3 }, move |v, w| {
+            tx.send((v.unwrap(), w, std::thread::current().id() != me))
+                .unwrap()
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (3, Inline::No, true)
         );
     }
 
