@@ -1,8 +1,10 @@
 //! Asynchronous requests: completion callbacks, requests in flight, the event-loop mode.
 //!
-//! Every request is a task on the library runtime that runs the core future to its end
-//! (it is never dropped halfway: the engines may still be using the caller's buffer), then
-//! completes: in the default mode its callback runs right there, on the runtime thread; with
+//! Every request runs the core future to its end on the library's request runner
+//! (`qcow2_core::runner`: first polled inside the submitting call, then by the runner's
+//! worker tasks on the runtime threads; it is never dropped halfway: the engines may still be
+//! using the caller's buffer), then completes: in the default mode its callback runs on a
+//! runtime thread, never inside the submitting call (see [`submit`]); with
 //! `QCOW2RS_OPEN_POLL` the completion is queued and an eventfd signalled, and
 //! `qcow2rs_process_completions` runs the callback on the caller's thread. A request counts
 //! as in flight from its submission until its callback has returned; `qcow2rs_close` waits
@@ -11,15 +13,16 @@
 use crate::error::{cstring, errno_of, ffi, panic_fail, Fail};
 use crate::image::{image_ref, qcow2rs_image};
 use crate::runtime::CallbackScope;
-use futures::FutureExt;
 use parking_lot::{Condvar, Mutex};
+use qcow2_core::runner::{Inline, Runner};
 use qcow2_core::{Image, ZeroMode};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// What a completion callback receives. Valid only during the callback: copy what you need.
 #[repr(C)]
@@ -77,11 +80,14 @@ pub(crate) struct Done {
     ret: c_int,
     msg: Option<CString>,
     img: SendPtr<qcow2rs_image>,
+    /// The bookkeeping of the image (kept alive past `finish`, see [`Shared::finish`]).
+    shared: Arc<Shared>,
 }
 
 impl Done {
-    /// Run the callback on this thread.
-    fn run(self) {
+    /// Run the callback on this thread; returns the image's bookkeeping, on which the caller
+    /// calls `finish`.
+    fn run(self) -> Arc<Shared> {
         let c = qcow2rs_completion {
             ret: self.ret,
             error_msg: self.msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
@@ -91,6 +97,7 @@ impl Done {
         // SAFETY: `cb` is the caller's completion function, called as the header promises:
         // once, with its user data and a completion valid for the duration of the call.
         unsafe { (self.cb)(self.user_data.0, &c) };
+        self.shared
     }
 }
 
@@ -149,24 +156,17 @@ impl Shared {
         }
     }
 
-    /// A request task is done: run its callback (default mode) or queue it (event-loop mode).
-    fn complete(&self, d: Done) {
-        match &self.efd {
-            None => {
-                d.run();
-                self.finish();
-            }
-            Some(fd) => {
-                let mut q = self.queue.lock();
-                q.done.push_back(d);
-                if q.closing {
-                    self.cv.notify_all();
-                }
-                // Signalled under the lock: a poller that drained the eventfd before this
-                // push then finds the completion when it takes the lock.
-                signal(fd.as_raw_fd());
-            }
+    /// Event-loop mode: queue a finished request for `qcow2rs_process_completions` (never
+    /// runs its callback, so it may be called inside the submitting call).
+    fn enqueue(&self, d: Done, fd: c_int) {
+        let mut q = self.queue.lock();
+        q.done.push_back(d);
+        if q.closing {
+            self.cv.notify_all();
         }
+        // Signalled under the lock: a poller that drained the eventfd before this push then
+        // finds the completion when it takes the lock.
+        signal(fd);
     }
 
     /// Run up to `max` queued callbacks on this thread (event-loop mode); returns how many.
@@ -180,7 +180,7 @@ impl Shared {
             let Some(d) = self.queue.lock().done.pop_front() else {
                 break;
             };
-            d.run();
+            drop(d.run());
             self.finish();
             n += 1;
         }
@@ -201,7 +201,7 @@ impl Shared {
         loop {
             while let Some(d) = q.done.pop_front() {
                 drop(q);
-                d.run();
+                drop(d.run());
                 self.finish();
                 q = self.queue.lock();
             }
@@ -220,19 +220,37 @@ fn signal(fd: c_int) {
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
-/// Start `fut` as a request task of `h`: its outcome goes to `cb(user_data, ...)`.
-pub(crate) fn submit<F>(h: &qcow2rs_image, cb: CompletionFn, user_data: *mut c_void, fut: F)
-where
+/// Start the future `make(image)` as a request of `h`: its outcome goes to
+/// `cb(user_data, ...)`.
+///
+/// The request runs on the library's request runner (`qcow2_core::runner`): with `inline`
+/// (small reads and writes, see [`INLINE_MAX`]) it is polled first right here, and, if not
+/// finished, by the runner's worker tasks as its I/O completes,
+/// to its end. A request that finishes here (a page-cache hit) is delivered on a library
+/// thread, never inside this call: after the running callback returns when the submitter is
+/// itself a callback that [`deliver`] runs, else by a runner worker.
+///
+/// `make` gets the handle's image for the whole life of the request: the handle outlives its
+/// requests (`qcow2rs_close` waits for them, and a request's future is dropped before its
+/// callback runs), so the future borrows it instead of taking a reference count.
+pub(crate) fn submit<F>(
+    h: &qcow2rs_image,
+    cb: CompletionFn,
+    user_data: *mut c_void,
+    inline: bool,
+    make: impl FnOnce(&'static Image) -> F,
+) where
     F: Future<Output = qcow2_core::Result<()>> + Send + 'static,
 {
     let shared = h.shared.clone();
     let img = SendPtr(h as *const qcow2rs_image as *mut qcow2rs_image);
     let user_data = SendPtr(user_data);
     shared.inflight.fetch_add(1, Ordering::AcqRel);
-    // The JoinHandle is dropped: the task runs detached, to its end.
-    drop(h.rt.handle().spawn(async move {
-        // The request's future (and its clone of the image) is dropped here, once finished.
-        let res = AssertUnwindSafe(fut).catch_unwind().await;
+    // SAFETY: the handle stays valid until this request's callback has returned (header
+    // contract: no use after or during qcow2rs_close, which waits for requests in flight),
+    // and the future that borrows the image is dropped before the callback runs.
+    let image: &'static Image = unsafe { &(*img.0).img };
+    let done = move |res: std::thread::Result<qcow2_core::Result<()>>, inline| {
         let (ret, msg) = match res {
             Ok(Ok(())) => (0, None),
             Ok(Err(e)) => (-errno_of(&e), Some(cstring(e.to_string()))),
@@ -241,14 +259,95 @@ where
                 (-f.errno, Some(cstring(f.msg)))
             }
         };
-        shared.complete(Done {
+        let d = Done {
             cb,
             user_data,
             ret,
             msg,
             img,
-        });
-    }));
+            shared,
+        };
+        if let Some(fd) = d.shared.event_fd() {
+            d.shared.clone().enqueue(d, fd);
+        } else if inline == Inline::No {
+            // On a runner worker (a library thread), outside any submitting call.
+            deliver(d);
+        } else {
+            // Inside the submitting call: never run the callback here.
+            defer_delivery(d);
+        }
+    };
+    if inline {
+        h.rt.runner().run(make(image), done);
+    } else {
+        h.rt.runner().spawn(make(image), done);
+    }
+}
+
+/// Reads and writes up to this size get their first poll inside the submitting call (see
+/// [`submit`]); larger ones, and the other requests, go to the runner's workers at once: a
+/// first poll can be long (a large read of unallocated clusters is a `memset` right there,
+/// zeroes and discards of large ranges update many L2 entries), and it would hold up the
+/// submitter.
+pub(crate) const INLINE_MAX: usize = 256 << 10;
+
+thread_local! {
+    /// Whether [`deliver`] is running callbacks on this thread.
+    static DELIVERING: Cell<bool> = const { Cell::new(false) };
+    /// Requests that completed inside submissions made by the callbacks [`deliver`] runs on
+    /// this thread: delivered after the running callback returns.
+    static DEFERRED: RefCell<VecDeque<Done>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Callbacks [`deliver`] runs in a row before it hands the rest to another runner job
+/// (so that a chain of page-cache hits cannot keep a library thread to itself).
+const DELIVER_BUDGET: usize = 64;
+
+/// A finished request's runner: valid while the request is in flight (before `finish`).
+fn runner_of(d: &Done) -> Runner {
+    // SAFETY: the request of `d` has not finished, so its handle is alive (see `submit`).
+    unsafe { (*d.img.0).rt.runner().clone() }
+}
+
+/// Queue `d` for delivery after the callback running on this thread, if [`deliver`] is
+/// running one; else hand it to a runner worker.
+fn defer_delivery(d: Done) {
+    if DELIVERING.with(|c| c.get()) {
+        DEFERRED.with(|q| q.borrow_mut().push_back(d));
+    } else {
+        runner_of(&d).defer(move || deliver(d));
+    }
+}
+
+/// Run `d`'s callback on this library thread, then those of the requests that completed
+/// inside submissions made by it, and so on; after [`DELIVER_BUDGET`] callbacks the rest
+/// goes back to the runner as one job.
+fn deliver(d: Done) {
+    deliver_batch(VecDeque::from([d]));
+}
+
+fn deliver_batch(mut batch: VecDeque<Done>) {
+    if DELIVERING.with(|c| c.replace(true)) {
+        // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
+        DEFERRED.with(|q| q.borrow_mut().append(&mut batch));
+        return;
+    }
+    DEFERRED.with(|q| {
+        let mut q = q.borrow_mut();
+        batch.append(&mut q);
+        std::mem::swap(&mut *q, &mut batch);
+    });
+    for _ in 0..DELIVER_BUDGET {
+        let Some(d) = DEFERRED.with(|q| q.borrow_mut().pop_front()) else {
+            break;
+        };
+        d.run().finish();
+    }
+    DELIVERING.with(|c| c.set(false));
+    let rest = DEFERRED.with(|q| std::mem::take(&mut *q.borrow_mut()));
+    if let Some(first) = rest.front() {
+        runner_of(first).defer(move || deliver_batch(rest));
+    }
 }
 
 /// The checks every submission makes; returns the image and the callback.
@@ -321,7 +420,11 @@ pub(crate) fn iovecs(iov: *const libc::iovec, iovcnt: c_int) -> Result<(Segments
 const GATHER_MAX: u64 = 1 << 20;
 
 /// Read into the segments, which lie back to back from `off`.
-pub(crate) async fn readv_segments(img: Image, segs: Segments, off: u64) -> qcow2_core::Result<()> {
+pub(crate) async fn readv_segments(
+    img: &Image,
+    segs: Segments,
+    off: u64,
+) -> qcow2_core::Result<()> {
     let mut pos = off;
     let mut futs = Vec::with_capacity(segs.len());
     for (p, len) in segs {
@@ -337,7 +440,7 @@ pub(crate) async fn readv_segments(img: Image, segs: Segments, off: u64) -> qcow
 /// Write the segments, which lie back to back from `off`: small totals gathered into one
 /// request, larger ones one segment after the other.
 pub(crate) async fn writev_segments(
-    img: Image,
+    img: &Image,
     segs: Segments,
     off: u64,
     total: u64,
@@ -388,15 +491,21 @@ pub unsafe extern "C" fn qcow2rs_aio_read(
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_read")?;
         check_buf(buf, len, "buf")?;
         h.check_range(offset, len as u64)?;
-        let (image, p) = (h.img.clone(), SendPtr(buf.cast::<u8>()));
-        submit(h, cb, user_data, async move {
-            let p = p;
-            // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
-            // and untouched by the caller until the callback returns, which happens only
-            // after this future has finished.
-            let slice = unsafe { make_slice_mut(p.0, len) };
-            image.read_at(slice, offset).await
-        });
+        let p = SendPtr(buf.cast::<u8>());
+        submit(
+            h,
+            cb,
+            user_data,
+            len <= INLINE_MAX,
+            move |image| async move {
+                let p = p;
+                // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
+                // and untouched by the caller until the callback returns, which happens only
+                // after this future has finished.
+                let slice = unsafe { make_slice_mut(p.0, len) };
+                image.read_at(slice, offset).await
+            },
+        );
         Ok(0)
     })
 }
@@ -421,14 +530,20 @@ pub unsafe extern "C" fn qcow2rs_aio_write(
         check_buf(buf, len, "buf")?;
         h.check_writable("qcow2rs_aio_write")?;
         h.check_range(offset, len as u64)?;
-        let (image, p) = (h.img.clone(), SendPtr(buf as *mut u8));
-        submit(h, cb, user_data, async move {
-            let p = p;
-            // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
-            // and unchanged until the callback returns, after this future has finished.
-            let slice = unsafe { make_slice(p.0, len) };
-            image.write_at(slice, offset).await
-        });
+        let p = SendPtr(buf as *mut u8);
+        submit(
+            h,
+            cb,
+            user_data,
+            len <= INLINE_MAX,
+            move |image| async move {
+                let p = p;
+                // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
+                // and unchanged until the callback returns, after this future has finished.
+                let slice = unsafe { make_slice(p.0, len) };
+                image.write_at(slice, offset).await
+            },
+        );
         Ok(0)
     })
 }
@@ -451,12 +566,10 @@ pub unsafe extern "C" fn qcow2rs_aio_readv(
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_readv")?;
         let (segs, total) = iovecs(iov, iovcnt)?;
         h.check_range(offset, total)?;
-        submit(
-            h,
-            cb,
-            user_data,
-            readv_segments(h.img.clone(), segs, offset),
-        );
+        let inline = total <= INLINE_MAX as u64;
+        submit(h, cb, user_data, inline, move |image| {
+            readv_segments(image, segs, offset)
+        });
         Ok(0)
     })
 }
@@ -478,12 +591,10 @@ pub unsafe extern "C" fn qcow2rs_aio_writev(
         let (segs, total) = iovecs(iov, iovcnt)?;
         h.check_writable("qcow2rs_aio_writev")?;
         h.check_range(offset, total)?;
-        submit(
-            h,
-            cb,
-            user_data,
-            writev_segments(h.img.clone(), segs, offset, total),
-        );
+        let inline = total <= INLINE_MAX as u64;
+        submit(h, cb, user_data, inline, move |image| {
+            writev_segments(image, segs, offset, total)
+        });
         Ok(0)
     })
 }
@@ -501,8 +612,7 @@ pub unsafe extern "C" fn qcow2rs_aio_flush(
 ) -> c_int {
     ffi("qcow2rs_aio_flush", || {
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_flush")?;
-        let image = h.img.clone();
-        submit(h, cb, user_data, async move { image.flush().await });
+        submit(h, cb, user_data, false, |image| image.flush());
         Ok(0)
     })
 }
@@ -529,10 +639,9 @@ pub unsafe extern "C" fn qcow2rs_aio_write_zeroes(
         )?;
         h.check_writable("qcow2rs_aio_write_zeroes")?;
         h.check_range(offset, len)?;
-        let image = h.img.clone();
         let mode = zero_mode(flags);
-        submit(h, cb, user_data, async move {
-            image.write_zeroes(offset, len, mode).await
+        submit(h, cb, user_data, false, move |image| {
+            image.write_zeroes(offset, len, mode)
         });
         Ok(0)
     })
@@ -555,13 +664,9 @@ pub unsafe extern "C" fn qcow2rs_aio_discard(
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_discard")?;
         h.check_writable("qcow2rs_aio_discard")?;
         h.check_range(offset, len)?;
-        let image = h.img.clone();
-        submit(
-            h,
-            cb,
-            user_data,
-            async move { image.discard(offset, len).await },
-        );
+        submit(h, cb, user_data, false, move |image| {
+            image.discard(offset, len)
+        });
         Ok(0)
     })
 }

@@ -87,7 +87,7 @@ pub unsafe extern "C" fn qcow2rs_readv(
         let h = unsafe { image_ref(img, "qcow2rs_readv")? };
         let (segs, total) = iovecs(iov, iovcnt)?;
         h.check_range(offset, total)?;
-        h.block_on("qcow2rs_readv", readv_segments(h.img.clone(), segs, offset))
+        h.block_on("qcow2rs_readv", readv_segments(&h.img, segs, offset))
             .map(|()| 0)
     })
 }
@@ -109,7 +109,7 @@ pub unsafe extern "C" fn qcow2rs_writev(
         h.check_range(offset, total)?;
         h.block_on(
             "qcow2rs_writev",
-            writev_segments(h.img.clone(), segs, offset, total),
+            writev_segments(&h.img, segs, offset, total),
         )
         .map(|()| 0)
     })

@@ -11,6 +11,7 @@
 //!   the child, so it is never touched there ([`RtRef::forked`]); a new open in the child
 //!   starts a new runtime.
 
+use qcow2_core::runner::Runner;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
@@ -18,6 +19,8 @@ use tokio::runtime::{Handle, Runtime};
 
 struct State {
     rt: Option<Runtime>,
+    /// The request runner on `rt` (see `qcow2_core::runner`).
+    runner: Option<Runner>,
     users: usize,
     /// The fork generation the runtime was started in.
     gen: u64,
@@ -25,6 +28,7 @@ struct State {
 
 static STATE: Mutex<State> = Mutex::new(State {
     rt: None,
+    runner: None,
     users: 0,
     gen: 0,
 });
@@ -99,6 +103,7 @@ fn build() -> std::io::Result<Runtime> {
 /// A reference to the runtime; the runtime stops when the last one is dropped.
 pub(crate) struct RtRef {
     handle: Handle,
+    runner: Runner,
     gen: u64,
 }
 
@@ -113,11 +118,16 @@ pub(crate) fn acquire() -> std::io::Result<RtRef> {
         if let Some(rt) = st.rt.take() {
             std::mem::forget(rt);
         }
+        if let Some(r) = st.runner.take() {
+            std::mem::forget(r);
+        }
         st.users = 0;
         st.gen = gen;
     }
     if st.rt.is_none() {
-        st.rt = Some(build()?);
+        let rt = build()?;
+        st.runner = Some(Runner::new(rt.handle(), worker_threads()));
+        st.rt = Some(rt);
     }
     st.users += 1;
     let handle = st
@@ -126,13 +136,22 @@ pub(crate) fn acquire() -> std::io::Result<RtRef> {
         .expect("runtime just started")
         .handle()
         .clone();
-    Ok(RtRef { handle, gen })
+    let runner = st.runner.clone().expect("runner started with the runtime");
+    Ok(RtRef {
+        handle,
+        runner,
+        gen,
+    })
 }
 
 impl RtRef {
     /// The runtime's handle.
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
+    }
+    /// The runner of asynchronous requests.
+    pub(crate) fn runner(&self) -> &Runner {
+        &self.runner
     }
     /// Whether this reference was taken in a parent process before fork().
     pub(crate) fn forked(&self) -> bool {
@@ -152,6 +171,7 @@ impl Drop for RtRef {
             }
             st.users -= 1;
             if st.users == 0 {
+                st.runner = None;
                 st.rt.take()
             } else {
                 None

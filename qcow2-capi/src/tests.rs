@@ -126,9 +126,15 @@ fn panicking_request_completes_with_eio() {
     };
     // SAFETY: `img` is open; the future panics instead of doing I/O.
     let h = unsafe { &*img };
-    submit(h, record, &w as *const Waiter as *mut c_void, async {
-        panic!("injected test panic");
-    });
+    submit(
+        h,
+        record,
+        &w as *const Waiter as *mut c_void,
+        true,
+        |_| async {
+            panic!("injected test panic");
+        },
+    );
     let mut s = w.seen.lock().unwrap();
     while s.calls == 0 {
         s = w.cv.wait(s).unwrap();

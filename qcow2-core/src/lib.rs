@@ -17,6 +17,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod io;
 pub mod jobs;
+pub mod runner;
 
 pub use engine::disk::{self, Disk, Format, MapEntry};
 pub use engine::image::{self, BitmapInfo, Image, Layout, OpenOptions};

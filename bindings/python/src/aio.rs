@@ -1,17 +1,25 @@
 //! Requests of the asyncio API and the delivery of their completions.
 //!
-//! A request is a task on the runtime; it runs to its end even when the Python task awaiting
-//! it is cancelled (its result is then dropped), so buffers it borrowed stay held until the
-//! engine is done with them.
+//! A request runs on the request runner (`qcow2_core::runner`): its future is polled first
+//! inside the submitting call, on the loop's thread (with the GIL held: a first poll never
+//! waits for I/O; page-cache reads complete there), then, if not finished, by the runner's
+//! worker tasks on the runtime as its I/O completes. It runs to its end even when the Python
+//! task awaiting it is cancelled (its result is then dropped), so buffers it borrowed stay
+//! held until the engine is done with them.
 //!
 //! Completions go to the `_Completions` queue of the event loop that submitted them (one per
 //! `AsyncImage` and loop). The queue is drained on the loop's own thread by `_drain`, which
 //! releases the buffers, skips futures that are already done (cancelled) and resolves the
-//! others. A queue is *armed* while a drain is scheduled: the first completion that finds it
-//! unarmed asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
-//! `loop.call_soon_threadsafe`; a drain that found work schedules the next one with
-//! `loop.call_soon`, so while the loop is busy, completions are picked up by the loop itself
-//! and no other thread has to wait for the GIL; a drain that finds the queue empty disarms it.
+//! others. A request that completed inside its submitting call (on the loop's thread) has its
+//! future resolved right there, before the coroutine awaits it (no round trip through the
+//! loop); one in [`INLINE_YIELD`] goes through the queue instead, so that the awaiting task
+//! yields now and then. A queue is *armed* while a drain is scheduled: such a request arms it
+//! with `loop.call_soon` (no other thread is involved). A request that
+//! completed on a runtime worker and finds the queue unarmed asks the delivery thread
+//! (`qcow2rs-py-aio`) to schedule a drain with `loop.call_soon_threadsafe`. A drain that found
+//! work schedules the next one with `loop.call_soon`, so while the loop is busy, completions
+//! are picked up by the loop itself and no other thread has to wait for the GIL; a drain that
+//! finds the queue empty disarms it.
 
 use crate::buffers::HeldBuffer;
 use crate::errors::to_pyerr;
@@ -22,9 +30,12 @@ use futures::FutureExt;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
+use qcow2_core::runner::Inline;
 use qcow2_core::{self as core, Error, ErrorKind};
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -83,19 +94,20 @@ impl Completion {
             }
         }
         let fut = self.fut.bind(py);
-        match fut
-            .call_method0(intern!(py, "done"))
-            .and_then(|d| d.is_truthy())
-        {
-            Ok(false) => {}
-            _ => return,
-        }
+        // No `done()` check first (one Python call less per request): setting the result of
+        // a cancelled future fails with InvalidStateError, which is then ignored.
         let r = match self.outcome.into_py(py) {
             Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,)),
             Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),)),
         };
         if let Err(e) = r {
-            e.write_unraisable(py, Some(fut));
+            let done = fut
+                .call_method0(intern!(py, "done"))
+                .and_then(|d| d.is_truthy())
+                .unwrap_or(false);
+            if !done {
+                e.write_unraisable(py, Some(fut));
+            }
         }
     }
 }
@@ -113,6 +125,8 @@ struct QueueState {
 pub struct Queue {
     lp: Py<PyAny>,
     st: Mutex<QueueState>,
+    /// Requests of this queue that completed inside their submitting call (see [`submit`]).
+    inline_streak: AtomicU32,
 }
 
 impl Queue {
@@ -120,22 +134,39 @@ impl Queue {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Add a completion (any thread, without the GIL); arm the queue if needed.
-    fn push(self: &Arc<Self>, c: Completion) {
+    /// Add a completion (any thread, without the GIL); arm the queue if needed: through the
+    /// delivery thread, or, for a request that completed inside its submitting call (on the
+    /// loop's thread, GIL held), by telling [`submit`] to do it ([`ARM_HERE`]).
+    fn push(self: &Arc<Self>, c: Completion, inline: Inline) {
         let arm = {
             let mut st = self.lock();
             if st.dead {
                 drop(st);
-                send(Msg::Drop(c));
+                if inline == Inline::Yes {
+                    // The GIL is held (inside the submitting call): drop it right here.
+                    drop(c);
+                } else {
+                    send(Msg::Drop(c));
+                }
                 return;
             }
             st.items.push(c);
             !std::mem::replace(&mut st.armed, true)
         };
         if arm {
-            send(Msg::Arm(self.clone()));
+            if inline == Inline::Yes {
+                ARM_HERE.with(|a| a.set(true));
+            } else {
+                send(Msg::Arm(self.clone()));
+            }
         }
     }
+}
+
+thread_local! {
+    /// Set when a request completed inside its submitting call and its queue needs a drain
+    /// scheduled: [`submit`] then schedules it with `loop.call_soon`.
+    static ARM_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The completion queue of an event loop, as a Python object (`qcow2rs.aio` keeps one per
@@ -153,6 +184,7 @@ impl Completions {
             q: Arc::new(Queue {
                 lp,
                 st: Mutex::new(QueueState::default()),
+                inline_streak: AtomicU32::new(0),
             }),
         }
     }
@@ -233,11 +265,15 @@ fn delivery_thread(rx: Receiver<Msg>) {
 
 /// Schedule `q`'s drain with `loop.call_soon_threadsafe`; a closed loop kills the queue.
 fn arm(py: Python<'_>, q: Arc<Queue>) {
+    arm_with(py, q, intern!(py, "call_soon_threadsafe"));
+}
+
+/// Schedule `q`'s drain with `loop.<how>` (`call_soon` on the loop's thread,
+/// `call_soon_threadsafe` elsewhere); a closed loop kills the queue.
+fn arm_with(py: Python<'_>, q: Arc<Queue>, how: &Bound<'_, pyo3::types::PyString>) {
     let scheduled = Bound::new(py, Completions { q: q.clone() })
         .and_then(|c| c.getattr(intern!(py, "_drain")))
-        .and_then(|drain| {
-            q.lp.call_method1(py, intern!(py, "call_soon_threadsafe"), (drain,))
-        });
+        .and_then(|drain| q.lp.call_method1(py, how, (drain,)));
     if scheduled.is_err() {
         let items = {
             let mut st = q.lock();
@@ -248,34 +284,98 @@ fn arm(py: Python<'_>, q: Arc<Queue>) {
     }
 }
 
-/// Run `req` on the runtime and deliver its outcome to `fut` through the queue `q`. `hold`
-/// (a borrowed buffer) is released only after the request has completed.
+/// Run `req` on the request runner (first polled right here with `inline`, see
+/// [`INLINE_MAX`]) and deliver its outcome to `fut` through the queue `q`.
+/// `hold` (a borrowed buffer) is released only after the request has completed. Called on the
+/// loop's thread with the GIL held (the `_aio_*` methods).
 pub fn submit(
+    py: Python<'_>,
     q: &Completions,
     fut: Py<PyAny>,
     hold: Option<Arc<HeldBuffer>>,
+    inline: bool,
     req: impl Future<Output = Outcome> + Send + 'static,
 ) {
-    let q = q.q.clone();
-    runtime::spawn(async move {
-        let outcome = match AssertUnwindSafe(req).catch_unwind().await {
-            Ok(o) => o,
-            Err(_) => Outcome::Failed(
+    let queue = q.q.clone();
+    let done = move |res: std::thread::Result<Outcome>, inline| {
+        let outcome = res.unwrap_or_else(|_| {
+            Outcome::Failed(
                 Error::new(ErrorKind::Io, "internal error: the request panicked"),
                 None,
-            ),
-        };
-        q.push(Completion { fut, outcome, hold });
-    });
+            )
+        });
+        let c = Completion { fut, outcome, hold };
+        if inline == Inline::Yes {
+            INLINE_DONE.with(|d| *d.borrow_mut() = Some(c));
+        } else {
+            queue.push(c, Inline::No);
+        }
+    };
+    if !inline {
+        runtime::runner().spawn(req, done);
+        return;
+    }
+    runtime::runner().run(req, done);
+    let Some(c) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
+        return;
+    };
+    // Completed inside this call, on the loop's thread: resolve the future right away (the
+    // awaiting coroutine then gets its result without a round trip through the loop), except
+    // every INLINE_YIELD-th time, when it goes through the queue so that the task yields and
+    // a stream of page-cache hits cannot keep the loop to itself.
+    if q.q.inline_streak.fetch_add(1, Ordering::Relaxed) % INLINE_YIELD != INLINE_YIELD - 1 {
+        c.resolve(py);
+        return;
+    }
+    ARM_HERE.with(|a| a.set(false));
+    q.q.push(c, Inline::Yes);
+    if ARM_HERE.with(|a| a.replace(false)) {
+        arm_with(py, q.q.clone(), intern!(py, "call_soon"));
+    }
 }
 
-/// `qcow2rs.aio.open`: open an image on the runtime.
+/// Reads and writes up to this size get their first poll inside the submitting call; larger
+/// ones, and the other requests, go to the runner's workers at once (a first poll can be
+/// long: a large read of unallocated clusters is a `memset` right there, with the GIL held).
+pub const INLINE_MAX: usize = 256 << 10;
+
+/// Of the requests that complete inside their submitting call, every this-many-th is
+/// delivered through the loop (the awaiting task yields once) rather than at once.
+const INLINE_YIELD: u32 = 32;
+
+thread_local! {
+    /// A request that completed inside its submitting call, handed from the runner's `done`
+    /// back to [`submit`].
+    static INLINE_DONE: RefCell<Option<Completion>> = const { RefCell::new(None) };
+}
+
+/// `qcow2rs.aio.open`: open an image on the runtime. Opening does blocking file system
+/// calls (open(2), reading the headers of a backing chain), so it is a task of its own
+/// rather than a first poll on the loop's thread.
 pub fn submit_open(q: &Completions, fut: Py<PyAny>, args: crate::image::OpenArgs) {
-    submit(q, fut, None, async move {
+    let queue = q.q.clone();
+    let req = async move {
         let name = args.name();
         match args.open().await {
             Ok(img) => Outcome::Opened(img, name),
             Err(e) => Outcome::Failed(e, Some(name)),
         }
+    };
+    runtime::spawn(async move {
+        let outcome = match AssertUnwindSafe(req).catch_unwind().await {
+            Ok(o) => o,
+            Err(_) => Outcome::Failed(
+                Error::new(ErrorKind::Io, "internal error: opening panicked"),
+                None,
+            ),
+        };
+        queue.push(
+            Completion {
+                fut,
+                outcome,
+                hold: None,
+            },
+            Inline::No,
+        );
     });
 }

@@ -494,7 +494,7 @@ impl Image {
         let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, n <= aio::INLINE_MAX, async move {
             // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
             // moved into the outcome after the read).
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
@@ -521,18 +521,25 @@ impl Image {
         let name = self.name.clone();
         let held = Arc::new(held);
         let h = held.clone();
-        aio::submit(&q, fut, Some(held), async move {
-            // SAFETY: the buffer is writable and held (in the completion) until after this
-            // future has completed; nothing else in Rust uses it.
-            let dst = unsafe { h.slice_mut(n) };
-            let r = sh.img.read_at(dst, off).await;
-            drop(permit);
-            drop(h);
-            match r {
-                Ok(()) => Outcome::Count(n as u64),
-                Err(e) => Outcome::Failed(e, Some(name)),
-            }
-        });
+        aio::submit(
+            q.py(),
+            &q,
+            fut,
+            Some(held),
+            n <= aio::INLINE_MAX,
+            async move {
+                // SAFETY: the buffer is writable and held (in the completion) until after this
+                // future has completed; nothing else in Rust uses it.
+                let dst = unsafe { h.slice_mut(n) };
+                let r = sh.img.read_at(dst, off).await;
+                drop(permit);
+                drop(h);
+                match r {
+                    Ok(()) => Outcome::Count(n as u64),
+                    Err(e) => Outcome::Failed(e, Some(name)),
+                }
+            },
+        );
         Ok(())
     }
 
@@ -550,17 +557,24 @@ impl Image {
         let name = self.name.clone();
         let held = Arc::new(held);
         let h = held.clone();
-        aio::submit(&q, fut, Some(held), async move {
-            // SAFETY: the buffer is held (in the completion) until after this future ends.
-            let src = unsafe { h.slice(n) };
-            let r = sh.img.write_at(src, off).await;
-            drop(permit);
-            drop(h);
-            match r {
-                Ok(()) => Outcome::Count(n as u64),
-                Err(e) => Outcome::Failed(e, Some(name)),
-            }
-        });
+        aio::submit(
+            q.py(),
+            &q,
+            fut,
+            Some(held),
+            n <= aio::INLINE_MAX,
+            async move {
+                // SAFETY: the buffer is held (in the completion) until after this future ends.
+                let src = unsafe { h.slice(n) };
+                let r = sh.img.write_at(src, off).await;
+                drop(permit);
+                drop(h);
+                match r {
+                    Ok(()) => Outcome::Count(n as u64),
+                    Err(e) => Outcome::Failed(e, Some(name)),
+                }
+            },
+        );
         Ok(())
     }
 
@@ -576,7 +590,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, false, async move {
             let r = sh
                 .img
                 .write_zeroes(off, length, Self::zero_mode(unmap))
@@ -598,7 +612,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, false, async move {
             let r = sh.img.discard(off, length).await;
             drop(permit);
             Outcome::unit(r, name)
@@ -609,7 +623,7 @@ impl Image {
     fn _aio_flush(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, false, async move {
             let r = sh.img.flush().await;
             drop(permit);
             Outcome::unit(r, name)
@@ -620,8 +634,8 @@ impl Image {
     fn _aio_close(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(&q, fut, None, async { Outcome::Unit }),
-            Some(sh) => aio::submit(&q, fut, None, async move {
+            None => aio::submit(q.py(), &q, fut, None, false, async { Outcome::Unit }),
+            Some(sh) => aio::submit(q.py(), &q, fut, None, false, async move {
                 Outcome::unit(Image::close_shared(sh).await, name)
             }),
         }
@@ -631,7 +645,7 @@ impl Image {
     fn _aio_info(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, false, async move {
             let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
             drop(permit);
             match r {
@@ -645,7 +659,7 @@ impl Image {
     fn _aio_map(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(&q, fut, None, async move {
+        aio::submit(q.py(), &q, fut, None, false, async move {
             let r = Disk::Qcow2(sh.img.clone()).map().await;
             drop(permit);
             match r {

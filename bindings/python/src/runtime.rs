@@ -5,6 +5,7 @@
 //! runtime shutdown ever drops a request halfway while it may still be using a caller's
 //! buffer).
 
+use qcow2_core::runner::Runner;
 use qcow2_core::{Error, ErrorKind};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,13 +13,18 @@ use std::sync::OnceLock;
 use tokio::runtime::{Handle, Runtime};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+static RUNNER: OnceLock<Runner> = OnceLock::new();
+
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 16)
+}
 
 fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .clamp(2, 16);
+        let workers = workers();
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
@@ -33,6 +39,11 @@ fn runtime() -> &'static Runtime {
 /// The runtime's handle (starting it on first use).
 pub fn handle() -> &'static Handle {
     runtime().handle()
+}
+
+/// The request runner of the asyncio API (see `qcow2_core::runner`), on the runtime.
+pub fn runner() -> &'static Runner {
+    RUNNER.get_or_init(|| Runner::new(handle(), workers()))
 }
 
 /// Run `fut` to completion on the calling thread (the runtime's workers drive I/O and timers).

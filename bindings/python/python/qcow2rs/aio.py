@@ -1,8 +1,11 @@
 """The asyncio API: :func:`open` gives an :class:`AsyncImage`, whose methods are coroutines.
 
-Each request runs on qcow2rs's own I/O threads (no thread per request); many may be in
+Each request starts inside the call that submits it (a page-cache read completes right there)
+and otherwise goes on on qcow2rs's own I/O threads (no thread per request); many may be in
 flight at once (``asyncio.gather``). Completions reach the event loop through
-``loop.call_soon_threadsafe`` (while the loop is busy, it picks them up itself). Cancelling
+``loop.call_soon_threadsafe`` (while the loop is busy, it picks them up itself; a request that
+completed inside its submitting call is picked up with ``loop.call_soon``, so the awaiting
+task still yields once). Cancelling
 a task whose request is in flight does not stop the request: it runs to its end, keeping
 the buffers it uses alive, and its result is dropped.
 """

@@ -1,0 +1,438 @@
+//! A request runner for the language bindings: runs request futures without a tokio task each.
+//!
+//! The C library and the Python package submit one future per request and must run it to its
+//! end (the engines may still be using the caller's buffer), then deliver its outcome.
+//! Spawning a tokio task per request costs a task allocation, the runtime's owned-task lock on
+//! spawn and on completion, and often the wake-up of another worker thread; when the I/O
+//! itself costs a few microseconds (page-cache reads complete on their first poll) that is a
+//! large part of a request.
+//!
+//! [`Runner::run`] polls the future once right on the submitting thread (inside the runtime's
+//! context). A request that completes there (a page-cache hit) costs no other thread at all;
+//! its `done` is told so ([`Inline::Yes`]) and must not deliver a user callback inline if the
+//! binding's contract forbids it (it can use [`Runner::defer`]). A request that is still
+//! pending is re-polled, when its waker fires, by one of a few long-lived *worker tasks* on
+//! the runtime, fed by a queue; its `done` then runs on that worker ([`Inline::No`]).
+//!
+//! A future is polled by one thread at a time and never dropped before it has finished. The
+//! worker tasks run unconstrained by tokio's cooperative budget (a request future that ran out
+//! of budget would wake itself at once and spin) and yield to the runtime every
+//! [`JOBS_PER_YIELD`] jobs instead. A panic while polling a request's future is caught: the
+//! future is dropped and `done` gets the panic's payload (the bindings turn it into an error),
+//! so a panicking request still completes.
+
+use futures::task::{waker_ref, ArcWake};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+
+/// A worker task gives the runtime a turn after this many jobs in a row.
+pub const JOBS_PER_YIELD: usize = 64;
+
+/// Re-polls in a row of a future woken while it was being polled, before it goes back to
+/// the queue (behind the other jobs).
+const REPOLLS: usize = 4;
+
+/// Where a request's `done` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inline {
+    /// On the submitting thread, inside [`Runner::run`]: the request completed on its first
+    /// poll.
+    Yes,
+    /// On one of the runner's worker tasks (a runtime thread).
+    No,
+}
+
+/// Something a worker runs.
+trait Job: Send + Sync {
+    fn run(self: Arc<Self>);
+}
+
+/// A closure queued with [`Runner::defer`].
+struct Call(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl Job for Call {
+    fn run(self: Arc<Self>) {
+        let f = self.0.lock().take();
+        if let Some(f) = f {
+            f();
+        }
+    }
+}
+
+struct Inner {
+    queue: Mutex<VecDeque<Arc<dyn Job>>>,
+    notify: Notify,
+    handle: Handle,
+}
+
+impl Inner {
+    fn push(&self, j: Arc<dyn Job>) {
+        self.queue.lock().push_back(j);
+        self.notify.notify_one();
+    }
+
+    fn pop(&self) -> Option<Arc<dyn Job>> {
+        self.queue.lock().pop_front()
+    }
+}
+
+/// The runner: a queue and the worker tasks that drain it. Cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// Start a runner with `workers` worker tasks (at least 1) on the runtime of `handle`.
+    /// The worker tasks live as long as the runtime: dropping the runtime drops them (the
+    /// caller waits for its requests to finish first).
+    pub fn new(handle: &Handle, workers: usize) -> Runner {
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            handle: handle.clone(),
+        });
+        for _ in 0..workers.max(1) {
+            handle.spawn(tokio::task::unconstrained(worker(inner.clone())));
+        }
+        Runner { inner }
+    }
+
+    /// The runtime this runner's workers run on.
+    pub fn handle(&self) -> &Handle {
+        &self.inner.handle
+    }
+
+    /// Run `fut` to its end, then `done(output, where)`; the output is `Err` with the panic's
+    /// payload if a poll of `fut` panicked (the future is then dropped). The first poll
+    /// happens here, on the calling thread, in the runtime's context; if the future completes
+    /// there, `done` runs before this returns with [`Inline::Yes`]. Otherwise the worker tasks
+    /// poll it as its waker fires, and `done` runs on one of them with [`Inline::No`].
+    pub fn run<F, D>(&self, fut: F, done: D)
+    where
+        F: Future + Send + 'static,
+        D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+    {
+        let task = Arc::new(Task {
+            state: AtomicU8::new(RUNNING),
+            slot: Mutex::new(Some((Box::pin(fut), done))),
+            runner: self.inner.clone(),
+        });
+        if IN_WORKER.with(|w| w.get()) {
+            // Already in the runtime's context (a callback run by a worker job).
+            task.poll_loop(Inline::Yes);
+        } else {
+            let _ctx = self.inner.handle.enter();
+            task.poll_loop(Inline::Yes);
+        }
+    }
+
+    /// As [`Runner::run`], but without the first poll on the calling thread: the future is
+    /// queued for the worker tasks at once and `done` always runs on one of them. For
+    /// requests whose first poll may be long (a large read of unallocated clusters fills the
+    /// buffer with zeros right there), which should not hold up the submitter.
+    pub fn spawn<F, D>(&self, fut: F, done: D)
+    where
+        F: Future + Send + 'static,
+        D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+    {
+        let task = Arc::new(Task {
+            state: AtomicU8::new(SCHEDULED),
+            slot: Mutex::new(Some((Box::pin(fut), done))),
+            runner: self.inner.clone(),
+        });
+        self.inner.push(task);
+    }
+
+    /// Run `f` soon on one of the worker tasks (a runtime thread), never on the caller's stack.
+    pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
+        self.inner
+            .push(Arc::new(Call(Mutex::new(Some(Box::new(f))))));
+    }
+}
+
+thread_local! {
+    /// Set while a worker task runs a job on this thread.
+    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+async fn worker(inner: Arc<Inner>) {
+    loop {
+        let mut n = 0;
+        while let Some(job) = inner.pop() {
+            // A panicking job (which request futures avoid by catching their own panics)
+            // must not take the worker down with it.
+            IN_WORKER.with(|w| w.set(true));
+            let _ = catch_unwind(AssertUnwindSafe(|| job.run()));
+            IN_WORKER.with(|w| w.set(false));
+            n += 1;
+            if n == JOBS_PER_YIELD {
+                n = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        // A push between the empty pop above and this wait leaves a permit in `notify`, so
+        // the wait ends at once.
+        inner.notify.notified().await;
+    }
+}
+
+/// Not queued, not being polled: waiting for its waker.
+const IDLE: u8 = 0;
+/// In the queue.
+const SCHEDULED: u8 = 1;
+/// Being polled.
+const RUNNING: u8 = 2;
+/// Being polled, and woken meanwhile: poll again.
+const NOTIFIED: u8 = 3;
+/// Finished (its future is dropped).
+const DONE: u8 = 4;
+
+type Slot<F, D> = Option<(Pin<Box<F>>, D)>;
+
+/// A request: its future and what to do with the output.
+struct Task<F, D> {
+    state: AtomicU8,
+    /// Locked only by the one thread that polls (the state machine makes it exclusive).
+    slot: Mutex<Slot<F, D>>,
+    runner: Arc<Inner>,
+}
+
+impl<F, D> Task<F, D>
+where
+    F: Future + Send + 'static,
+    D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+{
+    /// Poll with the state RUNNING until the future is pending and not woken, or done.
+    fn poll_loop(self: &Arc<Self>, inline: Inline) {
+        let mut repolls = 0;
+        loop {
+            let mut slot = self.slot.lock();
+            let Some((fut, _)) = slot.as_mut() else {
+                self.state.store(DONE, Ordering::Release);
+                return;
+            };
+            let waker = waker_ref(self);
+            let mut cx = Context::from_waker(&waker);
+            let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+                Ok(Poll::Ready(v)) => Some(Ok(v)),
+                Err(p) => Some(Err(p)),
+                Ok(Poll::Pending) => None,
+            };
+            match out {
+                Some(out) => {
+                    let (fut, done) = slot.take().expect("checked above");
+                    self.state.store(DONE, Ordering::Release);
+                    drop(slot);
+                    // The future (and what it holds) goes before `done` runs.
+                    drop(fut);
+                    done(out, inline);
+                    return;
+                }
+                None => {
+                    drop(slot);
+                    match self.state.compare_exchange(
+                        RUNNING,
+                        IDLE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return,
+                        Err(_) => {
+                            // NOTIFIED: woken while polled.
+                            repolls += 1;
+                            if inline == Inline::Yes || repolls >= REPOLLS {
+                                self.state.store(SCHEDULED, Ordering::Release);
+                                self.runner.push(self.clone());
+                                return;
+                            }
+                            self.state.store(RUNNING, Ordering::Release);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<F, D> ArcWake for Task<F, D>
+where
+    F: Future + Send + 'static,
+    D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+{
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        let mut s = arc_self.state.load(Ordering::Acquire);
+        loop {
+            let next = match s {
+                IDLE => SCHEDULED,
+                RUNNING => NOTIFIED,
+                _ => return,
+            };
+            match arc_self
+                .state
+                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if next == SCHEDULED {
+                        arc_self.runner.push(arc_self.clone());
+                    }
+                    return;
+                }
+                Err(now) => s = now,
+            }
+        }
+    }
+}
+
+impl<F, D> Job for Task<F, D>
+where
+    F: Future + Send + 'static,
+    D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+{
+    fn run(self: Arc<Self>) {
+        if self
+            .state
+            .compare_exchange(SCHEDULED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.poll_loop(Inline::No);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn ready_future_completes_inline() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 2);
+        let (tx, rx) = mpsc::channel();
+        r.run(async { 7 }, move |v, w| tx.send((v.unwrap(), w)).unwrap());
+        assert_eq!(rx.try_recv().unwrap(), (7, Inline::Yes));
+    }
+
+    #[test]
+    fn pending_future_completes_on_a_worker() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 2);
+        let (tx, rx) = mpsc::channel();
+        let (otx, orx) = tokio::sync::oneshot::channel::<u32>();
+        let me = std::thread::current().id();
+        r.run(async move { orx.await.unwrap() }, move |v, w| {
+            tx.send((v.unwrap(), w, std::thread::current().id() != me))
+                .unwrap()
+        });
+        assert!(rx.try_recv().is_err());
+        std::thread::spawn(move || otx.send(5).unwrap());
+        let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(got, (5, Inline::No, true));
+    }
+
+    #[test]
+    fn many_requests_each_complete_once() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 2);
+        let count = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        const N: usize = 2000;
+        for i in 0..N {
+            let count = count.clone();
+            let tx = tx.clone();
+            r.run(
+                async move {
+                    // Some finish at once, some after yields, some after a timer.
+                    for _ in 0..i % 3 {
+                        tokio::task::yield_now().await;
+                    }
+                    if i % 7 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    i
+                },
+                move |v, _| {
+                    assert_eq!(v.unwrap(), i);
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tx.send(()).unwrap();
+                },
+            );
+        }
+        for _ in 0..N {
+            rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(count.load(Ordering::SeqCst), N);
+    }
+
+    #[test]
+    fn panicking_future_still_completes() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 1);
+        let (tx, rx) = mpsc::channel();
+        let (otx, orx) = tokio::sync::oneshot::channel::<()>();
+        r.run(
+            async move {
+                orx.await.unwrap();
+                panic!("injected");
+            },
+            move |v: std::thread::Result<()>, w| tx.send((v.is_err(), w)).unwrap(),
+        );
+        otx.send(()).unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (true, Inline::No)
+        );
+    }
+
+    #[test]
+    fn spawned_future_never_completes_inline() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 1);
+        let (tx, rx) = mpsc::channel();
+        let me = std::thread::current().id();
+        r.spawn(async { 3 }, move |v, w| {
+            tx.send((v.unwrap(), w, std::thread::current().id() != me))
+                .unwrap()
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (3, Inline::No, true)
+        );
+    }
+
+    #[test]
+    fn defer_runs_on_a_worker() {
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 1);
+        let (tx, rx) = mpsc::channel();
+        let me = std::thread::current().id();
+        r.defer(move || tx.send(std::thread::current().id() != me).unwrap());
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+}
