@@ -916,11 +916,14 @@ int qcow2rs_convert(const char *src,
 
 /**
  * Create an internal snapshot named `name` of the image's current state (`qemu-img snapshot
- * -c`). The image must be open read-write and no request may be in flight on the handle
- * during the call. Blocking. Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EBADF` (open
- * read-only, or marked corrupt), `-EINVAL` (name not UTF-8 or too long, 1-bit refcounts that
- * cannot share a cluster), `-ENOTSUP` (an external data file), `-EDEADLK`, `-ECHILD`, I/O
- * errnos.
+ * -c`). The image must be open read-write. Blocking: the call first waits for the requests
+ * in flight on the handle to end; requests submitted meanwhile wait until it returns. The
+ * change is atomic: after a crash the image is the one before or the one after. Returns 0,
+ * or `-EFAULT` (`img` or `name` NULL), `-EBADF` (open read-only, or marked corrupt),
+ * `-EINVAL` (name not UTF-8 or too long, a refcount that would overflow its width, e.g.
+ * 1-bit refcounts, which cannot share a cluster: nothing is changed), `-EUCLEAN` (`check`
+ * finds errors in the image: repair it first), `-ENOTSUP` (an external data file),
+ * `-EDEADLK` (called from a completion callback), `-ECHILD`, I/O errnos.
  */
 int qcow2rs_snapshot_create(struct qcow2rs_image *img,
                             const char *name);

@@ -287,7 +287,7 @@ fn arm_with(py: Python<'_>, q: Arc<Queue>, how: &Bound<'_, pyo3::types::PyString
 /// Run `req` on the request runner (first polled right here with `inline`, see
 /// [`INLINE_MAX`]) and deliver its outcome to `fut` through the queue `q`.
 /// `hold` (a borrowed buffer) is released only after the request has completed. Called on the
-/// loop's thread with the GIL held (the `_aio_*` methods).
+/// loop's thread with the GIL held (the `_aio_*` methods); the first poll runs without it.
 pub fn submit(
     py: Python<'_>,
     q: &Completions,
@@ -315,7 +315,9 @@ pub fn submit(
         runtime::runner().spawn(req, done);
         return;
     }
-    runtime::runner().run(req, done);
+    // The first poll may do the I/O itself (a page-cache hit): without the GIL, as every call
+    // that does I/O. The outcome, if any, comes back through INLINE_DONE (this thread's).
+    py.detach(|| runtime::runner().run(req, done));
     let Some(c) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
         return;
     };
