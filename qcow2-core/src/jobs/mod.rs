@@ -1,10 +1,11 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot.
+//! info, resize, snapshot, measure.
 
 pub mod check;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod measure;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
