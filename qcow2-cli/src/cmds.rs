@@ -45,6 +45,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "check" => cmd_check(args).await,
         "resize" => cmd_resize(args).await,
         "measure" => cmd_measure(args).await,
+        "amend" => cmd_amend(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -770,5 +771,52 @@ async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
     } else {
         print!("{}", m.human());
     }
+    Ok(0)
+}
+
+async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::jobs::amend::{self, AmendOptions};
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('o', "options", true),
+            opt('t', "cache", true),
+            opt('p', "progress", false),
+            opt('q', "quiet", false),
+            opt('\0', "force", false),
+            opt('\0', "object", true),
+        ]),
+    )?;
+    if p.flag("object") {
+        return Err(Fail::new("--object is not supported"));
+    }
+    let opts = p.values("options");
+    if opts.is_empty() {
+        return Err(Fail::new("Must specify options (-o)"));
+    }
+    let file = match p.operands.as_slice() {
+        [f] => f.clone(),
+        _ => return Err(Fail::new("Expecting one image file name")),
+    };
+    let mut ao = AmendOptions::default();
+    for o in &opts {
+        for (k, v) in create::split_options(o)? {
+            ao.set(&k, &v)?;
+        }
+    }
+    let mut oo = open_opts(&p);
+    oo.writable = true;
+    oo.no_backing = true;
+    let disk = open(&file, p.value("format"), &oo).await?;
+    let Disk::Qcow2(img) = &disk else {
+        return Err(Fail::new(
+            "Format driver 'raw' does not support option amendment",
+        ));
+    };
+    amend::amend(img, &ao)
+        .await
+        .map_err(|e| Fail::new(e.message().to_string()))?;
+    img.clone().close().await.map_err(|e| prefixed(&file, e))?;
     Ok(0)
 }

@@ -18,6 +18,7 @@ Commands (options as qemu-img):
   convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-U] SRC DST
   create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
+  amend -o OPTS [-f FMT] [-p] [-q] [--force] FILE
   measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
   dump [-U] FILE

@@ -1,6 +1,7 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot, measure.
+//! info, resize, snapshot, measure, amend.
 
+pub mod amend;
 pub mod check;
 pub mod convert;
 pub mod create;
