@@ -79,6 +79,11 @@ CASES = [
     ("lazy_refcounts=on", False, False, "lazy_refcounts=off", {"lazy-refcounts": False}, "lazy_refcounts=on"),
     ("compat=1.1,lazy_refcounts=on", False, False, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
     ("compat=1.1", False, False, "size=8M", {}, "size=4M"),
+    ("compat=1.1", False, False, "refcount_bits=1", {"refcount-bits": 1}, "refcount_bits=16"),
+    ("compat=1.1", False, False, "refcount_bits=8", {"refcount-bits": 8}, "refcount_bits=16"),
+    ("compat=1.1", True, False, "refcount_bits=64", {"refcount-bits": 64}, "refcount_bits=16"),
+    ("compat=1.1,cluster_size=512", False, True, "refcount_bits=2", {"refcount-bits": 2}, "refcount_bits=16"),
+    ("compat=1.1,refcount_bits=64,cluster_size=4096", False, True, "refcount_bits=4", {"refcount-bits": 4}, "refcount_bits=64"),
     ("compat=0.10", False, False, "compat=1.1,lazy_refcounts=on", {"compat": "1.1", "lazy-refcounts": True}, "lazy_refcounts=off,compat=0.10"),
 ]
 
@@ -146,6 +151,7 @@ REFUSALS = [
     ("compat=1.1,refcount_bits=8", "compat=0.10"),
     ("compat=0.10", "lazy_refcounts=on"),
     ("compat=0.10", "refcount_bits=8"),
+    ("compat=1.1", "compat=0.10,refcount_bits=8"),
 ]
 
 
@@ -226,3 +232,17 @@ def test_amend_backing_unchanged_accepted(cli, scratch, base):
         assert qemu_img("amend", "-o", bad, ref).returncode == 1
         assert cli("amend", "-o", bad, img).returncode == 1
         assert img.read_bytes() == before
+
+
+def test_amend_refcount_width_too_narrow(cli, scratch, qemu):
+    """refcount_bits=1 while a snapshot shares clusters (refcount 2): refused as by qemu-img,
+    the file byte-identical."""
+    img = make(scratch, "img.qcow2", snapshot=True)
+    ref = scratch / "ref.qcow2"
+    shutil.copyfile(img, ref)
+    before = img.read_bytes()
+    theirs = qemu_img("amend", "-o", "refcount_bits=1", ref)
+    ours = cli("amend", "-o", "refcount_bits=1", img)
+    assert theirs.returncode == ours.returncode == 1, (ours.stderr, theirs.stderr)
+    assert "Cannot decrease refcount entry width to 1 bits" in ours.stderr
+    assert img.read_bytes() == before

@@ -809,7 +809,7 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
     oo.writable = true;
     oo.no_backing = true;
     let disk = open(&file, p.value("format"), &oo).await?;
-    let Disk::Qcow2(img) = &disk else {
+    let Disk::Qcow2(img) = disk else {
         return Err(Fail::new(
             "Format driver 'raw' does not support option amendment",
         ));
@@ -817,6 +817,5 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
     amend::amend(img, &ao)
         .await
         .map_err(|e| Fail::new(e.message().to_string()))?;
-    img.clone().close().await.map_err(|e| prefixed(&file, e))?;
     Ok(0)
 }

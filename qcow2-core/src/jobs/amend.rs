@@ -7,7 +7,8 @@
 //! touched, so a refused amend leaves the file as it was. Each change ends with one header
 //! write (cluster 0), after the data and tables it relies on are durable.
 //!
-//! Not yet supported: changing `refcount_bits` (refused, image untouched).
+//! `refcount_bits` rewrites the refcount structure with the new width, last, on the closed
+//! file (crash-safe: new structure first, then the header switch).
 
 use crate::engine::image::Image;
 use crate::format::header::{self, FeatureKind, FeatureName};
@@ -116,9 +117,21 @@ fn feature_table() -> Vec<FeatureName> {
     ]
 }
 
-/// Amend `img` (opened writable) as `opts` says. Everything is checked first: an error
-/// before any change leaves the image untouched.
-pub async fn amend(img: &Image, opts: &AmendOptions) -> Result<()> {
+/// Amend `img` (opened writable) as `opts` says, then close it. Everything is checked first:
+/// an error before any change leaves the image untouched. A new refcount width is written
+/// last, on the closed file (see [`change_refcount_width`]): the handle must be the only one.
+pub async fn amend(img: Image, opts: &AmendOptions) -> Result<()> {
+    let new_order = amend_open(&img, opts).await?;
+    let path = img.path().to_path_buf();
+    img.close().await?;
+    if let Some(order) = new_order {
+        change_refcount_width(&path, order).await?;
+    }
+    Ok(())
+}
+
+/// The changes made through the open handle; returns the refcount order still to apply.
+async fn amend_open(img: &Image, opts: &AmendOptions) -> Result<Option<u32>> {
     img.ws()?;
     let h = img.header();
     let old_version = h.version;
@@ -143,11 +156,17 @@ pub async fn amend(img: &Image, opts: &AmendOptions) -> Result<()> {
                     "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
                 ));
             }
-            return Err(Error::unsupported(
-                "changing refcount_bits is not supported yet",
-            ));
+            if new_version != old_version {
+                return Err(Error::unsupported(
+                    "changing refcount_bits and compat in one amend is not supported",
+                ));
+            }
         }
     }
+    let new_order = opts
+        .refcount_bits
+        .filter(|&rb| rb != h.refcount_bits() as u64)
+        .map(|rb| rb.trailing_zeros());
     if (opts.backing_file.is_some() || opts.backing_fmt.is_some())
         && (opts.backing_file != h.backing_file || opts.backing_fmt != h.backing_format)
     {
@@ -229,7 +248,148 @@ pub async fn amend(img: &Image, opts: &AmendOptions) -> Result<()> {
         img.before_first_write().await?;
         downgrade(img).await?;
     }
-    img.flush().await
+    img.flush().await?;
+    Ok(new_order)
+}
+
+/// Rewrite the refcount structure of the (closed) qcow2 image at `path` with entries of
+/// `1 << order` bits. Crash-safe: the new refcount blocks and table go to new clusters at the
+/// end of the file and are made durable, then one header write switches to them; the old
+/// structure, no longer referenced and counted as free by the new one, is left as free
+/// space. A refcount that does not fit the new width refuses the change before any write.
+pub async fn change_refcount_width(path: &std::path::Path, order: u32) -> Result<()> {
+    use crate::format::refcount;
+    use crate::io::{lock, FileOptions};
+    let named = |e: std::io::Error| Error::io(e, path.display().to_string());
+    let fo = FileOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let file = crate::io::open_file(path, &fo).map_err(named)?;
+    let _lock = lock::FileLock::acquire(&file, lock::Perms::qcow2(true, false), path)?;
+    let file_len = file.len().map_err(named)?;
+    let mut first = vec![0u8; (2u64 << 20).min(file_len) as usize];
+    file.read_at(&mut first, 0).await.map_err(named)?;
+    let mut h = header::Header::parse(&first, file_len)?;
+    let cs = h.cluster_size();
+    let old_order = h.refcount_order;
+    if order == old_order {
+        return Ok(());
+    }
+    if h.version < 3 && order != 4 {
+        return Err(Error::invalid(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+        ));
+    }
+    if h.dirty() || h.corrupt() {
+        return Err(Error::invalid(
+            "the image is dirty or corrupt; repair it first",
+        ));
+    }
+    let rt_len = h.refcount_table_clusters as u64 * cs;
+    if rt_len > header::MAX_REFTABLE_BYTES {
+        return Err(Error::corrupt("refcount table too large"));
+    }
+    let mut rt = vec![0u8; rt_len as usize];
+    file.read_at(&mut rt, h.refcount_table_offset)
+        .await
+        .map_err(named)?;
+    let rt: Vec<u64> = rt
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()) & l2::OFFSET_MASK)
+        .collect();
+    let old_rpb = (cs * 8) >> old_order;
+    let new_rpb = (cs * 8) >> order;
+    let max = refcount::max(order);
+    // Clusters of the old structure: free once the new one is in use.
+    let mut old_meta: Vec<u64> = (0..h.refcount_table_clusters as u64)
+        .map(|i| h.refcount_table_offset / cs + i)
+        .collect();
+    // Every non-zero refcount, in cluster order.
+    let mut counts: Vec<(u64, u64)> = Vec::new();
+    let mut blk = vec![0u8; cs as usize];
+    for (i, &off) in rt.iter().enumerate() {
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_len.div_ceil(cs) * cs {
+            return Err(Error::corrupt(format!(
+                "refcount block {i} at 0x{off:x} lies outside the file"
+            )));
+        }
+        old_meta.push(off / cs);
+        file.read_at(&mut blk, off).await.map_err(named)?;
+        for j in 0..old_rpb {
+            let v = refcount::get(&blk, old_order, j as usize);
+            if v != 0 {
+                counts.push((i as u64 * old_rpb + j, v));
+            }
+        }
+    }
+    old_meta.sort_unstable();
+    for &(ci, v) in &counts {
+        if v > max && old_meta.binary_search(&ci).is_err() {
+            return Err(Error::invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset 0x{:x} has a refcount of {v}",
+                1u64 << order,
+                ci * cs
+            )));
+        }
+    }
+    // New structure after everything in use: blocks, then the table (fixed point).
+    let start = counts
+        .last()
+        .map_or(0, |&(ci, _)| ci + 1)
+        .max(file_len.div_ceil(cs));
+    let (mut nb, mut nt) = (0u64, 0u64);
+    loop {
+        let total = start + nb + nt;
+        let b = total.div_ceil(new_rpb);
+        let t = (b * 8).div_ceil(cs);
+        if b == nb && t == nt {
+            break;
+        }
+        nb = b;
+        nt = t;
+    }
+    if nt * cs > header::MAX_REFTABLE_BYTES || nb > (64 << 30) / cs {
+        return Err(Error::unsupported(
+            "the new refcount structure would be too large",
+        ));
+    }
+    let mut blocks = vec![0u8; (nb * cs) as usize];
+    let mut put = |ci: u64, v: u64| {
+        let b = (ci / new_rpb) as usize;
+        let blk = &mut blocks[b * cs as usize..(b + 1) * cs as usize];
+        refcount::set(blk, order, (ci % new_rpb) as usize, v);
+    };
+    for &(ci, v) in &counts {
+        if old_meta.binary_search(&ci).is_err() {
+            put(ci, v);
+        }
+    }
+    for ci in start..start + nb + nt {
+        put(ci, 1);
+    }
+    let mut table = vec![0u8; (nt * cs) as usize];
+    for i in 0..nb {
+        let off = (start + i) * cs;
+        table[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    file.set_len((start + nb + nt) * cs).map_err(named)?;
+    file.write_at(&blocks, start * cs).await.map_err(named)?;
+    file.write_at(&table, (start + nb) * cs)
+        .await
+        .map_err(named)?;
+    file.flush().await.map_err(named)?;
+    // The switch: one header write.
+    h.refcount_order = order;
+    h.refcount_table_offset = (start + nb) * cs;
+    h.refcount_table_clusters = nt as u32;
+    let bytes = h.to_bytes()?;
+    file.write_at(&bytes, 0).await.map_err(named)?;
+    file.flush().await.map_err(named)?;
+    Ok(())
 }
 
 /// Write `nh` as the new header (one write of cluster 0, flushed) once everything written
