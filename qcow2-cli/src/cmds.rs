@@ -46,6 +46,8 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "resize" => cmd_resize(args).await,
         "rebase" => cmd_rebase(args).await,
         "commit" => cmd_commit(args).await,
+        "measure" => cmd_measure(args).await,
+        "amend" => cmd_amend(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -78,7 +80,7 @@ pub(crate) fn output_json(p: &Parsed) -> Result<bool, Fail> {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
         Some(o) => Err(Fail::new(format!(
-            "--output must be used with human or json as argument (got '{o}')"
+            "--output expects 'human' or 'json' not '{o}'"
         ))),
     }
 }
@@ -801,5 +803,142 @@ async fn cmd_commit(args: &[String]) -> Result<u8, Fail> {
     if !quiet {
         println!("Image committed.");
     }
+    Ok(0)
+}
+
+/// `--size` as qemu-img reads it: a non-negative size below 2^63.
+fn measure_size(s: &str) -> Result<u64, Fail> {
+    let range =
+        || Fail::new("Invalid image size specified. Must be between 0 and 9223372036854775807.");
+    if s.trim_start().starts_with('-') {
+        return Err(range());
+    }
+    let v = create::parse_size(s)
+        .map_err(|_| Fail::new(format!("Invalid image size specified: '{s}'.")))?;
+    if v > i64::MAX as u64 {
+        return Err(range());
+    }
+    Ok(v)
+}
+
+async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::jobs::measure::{self, MeasureOptions};
+    let p = parse(
+        args,
+        &specs(&[
+            FORCE_SHARE,
+            opt('f', "format", true),
+            opt('O', "target-format", true),
+            opt('o', "options", true),
+            opt('s', "size", true),
+            opt('l', "snapshot", true),
+            opt('\0', "output", true),
+            opt('\0', "object", true),
+        ]),
+    )?;
+    let json = output_json(&p)?;
+    if p.flag("object") {
+        return Err(Fail::new("--object is not supported"));
+    }
+    let size = p.value("size").map(measure_size).transpose()?;
+    let file = match (p.operands.as_slice(), size) {
+        ([f], None) => Some(f.clone()),
+        ([], Some(_)) => None,
+        ([_, ..], Some(_)) => {
+            return Err(Fail::new(
+                "--size N cannot be used together with a filename.",
+            ))
+        }
+        ([], None) => {
+            return Err(Fail::new(
+                "Either --size N or one filename must be specified.",
+            ))
+        }
+        (_, None) => return Err(Fail::new("Expecting one image file name")),
+    };
+    if file.is_none() && (p.flag("format") || p.flag("snapshot") || p.flag("image-opts")) {
+        return Err(Fail::new(
+            "--image-opts, -f, and -l require a filename argument.",
+        ));
+    }
+    let fmt = p.value("target-format").unwrap_or("raw");
+    let fmt = Format::parse(fmt).map_err(|_| Fail::new(format!("Unknown file format '{fmt}'")))?;
+    let mut mo = MeasureOptions::new(fmt);
+    for o in p.values("options") {
+        for (k, v) in create::split_options(&o)? {
+            mo.set(&k, &v)?;
+        }
+    }
+    if size.is_some() {
+        mo.size = size;
+    }
+    let disk = match &file {
+        Some(f) => {
+            let mut oo = open_opts(&p);
+            if let Some(l) = p.value("snapshot") {
+                oo.snapshot = Some(snapshot_param(l)?);
+            }
+            Some(open(f, p.value("format"), &oo).await.map_err(|e| {
+                if oo.snapshot.is_some() && e.msg.contains("Can't find snapshot") {
+                    Fail::new("Failed to load snapshot: Can't find snapshot")
+                } else {
+                    e
+                }
+            })?)
+        }
+        None => None,
+    };
+    let m = measure::measure(disk.as_ref(), &mo).await?;
+    if json {
+        print_json(&m.to_json());
+    } else {
+        print!("{}", m.human());
+    }
+    Ok(0)
+}
+
+async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
+    use qcow2_core::jobs::amend::{self, AmendOptions};
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('o', "options", true),
+            opt('t', "cache", true),
+            opt('p', "progress", false),
+            opt('q', "quiet", false),
+            opt('\0', "force", false),
+            opt('\0', "object", true),
+        ]),
+    )?;
+    if p.flag("object") {
+        return Err(Fail::new("--object is not supported"));
+    }
+    let opts = p.values("options");
+    if opts.is_empty() {
+        return Err(Fail::new("Must specify options (-o)"));
+    }
+    let file = match p.operands.as_slice() {
+        [f] => f.clone(),
+        _ => return Err(Fail::new("Expecting one image file name")),
+    };
+    let mut ao = AmendOptions::default();
+    for o in &opts {
+        for (k, v) in create::split_options(o)? {
+            ao.set(&k, &v)?;
+        }
+    }
+    let mut oo = open_opts(&p);
+    oo.writable = true;
+    oo.no_backing = true;
+    let disk = open(&file, p.value("format"), &oo).await?;
+    let Disk::Qcow2(img) = disk else {
+        return Err(Fail::new(
+            "Format driver 'raw' does not support option amendment",
+        ));
+    };
+    amend::amend(img, &ao)
+        .await
+        .map_err(|e| Fail::new(e.message().to_string()))?;
     Ok(0)
 }

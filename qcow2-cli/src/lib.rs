@@ -20,6 +20,8 @@ Commands (options as qemu-img):
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
   rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-U] [-u] -b BACKING|\"\" [-F FMT] FILE
   commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE
+  amend -o OPTS [-f FMT] [-p] [-q] [--force] FILE
+  measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE

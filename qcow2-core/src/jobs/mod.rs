@@ -1,11 +1,13 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot, rebase, commit.
+//! info, resize, snapshot, rebase, commit, measure, amend.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod measure;
 pub mod rebase;
 pub mod repair;
 pub mod resize;

@@ -1,0 +1,248 @@
+"""`qcow2rs amend -o ...` against qemu-img: after each change `qemu-img check` is clean, `qemu-img info`
+shows the change, the guest content is unchanged (`qemu-img compare` with a copy made before) and
+qemu-img can amend the image back; refused changes give one error line, exit 1 and leave the file
+byte-identical."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from interop import qemu_img
+from qemu_tools import qemu_io
+
+WRITES = [
+    "write -q -P 0x11 0 65536",
+    "write -q -P 0x22 100000 300000",
+    "write -q -z 1048576 131072",
+    "write -q -P 0x33 2097152 4096",
+]
+
+
+def make(d, name, opts="", backing=None, writes=WRITES, snapshot=False):
+    """A 4M image made by qemu-img/qemu-io; with `snapshot`, a snapshot s1 then more writes
+    (a zero cluster only in the active state: zero clusters inside a snapshot are refused by
+    our downgrade, see test_amend_downgrade_snapshot_zero_refused)."""
+    path = d / name
+    args = ["create", "-q", "-f", "qcow2"]
+    if opts:
+        args += ["-o", opts]
+    if backing:
+        args += ["-b", backing, "-F", "qcow2"]
+    args += [path, "4M"]
+    cp = qemu_img(*args, cwd=d)
+    assert cp.returncode == 0, cp.stderr
+    if writes:
+        qemu_io(path, *(w for w in writes if not (snapshot and " -z " in w)), cwd=d)
+    if snapshot:
+        assert qemu_img("snapshot", "-c", "s1", path).returncode == 0
+        qemu_io(path, "write -q -P 0x44 0 4096", "write -q -z 3145728 65536", cwd=d)
+    return path
+
+
+def info(path):
+    cp = qemu_img("info", "--output=json", path)
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout)
+
+
+def specific(path):
+    return info(path)["format-specific"]["data"]
+
+
+def assert_clean(path):
+    cp = qemu_img("check", path)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def assert_same_content(a, b):
+    cp = qemu_img("compare", a, b)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+@pytest.fixture
+def base(qemu, scratch):
+    return make(scratch, "base.qcow2", writes=["write -q -P 0x55 0 4M"])
+
+
+CASES = [
+    # (image options, backing?, snapshot?, amend options, check on info, amend back)
+    ("compat=1.1", False, False, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
+    ("compat=1.1", True, False, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
+    ("compat=1.1", False, True, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
+    ("compat=1.1,cluster_size=4096", False, False, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
+    ("compat=0.10", False, False, "compat=1.1", {"compat": "1.1"}, "compat=0.10"),
+    ("compat=0.10", False, True, "compat=1.1", {"compat": "1.1"}, "compat=0.10"),
+    ("compat=1.1", False, False, "lazy_refcounts=on", {"lazy-refcounts": True}, "lazy_refcounts=off"),
+    ("lazy_refcounts=on", False, False, "lazy_refcounts=off", {"lazy-refcounts": False}, "lazy_refcounts=on"),
+    ("compat=1.1,lazy_refcounts=on", False, False, "compat=0.10", {"compat": "0.10"}, "compat=1.1"),
+    ("compat=1.1", False, False, "size=8M", {}, "size=4M"),
+    ("compat=1.1", False, False, "refcount_bits=1", {"refcount-bits": 1}, "refcount_bits=16"),
+    ("compat=1.1", False, False, "refcount_bits=8", {"refcount-bits": 8}, "refcount_bits=16"),
+    ("compat=1.1", True, False, "refcount_bits=64", {"refcount-bits": 64}, "refcount_bits=16"),
+    ("compat=1.1,cluster_size=512", False, True, "refcount_bits=2", {"refcount-bits": 2}, "refcount_bits=16"),
+    ("compat=1.1,refcount_bits=64,cluster_size=4096", False, True, "refcount_bits=4", {"refcount-bits": 4}, "refcount_bits=64"),
+    ("compat=0.10", False, False, "compat=1.1,lazy_refcounts=on", {"compat": "1.1", "lazy-refcounts": True}, "lazy_refcounts=off,compat=0.10"),
+]
+
+
+@pytest.mark.parametrize("image_opts,backing,snapshot,amend,expect,back", CASES, ids=[f"{c[0]}{'+backing' if c[1] else ''}{'+snap' if c[2] else ''}:{c[3]}" for c in CASES])
+def test_amend_change(image_opts, backing, snapshot, amend, expect, back, cli, scratch, base):
+    img = make(scratch, "img.qcow2", image_opts, backing=base.name if backing else None, snapshot=snapshot)
+    before = scratch / "before.qcow2"
+    shutil.copyfile(img, before)
+    snaps_before = qemu_img("snapshot", "-l", img).stdout
+    cp = cli("amend", "-o", amend, img)
+    assert cp.returncode == 0, cp.stderr
+    assert_clean(img)
+    spec = specific(img)
+    for k, v in expect.items():
+        assert spec.get(k) == v, (k, spec)
+    if "size=" in amend:
+        assert info(img)["virtual-size"] == 8 << 20
+        cp = qemu_img("compare", before, img)  # the grown part reads as zeros
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    else:
+        assert_same_content(img, before)
+    assert qemu_img("snapshot", "-l", img).stdout == snaps_before
+    if snapshot:
+        for f in (img, before):
+            cp = qemu_img("convert", "-l", "s1", "-O", "raw", f, scratch / f"{f.stem}-s1.raw")
+            assert cp.returncode == 0, cp.stderr
+        assert (scratch / "img-s1.raw").read_bytes() == (scratch / "before-s1.raw").read_bytes()
+    # qemu-img can amend it back, and the content still holds.
+    cp = qemu_img("amend", "-o", back, img)
+    assert cp.returncode == 0, cp.stderr
+    assert_clean(img)
+    assert_same_content(img, before)
+
+
+def test_amend_downgrade_zero_clusters(cli, scratch, qemu):
+    """compat=0.10 cannot flag zero clusters: without a backing file they become unallocated
+    (reading zeros all the same), as qemu-img does; no zero flag is left in the map."""
+    img = make(scratch, "img.qcow2", "compat=1.1")
+    ref = scratch / "ref.qcow2"
+    shutil.copyfile(img, ref)
+    assert cli("amend", "-o", "compat=0.10", img).returncode == 0
+    assert qemu_img("amend", "-o", "compat=0.10", ref).returncode == 0
+    ours = json.loads(qemu_img("map", "--output=json", img).stdout)
+    theirs = json.loads(qemu_img("map", "--output=json", ref).stdout)
+    strip = lambda m: [{k: v for k, v in e.items() if k != "offset"} for e in m]  # noqa: E731
+    assert strip(ours) == strip(theirs)
+    assert_clean(img)
+
+
+REFUSALS = [
+    ("compat=1.1", "cluster_size=4096"),
+    ("compat=1.1", "extended_l2=on"),
+    ("compat=1.1", "compression_type=zstd"),
+    ("compat=1.1", "preallocation=full"),
+    ("compat=1.1", "foo=bar"),
+    ("compat=1.1", "compat=2"),
+    ("compat=1.1", "backing_file=other.qcow2"),
+    ("compat=1.1", "backing_fmt=raw"),
+    ("compat=1.1", "data_file_raw=on"),
+    ("compat=1.1", "data_file=x.raw"),
+    ("compat=1.1", "refcount_bits=3"),
+    ("compat=1.1", "lazy_refcounts=maybe"),
+    ("compat=1.1,extended_l2=on", "compat=0.10"),
+    ("compat=1.1,refcount_bits=8", "compat=0.10"),
+    ("compat=0.10", "lazy_refcounts=on"),
+    ("compat=0.10", "refcount_bits=8"),
+    ("compat=1.1", "compat=0.10,refcount_bits=8"),
+]
+
+
+@pytest.mark.parametrize("image_opts,amend", REFUSALS, ids=[f"{a}:{b}" for a, b in REFUSALS])
+def test_amend_refused(image_opts, amend, cli, scratch, qemu):
+    """Refused as by qemu-img (exit 1, an error naming the problem) and the file is unchanged."""
+    img = make(scratch, "img.qcow2", image_opts)
+    ref = scratch / "ref.qcow2"
+    shutil.copyfile(img, ref)
+    before = img.read_bytes()
+    theirs = qemu_img("amend", "-o", amend, ref)
+    assert theirs.returncode == 1, theirs.stderr
+    ours = cli("amend", "-o", amend, img)
+    assert ours.returncode == 1, ours.stderr
+    assert len(ours.stderr.strip().splitlines()) == 1, ours.stderr
+    assert img.read_bytes() == before
+
+
+def test_amend_usage(cli, scratch, qemu):
+    img = make(scratch, "img.qcow2")
+    for args in (["amend", img], ["amend", "-o", "compat=1.1"], ["amend", "-o", "compat=1.1", img, img]):
+        ref = qemu_img(*args[1:] if False else args)
+        ours = cli(*args)
+        assert ref.returncode == ours.returncode == 1, (ours.stderr, ref.stderr)
+    raw = scratch / "x.raw"
+    raw.write_bytes(b"\0" * 4096)
+    ours = cli("amend", "-f", "raw", "-o", "size=8192", raw)
+    assert ours.returncode == 1
+    assert "does not support option amendment" in ours.stderr
+
+
+def test_amend_downgrade_snapshot_zero_refused(cli, scratch, qemu):
+    """Zero clusters inside an internal snapshot: not supported by our downgrade (qemu-img
+    expands them); refused before any change, the file byte-identical."""
+    img = make(scratch, "img.qcow2", "compat=1.1")
+    assert qemu_img("snapshot", "-c", "s1", img).returncode == 0
+    before = img.read_bytes()
+    ours = cli("amend", "-o", "compat=0.10", img)
+    assert ours.returncode == 1
+    assert "not supported" in ours.stderr
+    assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize("amend", ["lazy_refcounts=off", "compat=0.10"])
+def test_amend_dirty_image(amend, cli, scratch, qemu):
+    """A lazy-refcounts image left dirty by a crash: its refcounts are repaired first (as
+    qemu-img marks it clean first), then the change is made; check is clean, content kept."""
+    img = make(scratch, "img.qcow2", "lazy_refcounts=on")
+    cp = qemu_io(img, "write -q -P 0xd1 2097152 196608", "write -q -P 0xd2 0 4096", "abort", cwd=scratch, check=False)
+    assert cp.returncode != 0
+    assert info(img)["dirty-flag"] is True
+    before = scratch / "before.raw"
+    assert qemu_img("convert", "-O", "raw", img, before).returncode == 0
+    cp = cli("amend", "-o", amend, img)
+    assert cp.returncode == 0, cp.stderr
+    assert_clean(img)
+    i = info(img)
+    assert i["dirty-flag"] is False
+    assert i["format-specific"]["data"].get("lazy-refcounts", False) is False
+    cp = qemu_img("compare", "-F", "raw", img, before)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_amend_backing_unchanged_accepted(cli, scratch, base):
+    """backing_file/backing_fmt equal to the current ones: accepted (nothing changes), as
+    qemu-img; any other value is refused (test_amend_refused)."""
+    img = make(scratch, "img.qcow2", backing=base.name)
+    ref = scratch / "ref.qcow2"
+    shutil.copyfile(img, ref)
+    opts = f"backing_file={base.name},backing_fmt=qcow2"
+    assert qemu_img("amend", "-o", opts, ref).returncode == 0
+    cp = cli("amend", "-o", opts, img)
+    assert cp.returncode == 0, cp.stderr
+    assert_clean(img)
+    assert info(img)["backing-filename"] == base.name
+    for bad in (f"backing_file={base.name}", "backing_fmt=qcow2"):
+        before = img.read_bytes()
+        assert qemu_img("amend", "-o", bad, ref).returncode == 1
+        assert cli("amend", "-o", bad, img).returncode == 1
+        assert img.read_bytes() == before
+
+
+def test_amend_refcount_width_too_narrow(cli, scratch, qemu):
+    """refcount_bits=1 while a snapshot shares clusters (refcount 2): refused as by qemu-img,
+    the file byte-identical."""
+    img = make(scratch, "img.qcow2", snapshot=True)
+    ref = scratch / "ref.qcow2"
+    shutil.copyfile(img, ref)
+    before = img.read_bytes()
+    theirs = qemu_img("amend", "-o", "refcount_bits=1", ref)
+    ours = cli("amend", "-o", "refcount_bits=1", img)
+    assert theirs.returncode == ours.returncode == 1, (ours.stderr, theirs.stderr)
+    assert "Cannot decrease refcount entry width to 1 bits" in ours.stderr
+    assert img.read_bytes() == before
