@@ -11,7 +11,7 @@
 //! file (crash-safe: new structure first, then the header switch).
 
 use crate::engine::image::Image;
-use crate::format::header::{self, FeatureKind, FeatureName};
+use crate::format::header;
 use crate::format::l2::{self, ClusterEntry};
 use crate::{Error, Result};
 
@@ -96,25 +96,6 @@ impl AmendOptions {
         }
         Ok(())
     }
-}
-
-/// The feature name table QEMU writes into v3 headers.
-fn feature_table() -> Vec<FeatureName> {
-    let f = |kind, bit, name: &str| FeatureName {
-        kind,
-        bit,
-        name: name.to_string(),
-    };
-    vec![
-        f(FeatureKind::Incompatible, 0, "dirty bit"),
-        f(FeatureKind::Incompatible, 1, "corrupt bit"),
-        f(FeatureKind::Incompatible, 2, "external data file"),
-        f(FeatureKind::Incompatible, 3, "compression type"),
-        f(FeatureKind::Incompatible, 4, "extended L2 entries"),
-        f(FeatureKind::Compatible, 0, "lazy refcounts"),
-        f(FeatureKind::Autoclear, 0, "bitmaps"),
-        f(FeatureKind::Autoclear, 1, "raw external data"),
-    ]
 }
 
 /// Amend `img` (opened writable) as `opts` says, then close it. Everything is checked first:
@@ -208,7 +189,7 @@ async fn amend_open(img: &Image, opts: &AmendOptions) -> Result<Option<u32>> {
         nh.refcount_order = 4;
         nh.compression_type_raw = 0;
         nh.extra_fields = vec![0u8; 7];
-        nh.feature_names = feature_table();
+        nh.feature_names = super::create::feature_table();
         write_header(img, nh).await?;
     }
     {

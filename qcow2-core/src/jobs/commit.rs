@@ -226,15 +226,8 @@ impl Image {
     /// backing file, or as zeros without one), freeing what only it referenced: what
     /// `qemu-img commit` leaves in the overlay. Internal snapshots keep their clusters.
     pub async fn make_empty(&self) -> Result<()> {
+        self.check_write(0, 0)?;
         let w = self.ws()?;
-        self.check_poison()?;
-        self.check_usable()?;
-        if self.inner.header.read().corrupt() {
-            return Err(Error::read_only(format!(
-                "{}: image is marked corrupt; writes are refused",
-                self.inner.path.display()
-            )));
-        }
         self.before_first_write().await?;
         let _ticket = self.ticket();
         let lay = self.inner.layout;

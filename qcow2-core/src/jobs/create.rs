@@ -90,7 +90,8 @@ impl Default for CreateOptions {
     }
 }
 
-fn feature_table() -> Vec<FeatureName> {
+/// The feature name table QEMU writes into v3 headers.
+pub(crate) fn feature_table() -> Vec<FeatureName> {
     let f = |kind, bit, name: &str| FeatureName {
         kind,
         bit,
