@@ -519,3 +519,39 @@ pub fn short(op: &Op) -> String {
         o => format!("{o:?}"),
     }
 }
+
+/// Open `path` writable through a `HookStorage` over the real file, so a test can hold, delay
+/// or fail chosen storage requests while others run.
+pub async fn open_hooked(
+    path: &Path,
+) -> (Image, std::sync::Arc<qcow2_core::io::fault::HookStorage>) {
+    open_hooked_opts(path, OpenOptions::default()).await
+}
+
+/// `open_hooked` with the given open options (`writable` is forced on).
+pub async fn open_hooked_opts(
+    path: &Path,
+    opts: OpenOptions,
+) -> (Image, std::sync::Arc<qcow2_core::io::fault::HookStorage>) {
+    use qcow2_core::io::{open_file, FileOptions, Storage};
+    let file = open_file(
+        path,
+        &FileOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let hs = qcow2_core::io::fault::HookStorage::new(file);
+    let img = Image::open_storage(
+        hs.clone() as std::sync::Arc<dyn Storage>,
+        path,
+        &OpenOptions {
+            writable: true,
+            ..opts
+        },
+    )
+    .await
+    .unwrap();
+    (img, hs)
+}

@@ -12,9 +12,8 @@ use crate::common::*;
 use qcow2_core::check::{check, CheckOptions};
 use qcow2_core::create::{create_qcow2, CreateOptions};
 use qcow2_core::format::l2::{self, ClusterEntry};
-use qcow2_core::io::fault::{Gate, HookStorage, Match, Op};
-use qcow2_core::io::{open_file, FileOptions, Storage};
-use qcow2_core::{Image, OpenOptions, ZeroMode};
+use qcow2_core::io::fault::{Gate, Match, Op};
+use qcow2_core::{Image, ZeroMode};
 use rand::Rng;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,29 +32,6 @@ async fn make(path: &Path, size: u64) {
     )
     .await
     .unwrap();
-}
-
-async fn open_hooked(path: &Path) -> (Image, Arc<HookStorage>) {
-    let file = open_file(
-        path,
-        &FileOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let hs = HookStorage::new(file);
-    let img = Image::open_storage(
-        hs.clone() as Arc<dyn Storage>,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    (img, hs)
 }
 
 async fn arrived(g: &Gate, what: &str) {

@@ -5,11 +5,9 @@
 
 use crate::common::*;
 use qcow2_core::create::{create_qcow2, CreateOptions};
-use qcow2_core::io::fault::{HookStorage, Match, Op};
-use qcow2_core::io::{open_file, FileOptions, Storage};
+use qcow2_core::io::fault::{Match, Op};
 use qcow2_core::{Disk, ErrorKind, Image, OpenOptions};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Create an image of `size` bytes with our `create`.
@@ -23,34 +21,6 @@ async fn make(path: &Path, size: u64, co: CreateOptions) {
     )
     .await
     .unwrap();
-}
-
-/// Open `path` writable through a `HookStorage` over the real file.
-async fn open_hooked(path: &Path) -> (Image, Arc<HookStorage>) {
-    open_hooked_opts(path, OpenOptions::default()).await
-}
-
-async fn open_hooked_opts(path: &Path, opts: OpenOptions) -> (Image, Arc<HookStorage>) {
-    let file = open_file(
-        path,
-        &FileOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let hs = HookStorage::new(file);
-    let img = Image::open_storage(
-        hs.clone() as Arc<dyn Storage>,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..opts
-        },
-    )
-    .await
-    .unwrap();
-    (img, hs)
 }
 
 /// Wait (bounded) for a gate, so that a test that goes wrong fails instead of hanging.

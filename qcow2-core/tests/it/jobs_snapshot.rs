@@ -426,8 +426,7 @@ async fn our_snapshot(path: &Path, name: &str) -> Vec<u8> {
 /// changes once the create has returned. Requests arriving during the create wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_create_drains_inflight_writes() {
-    use qcow2_core::io::fault::{HookStorage, Match, Op};
-    use qcow2_core::io::{open_file, FileOptions};
+    use qcow2_core::io::fault::{Match, Op};
     use std::time::Duration;
     if !have_qemu() {
         return;
@@ -440,25 +439,7 @@ async fn snapshot_create_drains_inflight_writes() {
         .find(|e| e["start"] == 0)
         .and_then(|e| e["offset"].as_u64())
         .expect("guest cluster 0 is allocated");
-    let file = open_file(
-        &path,
-        &FileOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let hs = HookStorage::new(file);
-    let img = Image::open_storage(
-        hs.clone() as Arc<dyn Storage>,
-        &path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (img, hs) = open_hooked(&path).await;
     let gate = hs.hold(Match::op(Op::Write).range(host0, 4096));
     let w = {
         let img = img.clone();
