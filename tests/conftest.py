@@ -15,24 +15,11 @@ from pathlib import Path
 import pytest
 
 from imagematrix import IMAGE_NAMES, SPECS, Matrix
-from qemu_tools import in_ci, missing_qemu_tools, qcow2rs_bin, run
+from qemu_tools import in_ci, qcow2rs_bin, require_qemu, run
 
 
 def pytest_report_header(config):
     return [f"qcow2rs binary: {qcow2rs_bin()}  (override with QCOW2RS_BIN)", f"CI mode: {in_ci()}"]
-
-
-def require_qemu():
-    """Skip (or fail under CI=true) when qemu-img / qemu-io are not installed."""
-    missing = missing_qemu_tools()
-    if missing:
-        msg = (
-            f"{' and '.join(missing)} not found: qemu-img and qemu-io are needed for the interop tests "
-            "(Debian/Ubuntu: apt-get install qemu-utils)"
-        )
-        if in_ci():
-            pytest.fail(msg + " [CI=true: failing instead of skipping]", pytrace=False)
-        pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,21 @@ class CommandError(RuntimeError):
     pass
 
 
+def require_qemu() -> None:
+    """Skip the calling test (or fail it under CI=true) when qemu-img / qemu-io are missing."""
+    import pytest
+
+    missing = missing_qemu_tools()
+    if missing:
+        msg = (
+            f"{' and '.join(missing)} not found: qemu-img and qemu-io are needed for these tests "
+            "(Debian/Ubuntu: apt-get install qemu-utils)"
+        )
+        if in_ci():
+            pytest.fail(msg + " [CI=true: failing instead of skipping]", pytrace=False)
+        pytest.skip(msg)
+
+
 def _no_core_dumps():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagematrix import IMAGE_NAMES, Matrix
-from qemu_tools import in_ci, missing_qemu_tools, run
+from qemu_tools import require_qemu, run
 
 import qcow2rs
 
@@ -29,12 +29,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def qemu():
-    missing = missing_qemu_tools()
-    if missing:
-        msg = f"{' and '.join(missing)} not found (Debian/Ubuntu: apt-get install qemu-utils)"
-        if in_ci():
-            pytest.fail(msg + " [CI=true: failing instead of skipping]", pytrace=False)
-        pytest.skip(msg)
+    require_qemu()
 
 
 @pytest.fixture(scope="session")
