@@ -202,8 +202,15 @@ def test_loop_closed_before_completion(img_path):
     """A loop that goes away with requests in flight: the results are dropped quietly."""
     loop = asyncio.new_event_loop()
     img = qcow2rs.open(img_path)
-    fut = loop.create_future()
-    img._aio_pread(qcow2rs._qcow2rs._Completions(loop), fut, 1 << 20, 0)
+
+    class Owner:  # what AsyncImage gives the extension: the queue of "the running loop"
+        q = qcow2rs._qcow2rs._Completions(loop)
+
+        def _queue(self):
+            return self.q
+
+    fut = img._aio_pread(Owner(), 1 << 20, 0)
+    assert isinstance(fut, asyncio.Future) and not fut.done()
     loop.close()
     time.sleep(0.2)
     assert img.pread(4, 0) == bytes(4)
