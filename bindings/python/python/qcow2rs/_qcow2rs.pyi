@@ -5,7 +5,7 @@ import asyncio
 import io
 import os
 from types import TracebackType
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, final, overload
 
 from typing_extensions import Buffer, Self
@@ -23,6 +23,8 @@ __all__ = [
     "compare",
     "rebase",
     "commit",
+    "amend",
+    "measure",
     "cli_main",
     "_aio_open",
     "_Completions",
@@ -151,6 +153,19 @@ def commit(
     drop: bool = False,
     progress: Callable[[float], object] | None = None,
 ) -> None: ...
+_OptionValue = str | int | bool
+
+def amend(path: _Path, options: Mapping[str, _OptionValue] | None = None, /, **kwargs: _OptionValue) -> None: ...
+def measure(
+    path: _Path | None = None,
+    options: Mapping[str, _OptionValue] | None = None,
+    /,
+    *,
+    size: int | None = None,
+    out_format: str = "qcow2",
+    format: str | None = None,
+    **kwargs: _OptionValue,
+) -> dict[str, int]: ...
 def convert(
     src: _Path,
     dst: _Path,
