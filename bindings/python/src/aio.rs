@@ -59,11 +59,11 @@ pub enum Outcome {
     /// An opened image (for `qcow2rs.aio.open`).
     Opened(core::Image, String),
     /// An error, naming a file.
-    Failed(Error, Option<String>),
+    Failed(Error, Option<Arc<str>>),
 }
 
 impl Outcome {
-    pub fn unit(r: core::Result<()>, name: String) -> Outcome {
+    pub fn unit(r: core::Result<()>, name: Arc<str>) -> Outcome {
         match r {
             Ok(()) => Outcome::Unit,
             Err(e) => Outcome::Failed(e, Some(name)),
@@ -459,7 +459,7 @@ pub fn submit_open(q: &Completions, fut: Py<PyAny>, args: crate::image::OpenArgs
         let name = args.name();
         match args.open().await {
             Ok(img) => Outcome::Opened(img, name),
-            Err(e) => Outcome::Failed(e, Some(name)),
+            Err(e) => Outcome::Failed(e, Some(name.into())),
         }
     };
     runtime::spawn(async move {

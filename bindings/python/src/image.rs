@@ -82,7 +82,8 @@ impl OpenArgs {
 #[pyclass(frozen, module = "qcow2rs", name = "Image")]
 pub struct Image {
     slot: parking_lot::RwLock<Option<Arc<Shared>>>,
-    name: String,
+    /// The file name (shared with the requests in flight, for their errors).
+    name: Arc<str>,
     read_only: bool,
     size: std::sync::atomic::AtomicU64,
     cluster_size: u64,
@@ -99,7 +100,7 @@ impl Image {
     pub fn new(img: core::Image, name: String) -> Image {
         let h = img.header();
         Image {
-            name,
+            name: name.into(),
             read_only: !img.is_writable(),
             size: std::sync::atomic::AtomicU64::new(img.size()),
             cluster_size: img.layout().cluster_size,
