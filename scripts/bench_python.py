@@ -4,6 +4,7 @@
 Usage (from the repository root, after `make build python`):
 
     .venv/bin/python scripts/bench_python.py [--quick] [--repeat N] [--dir DIR] [--pyqcow VENV]
+                                             [--only TEXT]
 
 Workloads, each run with the Python API and with `qcow2rs bench` / `qcow2rs convert` (the Rust
 binary, target/release/qcow2rs) on the same image, alternating, best of N:
@@ -19,6 +20,11 @@ binary, target/release/qcow2rs) on the same image, alternating, best of N:
   reads and 1 MiB sequential reads from one thread (it has no asyncio API and is not
   thread-safe).
 
+Besides the best wall time of each side, the table gives the CPU time per request (user +
+system, all threads: the Python process itself, the `qcow2rs` child process with its start-up),
+the least of the runs: on a machine shared with other work it varies much less than wall time.
+`--only TEXT` runs only the rows whose label contains TEXT (e.g. `--only asyncio`).
+
 The image (1 GiB, 64 KiB clusters, every cluster written, half random, half text) is made once
 with qcow2rs in DIR (default target/bench/python) and reused.
 """
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -157,6 +164,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=ROOT / "target" / "bench" / "python")
     ap.add_argument("--pyqcow", type=Path, help="a venv with libqcow-python installed")
+    ap.add_argument("--only", help="run only the rows whose label contains this text (e.g. asyncio)")
     a = ap.parse_args()
     if not BIN.is_file():
         print(f"{BIN} missing: run `make build`", file=sys.stderr)
@@ -172,18 +180,27 @@ def main() -> int:
     offs4 = offsets(n4, 4 * KiB, STEP)
     offs1 = offsets(n1, MiB, MiB)
     load0 = os.getloadavg()
-    rows: list[tuple[str, str, float, str, float, int, int]] = []
+    rows: list[tuple[str, str, float, float, str, float, float, int, int]] = []
 
-    def best(fn) -> float:
-        return min(fn() for _ in range(a.repeat))
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
 
     def pair(label: str, py_label: str, py_fn, rust_label: str, rust_fn, count: int, bs: int) -> None:
+        """Best wall time of each side, and the least CPU time (all threads; for the other
+        side the child process, start-up included) of any of its runs."""
+        if a.only and a.only not in label:
+            return
         print(f"== {label}", file=sys.stderr)
-        py_t, rs_t = [], []
+        py_t, rs_t, py_c, rs_c = [], [], [], []
         for _ in range(a.repeat):
+            c0 = children_cpu()
             rs_t.append(rust_fn())
+            rs_c.append(children_cpu() - c0)
+            c0 = time.process_time()
             py_t.append(py_fn())
-        rows.append((label, py_label, min(py_t), rust_label, min(rs_t), count, bs))
+            py_c.append(time.process_time() - c0)
+        rows.append((label, py_label, min(py_t), min(py_c), rust_label, min(rs_t), min(rs_c), count, bs))
 
     with qcow2rs.open(img) as im:
         for threads, depth in ((1, 1), (4, 4)):
@@ -217,11 +234,13 @@ def main() -> int:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load0)}, "
           f"after: {' '.join(f'{x:.2f}' for x in load1)}")
     print()
-    print("| workload | Python | s | other | s | Python / other (rate) | Python rate |")
-    print("|---|---|---:|---|---:|---:|---|")
-    for label, pl, pt, rl, rt, count, bs in rows:
+    print("| workload | Python | s | other | s | Python / other (rate) | Python rate "
+          "| CPU µs per request: Python | other |")
+    print("|---|---|---:|---|---:|---:|---|---:|---:|")
+    for label, pl, pt, pc, rl, rt, rc, count, bs in rows:
         rate = f"{count / pt:.0f} IOPS, {count * bs / pt / MiB:.0f} MiB/s" if count > 1 else f"{bs / pt / MiB:.0f} MiB/s"
-        print(f"| {label} | {pl} | {pt:.3f} | {rl} | {rt:.3f} | {rt / pt:.2f} | {rate} |")
+        cpu = "| - | - |" if label.startswith("pyqcow") else f"| {pc / count * 1e6:.2f} | {rc / count * 1e6:.2f} |"
+        print(f"| {label} | {pl} | {pt:.3f} | {rl} | {rt:.3f} | {rt / pt:.2f} | {rate} {cpu}")
     return 0
 
 

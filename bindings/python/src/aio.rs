@@ -1,24 +1,30 @@
 //! Requests of the asyncio API and the delivery of their completions.
 //!
-//! A request runs on the request runner (`qcow2_core::runner`): its future is polled first
-//! inside the submitting call, on the loop's thread (with the GIL held: a first poll never
-//! waits for I/O; page-cache reads complete there), then, if not finished, by the runner's
-//! worker tasks on the runtime as its I/O completes. It runs to its end even when the Python
-//! task awaiting it is cancelled (its result is then dropped), so buffers it borrowed stay
-//! held until the engine is done with them.
+//! A request runs on the request runner (`qcow2_core::runner`): a read or write of up to
+//! [`INLINE_MAX`] is polled first inside the submitting call, on the loop's thread (without
+//! the GIL: a first poll never waits for I/O; page-cache reads complete there), then, if not
+//! finished, by the runner's worker tasks on the runtime as its I/O completes; other requests
+//! go to the workers at once. A request runs to its end even when the Python task awaiting it
+//! is cancelled (its result is then dropped), so buffers it borrowed stay held until the
+//! engine is done with them.
+//!
+//! A request that completed inside its submitting call returns its result (or raises) right
+//! there: no future, no loop lookup, no round trip through the loop. Every [`INLINE_YIELD`]-th
+//! such request gets a future resolved through the loop's queue instead, so that the awaiting
+//! task yields now and then. Only requests that need a future ask for the running loop
+//! (`AsyncImage._queue()`, which calls `asyncio.get_running_loop()`: a system call per call
+//! on Python 3.11, for its fork check) and create one with `loop.create_future()`.
 //!
 //! Completions go to the `_Completions` queue of the event loop that submitted them (one per
 //! `AsyncImage` and loop). The queue is drained on the loop's own thread by `_drain`, which
 //! releases the buffers, skips futures that are already done (cancelled) and resolves the
-//! others. A request that completed inside its submitting call (on the loop's thread) has its
-//! future resolved right there, before the coroutine awaits it (no round trip through the
-//! loop); one in [`INLINE_YIELD`] goes through the queue instead, so that the awaiting task
-//! yields now and then. A queue is *armed* while a drain is scheduled: such a request arms it
-//! with `loop.call_soon` (no other thread is involved). A request that
-//! completed on a runtime worker and finds the queue unarmed asks the delivery thread
-//! (`qcow2rs-py-aio`) to schedule a drain with `loop.call_soon_threadsafe`. A drain that found
-//! work schedules the next one with `loop.call_soon`, so while the loop is busy, completions
-//! are picked up by the loop itself and no other thread has to wait for the GIL; a drain that
+//! others: one drain resolves every completion queued so far. A queue is *armed* while a
+//! drain is scheduled: a request delivered from the loop's thread arms it with
+//! `loop.call_soon`; a request that completed on a runtime worker and finds the queue unarmed
+//! asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
+//! `loop.call_soon_threadsafe` (one per batch, not per request). A drain that found work
+//! schedules the next one with `loop.call_soon`, so while the loop is busy, completions are
+//! picked up by the loop itself and no other thread has to wait for the GIL; a drain that
 //! finds the queue empty disarms it.
 
 use crate::buffers::HeldBuffer;
@@ -35,7 +41,6 @@ use qcow2_core::{self as core, Error, ErrorKind};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -54,11 +59,11 @@ pub enum Outcome {
     /// An opened image (for `qcow2rs.aio.open`).
     Opened(core::Image, String),
     /// An error, naming a file.
-    Failed(Error, Option<String>),
+    Failed(Error, Option<Arc<str>>),
 }
 
 impl Outcome {
-    pub fn unit(r: core::Result<()>, name: String) -> Outcome {
+    pub fn unit(r: core::Result<()>, name: Arc<str>) -> Outcome {
         match r {
             Ok(()) => Outcome::Unit,
             Err(e) => Outcome::Failed(e, Some(name)),
@@ -88,11 +93,7 @@ struct Completion {
 impl Completion {
     /// Release the buffer, then resolve the future unless it is already done (cancelled).
     fn resolve(self, py: Python<'_>) {
-        if let Some(h) = self.hold {
-            if let Ok(h) = Arc::try_unwrap(h) {
-                h.release(py);
-            }
-        }
+        release(py, self.hold);
         let fut = self.fut.bind(py);
         // No `done()` check first (one Python call less per request): setting the result of
         // a cancelled future fails with InvalidStateError, which is then ignored.
@@ -125,8 +126,6 @@ struct QueueState {
 pub struct Queue {
     lp: Py<PyAny>,
     st: Mutex<QueueState>,
-    /// Requests of this queue that completed inside their submitting call (see [`submit`]).
-    inline_streak: AtomicU32,
 }
 
 impl Queue {
@@ -146,7 +145,7 @@ impl Queue {
                     // The GIL is held (inside the submitting call): drop it right here.
                     drop(c);
                 } else {
-                    send(Msg::Drop(c));
+                    send(Msg::Drop(Box::new(c)));
                 }
                 return;
             }
@@ -184,7 +183,6 @@ impl Completions {
             q: Arc::new(Queue {
                 lp,
                 st: Mutex::new(QueueState::default()),
-                inline_streak: AtomicU32::new(0),
             }),
         }
     }
@@ -220,8 +218,8 @@ impl Completions {
 enum Msg {
     /// Schedule a drain of this queue on its loop.
     Arm(Arc<Queue>),
-    /// Drop a completion nobody waits for (its loop is closed), with the GIL.
-    Drop(Completion),
+    /// Drop what a request left that nobody waits for (its loop is closed), with the GIL.
+    Drop(Box<dyn Send>),
 }
 
 static CHANNEL: OnceLock<Sender<Msg>> = OnceLock::new();
@@ -284,55 +282,152 @@ fn arm_with(py: Python<'_>, q: Arc<Queue>, how: &Bound<'_, pyo3::types::PyString
     }
 }
 
-/// Run `req` on the request runner (first polled right here with `inline`, see
-/// [`INLINE_MAX`]) and deliver its outcome to `fut` through the queue `q`.
-/// `hold` (a borrowed buffer) is released only after the request has completed. Called on the
-/// loop's thread with the GIL held (the `_aio_*` methods); the first poll runs without it.
+/// What a request's `done` found when it ran on a runtime worker ([`Inline::No`]): the
+/// future to resolve, if [`submit`] had already made it, else the outcome, which [`submit`]
+/// then delivers itself. Made per request that may complete inside its submitting call.
+#[derive(Default)]
+struct Handoff {
+    /// The future and its queue, set by [`submit`] once the first poll returned pending.
+    fut: Option<(Py<PyAny>, Arc<Queue>)>,
+    /// The completion, when the request finished on a worker before `fut` was set.
+    done: Option<(Outcome, Option<Arc<HeldBuffer>>)>,
+    /// [`submit`] could not make a future (no running loop): drop what comes.
+    abandoned: bool,
+}
+
+/// The queue of the running loop and a new future of that loop: `owner._queue()` (the
+/// `AsyncImage`, which keeps one `_Completions` per loop), then `loop.create_future()`.
+fn new_future(py: Python<'_>, owner: &Bound<'_, PyAny>) -> PyResult<(Arc<Queue>, Py<PyAny>)> {
+    let q = owner.call_method0(intern!(py, "_queue"))?;
+    let q = q.cast::<Completions>()?.get().q.clone();
+    let fut = q.lp.call_method0(py, intern!(py, "create_future"))?;
+    Ok((q, fut))
+}
+
+/// The outcome of a finished future, a panic turned into an error.
+fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
+    res.unwrap_or_else(|_| {
+        Outcome::Failed(
+            Error::new(ErrorKind::Io, "internal error: the request panicked"),
+            None,
+        )
+    })
+}
+
+/// Run `req` on the request runner and return what the awaiting coroutine gets: the result
+/// itself when the request completed inside this call (first polled right here when `inline`,
+/// see [`INLINE_MAX`]; an error is raised at once), else a future of the running loop that
+/// its completion resolves (through the loop's queue, see the module comment). `owner` is
+/// the `AsyncImage`; its `_queue()` (which asks asyncio for the running loop) is called only
+/// when a future is needed. `hold` (a borrowed buffer) is released only after the request has
+/// completed. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
+/// poll runs without it.
 pub fn submit(
     py: Python<'_>,
-    q: &Completions,
-    fut: Py<PyAny>,
+    owner: &Bound<'_, PyAny>,
     hold: Option<Arc<HeldBuffer>>,
     inline: bool,
     req: impl Future<Output = Outcome> + Send + 'static,
-) {
-    let queue = q.q.clone();
-    let done = move |res: std::thread::Result<Outcome>, inline| {
-        let outcome = res.unwrap_or_else(|_| {
-            Outcome::Failed(
-                Error::new(ErrorKind::Io, "internal error: the request panicked"),
-                None,
-            )
-        });
-        let c = Completion { fut, outcome, hold };
-        if inline == Inline::Yes {
-            INLINE_DONE.with(|d| *d.borrow_mut() = Some(c));
-        } else {
+) -> PyResult<Py<PyAny>> {
+    if !inline {
+        let (queue, fut) = new_future(py, owner)?;
+        let f = fut.clone_ref(py);
+        runtime::runner().spawn(req, move |res, _| {
+            let c = Completion {
+                fut: f,
+                outcome: outcome_of(res),
+                hold,
+            };
             queue.push(c, Inline::No);
+        });
+        return Ok(fut);
+    }
+    let handoff = Arc::new(Mutex::new(Handoff::default()));
+    let h = handoff.clone();
+    let done = move |res: std::thread::Result<Outcome>, inline| {
+        let outcome = outcome_of(res);
+        if inline == Inline::Yes {
+            INLINE_DONE.with(|d| *d.borrow_mut() = Some((outcome, hold)));
+            return;
+        }
+        let mut st = h.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((fut, queue)) = st.fut.take() {
+            drop(st);
+            queue.push(Completion { fut, outcome, hold }, Inline::No);
+        } else if st.abandoned {
+            drop(st);
+            send(Msg::Drop(Box::new((outcome, hold))));
+        } else {
+            st.done = Some((outcome, hold));
         }
     };
-    if !inline {
-        runtime::runner().spawn(req, done);
-        return;
-    }
     // The first poll may do the I/O itself (a page-cache hit): without the GIL, as every call
     // that does I/O. The outcome, if any, comes back through INLINE_DONE (this thread's).
     py.detach(|| runtime::runner().run(req, done));
-    let Some(c) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
-        return;
+    let Some((outcome, hold)) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
+        // Still running: it completes on a worker, through the loop's queue.
+        let (queue, fut) = match new_future(py, owner) {
+            Ok(v) => v,
+            Err(e) => {
+                let mut st = handoff.lock().unwrap_or_else(|e| e.into_inner());
+                st.abandoned = true;
+                let late = st.done.take();
+                drop(st);
+                drop(late);
+                return Err(e);
+            }
+        };
+        let mut st = handoff.lock().unwrap_or_else(|e| e.into_inner());
+        match st.done.take() {
+            Some((outcome, hold)) => {
+                // It finished meanwhile: resolve the future now (the await returns at once).
+                drop(st);
+                Completion {
+                    fut: fut.clone_ref(py),
+                    outcome,
+                    hold,
+                }
+                .resolve(py);
+            }
+            None => st.fut = Some((fut.clone_ref(py), queue)),
+        }
+        return Ok(fut);
     };
-    // Completed inside this call, on the loop's thread: resolve the future right away (the
-    // awaiting coroutine then gets its result without a round trip through the loop), except
-    // every INLINE_YIELD-th time, when it goes through the queue so that the task yields and
-    // a stream of page-cache hits cannot keep the loop to itself.
-    if q.q.inline_streak.fetch_add(1, Ordering::Relaxed) % INLINE_YIELD != INLINE_YIELD - 1 {
-        c.resolve(py);
-        return;
+    // Completed inside this call, on the loop's thread: hand the result straight back (no
+    // future, no round trip through the loop), except every INLINE_YIELD-th time, when it
+    // goes through the queue so that the task yields and a stream of page-cache hits cannot
+    // keep the loop to itself.
+    let turn = INLINE_STREAK.with(|s| {
+        let n = s.get().wrapping_add(1);
+        s.set(n);
+        n.is_multiple_of(INLINE_YIELD)
+    });
+    if !turn {
+        release(py, hold);
+        return outcome.into_py(py);
     }
+    let (queue, fut) = new_future(py, owner)?;
     ARM_HERE.with(|a| a.set(false));
-    q.q.push(c, Inline::Yes);
+    queue.push(
+        Completion {
+            fut: fut.clone_ref(py),
+            outcome,
+            hold,
+        },
+        Inline::Yes,
+    );
     if ARM_HERE.with(|a| a.replace(false)) {
-        arm_with(py, q.q.clone(), intern!(py, "call_soon"));
+        arm_with(py, queue, intern!(py, "call_soon"));
+    }
+    Ok(fut)
+}
+
+/// Release a request's buffer (the GIL is held), once the request no longer uses it.
+fn release(py: Python<'_>, hold: Option<Arc<HeldBuffer>>) {
+    if let Some(h) = hold {
+        if let Ok(h) = Arc::try_unwrap(h) {
+            h.release(py);
+        }
     }
 }
 
@@ -348,7 +443,11 @@ const INLINE_YIELD: u32 = 32;
 thread_local! {
     /// A request that completed inside its submitting call, handed from the runner's `done`
     /// back to [`submit`].
-    static INLINE_DONE: RefCell<Option<Completion>> = const { RefCell::new(None) };
+    static INLINE_DONE: RefCell<Option<(Outcome, Option<Arc<HeldBuffer>>)>> =
+        const { RefCell::new(None) };
+    /// Requests that completed inside their submitting call on this thread (see
+    /// [`INLINE_YIELD`]).
+    static INLINE_STREAK: Cell<u32> = const { Cell::new(0) };
 }
 
 /// `qcow2rs.aio.open`: open an image on the runtime. Opening does blocking file system
@@ -360,7 +459,7 @@ pub fn submit_open(q: &Completions, fut: Py<PyAny>, args: crate::image::OpenArgs
         let name = args.name();
         match args.open().await {
             Ok(img) => Outcome::Opened(img, name),
-            Err(e) => Outcome::Failed(e, Some(name)),
+            Err(e) => Outcome::Failed(e, Some(name.into())),
         }
     };
     runtime::spawn(async move {

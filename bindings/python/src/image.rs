@@ -82,7 +82,8 @@ impl OpenArgs {
 #[pyclass(frozen, module = "qcow2rs", name = "Image")]
 pub struct Image {
     slot: parking_lot::RwLock<Option<Arc<Shared>>>,
-    name: String,
+    /// The file name (shared with the requests in flight, for their errors).
+    name: Arc<str>,
     read_only: bool,
     size: std::sync::atomic::AtomicU64,
     cluster_size: u64,
@@ -99,7 +100,7 @@ impl Image {
     pub fn new(img: core::Image, name: String) -> Image {
         let h = img.header();
         Image {
-            name,
+            name: name.into(),
             read_only: !img.is_writable(),
             size: std::sync::atomic::AtomicU64::new(img.size()),
             cluster_size: img.layout().cluster_size,
@@ -480,11 +481,10 @@ impl Image {
     fn _aio_pread(
         &self,
         py: Python<'_>,
-        q: PyRef<'_, crate::aio::Completions>,
-        fut: Py<PyAny>,
+        owner: &Bound<'_, PyAny>,
         length: i64,
         offset: i64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Py<PyAny>> {
         let length = non_negative(length, "length")?;
         let (off, n) = self.read_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
@@ -494,7 +494,7 @@ impl Image {
         let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, n <= aio::INLINE_MAX, async move {
+        aio::submit(owner.py(), owner, None, n <= aio::INLINE_MAX, async move {
             // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
             // moved into the outcome after the read).
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
@@ -504,17 +504,15 @@ impl Image {
                 Ok(()) => Outcome::Object(obj),
                 Err(e) => Outcome::Failed(e, Some(name)),
             }
-        });
-        Ok(())
+        })
     }
 
     fn _aio_preadinto(
         &self,
-        q: PyRef<'_, crate::aio::Completions>,
-        fut: Py<PyAny>,
+        owner: &Bound<'_, PyAny>,
         buf: &Bound<'_, PyAny>,
         offset: i64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Py<PyAny>> {
         let held = HeldBuffer::writable(buf, "preadinto() argument 1")?;
         let (off, n) = self.read_range(held.len() as u64, offset)?;
         let (sh, permit) = self.acquire()?;
@@ -522,9 +520,8 @@ impl Image {
         let held = Arc::new(held);
         let h = held.clone();
         aio::submit(
-            q.py(),
-            &q,
-            fut,
+            owner.py(),
+            owner,
             Some(held),
             n <= aio::INLINE_MAX,
             async move {
@@ -539,17 +536,15 @@ impl Image {
                     Err(e) => Outcome::Failed(e, Some(name)),
                 }
             },
-        );
-        Ok(())
+        )
     }
 
     fn _aio_pwrite(
         &self,
-        q: PyRef<'_, crate::aio::Completions>,
-        fut: Py<PyAny>,
+        owner: &Bound<'_, PyAny>,
         data: &Bound<'_, PyAny>,
         offset: i64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Py<PyAny>> {
         let held = HeldBuffer::readable(data, "pwrite() argument 1")?;
         let n = held.len();
         let off = self.write_range(n as u64, offset)?;
@@ -558,9 +553,8 @@ impl Image {
         let held = Arc::new(held);
         let h = held.clone();
         aio::submit(
-            q.py(),
-            &q,
-            fut,
+            owner.py(),
+            owner,
             Some(held),
             n <= aio::INLINE_MAX,
             async move {
@@ -574,100 +568,91 @@ impl Image {
                     Err(e) => Outcome::Failed(e, Some(name)),
                 }
             },
-        );
-        Ok(())
+        )
     }
 
     fn _aio_write_zeroes(
         &self,
-        q: PyRef<'_, crate::aio::Completions>,
-        fut: Py<PyAny>,
+        owner: &Bound<'_, PyAny>,
         length: i64,
         offset: i64,
         unmap: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<Py<PyAny>> {
         let length = non_negative(length, "length")?;
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, async move {
             let r = sh
                 .img
                 .write_zeroes(off, length, Self::zero_mode(unmap))
                 .await;
             drop(permit);
             Outcome::unit(r, name)
-        });
-        Ok(())
+        })
     }
 
     fn _aio_discard(
         &self,
-        q: PyRef<'_, crate::aio::Completions>,
-        fut: Py<PyAny>,
+        owner: &Bound<'_, PyAny>,
         length: i64,
         offset: i64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Py<PyAny>> {
         let length = non_negative(length, "length")?;
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, async move {
             let r = sh.img.discard(off, length).await;
             drop(permit);
             Outcome::unit(r, name)
-        });
-        Ok(())
+        })
     }
 
-    fn _aio_flush(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_flush(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, async move {
             let r = sh.img.flush().await;
             drop(permit);
             Outcome::unit(r, name)
-        });
-        Ok(())
+        })
     }
 
-    fn _aio_close(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_close(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(q.py(), &q, fut, None, false, async { Outcome::Unit }),
-            Some(sh) => aio::submit(q.py(), &q, fut, None, false, async move {
+            None => aio::submit(owner.py(), owner, None, false, async { Outcome::Unit }),
+            Some(sh) => aio::submit(owner.py(), owner, None, false, async move {
                 Outcome::unit(Image::close_shared(sh).await, name)
             }),
         }
-        Ok(())
     }
 
-    fn _aio_info(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_info(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, async move {
             let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
             drop(permit);
             match r {
                 Ok(v) => Outcome::Json(v),
                 Err(e) => Outcome::Failed(e, Some(name)),
             }
-        });
-        Ok(())
+        })
     }
 
-    fn _aio_map(&self, q: PyRef<'_, crate::aio::Completions>, fut: Py<PyAny>) -> PyResult<()> {
+    fn _aio_map(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(q.py(), &q, fut, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, async move {
             let r = Disk::Qcow2(sh.img.clone()).map().await;
             drop(permit);
             match r {
                 Ok(v) => Outcome::Map(v),
                 Err(e) => Outcome::Failed(e, Some(name)),
             }
-        });
-        Ok(())
+        })
     }
 }
 

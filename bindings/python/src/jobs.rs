@@ -1,12 +1,13 @@
-//! Module functions: open, create, info, check, convert, compare, rebase, commit, and the CLI
-//! entry point.
+//! Module functions: open, create, info, check, convert, compare, rebase, commit, amend,
+//! measure, and the CLI entry point.
 
 use crate::errors::to_pyerr;
 use crate::image::{Image, OpenArgs};
 use crate::json;
 use crate::runtime;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyInt, PyMapping, PyString};
 use qcow2_core::check::{CheckOptions, Repair};
 use qcow2_core::convert::{CompareResult, ConvertOptions, Target};
 use qcow2_core::create::CreateOptions;
@@ -396,4 +397,140 @@ pub fn compare(
 #[pyfunction]
 pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
     py.detach(|| qcow2_cli::run(&argv))
+}
+
+/// qemu-img's `-o` options as `(key, value)` strings: the `options` mapping first, then the
+/// keyword arguments (a later value for the same key wins, as with repeated `-o`). Values:
+/// `str` as is, `bool` as "on"/"off", `int` in decimal.
+fn option_pairs(
+    options: Option<&Bound<'_, PyMapping>>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Vec<(String, String)>> {
+    let mut items = Vec::new();
+    if let Some(m) = options {
+        for kv in m.items()?.iter() {
+            items.push(kv.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>()?);
+        }
+    }
+    if let Some(d) = kwargs {
+        items.extend(d.iter());
+    }
+    let mut out = Vec::new();
+    for (k, v) in items {
+        let key: String = k
+            .extract()
+            .map_err(|_| PyTypeError::new_err("option names must be strings"))?;
+        let value = if let Ok(b) = v.cast::<PyBool>() {
+            onoff(b.is_true()).to_string()
+        } else if let Ok(i) = v.cast::<PyInt>() {
+            i.to_string()
+        } else if let Ok(s) = v.cast::<PyString>() {
+            s.to_str()?.to_string()
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "option '{key}' must be a str, int or bool, not {}",
+                v.get_type().name()?
+            )));
+        };
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// Change options of the existing qcow2 image at `path`, as `qemu-img amend -o key=value,...`:
+/// `compat` ("0.10" or "1.1"), `lazy_refcounts`, `refcount_bits`, `size`, `data_file`,
+/// `data_file_raw` (off only); `backing_file`/`backing_fmt` only with their current values.
+/// Options come as a mapping, as keyword arguments, or both.
+#[pyfunction]
+#[pyo3(signature = (path, options = None, /, **kwargs))]
+pub fn amend(
+    py: Python<'_>,
+    path: PathBuf,
+    options: Option<&Bound<'_, PyMapping>>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<()> {
+    use core::jobs::amend::AmendOptions;
+    let pairs = option_pairs(options, kwargs)?;
+    if pairs.is_empty() {
+        return Err(PyValueError::new_err("Must specify options"));
+    }
+    let mut ao = AmendOptions::default();
+    for (k, v) in &pairs {
+        ao.set(k, v).map_err(|e| create_err(e, &path))?;
+    }
+    py.detach(|| {
+        let opts = OpenOptions {
+            writable: true,
+            no_backing: true,
+            ..Default::default()
+        };
+        let Disk::Qcow2(img) = open_disk(&path, None, &opts)? else {
+            return Err(Error::unsupported(
+                "Format driver 'raw' does not support option amendment",
+            ));
+        };
+        runtime::block_on(core::jobs::amend::amend(img, &ao))
+    })
+    .map_err(|e| create_err(e, &path))
+}
+
+/// How many bytes a new image of `out_format` ("qcow2" or "raw") needs, as `qemu-img
+/// measure --output=json`: to hold a copy of the image at `path` (of format `format`,
+/// probed if `None`), or, without a path, an empty image of `size` bytes. The target's
+/// creation options (`cluster_size`, `compat`, `refcount_bits`, `extended_l2`,
+/// `preallocation`, ...) come as a mapping, keyword arguments, or both. Returns qemu-img's
+/// keys: `required`, `fully-allocated`, and `bitmaps` for a qcow2 source with a qcow2 target.
+#[pyfunction]
+#[pyo3(signature = (path = None, options = None, /, *, size = None, out_format = "qcow2",
+    format = None, **kwargs))]
+pub fn measure(
+    py: Python<'_>,
+    path: Option<PathBuf>,
+    options: Option<&Bound<'_, PyMapping>>,
+    size: Option<i64>,
+    out_format: &str,
+    format: Option<&str>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Py<PyAny>> {
+    use core::jobs::measure::MeasureOptions;
+    let fmt = Format::parse(out_format).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let size = size
+        .map(|s| u64::try_from(s).map_err(|_| PyValueError::new_err("size must not be negative")))
+        .transpose()?;
+    match (&path, size) {
+        (Some(_), Some(_)) => {
+            return Err(PyValueError::new_err(
+                "size cannot be used together with a path",
+            ))
+        }
+        (None, None) => return Err(PyValueError::new_err("either size or a path must be given")),
+        (None, Some(_)) if format.is_some() => {
+            return Err(PyValueError::new_err("format requires a path"))
+        }
+        _ => {}
+    }
+    let named = |e: Error| match &path {
+        Some(p) => create_err(e, p),
+        None if e.kind() == ErrorKind::InvalidArgument => {
+            PyValueError::new_err(e.message().to_string())
+        }
+        None => to_pyerr(&e, None),
+    };
+    let mut mo = MeasureOptions::new(fmt);
+    for (k, v) in option_pairs(options, kwargs)? {
+        mo.set(&k, &v).map_err(named)?;
+    }
+    if size.is_some() {
+        mo.size = size;
+    }
+    let m = py
+        .detach(|| {
+            let disk = match &path {
+                Some(p) => Some(open_disk(p, format, &OpenOptions::default())?),
+                None => None,
+            };
+            runtime::block_on(core::jobs::measure::measure(disk.as_ref(), &mo))
+        })
+        .map_err(named)?;
+    json::to_py(py, &m.to_json())
 }

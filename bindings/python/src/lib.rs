@@ -36,6 +36,8 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::compare, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::commit, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::amend, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::measure, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::_aio_open, m)?)?;
     m.add_class::<aio::Completions>()?;

@@ -10,6 +10,7 @@ use qcow2_core::{Error, ErrorKind};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 use tokio::runtime::{Handle, Runtime};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -49,6 +50,13 @@ pub fn runner() -> &'static Runner {
 /// Run `fut` to completion on the calling thread (the runtime's workers drive I/O and timers).
 /// Call with the GIL released. Called from inside the runtime (for example from a progress
 /// callback that itself blocks), it fails with `EDEADLK` instead of panicking.
+///
+/// The future is first polled once right here, inside the runtime's context: a request that
+/// completes in its first poll (a page-cache read) then costs no more. Only a pending one goes
+/// through `Handle::block_on`, which polls it again with its own waker (futures keep the
+/// waker of their latest poll) and parks the thread; entering it costs, among other things, a
+/// lock of a mutex shared by every thread of the runtime (its RNG seed generator), which
+/// threads reading from the page cache at once contend for.
 pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     if Handle::try_current().is_ok() {
         return Err(Error::new(
@@ -56,7 +64,16 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Err
             "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
         ));
     }
-    handle().block_on(fut)
+    let h = handle();
+    let mut fut = std::pin::pin!(fut);
+    {
+        let _ctx = h.enter();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            return r;
+        }
+    }
+    h.block_on(fut)
 }
 
 /// Spawn `fut` on the runtime; it runs to its end whatever happens to the caller.

@@ -40,6 +40,10 @@ def jobs(src: str, dst: str) -> bool:
     report: dict[str, Any] = qcow2rs.check(src, repair="leaks")
     qcow2rs.convert(src, dst, compress=True, progress=lambda f: print(f"{f:.0%}"))
     assert report and qcow2rs.info(dst)
+    qcow2rs.amend(dst, {"compat": "1.1", "refcount_bits": 16}, lazy_refcounts=True)
+    need: dict[str, int] = qcow2rs.measure(src, out_format="qcow2", cluster_size=65536)
+    empty = qcow2rs.measure(size=1 << 30, preallocation="metadata")
+    assert need["required"] <= need["fully-allocated"] and empty["required"] > 0
     return qcow2rs.compare(src, dst, strict=True)
 
 

@@ -4,8 +4,8 @@ Open an image with :func:`open` (a context manager), read and write it with ``pr
 ``preadinto`` (no copy, into any writable buffer), ``pwrite``, ``write_zeroes``, ``discard``
 and ``flush``; view it as a file with :meth:`Image.fileobj`; use it from asyncio with
 :func:`qcow2rs.aio.open`. :func:`create`, :func:`info`, :func:`check`, :func:`convert` and
-:func:`compare`, :func:`rebase` and :func:`commit` do what the ``qcow2rs`` (and ``qemu-img``)
-commands of the same names do.
+:func:`compare`, :func:`rebase`, :func:`commit`, :func:`amend` and :func:`measure` do what the
+``qcow2rs`` (and ``qemu-img``) commands of the same names do.
 
 Errors are ``OSError`` subclasses with ``errno``, ``strerror`` and ``filename``: a missing
 file is ``FileNotFoundError``; problems with an image's format raise :class:`Error`
@@ -22,12 +22,14 @@ from ._qcow2rs import (
     Image,
     UnsupportedFeatureError,
     __version__,
+    amend,
     check,
     commit,
     compare,
     convert,
     create,
     info,
+    measure,
     open,
     rebase,
 )
@@ -40,12 +42,14 @@ __all__ = [
     "UnsupportedFeatureError",
     "__version__",
     "aio",
+    "amend",
     "check",
     "commit",
     "compare",
     "convert",
     "create",
     "info",
+    "measure",
     "open",
     "rebase",
 ]

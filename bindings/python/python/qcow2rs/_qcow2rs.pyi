@@ -5,8 +5,8 @@ import asyncio
 import io
 import os
 from types import TracebackType
-from collections.abc import Callable
-from typing import Any, Literal, final, overload
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, final, overload
 
 from typing_extensions import Buffer, Self
 
@@ -23,6 +23,8 @@ __all__ = [
     "compare",
     "rebase",
     "commit",
+    "amend",
+    "measure",
     "cli_main",
     "_aio_open",
     "_Completions",
@@ -41,6 +43,11 @@ class CorruptImageError(Error):
 
 class UnsupportedFeatureError(Error):
     """The image uses a feature qcow2rs does not support (errno ENOTSUP)."""
+
+class _Owner(Protocol):
+    """What the `_aio_*` methods call for the running loop's completion queue."""
+
+    def _queue(self) -> _Completions: ...
 
 @final
 class _Completions:
@@ -89,18 +96,20 @@ class Image:
     def fileobj(self, mode: Literal["rb", "r"] = "rb", buffering: int = -1) -> io.BufferedReader: ...
     @overload
     def fileobj(self, mode: Literal["r+b", "rb+", "r+"], buffering: int = -1) -> io.BufferedRandom: ...
-    # Submissions of the asyncio API (qcow2rs.aio): the result arrives in `fut` through `q`.
-    def _aio_pread(self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int) -> None: ...
-    def _aio_preadinto(self, q: _Completions, fut: asyncio.Future[Any], buf: Buffer, offset: int) -> None: ...
-    def _aio_pwrite(self, q: _Completions, fut: asyncio.Future[Any], data: Buffer, offset: int) -> None: ...
+    # Submissions of the asyncio API (qcow2rs.aio). `owner` is the AsyncImage: its `_queue()`
+    # gives the running loop's completion queue when a future is needed. Reads and writes
+    # that complete inside the call return their result; otherwise a future is returned.
+    def _aio_pread(self, owner: _Owner, length: int, offset: int) -> bytes | asyncio.Future[bytes]: ...
+    def _aio_preadinto(self, owner: _Owner, buf: Buffer, offset: int) -> int | asyncio.Future[int]: ...
+    def _aio_pwrite(self, owner: _Owner, data: Buffer, offset: int) -> int | asyncio.Future[int]: ...
     def _aio_write_zeroes(
-        self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int, unmap: bool
-    ) -> None: ...
-    def _aio_discard(self, q: _Completions, fut: asyncio.Future[Any], length: int, offset: int) -> None: ...
-    def _aio_flush(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
-    def _aio_close(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
-    def _aio_info(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
-    def _aio_map(self, q: _Completions, fut: asyncio.Future[Any]) -> None: ...
+        self, owner: _Owner, length: int, offset: int, unmap: bool
+    ) -> asyncio.Future[None]: ...
+    def _aio_discard(self, owner: _Owner, length: int, offset: int) -> asyncio.Future[None]: ...
+    def _aio_flush(self, owner: _Owner) -> asyncio.Future[None]: ...
+    def _aio_close(self, owner: _Owner) -> asyncio.Future[None]: ...
+    def _aio_info(self, owner: _Owner) -> asyncio.Future[dict[str, Any]]: ...
+    def _aio_map(self, owner: _Owner) -> asyncio.Future[list[dict[str, Any]]]: ...
 
 def open(
     path: _Path,
@@ -144,6 +153,19 @@ def commit(
     drop: bool = False,
     progress: Callable[[float], object] | None = None,
 ) -> None: ...
+_OptionValue = str | int | bool
+
+def amend(path: _Path, options: Mapping[str, _OptionValue] | None = None, /, **kwargs: _OptionValue) -> None: ...
+def measure(
+    path: _Path | None = None,
+    options: Mapping[str, _OptionValue] | None = None,
+    /,
+    *,
+    size: int | None = None,
+    out_format: str = "qcow2",
+    format: str | None = None,
+    **kwargs: _OptionValue,
+) -> dict[str, int]: ...
 def convert(
     src: _Path,
     dst: _Path,

@@ -1,13 +1,13 @@
 """The asyncio API: :func:`open` gives an :class:`AsyncImage`, whose methods are coroutines.
 
-Each request starts inside the call that submits it (a page-cache read completes right there)
-and otherwise goes on on qcow2rs's own I/O threads (no thread per request); many may be in
-flight at once (``asyncio.gather``). Completions reach the event loop through
-``loop.call_soon_threadsafe`` (while the loop is busy, it picks them up itself; a request that
-completed inside its submitting call is picked up with ``loop.call_soon``, so the awaiting
-task still yields once). Cancelling
-a task whose request is in flight does not stop the request: it runs to its end, keeping
-the buffers it uses alive, and its result is dropped.
+Each read or write starts inside the call that submits it: one that completes there (a
+page-cache hit) returns at once, without a round trip through the event loop (one in 32 goes
+through the loop, so that the task yields now and then); the others go on on qcow2rs's own
+I/O threads (no thread per request), and many may be in flight at once (``asyncio.gather``).
+Their completions reach the event loop through ``loop.call_soon_threadsafe``, a batch at a
+time (while the loop is busy, it picks them up itself). Cancelling a task whose request is
+in flight does not stop the request: it runs to its end, keeping the buffers it uses alive,
+and its result is dropped.
 """
 
 from __future__ import annotations
@@ -32,17 +32,22 @@ _running_loop = asyncio.get_running_loop
 class AsyncImage:
     """An open qcow2 image whose I/O methods are coroutines (see :class:`qcow2rs.Image`)."""
 
-    __slots__ = ("_image", "_loop", "_queue")
+    __slots__ = ("_image", "_loop", "_q")
 
     def __init__(self, image: Image) -> None:
         self._image = image
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: _qcow2rs._Completions | None = None
+        self._q: _qcow2rs._Completions | None = None
 
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> _qcow2rs._Completions:
-        """The completion queue for requests submitted from `loop` (one per loop)."""
-        q = _qcow2rs._Completions(loop)
-        self._loop, self._queue = loop, q
+    def _queue(self) -> _qcow2rs._Completions:
+        """The completion queue of the running loop (one per loop). Called by the extension
+        only when a request needs a future: one that completes inside its submitting call
+        returns its result directly and never asks asyncio for the loop."""
+        loop = _running_loop()
+        q = self._q
+        if q is None or loop is not self._loop:
+            q = _qcow2rs._Completions(loop)
+            self._loop, self._q = loop, q
         return q
 
     @property
@@ -83,98 +88,53 @@ class AsyncImage:
 
     async def pread(self, length: int, offset: int) -> bytes:
         """Read up to ``length`` bytes at ``offset`` (fewer at the end of the image)."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_pread(q, fut, length, offset)
-        result: bytes = await fut
+        r = self._image._aio_pread(self, length, offset)
+        if isinstance(r, bytes):  # completed inside the call
+            return r
+        result: bytes = await r
         return result
 
     async def preadinto(self, buf: Buffer, offset: int) -> int:
         """Read into ``buf`` (any writable C-contiguous buffer) at ``offset``, without a copy.
         ``buf`` stays in use until the request ends, even if the awaiting task is cancelled."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_preadinto(q, fut, buf, offset)
-        result: int = await fut
+        r = self._image._aio_preadinto(self, buf, offset)
+        if isinstance(r, int):  # completed inside the call
+            return r
+        result: int = await r
         return result
 
     async def pwrite(self, data: Buffer, offset: int) -> int:
         """Write ``data`` (any bytes-like object) at ``offset``."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_pwrite(q, fut, data, offset)
-        result: int = await fut
+        r = self._image._aio_pwrite(self, data, offset)
+        if isinstance(r, int):  # completed inside the call
+            return r
+        result: int = await r
         return result
 
     async def write_zeroes(self, length: int, offset: int, *, unmap: bool = False) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_write_zeroes(q, fut, length, offset, unmap)
-        await fut
+        await self._image._aio_write_zeroes(self, length, offset, unmap)
 
     async def discard(self, length: int, offset: int) -> None:
         """Discard ``length`` bytes at ``offset`` (they read as zeros afterwards)."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_discard(q, fut, length, offset)
-        await fut
+        await self._image._aio_discard(self, length, offset)
 
     async def flush(self) -> None:
         """Make every completed write durable."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_flush(q, fut)
-        await fut
+        await self._image._aio_flush(self)
 
     async def close(self) -> None:
         """Flush and close once every request in flight has finished (idempotent)."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_close(q, fut)
-        await fut
+        await self._image._aio_close(self)
 
     async def info(self) -> dict[str, Any]:
         """What ``qcow2rs info --output=json`` prints for this image."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_info(q, fut)
-        result: dict[str, Any] = await fut
+        result: dict[str, Any] = await self._image._aio_info(self)
         return result
 
     async def map(self) -> list[dict[str, Any]]:
         """The entries of ``qcow2rs map --output=json`` for this image."""
-        loop = _running_loop()
-        q = self._queue
-        if q is None or loop is not self._loop:
-            q = self._bind(loop)
-        fut = loop.create_future()
-        self._image._aio_map(q, fut)
-        result: list[dict[str, Any]] = await fut
+        result: list[dict[str, Any]] = await self._image._aio_map(self)
         return result
 
     async def __aenter__(self) -> Self:
