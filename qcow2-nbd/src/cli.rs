@@ -329,8 +329,19 @@ async fn fork(args: &[String]) -> u8 {
         if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
             return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
         }
+        // Run this process's command line again (for the wheel's console script that is
+        // `python3 .../qcow2rs serve ...`), which must end with `serve ARGS`; not when the
+        // command line was handed over some other way (a Python program calling the CLI).
+        let cmdline: Vec<String> = std::env::args().collect();
+        let tail = args.len() + 1;
+        if cmdline.len() < tail + 1
+            || cmdline[cmdline.len() - tail] != "serve"
+            || cmdline[cmdline.len() - args.len()..] != args[..]
+        {
+            return Err("--fork works only when run as a command (qcow2rs serve ...)".into());
+        }
         let mut child = std::process::Command::new(exe)
-            .arg("serve")
+            .args(&cmdline[1..cmdline.len() - args.len()])
             .args(args.iter().filter(|a| *a != "--fork"))
             .env(READY_FD, fd.to_string())
             .stdin(std::process::Stdio::null())
