@@ -565,4 +565,29 @@ mod tests {
         assert!(p(&["a", "b"]).is_err());
         assert_eq!(p(&["-h"]).err().unwrap(), "");
     }
+
+    #[test]
+    fn snapshot_fork_image_opts() {
+        let a = p(&["-l", "snapshot.id=3,snapshot.name=x", "img"]).unwrap();
+        assert!(a.read_only, "-l exports read-only");
+        assert!(
+            matches!(a.load_snapshot, Some(qcow2_core::SnapshotKey::IdAndName(ref i, ref n)) if i == "3" && n == "x")
+        );
+        assert!(p(&["-l", "snapshot.bogus=1", "img"]).is_err());
+        assert!(p(&["-l", "s", "-s", "img"]).is_err());
+        assert!(p(&["-s", "--untrusted", "img"]).is_err());
+        let a = p(&["-s", "--fork", "-A", "img"]).unwrap();
+        assert!(a.snapshot && a.fork && !a.read_only);
+        let a = p(&[
+            "--image-opts",
+            "driver=raw,file.filename=/a,,b,read-only=on",
+        ])
+        .unwrap();
+        assert_eq!(a.image.unwrap(), PathBuf::from("/a,b"));
+        assert_eq!(a.format, Some(Format::Raw));
+        assert!(a.read_only);
+        assert!(p(&["--image-opts", "driver=raw"]).is_err());
+        assert!(p(&["--image-opts", "file=x,cache.direct=on"]).is_err());
+        assert!(p(&["-f", "qcow2", "--image-opts", "driver=raw,file=x"]).is_err());
+    }
 }
