@@ -417,3 +417,112 @@ def test_tls(scratch):
         assert cp.returncode != 0 and want not in cp.stdout
         assert s.proc.poll() is None
         assert s.stop() == 0
+
+
+def serve_fork(tmp: Path, *args, name="f"):
+    """`qcow2rs serve --fork -k SOCK ARGS`: returns (exit status, socket, pid file)."""
+    sock, pid = tmp / f"{name}.sock", tmp / f"{name}.pid"
+    # stderr to a file: the background server keeps it open.
+    with open(tmp / f"{name}.err", "w") as err:
+        cp = subprocess.run(
+            [str(qcow2rs_bin()), "serve", "--fork", "-k", str(sock), "--pid-file", str(pid), *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            stderr=err,
+            timeout=60,
+        )
+    return cp.returncode, sock, pid
+
+
+def wait_gone(pid: int, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"server {pid} did not exit")
+
+
+def test_fork(scratch):
+    """--fork returns once the socket listens (a client connects right away, no polling); the
+    background server exits after its client; a server that cannot start makes it exit 1."""
+    img, _ = fresh(scratch, size=4 * MiB)
+    qemu_io(img, "write -P 0x5a 0 64k")
+    rc, sock, pidf = serve_fork(scratch, img)
+    assert rc == 0, (scratch / "f.err").read_text()
+    assert sock.exists() and pidf.exists()
+    pid = int(pidf.read_text())
+    cp = run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 64k", uri(sock)])
+    assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+    wait_gone(pid)
+    assert not sock.exists()
+    # A missing image: the error reaches the caller, exit 1, nothing listens.
+    rc, sock, _ = serve_fork(scratch, scratch / "missing.qcow2", name="g")
+    assert rc == 1
+    assert "missing.qcow2" in (scratch / "g.err").read_text()
+    assert not sock.exists()
+
+
+def test_snapshot_overlay(scratch):
+    """-s: the client reads and writes, the image is left as it was, no overlay file stays."""
+    img, _ = fresh(scratch, size=4 * MiB)
+    qemu_io(img, "write -P 0x11 0 1M")
+    before = qemu_img("info", "--output=json", img).stdout
+    tmp_before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    with Server(img, scratch, "-s", "-t") as s:
+        cp = run(
+            ["qemu-io", "-f", "raw", "-c", "write -P 0x22 4096 8192", "-c", "read -P 0x22 4096 8192",
+             "-c", "read -P 0x11 0 4096", s.uri]
+        )
+        assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        leftover = set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - tmp_before
+        assert not [n for n in leftover if n.startswith("qcow2rs-serve-")], leftover
+        assert s.stop() == 0
+    qemu_io(img, "read -P 0x11 0 1M")
+    assert qemu_img("info", "--output=json", img).stdout == before
+    assert qemu_img("check", img, check=False).returncode == 0
+    cp = run([qcow2rs_bin(), "serve", "-s", "--untrusted", "-k", scratch / "x.sock", img])
+    assert cp.returncode == 1 and "--untrusted" in cp.stderr
+
+
+def test_load_snapshot(scratch):
+    """-l exports an internal snapshot read-only (by name, by ID, snapshot.name=); qemu-nbd -l as reference."""
+    img, _ = fresh(scratch, size=4 * MiB)
+    qemu_io(img, "write -P 0x11 0 64k")
+    qemu_img("snapshot", "-c", "first", img)
+    qemu_io(img, "write -P 0x22 0 64k", "write -P 0x23 1M 64k")
+    for sel in ("first", "1", "snapshot.name=first", "snapshot.id=1"):
+        with Server(img, scratch, "-l", sel, "-t") as s, Server(img, scratch, "-l", sel, "-t", qemu=True, name="q") as q:
+            info = run(["nbdinfo", "--json", s.uri])
+            assert info.returncode == 0, info.stderr
+            assert json.loads(info.stdout)["exports"][0]["is_read_only"] is True
+            cp = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x11 0 64k", "-c", "read -P 0 1M 64k", s.uri])
+            assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+            a, b = scratch / "ours.raw", scratch / "ref.raw"
+            qemu_img("convert", "-f", "raw", "-O", "raw", s.uri, a)
+            qemu_img("convert", "-f", "raw", "-O", "raw", q.uri, b)
+            assert same_files(a, b)
+            assert nbdinfo_map(s.uri) == nbdinfo_map(q.uri)
+            q.stop()
+            assert s.stop() == 0
+    cp = run([qcow2rs_bin(), "serve", "-l", "nope", "-k", scratch / "x.sock", img])
+    assert cp.returncode == 1 and "nope" in cp.stderr
+
+
+def test_image_opts_description_allocation_depth(scratch):
+    """--image-opts, -D (NBD_INFO_DESCRIPTION), -A accepted (the depth context is always there)."""
+    img, _ = fresh(scratch, size=4 * MiB)
+    qemu_io(img, "write -P 0x11 0 64k")
+    spec = f"driver=qcow2,file.filename={img},read-only=on"
+    with Server(spec, scratch, "--image-opts", "-D", "a test disk", "-A", "-t") as s:
+        cp = run(["nbdinfo", "--json", s.uri])
+        assert cp.returncode == 0, cp.stderr
+        e = json.loads(cp.stdout)["exports"][0]
+        assert e["description"] == "a test disk"
+        assert e["is_read_only"] is True
+        assert "qemu:allocation-depth" in e["contexts"]
+        assert s.stop() == 0
+    cp = run([qcow2rs_bin(), "serve", "--image-opts", "-k", scratch / "x.sock", f"driver=qcow2,bogus=1,file={img}"])
+    assert cp.returncode == 1 and "bogus" in cp.stderr

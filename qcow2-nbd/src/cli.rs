@@ -19,12 +19,23 @@ Export IMAGE over NBD (options as qemu-nbd's).
   -b, --bind=ADDR          listen on this address (default 127.0.0.1 when -k is not given)
   -p, --port=PORT          TCP port (default 10809)
   -r, --read-only          export read-only
+  -s, --snapshot           writes go to a temporary overlay, discarded at exit (the
+                           image is only read)
+  -l, --load-snapshot=SNAPSHOT_PARAM
+                           export an internal snapshot, read-only: an ID or a name,
+                           or snapshot.id=ID[,snapshot.name=NAME] / snapshot.name=NAME
   -x, --export-name=NAME   export name (default ''; the empty name always selects it)
   -D, --description=TEXT   export description
   -e, --shared=NUM         clients served at once (default 1; 0: no limit)
   -t, --persistent         keep serving after the last client leaves
+      --fork               run in the background: the command returns once the
+                           server listens (exit 1 if it could not start)
       --pid-file=PATH      write the process id there once listening
   -f, --format=FMT         qcow2 or raw (default: probed)
+      --image-opts         IMAGE is an option string: driver=qcow2|raw,
+                           file.filename=PATH (or file=PATH)[,read-only=on|off]
+  -A, --allocation-depth   accepted for qemu-nbd compatibility: the
+                           qemu:allocation-depth context is always offered
       --cache=MODE         none, writeback (default), writethrough or directsync
       --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
                            optionally ca-cert.pem (qemu's x509 credentials layout)
@@ -40,6 +51,10 @@ struct Args {
     bind: Option<String>,
     port: Option<u16>,
     read_only: bool,
+    snapshot: bool,
+    load_snapshot: Option<qcow2_core::SnapshotKey>,
+    fork: bool,
+    image_opts: bool,
     name: String,
     description: String,
     shared: usize,
@@ -69,6 +84,11 @@ fn parse(args: &[String]) -> Result<Args, String> {
         ('b', "bind", true),
         ('p', "port", true),
         ('r', "read-only", false),
+        ('s', "snapshot", false),
+        ('l', "load-snapshot", true),
+        ('\0', "fork", false),
+        ('\0', "image-opts", false),
+        ('A', "allocation-depth", false),
         ('x', "export-name", true),
         ('D', "description", true),
         ('e', "shared", true),
@@ -145,6 +165,11 @@ fn parse(args: &[String]) -> Result<Args, String> {
                     Some(u16::try_from(num(&val)?).map_err(|_| format!("invalid port '{val}'"))?)
             }
             "read-only" => a.read_only = true,
+            "snapshot" => a.snapshot = true,
+            "load-snapshot" => a.load_snapshot = Some(snapshot_param(&val)?),
+            "fork" => a.fork = true,
+            "image-opts" => a.image_opts = true,
+            "allocation-depth" => {}
             "export-name" => {
                 if val.len() > crate::proto::MAX_STRING {
                     return Err("export name longer than 4096 bytes".into());
@@ -182,6 +207,20 @@ fn parse(args: &[String]) -> Result<Args, String> {
     if a.socket.is_some() && (a.bind.is_some() || a.port.is_some()) {
         return Err("-k/--socket cannot be combined with -b/--bind or -p/--port".into());
     }
+    if a.image_opts {
+        image_opts(&mut a)?;
+    }
+    if a.load_snapshot.is_some() {
+        // As qemu-nbd: a snapshot is exported read-only.
+        if a.snapshot {
+            return Err("-l/--load-snapshot cannot be combined with -s/--snapshot".into());
+        }
+        a.read_only = true;
+    }
+    if a.snapshot && a.untrusted {
+        // The overlay names the image as its backing file, which --untrusted refuses.
+        return Err("-s/--snapshot cannot be combined with --untrusted".into());
+    }
     if a.force_share && !a.read_only {
         return Err("--force-share requires --read-only".into());
     }
@@ -189,6 +228,60 @@ fn parse(args: &[String]) -> Result<Args, String> {
         return Err("expecting an image file name".into());
     }
     Ok(a)
+}
+
+/// `-l`: `snapshot.id=ID[,snapshot.name=NAME]`, `snapshot.name=NAME`, or an ID or a name.
+fn snapshot_param(l: &str) -> Result<qcow2_core::SnapshotKey, String> {
+    use qcow2_core::SnapshotKey;
+    if !l.starts_with("snapshot.") {
+        return Ok(SnapshotKey::IdOrName(l.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for part in l.split(',') {
+        match part.split_once('=') {
+            Some(("snapshot.id", v)) => id = Some(v.to_string()),
+            Some(("snapshot.name", v)) => name = Some(v.to_string()),
+            _ => return Err(format!("invalid snapshot parameter '{part}'")),
+        }
+    }
+    Ok(match (id, name) {
+        (Some(i), Some(n)) => SnapshotKey::IdAndName(i, n),
+        (Some(i), None) => SnapshotKey::Id(i),
+        (None, Some(n)) => SnapshotKey::Name(n),
+        (None, None) => return Err(format!("invalid snapshot parameter '{l}'")),
+    })
+}
+
+/// `--image-opts`: read the image argument as `key=value` pairs (`,,` is a comma).
+fn image_opts(a: &mut Args) -> Result<(), String> {
+    let Some(spec) = a.image.take() else {
+        return Ok(());
+    };
+    let spec = spec.to_string_lossy().into_owned();
+    let pairs = qcow2_core::create::split_options(&spec).map_err(|e| e.to_string())?;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "driver" => {
+                let f = Format::parse(&v).map_err(|e| e.to_string())?;
+                if a.format.is_some_and(|g| g != f) {
+                    return Err(format!("driver={v} contradicts -f"));
+                }
+                a.format = Some(f);
+            }
+            "file" | "file.filename" | "filename" => a.image = Some(PathBuf::from(v)),
+            "file.driver" if v == "file" => {}
+            "read-only" => match v.as_str() {
+                "on" | "true" => a.read_only = true,
+                "off" | "false" => {}
+                _ => return Err(format!("invalid value '{v}' for read-only (on or off)")),
+            },
+            _ => return Err(format!("unsupported image option '{k}' in --image-opts")),
+        }
+    }
+    if a.image.is_none() {
+        return Err("--image-opts: no file.filename=PATH given".into());
+    }
+    Ok(())
 }
 
 /// Run `qcow2rs serve ARGS` (the arguments after `serve`) and return the exit status.
@@ -206,6 +299,9 @@ pub async fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
+    if a.fork && std::env::var_os(READY_FD).is_none() {
+        return fork(args).await;
+    }
     match serve(a).await {
         Ok(()) => 0,
         Err(e) => {
@@ -213,6 +309,129 @@ pub async fn run(args: &[String]) -> u8 {
             1
         }
     }
+}
+
+/// Environment variable naming the pipe a `--fork` child reports on (a byte when it listens).
+const READY_FD: &str = "QCOW2RS_SERVE_READY_FD";
+
+/// `--fork`: start the same command in the background (a new session, stdin and stdout on
+/// /dev/null, stderr inherited) and wait until it listens (exit 0) or fails (exit 1; it has
+/// printed why). Re-executing instead of fork(2): this process already runs threads.
+async fn fork(args: &[String]) -> u8 {
+    let args = args.to_vec();
+    let go = move || -> Result<u8, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+        let (mut rd, wr) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        use std::os::fd::AsRawFd;
+        let fd = wr.as_raw_fd();
+        // SAFETY: plain fcntl on a descriptor we own; clears close-on-exec so the child
+        // inherits the pipe's write end.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+        // Run this process's command line again (for the wheel's console script that is
+        // `python3 .../qcow2rs serve ...`), which must end with `serve ARGS`; not when the
+        // command line was handed over some other way (a Python program calling the CLI).
+        let cmdline: Vec<String> = std::env::args().collect();
+        let tail = args.len() + 1;
+        if cmdline.len() < tail + 1
+            || cmdline[cmdline.len() - tail] != "serve"
+            || cmdline[cmdline.len() - args.len()..] != args[..]
+        {
+            return Err("--fork works only when run as a command (qcow2rs serve ...)".into());
+        }
+        let mut child = std::process::Command::new(exe)
+            .args(&cmdline[1..cmdline.len() - args.len()])
+            .args(args.iter().filter(|a| *a != "--fork"))
+            .env(READY_FD, fd.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the server: {e}"))?;
+        drop(wr);
+        let mut b = [0u8; 1];
+        use std::io::Read;
+        match rd.read(&mut b) {
+            Ok(1) => Ok(0),
+            _ => {
+                // It exited before listening (its error is on stderr already).
+                let _ = child.wait();
+                Ok(1)
+            }
+        }
+    };
+    match tokio::task::spawn_blocking(go).await {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("qcow2rs serve: {e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("qcow2rs serve: {e}");
+            1
+        }
+    }
+}
+
+/// In a `--fork` child: leave the parent's session (so its terminal's signals do not reach
+/// us) and tell it the server listens.
+fn report_ready() {
+    let Some(fd) = std::env::var(READY_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&fd| fd > 2)
+    else {
+        return;
+    };
+    // SAFETY: setsid has no memory effects; it fails harmlessly if we lead a group already.
+    unsafe { libc::setsid() };
+    // SAFETY: the parent passed this descriptor (the write end of its pipe) for us to
+    // own; nothing else in this process uses it.
+    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::io::Write;
+    let _ = f.write_all(b"\n");
+}
+
+/// `-s`: a temporary qcow2 overlay over the image, opened and unlinked at once (writes go
+/// there and vanish with the process).
+async fn overlay(
+    image: &std::path::Path,
+    format: Option<Format>,
+    opts: &OpenOptions,
+) -> Result<Disk, String> {
+    let abs = std::fs::canonicalize(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    let fmt = match format {
+        Some(f) => f,
+        None => qcow2_core::disk::probe(&abs)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "qcow2rs-serve-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("overlay.qcow2");
+    let co = qcow2_core::create::CreateOptions {
+        backing_file: Some(abs.to_string_lossy().into_owned()),
+        backing_format: Some(match fmt {
+            Format::Raw => "raw".into(),
+            _ => "qcow2".into(),
+        }),
+        ..Default::default()
+    };
+    let made = qcow2_core::create::create_qcow2(&path, &co).await;
+    let disk = match made {
+        Ok(_) => Disk::open(&path, Some(Format::Qcow2), opts).await,
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    disk.map_err(|e| format!("temporary overlay: {e}"))
 }
 
 async fn serve(a: Args) -> Result<(), String> {
@@ -223,11 +442,16 @@ async fn serve(a: Args) -> Result<(), String> {
         direct,
         no_external_files: a.untrusted,
         force_share: a.force_share,
+        snapshot: a.load_snapshot.clone(),
         ..OpenOptions::default()
     };
-    let disk = Disk::open(&image, a.format, &opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    let disk = if a.snapshot {
+        overlay(&image, a.format, &opts).await?
+    } else {
+        Disk::open(&image, a.format, &opts)
+            .await
+            .map_err(|e| e.to_string())?
+    };
     let mut export = Export::new(disk, !a.read_only);
     export.writethrough = matches!(a.cache.as_str(), "writethrough" | "directsync");
     let export = Arc::new(export);
@@ -277,6 +501,7 @@ async fn serve(a: Args) -> Result<(), String> {
             let _ = tx.send(true);
         });
     }
+    report_ready();
     let info = ExportInfo {
         name: a.name.clone(),
         description: a.description.clone(),
@@ -339,5 +564,30 @@ mod tests {
         assert!(p(&["-k"]).is_err());
         assert!(p(&["a", "b"]).is_err());
         assert_eq!(p(&["-h"]).err().unwrap(), "");
+    }
+
+    #[test]
+    fn snapshot_fork_image_opts() {
+        let a = p(&["-l", "snapshot.id=3,snapshot.name=x", "img"]).unwrap();
+        assert!(a.read_only, "-l exports read-only");
+        assert!(
+            matches!(a.load_snapshot, Some(qcow2_core::SnapshotKey::IdAndName(ref i, ref n)) if i == "3" && n == "x")
+        );
+        assert!(p(&["-l", "snapshot.bogus=1", "img"]).is_err());
+        assert!(p(&["-l", "s", "-s", "img"]).is_err());
+        assert!(p(&["-s", "--untrusted", "img"]).is_err());
+        let a = p(&["-s", "--fork", "-A", "img"]).unwrap();
+        assert!(a.snapshot && a.fork && !a.read_only);
+        let a = p(&[
+            "--image-opts",
+            "driver=raw,file.filename=/a,,b,read-only=on",
+        ])
+        .unwrap();
+        assert_eq!(a.image.unwrap(), PathBuf::from("/a,b"));
+        assert_eq!(a.format, Some(Format::Raw));
+        assert!(a.read_only);
+        assert!(p(&["--image-opts", "driver=raw"]).is_err());
+        assert!(p(&["--image-opts", "file=x,cache.direct=on"]).is_err());
+        assert!(p(&["-f", "qcow2", "--image-opts", "driver=raw,file=x"]).is_err());
     }
 }

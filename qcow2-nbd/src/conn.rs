@@ -175,6 +175,11 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
         structured: neg.structured,
         extended: neg.extended,
         contexts: neg.contexts.len(),
+        context_mask: neg
+            .contexts
+            .iter()
+            .filter(|&&id| id < 64)
+            .fold(0, |m, &id| m | 1 << id),
         min_block: if neg.block_size_agreed {
             sh.info.min_block
         } else {
@@ -232,7 +237,7 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
                 break;
             }
         }
-        match validate(&h, &lim) {
+        match validate(&h, &payload, &lim) {
             Err(r) => {
                 let reply = vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg)];
                 let _ = tx.send((reply, Some(permit)));
@@ -303,12 +308,15 @@ async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Vec<u8>) -> Ms
             }
             done(r)
         }
-        Command::BlockStatus { off, len, req_one } => {
-            match block_status(ctx, h, off, len, req_one).await {
-                Ok(m) => m,
-                Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
-            }
-        }
+        Command::BlockStatus {
+            off,
+            len,
+            req_one,
+            contexts,
+        } => match block_status(ctx, h, off, len, req_one, contexts).await {
+            Ok(m) => m,
+            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+        },
         Command::Disc => Vec::new(),
     }
 }
@@ -392,6 +400,7 @@ async fn block_status(
     off: u64,
     len: u64,
     req_one: bool,
+    wanted: u64,
 ) -> Result<Msg, OpError> {
     let ex = &ctx.export;
     let mode = ctx.mode;
@@ -406,8 +415,10 @@ async fn block_status(
         max_len = max_len.min(len);
     }
     let mut msg = Vec::new();
-    let n = ctx.contexts.len();
-    for (i, &id) in ctx.contexts.iter().enumerate() {
+    let ids: Vec<u32> = (ctx.contexts.iter().copied())
+        .filter(|&id| id < 64 && wanted & (1 << id) != 0)
+        .collect();
+    for (i, &id) in ids.iter().enumerate() {
         let ext = match id {
             CTX_BASE_ALLOCATION => extents(
                 &runs,
@@ -418,7 +429,11 @@ async fn block_status(
             CTX_ALLOCATION_DEPTH => extents(&runs, |s| s.depth, max_len, max),
             _ => continue,
         };
-        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        let flags = if i + 1 == ids.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
         msg.push(block_status_chunk(
             mode, flags, h.cookie, h.offset, id, &ext,
         ));

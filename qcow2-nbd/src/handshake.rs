@@ -27,9 +27,13 @@ pub struct ExportInfo {
 
 impl ExportInfo {
     /// Transmission flags for a connection (`structured`: structured replies or extended
-    /// headers negotiated).
-    pub fn transmission_flags(&self, structured: bool) -> u16 {
+    /// headers negotiated; `status_payload`: extended headers and metadata contexts
+    /// negotiated, so block status takes the payload form).
+    pub fn transmission_flags(&self, structured: bool, status_payload: bool) -> u16 {
         let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
+        if status_payload {
+            f |= TF_BLOCK_STATUS_PAYLOAD;
+        }
         if self.multi_conn {
             f |= TF_CAN_MULTI_CONN;
         }
@@ -237,7 +241,12 @@ impl Handshake {
                 }
                 let mut v = Vec::with_capacity(134);
                 v.extend_from_slice(&self.info.size.to_be_bytes());
-                v.extend_from_slice(&self.info.transmission_flags(self.structured).to_be_bytes());
+                v.extend_from_slice(
+                    &self
+                        .info
+                        .transmission_flags(self.structured, false)
+                        .to_be_bytes(),
+                );
                 if !self.no_zeroes {
                     v.extend_from_slice(&[0u8; 124]);
                 }
@@ -319,10 +328,11 @@ impl Handshake {
         let mut export = Vec::with_capacity(12);
         export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
         export.extend_from_slice(&self.info.size.to_be_bytes());
+        let status_payload = self.extended && !self.negotiated(name, false).contexts.is_empty();
         export.extend_from_slice(
             &self
                 .info
-                .transmission_flags(self.structured || self.extended)
+                .transmission_flags(self.structured || self.extended, status_payload)
                 .to_be_bytes(),
         );
         v.extend(opt_reply(opt, REP_INFO, &export));

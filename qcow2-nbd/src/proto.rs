@@ -105,6 +105,9 @@ pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TF_SEND_CACHE: u16 = 1 << 10;
 #[allow(missing_docs)]
 pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+/// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`: block status accepts a payload naming the contexts
+/// wanted (extended headers only).
+pub const TF_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
@@ -308,6 +311,8 @@ pub struct Limits {
     pub extended: bool,
     /// Number of selected metadata contexts.
     pub contexts: usize,
+    /// The selected context ids as a bit set (bit `id`; ids are below 64).
+    pub context_mask: u64,
     /// Alignment the client promised (1 when it did not negotiate block sizes).
     pub min_block: u32,
 }
@@ -374,6 +379,9 @@ pub enum Command {
         len: u64,
         /// One extent per context.
         req_one: bool,
+        /// The contexts to answer for (bit `id`): all selected ones, or those the client
+        /// named in the payload form.
+        contexts: u64,
     },
 }
 
@@ -393,14 +401,47 @@ fn refuse(errno: u32, msg: impl Into<String>) -> Refusal {
     }
 }
 
-/// Check a request against the negotiated state and the export: the command to run, or the
-/// error to reply with. Never panics, whatever the header.
-pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
+/// The payload form of `NBD_CMD_BLOCK_STATUS` (extended headers): a 64-bit effect length,
+/// then the ids of the contexts wanted (at least one, each selected, no repeats). Returns the
+/// effect length and the ids as a bit set.
+pub fn parse_block_status_payload(payload: &[u8], selected: u64) -> Result<(u64, u64), Refusal> {
+    if payload.len() < 12 || !(payload.len() - 8).is_multiple_of(4) {
+        return Err(refuse(
+            EINVAL,
+            format!(
+                "block status payload of {} bytes (8 + 4 per context id expected)",
+                payload.len()
+            ),
+        ));
+    }
+    let len = be64(payload, 0);
+    let mut mask = 0u64;
+    for c in payload[8..].chunks_exact(4) {
+        let id = u32::from_be_bytes(c.try_into().unwrap());
+        let bit = if id < 64 { 1u64 << id } else { 0 };
+        if bit & selected == 0 {
+            return Err(refuse(
+                EINVAL,
+                format!("metadata context {id} was not selected"),
+            ));
+        }
+        if mask & bit != 0 {
+            return Err(refuse(EINVAL, format!("metadata context {id} named twice")));
+        }
+        mask |= bit;
+    }
+    Ok((len, mask))
+}
+
+/// Check a request (and its `payload`, read already) against the negotiated state and the
+/// export: the command to run, or the error to reply with. Never panics, whatever the input.
+pub fn validate(h: &RequestHeader, payload: &[u8], lim: &Limits) -> Result<Command, Refusal> {
     let allowed = CMD_FLAG_FUA
         | match h.typ {
             CMD_READ if lim.structured => CMD_FLAG_DF,
             CMD_WRITE if lim.extended => CMD_FLAG_PAYLOAD_LEN,
             CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS if lim.extended => CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
             CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
             _ => 0,
         };
@@ -413,7 +454,14 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
             format!("unsupported flags {:#x} for command {}", h.flags, h.typ),
         ));
     }
-    let (off, len) = (h.offset, h.length);
+    let (off, mut len) = (h.offset, h.length);
+    let mut contexts = lim.context_mask;
+    if h.typ == CMD_BLOCK_STATUS && h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+        if lim.contexts == 0 {
+            return Err(refuse(EINVAL, "no metadata context was selected"));
+        }
+        (len, contexts) = parse_block_status_payload(payload, lim.context_mask)?;
+    }
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let in_range = off.checked_add(len).is_some_and(|e| e <= lim.size);
     let aligned = lim.min_block <= 1
@@ -501,6 +549,7 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Refusal> {
                 off,
                 len,
                 req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+                contexts,
             })
         }
         _ => Err(refuse(EINVAL, format!("unknown command {}", h.typ))),
@@ -675,6 +724,7 @@ mod tests {
             structured: true,
             extended: false,
             contexts: 1,
+            context_mask: 1 << 1,
             min_block: 1,
         }
     }
@@ -711,7 +761,7 @@ mod tests {
             payload: 0,
         };
         assert_eq!(
-            validate(&h(0, CMD_READ, 0, 512), &l).unwrap(),
+            validate(&h(0, CMD_READ, 0, 512), &[], &l).unwrap(),
             Command::Read {
                 off: 0,
                 len: 512,
@@ -719,30 +769,35 @@ mod tests {
             }
         );
         assert_eq!(
-            validate(&h(0, CMD_READ, 1 << 20, 1), &l).unwrap_err().errno,
+            validate(&h(0, CMD_READ, 1 << 20, 1), &[], &l)
+                .unwrap_err()
+                .errno,
             EINVAL
         );
         assert_eq!(
-            validate(&h(0, CMD_WRITE, u64::MAX, 2), &l)
+            validate(&h(0, CMD_WRITE, u64::MAX, 2), &[], &l)
                 .unwrap_err()
                 .errno,
             ENOSPC
         );
         assert_eq!(
-            validate(&h(0, CMD_WRITE_ZEROES, 1 << 20, 1), &l)
+            validate(&h(0, CMD_WRITE_ZEROES, 1 << 20, 1), &[], &l)
                 .unwrap_err()
                 .errno,
             ENOSPC
         );
         assert_eq!(
-            validate(&h(CMD_FLAG_DF, CMD_WRITE, 0, 1), &l)
+            validate(&h(CMD_FLAG_DF, CMD_WRITE, 0, 1), &[], &l)
                 .unwrap_err()
                 .errno,
             EINVAL
         );
-        assert_eq!(validate(&h(0, 99, 0, 1), &l).unwrap_err().errno, EINVAL);
         assert_eq!(
-            validate(&h(0, CMD_READ, 0, 64 << 20), &l)
+            validate(&h(0, 99, 0, 1), &[], &l).unwrap_err().errno,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&h(0, CMD_READ, 0, 64 << 20), &[], &l)
                 .unwrap_err()
                 .errno,
             EOVERFLOW
@@ -752,12 +807,16 @@ mod tests {
             ..l
         };
         assert_eq!(
-            validate(&h(0, CMD_TRIM, 0, 1), &ro).unwrap_err().errno,
+            validate(&h(0, CMD_TRIM, 0, 1), &[], &ro).unwrap_err().errno,
             EPERM
         );
-        let none = Limits { contexts: 0, ..l };
+        let none = Limits {
+            contexts: 0,
+            context_mask: 0,
+            ..l
+        };
         assert_eq!(
-            validate(&h(0, CMD_BLOCK_STATUS, 0, 1), &none)
+            validate(&h(0, CMD_BLOCK_STATUS, 0, 1), &[], &none)
                 .unwrap_err()
                 .errno,
             EINVAL
@@ -767,9 +826,11 @@ mod tests {
             ..l
         };
         assert_eq!(
-            validate(&h(0, CMD_READ, 1, 512), &al).unwrap_err().errno,
+            validate(&h(0, CMD_READ, 1, 512), &[], &al)
+                .unwrap_err()
+                .errno,
             EINVAL
         );
-        assert!(validate(&h(0, CMD_READ, 512, 512), &al).is_ok());
+        assert!(validate(&h(0, CMD_READ, 512, 512), &[], &al).is_ok());
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::conn::Shared;
 use crate::export::Export;
-use crate::handshake::ExportInfo;
+use crate::handshake::{ExportInfo, CTX_ALLOCATION_DEPTH};
 use crate::proto::*;
 use crate::server::{self, Listen, Listener};
 use std::sync::Arc;
@@ -176,7 +176,11 @@ async fn simple_replies_and_extended_headers() {
     go.extend_from_slice(b"disk");
     go.extend_from_slice(&0u16.to_be_bytes());
     option(&mut s, OPT_GO, &go).await;
-    assert_eq!(replies(&mut s).await.last().unwrap().0, REP_ACK);
+    let r = replies(&mut s).await;
+    assert_eq!(r.last().unwrap().0, REP_ACK);
+    let export = r.iter().find(|(t, d)| *t == REP_INFO && d[..2] == [0, 0]);
+    let tflags = u16::from_be_bytes(export.unwrap().1[10..12].try_into().unwrap());
+    assert!(tflags & TF_BLOCK_STATUS_PAYLOAD != 0, "flags {tflags:#x}");
     s.write_all(&encode_ext_request(
         CMD_FLAG_PAYLOAD_LEN,
         CMD_WRITE,
@@ -204,6 +208,52 @@ async fn simple_replies_and_extended_headers() {
         .map(|i| u64::from_be_bytes(d[8 + 16 * i..16 + 16 * i].try_into().unwrap()))
         .sum();
     assert_eq!(total, SIZE);
+    // The payload form: effect length and the contexts wanted.
+    let status = |cookie: u64, payload: Vec<u8>| {
+        let mut v = encode_ext_request(
+            CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_REQ_ONE,
+            CMD_BLOCK_STATUS,
+            cookie,
+            0,
+            payload.len() as u64,
+        );
+        v.extend(payload);
+        v
+    };
+    let ids = |len: u64, ids: &[u32]| {
+        let mut p = len.to_be_bytes().to_vec();
+        ids.iter()
+            .for_each(|i| p.extend_from_slice(&i.to_be_bytes()));
+        p
+    };
+    s.write_all(&status(20, ids(4096, &[ctx]))).await.unwrap();
+    let (f, t, c, d) = ext_reply(&mut s).await;
+    assert_eq!(
+        (f, t, c),
+        (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, 20)
+    );
+    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), ctx);
+    assert_eq!(
+        u32::from_be_bytes(d[4..8].try_into().unwrap()),
+        1,
+        "REQ_ONE"
+    );
+    assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 4096);
+    // Unknown (not selected) or repeated ids, a malformed payload, an effect length past
+    // the end: EINVAL, and the connection goes on.
+    for (cookie, p) in [
+        (21, ids(4096, &[CTX_ALLOCATION_DEPTH])),
+        (22, ids(4096, &[ctx, ctx])),
+        (23, ids(4096, &[])),
+        (24, vec![0u8; 10]),
+        (25, ids(SIZE + 1, &[ctx])),
+        (26, ids(0, &[ctx])),
+    ] {
+        s.write_all(&status(cookie, p)).await.unwrap();
+        let (f, t, c, d) = ext_reply(&mut s).await;
+        assert_eq!((f, t, c), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie));
+        assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), EINVAL);
+    }
     // A 64-bit effect length past the end is refused with an error chunk.
     s.write_all(&encode_ext_request(0, CMD_READ, 12, 0, 1 << 40))
         .await
