@@ -113,7 +113,25 @@ class BuildCtx:
         return json.loads(qemu_img("info", "--output=json", path, cwd=self.dir).stdout)
 
     def image(self, path, size, files=()):
-        return Image(self.spec.name, Path(path), size, self.spec.tags, [Path(path), *files])
+        files = [Path(path), *files]
+        for f in files:
+            settle_page_cache(f)
+        return Image(self.spec.name, Path(path), size, self.spec.tags, files)
+
+
+def settle_page_cache(path: Path) -> None:
+    """Read a built file once, so every tool sees it in the same state.
+
+    qemu-io leaves the unwritten parts of new clusters as unwritten extents (fallocate). On
+    ext4, SEEK_HOLE reports such a range as a hole until its pages are in the page cache, and as
+    data afterwards; reading metadata pulls neighbouring pages in (readahead). `qemu-img map`
+    and NBD block status report those holes as zeros when QEMU's metadata-preallocation
+    heuristic applies, so without this the answer would depend on which tool read the file
+    first. Real holes (punched, never written) stay holes.
+    """
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
 
 
 # --------------------------------------------------------------------------------------------------

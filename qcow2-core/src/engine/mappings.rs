@@ -331,9 +331,11 @@ impl Image {
         Ok(st)
     }
 
-    /// qemu's heuristic for metadata preallocation: more clusters have a refcount than the
-    /// file has allocated blocks. Then data clusters that are holes in the file read as zeros
-    /// in block status.
+    /// qemu's heuristic for metadata preallocation: with `R` the clusters the file has
+    /// allocated on the host (`st_blocks`), at least `max(R * 10 / 9, R + 2)` clusters have a
+    /// refcount. Then data clusters that are holes in the file read as zeros in block status
+    /// (`map`, NBD). The comparison is "at least", as QEMU's: an image right at the threshold
+    /// (common for small images written by qemu-io) maps as qemu-img maps it.
     pub(crate) async fn metadata_preallocated(&self) -> Result<bool> {
         self.inner
             .prealloc
@@ -345,13 +347,13 @@ impl Image {
                 let end = file_len.div_ceil(cs);
                 let mut count = 0u64;
                 let mut i = 0;
-                while i < end && count <= threshold {
+                while i < end && count < threshold {
                     if self.refcount(i).await? != 0 {
                         count += 1;
                     }
                     i += 1;
                 }
-                Ok::<bool, Error>(count > threshold)
+                Ok::<bool, Error>(count >= threshold)
             })
             .await
             .copied()

@@ -222,3 +222,130 @@ async fn fresh_zero_cluster_is_inside_the_file() {
     let len = std::fs::metadata(&path).unwrap().len();
     assert_eq!(len % 65536, 0, "the file ends inside a cluster");
 }
+
+/// A real file whose `allocated_size` and holes are chosen by the test, for qemu's
+/// metadata-preallocation heuristic in `map`.
+struct FakeAlloc {
+    file: std::sync::Arc<dyn qcow2_core::io::Storage>,
+    allocated: u64,
+    /// Host byte range reported as a hole by `data_run`.
+    hole: (u64, u64),
+}
+
+impl qcow2_core::io::Storage for FakeAlloc {
+    fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> qcow2_core::io::IoFuture<'a, ()> {
+        self.file.read_at(buf, off)
+    }
+    fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> qcow2_core::io::IoFuture<'a, ()> {
+        self.file.write_at(buf, off)
+    }
+    fn flush(&self) -> qcow2_core::io::IoFuture<'_, ()> {
+        self.file.flush()
+    }
+    fn discard(&self, off: u64, len: u64) -> qcow2_core::io::IoFuture<'_, bool> {
+        self.file.discard(off, len)
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> qcow2_core::io::IoFuture<'_, ()> {
+        self.file.write_zeroes(off, len)
+    }
+    fn allocate(&self, off: u64, len: u64) -> qcow2_core::io::IoFuture<'_, ()> {
+        self.file.allocate(off, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn allocated_size(&self) -> std::io::Result<u64> {
+        Ok(self.allocated)
+    }
+    fn data_run(&self, off: u64, len: u64) -> std::io::Result<(u64, bool)> {
+        let (hs, he) = self.hole;
+        Ok(if off < hs {
+            (len.min(hs - off), true)
+        } else if off < he {
+            (len.min(he - off), false)
+        } else {
+            (len, true)
+        })
+    }
+    fn alignment(&self) -> usize {
+        1
+    }
+    fn engine_name(&self) -> &'static str {
+        "fake-alloc"
+    }
+}
+
+/// qemu's metadata-preallocation rule in `map` is "at least the threshold": an image with
+/// 6 clusters in use whose file has 4 clusters allocated (threshold max(4, 6) = 6) maps the
+/// holes of its data clusters as zeros, as qemu-img does; with 5 allocated (threshold 7) it
+/// does not. The first half fails with `>` in place of `>=` (the rule before this fix, which
+/// made `map` and NBD block status differ from qemu-img's on small images written by qemu-io).
+#[tokio::test]
+async fn map_metadata_preallocation_threshold_is_inclusive() {
+    use qcow2_core::create::{create_qcow2, CreateOptions};
+    use qcow2_core::io::{open_file, FileOptions, Storage};
+    use qcow2_core::{Disk, Image, OpenOptions};
+    const CS: u64 = 65536;
+    let dir = tmpdir();
+    let path = dir.path().join("t.qcow2");
+    create_qcow2(
+        &path,
+        &CreateOptions {
+            size: Some(16 * CS),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    {
+        let img = Image::open(
+            &path,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        img.write_at(&[7u8; 4096], 0).await.unwrap();
+        img.close().await.unwrap();
+    }
+    // header, refcount table, refcount block, L1, L2, data: 6 clusters with a refcount.
+    let host = {
+        let d = Disk::Qcow2(Image::open(&path, &OpenOptions::default()).await.unwrap());
+        let m = d.map().await.unwrap();
+        m[0].offset.expect("guest cluster 0 is data")
+    };
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        6 * CS,
+        "six clusters in use"
+    );
+    for (allocated_clusters, expect_zero_tail) in [(4, true), (5, false)] {
+        let file = open_file(&path, &FileOptions::default()).unwrap();
+        let st = std::sync::Arc::new(FakeAlloc {
+            file,
+            allocated: allocated_clusters * CS + 4096,
+            hole: (host + 4096, host + CS),
+        });
+        let img = Image::open_storage(
+            st as std::sync::Arc<dyn Storage>,
+            &path,
+            &OpenOptions::default(),
+        )
+        .await
+        .unwrap();
+        let m = Disk::Qcow2(img).map().await.unwrap();
+        let first = &m[0];
+        assert!(first.data && !first.zero, "{m:?}");
+        if expect_zero_tail {
+            assert_eq!(first.length, 4096, "allocated {allocated_clusters}: {m:?}");
+            assert!(m[1].data && m[1].zero && m[1].length == CS - 4096, "{m:?}");
+        } else {
+            assert_eq!(first.length, CS, "allocated {allocated_clusters}: {m:?}");
+        }
+    }
+}
