@@ -100,6 +100,14 @@
 #define QCOW2RS_CREATE_OPTIONS_INIT { sizeof(struct qcow2rs_create_options), 0, 0, 0, 0, 0, 0, NULL, NULL, NULL }
 /** Initializer of struct qcow2rs_convert_options: the size set, every option at its default. */
 #define QCOW2RS_CONVERT_OPTIONS_INIT { sizeof(struct qcow2rs_convert_options), 0, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+/** Initializer of struct qcow2rs_rebase_options: the size set, every option at its default. */
+#define QCOW2RS_REBASE_OPTIONS_INIT { sizeof(struct qcow2rs_rebase_options), 0, 0, NULL, NULL, NULL, NULL }
+/** Initializer of struct qcow2rs_commit_options: the size set, every option at its default. */
+#define QCOW2RS_COMMIT_OPTIONS_INIT { sizeof(struct qcow2rs_commit_options), 0, 0, NULL, NULL, NULL }
+/** Initializer of struct qcow2rs_measure_options: the size set, every option at its default. */
+#define QCOW2RS_MEASURE_OPTIONS_INIT { sizeof(struct qcow2rs_measure_options), 0, 0, NULL, NULL, NULL }
+/** Initializer of struct qcow2rs_measurement: the size set. */
+#define QCOW2RS_MEASUREMENT_INIT { sizeof(struct qcow2rs_measurement), 0, 0, 0, false }
 /** Initializer of struct qcow2rs_info: the size set. */
 #define QCOW2RS_INFO_INIT { sizeof(struct qcow2rs_info), 0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, false, false, false, false }
 
@@ -299,6 +307,41 @@
  * `QCOW2RS_OPEN_UNTRUSTED`).
  */
 #define QCOW2RS_CONVERT_UNTRUSTED (1 << 2)
+
+/**
+ * `qcow2rs_rebase_options.flags`: only write the new backing file name into the header
+ * (`qemu-img rebase -u`): no data is compared or copied, so the guest sees different data
+ * wherever the old and new backing chains differ.
+ */
+#define QCOW2RS_REBASE_UNSAFE (1 << 0)
+
+/**
+ * `qcow2rs_rebase_options.flags`: bypass the page cache for the image (`-t none`).
+ */
+#define QCOW2RS_REBASE_DIRECT (1 << 1)
+
+/**
+ * `qcow2rs_commit_options.flags`: keep the image's content after the commit (`-d`);
+ * without it (and without `base`) the image is emptied: it then reads through to its
+ * backing file, which holds the same data.
+ */
+#define QCOW2RS_COMMIT_DROP (1 << 0)
+
+/**
+ * `qcow2rs_commit_options.flags`: bypass the page cache (`-t none`).
+ */
+#define QCOW2RS_COMMIT_DIRECT (1 << 1)
+
+/**
+ * `qcow2rs_amend` flag: bypass the page cache (`-t none`).
+ */
+#define QCOW2RS_AMEND_DIRECT (1 << 0)
+
+/**
+ * `qcow2rs_measure_options.flags`: open no file named inside the source image (see
+ * `QCOW2RS_OPEN_UNTRUSTED`).
+ */
+#define QCOW2RS_MEASURE_UNTRUSTED (1 << 0)
 
 /**
  * An open image. Opaque: create it with `qcow2rs_open` or `qcow2rs_open_ext`, free it with
@@ -552,6 +595,140 @@ struct qcow2rs_convert_options {
      * `QCOW2RS_ENGINE_*` for every file (0: auto).
      */
     uint32_t engine;
+};
+
+/**
+ * Options of `qcow2rs_rebase` (`qemu-img rebase`'s options). Zero-initialize it and set
+ * `size` to `sizeof(struct qcow2rs_rebase_options)` (or use `QCOW2RS_REBASE_OPTIONS_INIT`).
+ */
+struct qcow2rs_rebase_options {
+    /**
+     * `sizeof(struct qcow2rs_rebase_options)` as the caller compiled it.
+     */
+    size_t size;
+    /**
+     * `QCOW2RS_REBASE_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * `QCOW2RS_ENGINE_*` for every file (0: auto).
+     */
+    uint32_t engine;
+    /**
+     * The new backing file name (`-b`), stored in the header as given (a relative name is
+     * relative to the image's folder); NULL or `""`: none, the image becomes standalone
+     * (in safe mode, the old backing chain's data is copied into it first).
+     */
+    const char *backing_file;
+    /**
+     * The new backing file's format (`-F`), `"qcow2"` or `"raw"`: required with a backing
+     * file (as qemu-img, the format is never probed here).
+     */
+    const char *backing_format;
+    /**
+     * Called as the copy progresses (safe mode; `-p`); NULL: not called.
+     */
+    qcow2rs_progress_fn progress;
+    /**
+     * Passed to `progress`.
+     */
+    void *progress_data;
+};
+
+/**
+ * Options of `qcow2rs_commit` (`qemu-img commit`'s options). Zero-initialize it and set
+ * `size` to `sizeof(struct qcow2rs_commit_options)` (or use `QCOW2RS_COMMIT_OPTIONS_INIT`);
+ * fields left 0 or NULL take the defaults.
+ */
+struct qcow2rs_commit_options {
+    /**
+     * `sizeof(struct qcow2rs_commit_options)` as the caller compiled it.
+     */
+    size_t size;
+    /**
+     * `QCOW2RS_COMMIT_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * `QCOW2RS_ENGINE_*` for every file (0: auto).
+     */
+    uint32_t engine;
+    /**
+     * The image of the backing chain to commit into (`-b`), by the name the layer above
+     * stores or by a path to the same file; NULL: the image's backing file. Naming a base
+     * implies `QCOW2RS_COMMIT_DROP`, as in qemu-img.
+     */
+    const char *base;
+    /**
+     * Called as the copy progresses (`-p`); NULL: not called.
+     */
+    qcow2rs_progress_fn progress;
+    /**
+     * Passed to `progress`.
+     */
+    void *progress_data;
+};
+
+/**
+ * Options of `qcow2rs_measure` (`qemu-img measure`'s options). Zero-initialize it and set
+ * `size` to `sizeof(struct qcow2rs_measure_options)` (or use
+ * `QCOW2RS_MEASURE_OPTIONS_INIT`); fields left 0 or NULL take the defaults.
+ */
+struct qcow2rs_measure_options {
+    /**
+     * `sizeof(struct qcow2rs_measure_options)` as the caller compiled it.
+     */
+    size_t size;
+    /**
+     * `QCOW2RS_MEASURE_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * The virtual size to measure when no source is given (`--size`; below 2^63). Must be
+     * 0 with a source.
+     */
+    uint64_t virtual_size;
+    /**
+     * The source's format, `"qcow2"` or `"raw"` (`-f`); NULL: probed.
+     */
+    const char *src_format;
+    /**
+     * The new image's format, `"qcow2"` or `"raw"` (`-O`); NULL: `"raw"`, as qemu-img.
+     */
+    const char *dst_format;
+    /**
+     * The new image's creation options (`-o`, as for `qemu-img create`: e.g.
+     * `"cluster_size=2M,compat=0.10"`, `"preallocation=full"`); NULL: the defaults.
+     */
+    const char *options;
+};
+
+/**
+ * What `qcow2rs_measure` found, in bytes (`qemu-img measure`'s figures). Set `size` to
+ * `sizeof(struct qcow2rs_measurement)` (or use `QCOW2RS_MEASUREMENT_INIT`): the library
+ * fills the fields that fit in it.
+ */
+struct qcow2rs_measurement {
+    /**
+     * `sizeof(struct qcow2rs_measurement)` as the caller compiled it.
+     */
+    size_t size;
+    /**
+     * File size the new image needs as it would be written (`required`).
+     */
+    uint64_t required;
+    /**
+     * File size when every guest cluster is allocated (`fully-allocated`).
+     */
+    uint64_t fully_allocated;
+    /**
+     * Space for the source's persistent bitmaps (`bitmaps`); valid when `has_bitmaps`.
+     */
+    uint64_t bitmaps;
+    /**
+     * Whether `bitmaps` is given (a qcow2 v3 source and a qcow2 v3 output, as qemu-img).
+     */
+    bool has_bitmaps;
 };
 
 /**
@@ -913,6 +1090,90 @@ int qcow2rs_check(const char *path,
 int qcow2rs_convert(const char *src,
                     const char *dst,
                     const struct qcow2rs_convert_options *opts);
+
+/**
+ * Change the backing file of the qcow2 image at `path`, as `qemu-img rebase [-u] [-b
+ * backing_file] [-F backing_format] path` (the image must not be in use meanwhile). In safe
+ * mode (the default) the image is opened with its old backing chain and the new one, and
+ * the old chain's data is written into the image wherever the image does not decide the
+ * content itself and the two chains differ, so the guest sees the same disk afterwards;
+ * then the header is switched. With `QCOW2RS_REBASE_UNSAFE` only the header changes.
+ * Blocking; progress through `opts->progress`.
+ *
+ * Returns 0, or: `-EFAULT` (`path` or `opts` NULL), `-EINVAL` (bad `size` or unknown flags
+ * in `opts`, a backing file without `backing_format`, a name that is not UTF-8 or does not
+ * fit in the header, the image itself as its new backing file or in the new chain),
+ * `-ENOTSUP` (a raw image or a file that is not a qcow2 image, a format other than qcow2
+ * and raw, an unsupported feature), `-ENOENT` (the image or the new backing file does not exist), `-EACCES`,
+ * `-EAGAIN` (the image is locked by another process), `-EUCLEAN` (corrupt metadata),
+ * `-ENOSPC`, `-EDEADLK` (called from a callback or a library thread), `-EIO`. A failure
+ * before the header switch leaves the header unchanged (data copied into the image by safe
+ * mode then reads the same as before).
+ */
+int qcow2rs_rebase(const char *path,
+                   const struct qcow2rs_rebase_options *opts);
+
+/**
+ * Write the data of the qcow2 image at `path` into its backing file (or into `opts->base`
+ * further down the chain), as `qemu-img commit [-d] [-b base] path`: every run that the
+ * image (and the layers above the base) decides is written into the base, which grows if
+ * it is shorter, and is flushed. Then, unless `QCOW2RS_COMMIT_DROP` or a base is given, the
+ * image is emptied. Nothing else may use the chain meanwhile. Blocking; progress through
+ * `opts->progress`. `opts` NULL: the defaults.
+ *
+ * Returns 0, or: `-EFAULT` (`path` NULL), `-EINVAL` (bad `size` or unknown flags in `opts`,
+ * the image has no backing file, a raw image, names that are not UTF-8), `-ENOENT` (the
+ * image does not exist, `base` is not in its backing chain), `-ENOTSUP`, `-EACCES`,
+ * `-EAGAIN` (an image of the chain is locked by another process), `-EBADF` (the base cannot
+ * be written), `-EUCLEAN` (corrupt metadata), `-ENOSPC`, `-EDEADLK`, `-EIO`.
+ */
+int qcow2rs_commit(const char *path,
+                   const struct qcow2rs_commit_options *opts);
+
+/**
+ * Change options of the existing qcow2 image at `path`, as `qemu-img amend -o options
+ * path`. `options` is the `-o` string: `key=value` pairs separated by commas (a comma in a
+ * value is written twice), e.g. `"compat=0.10"`, `"compat=1.1,lazy_refcounts=on"`,
+ * `"refcount_bits=64"`, `"size=20G"`. Keys: `compat` (`0.10` or `1.1`), `lazy_refcounts`,
+ * `refcount_bits`, `data_file_raw` (`off`, or `on` where it already is), `data_file` (images
+ * with an external data file), `size`, and `backing_file`/`backing_fmt` (only unchanged:
+ * use `qcow2rs_rebase`). Every option is checked before anything is written: a refused
+ * amend leaves the file as it was. The image must not be in use. `flags`: 0 or
+ * `QCOW2RS_AMEND_DIRECT`. Blocking.
+ *
+ * Returns 0, or: `-EFAULT` (`path` or `options` NULL), `-EINVAL` (unknown flags, an empty
+ * or malformed `options`, an unknown key or a bad value, a change qemu-img refuses such as
+ * a backing file change or lazy refcounts with compat=0.10), `-ENOTSUP` (a raw image or a
+ * file that is not a qcow2 image, a creation-only key such as `cluster_size`, a downgrade to compat=0.10 that
+ * the image prevents: refcounts other than 16 bits, a data file, internal snapshots, ...;
+ * an unsupported feature), `-ENOENT`, `-EACCES`, `-EAGAIN` (locked by another process), `-EUCLEAN`
+ * (corrupt metadata), `-ENOSPC`, `-EDEADLK`, `-EIO`.
+ */
+int qcow2rs_amend(const char *path,
+                  const char *options,
+                  uint32_t flags);
+
+/**
+ * How large a new image would be, as `qemu-img measure [-f fmt] [-O fmt] [-o options]
+ * (--size N | path)`: for a copy of the disk at `path` (opened read-only), or, with `path`
+ * NULL, for an empty image of `opts->virtual_size` bytes.
+ * `opts` NULL: raw output, defaults. Blocking.
+ *
+ * `out` (may be NULL) receives the figures: set `out->size` first. If `json_out` is not
+ * NULL, `*json_out` receives qemu-img's JSON (`required`, `fully-allocated`, and `bitmaps`
+ * when present), to be freed with `qcow2rs_free`; NULL when the call fails.
+ *
+ * Returns 0, or: `-EFAULT`, `-EINVAL` (bad `size` or unknown flags in `opts`, `out->size`
+ * too small, a virtual size with a source or one of 2^63 or more, an unknown option key or a
+ * bad or inconsistent value such as a cluster size that is not a power of two, names that
+ * are not UTF-8), `-ENOTSUP` (a format other than `"qcow2"` and `"raw"`, LUKS encryption,
+ * an unsupported feature of the source), `-ENOENT`, `-EACCES`, `-EAGAIN` (the source is
+ * locked by a writer), `-EUCLEAN` (corrupt source), `-EDEADLK`, `-EIO`, `-ENOMEM`.
+ */
+int qcow2rs_measure(const char *path,
+                    const struct qcow2rs_measure_options *opts,
+                    struct qcow2rs_measurement *out,
+                    char **json_out);
 
 /**
  * Create an internal snapshot named `name` of the image's current state (`qemu-img snapshot

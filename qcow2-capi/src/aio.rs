@@ -278,9 +278,9 @@ pub(crate) fn submit<F>(
         }
     };
     if inline {
-        h.rt.runner().run(make(image), done);
+        h.rt.runner().run_with(|| make(image), done);
     } else {
-        h.rt.runner().spawn(make(image), done);
+        h.rt.runner().spawn_with(|| make(image), done);
     }
 }
 
@@ -291,12 +291,24 @@ pub(crate) fn submit<F>(
 /// submitter.
 pub(crate) const INLINE_MAX: usize = 256 << 10;
 
-thread_local! {
+/// The delivery state of a thread (one thread-local: each access to one costs a call in a
+/// shared library).
+struct Delivery {
     /// Whether [`deliver`] is running callbacks on this thread.
-    static DELIVERING: Cell<bool> = const { Cell::new(false) };
+    active: Cell<bool>,
     /// Requests that completed inside submissions made by the callbacks [`deliver`] runs on
-    /// this thread: delivered after the running callback returns.
-    static DEFERRED: RefCell<VecDeque<Done>> = const { RefCell::new(VecDeque::new()) };
+    /// this thread: delivered after the running callback returns. Its buffer is kept from
+    /// one delivery to the next.
+    deferred: RefCell<VecDeque<Done>>,
+}
+
+thread_local! {
+    static DELIVERY: Delivery = const {
+        Delivery {
+            active: Cell::new(false),
+            deferred: RefCell::new(VecDeque::new()),
+        }
+    };
 }
 
 /// Callbacks [`deliver`] runs in a row before it hands the rest to another runner job
@@ -312,9 +324,15 @@ fn runner_of(d: &Done) -> Runner {
 /// Queue `d` for delivery after the callback running on this thread, if [`deliver`] is
 /// running one; else hand it to a runner worker.
 fn defer_delivery(d: Done) {
-    if DELIVERING.with(|c| c.get()) {
-        DEFERRED.with(|q| q.borrow_mut().push_back(d));
-    } else {
+    let d = DELIVERY.with(|dl| {
+        if dl.active.get() {
+            dl.deferred.borrow_mut().push_back(d);
+            None
+        } else {
+            Some(d)
+        }
+    });
+    if let Some(d) = d {
         runner_of(&d).defer(move || deliver(d));
     }
 }
@@ -323,31 +341,43 @@ fn defer_delivery(d: Done) {
 /// inside submissions made by it, and so on; after [`DELIVER_BUDGET`] callbacks the rest
 /// goes back to the runner as one job.
 fn deliver(d: Done) {
-    deliver_batch(VecDeque::from([d]));
+    DELIVERY.with(|dl| {
+        if dl.active.replace(true) {
+            // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
+            dl.deferred.borrow_mut().push_back(d);
+            return;
+        }
+        let mut next = Some(d);
+        let mut n = 0;
+        while let Some(d) = next {
+            // No borrow of `deferred` is held while the callback runs (it may submit).
+            d.run().finish();
+            n += 1;
+            if n == DELIVER_BUDGET {
+                break;
+            }
+            next = dl.deferred.borrow_mut().pop_front();
+        }
+        dl.active.set(false);
+        let rest = {
+            let mut q = dl.deferred.borrow_mut();
+            if q.is_empty() {
+                return;
+            }
+            q.drain(..).collect::<VecDeque<Done>>()
+        };
+        let r = runner_of(rest.front().expect("not empty"));
+        r.defer(move || deliver_batch(rest));
+    })
 }
 
+/// Deliver a batch handed over by [`deliver`] after its budget ran out.
 fn deliver_batch(mut batch: VecDeque<Done>) {
-    if DELIVERING.with(|c| c.replace(true)) {
-        // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
-        DEFERRED.with(|q| q.borrow_mut().append(&mut batch));
+    let Some(first) = batch.pop_front() else {
         return;
-    }
-    DEFERRED.with(|q| {
-        let mut q = q.borrow_mut();
-        batch.append(&mut q);
-        std::mem::swap(&mut *q, &mut batch);
-    });
-    for _ in 0..DELIVER_BUDGET {
-        let Some(d) = DEFERRED.with(|q| q.borrow_mut().pop_front()) else {
-            break;
-        };
-        d.run().finish();
-    }
-    DELIVERING.with(|c| c.set(false));
-    let rest = DEFERRED.with(|q| std::mem::take(&mut *q.borrow_mut()));
-    if let Some(first) = rest.front() {
-        runner_of(first).defer(move || deliver_batch(rest));
-    }
+    };
+    DELIVERY.with(|dl| dl.deferred.borrow_mut().append(&mut batch));
+    deliver(first);
 }
 
 /// The checks every submission makes; returns the image and the callback.

@@ -1,14 +1,21 @@
-//! Whole-image jobs: create, check, convert (the CLI's semantics).
+//! Whole-image jobs: create, check, convert, rebase, commit, amend, measure (the CLI's
+//! semantics).
 
 use crate::aio::SendPtr;
 use crate::error::{ffi, Fail};
-use crate::image::{engine_arg, malloc_string, opt_str, path_arg, pretty_json, read_sized, utf8};
+use crate::image::{
+    engine_arg, malloc_string, opt_str, path_arg, pretty_json, read_sized, str_arg, utf8,
+};
 use crate::runtime::{self, CallbackScope};
 use qcow2_core::check::{CheckOptions, Repair};
+use qcow2_core::commit::{self, CommitOptions};
 use qcow2_core::convert::{self, ConvertOptions, Target};
 use qcow2_core::create::{self, CreateOptions, Preallocation};
 use qcow2_core::disk::{Disk, Format};
 use qcow2_core::format::header::CompressionType;
+use qcow2_core::jobs::amend::{self, AmendOptions};
+use qcow2_core::jobs::measure::{self, MeasureOptions};
+use qcow2_core::rebase::{self, RebaseOptions};
 use qcow2_core::{Image, OpenOptions};
 use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
@@ -367,18 +374,7 @@ pub unsafe extern "C" fn qcow2rs_convert(
         }
         co.file.engine = engine;
         co.file.direct = o.flags & QCOW2RS_CONVERT_DIRECT != 0;
-        if let Some(cb) = o.progress {
-            let data = SendPtr(o.progress_data);
-            let last = parking_lot::Mutex::new(());
-            co.progress = Some(Arc::new(move |f: f64| {
-                let _serial = last.lock();
-                let _scope = CallbackScope::enter();
-                let data = data;
-                // SAFETY: the caller's progress function with its own data pointer, which
-                // stays valid for the duration of qcow2rs_convert (header contract).
-                unsafe { cb(data.0, f) };
-            }));
-        }
+        co.progress = progress_of(o.progress, o.progress_data);
         let oo = OpenOptions {
             engine,
             no_external_files: o.flags & QCOW2RS_CONVERT_UNTRUSTED != 0,
@@ -397,6 +393,430 @@ pub unsafe extern "C" fn qcow2rs_convert(
                 .await
                 .map_err(|e| named(&dst, e))
         })?;
+        Ok(0)
+    })
+}
+
+/// The progress callback of a job as the core takes it: serialized, and marked as a
+/// callback (blocking library calls return `-EDEADLK` inside it).
+fn progress_of(cb: qcow2rs_progress_fn, data: *mut c_void) -> Option<qcow2_core::rebase::Progress> {
+    let cb = cb?;
+    let data = SendPtr(data);
+    let serial = parking_lot::Mutex::new(());
+    Some(Arc::new(move |f: f64| {
+        let _serial = serial.lock();
+        let _scope = CallbackScope::enter();
+        let data = data;
+        // SAFETY: the caller's progress function with its own data pointer, which stays
+        // valid for the duration of the job (header contract).
+        unsafe { cb(data.0, f) };
+    }))
+}
+
+/// Reject flag bits this library does not know.
+fn known_flags(flags: u32, known: u32, what: &str) -> Result<(), Fail> {
+    if flags & !known != 0 {
+        return Err(Fail::inval(format!(
+            "{what}: unknown flags 0x{:x}",
+            flags & !known
+        )));
+    }
+    Ok(())
+}
+
+/// `qcow2rs_rebase_options.flags`: only write the new backing file name into the header
+/// (`qemu-img rebase -u`): no data is compared or copied, so the guest sees different data
+/// wherever the old and new backing chains differ.
+pub const QCOW2RS_REBASE_UNSAFE: u32 = 1 << 0;
+/// `qcow2rs_rebase_options.flags`: bypass the page cache for the image (`-t none`).
+pub const QCOW2RS_REBASE_DIRECT: u32 = 1 << 1;
+
+const REBASE_FLAGS: u32 = QCOW2RS_REBASE_UNSAFE | QCOW2RS_REBASE_DIRECT;
+
+/// Options of `qcow2rs_rebase` (`qemu-img rebase`'s options). Zero-initialize it and set
+/// `size` to `sizeof(struct qcow2rs_rebase_options)` (or use `QCOW2RS_REBASE_OPTIONS_INIT`).
+#[repr(C)]
+pub struct qcow2rs_rebase_options {
+    /// `sizeof(struct qcow2rs_rebase_options)` as the caller compiled it.
+    pub size: usize,
+    /// `QCOW2RS_REBASE_*` flags.
+    pub flags: u32,
+    /// `QCOW2RS_ENGINE_*` for every file (0: auto).
+    pub engine: u32,
+    /// The new backing file name (`-b`), stored in the header as given (a relative name is
+    /// relative to the image's folder); NULL or `""`: none, the image becomes standalone
+    /// (in safe mode, the old backing chain's data is copied into it first).
+    pub backing_file: *const c_char,
+    /// The new backing file's format (`-F`), `"qcow2"` or `"raw"`: required with a backing
+    /// file (as qemu-img, the format is never probed here).
+    pub backing_format: *const c_char,
+    /// Called as the copy progresses (safe mode; `-p`); NULL: not called.
+    pub progress: qcow2rs_progress_fn,
+    /// Passed to `progress`.
+    pub progress_data: *mut c_void,
+}
+
+/// Change the backing file of the qcow2 image at `path`, as `qemu-img rebase [-u] [-b
+/// backing_file] [-F backing_format] path` (the image must not be in use meanwhile). In safe
+/// mode (the default) the image is opened with its old backing chain and the new one, and
+/// the old chain's data is written into the image wherever the image does not decide the
+/// content itself and the two chains differ, so the guest sees the same disk afterwards;
+/// then the header is switched. With `QCOW2RS_REBASE_UNSAFE` only the header changes.
+/// Blocking; progress through `opts->progress`.
+///
+/// Returns 0, or: `-EFAULT` (`path` or `opts` NULL), `-EINVAL` (bad `size` or unknown flags
+/// in `opts`, a backing file without `backing_format`, a name that is not UTF-8 or does not
+/// fit in the header, the image itself as its new backing file or in the new chain),
+/// `-ENOTSUP` (a raw image or a file that is not a qcow2 image, a format other than qcow2
+/// and raw, an unsupported feature), `-ENOENT` (the image or the new backing file does not exist), `-EACCES`,
+/// `-EAGAIN` (the image is locked by another process), `-EUCLEAN` (corrupt metadata),
+/// `-ENOSPC`, `-EDEADLK` (called from a callback or a library thread), `-EIO`. A failure
+/// before the header switch leaves the header unchanged (data copied into the image by safe
+/// mode then reads the same as before).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_rebase(
+    path: *const c_char,
+    opts: *const qcow2rs_rebase_options,
+) -> c_int {
+    ffi("qcow2rs_rebase", || {
+        let path = path_arg(path, "path")?;
+        if opts.is_null() {
+            return Err(Fail::fault("opts"));
+        }
+        // SAFETY: `opts` points to a struct qcow2rs_rebase_options of `opts->size` bytes.
+        let o = unsafe { read_sized(opts, "struct qcow2rs_rebase_options")? };
+        known_flags(o.flags, REBASE_FLAGS, "struct qcow2rs_rebase_options")?;
+        let engine = engine_arg(o.engine)?;
+        let backing = match opt_str(o.backing_file) {
+            Some(b) => utf8(b, "backing_file")?.to_string(),
+            None => String::new(),
+        };
+        let backing_format = match opt_str(o.backing_format) {
+            Some(f) => Some(Format::parse(utf8(f, "backing_format")?)?),
+            None => None,
+        };
+        let unsafe_mode = o.flags & QCOW2RS_REBASE_UNSAFE != 0;
+        let ro = RebaseOptions {
+            backing,
+            backing_format,
+            unsafe_mode,
+            open: OpenOptions {
+                engine,
+                direct: o.flags & QCOW2RS_REBASE_DIRECT != 0,
+                ..OpenOptions::default()
+            },
+            progress: if unsafe_mode {
+                None
+            } else {
+                progress_of(o.progress, o.progress_data)
+            },
+        };
+        run_job("qcow2rs_rebase", rebase::rebase(&path, &ro))?;
+        Ok(0)
+    })
+}
+
+/// `qcow2rs_commit_options.flags`: keep the image's content after the commit (`-d`);
+/// without it (and without `base`) the image is emptied: it then reads through to its
+/// backing file, which holds the same data.
+pub const QCOW2RS_COMMIT_DROP: u32 = 1 << 0;
+/// `qcow2rs_commit_options.flags`: bypass the page cache (`-t none`).
+pub const QCOW2RS_COMMIT_DIRECT: u32 = 1 << 1;
+
+const COMMIT_FLAGS: u32 = QCOW2RS_COMMIT_DROP | QCOW2RS_COMMIT_DIRECT;
+
+/// Options of `qcow2rs_commit` (`qemu-img commit`'s options). Zero-initialize it and set
+/// `size` to `sizeof(struct qcow2rs_commit_options)` (or use `QCOW2RS_COMMIT_OPTIONS_INIT`);
+/// fields left 0 or NULL take the defaults.
+#[repr(C)]
+pub struct qcow2rs_commit_options {
+    /// `sizeof(struct qcow2rs_commit_options)` as the caller compiled it.
+    pub size: usize,
+    /// `QCOW2RS_COMMIT_*` flags.
+    pub flags: u32,
+    /// `QCOW2RS_ENGINE_*` for every file (0: auto).
+    pub engine: u32,
+    /// The image of the backing chain to commit into (`-b`), by the name the layer above
+    /// stores or by a path to the same file; NULL: the image's backing file. Naming a base
+    /// implies `QCOW2RS_COMMIT_DROP`, as in qemu-img.
+    pub base: *const c_char,
+    /// Called as the copy progresses (`-p`); NULL: not called.
+    pub progress: qcow2rs_progress_fn,
+    /// Passed to `progress`.
+    pub progress_data: *mut c_void,
+}
+
+/// Write the data of the qcow2 image at `path` into its backing file (or into `opts->base`
+/// further down the chain), as `qemu-img commit [-d] [-b base] path`: every run that the
+/// image (and the layers above the base) decides is written into the base, which grows if
+/// it is shorter, and is flushed. Then, unless `QCOW2RS_COMMIT_DROP` or a base is given, the
+/// image is emptied. Nothing else may use the chain meanwhile. Blocking; progress through
+/// `opts->progress`. `opts` NULL: the defaults.
+///
+/// Returns 0, or: `-EFAULT` (`path` NULL), `-EINVAL` (bad `size` or unknown flags in `opts`,
+/// the image has no backing file, a raw image, names that are not UTF-8), `-ENOENT` (the
+/// image does not exist, `base` is not in its backing chain), `-ENOTSUP`, `-EACCES`,
+/// `-EAGAIN` (an image of the chain is locked by another process), `-EBADF` (the base cannot
+/// be written), `-EUCLEAN` (corrupt metadata), `-ENOSPC`, `-EDEADLK`, `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_commit(
+    path: *const c_char,
+    opts: *const qcow2rs_commit_options,
+) -> c_int {
+    ffi("qcow2rs_commit", || {
+        let path = path_arg(path, "path")?;
+        let o = if opts.is_null() {
+            // SAFETY: every field is an integer, a raw pointer or an Option of a function
+            // pointer: all-zero is valid (NULL / None).
+            unsafe { std::mem::zeroed::<qcow2rs_commit_options>() }
+        } else {
+            // SAFETY: `opts` points to a struct qcow2rs_commit_options of `opts->size` bytes.
+            unsafe { read_sized(opts, "struct qcow2rs_commit_options")? }
+        };
+        known_flags(o.flags, COMMIT_FLAGS, "struct qcow2rs_commit_options")?;
+        let engine = engine_arg(o.engine)?;
+        let base = match opt_str(o.base) {
+            Some(b) => Some(utf8(b, "base")?.to_string()),
+            None => None,
+        };
+        let co = CommitOptions {
+            base,
+            drop: o.flags & QCOW2RS_COMMIT_DROP != 0,
+            open: OpenOptions {
+                engine,
+                direct: o.flags & QCOW2RS_COMMIT_DIRECT != 0,
+                ..OpenOptions::default()
+            },
+            progress: progress_of(o.progress, o.progress_data),
+        };
+        run_job("qcow2rs_commit", commit::commit(&path, &co))?;
+        Ok(0)
+    })
+}
+
+/// `qcow2rs_amend` flag: bypass the page cache (`-t none`).
+pub const QCOW2RS_AMEND_DIRECT: u32 = 1 << 0;
+
+/// Change options of the existing qcow2 image at `path`, as `qemu-img amend -o options
+/// path`. `options` is the `-o` string: `key=value` pairs separated by commas (a comma in a
+/// value is written twice), e.g. `"compat=0.10"`, `"compat=1.1,lazy_refcounts=on"`,
+/// `"refcount_bits=64"`, `"size=20G"`. Keys: `compat` (`0.10` or `1.1`), `lazy_refcounts`,
+/// `refcount_bits`, `data_file_raw` (`off`, or `on` where it already is), `data_file` (images
+/// with an external data file), `size`, and `backing_file`/`backing_fmt` (only unchanged:
+/// use `qcow2rs_rebase`). Every option is checked before anything is written: a refused
+/// amend leaves the file as it was. The image must not be in use. `flags`: 0 or
+/// `QCOW2RS_AMEND_DIRECT`. Blocking.
+///
+/// Returns 0, or: `-EFAULT` (`path` or `options` NULL), `-EINVAL` (unknown flags, an empty
+/// or malformed `options`, an unknown key or a bad value, a change qemu-img refuses such as
+/// a backing file change or lazy refcounts with compat=0.10), `-ENOTSUP` (a raw image or a
+/// file that is not a qcow2 image, a creation-only key such as `cluster_size`, a downgrade to compat=0.10 that
+/// the image prevents: refcounts other than 16 bits, a data file, internal snapshots, ...;
+/// an unsupported feature), `-ENOENT`, `-EACCES`, `-EAGAIN` (locked by another process), `-EUCLEAN`
+/// (corrupt metadata), `-ENOSPC`, `-EDEADLK`, `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_amend(
+    path: *const c_char,
+    options: *const c_char,
+    flags: u32,
+) -> c_int {
+    ffi("qcow2rs_amend", || {
+        let path = path_arg(path, "path")?;
+        let options = utf8(str_arg(options, "options")?, "options")?;
+        known_flags(flags, QCOW2RS_AMEND_DIRECT, "qcow2rs_amend")?;
+        if options.is_empty() {
+            return Err(Fail::inval("qcow2rs_amend: no options given"));
+        }
+        let mut ao = AmendOptions::default();
+        for (k, v) in create::split_options(options)? {
+            ao.set(&k, &v)?;
+        }
+        let oo = OpenOptions {
+            writable: true,
+            no_backing: true,
+            direct: flags & QCOW2RS_AMEND_DIRECT != 0,
+            ..OpenOptions::default()
+        };
+        run_job("qcow2rs_amend", async {
+            let disk = convert::open_disk(&path, None, &oo)
+                .await
+                .map_err(|e| named(&path, e))?;
+            let Disk::Qcow2(img) = disk else {
+                return Err(qcow2_core::Error::unsupported(
+                    "Format driver 'raw' does not support option amendment",
+                ));
+            };
+            amend::amend(img, &ao).await.map_err(|e| named(&path, e))
+        })?;
+        Ok(0)
+    })
+}
+
+/// `qcow2rs_measure_options.flags`: open no file named inside the source image (see
+/// `QCOW2RS_OPEN_UNTRUSTED`).
+pub const QCOW2RS_MEASURE_UNTRUSTED: u32 = 1 << 0;
+
+/// Options of `qcow2rs_measure` (`qemu-img measure`'s options). Zero-initialize it and set
+/// `size` to `sizeof(struct qcow2rs_measure_options)` (or use
+/// `QCOW2RS_MEASURE_OPTIONS_INIT`); fields left 0 or NULL take the defaults.
+#[repr(C)]
+pub struct qcow2rs_measure_options {
+    /// `sizeof(struct qcow2rs_measure_options)` as the caller compiled it.
+    pub size: usize,
+    /// `QCOW2RS_MEASURE_*` flags.
+    pub flags: u32,
+    /// The virtual size to measure when no source is given (`--size`; below 2^63). Must be
+    /// 0 with a source.
+    pub virtual_size: u64,
+    /// The source's format, `"qcow2"` or `"raw"` (`-f`); NULL: probed.
+    pub src_format: *const c_char,
+    /// The new image's format, `"qcow2"` or `"raw"` (`-O`); NULL: `"raw"`, as qemu-img.
+    pub dst_format: *const c_char,
+    /// The new image's creation options (`-o`, as for `qemu-img create`: e.g.
+    /// `"cluster_size=2M,compat=0.10"`, `"preallocation=full"`); NULL: the defaults.
+    pub options: *const c_char,
+}
+
+/// What `qcow2rs_measure` found, in bytes (`qemu-img measure`'s figures). Set `size` to
+/// `sizeof(struct qcow2rs_measurement)` (or use `QCOW2RS_MEASUREMENT_INIT`): the library
+/// fills the fields that fit in it.
+#[repr(C)]
+pub struct qcow2rs_measurement {
+    /// `sizeof(struct qcow2rs_measurement)` as the caller compiled it.
+    pub size: usize,
+    /// File size the new image needs as it would be written (`required`).
+    pub required: u64,
+    /// File size when every guest cluster is allocated (`fully-allocated`).
+    pub fully_allocated: u64,
+    /// Space for the source's persistent bitmaps (`bitmaps`); valid when `has_bitmaps`.
+    pub bitmaps: u64,
+    /// Whether `bitmaps` is given (a qcow2 v3 source and a qcow2 v3 output, as qemu-img).
+    pub has_bitmaps: bool,
+}
+
+/// How large a new image would be, as `qemu-img measure [-f fmt] [-O fmt] [-o options]
+/// (--size N | path)`: for a copy of the disk at `path` (opened read-only), or, with `path`
+/// NULL, for an empty image of `opts->virtual_size` bytes.
+/// `opts` NULL: raw output, defaults. Blocking.
+///
+/// `out` (may be NULL) receives the figures: set `out->size` first. If `json_out` is not
+/// NULL, `*json_out` receives qemu-img's JSON (`required`, `fully-allocated`, and `bitmaps`
+/// when present), to be freed with `qcow2rs_free`; NULL when the call fails.
+///
+/// Returns 0, or: `-EFAULT`, `-EINVAL` (bad `size` or unknown flags in `opts`, `out->size`
+/// too small, a virtual size with a source or one of 2^63 or more, an unknown option key or a
+/// bad or inconsistent value such as a cluster size that is not a power of two, names that
+/// are not UTF-8), `-ENOTSUP` (a format other than `"qcow2"` and `"raw"`, LUKS encryption,
+/// an unsupported feature of the source), `-ENOENT`, `-EACCES`, `-EAGAIN` (the source is
+/// locked by a writer), `-EUCLEAN` (corrupt source), `-EDEADLK`, `-EIO`, `-ENOMEM`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_measure(
+    path: *const c_char,
+    opts: *const qcow2rs_measure_options,
+    out: *mut qcow2rs_measurement,
+    json_out: *mut *mut c_char,
+) -> c_int {
+    ffi("qcow2rs_measure", || {
+        if !json_out.is_null() {
+            // SAFETY: a valid place for a pointer (header contract).
+            unsafe { *json_out = std::ptr::null_mut() };
+        }
+        let path = match opt_str(path) {
+            Some(_) => Some(path_arg(path, "path")?),
+            None => None,
+        };
+        let o = if opts.is_null() {
+            // SAFETY: every field is an integer or a raw pointer: all-zero is valid.
+            unsafe { std::mem::zeroed::<qcow2rs_measure_options>() }
+        } else {
+            // SAFETY: `opts` points to a struct qcow2rs_measure_options of `opts->size`
+            // bytes.
+            unsafe { read_sized(opts, "struct qcow2rs_measure_options")? }
+        };
+        known_flags(
+            o.flags,
+            QCOW2RS_MEASURE_UNTRUSTED,
+            "struct qcow2rs_measure_options",
+        )?;
+        let out_size = if out.is_null() {
+            0
+        } else {
+            // SAFETY: `out` points to a struct whose first field is its size.
+            let s = unsafe { std::ptr::read_unaligned(out.cast::<usize>()) };
+            if s < std::mem::size_of::<usize>() {
+                return Err(Fail::inval(format!(
+                    "struct qcow2rs_measurement: size {s} is too small (set it to sizeof the struct)"
+                )));
+            }
+            s
+        };
+        if path.is_some() && o.virtual_size != 0 {
+            return Err(Fail::inval(
+                "qcow2rs_measure: a virtual size cannot be used together with a source",
+            ));
+        }
+        if o.virtual_size > i64::MAX as u64 {
+            return Err(Fail::inval(
+                "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+            ));
+        }
+        let dst_format = match opt_str(o.dst_format) {
+            Some(f) => Format::parse(utf8(f, "dst_format")?)?,
+            None => Format::Raw,
+        };
+        let src_format = match opt_str(o.src_format) {
+            Some(f) => Some(utf8(f, "src_format")?.to_string()),
+            None => None,
+        };
+        let mut mo = MeasureOptions::new(dst_format);
+        if let Some(s) = opt_str(o.options) {
+            for (k, v) in create::split_options(utf8(s, "options")?)? {
+                mo.set(&k, &v)?;
+            }
+        }
+        if path.is_none() {
+            mo.size = Some(o.virtual_size);
+        }
+        let oo = OpenOptions {
+            no_external_files: o.flags & QCOW2RS_MEASURE_UNTRUSTED != 0,
+            ..OpenOptions::default()
+        };
+        let m = run_job("qcow2rs_measure", async {
+            let disk = match &path {
+                Some(p) => Some(
+                    convert::open_disk(p, src_format.as_deref(), &oo)
+                        .await
+                        .map_err(|e| named(p, e))?,
+                ),
+                None => None,
+            };
+            measure::measure(disk.as_ref(), &mo).await
+        })?;
+        if !out.is_null() {
+            // SAFETY: every field is an integer or a bool: all-zero is valid (and the
+            // padding bytes stay zero).
+            let mut full: qcow2rs_measurement = unsafe { std::mem::zeroed() };
+            full.size = out_size;
+            full.required = m.required;
+            full.fully_allocated = m.fully_allocated;
+            full.bitmaps = m.bitmaps.unwrap_or(0);
+            full.has_bitmaps = m.bitmaps.is_some();
+            let n = out_size.min(std::mem::size_of::<qcow2rs_measurement>());
+            // SAFETY: the caller's struct has `out_size` writable bytes; we write the first
+            // min(out_size, ours) bytes of ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (&full as *const qcow2rs_measurement).cast::<u8>(),
+                    out.cast::<u8>(),
+                    n,
+                )
+            };
+        }
+        if !json_out.is_null() {
+            let s = malloc_string(&pretty_json(&m.to_json()))?;
+            // SAFETY: as above.
+            unsafe { *json_out = s };
+        }
         Ok(0)
     })
 }

@@ -14,10 +14,11 @@
 //! pending is re-polled, when its waker fires, by one of a few long-lived *worker tasks* on
 //! the runtime, fed by a queue; its `done` then runs on that worker ([`Inline::No`]).
 //!
-//! A future is polled by one thread at a time and never dropped before it has finished. The
-//! worker tasks run unconstrained by tokio's cooperative budget (a request future that ran out
-//! of budget would wake itself at once and spin) and yield to the runtime every
-//! [`JOBS_PER_YIELD`] jobs instead. A panic while polling a request's future is caught: the
+//! A request costs one allocation: the task holds its state, its future (built in place and
+//! pinned there, not boxed) and its `done`. A future is polled by one thread at a time and
+//! never dropped before it has finished. The worker tasks run unconstrained by tokio's
+//! cooperative budget (a request future that ran out of budget would wake itself at once and
+//! spin) and yield to the runtime every [`JOBS_PER_YIELD`] jobs instead. A panic while polling a request's future is caught: the
 //! future is dropped and `done` gets the panic's payload (the bindings turn it into an error),
 //! so a panicking request still completes.
 
@@ -55,10 +56,10 @@ trait Job: Send + Sync {
     fn run(self: Arc<Self>);
 }
 
-/// A closure queued with [`Runner::defer`].
-struct Call(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+/// A closure queued with [`Runner::defer`] (one allocation: the closure lives in the job).
+struct Call<F>(Mutex<Option<F>>);
 
-impl Job for Call {
+impl<F: FnOnce() + Send + 'static> Job for Call<F> {
     fn run(self: Arc<Self>) {
         let f = self.0.lock().take();
         if let Some(f) = f {
@@ -122,16 +123,24 @@ impl Runner {
     /// happens here, on the calling thread, in the runtime's context; if the future completes
     /// there, `done` runs before this returns with [`Inline::Yes`]. Otherwise the worker tasks
     /// poll it as its waker fires, and `done` runs on one of them with [`Inline::No`].
+    #[inline]
     pub fn run<F, D>(&self, fut: F, done: D)
     where
         F: Future + Send + 'static,
         D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
     {
-        let task = Arc::new(Task {
-            state: AtomicU8::new(RUNNING),
-            slot: Mutex::new(Some((Box::pin(fut), done))),
-            runner: self.inner.clone(),
-        });
+        self.run_with(|| fut, done)
+    }
+
+    /// As [`Runner::run`] with the future `make()`, which is built right in the request's
+    /// allocation (when inlined, no copy of the future on the way there).
+    #[inline]
+    pub fn run_with<F, D>(&self, make: impl FnOnce() -> F, done: D)
+    where
+        F: Future + Send + 'static,
+        D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+    {
+        let task = Task::new(RUNNING, make, done, &self.inner);
         if IN_WORKER.with(|w| w.get()) {
             // Already in the runtime's context (a callback run by a worker job).
             task.poll_loop(Inline::Yes);
@@ -145,23 +154,29 @@ impl Runner {
     /// queued for the worker tasks at once and `done` always runs on one of them. For
     /// requests whose first poll may be long (a large read of unallocated clusters fills the
     /// buffer with zeros right there), which should not hold up the submitter.
+    #[inline]
     pub fn spawn<F, D>(&self, fut: F, done: D)
     where
         F: Future + Send + 'static,
         D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
     {
-        let task = Arc::new(Task {
-            state: AtomicU8::new(SCHEDULED),
-            slot: Mutex::new(Some((Box::pin(fut), done))),
-            runner: self.inner.clone(),
-        });
+        self.spawn_with(|| fut, done)
+    }
+
+    /// As [`Runner::spawn`] with the future `make()` (see [`Runner::run_with`]).
+    #[inline]
+    pub fn spawn_with<F, D>(&self, make: impl FnOnce() -> F, done: D)
+    where
+        F: Future + Send + 'static,
+        D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
+    {
+        let task = Task::new(SCHEDULED, make, done, &self.inner);
         self.inner.push(task);
     }
 
     /// Run `f` soon on one of the worker tasks (a runtime thread), never on the caller's stack.
     pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
-        self.inner
-            .push(Arc::new(Call(Mutex::new(Some(Box::new(f))))));
+        self.inner.push(Arc::new(Call(Mutex::new(Some(f)))));
     }
 }
 
@@ -202,7 +217,13 @@ const NOTIFIED: u8 = 3;
 /// Finished (its future is dropped).
 const DONE: u8 = 4;
 
-type Slot<F, D> = Option<(Pin<Box<F>>, D)>;
+/// A request's future and what to do with its output, both stored inside the task's one
+/// allocation (no box of their own). The future is pinned there: it is polled in place and
+/// dropped in place (`fut = None`), never moved once the task exists.
+struct Slot<F, D> {
+    fut: Option<F>,
+    done: Option<D>,
+}
 
 /// A request: its future and what to do with the output.
 struct Task<F, D> {
@@ -217,29 +238,60 @@ where
     F: Future + Send + 'static,
     D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
 {
+    /// One allocation for the whole request: state, future and `done`. The task is built
+    /// in place in its allocation and the future written straight into its slot (the
+    /// future of a request is large, and each move of it is a `memcpy`).
+    #[inline(always)]
+    fn new(state: u8, make: impl FnOnce() -> F, done: D, runner: &Arc<Inner>) -> Arc<Self> {
+        let mut task = Arc::<Self>::new_uninit();
+        let p = Arc::get_mut(&mut task)
+            .expect("a new Arc is not shared")
+            .as_mut_ptr();
+        // SAFETY: `p` points to the new allocation, uninitialized and ours alone: each field
+        // is written exactly once, through raw pointers (no reference to uninitialized
+        // memory), and `fut` is written over the `None` just stored (nothing to drop), before
+        // `assume_init`.
+        unsafe {
+            std::ptr::addr_of_mut!((*p).state).write(AtomicU8::new(state));
+            std::ptr::addr_of_mut!((*p).runner).write(runner.clone());
+            std::ptr::addr_of_mut!((*p).slot).write(Mutex::new(Slot {
+                fut: None,
+                done: Some(done),
+            }));
+            let slot = (*p).slot.data_ptr();
+            std::ptr::addr_of_mut!((*slot).fut).write(Some(make()));
+            task.assume_init()
+        }
+    }
+
     /// Poll with the state RUNNING until the future is pending and not woken, or done.
     fn poll_loop(self: &Arc<Self>, inline: Inline) {
         let mut repolls = 0;
         loop {
             let mut slot = self.slot.lock();
-            let Some((fut, _)) = slot.as_mut() else {
+            let Some(fut) = slot.fut.as_mut() else {
                 self.state.store(DONE, Ordering::Release);
                 return;
             };
+            // SAFETY: the future lives inside this task's `Arc` allocation, which never
+            // moves; it is never moved out of `slot.fut`, only dropped in place there
+            // (`slot.fut = None`), so it stays pinned from its first poll to its drop.
+            let fut = unsafe { Pin::new_unchecked(fut) };
             let waker = waker_ref(self);
             let mut cx = Context::from_waker(&waker);
-            let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+            let out = match catch_unwind(AssertUnwindSafe(|| fut.poll(&mut cx))) {
                 Ok(Poll::Ready(v)) => Some(Ok(v)),
                 Err(p) => Some(Err(p)),
                 Ok(Poll::Pending) => None,
             };
             match out {
                 Some(out) => {
-                    let (fut, done) = slot.take().expect("checked above");
                     self.state.store(DONE, Ordering::Release);
+                    // The future (and what it holds) goes before `done` runs: dropped in
+                    // place, as a pinned value must be.
+                    slot.fut = None;
+                    let done = slot.done.take().expect("set until the future finishes");
                     drop(slot);
-                    // The future (and what it holds) goes before `done` runs.
-                    drop(fut);
                     done(out, inline);
                     return;
                 }

@@ -1,7 +1,8 @@
 /*
  * The C API's contract: every error code, the callback contract (exactly once, on a library
  * thread, never inside the submitting call, submitting from a callback), close with requests
- * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, options, info, jobs.
+ * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, options, info, jobs
+ * (create, check, convert, rebase, commit, amend, measure: results checked with qemu-img).
  *
  * Usage: test_api WORKDIR [TEST...]   (needs qemu-img on PATH for a few tests)
  */
@@ -482,7 +483,7 @@ struct dl {
     struct qcow2rs_image *img;
     const char *path;
     int r_read, r_write, r_flush, r_zero, r_discard, r_close, r_open, r_create, r_check,
-        r_convert, r_readv;
+        r_convert, r_readv, r_rebase, r_commit, r_amend, r_measure;
     struct waiter w;
 };
 
@@ -504,6 +505,12 @@ static void deadlock_cb(void *ud, const struct qcow2rs_completion *c)
     d->r_create = qcow2rs_create(d->path, MiB, NULL);
     d->r_check = qcow2rs_check(d->path, 0, NULL);
     d->r_convert = qcow2rs_convert(d->path, d->path, NULL);
+    struct qcow2rs_rebase_options ro = QCOW2RS_REBASE_OPTIONS_INIT;
+    ro.flags = QCOW2RS_REBASE_UNSAFE;
+    d->r_rebase = qcow2rs_rebase(d->path, &ro);
+    d->r_commit = qcow2rs_commit(d->path, NULL);
+    d->r_amend = qcow2rs_amend(d->path, "lazy_refcounts=off", 0);
+    d->r_measure = qcow2rs_measure(d->path, NULL, NULL, NULL);
     waiter_add(&d->w, 0);
 }
 
@@ -520,6 +527,10 @@ static void check_deadlocks(struct dl *d)
     CHECK(d->r_create == -EDEADLK);
     CHECK(d->r_check == -EDEADLK);
     CHECK(d->r_convert == -EDEADLK);
+    CHECK(d->r_rebase == -EDEADLK);
+    CHECK(d->r_commit == -EDEADLK);
+    CHECK(d->r_amend == -EDEADLK);
+    CHECK(d->r_measure == -EDEADLK);
 }
 
 struct prog {
@@ -557,7 +568,7 @@ static void test_edeadlk(void)
     CHECK_RET(qcow2rs_close(d.img), 0);
 
     /* Event-loop mode: the callback runs on this thread, inside process_completions. */
-    memset(&d.r_read, 0, sizeof(int) * 11);
+    memset(&d.r_read, 0, sizeof(int) * 15);
     CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR | QCOW2RS_OPEN_POLL, &d.img), 0);
     CHECK_RET(qcow2rs_aio_read(d.img, buf, sizeof buf, 0, deadlock_cb, &d, 0), 0);
     while (d.w.done < 2) {
@@ -1080,8 +1091,334 @@ static void test_snapshot(void)
     CHECK_RET(qcow2rs_close(img), 0);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Whole-image jobs of issue #10: rebase, commit, amend, measure, checked against qemu-img. */
+
+/* A chain made with qemu-img/qemu-io in the test's folder: b1.qcow2 (clusters 0-3 pattern 1),
+ * b2.qcow2 (clusters 2-5 pattern 2), top.qcow2 over b1 (cluster 1 pattern 3, cluster 3
+ * zeroed), 4 MiB, 64 KiB clusters. */
+static int make_chain(void)
+{
+    return shell("cd '%s' && qemu-img create -q -f qcow2 b1.qcow2 4M && "
+                 "qemu-io -c 'write -q -P 1 0 256k' b1.qcow2 && "
+                 "qemu-img create -q -f qcow2 b2.qcow2 4M && "
+                 "qemu-io -c 'write -q -P 2 128k 256k' b2.qcow2 && "
+                 "qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 top.qcow2 && "
+                 "qemu-io -c 'write -q -P 3 64k 64k' -c 'write -q -z 192k 64k' top.qcow2",
+                 h_dir);
+}
+
+static void count_progress(void *ud, double f)
+{
+    struct prog *p = ud;
+    p->calls++;
+    p->last_ok = f >= p->last && f <= 1.0;
+    p->last = f;
+}
+
+static void test_rebase(void)
+{
+    CHECK_RET(make_chain(), 0);
+    /* qemu-img's result on copies, and the guest view before. */
+    CHECK_RET(shell("cd '%s' && mkdir q && cp b1.qcow2 b2.qcow2 top.qcow2 q/ && "
+                    "qemu-img rebase -q -b b2.qcow2 -F qcow2 q/top.qcow2 && "
+                    "qemu-img convert -O raw top.qcow2 before.raw",
+                    h_dir),
+              0);
+    struct prog pr = { 0 };
+    struct qcow2rs_rebase_options o = QCOW2RS_REBASE_OPTIONS_INIT;
+    o.backing_file = "b2.qcow2";
+    o.backing_format = "qcow2";
+    o.progress = count_progress;
+    o.progress_data = &pr;
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), 0);
+    CHECK(pr.calls > 0 && pr.last == 1.0 && pr.last_ok);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("top.qcow2")), 0);
+    /* Same guest data as before, and as qemu-img's rebase; the header names b2. */
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("top.qcow2"),
+                    tpath("before.raw")),
+              0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", tpath("top.qcow2"), tpath("q/top.qcow2")),
+              0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q '^backing file: b2.qcow2'",
+                    tpath("top.qcow2")),
+              0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -qx 'backing file format: qcow2'",
+                    tpath("top.qcow2")),
+              0);
+
+    /* Unsafe mode: only the header changes (the guest then sees b1's data again), as
+     * qemu-img rebase -u. */
+    o = (struct qcow2rs_rebase_options)QCOW2RS_REBASE_OPTIONS_INIT;
+    o.flags = QCOW2RS_REBASE_UNSAFE;
+    o.backing_file = "b1.qcow2";
+    o.backing_format = "qcow2";
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), 0);
+    CHECK_RET(shell("cd '%s' && qemu-img rebase -q -u -b b1.qcow2 -F qcow2 q/top.qcow2", h_dir),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("top.qcow2")), 0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", tpath("top.qcow2"), tpath("q/top.qcow2")),
+              0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q '^backing file: b1.qcow2'",
+                    tpath("top.qcow2")),
+              0);
+
+    /* No backing file: the image becomes standalone with the same guest data. */
+    CHECK_RET(shell("qemu-img convert -O raw '%s' '%s'", tpath("top.qcow2"), tpath("b1view.raw")),
+              0);
+    o = (struct qcow2rs_rebase_options)QCOW2RS_REBASE_OPTIONS_INIT;
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q 'backing file'", tpath("top.qcow2")), 1);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("top.qcow2"),
+                    tpath("b1view.raw")),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("top.qcow2")), 0);
+
+    /* Errors. */
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), NULL), -EFAULT);
+    CHECK_RET(qcow2rs_rebase(NULL, &o), -EFAULT);
+    o.backing_file = "b2.qcow2";
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), -EINVAL); /* no backing format */
+    CHECK(strstr(qcow2rs_last_error(), "backing format must be specified") != NULL);
+    o.backing_format = "qcow2";
+    o.backing_file = "missing.qcow2";
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), -ENOENT);
+    o.backing_file = "top.qcow2";
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), -EINVAL); /* itself */
+    o.backing_file = "b2.qcow2";
+    o.backing_format = "vmdk";
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), -ENOTSUP);
+    o.backing_format = "qcow2";
+    o.flags = 1u << 30;
+    CHECK_RET(qcow2rs_rebase(tpath("top.qcow2"), &o), -EINVAL);
+    o.flags = 0;
+    CHECK_RET(qcow2rs_rebase(tpath("missing.qcow2"), &o), -ENOENT);
+    CHECK_RET(shell("qemu-img create -q -f raw '%s' 1M", tpath("r.raw")), 0);
+    CHECK_RET(qcow2rs_rebase(tpath("r.raw"), &o), -ENOTSUP);
+    /* Nothing changed by the refusals. */
+    CHECK_RET(shell("qemu-img info '%s' | grep -q 'backing file'", tpath("top.qcow2")), 1);
+}
+
+static void test_commit(void)
+{
+    CHECK_RET(make_chain(), 0);
+    CHECK_RET(shell("cd '%s' && mkdir q && cp b1.qcow2 top.qcow2 q/ && "
+                    "qemu-img commit -q q/top.qcow2 && "
+                    "qemu-img convert -O raw top.qcow2 view.raw",
+                    h_dir),
+              0);
+    struct prog pr = { 0 };
+    struct qcow2rs_commit_options o = QCOW2RS_COMMIT_OPTIONS_INIT;
+    o.progress = count_progress;
+    o.progress_data = &pr;
+    CHECK_RET(qcow2rs_commit(tpath("top.qcow2"), &o), 0);
+    CHECK(pr.calls > 0 && pr.last == 1.0 && pr.last_ok);
+    /* The base now holds the top's view, as with qemu-img commit; both files check clean. */
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("b1.qcow2")), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("top.qcow2")), 0);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("b1.qcow2"), tpath("view.raw")),
+              0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", tpath("b1.qcow2"), tpath("q/b1.qcow2")), 0);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("top.qcow2"), tpath("view.raw")),
+              0);
+    /* The top was emptied: nothing allocated in it (depth 0), as qemu-img leaves it. */
+    CHECK_RET(shell("qemu-img map --output=json '%s' | grep -q '\"depth\": 0'",
+                    tpath("top.qcow2")),
+              1);
+    CHECK_RET(shell("qemu-img map --output=json '%s' | grep -q '\"depth\": 0'",
+                    tpath("q/top.qcow2")),
+              1);
+
+    /* -d: the top keeps its data. */
+    CHECK_RET(shell("cd '%s' && qemu-io -c 'write -q -P 4 0 64k' top.qcow2 && "
+                    "qemu-img convert -O raw top.qcow2 view2.raw",
+                    h_dir),
+              0);
+    o = (struct qcow2rs_commit_options)QCOW2RS_COMMIT_OPTIONS_INIT;
+    o.flags = QCOW2RS_COMMIT_DROP;
+    CHECK_RET(qcow2rs_commit(tpath("top.qcow2"), &o), 0);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("b1.qcow2"), tpath("view2.raw")),
+              0);
+    CHECK_RET(shell("qemu-img map --output=json '%s' | grep -q '\"depth\": 0'",
+                    tpath("top.qcow2")),
+              0);
+
+    /* A base further down the chain (-b): top2 -> top -> b1. */
+    CHECK_RET(shell("cd '%s' && qemu-img create -q -f qcow2 -b top.qcow2 -F qcow2 top2.qcow2 && "
+                    "qemu-io -c 'write -q -P 5 512k 64k' top2.qcow2 && "
+                    "qemu-img convert -O raw top2.qcow2 view3.raw",
+                    h_dir),
+              0);
+    o = (struct qcow2rs_commit_options)QCOW2RS_COMMIT_OPTIONS_INIT;
+    o.base = "b1.qcow2";
+    CHECK_RET(qcow2rs_commit(tpath("top2.qcow2"), &o), 0);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", tpath("b1.qcow2"), tpath("view3.raw")),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", tpath("b1.qcow2")), 0);
+
+    /* Errors. */
+    CHECK_RET(qcow2rs_commit(NULL, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_commit(tpath("b1.qcow2"), NULL), -EINVAL); /* no backing file */
+    CHECK(strstr(qcow2rs_last_error(), "does not have a backing file") != NULL);
+    o.base = "nowhere.qcow2";
+    CHECK_RET(qcow2rs_commit(tpath("top2.qcow2"), &o), -ENOENT);
+    o.base = NULL;
+    o.flags = 1u << 30;
+    CHECK_RET(qcow2rs_commit(tpath("top2.qcow2"), &o), -EINVAL);
+    CHECK_RET(qcow2rs_commit(tpath("missing.qcow2"), NULL), -ENOENT);
+}
+
+static void test_amend(void)
+{
+    const char *p = tpath("a.qcow2");
+    CHECK_RET(shell("cd '%s' && qemu-img create -q -f qcow2 -o lazy_refcounts=on a.qcow2 4M && "
+                    "qemu-io -c 'write -q -P 7 0 192k' -c 'write -q -z 256k 64k' a.qcow2 && "
+                    "qemu-img convert -O raw a.qcow2 a.raw && cp a.qcow2 q.qcow2 && "
+                    "qemu-img amend -o compat=0.10,lazy_refcounts=off q.qcow2",
+                    h_dir),
+              0);
+    CHECK_RET(qcow2rs_amend(p, "compat=0.10,lazy_refcounts=off", 0), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -qx '    compat: 0.10'", p), 0);
+    CHECK_RET(shell("qemu-img compare -q -F raw '%s' '%s'", p, tpath("a.raw")), 0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", p, tpath("q.qcow2")), 0);
+
+    /* Back to 1.1 with lazy refcounts and 64-bit refcounts, as qemu-img amend does. */
+    CHECK_RET(qcow2rs_amend(p, "compat=1.1,lazy_refcounts=on", 0), 0);
+    CHECK_RET(qcow2rs_amend(p, "refcount_bits=64", 0), 0);
+    CHECK_RET(shell("qemu-img amend -o compat=1.1,lazy_refcounts=on '%s' && "
+                    "qemu-img amend -o refcount_bits=64 '%s'",
+                    tpath("q.qcow2"), tpath("q.qcow2")),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -qx '    compat: 1.1'", p), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -qx '    lazy refcounts: true'", p), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -qx '    refcount bits: 64'", p), 0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", p, tpath("q.qcow2")), 0);
+    /* A larger size. */
+    CHECK_RET(qcow2rs_amend(p, "size=8M", 0), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q '^virtual size: 8 MiB'", p), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+
+    /* Refusals leave the file byte-identical. */
+    CHECK_RET(shell("cp '%s' '%s'", p, tpath("keep.qcow2")), 0);
+    CHECK_RET(qcow2rs_amend(p, "cluster_size=4096", 0), -ENOTSUP);
+    CHECK(strstr(qcow2rs_last_error(), "only supported for image creation") != NULL);
+    CHECK_RET(qcow2rs_amend(p, "bogus=1", 0), -EINVAL);
+    CHECK_RET(qcow2rs_amend(p, "compat=0.10,lazy_refcounts=x", 0), -EINVAL);
+    CHECK_RET(qcow2rs_amend(p, "compat=0.10", 0), -ENOTSUP); /* 64-bit refcounts */
+    CHECK(strstr(qcow2rs_last_error(), "refcount_bits=16") != NULL);
+    CHECK_RET(qcow2rs_amend(p, "backing_file=other.qcow2", 0), -EINVAL);
+    CHECK_RET(qcow2rs_amend(p, "", 0), -EINVAL);
+    CHECK_RET(qcow2rs_amend(p, "compat=1.1", 1u << 30), -EINVAL);
+    CHECK_RET(shell("cmp -s '%s' '%s'", p, tpath("keep.qcow2")), 0);
+    CHECK_RET(qcow2rs_amend(p, NULL, 0), -EFAULT);
+    CHECK_RET(qcow2rs_amend(NULL, "compat=1.1", 0), -EFAULT);
+    CHECK_RET(qcow2rs_amend(tpath("missing.qcow2"), "compat=1.1", 0), -ENOENT);
+    CHECK_RET(shell("qemu-img create -q -f raw '%s' 1M", tpath("r.raw")), 0);
+    CHECK_RET(qcow2rs_amend(tpath("r.raw"), "compat=1.1", 0), -ENOTSUP);
+}
+
+/* qemu-img measure's human output has a line `LABEL: N` equal to `v`. */
+static int measure_has(const char *args, const char *label, uint64_t v)
+{
+    return shell("qemu-img measure %s | grep -qx '%s: %llu'", args, label, (unsigned long long)v);
+}
+
+static void test_measure(void)
+{
+    struct qcow2rs_measure_options o = QCOW2RS_MEASURE_OPTIONS_INIT;
+    struct qcow2rs_measurement m = QCOW2RS_MEASUREMENT_INIT;
+    char *json = NULL;
+    char args[9000];
+
+    /* By size. */
+    o.dst_format = "qcow2";
+    o.options = "cluster_size=4096";
+    o.virtual_size = 1ull << 30;
+    CHECK_RET(qcow2rs_measure(NULL, &o, &m, NULL), 0);
+    CHECK_RET(measure_has("-O qcow2 -o cluster_size=4096 --size 1G", "required size", m.required),
+              0);
+    CHECK_RET(measure_has("-O qcow2 -o cluster_size=4096 --size 1G", "fully allocated size",
+                          m.fully_allocated),
+              0);
+    CHECK(!m.has_bitmaps);
+
+    /* A qcow2 source with data, qcow2 output: JSON identical to qemu-img's. */
+    CHECK_RET(shell("cd '%s' && qemu-img create -q -f qcow2 s.qcow2 8M && "
+                    "qemu-io -c 'write -q -P 1 0 1M' -c 'write -q -P 2 4M 64k' s.qcow2 && "
+                    "qemu-img measure --output=json -O qcow2 s.qcow2 > q.json",
+                    h_dir),
+              0);
+    o = (struct qcow2rs_measure_options)QCOW2RS_MEASURE_OPTIONS_INIT;
+    o.dst_format = "qcow2";
+    m = (struct qcow2rs_measurement)QCOW2RS_MEASUREMENT_INIT;
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, &json), 0);
+    CHECK(json != NULL);
+    if (json) {
+        FILE *f = fopen(tpath("ours.json"), "w");
+        CHECK(f != NULL);
+        if (f) {
+            fputs(json, f);
+            fclose(f);
+        }
+        qcow2rs_free(json);
+    }
+    CHECK_RET(shell("cmp -s '%s' '%s'", tpath("ours.json"), tpath("q.json")), 0);
+    snprintf(args, sizeof args, "-O qcow2 '%s'", tpath("s.qcow2"));
+    CHECK_RET(measure_has(args, "required size", m.required), 0);
+    CHECK_RET(measure_has(args, "fully allocated size", m.fully_allocated), 0);
+    CHECK(m.has_bitmaps);
+    CHECK_RET(measure_has(args, "bitmaps size", m.bitmaps), 0);
+
+    /* Raw output (opts NULL), compat=0.10 and preallocation. */
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), NULL, &m, NULL), 0);
+    snprintf(args, sizeof args, "'%s'", tpath("s.qcow2"));
+    CHECK_RET(measure_has(args, "required size", m.required), 0);
+    o.options = "compat=0.10,preallocation=full";
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), 0);
+    snprintf(args, sizeof args, "-O qcow2 -o compat=0.10,preallocation=full '%s'",
+             tpath("s.qcow2"));
+    CHECK_RET(measure_has(args, "required size", m.required), 0);
+    CHECK(!m.has_bitmaps);
+
+    /* Errors. */
+    json = (char *)1;
+    o.virtual_size = 1 * MiB; /* with a source */
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, &json), -EINVAL);
+    CHECK(json == NULL);
+    o.virtual_size = 0;
+    o.options = "cluster_size=3000";
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), -EINVAL);
+    o.options = "nonsense=1";
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), -EINVAL);
+    o.options = NULL;
+    o.dst_format = "vmdk";
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), -ENOTSUP);
+    o.dst_format = NULL;
+    o.flags = 1u << 30;
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), -EINVAL);
+    o.flags = 0;
+    m.size = 1;
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, &m, NULL), -EINVAL);
+    CHECK_RET(qcow2rs_measure(tpath("missing.qcow2"), &o, NULL, NULL), -ENOENT);
+    o.virtual_size = 1ull << 63;
+    CHECK_RET(qcow2rs_measure(NULL, &o, NULL, NULL), -EINVAL);
+    /* Only the fields the caller's struct has are written. */
+    struct {
+        size_t size;
+        uint64_t required;
+        uint64_t guard;
+    } small = { sizeof(size_t) + sizeof(uint64_t), 0, 0x5a5a5a5a5a5a5a5aull };
+    o.virtual_size = 0;
+    CHECK_RET(qcow2rs_measure(tpath("s.qcow2"), &o, (struct qcow2rs_measurement *)&small, NULL),
+              0);
+    CHECK(small.required == 8 * MiB && small.guard == 0x5a5a5a5a5a5a5a5aull);
+}
+
 TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
-          TEST(check), TEST(convert), TEST(snapshot))
+          TEST(check), TEST(convert), TEST(snapshot), TEST(rebase), TEST(commit),
+          TEST(amend), TEST(measure))
