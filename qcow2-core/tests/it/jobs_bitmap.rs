@@ -140,6 +140,33 @@ async fn bitmap_ops_match_qemu() {
             assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs), "{what}");
             assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{what}");
         }
+        // Merge from another file (`-b`): qemu's original bitmap `big` into `a`.
+        {
+            let src = open_ro(&base).await;
+            let img = open_rw(&mine).await;
+            img.bitmap_merge("a", Some(&src), "big").await.unwrap();
+            img.close().await.unwrap();
+            run(
+                "qemu-img",
+                &[
+                    "bitmap",
+                    "--merge",
+                    "big",
+                    "-b",
+                    p(&base),
+                    "-F",
+                    "qcow2",
+                    p(&theirs),
+                    "a",
+                ],
+            );
+            assert_clean(&mine, "merge -b");
+            assert_eq!(
+                our_bits(&mine).await,
+                our_bits(&theirs).await,
+                "{opts:?} merge -b"
+            );
+        }
         // qemu reads the bits we wrote: it copies them into a new image as they are.
         let copy = dir.path().join("copy.qcow2");
         run(
