@@ -54,8 +54,8 @@ fn find(dir: &[DirEntry], name: &str) -> Result<usize> {
 /// from 512 to 2 GiB).
 pub fn granularity_bits(granularity: u64) -> Result<u8> {
     if !granularity.is_power_of_two()
-        || granularity < 1 << fmt::MIN_GRANULARITY_BITS
-        || granularity > 1 << fmt::MAX_GRANULARITY_BITS
+        || !(1u64 << fmt::MIN_GRANULARITY_BITS..=1u64 << fmt::MAX_GRANULARITY_BITS)
+            .contains(&granularity)
     {
         return Err(Error::invalid(
             "Granularity must be power of 2 and at least 512",
