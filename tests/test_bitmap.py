@@ -100,6 +100,9 @@ def test_bitmap_like_qemu_img(args, same_message, cli, scratch, qemu):
     assert bitmaps(img) == bitmaps(ref)
     cp = qemu_img("check", img)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    # Our check counts the bitmaps' clusters as qemu's does.
+    cp = cli("check", img)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
 
 
 def test_bitmap_refused_on_v2_and_raw(cli, scratch, qemu):
