@@ -15,6 +15,8 @@ pub struct Spec {
 pub struct Parsed {
     pub opts: HashMap<String, Vec<String>>,
     pub operands: Vec<String>,
+    /// Every option in command-line order: (key, value).
+    pub order: Vec<(String, String)>,
 }
 
 impl Parsed {
@@ -82,6 +84,7 @@ pub fn parse(args: &[String], specs: &[Spec]) -> Result<Parsed, String> {
                 }
                 String::new()
             };
+            p.order.push((key(spec), v.clone()));
             p.opts.entry(key(spec)).or_default().push(v);
             continue;
         }
@@ -107,8 +110,10 @@ pub fn parse(args: &[String], specs: &[Spec]) -> Result<Parsed, String> {
                     i += 1;
                     v.clone()
                 };
+                p.order.push((key(spec), v.clone()));
                 p.opts.entry(key(spec)).or_default().push(v);
             } else {
+                p.order.push((key(spec), String::new()));
                 p.opts.entry(key(spec)).or_default().push(String::new());
             }
         }

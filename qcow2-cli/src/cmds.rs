@@ -48,6 +48,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "commit" => cmd_commit(args).await,
         "measure" => cmd_measure(args).await,
         "amend" => cmd_amend(args).await,
+        "bitmap" => cmd_bitmap(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -940,5 +941,113 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
     amend::amend(img, &ao)
         .await
         .map_err(|e| Fail::new(e.message().to_string()))?;
+    Ok(0)
+}
+
+/// `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRAN]
+/// [-b SRC_FILE [-F SRC_FMT]] [-f FMT] FILE NAME`: the operations run in command-line
+/// order, each one durable on its own; the first failure stops the rest (as qemu-img).
+async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            opt('f', "format", true),
+            opt('b', "source-file", true),
+            opt('F', "source-format", true),
+            opt('g', "granularity", true),
+            opt('\0', "add", false),
+            opt('\0', "remove", false),
+            opt('\0', "clear", false),
+            opt('\0', "enable", false),
+            opt('\0', "disable", false),
+            opt('\0', "merge", true),
+        ]),
+    )?;
+    let actions: Vec<(String, String)> = p
+        .order
+        .iter()
+        .filter(|(k, _)| {
+            matches!(
+                k.as_str(),
+                "add" | "remove" | "clear" | "enable" | "disable" | "merge"
+            )
+        })
+        .cloned()
+        .collect();
+    if actions.is_empty() {
+        return Err(Fail::new(
+            "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge",
+        ));
+    }
+    let granularity = match p.value("granularity") {
+        None => None,
+        Some(g) => {
+            let v = create::parse_size(g)
+                .map_err(|_| Fail::new(format!("Invalid granularity specified: '{g}'.")))?;
+            // 0 means the default, as in qemu-img.
+            (v != 0).then_some(v)
+        }
+    };
+    if granularity.is_some() && !p.flag("add") {
+        return Err(Fail::new("granularity only supported with --add"));
+    }
+    if p.flag("source-format") && !p.flag("source-file") {
+        return Err(Fail::new("-F only supported with -b"));
+    }
+    if p.flag("source-file") && !p.flag("merge") {
+        return Err(Fail::new(
+            "Merge bitmap source file only supported with --merge",
+        ));
+    }
+    let [file, name] = p.operands.as_slice() else {
+        return Err(Fail::new("Expecting filename and bitmap name"));
+    };
+    let mut oo = open_opts(&p);
+    oo.no_backing = true;
+    oo.writable = true;
+    let disk = open(file, p.value("format"), &oo).await?;
+    let fail =
+        |act: &str, msg: &str| Fail::new(format!("Operation {act} on bitmap {name} failed: {msg}"));
+    let Disk::Qcow2(img) = &disk else {
+        return Err(fail(
+            &actions[0].0,
+            &format!("Can't store persistent bitmaps to '{file}': Operation not supported"),
+        ));
+    };
+    // A merge source in another file, opened read-only when first needed.
+    let mut src_disk: Option<Disk> = None;
+    for (act, arg) in &actions {
+        let r = match act.as_str() {
+            "add" => img.bitmap_add(name, granularity).await,
+            "remove" => img.bitmap_remove(name).await,
+            "clear" => img.bitmap_clear(name).await,
+            "enable" => img.bitmap_set_enabled(name, true).await,
+            "disable" => img.bitmap_set_enabled(name, false).await,
+            _ => match p.value("source-file") {
+                None => img.bitmap_merge(name, None, arg).await,
+                Some(sf) => {
+                    if src_disk.is_none() {
+                        let so = OpenOptions {
+                            no_backing: true,
+                            ..open_opts(&p)
+                        };
+                        src_disk = Some(open(sf, p.value("source-format"), &so).await?);
+                    }
+                    match &src_disk {
+                        Some(Disk::Qcow2(s)) => img.bitmap_merge(name, Some(s), arg).await,
+                        _ => Err(qcow2_core::Error::new(
+                            qcow2_core::ErrorKind::NotFound,
+                            format!("Dirty bitmap '{arg}' not found"),
+                        )),
+                    }
+                }
+            },
+        };
+        if let Err(e) = r {
+            let _ = img.clone().close().await;
+            return Err(fail(act, e.message()));
+        }
+    }
+    img.clone().close().await.map_err(|e| prefixed(file, e))?;
     Ok(0)
 }

@@ -23,6 +23,7 @@ Commands (options as qemu-img):
   amend -o OPTS [-f FMT] [-p] [-q] [--force] FILE
   measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
+  bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F SRC_FMT]])... [-g GRANULARITY] [-f FMT] FILE BITMAP
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
   serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)

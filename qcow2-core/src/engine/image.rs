@@ -2,7 +2,6 @@
 
 use crate::engine::cache::SliceCache;
 use crate::engine::disk::{Disk, Format};
-use crate::format::be64;
 use crate::format::header::{self, Header};
 use crate::format::l2::{self};
 use crate::format::snapshot::{self, Snapshot};
@@ -186,7 +185,7 @@ pub(crate) struct Inner {
     pub l2_cache: SliceCache,
     pub rc_cache: SliceCache,
     pub snapshots: RwLock<Vec<Snapshot>>,
-    pub bitmaps: Vec<BitmapInfo>,
+    pub bitmaps: RwLock<Vec<BitmapInfo>>,
     pub backing: Option<Disk>,
     /// Decompressed clusters, one cache shared by the whole backing chain (so its memory is
     /// bounded per chain, not per image), keyed by (this image's depth in the chain, host
@@ -478,7 +477,12 @@ impl Image {
         // Bitmaps.
         let bitmaps = match &h.bitmaps {
             Some(ext) if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 => {
-                read_bitmap_dir(&*file, ext, file_len).await?
+                match read_bitmap_dir(&*file, ext, h.size, cs, file_len).await {
+                    Ok(b) => b,
+                    // `check` examines the directory itself.
+                    Err(_) if opts.for_check => Vec::new(),
+                    Err(e) => return Err(e),
+                }
             }
             _ => Vec::new(),
         };
@@ -612,7 +616,7 @@ impl Image {
             l2_cache: SliceCache::new("L2 table", slice, l2_cap),
             rc_cache: SliceCache::new("refcount block", slice, rc_cap),
             snapshots: RwLock::new(snapshots),
-            bitmaps,
+            bitmaps: RwLock::new(bitmaps),
             backing,
             zcache,
             zdepth: depth,
@@ -673,9 +677,9 @@ impl Image {
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.inner.snapshots.read().clone()
     }
-    /// Persistent bitmaps (when the bitmaps autoclear bit is set).
-    pub fn bitmaps(&self) -> &[BitmapInfo] {
-        &self.inner.bitmaps
+    /// Persistent bitmaps (when the bitmaps autoclear bit is set), in directory order.
+    pub fn bitmaps(&self) -> Vec<BitmapInfo> {
+        self.inner.bitmaps.read().clone()
     }
     /// The external data file path, if any.
     pub fn data_file_path(&self) -> Option<&Path> {
@@ -800,46 +804,46 @@ async fn read_snapshots(
 async fn read_bitmap_dir(
     file: &dyn Storage,
     ext: &header::BitmapsExt,
+    size: u64,
+    cs: u64,
     file_len: u64,
 ) -> Result<Vec<BitmapInfo>> {
-    use crate::format::{be16, be32};
-    if ext.directory_size > 64 << 20
+    Ok(read_bitmap_directory(file, ext, size, cs, file_len)
+        .await?
+        .into_iter()
+        .map(|e| BitmapInfo {
+            granularity: e.granularity(),
+            name: e.name,
+            flags: e.flags,
+            table_offset: e.table_offset,
+            table_size: e.table_size,
+        })
+        .collect())
+}
+
+/// Read and validate the bitmap directory the extension `ext` points at.
+pub(crate) async fn read_bitmap_directory(
+    file: &dyn Storage,
+    ext: &header::BitmapsExt,
+    size: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<Vec<crate::format::bitmaps::DirEntry>> {
+    use crate::format::bitmaps;
+    if ext.directory_size == 0
+        || ext.directory_size > bitmaps::MAX_DIRECTORY_SIZE
+        || !ext.directory_offset.is_multiple_of(cs)
+        || ext.directory_offset == 0
         || ext.directory_offset.saturating_add(ext.directory_size) > file_len
     {
-        return Err(Error::corrupt(
-            "bitmap directory lies beyond the end of the file or is too large",
-        ));
+        return Err(Error::corrupt(format!(
+            "bitmap directory (0x{:x}, {} bytes) is misplaced, too large or beyond the end of the file",
+            ext.directory_offset, ext.directory_size
+        )));
     }
     let mut buf = vec![0u8; ext.directory_size as usize];
     file.read_at(&mut buf, ext.directory_offset)
         .await
         .map_err(|e| Error::io(e, "reading the bitmap directory"))?;
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    for _ in 0..ext.nb_bitmaps {
-        if off + 24 > buf.len() {
-            return Err(Error::corrupt("bitmap directory is truncated"));
-        }
-        let e = &buf[off..];
-        let table_offset = be64(e, 0);
-        let table_size = be32(e, 8);
-        let flags = be32(e, 12);
-        let gran_bits = e[17] as u32;
-        let name_size = be16(e, 18) as usize;
-        let extra = be32(e, 20) as usize;
-        let total = 24 + extra + name_size;
-        if off + total > buf.len() || gran_bits > 63 {
-            return Err(Error::corrupt("bitmap directory entry is truncated"));
-        }
-        let name = String::from_utf8_lossy(&e[24 + extra..total]).into_owned();
-        out.push(BitmapInfo {
-            name,
-            granularity: 1u64 << gran_bits,
-            flags,
-            table_offset,
-            table_size,
-        });
-        off += total.div_ceil(8) * 8;
-    }
-    Ok(out)
+    bitmaps::parse_directory(&buf, ext.nb_bitmaps, size, cs, file_len)
 }

@@ -135,7 +135,8 @@ impl Image {
             let first = ext.directory_offset / cs;
             clusters.extend(first..(ext.directory_offset + ext.directory_size).div_ceil(cs));
         }
-        for b in &self.inner.bitmaps {
+        let bitmaps = std::mem::take(&mut *self.inner.bitmaps.write());
+        for b in &bitmaps {
             let bytes = b.table_size as u64 * 8;
             if !ok || bytes == 0 || bytes > 64 << 20 || !inside(b.table_offset, bytes) {
                 ok = false;

@@ -1,5 +1,6 @@
 //! The on-disk format: header, extensions, table entries, snapshots.
 
+pub mod bitmaps;
 pub mod header;
 pub mod l2;
 pub mod refcount;

@@ -1,7 +1,8 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot, rebase, commit, measure, amend.
+//! info, resize, snapshot, bitmap, rebase, commit, measure, amend.
 
 pub mod amend;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod convert;

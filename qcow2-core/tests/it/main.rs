@@ -12,6 +12,7 @@ mod faults_io;
 mod hostile_fuzz;
 mod hostile_memory;
 mod io_engines;
+mod jobs_bitmap;
 mod jobs_snapshot;
 mod safety_locking;
 mod stress_concurrency;

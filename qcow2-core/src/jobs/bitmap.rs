@@ -1,0 +1,518 @@
+//! Persistent dirty bitmaps: add, remove, clear, enable, disable and merge, as
+//! `qemu-img bitmap`.
+//!
+//! Crash safety: nothing the header reaches is changed in place. Each operation writes a
+//! new bitmap directory (and, for a bitmap whose bits change, a new bitmap table and new
+//! data clusters) into freshly allocated clusters, makes those clusters' refcounts and
+//! contents durable, then switches to them with one header write (the bitmaps extension,
+//! and the "bitmaps consistent" autoclear bit), made durable. Only then are the old
+//! directory, tables and data clusters freed. A crash before the header write leaves the
+//! old bitmaps and some leaked clusters; after it, the new bitmaps (and leaked old ones if
+//! the crash comes before the frees reach the disk).
+//!
+//! Bitmaps marked in use (inconsistent: a writer was interrupted) can only be removed, as
+//! in QEMU. An image whose bitmaps extension is present but not marked consistent has no
+//! bitmaps (QEMU ignores them too); adding one replaces that stale extension.
+//!
+//! Writes through this library do not track dirty regions: the first guest write to an
+//! image clears the "bitmaps consistent" bit and drops the bitmaps (see
+//! [`Image::before_first_write`](crate::Image)), so a bitmap is never silently stale.
+
+use crate::engine::image::{BitmapInfo, Image};
+use crate::engine::metadata::Meta;
+use crate::engine::overlap::Target;
+use crate::format::bitmaps::{self as fmt, DirEntry, TableEntry};
+use crate::format::header::{BitmapsExt, AUTOCLEAR_BITMAPS};
+use crate::{Error, ErrorKind, Result};
+
+/// Clusters allocated by the operation so far (freed again if it fails before the switch).
+struct Allocated {
+    clusters: Vec<u64>,
+}
+
+fn not_found(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("Dirty bitmap '{name}' not found"),
+    )
+}
+
+fn inconsistent(name: &str) -> Error {
+    Error::invalid(format!(
+        "Bitmap '{name}' is inconsistent and cannot be used\n\
+         Try block-dirty-bitmap-remove to delete this bitmap from disk"
+    ))
+}
+
+fn find(dir: &[DirEntry], name: &str) -> Result<usize> {
+    dir.iter()
+        .position(|e| e.name == name)
+        .ok_or_else(|| not_found(name))
+}
+
+/// The granularity bits for a requested granularity in bytes (QEMU's rule: a power of two
+/// from 512 to 2 GiB).
+pub fn granularity_bits(granularity: u64) -> Result<u8> {
+    if !granularity.is_power_of_two()
+        || !(1u64 << fmt::MIN_GRANULARITY_BITS..=1u64 << fmt::MAX_GRANULARITY_BITS)
+            .contains(&granularity)
+    {
+        return Err(Error::invalid(
+            "Granularity must be power of 2 and at least 512",
+        ));
+    }
+    Ok(granularity.trailing_zeros() as u8)
+}
+
+impl Image {
+    fn bitmap_preconditions(&self) -> Result<()> {
+        self.ws()?;
+        self.check_poison()?;
+        self.check_usable()?;
+        let h = self.inner.header.read();
+        if h.corrupt() {
+            return Err(Error::read_only(
+                "image is marked corrupt; changing bitmaps is refused",
+            ));
+        }
+        if h.version < 3 {
+            return Err(Error::unsupported(format!(
+                "Can't store persistent bitmaps to '{}': Cannot store dirty bitmaps in qcow2 v2 files",
+                self.inner.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The bitmap directory as stored now (validated), empty without consistent bitmaps.
+    async fn bitmap_dir(&self) -> Result<Vec<DirEntry>> {
+        let (ext, size) = {
+            let h = self.inner.header.read();
+            match h.bitmaps {
+                Some(ext) if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 => (ext, h.size),
+                _ => return Ok(Vec::new()),
+            }
+        };
+        let file_len = self.inner.file.len().map_err(Error::from)?;
+        crate::engine::image::read_bitmap_directory(
+            &*self.inner.file,
+            &ext,
+            size,
+            self.inner.layout.cluster_size,
+            file_len,
+        )
+        .await
+    }
+
+    /// Decoded table entries of `e` (all of them, validated).
+    async fn bitmap_table(&self, e: &DirEntry) -> Result<Vec<TableEntry>> {
+        let cs = self.inner.layout.cluster_size;
+        let file_len = self.inner.file.len().map_err(Error::from)?;
+        // table_size * cs <= 512 MiB (validated): the table is at most 8 MiB.
+        let mut buf = vec![0u8; e.table_size as usize * 8];
+        self.inner
+            .file
+            .read_at(&mut buf, e.table_offset)
+            .await
+            .map_err(|err| Error::io(err, format!("reading the table of bitmap '{}'", e.name)))?;
+        buf.chunks_exact(8)
+            .enumerate()
+            .map(|(i, c)| {
+                fmt::decode_table_entry(crate::format::be64(c, 0), cs, file_len, &e.name, i)
+            })
+            .collect()
+    }
+
+    /// Host clusters (indices) that bitmap `e` owns: its table and data clusters.
+    async fn bitmap_owned_clusters(&self, e: &DirEntry) -> Result<Vec<u64>> {
+        let cs = self.inner.layout.cluster_size;
+        let mut out: Vec<u64> = (e.table_offset / cs
+            ..(e.table_offset + e.table_size as u64 * 8).div_ceil(cs))
+            .collect();
+        for t in self.bitmap_table(e).await? {
+            if let TableEntry::Data(off) = t {
+                out.push(off / cs);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bits of bitmap `e` (bit i in bit i%8 of byte i/8) over the virtual size.
+    async fn bitmap_bits(&self, e: &DirEntry) -> Result<Vec<u8>> {
+        let cs = self.inner.layout.cluster_size as usize;
+        let size = self.size();
+        let nbits = fmt::bit_count(size, e.granularity_bits);
+        let nbytes = nbits.div_ceil(8) as usize;
+        let mut bits = Vec::new();
+        bits.try_reserve_exact(nbytes).map_err(|_| {
+            Error::new(
+                ErrorKind::TooLarge,
+                format!("bitmap '{}': cannot allocate {nbytes} bytes", e.name),
+            )
+        })?;
+        bits.resize(nbytes, 0);
+        let table = self.bitmap_table(e).await?;
+        for (i, chunk) in bits.chunks_mut(cs).enumerate() {
+            match table[i] {
+                TableEntry::Zeros => {}
+                TableEntry::Ones => chunk.fill(0xff),
+                TableEntry::Data(off) => {
+                    self.inner.file.read_at(chunk, off).await.map_err(|err| {
+                        Error::io(err, format!("reading the data of bitmap '{}'", e.name))
+                    })?;
+                }
+            }
+        }
+        // Bits past the end of the disk are not part of the bitmap.
+        if !nbits.is_multiple_of(8) {
+            if let Some(last) = bits.last_mut() {
+                *last &= (1u8 << (nbits % 8)) - 1;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// The bits of bitmap `name` (bit `i`, in bit `i % 8` of byte `i / 8`, covers the guest
+    /// bytes from `i * granularity`), with its granularity in bytes.
+    pub async fn bitmap_content(&self, name: &str) -> Result<(Vec<u8>, u64)> {
+        let h = self.inner.header.read().clone();
+        let dir = match h.bitmaps {
+            Some(ext) if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
+                let file_len = self.inner.file.len().map_err(Error::from)?;
+                crate::engine::image::read_bitmap_directory(
+                    &*self.inner.file,
+                    &ext,
+                    h.size,
+                    self.inner.layout.cluster_size,
+                    file_len,
+                )
+                .await?
+            }
+            _ => Vec::new(),
+        };
+        let e = &dir[find(&dir, name)?];
+        if e.flags & fmt::FLAG_IN_USE != 0 {
+            return Err(inconsistent(name));
+        }
+        Ok((self.bitmap_bits(e).await?, e.granularity()))
+    }
+
+    async fn bitmap_alloc(&self, m: &mut Meta, a: &mut Allocated, n: u64) -> Result<u64> {
+        let off = self.alloc_clusters(m, n).await?;
+        let ci = off >> self.inner.layout.cluster_bits;
+        a.clusters.extend(ci..ci + n);
+        Ok(off)
+    }
+
+    async fn bitmap_write(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_overlap(off, buf.len() as u64, Target::Data)
+            .await?;
+        self.meta_write(buf, off).await
+    }
+
+    /// Write `bits` as new data clusters and a new table; returns (table offset, size).
+    async fn bitmap_store(
+        &self,
+        m: &mut Meta,
+        a: &mut Allocated,
+        bits: &[u8],
+    ) -> Result<(u64, u32)> {
+        let cs = self.inner.layout.cluster_size as usize;
+        let n = bits.len().div_ceil(cs).max(1);
+        let mut table = vec![0u8; (n * 8).div_ceil(cs) * cs];
+        let mut cluster = vec![0u8; cs];
+        for (i, chunk) in bits.chunks(cs).enumerate() {
+            if chunk.iter().all(|&b| b == 0) {
+                continue;
+            }
+            cluster[..chunk.len()].copy_from_slice(chunk);
+            cluster[chunk.len()..].fill(0);
+            let off = self.bitmap_alloc(m, a, 1).await?;
+            self.bitmap_write(&cluster, off).await?;
+            table[i * 8..i * 8 + 8].copy_from_slice(&off.to_be_bytes());
+        }
+        let toff = self.bitmap_alloc(m, a, (table.len() / cs) as u64).await?;
+        self.bitmap_write(&table, toff).await?;
+        Ok((toff, n as u32))
+    }
+
+    /// Write `dir` as the new directory, switch the header to it, then free `old` (cluster
+    /// indices of what the old state owned and the new one does not).
+    async fn bitmap_switch(
+        &self,
+        m: &mut Meta,
+        a: &mut Allocated,
+        dir: &[DirEntry],
+        mut old: Vec<u64>,
+    ) -> Result<()> {
+        let cs = self.inner.layout.cluster_size;
+        let mut h = self.inner.header.read().clone();
+        // The old directory (if the stored one is in use).
+        if let (Some(ext), true) = (h.bitmaps, h.autoclear_features & AUTOCLEAR_BITMAPS != 0) {
+            old.extend(
+                ext.directory_offset / cs..(ext.directory_offset + ext.directory_size).div_ceil(cs),
+            );
+        }
+        if dir.is_empty() {
+            h.bitmaps = None;
+            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        } else {
+            let bytes = fmt::directory_bytes(dir);
+            if bytes.len() as u64 > fmt::MAX_DIRECTORY_SIZE {
+                return Err(Error::invalid("the bitmap directory would be too large"));
+            }
+            let mut buf = bytes.clone();
+            buf.resize((bytes.len() as u64).div_ceil(cs) as usize * cs as usize, 0);
+            let off = self.bitmap_alloc(m, a, buf.len() as u64 / cs).await?;
+            self.bitmap_write(&buf, off).await?;
+            h.bitmaps = Some(BitmapsExt {
+                nb_bitmaps: dir.len() as u32,
+                directory_size: bytes.len() as u64,
+                directory_offset: off,
+            });
+            h.autoclear_features |= AUTOCLEAR_BITMAPS;
+        }
+        let hb = h.to_bytes()?;
+        // Refcounts of the new clusters, then the new clusters themselves, are durable
+        // before the header points at them (flush_metadata ends with a sync).
+        self.flush_metadata(m).await?;
+        let mut guard = self.poison_guard("switching the header to a new bitmap directory");
+        self.write_header_bytes(&hb, 0)
+            .await
+            .map_err(|e| guard.fail(e))?;
+        guard.disarm();
+        a.clusters.clear();
+        *self.inner.header.write() = h;
+        *self.inner.bitmaps.write() = dir
+            .iter()
+            .map(|e| BitmapInfo {
+                name: e.name.clone(),
+                granularity: e.granularity(),
+                flags: e.flags,
+                table_offset: e.table_offset,
+                table_size: e.table_size,
+            })
+            .collect();
+        old.sort_unstable();
+        old.dedup();
+        m.pending_free.extend(old);
+        self.flush_metadata(m).await
+    }
+
+    /// Free what a failed operation allocated (nothing references it; best effort).
+    async fn bitmap_abandon(&self, m: &mut Meta, a: &mut Allocated) {
+        if !a.clusters.is_empty() {
+            m.pending_free.append(&mut a.clusters);
+            let _ = self.flush_metadata(m).await;
+        }
+    }
+
+    /// Run one change under the image's locks (no request in flight, no allocation in
+    /// progress), crash-safely (see the module documentation).
+    async fn bitmap_apply(&self, op: Op<'_>) -> Result<()> {
+        self.bitmap_preconditions()?;
+        let w = self.ws()?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        self.flush_metadata(&mut m).await?;
+        let mut dir = self.bitmap_dir().await?;
+        let mut a = Allocated {
+            clusters: Vec::new(),
+        };
+        let r = match self.bitmap_change(&mut m, &mut a, &mut dir, op).await {
+            Ok(None) => Ok(()),
+            Ok(Some(old)) => self.bitmap_switch(&mut m, &mut a, &dir, old).await,
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.bitmap_abandon(&mut m, &mut a).await;
+        }
+        r
+    }
+
+    /// Change `dir` as `op` says, writing new tables and data; returns the clusters to free
+    /// after the switch, or `None` when nothing changes.
+    async fn bitmap_change(
+        &self,
+        m: &mut Meta,
+        a: &mut Allocated,
+        dir: &mut Vec<DirEntry>,
+        op: Op<'_>,
+    ) -> Result<Option<Vec<u64>>> {
+        let size = self.size();
+        match op {
+            Op::Add { name, gran_bits } => {
+                if dir.iter().any(|e| e.name == name) {
+                    return Err(Error::invalid(format!("Bitmap already exists: {name}")));
+                }
+                if dir.len() >= fmt::MAX_BITMAPS {
+                    return Err(Error::invalid(format!(
+                        "Can't make bitmap '{name}' persistent in '{}': Maximum number of persistent bitmaps is already reached",
+                        self.inner.path.display()
+                    )));
+                }
+                if size == 0 {
+                    return Err(Error::invalid(format!(
+                        "Can't make bitmap '{name}' persistent in '{}': the image is empty",
+                        self.inner.path.display()
+                    )));
+                }
+                let bits = vec![0u8; fmt::bit_count(size, gran_bits).div_ceil(8) as usize];
+                let (table_offset, table_size) = self.bitmap_store(m, a, &bits).await?;
+                dir.push(DirEntry {
+                    table_offset,
+                    table_size,
+                    flags: fmt::FLAG_AUTO,
+                    granularity_bits: gran_bits,
+                    name: name.to_string(),
+                });
+                Ok(Some(Vec::new()))
+            }
+            Op::Remove(name) => {
+                let i = find(dir, name)?;
+                let old = self.bitmap_owned_clusters(&dir[i]).await?;
+                dir.remove(i);
+                Ok(Some(old))
+            }
+            Op::Clear(name) => {
+                let i = find(dir, name)?;
+                if dir[i].flags & fmt::FLAG_IN_USE != 0 {
+                    return Err(inconsistent(name));
+                }
+                let old = self.bitmap_owned_clusters(&dir[i]).await?;
+                let bits =
+                    vec![0u8; fmt::bit_count(size, dir[i].granularity_bits).div_ceil(8) as usize];
+                let (t, n) = self.bitmap_store(m, a, &bits).await?;
+                dir[i].table_offset = t;
+                dir[i].table_size = n;
+                Ok(Some(old))
+            }
+            Op::Enable(name, on) => {
+                let i = find(dir, name)?;
+                if dir[i].flags & fmt::FLAG_IN_USE != 0 {
+                    return Err(inconsistent(name));
+                }
+                let flags = if on {
+                    dir[i].flags | fmt::FLAG_AUTO
+                } else {
+                    dir[i].flags & !fmt::FLAG_AUTO
+                };
+                if flags == dir[i].flags {
+                    return Ok(None);
+                }
+                dir[i].flags = flags;
+                Ok(Some(Vec::new()))
+            }
+            Op::Merge { dst, src } => {
+                let i = find(dir, dst)?;
+                if dir[i].flags & fmt::FLAG_IN_USE != 0 {
+                    return Err(inconsistent(dst));
+                }
+                let (sbits, sgran) = match src {
+                    MergeSource::Same(sname) => {
+                        let j = find(dir, sname)?;
+                        if dir[j].flags & fmt::FLAG_IN_USE != 0 {
+                            return Err(inconsistent(sname));
+                        }
+                        if i == j {
+                            return Ok(None);
+                        }
+                        (self.bitmap_bits(&dir[j]).await?, dir[j].granularity_bits)
+                    }
+                    MergeSource::Other {
+                        bits,
+                        gran_bits,
+                        size: ssize,
+                    } => {
+                        if ssize != size {
+                            return Err(Error::invalid(format!(
+                                "Bitmaps are of different sizes (destination size is {size}, source size is {ssize}) and can't be merged"
+                            )));
+                        }
+                        (bits, gran_bits)
+                    }
+                };
+                let mut bits = self.bitmap_bits(&dir[i]).await?;
+                let before = bits.clone();
+                fmt::merge_into(&mut bits, dir[i].granularity_bits, &sbits, sgran, size);
+                if bits == before {
+                    return Ok(None);
+                }
+                let old = self.bitmap_owned_clusters(&dir[i]).await?;
+                let (t, n) = self.bitmap_store(m, a, &bits).await?;
+                dir[i].table_offset = t;
+                dir[i].table_size = n;
+                Ok(Some(old))
+            }
+        }
+    }
+
+    /// Add an enabled persistent bitmap `name` (`qemu-img bitmap --add [-g GRANULARITY]`);
+    /// the granularity defaults to the cluster size, at least 4 KiB, as in QEMU.
+    pub async fn bitmap_add(&self, name: &str, granularity: Option<u64>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid("Bitmap name cannot be empty"));
+        }
+        if name.len() > fmt::MAX_NAME_SIZE {
+            return Err(Error::invalid(format!(
+                "Can't make bitmap '{name}' persistent in '{}': Name length exceeds maximum ({} characters)",
+                self.inner.path.display(),
+                fmt::MAX_NAME_SIZE
+            )));
+        }
+        let gran = granularity.unwrap_or(self.inner.layout.cluster_size.max(4096));
+        let gran_bits = granularity_bits(gran)?;
+        self.bitmap_apply(Op::Add { name, gran_bits }).await
+    }
+
+    /// Remove bitmap `name` (`--remove`); its clusters are freed. Works on a bitmap in use.
+    pub async fn bitmap_remove(&self, name: &str) -> Result<()> {
+        self.bitmap_apply(Op::Remove(name)).await
+    }
+
+    /// Clear every bit of bitmap `name` (`--clear`).
+    pub async fn bitmap_clear(&self, name: &str) -> Result<()> {
+        self.bitmap_apply(Op::Clear(name)).await
+    }
+
+    /// Enable (`--enable`) or disable (`--disable`) bitmap `name`: its `auto` flag.
+    pub async fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.bitmap_apply(Op::Enable(name, enabled)).await
+    }
+
+    /// Merge bitmap `src_name` of `src` (this image when `None`) into bitmap `dst`
+    /// (`--merge SRC [-b SRC_FILE]`): every guest range dirty in the source becomes dirty in
+    /// the destination (granularities may differ). Both must cover the same virtual size.
+    pub async fn bitmap_merge(&self, dst: &str, src: Option<&Image>, src_name: &str) -> Result<()> {
+        let src = match src {
+            None => MergeSource::Same(src_name),
+            Some(img) => {
+                let (bits, gran) = img.bitmap_content(src_name).await?;
+                MergeSource::Other {
+                    bits,
+                    gran_bits: gran.trailing_zeros() as u8,
+                    size: img.size(),
+                }
+            }
+        };
+        self.bitmap_apply(Op::Merge { dst, src }).await
+    }
+}
+
+enum MergeSource<'a> {
+    Same(&'a str),
+    Other {
+        bits: Vec<u8>,
+        gran_bits: u8,
+        size: u64,
+    },
+}
+
+enum Op<'a> {
+    Add { name: &'a str, gran_bits: u8 },
+    Remove(&'a str),
+    Clear(&'a str),
+    Enable(&'a str, bool),
+    Merge { dst: &'a str, src: MergeSource<'a> },
+}

@@ -1,0 +1,508 @@
+//! Persistent dirty bitmaps (add, remove, clear, enable, disable, merge) checked against
+//! qemu-img: the same operations done by qemu-img and by us on copies of one image give the
+//! same bitmap list (`qemu-img info`) and the same bits, `qemu-img check` is clean after
+//! each, qemu reads the bits we wrote (`qemu-img convert --bitmaps` copies them), hostile
+//! directory and table entries are refused, a crash at any write leaves the old or the new
+//! bitmaps, and a guest write drops the bitmaps (qemu then lists none).
+
+use crate::common::*;
+use qcow2_core::io::mem::MemStorage;
+use qcow2_core::io::Storage;
+use qcow2_core::{ErrorKind, Image, OpenOptions};
+use std::path::Path;
+use std::sync::Arc;
+
+/// (name, granularity, flags) of every bitmap, as `qemu-img info` lists them.
+fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let info = qemu_info(path);
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        b["granularity"].as_u64().unwrap(),
+                        b["flags"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|f| f.as_str().unwrap().to_string())
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every bitmap's bits, through our reader.
+async fn our_bits(path: &Path) -> Vec<(String, Vec<u8>, u64)> {
+    let img = open_ro(path).await;
+    let mut out = Vec::new();
+    for b in img.bitmaps() {
+        let (bits, g) = img.bitmap_content(&b.name).await.unwrap();
+        out.push((b.name.clone(), bits, g));
+    }
+    out
+}
+
+fn set_bits(bits: &[u8]) -> Vec<u64> {
+    (0..bits.len() as u64 * 8)
+        .filter(|&i| bits[(i / 8) as usize] & (1 << (i % 8)) != 0)
+        .collect()
+}
+
+/// An image made by qemu with two bitmaps that qemu-io's writes made dirty: `a` (64 KiB,
+/// then disabled) and `big` (1 MiB, enabled).
+fn qemu_image(dir: &Path, opts: &str) -> std::path::PathBuf {
+    let path = qemu_create(dir, "img.qcow2", opts, "16M");
+    run("qemu-img", &["bitmap", "--add", "-g", "64k", p(&path), "a"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "1M", p(&path), "big"],
+    );
+    qemu_io(&path, None, &["write 0 64k", "write 5M 100k"]);
+    run("qemu-img", &["bitmap", "--disable", p(&path), "a"]);
+    qemu_io(&path, None, &["write 10M 4k"]);
+    path
+}
+
+/// What the CLI sequence does through the library.
+async fn ours(path: &Path, op: &[&str]) -> qcow2_core::Result<()> {
+    let img = open_rw(path).await;
+    let r = match op {
+        ["--add", name] => img.bitmap_add(name, None).await,
+        ["--add", "-g", g, name] => {
+            img.bitmap_add(name, Some(qcow2_core::create::parse_size(g).unwrap()))
+                .await
+        }
+        ["--remove", name] => img.bitmap_remove(name).await,
+        ["--clear", name] => img.bitmap_clear(name).await,
+        ["--enable", name] => img.bitmap_set_enabled(name, true).await,
+        ["--disable", name] => img.bitmap_set_enabled(name, false).await,
+        ["--merge", src, name] => img.bitmap_merge(name, None, src).await,
+        _ => panic!("{op:?}"),
+    };
+    img.close().await.unwrap();
+    r
+}
+
+fn qemu_op(path: &Path, op: &[&str]) {
+    let mut args = vec!["bitmap"];
+    match op {
+        ["--merge", src, name] => args.extend(["--merge", src, p(path), name]),
+        [rest @ .., name] => {
+            args.extend(rest);
+            args.extend([p(path), name]);
+        }
+        _ => unreachable!(),
+    }
+    run("qemu-img", &args);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_ops_match_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    for opts in ["", "cluster_size=512", "extended_l2=on,refcount_bits=1"] {
+        let dir = tmpdir();
+        let base = qemu_image(dir.path(), opts);
+        // qemu's own writes: bits of `a` (64 KiB) and `big` (1 MiB).
+        let bits = our_bits(&base).await;
+        assert_eq!(set_bits(&bits[0].1), vec![0, 80, 81], "{opts}: a");
+        assert_eq!(set_bits(&bits[1].1), vec![0, 5, 10], "{opts}: big");
+        let mine = dir.path().join("mine.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        std::fs::copy(&base, &mine).unwrap();
+        std::fs::copy(&base, &theirs).unwrap();
+        let steps: &[&[&str]] = &[
+            &["--merge", "big", "a"],
+            &["--add", "-g", "512", "fine"],
+            &["--merge", "a", "fine"],
+            &["--add", "-g", "2G", "huge"],
+            &["--merge", "fine", "huge"],
+            &["--enable", "a"],
+            &["--disable", "big"],
+            &["--clear", "a"],
+            &["--remove", "big"],
+            &["--add", "big"],
+            &["--merge", "fine", "big"],
+        ];
+        for step in steps {
+            let what = format!("{opts:?} {step:?}");
+            ours(&mine, step)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            qemu_op(&theirs, step);
+            assert_clean(&mine, &what);
+            assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs), "{what}");
+            assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{what}");
+        }
+        // Merge from another file (`-b`): qemu's original bitmap `big` into `a`.
+        {
+            let src = open_ro(&base).await;
+            let img = open_rw(&mine).await;
+            img.bitmap_merge("a", Some(&src), "big").await.unwrap();
+            img.close().await.unwrap();
+            run(
+                "qemu-img",
+                &[
+                    "bitmap",
+                    "--merge",
+                    "big",
+                    "-b",
+                    p(&base),
+                    "-F",
+                    "qcow2",
+                    p(&theirs),
+                    "a",
+                ],
+            );
+            assert_clean(&mine, "merge -b");
+            assert_eq!(
+                our_bits(&mine).await,
+                our_bits(&theirs).await,
+                "{opts:?} merge -b"
+            );
+        }
+        // qemu reads the bits we wrote: it copies them into a new image as they are.
+        let copy = dir.path().join("copy.qcow2");
+        run(
+            "qemu-img",
+            &["convert", "--bitmaps", "-O", "qcow2", p(&mine), p(&copy)],
+        );
+        assert_eq!(
+            our_bits(&copy).await,
+            our_bits(&mine).await,
+            "{opts:?} copy"
+        );
+        // Removing everything leaves no extension and a clean image, for qemu too.
+        for b in ["a", "fine", "huge", "big"] {
+            ours(&mine, &["--remove", b]).await.unwrap();
+        }
+        assert!(qemu_bitmaps(&mine).is_empty());
+        assert_clean(&mine, "all removed");
+        let hdr = std::fs::read(&mine).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(hdr[88..96].try_into().unwrap()) & 1,
+            0,
+            "autoclear bit"
+        );
+        // And qemu works on what we made.
+        run("qemu-img", &["bitmap", "--add", p(&mine), "q"]);
+        ours(&mine, &["--add", "r"]).await.unwrap();
+        run("qemu-img", &["bitmap", "--remove", p(&mine), "q"]);
+        assert_clean(&mine, "qemu after us");
+        // The default granularity is the cluster size, at least 4 KiB (as QEMU's).
+        let gran = if opts.contains("cluster_size=512") {
+            4096
+        } else {
+            65536
+        };
+        assert_eq!(
+            qemu_bitmaps(&mine),
+            vec![("r".to_string(), gran, vec!["auto".to_string()])]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_errors() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_image(dir.path(), "");
+    let before = std::fs::read(&path).unwrap();
+    let img = open_rw(&path).await;
+    let msg = |r: qcow2_core::Result<()>| r.unwrap_err().message().to_string();
+    assert_eq!(
+        msg(img.bitmap_add("a", None).await),
+        "Bitmap already exists: a"
+    );
+    assert_eq!(
+        msg(img.bitmap_remove("x").await),
+        "Dirty bitmap 'x' not found"
+    );
+    assert_eq!(
+        msg(img.bitmap_merge("a", None, "x").await),
+        "Dirty bitmap 'x' not found"
+    );
+    assert_eq!(
+        msg(img.bitmap_add("x", Some(256)).await),
+        "Granularity must be power of 2 and at least 512"
+    );
+    assert_eq!(
+        msg(img.bitmap_add("x", Some(3 << 10)).await),
+        "Granularity must be power of 2 and at least 512"
+    );
+    assert_eq!(
+        msg(img.bitmap_add("x", Some(4 << 30)).await),
+        "Granularity must be power of 2 and at least 512"
+    );
+    assert_eq!(
+        msg(img.bitmap_add("", None).await),
+        "Bitmap name cannot be empty"
+    );
+    assert!(msg(img.bitmap_add(&"x".repeat(1024), None).await)
+        .contains("Name length exceeds maximum (1023 characters)"));
+    img.close().await.unwrap();
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "refusals changed the file"
+    );
+    // A different virtual size cannot be merged.
+    let other = qemu_create(dir.path(), "other.qcow2", "", "32M");
+    run("qemu-img", &["bitmap", "--add", p(&other), "o"]);
+    let src = open_ro(&other).await;
+    let img = open_rw(&path).await;
+    assert_eq!(
+        msg(img.bitmap_merge("a", Some(&src), "o").await),
+        "Bitmaps are of different sizes (destination size is 16777216, source size is 33554432) \
+         and can't be merged"
+    );
+    img.close().await.unwrap();
+    // v2 images cannot hold bitmaps.
+    let v2 = qemu_create(dir.path(), "v2.qcow2", "compat=0.10", "1M");
+    let img = open_rw(&v2).await;
+    assert!(msg(img.bitmap_add("x", None).await)
+        .contains("Cannot store dirty bitmaps in qcow2 v2 files"));
+    // A bitmap marked in use can only be removed.
+    set_flags(&path, 0, 3);
+    let img = open_rw(&path).await;
+    for r in [
+        img.bitmap_clear("a").await,
+        img.bitmap_set_enabled("a", false).await,
+        img.bitmap_merge("big", None, "a").await,
+        img.bitmap_merge("a", None, "big").await,
+    ] {
+        assert!(
+            msg(r).starts_with("Bitmap 'a' is inconsistent and cannot be used"),
+            "in use"
+        );
+    }
+    img.bitmap_remove("a").await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "in-use bitmap removed");
+    assert_eq!(qemu_bitmaps(&path).len(), 1);
+}
+
+/// (offset, size) of the bitmap directory, from the header extension.
+fn directory(bytes: &[u8]) -> (usize, usize) {
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut o = hl;
+    loop {
+        let t = u32::from_be_bytes(bytes[o..o + 4].try_into().unwrap());
+        let l = u32::from_be_bytes(bytes[o + 4..o + 8].try_into().unwrap()) as usize;
+        assert_ne!(t, 0, "no bitmaps extension");
+        if t == 0x2385_2875 {
+            let ds = u64::from_be_bytes(bytes[o + 16..o + 24].try_into().unwrap());
+            let dof = u64::from_be_bytes(bytes[o + 24..o + 32].try_into().unwrap());
+            return (dof as usize, ds as usize);
+        }
+        o += 8 + l.div_ceil(8) * 8;
+    }
+}
+
+/// Set the flags of directory entry `idx` (entries in order).
+fn set_flags(path: &Path, idx: usize, flags: u32) {
+    let mut b = std::fs::read(path).unwrap();
+    let (d, _) = directory(&b);
+    let mut off = d;
+    for _ in 0..idx {
+        let ns = u16::from_be_bytes(b[off + 18..off + 20].try_into().unwrap()) as usize;
+        off += (24 + ns).div_ceil(8) * 8;
+    }
+    b[off + 12..off + 16].copy_from_slice(&flags.to_be_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+/// Hostile directory and table entries: a clear error naming the bitmap directory or
+/// table, never a panic, and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bitmap_entries_are_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_image(dir.path(), "");
+    let good = std::fs::read(&path).unwrap();
+    let (d, _) = directory(&good);
+    let table = u64::from_be_bytes(good[d..d + 8].try_into().unwrap()) as usize;
+    type Edit = fn(&mut Vec<u8>, usize, usize);
+    let dir_edits: &[(&str, Edit)] = &[
+        ("granularity bits 8", |b, d, _| b[d + 17] = 8),
+        ("granularity bits 40", |b, d, _| b[d + 17] = 40),
+        ("type 2", |b, d, _| b[d + 16] = 2),
+        ("unknown flag", |b, d, _| b[d + 15] |= 0x10),
+        ("name size 0", |b, d, _| b[d + 18..d + 20].fill(0)),
+        ("name past the directory", |b, d, _| {
+            b[d + 18..d + 20].copy_from_slice(&0xfff0u16.to_be_bytes())
+        }),
+        ("extra data", |b, d, _| {
+            b[d + 20..d + 24].copy_from_slice(&8u32.to_be_bytes())
+        }),
+        ("table offset unaligned", |b, d, _| b[d + 7] |= 0x10),
+        ("table offset 0", |b, d, _| b[d..d + 8].fill(0)),
+        ("table beyond the file", |b, d, _| {
+            b[d..d + 8].copy_from_slice(&(1u64 << 50).to_be_bytes())
+        }),
+        ("table size 0", |b, d, _| b[d + 8..d + 12].fill(0)),
+        ("table size huge", |b, d, _| {
+            b[d + 8..d + 12].copy_from_slice(&u32::MAX.to_be_bytes())
+        }),
+        ("duplicate name", |b, d, _| {
+            // Rename "big" (entry 2) to "a": same length is not needed, the size field
+            // decides; make it one byte "a".
+            let ns = u16::from_be_bytes(b[d + 18..d + 20].try_into().unwrap()) as usize;
+            let e2 = d + (24 + ns).div_ceil(8) * 8;
+            b[e2 + 18..e2 + 20].copy_from_slice(&1u16.to_be_bytes());
+            b[e2 + 24] = b'a';
+        }),
+    ];
+    for (what, edit) in dir_edits {
+        let mut b = good.clone();
+        edit(&mut b, d, table);
+        std::fs::write(&path, &b).unwrap();
+        let e = Image::open(&path, &OpenOptions::default())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: opened"));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains("bitmap directory"), "{what}: {e}");
+    }
+    let table_edits: &[(&str, Edit)] = &[
+        ("reserved bits", |b, _, t| b[t + 7] |= 2),
+        ("all-ones with a cluster", |b, _, t| {
+            b[t..t + 8].copy_from_slice(&0x10001u64.to_be_bytes())
+        }),
+        ("data cluster unaligned", |b, _, t| {
+            b[t..t + 8].copy_from_slice(&0x10200u64.to_be_bytes())
+        }),
+        ("data cluster beyond the file", |b, _, t| {
+            b[t..t + 8].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }),
+    ];
+    for (what, edit) in table_edits {
+        let mut b = good.clone();
+        edit(&mut b, d, table);
+        std::fs::write(&path, &b).unwrap();
+        let img = open_rw(&path).await;
+        let e = img.bitmap_content("a").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains("table entry 0"), "{what}: {e}");
+        for r in [
+            img.bitmap_clear("a").await,
+            img.bitmap_remove("a").await,
+            img.bitmap_merge("big", None, "a").await,
+        ] {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::Corrupt, "{what}");
+        }
+        img.close().await.unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == b,
+            "{what}: the file changed"
+        );
+    }
+}
+
+async fn open_mem(bytes: Vec<u8>, path: &Path) -> (Arc<MemStorage>, Image) {
+    let mem = Arc::new(MemStorage::from_vec(bytes));
+    let st: Arc<dyn Storage> = mem.clone();
+    let img = Image::open_storage(
+        st,
+        path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    (mem, img)
+}
+
+/// Crash (every write after the n-th fails) at every write of each operation: qemu finds no
+/// corruption, and the bitmaps are the old or the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_crash_at_every_write() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_image(dir.path(), "cluster_size=4k");
+    let image = std::fs::read(&path).unwrap();
+    let old = qemu_bitmaps(&path);
+    let old_bits = our_bits(&path).await;
+    let ops: &[&[&str]] = &[
+        &["--add", "new"],
+        &["--remove", "big"],
+        &["--merge", "big", "a"],
+        &["--clear", "big"],
+        &["--enable", "a"],
+    ];
+    let crashed = dir.path().join("crashed.qcow2");
+    for op in ops {
+        // The state after the operation.
+        std::fs::write(&crashed, &image).unwrap();
+        ours(&crashed, op).await.unwrap();
+        let new = qemu_bitmaps(&crashed);
+        let new_bits = our_bits(&crashed).await;
+        let (mem, img) = open_mem(image.clone(), &path).await;
+        let before = mem.write_count();
+        run_on(&img, op).await.unwrap();
+        img.close().await.unwrap();
+        let total = mem.write_count() - before;
+        for n in 0..=total {
+            let (mem, img) = open_mem(image.clone(), &path).await;
+            mem.fail_writes_after(n);
+            if run_on(&img, op).await.is_ok() {
+                let _ = img.close().await;
+            } else {
+                drop(img);
+            }
+            std::fs::write(&crashed, mem.snapshot()).unwrap();
+            let w = format!("{op:?}: crash after write {n} of {total}");
+            assert_no_corruption(&crashed, &w);
+            let got = qemu_bitmaps(&crashed);
+            let bits = our_bits(&crashed).await;
+            assert!(
+                (got == old && bits == old_bits) || (got == new && bits == new_bits),
+                "{w}: {got:?}"
+            );
+        }
+    }
+}
+
+async fn run_on(img: &Image, op: &[&str]) -> qcow2_core::Result<()> {
+    match op {
+        ["--add", name] => img.bitmap_add(name, None).await,
+        ["--remove", name] => img.bitmap_remove(name).await,
+        ["--clear", name] => img.bitmap_clear(name).await,
+        ["--enable", name] => img.bitmap_set_enabled(name, true).await,
+        ["--merge", src, name] => img.bitmap_merge(name, None, src).await,
+        _ => panic!("{op:?}"),
+    }
+}
+
+/// We do not track writes in bitmaps: the first guest write drops them (the autoclear bit
+/// first), so qemu never sees a stale bitmap; the image stays clean (their clusters freed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_write_drops_bitmaps() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_image(dir.path(), "");
+    // Opening writable and closing without a write keeps them.
+    open_rw(&path).await.close().await.unwrap();
+    assert_eq!(qemu_bitmaps(&path).len(), 2);
+    let img = open_rw(&path).await;
+    img.write_at(&[1u8; 4096], 1 << 20).await.unwrap();
+    assert!(img.bitmaps().is_empty());
+    img.close().await.unwrap();
+    assert!(qemu_bitmaps(&path).is_empty(), "bitmaps survived a write");
+    assert_clean(&path, "after a write");
+}
