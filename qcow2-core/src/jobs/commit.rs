@@ -72,10 +72,17 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
         })?,
     };
     let base_layer = layers[base_idx];
-    // The base gets a writable handle of its own. The chain's read-only handle of the same
-    // file keeps its lock (other writers stay out); this one takes none, since the two
-    // would refuse each other. Only runs decided above the base are read through the chain,
-    // so its stale view of the base is never consulted.
+    // Locks as qemu-img commit holds them: the image and the base as a writer's (qemu-img
+    // opens the image read-write even with -d, and reopens the base read-write), so that
+    // another process writing or reading either is refused while the commit runs. The locks
+    // stay on the chain's handles (one open file description per file, as in QEMU); the
+    // base's writable handle below takes none, since it would refuse the chain's.
+    top.set_lock_writable(true)
+        .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    // qemu-img says only the lock error for the base.
+    base_layer.set_lock_writable(true)?;
+    // The base gets a writable handle of its own. Only runs decided above the base are read
+    // through the chain, so its stale view of the base is never consulted.
     let bo = OpenOptions {
         writable: true,
         locking: false,
