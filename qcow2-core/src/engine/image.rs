@@ -678,27 +678,23 @@ impl Image {
     pub(crate) fn set_lock_writable(&self, writable: bool) -> Result<()> {
         let force_share = self.inner.opts.force_share && !writable;
         let mut locks = self.inner.locks.lock();
-        let mut done = 0;
-        for (data, name, l) in locks.iter_mut() {
-            let perms = if *data {
+        let perms = |data: bool, writable: bool, force_share: bool| {
+            if data {
                 lock::Perms::data_file(writable, force_share)
             } else {
                 lock::Perms::qcow2(writable, force_share)
-            };
-            if let Err(e) = l.change(perms, name) {
+            }
+        };
+        for i in 0..locks.len() {
+            let (data, name, l) = &mut locks[i];
+            if let Err(e) = l.change(perms(*data, writable, force_share), name) {
                 // Put back the ones already changed.
-                let old = self.inner.opts.writable;
-                for (data, name, l) in locks.iter_mut().take(done) {
-                    let perms = if *data {
-                        lock::Perms::data_file(old, self.inner.opts.force_share)
-                    } else {
-                        lock::Perms::qcow2(old, self.inner.opts.force_share)
-                    };
-                    let _ = l.change(perms, name);
+                let (old, fs) = (self.inner.opts.writable, self.inner.opts.force_share);
+                for (data, name, l) in locks.iter_mut().take(i) {
+                    let _ = l.change(perms(*data, old, fs), name);
                 }
                 return Err(e);
             }
-            done += 1;
         }
         Ok(())
     }

@@ -51,6 +51,18 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
     let img = Image::open(path, &oo)
         .await
         .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    commit_image(img, opts, None).await
+}
+
+/// [`commit`] on an image already open with its backing chain (writable unless the image is
+/// kept), for tests that run the job on their own storage (the power-cut model): `base`,
+/// when given, is the writable handle of the base to write (not locked; it must be the file
+/// the chain's base layer is), else the base is opened by name.
+#[doc(hidden)]
+pub async fn commit_image(img: Image, opts: &CommitOptions, base: Option<Disk>) -> Result<()> {
+    let drop = opts.drop || opts.base.is_some();
+    let path = img.path().to_path_buf();
+    let path = path.as_path();
     let top = Disk::Qcow2(img.clone());
     let mut layers: Vec<&Disk> = vec![&top];
     while let Some(b) = layers.last().and_then(|d| d.backing()) {
@@ -97,13 +109,14 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
         ..opts.open.clone()
     };
     let bpath = base_layer.path().to_path_buf();
-    let base = match base_layer {
-        Disk::Qcow2(_) => Disk::Qcow2(
+    let base = match (base, base_layer) {
+        (Some(b), _) => b,
+        (None, Disk::Qcow2(_)) => Disk::Qcow2(
             Image::open(&bpath, &bo)
                 .await
                 .map_err(|e| e.context(format!("Could not open '{}'", bpath.display())))?,
         ),
-        Disk::Raw(_) => Disk::Raw(
+        (None, Disk::Raw(_)) => Disk::Raw(
             RawDisk::open(&bpath, &bo)
                 .map_err(|e| e.context(format!("Could not open '{}'", bpath.display())))?,
         ),
