@@ -419,17 +419,37 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             opt('q', "quiet", false),
             opt('\0', "aio", true),
             opt('l', "", true),
+            opt('S', "", true),
+            opt('\0', "target-is-zero", false),
         ]),
     )?;
+    let existing = p.flag("n");
+    let target_is_zero = p.flag("target-is-zero");
+    if target_is_zero && !existing {
+        return Err(Fail::new("--target-is-zero requires use of -n flag"));
+    }
+    let sparse_size = match p.value("S") {
+        None => convert::ZERO_GRANULE as u64,
+        Some(v) => {
+            let n = qcow2_core::create::parse_size(v).map_err(|_| {
+                Fail::new(format!(
+                    "Invalid buffer size for sparse output specified: '{v}'."
+                ))
+            })?;
+            if !n.is_multiple_of(512) || n > 16 << 20 {
+                return Err(Fail::new(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+                ));
+            }
+            n
+        }
+    };
     if p.operands.len() != 2 {
         return Err(Fail::new(
             "convert needs exactly one source and one destination",
         ));
     }
     let (src, dst) = (&p.operands[0], &p.operands[1]);
-    if p.flag("n") {
-        return Err(Fail::new("-n (skip target creation) is not supported"));
-    }
     let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
     let parallel = match p.value("parallel") {
         None => 8,
@@ -468,6 +488,9 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let compress = p.flag("compress");
     let mut co = ConvertOptions {
         parallel: ConvertOptions::requests_in_flight(parallel, compress),
+        sparse_size,
+        existing,
+        target_is_zero,
         ..Default::default()
     };
     co.file.engine = engine;
@@ -482,7 +505,17 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     };
     convert::convert(&disk, Path::new(dst), &target, &co)
         .await
-        .map_err(|e| prefixed(dst, e))?;
+        .map_err(|e| {
+            let m = e.to_string();
+            // qemu-img's own messages for an existing target, unprefixed as there.
+            if existing
+                && (m.starts_with("output file is smaller") || m.starts_with("Could not open"))
+            {
+                Fail::new(m)
+            } else {
+                prefixed(dst, e)
+            }
+        })?;
     Ok(0)
 }
 

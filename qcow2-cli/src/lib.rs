@@ -15,7 +15,7 @@ Commands (options as qemu-img):
   map [-f FMT] [--output=human|json] [-U] FILE
   check [-f FMT] [--output=human|json] [-r leaks|all] [-U] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] [-U] FILE1 FILE2
-  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-U] SRC DST
+  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n [--target-is-zero]] [-U] SRC DST
   create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
   rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-U] [-u] -b BACKING|\"\" [-F FMT] FILE
