@@ -48,6 +48,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "commit" => cmd_commit(args).await,
         "measure" => cmd_measure(args).await,
         "amend" => cmd_amend(args).await,
+        "dd" => cmd_dd(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -973,5 +974,72 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
     amend::amend(img, &ao)
         .await
         .map_err(|e| Fail::new(e.message().to_string()))?;
+    Ok(0)
+}
+
+async fn cmd_dd(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            FORCE_SHARE,
+            opt('f', "format", true),
+            opt('O', "target-format", true),
+        ]),
+    )?;
+    let mut o = qcow2_core::dd::DdOptions::default();
+    let (mut input, mut output) = (None, None);
+    for a in &p.operands {
+        let (k, v) = match a.split_once('=') {
+            Some(kv) => kv,
+            None => return Err(Fail::new(format!("unrecognized operand {a}"))),
+        };
+        match k {
+            "bs" => {
+                o.bs = match qcow2_core::create::parse_size(v) {
+                    Ok(n) if (1..=i32::MAX as u64).contains(&n) => n,
+                    Ok(_) => {
+                        return Err(Fail::new(
+                            "Invalid bs specified. Must be between 1 and 2147483647.",
+                        ))
+                    }
+                    Err(_) => return Err(Fail::new(format!("Invalid bs specified: '{v}'."))),
+                }
+            }
+            "count" | "skip" => {
+                // Plain numbers (qemu-img takes no suffix here).
+                let n = if v.starts_with('-') {
+                    return Err(Fail::new(format!(
+                        "Invalid {k} specified. Must be between 0 and 9223372036854775807."
+                    )));
+                } else {
+                    v.parse::<i64>()
+                        .map_err(|_| Fail::new(format!("Invalid {k} specified: '{v}'.")))?
+                        as u64
+                };
+                if k == "count" {
+                    o.count = Some(n);
+                } else {
+                    o.skip = n;
+                }
+            }
+            "if" => input = Some(v.to_string()),
+            "of" => output = Some(v.to_string()),
+            _ => return Err(Fail::new(format!("unrecognized operand {k}"))),
+        }
+    }
+    let (Some(input), Some(output)) = (input, output) else {
+        return Err(Fail::new("Must specify both input and output files"));
+    };
+    o.format = check_fmt(p.value("target-format").unwrap_or("raw"))?;
+    let disk = open(&input, p.value("format"), &open_opts(&p)).await?;
+    match qcow2_core::dd::dd(&disk, Path::new(&output), &o)
+        .await
+        .map_err(|e| prefixed(&output, e))?
+    {
+        qcow2_core::dd::DdOutcome::Copied => {}
+        qcow2_core::dd::DdOutcome::SkipPastEnd => {
+            eprintln!("qcow2rs: {input}: cannot skip to specified offset");
+        }
+    }
     Ok(0)
 }

@@ -23,6 +23,7 @@ Commands (options as qemu-img):
   amend -o OPTS [-f FMT] [-p] [-q] [--force] FILE
   measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
+  dd [-f FMT] [-O raw|qcow2] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
   serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)
