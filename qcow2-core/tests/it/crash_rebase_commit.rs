@@ -243,3 +243,94 @@ async fn commit_crash_at_every_write() {
         eprintln!("commit {bopts}/{topts} drop={drop}: {} cuts", total + 1);
     }
 }
+
+/// `amend -o compat=0.10` of an image whose snapshots hold zero clusters (the active state's
+/// are expanded through the engine, the snapshots' in one snapshot-state switch, then the v2
+/// header), cut everywhere: consistent, the active content and each snapshot's unchanged,
+/// and the version is 3 or 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amend_downgrade_crash_at_every_write() {
+    if !have_qemu() {
+        return;
+    }
+    for backing in [false, true] {
+        let dir = tmpdir();
+        let d = dir.path();
+        qemu_create_b(d, "b.qcow2", "", "", "4M");
+        qemu_io(&d.join("b.qcow2"), None, &["write -P 8 0 4M"]);
+        qemu_create_b(
+            d,
+            "img.qcow2",
+            "",
+            if backing { "b.qcow2" } else { "" },
+            "4M",
+        );
+        let img = d.join("img.qcow2");
+        qemu_io(
+            &img,
+            None,
+            &["write -P 1 0 1M", "write -z 1M 128k", "write -P 2 2M 64k"],
+        );
+        run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+        qemu_io(&img, None, &["write -z 0 64k", "write -z 2M 64k"]);
+        run("qemu-img", &["snapshot", "-c", "s2", p(&img)]);
+        qemu_io(&img, None, &["write -P 3 1M 64k", "write -z 3M 128k"]);
+        let active = qemu_export(&img, None, &d.join("a.raw"));
+        let s1 = qemu_export(&img, Some("s1"), &d.join("s1.raw"));
+        let s2 = qemu_export(&img, Some("s2"), &d.join("s2.raw"));
+        let pc = PowerCut::new();
+        let f = pc.add_file(std::fs::read(&img).unwrap());
+        let h = Image::open_storage(
+            f,
+            &img,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut ao = qcow2_core::jobs::amend::AmendOptions::default();
+        ao.set("compat", "0.10").unwrap();
+        qcow2_core::jobs::amend::amend(h, &ao).await.unwrap();
+        let total = pc.len();
+        let crashed = d.join("c.qcow2");
+        let mut v2 = 0;
+        for cut in 0..=total {
+            let sv = survivors(cut);
+            let what = format!("amend backing={backing}: cut at {cut} of {total} ({sv:?})");
+            std::fs::write(&crashed, &pc.state_at(cut, sv)[0]).unwrap();
+            assert_no_corruption(&crashed, &what);
+            assert_our_check_clean(&crashed, &what).await;
+            let compat = qemu_info(&crashed)["format-specific"]["data"]["compat"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            assert!(
+                compat == "1.1" || compat == "0.10",
+                "{what}: compat {compat}"
+            );
+            v2 += usize::from(compat == "0.10");
+            assert_same(
+                &qemu_export(&crashed, None, &d.join("g.raw")),
+                &active,
+                &format!("{what}: active"),
+            );
+            assert_same(
+                &qemu_export(&crashed, Some("s1"), &d.join("g.raw")),
+                &s1,
+                &format!("{what}: s1"),
+            );
+            assert_same(
+                &qemu_export(&crashed, Some("s2"), &d.join("g.raw")),
+                &s2,
+                &format!("{what}: s2"),
+            );
+        }
+        assert!(v2 > 0, "amend backing={backing}: never downgraded");
+        eprintln!(
+            "amend compat=0.10 backing={backing}: {} cuts, {v2} v2",
+            total + 1
+        );
+    }
+}
