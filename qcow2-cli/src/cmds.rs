@@ -49,6 +49,7 @@ pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
         "measure" => cmd_measure(args).await,
         "amend" => cmd_amend(args).await,
         "bitmap" => cmd_bitmap(args).await,
+        "dd" => cmd_dd(args).await,
         "dump" => crate::dump::cmd_dump(args).await,
         "bench" => crate::bench::cmd_bench(args).await,
         "serve" => Ok(qcow2_nbd::cli::run(args).await),
@@ -420,17 +421,37 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             opt('q', "quiet", false),
             opt('\0', "aio", true),
             opt('l', "", true),
+            opt('S', "", true),
+            opt('\0', "target-is-zero", false),
         ]),
     )?;
+    let existing = p.flag("n");
+    let target_is_zero = p.flag("target-is-zero");
+    if target_is_zero && !existing {
+        return Err(Fail::new("--target-is-zero requires use of -n flag"));
+    }
+    let sparse_size = match p.value("S") {
+        None => convert::ZERO_GRANULE as u64,
+        Some(v) => {
+            let n = qcow2_core::create::parse_size(v).map_err(|_| {
+                Fail::new(format!(
+                    "Invalid buffer size for sparse output specified: '{v}'."
+                ))
+            })?;
+            if !n.is_multiple_of(512) || n > 16 << 20 {
+                return Err(Fail::new(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+                ));
+            }
+            n
+        }
+    };
     if p.operands.len() != 2 {
         return Err(Fail::new(
             "convert needs exactly one source and one destination",
         ));
     }
     let (src, dst) = (&p.operands[0], &p.operands[1]);
-    if p.flag("n") {
-        return Err(Fail::new("-n (skip target creation) is not supported"));
-    }
     let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
     let parallel = match p.value("parallel") {
         None => 8,
@@ -469,6 +490,9 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     let compress = p.flag("compress");
     let mut co = ConvertOptions {
         parallel: ConvertOptions::requests_in_flight(parallel, compress),
+        sparse_size,
+        existing,
+        target_is_zero,
         ..Default::default()
     };
     co.file.engine = engine;
@@ -483,7 +507,17 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     };
     convert::convert(&disk, Path::new(dst), &target, &co)
         .await
-        .map_err(|e| prefixed(dst, e))?;
+        .map_err(|e| {
+            let m = e.to_string();
+            // qemu-img's own messages for an existing target, unprefixed as there.
+            if existing
+                && (m.starts_with("output file is smaller") || m.starts_with("Could not open"))
+            {
+                Fail::new(m)
+            } else {
+                prefixed(dst, e)
+            }
+        })?;
     Ok(0)
 }
 
@@ -1049,5 +1083,72 @@ async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
         }
     }
     img.clone().close().await.map_err(|e| prefixed(file, e))?;
+    Ok(0)
+}
+
+async fn cmd_dd(args: &[String]) -> Result<u8, Fail> {
+    let p = parse(
+        args,
+        &specs(&[
+            FORCE_SHARE,
+            opt('f', "format", true),
+            opt('O', "target-format", true),
+        ]),
+    )?;
+    let mut o = qcow2_core::dd::DdOptions::default();
+    let (mut input, mut output) = (None, None);
+    for a in &p.operands {
+        let (k, v) = match a.split_once('=') {
+            Some(kv) => kv,
+            None => return Err(Fail::new(format!("unrecognized operand {a}"))),
+        };
+        match k {
+            "bs" => {
+                o.bs = match qcow2_core::create::parse_size(v) {
+                    Ok(n) if (1..=i32::MAX as u64).contains(&n) => n,
+                    Ok(_) => {
+                        return Err(Fail::new(
+                            "Invalid bs specified. Must be between 1 and 2147483647.",
+                        ))
+                    }
+                    Err(_) => return Err(Fail::new(format!("Invalid bs specified: '{v}'."))),
+                }
+            }
+            "count" | "skip" => {
+                // Plain numbers (qemu-img takes no suffix here).
+                let n = if v.starts_with('-') {
+                    return Err(Fail::new(format!(
+                        "Invalid {k} specified. Must be between 0 and 9223372036854775807."
+                    )));
+                } else {
+                    v.parse::<i64>()
+                        .map_err(|_| Fail::new(format!("Invalid {k} specified: '{v}'.")))?
+                        as u64
+                };
+                if k == "count" {
+                    o.count = Some(n);
+                } else {
+                    o.skip = n;
+                }
+            }
+            "if" => input = Some(v.to_string()),
+            "of" => output = Some(v.to_string()),
+            _ => return Err(Fail::new(format!("unrecognized operand {k}"))),
+        }
+    }
+    let (Some(input), Some(output)) = (input, output) else {
+        return Err(Fail::new("Must specify both input and output files"));
+    };
+    o.format = check_fmt(p.value("target-format").unwrap_or("raw"))?;
+    let disk = open(&input, p.value("format"), &open_opts(&p)).await?;
+    match qcow2_core::dd::dd(&disk, Path::new(&output), &o)
+        .await
+        .map_err(|e| prefixed(&output, e))?
+    {
+        qcow2_core::dd::DdOutcome::Copied => {}
+        qcow2_core::dd::DdOutcome::SkipPastEnd => {
+            eprintln!("qcow2rs: {input}: cannot skip to specified offset");
+        }
+    }
     Ok(0)
 }

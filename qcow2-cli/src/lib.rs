@@ -15,7 +15,7 @@ Commands (options as qemu-img):
   map [-f FMT] [--output=human|json] [-U] FILE
   check [-f FMT] [--output=human|json] [-r leaks|all] [-U] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] [-U] FILE1 FILE2
-  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-U] SRC DST
+  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n [--target-is-zero]] [-U] SRC DST
   create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
   resize [--shrink] [-f FMT] FILE [+|-]SIZE
   rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-U] [-u] -b BACKING|\"\" [-F FMT] FILE
@@ -24,6 +24,7 @@ Commands (options as qemu-img):
   measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
   snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F SRC_FMT]])... [-g GRANULARITY] [-f FMT] FILE BITMAP
+  dd [-f FMT] [-O raw|qcow2] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   dump [-U] FILE
   bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
   serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)

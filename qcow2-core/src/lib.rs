@@ -24,4 +24,4 @@ pub use engine::image::{self, BitmapInfo, Image, Layout, OpenOptions};
 pub use engine::zero::ZeroMode;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use jobs::snapshot::SnapshotKey;
-pub use jobs::{check, commit, convert, create, info, rebase, resize, snapshot};
+pub use jobs::{check, commit, convert, create, dd, info, rebase, resize, snapshot};

@@ -82,7 +82,7 @@ pub struct RawDisk {
     size: u64,
     path: PathBuf,
     /// QEMU-compatible locks, shared by the clones and released with the last one.
-    _lock: Option<Arc<crate::io::lock::FileLock>>,
+    lock: Option<Arc<parking_lot::Mutex<crate::io::lock::FileLock>>>,
 }
 
 impl RawDisk {
@@ -114,7 +114,7 @@ impl RawDisk {
             file,
             size,
             path: path.to_path_buf(),
-            _lock: lock.map(Arc::new),
+            lock: lock.map(|l| Arc::new(parking_lot::Mutex::new(l))),
         })
     }
     /// Wrap an already open storage (not locked).
@@ -124,12 +124,21 @@ impl RawDisk {
             file,
             size,
             path,
-            _lock: None,
+            lock: None,
         })
     }
     /// The storage.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.file
+    }
+    /// See [`Disk::set_lock_writable`].
+    fn set_lock_writable(&self, writable: bool) -> Result<()> {
+        match &self.lock {
+            Some(l) => l
+                .lock()
+                .change(crate::io::lock::Perms::raw(writable), &self.path),
+            None => Ok(()),
+        }
     }
 }
 
@@ -168,6 +177,15 @@ impl Disk {
         match format {
             Format::Qcow2 => Ok(Disk::Qcow2(Image::open(path, opts).await?)),
             Format::Raw => Ok(Disk::Raw(RawDisk::open(path, opts)?)),
+        }
+    }
+
+    /// Change the locks of this disk's handle (not its backing files') to a writable
+    /// user's or a read-only user's (see [`Image::set_lock_writable`]).
+    pub(crate) fn set_lock_writable(&self, writable: bool) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => i.set_lock_writable(writable),
+            Disk::Raw(r) => r.set_lock_writable(writable),
         }
     }
 

@@ -209,7 +209,8 @@ pub(crate) struct Inner {
     pub poisoned: Mutex<Option<String>>,
     /// QEMU-compatible locks on the image and data file, released when the last clone of
     /// the handle goes (backing files hold their own in their handles).
-    _locks: Vec<lock::FileLock>,
+    /// Each with whether it is the data file's and the file's name (for messages).
+    locks: Mutex<Vec<(bool, PathBuf, lock::FileLock)>>,
     /// Opened for check with damaged metadata (the first problem found): guest I/O through
     /// this handle is refused, since the engine relies on what a normal open validates.
     pub damage: Option<String>,
@@ -335,12 +336,15 @@ impl Image {
         // Locks before the first read, as QEMU attaches its permissions before the format
         // driver reads the header; held by `Inner` for the handle's life.
         let mut locks = Vec::new();
-        locks.extend(lock::take(
-            &file,
-            lock::Perms::qcow2(opts.writable, opts.force_share),
-            path,
-            opts,
-        )?);
+        locks.extend(
+            lock::take(
+                &file,
+                lock::Perms::qcow2(opts.writable, opts.force_share),
+                path,
+                opts,
+            )?
+            .map(|l| (false, path.to_path_buf(), l)),
+        );
         let file_len = file.len()?;
         let mut first =
             vec![0u8; (2 << 20).min(file_len.max(header::V3_HEADER_LEN as u64)) as usize];
@@ -516,7 +520,8 @@ impl Image {
                     &p,
                     opts,
                 )
-                .map_err(|e| e.context(format!("data file '{}'", p.display())))?,
+                .map_err(|e| e.context(format!("data file '{}'", p.display())))?
+                .map(|l| (true, p.clone(), l)),
             );
             (f, Some(p))
         } else {
@@ -630,7 +635,7 @@ impl Image {
             prealloc: tokio::sync::OnceCell::new(),
             open_repair: Mutex::new(None),
             poisoned: Mutex::new(None),
-            _locks: locks,
+            locks: Mutex::new(locks),
             damage,
         };
         let img = Image {
@@ -669,6 +674,35 @@ impl Image {
     pub fn layout(&self) -> Layout {
         self.inner.layout
     }
+    /// Change the locks this handle holds to a writable user's (`true`) or a read-only
+    /// user's, on the same files, as QEMU does when a job reopens a node read-write
+    /// (`qemu-img commit` on its base): another process using the image in a way that
+    /// conflicts makes this fail and the locks stay as they were. The handle itself stays
+    /// as opened. Nothing happens for a handle opened without locks.
+    pub(crate) fn set_lock_writable(&self, writable: bool) -> Result<()> {
+        let force_share = self.inner.opts.force_share && !writable;
+        let mut locks = self.inner.locks.lock();
+        let perms = |data: bool, writable: bool, force_share: bool| {
+            if data {
+                lock::Perms::data_file(writable, force_share)
+            } else {
+                lock::Perms::qcow2(writable, force_share)
+            }
+        };
+        for i in 0..locks.len() {
+            let (data, name, l) = &mut locks[i];
+            if let Err(e) = l.change(perms(*data, writable, force_share), name) {
+                // Put back the ones already changed.
+                let (old, fs) = (self.inner.opts.writable, self.inner.opts.force_share);
+                for (data, name, l) in locks.iter_mut().take(i) {
+                    let _ = l.change(perms(*data, old, fs), name);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The backing disk.
     pub fn backing(&self) -> Option<&Disk> {
         self.inner.backing.as_ref()

@@ -201,6 +201,72 @@ impl FileLock {
         Ok(Some(lock))
         // On an error, `lock` is dropped here and releases what it took.
     }
+
+    /// Change the permissions held to `perms` on the same open file description, as QEMU
+    /// does when it reopens a node read-write (`raw_handle_perm_lock`): the new bytes are
+    /// taken and tested first, then the bytes no longer wanted are released. On a conflict
+    /// the lock is left as it was.
+    pub fn change(&mut self, perms: Perms, name: &Path) -> Result<()> {
+        let mut added = (0u8, 0u8);
+        let undo = |added: (u8, u8), fd: RawFd| {
+            for n in 0..NAMES.len() {
+                if added.0 & (1 << n) != 0 {
+                    let _ = sys::unlock(fd, PERM_BASE + n as i64);
+                }
+                if added.1 & (1 << n) != 0 {
+                    let _ = sys::unlock(fd, SHARED_BASE + n as i64);
+                }
+            }
+        };
+        for n in 0..NAMES.len() {
+            let bit = 1u8 << n;
+            if perms.used & bit != 0 && self.used & bit == 0 {
+                let byte = PERM_BASE + n as i64;
+                if let Err(e) = sys::lock(self.fd, byte) {
+                    undo(added, self.fd);
+                    return Err(lock_error(e, byte));
+                }
+                added.0 |= bit;
+            }
+            if perms.unshared & bit != 0 && self.unshared & bit == 0 {
+                let byte = SHARED_BASE + n as i64;
+                if let Err(e) = sys::lock(self.fd, byte) {
+                    undo(added, self.fd);
+                    return Err(lock_error(e, byte));
+                }
+                added.1 |= bit;
+            }
+        }
+        let mut tests = Vec::new();
+        for (n, perm) in NAMES.iter().enumerate() {
+            if added.0 & (1 << n) != 0 {
+                tests.push((SHARED_BASE + n as i64, format!("\"{perm}\"")));
+            }
+        }
+        for (n, perm) in NAMES.iter().enumerate() {
+            if added.1 & (1 << n) != 0 {
+                tests.push((PERM_BASE + n as i64, format!("shared \"{perm}\"")));
+            }
+        }
+        for (byte, what) in tests {
+            if let Err(e) = test(self.fd, byte, &what, name) {
+                undo(added, self.fd);
+                return Err(e);
+            }
+        }
+        for n in 0..NAMES.len() {
+            let bit = 1u8 << n;
+            if self.used & bit != 0 && perms.used & bit == 0 {
+                let _ = sys::unlock(self.fd, PERM_BASE + n as i64);
+            }
+            if self.unshared & bit != 0 && perms.unshared & bit == 0 {
+                let _ = sys::unlock(self.fd, SHARED_BASE + n as i64);
+            }
+        }
+        self.used = perms.used;
+        self.unshared = perms.unshared;
+        Ok(())
+    }
 }
 
 /// Take `perms` on `storage` as `opts` says (nothing with `locking: false`).

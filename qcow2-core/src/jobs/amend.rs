@@ -12,7 +12,7 @@
 
 use crate::engine::image::Image;
 use crate::format::header;
-use crate::format::l2::{self, ClusterEntry};
+use crate::format::l2;
 use crate::{Error, Result};
 
 /// Options given to `amend` (each `None` when not given).
@@ -407,52 +407,12 @@ async fn check_downgrade(img: &Image, h: &header::Header) -> Result<()> {
             "Cannot downgrade an image with incompatible features 0x{incompat:x} set"
         )));
     }
-    let lay = img.inner.layout;
-    // Zero clusters of internal snapshots would have to be turned into data clusters in
-    // shared tables: not supported here (refused before any change).
-    for s in img.snapshots() {
-        let l1 = read_table(img, s.l1_table_offset, s.l1_size as u64).await?;
-        for e in l1 {
-            let l2_off = l2::l1_offset(e);
-            if l2_off == 0 {
-                continue;
-            }
-            let t = read_table(img, l2_off, lay.l2_entries).await?;
-            if t.iter().any(|&x| {
-                matches!(
-                    l2::decode(x, lay.cluster_bits, false),
-                    ClusterEntry::Zero { .. }
-                )
-            }) {
-                return Err(Error::unsupported(
-                    "Cannot downgrade: zero clusters in internal snapshots are not supported",
-                ));
-            }
-        }
-    }
     if h.compression_type_raw != 0 && has_compressed(img).await? {
         return Err(Error::unsupported(
             "Cannot downgrade an image with zstd compression type and existing compressed clusters",
         ));
     }
     Ok(())
-}
-
-async fn read_table(img: &Image, off: u64, entries: u64) -> Result<Vec<u64>> {
-    let len = entries
-        .checked_mul(8)
-        .filter(|&l| l <= 64 << 20)
-        .ok_or_else(|| Error::corrupt("table too large"))?;
-    let mut buf = vec![0u8; len as usize];
-    img.inner
-        .file
-        .read_at(&mut buf, off)
-        .await
-        .map_err(|e| Error::io(e, "reading a table"))?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-        .collect())
 }
 
 async fn has_compressed(img: &Image) -> Result<bool> {
@@ -469,7 +429,9 @@ async fn has_compressed(img: &Image) -> Result<bool> {
 }
 
 /// compat=0.10: turn zero clusters into what v2 can express (unallocated without a backing
-/// file, else data clusters of zeros), make that durable, then write the v2 header.
+/// file, else data clusters of zeros), those of the active state through the engine, those
+/// of internal snapshots with one atomic snapshot-state switch (new L2 and L1 tables); make
+/// that durable, then write the v2 header.
 async fn downgrade(img: &Image) -> Result<()> {
     let lay = img.inner.layout;
     let cs = lay.cluster_size;
@@ -500,6 +462,11 @@ async fn downgrade(img: &Image) -> Result<()> {
         off += len;
     }
     img.flush().await?;
+    // The snapshots' zero clusters, as QEMU expands them too (atomic: new tables, then one
+    // header write, still v3; the content of every snapshot stays the same).
+    if img.snapshots_have_zero_clusters().await? {
+        img.expand_snapshot_zero_clusters().await?;
+    }
     let mut nh = img.header();
     nh.version = 2;
     nh.header_length = header::V2_HEADER_LEN;

@@ -51,6 +51,18 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
     let img = Image::open(path, &oo)
         .await
         .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    commit_image(img, opts, None).await
+}
+
+/// [`commit`] on an image already open with its backing chain (writable unless the image is
+/// kept), for tests that run the job on their own storage (the power-cut model): `base`,
+/// when given, is the writable handle of the base to write (not locked; it must be the file
+/// the chain's base layer is), else the base is opened by name.
+#[doc(hidden)]
+pub async fn commit_image(img: Image, opts: &CommitOptions, base: Option<Disk>) -> Result<()> {
+    let drop = opts.drop || opts.base.is_some();
+    let path = img.path().to_path_buf();
+    let path = path.as_path();
     let top = Disk::Qcow2(img.clone());
     let mut layers: Vec<&Disk> = vec![&top];
     while let Some(b) = layers.last().and_then(|d| d.backing()) {
@@ -72,10 +84,17 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
         })?,
     };
     let base_layer = layers[base_idx];
-    // The base gets a writable handle of its own. The chain's read-only handle of the same
-    // file keeps its lock (other writers stay out); this one takes none, since the two
-    // would refuse each other. Only runs decided above the base are read through the chain,
-    // so its stale view of the base is never consulted.
+    // Locks as qemu-img commit holds them: the image and the base as a writer's (qemu-img
+    // opens the image read-write even with -d, and reopens the base read-write), so that
+    // another process writing or reading either is refused while the commit runs. The locks
+    // stay on the chain's handles (one open file description per file, as in QEMU); the
+    // base's writable handle below takes none, since it would refuse the chain's.
+    top.set_lock_writable(true)
+        .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    // qemu-img says only the lock error for the base.
+    base_layer.set_lock_writable(true)?;
+    // The base gets a writable handle of its own. Only runs decided above the base are read
+    // through the chain, so its stale view of the base is never consulted.
     let bo = OpenOptions {
         writable: true,
         locking: false,
@@ -90,13 +109,14 @@ pub async fn commit(path: &Path, opts: &CommitOptions) -> Result<()> {
         ..opts.open.clone()
     };
     let bpath = base_layer.path().to_path_buf();
-    let base = match base_layer {
-        Disk::Qcow2(_) => Disk::Qcow2(
+    let base = match (base, base_layer) {
+        (Some(b), _) => b,
+        (None, Disk::Qcow2(_)) => Disk::Qcow2(
             Image::open(&bpath, &bo)
                 .await
                 .map_err(|e| e.context(format!("Could not open '{}'", bpath.display())))?,
         ),
-        Disk::Raw(_) => Disk::Raw(
+        (None, Disk::Raw(_)) => Disk::Raw(
             RawDisk::open(&bpath, &bo)
                 .map_err(|e| e.context(format!("Could not open '{}'", bpath.display())))?,
         ),

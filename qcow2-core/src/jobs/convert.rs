@@ -22,6 +22,17 @@ pub struct ConvertOptions {
     pub progress: Option<Arc<dyn Fn(f64) + Send + Sync>>,
     /// Options for files we open and create.
     pub file: FileOptions,
+    /// Shortest run of zeros in the data that is left unallocated in the target (qemu-img
+    /// `-S`, default 4 KiB; a multiple of 512). 0: nothing is left unallocated, every byte
+    /// of the target is written (fully allocated), zeros included.
+    pub sparse_size: u64,
+    /// Write into the existing target (qemu-img `-n`): it is opened, not created, must be at
+    /// least as large as the source, and keeps its size; what reads as zeros in the source
+    /// is written as zeros.
+    pub existing: bool,
+    /// With `existing`: the target is known to read as zeros, so zeros are not written
+    /// (qemu-img `--target-is-zero`).
+    pub target_is_zero: bool,
 }
 
 impl Default for ConvertOptions {
@@ -30,8 +41,81 @@ impl Default for ConvertOptions {
             parallel: 8,
             progress: None,
             file: FileOptions::default(),
+            sparse_size: ZERO_GRANULE as u64,
+            existing: false,
+            target_is_zero: false,
         }
     }
+}
+
+/// How `-S`, `-n` and `--target-is-zero` treat zeros.
+#[derive(Clone, Copy)]
+struct Zeros {
+    /// Shortest zero run left unallocated; 0: none.
+    sparse: u64,
+    /// Zeros must be written (an existing target not known to be zero).
+    fill: bool,
+}
+
+impl Zeros {
+    fn of(opts: &ConvertOptions) -> Zeros {
+        Zeros {
+            sparse: opts.sparse_size,
+            fill: opts.existing && !opts.target_is_zero,
+        }
+    }
+}
+
+/// Split `buf` (guest offset `off`) into runs: `(start, len, hole)`, where a hole is a run of
+/// whole zero units (`unit`-aligned in the guest) at least `min` bytes long; everything
+/// else is data (short zero runs included). `min` 0: all data.
+fn sparse_runs(buf: &[u8], off: u64, unit: u64, min: u64) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    let push = |out: &mut Vec<(usize, usize, bool)>, a: usize, b: usize, hole: bool| {
+        if a == b {
+            return;
+        }
+        match out.last_mut() {
+            Some(l) if l.2 == hole && l.0 + l.1 == a => l.1 += b - a,
+            _ => out.push((a, b - a, hole)),
+        }
+    };
+    if min == 0 {
+        push(&mut out, 0, buf.len(), false);
+        return out;
+    }
+    let mut i = 0usize;
+    while i < buf.len() {
+        // The unit containing guest offset off + i.
+        let n = (unit - (off + i as u64) % unit).min((buf.len() - i) as u64) as usize;
+        if !is_zero(&buf[i..i + n]) {
+            push(&mut out, i, i + n, false);
+            i += n;
+            continue;
+        }
+        let start = i;
+        while i < buf.len() {
+            let n = (unit - (off + i as u64) % unit).min((buf.len() - i) as u64) as usize;
+            if !is_zero(&buf[i..i + n]) {
+                break;
+            }
+            i += n;
+        }
+        push(&mut out, start, i, (i - start) as u64 >= min);
+    }
+    out
+}
+
+/// Write `len` zeros at `off` of a raw target as data (fully allocated).
+async fn write_zero_data(out: &dyn Storage, off: u64, len: u64) -> std::io::Result<()> {
+    let z = vec![0u8; CHUNK.min(len) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK);
+        out.write_at(&z[..n as usize], off + pos).await?;
+        pos += n;
+    }
+    Ok(())
 }
 
 impl ConvertOptions {
@@ -309,10 +393,33 @@ impl<'a> Planner<'a> {
 /// leaving holes where the content is zero.
 pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     refuse_source_as_target(src, dst)?;
-    let new = crate::jobs::create::create_file(dst, &opts.file)?;
-    let out = new.file.clone();
     let size = src.size();
-    out.set_len(size).ctx(dst.display())?;
+    let z = Zeros::of(opts);
+    // Keeps the target's lock for the conversion.
+    let (out, _keep_new, _keep_raw) = if opts.existing {
+        let oo = crate::engine::image::OpenOptions {
+            writable: true,
+            engine: opts.file.engine,
+            direct: opts.file.direct,
+            ..Default::default()
+        };
+        let r = crate::engine::disk::RawDisk::open(dst, &oo)
+            .map_err(|e| e.context(format!("Could not open '{}'", dst.display())))?;
+        if r.storage().len().ctx(dst.display())? < size {
+            return Err(Error::invalid("output file is smaller than input file"));
+        }
+        (r.storage().clone(), None, Some(r))
+    } else {
+        let new = crate::jobs::create::create_file(dst, &opts.file)?;
+        let out = new.file.clone();
+        out.set_len(size).ctx(dst.display())?;
+        (out, Some(new), None)
+    };
+    let unit = if z.sparse == 0 {
+        512
+    } else {
+        1u64 << (63 - z.sparse.leading_zeros())
+    };
     let pieces = Planner::new(src).stream();
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
@@ -320,12 +427,27 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let work = move |p: Piece| {
         let (src, out, dst, bufs) = (src2.clone(), out2.clone(), dst2.clone(), bufs.clone());
         async move {
-            if !p.zero {
-                let mut buf = bufs.take(p.len as usize);
-                src.read_at(&mut buf, p.off).await?;
-                write_nonzero(&*out, &buf, p.off).await.ctx(dst.display())?;
-                bufs.give(buf);
+            if p.zero {
+                if z.sparse == 0 {
+                    write_zero_data(&*out, p.off, p.len)
+                        .await
+                        .ctx(dst.display())?;
+                } else if z.fill {
+                    out.write_zeroes(p.off, p.len).await.ctx(dst.display())?;
+                }
+                return Ok(());
             }
+            let mut buf = bufs.take(p.len as usize);
+            src.read_at(&mut buf, p.off).await?;
+            for (a, n, hole) in sparse_runs(&buf, p.off, unit, z.sparse) {
+                let at = p.off + a as u64;
+                if !hole {
+                    out.write_at(&buf[a..a + n], at).await.ctx(dst.display())?;
+                } else if z.fill {
+                    out.write_zeroes(at, n as u64).await.ctx(dst.display())?;
+                }
+            }
+            bufs.give(buf);
             Ok(())
         }
     };
@@ -506,19 +628,32 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
             )));
         }
     }
-    let mut co = target.create.clone();
-    co.size = Some(src.size());
-    if co.backing_file.is_some() {
-        co.unsafe_backing = false;
+    if !opts.existing {
+        let mut co = target.create.clone();
+        co.size = Some(src.size());
+        if co.backing_file.is_some() {
+            co.unsafe_backing = false;
+        }
+        crate::jobs::create::create_qcow2(dst, &co).await?;
     }
-    crate::jobs::create::create_qcow2(dst, &co).await?;
     let oo = crate::engine::image::OpenOptions {
         writable: true,
         engine: opts.file.engine,
         direct: opts.file.direct,
         ..Default::default()
     };
-    let img = crate::engine::image::Image::open(dst, &oo).await?;
+    let img = crate::engine::image::Image::open(dst, &oo)
+        .await
+        .map_err(|e| {
+            if opts.existing {
+                e.context(format!("Could not open '{}'", dst.display()))
+            } else {
+                e
+            }
+        })?;
+    if opts.existing && img.size() < src.size() {
+        return Err(Error::invalid("output file is smaller than input file"));
+    }
     let res = copy_into(src, &img, target.compress, opts).await;
     let closed = img.close().await;
     res?;
@@ -570,15 +705,39 @@ async fn copy_into(
 ) -> Result<()> {
     let size = src.size();
     let cs = img.layout().cluster_size;
-    let backing = img.backing().cloned();
+    let z = Zeros::of(opts);
+    // An existing target's own content is what zeros are written over: its backing file
+    // is not compared against.
+    let backing = if opts.existing {
+        None
+    } else {
+        img.backing().cloned()
+    };
+    let zeros = Arc::new(vec![0u8; if z.sparse == 0 { CHUNK as usize } else { 0 }]);
     let pieces = Planner::new(src).stream();
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
     let (src2, img2) = (src.clone(), img.clone());
     let work = move |p: Piece| {
         let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
+        let zeros = zeros.clone();
         async move {
             let (src, img, backing, bufs) = (&src, &img, &backing, &bufs);
+            if p.zero && z.sparse == 0 {
+                // Fully allocated: zeros as data.
+                let mut pos = 0;
+                while pos < p.len {
+                    let n = (p.len - pos).min(CHUNK);
+                    img.write_at(&zeros[..n as usize], p.off + pos).await?;
+                    pos += n;
+                }
+                return Ok(());
+            }
+            if p.zero && z.fill {
+                img.write_zeroes(p.off, p.len, crate::ZeroMode::Unmap)
+                    .await?;
+                return Ok(());
+            }
             if p.zero {
                 // The new image reads as zeros already; over a backing file, zeros are
                 // written where the backing file has data.
@@ -597,6 +756,24 @@ async fn copy_into(
                 }
                 None => None,
             };
+            // Zero clusters in runs shorter than `-S` are written as data (all with -S 0).
+            let short_zero: Vec<(u64, u64)> = if backing.is_none() {
+                // Zero detection in units of the larger of -S (rounded down to a power of
+                // two) and the cluster size, as qemu-img aligns it.
+                let unit = if z.sparse == 0 {
+                    cs
+                } else {
+                    cs.max(1u64 << (63 - z.sparse.leading_zeros()))
+                };
+                sparse_runs(&buf, p.off, unit, z.sparse)
+                    .into_iter()
+                    .filter(|r| !r.2)
+                    .map(|r| (r.0 as u64, (r.0 + r.1) as u64))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let forced = |i: u64| short_zero.iter().any(|&(a, b)| a <= i && i < b);
             // Walk cluster by cluster, grouping runs that need the same treatment.
             let mut i = 0u64;
             while i < p.len {
@@ -605,13 +782,13 @@ async fn copy_into(
                 let piece = &buf[i as usize..(i + n) as usize];
                 let same_as_base = match &base {
                     Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
-                    None => is_zero(piece),
+                    None => is_zero(piece) && !forced(i) && !z.fill,
                 };
                 if same_as_base {
                     i += n;
                     continue;
                 }
-                if is_zero(piece) {
+                if is_zero(piece) && !forced(i) {
                     // Differs from the backing file: explicit zeros.
                     img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
                     i += n;
@@ -629,9 +806,9 @@ async fn copy_into(
                     let next = &buf[j as usize..(j + m) as usize];
                     let skip = match &base {
                         Some(bb) => &bb[j as usize..(j + m) as usize] == next,
-                        None => is_zero(next),
+                        None => is_zero(next) && !forced(j),
                     };
-                    if skip || is_zero(next) {
+                    if skip || (is_zero(next) && !forced(j)) {
                         break;
                     }
                     j += m;

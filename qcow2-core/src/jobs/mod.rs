@@ -1,5 +1,5 @@
 //! Whole-image jobs built on the engine: create, check and repair, convert and compare,
-//! info, resize, snapshot, bitmap, rebase, commit, measure, amend.
+//! info, resize, snapshot, bitmap, rebase, commit, measure, amend, dd.
 
 pub mod amend;
 pub mod bitmap;
@@ -7,6 +7,7 @@ pub mod check;
 pub mod commit;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod info;
 pub mod measure;
 pub mod rebase;

@@ -72,6 +72,27 @@ pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
     let img = Image::open(path, &oo)
         .await
         .map_err(|e| e.context(format!("Could not open '{}'", path.display())))?;
+    rebase_image(img, opts).await
+}
+
+/// [`rebase`] on an image already open (writable; with its backing chain unless
+/// `opts.unsafe_mode`), for tests that run the job on their own storage (the power-cut
+/// model). The new backing file is opened by name; the image is closed at the end.
+#[doc(hidden)]
+pub async fn rebase_image(img: Image, opts: &RebaseOptions) -> Result<()> {
+    let path = img.path().to_path_buf();
+    let path = path.as_path();
+    let new_name = opts.backing.clone();
+    let change_err = |msg: &str| {
+        Error::invalid(format!(
+            "Could not change the backing file to '{new_name}': {msg}"
+        ))
+    };
+    let new_path: Option<PathBuf> = if new_name.is_empty() {
+        None
+    } else {
+        Some(resolve_name(path, &new_name))
+    };
     let new_ref = if new_name.is_empty() {
         None
     } else {

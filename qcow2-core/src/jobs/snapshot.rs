@@ -50,6 +50,10 @@ struct NewState {
     snap_l1: Option<(usize, Vec<u64>)>,
     /// Write `snaps` as a new table (else the current one stays).
     new_table: bool,
+    /// Replace every snapshot L2 table that has zero entries by a copy without them (the
+    /// downgrade to compat=0.10, where the zero flag does not exist): a zero entry becomes
+    /// unallocated without a backing file (`false`), else a new cluster of zeros (`true`).
+    expand_zeros: Option<bool>,
 }
 
 /// Where the new state is built: clusters past everything the live image uses.
@@ -224,6 +228,7 @@ impl Image {
             mut snaps,
             snap_l1,
             new_table,
+            expand_zeros,
         } = st;
         let l1_bytes = |n: usize| (n as u64 * 8).div_ceil(cs).max(1) * cs;
         let table_bytes = |l1: &[u64]| {
@@ -233,9 +238,14 @@ impl Image {
             }
             buf
         };
-        // 1. The new snapshot's L1 table (create).
+        let mut snap_l1s: Vec<(usize, Vec<u64>)> = snap_l1.into_iter().collect();
+        // 0. Snapshot L2 tables without zero entries (compat=0.10), and their L1 tables.
+        if let Some(backing) = expand_zeros {
+            snap_l1s.extend(self.expand_snapshot_zeros(tail, &snaps, backing).await?);
+        }
+        // 1. The new snapshot L1 tables (create; compat=0.10).
         // An empty table has offset 0, as QEMU writes it.
-        if let Some((idx, entries)) = snap_l1.filter(|(_, e)| !e.is_empty()) {
+        for (idx, entries) in snap_l1s.into_iter().filter(|(_, e)| !e.is_empty()) {
             let buf = table_bytes(&entries);
             let off = tail.alloc(buf.len() as u64 / cs);
             self.tail_write(&buf, off).await?;
@@ -411,6 +421,140 @@ impl Image {
         guard.disarm();
         Ok(())
     }
+    /// Copies (in the tail) of the snapshot L2 tables that have zero entries, with those
+    /// entries made unallocated (`backing` false) or pointing at new clusters of zeros; a
+    /// table shared by several snapshots gets one copy. Returns the new L1 entries of each
+    /// snapshot that changed (index in `snaps`).
+    async fn expand_snapshot_zeros(
+        &self,
+        tail: &mut Tail,
+        snaps: &[Snapshot],
+        backing: bool,
+    ) -> Result<Vec<(usize, Vec<u64>)>> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let es = lay.l2_entry_size as usize;
+        let zeros = vec![0u8; cs as usize];
+        let mut seen: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        let mut l2 = vec![0u8; cs as usize];
+        for (i, sn) in snaps.iter().enumerate() {
+            let mut l1 = self
+                .read_snapshot_l1(sn.l1_table_offset, sn.l1_size)
+                .await?;
+            let mut changed = false;
+            for e in l1.iter_mut() {
+                let t = l2::l1_offset(*e);
+                if t == 0 {
+                    continue;
+                }
+                let at = match seen.get(&t) {
+                    Some(&at) => at,
+                    None => {
+                        self.inner
+                            .file
+                            .read_at(&mut l2, t)
+                            .await
+                            .map_err(|err| Error::io(err, "reading an L2 table"))?;
+                        let mut any = false;
+                        for chunk in l2.chunks_exact_mut(es) {
+                            let le = crate::format::be64(chunk, 0);
+                            if !matches!(
+                                l2::decode(le, lay.cluster_bits, lay.extended),
+                                ClusterEntry::Zero { .. }
+                            ) {
+                                continue;
+                            }
+                            any = true;
+                            let ne = if backing {
+                                let z = tail.alloc(1);
+                                self.tail_write(&zeros, z).await?;
+                                z
+                            } else {
+                                0
+                            };
+                            chunk[..8].copy_from_slice(&ne.to_be_bytes());
+                        }
+                        let at = if any {
+                            let at = tail.alloc(1);
+                            self.tail_write(&l2, at).await?;
+                            at
+                        } else {
+                            t
+                        };
+                        seen.insert(t, at);
+                        at
+                    }
+                };
+                if at != t {
+                    *e = at;
+                    changed = true;
+                }
+            }
+            if changed {
+                out.push((i, l1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether an internal snapshot's L2 tables have zero entries.
+    pub(crate) async fn snapshots_have_zero_clusters(&self) -> Result<bool> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let mut l2 = vec![0u8; cs as usize];
+        let mut seen = std::collections::HashSet::new();
+        for sn in self.snapshots() {
+            let l1 = self
+                .read_snapshot_l1(sn.l1_table_offset, sn.l1_size)
+                .await?;
+            for e in l1 {
+                let t = l2::l1_offset(e);
+                if t == 0 || !seen.insert(t) {
+                    continue;
+                }
+                self.inner
+                    .file
+                    .read_at(&mut l2, t)
+                    .await
+                    .map_err(|err| Error::io(err, "reading an L2 table"))?;
+                if l2.chunks_exact(lay.l2_entry_size as usize).any(|c| {
+                    matches!(
+                        l2::decode(crate::format::be64(c, 0), lay.cluster_bits, lay.extended),
+                        ClusterEntry::Zero { .. }
+                    )
+                }) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Make every zero entry of the internal snapshots' L2 tables unallocated (without a
+    /// backing file) or a cluster of zeros (with one), atomically as the other snapshot
+    /// operations (see the module documentation): what a downgrade to compat=0.10 needs,
+    /// since v2 has no zero flag. The snapshots' content is unchanged.
+    pub(crate) async fn expand_snapshot_zero_clusters(&self) -> Result<()> {
+        self.snapshot_preconditions()?;
+        let w = self.ws()?;
+        self.before_first_write().await?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        self.flush_metadata(&mut m).await?;
+        let backing = self.inner.header.read().backing_file.is_some();
+        let st = NewState {
+            size: self.size(),
+            l1: self.inner.l1.read().clone(),
+            snaps: self.snapshots(),
+            snap_l1: None,
+            new_table: true,
+            expand_zeros: Some(backing),
+        };
+        self.switch_state(&mut m, st).await
+    }
+
     /// Create an internal snapshot named `name` of the current state (`qemu-img snapshot
     /// -c`). Returns the new table entry. IDs are numeric: one more than the largest.
     pub async fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
@@ -471,6 +615,7 @@ impl Image {
             // The snapshot's L1 table: a copy of the active one, flags as they are.
             snap_l1: Some((idx, l1)),
             new_table: true,
+            expand_zeros: None,
         };
         self.switch_state(&mut m, st).await?;
         Ok(self.snapshots()[idx].clone())
@@ -510,6 +655,7 @@ impl Image {
             snaps,
             snap_l1: None,
             new_table: false,
+            expand_zeros: None,
         };
         self.switch_state(&mut m, st).await
     }
@@ -533,6 +679,7 @@ impl Image {
             snaps,
             snap_l1: None,
             new_table: true,
+            expand_zeros: None,
         };
         self.switch_state(&mut m, st).await
     }

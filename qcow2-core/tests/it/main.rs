@@ -5,6 +5,7 @@ mod check_qemu;
 mod check_repair;
 mod common;
 mod crash_powercut;
+mod crash_rebase_commit;
 mod engine_inflight;
 mod engine_races;
 mod engine_schedules;

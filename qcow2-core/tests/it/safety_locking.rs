@@ -288,3 +288,122 @@ async fn convert_onto_the_source_is_refused() {
     let out = cmd("qemu-img", &["compare", p(&keep), p(&src)]);
     assert!(out.status.success(), "the source changed");
 }
+
+/// `qemu-io -r -f qcow2 IMG` (a reader: unshares write and resize), kept open until killed.
+fn hold_reader(path: &Path) -> QemuIo {
+    let child = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", p(path)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until its locks are there: a writer is refused.
+    let t = Instant::now();
+    loop {
+        let out = cmd("qemu-io", &["-c", "read 0 512", p(path)]);
+        if !out.status.success() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu-io took no lock"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    QemuIo(child)
+}
+
+/// `commit` holds the base (and the image) as a writer, on the chain's own handles, as
+/// qemu-img commit does: while it runs, qemu-io and qemu-img without -U are refused on both;
+/// a reader holding the base makes the commit fail before any change, with qemu-img's error.
+#[tokio::test(flavor = "multi_thread")]
+async fn commit_locks_the_base_as_a_writer() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    make(&base);
+    assert!(cmd(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top)
+        ]
+    )
+    .status
+    .success());
+    assert!(cmd("qemu-io", &["-c", "write -P 9 0 1M", p(&top)])
+        .status
+        .success());
+    let before = std::fs::read(&base).unwrap();
+
+    // A reader of the base: the commit is refused, as by qemu-img.
+    let holder = hold_reader(&base);
+    let q = cmd("qemu-img", &["commit", p(&top)]);
+    assert!(
+        stderr(&q).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr(&q)
+    );
+    let e = qcow2_core::commit::commit(&top, &Default::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
+    assert!(
+        e.to_string().contains("Failed to get \"write\" lock"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("base.qcow2"), "{e}");
+    drop(holder);
+    assert_eq!(std::fs::read(&base).unwrap(), before, "base changed");
+
+    // While the commit runs: the base and the image refuse qemu-io and qemu-img info.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let (b2, t2) = (base.clone(), top.clone());
+    let opts = qcow2_core::commit::CommitOptions {
+        progress: Some(std::sync::Arc::new(move |f: f64| {
+            if f == 0.0 {
+                let mut v = s2.lock().unwrap();
+                for f in [&b2, &t2] {
+                    v.push(stderr(&cmd("qemu-img", &["info", p(f)])));
+                    v.push(stderr(&cmd("qemu-io", &["-c", "read 0 512", p(f)])));
+                }
+                v.push(format!(
+                    "{}",
+                    cmd("qemu-img", &["info", "-U", p(&b2)]).status.success()
+                ));
+            }
+        })),
+        ..Default::default()
+    };
+    qcow2_core::commit::commit(&top, &opts).await.unwrap();
+    let v = seen.lock().unwrap().clone();
+    assert_eq!(v.len(), 5, "{v:?}");
+    for i in [0, 2] {
+        assert!(
+            v[i].contains("Failed to get shared \"write\" lock"),
+            "{v:?}"
+        );
+        assert!(v[i + 1].contains("Failed to get \"write\" lock"), "{v:?}");
+    }
+    assert_eq!(v[4], "true", "{v:?}");
+    // Released at the end, and the commit happened.
+    let out = cmd("qemu-img", &["info", p(&base)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cmd("qemu-img", &["compare", p(&top), p(&base)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cmd("qemu-img", &["check", p(&base)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
