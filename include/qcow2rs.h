@@ -344,6 +344,19 @@
 #define QCOW2RS_MEASURE_UNTRUSTED (1 << 0)
 
 /**
+ * Flag of `qcow2rs_bitmap_info.flags`: the bitmap is marked in use (a writer was
+ * interrupted, so its bits cannot be trusted); it can only be removed.
+ */
+#define QCOW2RS_BITMAP_IN_USE (1 << 0)
+
+/**
+ * Flag of `qcow2rs_bitmap_info.flags`: the bitmap is enabled (`auto`: a writer that
+ * tracks dirty regions, such as QEMU, updates it; this library does not, see
+ * `qcow2rs_bitmap_add`).
+ */
+#define QCOW2RS_BITMAP_AUTO (1 << 1)
+
+/**
  * An open image. Opaque: create it with `qcow2rs_open` or `qcow2rs_open_ext`, free it with
  * `qcow2rs_close`. Any number of threads may use one handle at once, except that nothing
  * may use it during or after `qcow2rs_close` (callbacks of its own requests excepted: they
@@ -767,6 +780,24 @@ struct qcow2rs_snapshot_info {
      * Instruction count (`UINT64_MAX`: not recorded).
      */
     uint64_t icount;
+};
+
+/**
+ * One persistent bitmap, as listed by `qcow2rs_bitmap_list`.
+ */
+struct qcow2rs_bitmap_info {
+    /**
+     * The bitmap's name.
+     */
+    char *name;
+    /**
+     * Bytes of guest data one bit covers (a power of two from 512 to 2 GiB).
+     */
+    uint64_t granularity;
+    /**
+     * `QCOW2RS_BITMAP_IN_USE` and `QCOW2RS_BITMAP_AUTO` bits.
+     */
+    uint32_t flags;
 };
 
 #ifdef __cplusplus
@@ -1220,6 +1251,92 @@ int qcow2rs_snapshot_list(struct qcow2rs_image *img,
  */
 void qcow2rs_snapshot_list_free(struct qcow2rs_snapshot_info *list,
                                 size_t count);
+
+/**
+ * Add an enabled persistent bitmap `name`, all bits clear (`qemu-img bitmap --add [-g
+ * GRANULARITY]`). `granularity` is the bytes of guest data one bit covers: a power of two
+ * from 512 to 2 GiB, or 0 for the default (the cluster size, at least 4 KiB, as QEMU).
+ * The image must be open read-write and be a qcow2 v3 image.
+ *
+ * Blocking: the call first waits for the requests in flight on the handle to end; requests
+ * submitted meanwhile wait until it returns. The change is crash-safe: after a crash the
+ * image has the bitmaps before or after the call (at worst with leaked clusters). This
+ * library does not track guest writes in bitmaps: the first write through a handle (or a
+ * resize, commit, snapshot or amend) drops every bitmap of the image, as a stale bitmap must
+ * not survive; make the bitmap changes you need, then close the handle.
+ *
+ * Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EEXIST` (a bitmap named `name`
+ * exists), `-EINVAL` (a bad granularity; `name` empty, not UTF-8 or longer than 1023
+ * bytes; the image already has 65535 bitmaps, or a virtual size of 0), `-EBADF` (open
+ * read-only, or marked corrupt), `-ENOTSUP` (a qcow2 v2 image), `-EDEADLK` (called from a
+ * completion callback or a library thread), `-ECHILD` (image opened before fork()),
+ * `-EUCLEAN` (damaged bitmap metadata), `-ENOSPC` and other I/O errnos.
+ */
+int qcow2rs_bitmap_add(struct qcow2rs_image *img,
+                       const char *name,
+                       uint64_t granularity);
+
+/**
+ * Remove bitmap `name` and free its clusters (`qemu-img bitmap --remove`); also works on a
+ * bitmap marked in use. Conditions and errors as `qcow2rs_bitmap_add`, except that
+ * `-ENOENT` means there is no bitmap `name` (and there is no `-EEXIST`).
+ */
+int qcow2rs_bitmap_remove(struct qcow2rs_image *img,
+                          const char *name);
+
+/**
+ * Clear every bit of bitmap `name` (`qemu-img bitmap --clear`). Conditions and errors as
+ * `qcow2rs_bitmap_remove`, plus `-EINVAL` (the bitmap is marked in use).
+ */
+int qcow2rs_bitmap_clear(struct qcow2rs_image *img,
+                         const char *name);
+
+/**
+ * Enable bitmap `name`: set its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap --enable`;
+ * nothing is written when it is set already). Conditions and errors as
+ * `qcow2rs_bitmap_clear`.
+ */
+int qcow2rs_bitmap_enable(struct qcow2rs_image *img,
+                          const char *name);
+
+/**
+ * Disable bitmap `name`: clear its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap
+ * --disable`). Conditions and errors as `qcow2rs_bitmap_clear`.
+ */
+int qcow2rs_bitmap_disable(struct qcow2rs_image *img,
+                           const char *name);
+
+/**
+ * Merge bitmap `src_name` into bitmap `dst` of `img` (`qemu-img bitmap --merge SRC [-b
+ * SRC_FILE] IMG DST`): every guest range dirty in the source becomes dirty in `dst`. The
+ * source is a bitmap of `src_img`, an open handle (read-only is enough; it may be `img`
+ * itself), or of `img` when `src_img` is NULL. Granularities may differ; both images must
+ * have the same virtual size. Conditions and errors as `qcow2rs_bitmap_clear` (`-EFAULT`
+ * for `dst` or `src_name` NULL, `-ENOENT` for a missing `dst` or source, `-EINVAL` for either
+ * marked in use or different virtual sizes; `-ECHILD` also for `src_img`).
+ */
+int qcow2rs_bitmap_merge(struct qcow2rs_image *img,
+                         const char *dst,
+                         struct qcow2rs_image *src_img,
+                         const char *src_name);
+
+/**
+ * List the image's persistent bitmaps (those `qemu-img info` lists: none when the image's
+ * bitmaps are not marked consistent): `*list` receives an array of `*count` entries (NULL and
+ * 0 when there is none), in directory order, which the caller frees with
+ * `qcow2rs_bitmap_list_free(*list, *count)`. Does no I/O; works on a read-only handle.
+ * Returns 0, or `-EFAULT` (`img`, `list` or `count` NULL), `-ECHILD`, `-ENOMEM`; on failure
+ * `*list` is NULL and `*count` 0.
+ */
+int qcow2rs_bitmap_list(struct qcow2rs_image *img,
+                        struct qcow2rs_bitmap_info **list,
+                        size_t *count);
+
+/**
+ * Free a list from `qcow2rs_bitmap_list` (its strings and the array). NULL is allowed.
+ */
+void qcow2rs_bitmap_list_free(struct qcow2rs_bitmap_info *list,
+                              size_t count);
 
 /**
  * The message of the last call that failed on the calling thread: a one-line, NUL-terminated

@@ -8,7 +8,7 @@
 //! Modules: [`runtime`] (the runtime's lifetime, library-thread and callback detection,
 //! fork), [`error`] (errno translation, `qcow2rs_last_error`, the panic boundary),
 //! [`image`] (open, close, information), [`aio`] (completion callbacks and the event-loop
-//! mode), [`blocking`] (blocking I/O calls), [`jobs`] (create, check, convert, rebase, commit, amend, measure), [`snapshot`] (internal snapshots).
+//! mode), [`blocking`] (blocking I/O calls), [`jobs`] (create, check, convert, rebase, commit, amend, measure), [`snapshot`] (internal snapshots), [`bitmap`] (persistent dirty bitmaps).
 //!
 //! Every exported function is `unsafe extern "C"` and starts with `qcow2rs_`: their
 //! pointer arguments must be valid as the header describes.
@@ -28,11 +28,14 @@ pub mod jobs;
 
 pub mod snapshot;
 
+pub mod bitmap;
+
 pub mod error;
 
 pub mod runtime;
 
 pub use aio::*;
+pub use bitmap::*;
 pub use blocking::*;
 pub use error::*;
 pub use image::*;

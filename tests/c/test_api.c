@@ -483,7 +483,7 @@ struct dl {
     struct qcow2rs_image *img;
     const char *path;
     int r_read, r_write, r_flush, r_zero, r_discard, r_close, r_open, r_create, r_check,
-        r_convert, r_readv, r_rebase, r_commit, r_amend, r_measure;
+        r_convert, r_readv, r_rebase, r_commit, r_amend, r_measure, r_bitmap;
     struct waiter w;
 };
 
@@ -511,6 +511,7 @@ static void deadlock_cb(void *ud, const struct qcow2rs_completion *c)
     d->r_commit = qcow2rs_commit(d->path, NULL);
     d->r_amend = qcow2rs_amend(d->path, "lazy_refcounts=off", 0);
     d->r_measure = qcow2rs_measure(d->path, NULL, NULL, NULL);
+    d->r_bitmap = qcow2rs_bitmap_add(d->img, "x", 0);
     waiter_add(&d->w, 0);
 }
 
@@ -531,6 +532,7 @@ static void check_deadlocks(struct dl *d)
     CHECK(d->r_commit == -EDEADLK);
     CHECK(d->r_amend == -EDEADLK);
     CHECK(d->r_measure == -EDEADLK);
+    CHECK(d->r_bitmap == -EDEADLK);
 }
 
 struct prog {
@@ -568,7 +570,7 @@ static void test_edeadlk(void)
     CHECK_RET(qcow2rs_close(d.img), 0);
 
     /* Event-loop mode: the callback runs on this thread, inside process_completions. */
-    memset(&d.r_read, 0, sizeof(int) * 15);
+    memset(&d.r_read, 0, sizeof(int) * 16);
     CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR | QCOW2RS_OPEN_POLL, &d.img), 0);
     CHECK_RET(qcow2rs_aio_read(d.img, buf, sizeof buf, 0, deadlock_cb, &d, 0), 0);
     while (d.w.done < 2) {
@@ -1091,6 +1093,149 @@ static void test_snapshot(void)
     CHECK_RET(qcow2rs_close(img), 0);
 }
 
+/* `qemu-img info --output=json` of `p` lists exactly the bitmaps `want` (one
+ * "name:granularity:flag,flag" item per line, in order). */
+static int bitmaps_are(const char *p, const char *want)
+{
+    return shell("test \"$(qemu-img info --output=json '%s' | jq -r '.\"format-specific\".data."
+                 "bitmaps // [] | .[] | \"\\(.name):\\(.granularity):\\(.flags | join(\",\"))\"')\" "
+                 "= '%s'",
+                 p, want);
+}
+
+/* Persistent bitmaps: add, list, merge, clear, disable, enable, remove; qemu-img info lists
+ * what the library did and qemu-img check is clean after each step; errors. */
+static void test_bitmap(void)
+{
+    const char *p = tpath("b.qcow2");
+    const char *o = tpath("other.qcow2");
+    CHECK_RET(make_filled(p, 4 * MiB, 2, 3), 0);
+    CHECK_RET(make_image(o, 4 * MiB), 0);
+    CHECK_RET(shell("qemu-img bitmap --add -g 1M '%s' theirs", o), 0);
+    struct qcow2rs_image *img, *src;
+    struct qcow2rs_bitmap_info *list = (struct qcow2rs_bitmap_info *)1;
+    size_t n = 99;
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(list == NULL && n == 0);
+    CHECK_RET(qcow2rs_bitmap_add(img, "a", 0), 0);
+    CHECK_RET(qcow2rs_bitmap_add(img, "b", 512), 0);
+    CHECK_RET(qcow2rs_bitmap_add(img, "big", 2048ull * MiB), 0);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(n == 3 && list != NULL);
+    if (n == 3 && list) {
+        CHECK(strcmp(list[0].name, "a") == 0 && list[0].granularity == 65536);
+        CHECK(strcmp(list[1].name, "b") == 0 && list[1].granularity == 512);
+        CHECK(strcmp(list[2].name, "big") == 0 && list[2].granularity == 2048ull * MiB);
+        CHECK(list[0].flags == QCOW2RS_BITMAP_AUTO && list[2].flags == QCOW2RS_BITMAP_AUTO);
+    }
+    qcow2rs_bitmap_list_free(list, n);
+    qcow2rs_bitmap_list_free(NULL, 0);
+    /* Merges: within the image, from another handle (read-only), and from itself. */
+    CHECK_RET(qcow2rs_open(o, 0, &src), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", NULL, "b"), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "b", src, "theirs"), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", img, "big"), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", src, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "nope", NULL, "a"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", NULL, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_merge(img, NULL, NULL, "a"), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", NULL, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_add(src, "x", 0), -EBADF);
+    CHECK_RET(qcow2rs_close(src), 0);
+    CHECK_RET(qcow2rs_bitmap_clear(img, "a"), 0);
+    CHECK_RET(qcow2rs_bitmap_disable(img, "b"), 0);
+    CHECK_RET(qcow2rs_bitmap_disable(img, "b"), 0);
+    CHECK_RET(qcow2rs_bitmap_disable(img, "big"), 0);
+    CHECK_RET(qcow2rs_bitmap_enable(img, "big"), 0);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(n == 3 && list && list[1].flags == 0 && list[2].flags == QCOW2RS_BITMAP_AUTO);
+    qcow2rs_bitmap_list_free(list, n);
+    /* Errors. */
+    CHECK_RET(qcow2rs_bitmap_add(img, "a", 0), -EEXIST);
+    CHECK(strstr(qcow2rs_last_error(), "Bitmap already exists: a") != NULL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "g", 1000), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "g", 256), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "g", 4096ull * MiB), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "", 0), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "\xff", 0), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_remove(img, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_clear(img, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_enable(img, "nope"), -ENOENT);
+    CHECK_RET(qcow2rs_bitmap_disable(img, "nope"), -ENOENT);
+    CHECK(strstr(qcow2rs_last_error(), "Dirty bitmap 'nope' not found") != NULL);
+    CHECK_RET(qcow2rs_bitmap_add(img, NULL, 0), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_remove(NULL, "a"), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_list(img, NULL, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_list(NULL, &list, &n), -EFAULT);
+    CHECK(list == NULL && n == 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(bitmaps_are(p, "a:65536:auto\nb:512:\nbig:2147483648:auto"), 0);
+    /* A different virtual size cannot be merged. */
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 8M && qemu-img bitmap --add '%s' t",
+                    tpath("big.qcow2"), tpath("big.qcow2")),
+              0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_open(tpath("big.qcow2"), 0, &src), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "a", src, "t"), -EINVAL);
+    CHECK_RET(qcow2rs_close(src), 0);
+    CHECK_RET(qcow2rs_bitmap_remove(img, "b"), 0);
+    CHECK_RET(qcow2rs_bitmap_remove(img, "a"), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(bitmaps_are(p, "big:2147483648:auto"), 0);
+    /* A bitmap qemu-img marked disabled is listed so; read-only handles: -EBADF. */
+    CHECK_RET(shell("qemu-img bitmap --disable '%s' big", p), 0);
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(n == 1 && list && strcmp(list[0].name, "big") == 0 && list[0].flags == 0);
+    qcow2rs_bitmap_list_free(list, n);
+    CHECK_RET(qcow2rs_bitmap_add(img, "x", 0), -EBADF);
+    CHECK_RET(qcow2rs_bitmap_remove(img, "big"), -EBADF);
+    CHECK_RET(qcow2rs_bitmap_clear(img, "big"), -EBADF);
+    CHECK_RET(qcow2rs_bitmap_enable(img, "big"), -EBADF);
+    CHECK_RET(qcow2rs_bitmap_disable(img, "big"), -EBADF);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "big", NULL, "big"), -EBADF);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(bitmaps_are(p, "big:2147483648:"), 0);
+    /* A bitmap in use (an interrupted writer: bit 0 of the first directory entry's flags
+     * set here by hand) can only be removed. */
+    CHECK_RET(shell("python3 -c 'import struct,sys\n"
+                    "f=open(sys.argv[1],\"r+b\"); h=f.read(65536); o=struct.unpack(\">I\",h[100:104])[0]\n"
+                    "while True:\n"
+                    "    t,l=struct.unpack(\">II\",h[o:o+8])\n"
+                    "    if t==0x23852875: break\n"
+                    "    o+=8+(l+7)//8*8\n"
+                    "d=struct.unpack(\">Q\",h[o+8+16:o+8+24])[0]; f.seek(d+15); b=f.read(1)[0]\n"
+                    "f.seek(d+15); f.write(bytes([b|1]))' '%s'",
+                    p),
+              0);
+    CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(n == 1 && list && list[0].flags == QCOW2RS_BITMAP_IN_USE);
+    qcow2rs_bitmap_list_free(list, n);
+    CHECK_RET(qcow2rs_bitmap_clear(img, "big"), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_enable(img, "big"), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_add(img, "c", 0), 0);
+    CHECK_RET(qcow2rs_bitmap_merge(img, "c", NULL, "big"), -EINVAL);
+    CHECK_RET(qcow2rs_bitmap_remove(img, "big"), 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+    CHECK_RET(bitmaps_are(p, "c:65536:auto"), 0);
+    /* A qcow2 v2 image: -ENOTSUP. */
+    const char *v2 = tpath("v2.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 -o compat=0.10 '%s' 1M", v2), 0);
+    CHECK_RET(qcow2rs_open(v2, QCOW2RS_OPEN_RDWR, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_add(img, "a", 0), -ENOTSUP);
+    CHECK(strstr(qcow2rs_last_error(), "v2") != NULL);
+    CHECK_RET(qcow2rs_bitmap_list(img, &list, &n), 0);
+    CHECK(list == NULL && n == 0);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Whole-image jobs of issue #10: rebase, commit, amend, measure, checked against qemu-img. */
 
@@ -1420,5 +1565,5 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
-          TEST(check), TEST(convert), TEST(snapshot), TEST(rebase), TEST(commit),
+          TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(rebase), TEST(commit),
           TEST(amend), TEST(measure))

@@ -1,0 +1,259 @@
+//! Persistent dirty bitmaps: add, remove, clear, enable, disable, merge, list (`qemu-img
+//! bitmap`, and the bitmaps of `qemu-img info`).
+
+use crate::error::{ffi, Fail};
+use crate::image::{image_ref, malloc_string, qcow2rs_image, str_arg, utf8};
+use std::ffi::{c_char, c_int};
+
+/// Flag of `qcow2rs_bitmap_info.flags`: the bitmap is marked in use (a writer was
+/// interrupted, so its bits cannot be trusted); it can only be removed.
+pub const QCOW2RS_BITMAP_IN_USE: u32 = 1 << 0;
+/// Flag of `qcow2rs_bitmap_info.flags`: the bitmap is enabled (`auto`: a writer that
+/// tracks dirty regions, such as QEMU, updates it; this library does not, see
+/// `qcow2rs_bitmap_add`).
+pub const QCOW2RS_BITMAP_AUTO: u32 = 1 << 1;
+
+/// One persistent bitmap, as listed by `qcow2rs_bitmap_list`.
+#[repr(C)]
+pub struct qcow2rs_bitmap_info {
+    /// The bitmap's name.
+    pub name: *mut c_char,
+    /// Bytes of guest data one bit covers (a power of two from 512 to 2 GiB).
+    pub granularity: u64,
+    /// `QCOW2RS_BITMAP_IN_USE` and `QCOW2RS_BITMAP_AUTO` bits.
+    pub flags: u32,
+}
+
+/// The handle behind `img`, which must be open read-write.
+///
+/// # Safety
+/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
+unsafe fn writable<'a>(img: *mut qcow2rs_image, call: &str) -> Result<&'a qcow2rs_image, Fail> {
+    // SAFETY: guaranteed by the caller (see above).
+    let h = unsafe { image_ref(img, call)? };
+    h.check_writable(call)?;
+    Ok(h)
+}
+
+fn name_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
+    utf8(str_arg(p, what)?, what)
+}
+
+/// Add an enabled persistent bitmap `name`, all bits clear (`qemu-img bitmap --add [-g
+/// GRANULARITY]`). `granularity` is the bytes of guest data one bit covers: a power of two
+/// from 512 to 2 GiB, or 0 for the default (the cluster size, at least 4 KiB, as QEMU).
+/// The image must be open read-write and be a qcow2 v3 image.
+///
+/// Blocking: the call first waits for the requests in flight on the handle to end; requests
+/// submitted meanwhile wait until it returns. The change is crash-safe: after a crash the
+/// image has the bitmaps before or after the call (at worst with leaked clusters). This
+/// library does not track guest writes in bitmaps: the first write through a handle (or a
+/// resize, commit, snapshot or amend) drops every bitmap of the image, as a stale bitmap must
+/// not survive; make the bitmap changes you need, then close the handle.
+///
+/// Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EEXIST` (a bitmap named `name`
+/// exists), `-EINVAL` (a bad granularity; `name` empty, not UTF-8 or longer than 1023
+/// bytes; the image already has 65535 bitmaps, or a virtual size of 0), `-EBADF` (open
+/// read-only, or marked corrupt), `-ENOTSUP` (a qcow2 v2 image), `-EDEADLK` (called from a
+/// completion callback or a library thread), `-ECHILD` (image opened before fork()),
+/// `-EUCLEAN` (damaged bitmap metadata), `-ENOSPC` and other I/O errnos.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_add(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+    granularity: u64,
+) -> c_int {
+    ffi("qcow2rs_bitmap_add", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_add")? };
+        let name = name_arg(name, "name")?;
+        let g = (granularity != 0).then_some(granularity);
+        h.block_on("qcow2rs_bitmap_add", h.img.bitmap_add(name, g))
+            .map(|()| 0)
+    })
+}
+
+/// Remove bitmap `name` and free its clusters (`qemu-img bitmap --remove`); also works on a
+/// bitmap marked in use. Conditions and errors as `qcow2rs_bitmap_add`, except that
+/// `-ENOENT` means there is no bitmap `name` (and there is no `-EEXIST`).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_remove(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_bitmap_remove", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_remove")? };
+        let name = name_arg(name, "name")?;
+        h.block_on("qcow2rs_bitmap_remove", h.img.bitmap_remove(name))
+            .map(|()| 0)
+    })
+}
+
+/// Clear every bit of bitmap `name` (`qemu-img bitmap --clear`). Conditions and errors as
+/// `qcow2rs_bitmap_remove`, plus `-EINVAL` (the bitmap is marked in use).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_clear(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_bitmap_clear", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_clear")? };
+        let name = name_arg(name, "name")?;
+        h.block_on("qcow2rs_bitmap_clear", h.img.bitmap_clear(name))
+            .map(|()| 0)
+    })
+}
+
+/// Enable bitmap `name`: set its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap --enable`;
+/// nothing is written when it is set already). Conditions and errors as
+/// `qcow2rs_bitmap_clear`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_enable(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_bitmap_enable", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_enable")? };
+        let name = name_arg(name, "name")?;
+        h.block_on(
+            "qcow2rs_bitmap_enable",
+            h.img.bitmap_set_enabled(name, true),
+        )
+        .map(|()| 0)
+    })
+}
+
+/// Disable bitmap `name`: clear its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap
+/// --disable`). Conditions and errors as `qcow2rs_bitmap_clear`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_disable(
+    img: *mut qcow2rs_image,
+    name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_bitmap_disable", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_disable")? };
+        let name = name_arg(name, "name")?;
+        h.block_on(
+            "qcow2rs_bitmap_disable",
+            h.img.bitmap_set_enabled(name, false),
+        )
+        .map(|()| 0)
+    })
+}
+
+/// Merge bitmap `src_name` into bitmap `dst` of `img` (`qemu-img bitmap --merge SRC [-b
+/// SRC_FILE] IMG DST`): every guest range dirty in the source becomes dirty in `dst`. The
+/// source is a bitmap of `src_img`, an open handle (read-only is enough; it may be `img`
+/// itself), or of `img` when `src_img` is NULL. Granularities may differ; both images must
+/// have the same virtual size. Conditions and errors as `qcow2rs_bitmap_clear` (`-EFAULT`
+/// for `dst` or `src_name` NULL, `-ENOENT` for a missing `dst` or source, `-EINVAL` for either
+/// marked in use or different virtual sizes; `-ECHILD` also for `src_img`).
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_merge(
+    img: *mut qcow2rs_image,
+    dst: *const c_char,
+    src_img: *mut qcow2rs_image,
+    src_name: *const c_char,
+) -> c_int {
+    ffi("qcow2rs_bitmap_merge", || {
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { writable(img, "qcow2rs_bitmap_merge")? };
+        let dst = name_arg(dst, "dst")?;
+        let src_name = name_arg(src_name, "src_name")?;
+        let src = if src_img.is_null() {
+            None
+        } else {
+            // SAFETY: a live handle (header contract).
+            Some(unsafe { image_ref(src_img, "qcow2rs_bitmap_merge")? })
+        };
+        h.block_on(
+            "qcow2rs_bitmap_merge",
+            h.img.bitmap_merge(dst, src.map(|s| &s.img), src_name),
+        )
+        .map(|()| 0)
+    })
+}
+
+/// List the image's persistent bitmaps (those `qemu-img info` lists: none when the image's
+/// bitmaps are not marked consistent): `*list` receives an array of `*count` entries (NULL and
+/// 0 when there is none), in directory order, which the caller frees with
+/// `qcow2rs_bitmap_list_free(*list, *count)`. Does no I/O; works on a read-only handle.
+/// Returns 0, or `-EFAULT` (`img`, `list` or `count` NULL), `-ECHILD`, `-ENOMEM`; on failure
+/// `*list` is NULL and `*count` 0.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_list(
+    img: *mut qcow2rs_image,
+    list: *mut *mut qcow2rs_bitmap_info,
+    count: *mut usize,
+) -> c_int {
+    ffi("qcow2rs_bitmap_list", || {
+        if list.is_null() {
+            return Err(Fail::fault("list"));
+        }
+        if count.is_null() {
+            return Err(Fail::fault("count"));
+        }
+        // SAFETY: both are valid places (checked non-NULL; header contract).
+        unsafe {
+            *list = std::ptr::null_mut();
+            *count = 0;
+        }
+        // SAFETY: NULL or a live handle (header contract).
+        let h = unsafe { image_ref(img, "qcow2rs_bitmap_list")? };
+        let bitmaps = h.img.bitmaps();
+        if bitmaps.is_empty() {
+            return Ok(0);
+        }
+        let n = bitmaps.len();
+        // SAFETY: calloc of n entries; the result is checked. All-zero entries are valid
+        // (NULL names), so a partial fill can be freed by qcow2rs_bitmap_list_free.
+        let arr = unsafe { libc::calloc(n, std::mem::size_of::<qcow2rs_bitmap_info>()) }
+            .cast::<qcow2rs_bitmap_info>();
+        if arr.is_null() {
+            return Err(Fail::new(libc::ENOMEM, "out of memory"));
+        }
+        for (i, b) in bitmaps.iter().enumerate() {
+            let name = match malloc_string(&b.name) {
+                Ok(p) => p,
+                Err(e) => {
+                    // SAFETY: `arr` holds `n` entries, filled or all-zero.
+                    unsafe { qcow2rs_bitmap_list_free(arr, n) };
+                    return Err(e);
+                }
+            };
+            // SAFETY: `arr` has `n` entries and i < n.
+            unsafe {
+                arr.add(i).write(qcow2rs_bitmap_info {
+                    name,
+                    granularity: b.granularity,
+                    flags: b.flags & (QCOW2RS_BITMAP_IN_USE | QCOW2RS_BITMAP_AUTO),
+                })
+            };
+        }
+        // SAFETY: as above.
+        unsafe {
+            *list = arr;
+            *count = n;
+        }
+        Ok(0)
+    })
+}
+
+/// Free a list from `qcow2rs_bitmap_list` (its strings and the array). NULL is allowed.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_bitmap_list_free(list: *mut qcow2rs_bitmap_info, count: usize) {
+    if list.is_null() {
+        return;
+    }
+    for i in 0..count {
+        // SAFETY: `list` has `count` entries from qcow2rs_bitmap_list (header contract);
+        // their names are NULL or from malloc.
+        unsafe { libc::free((*list.add(i)).name.cast()) };
+    }
+    // SAFETY: the array came from calloc.
+    unsafe { libc::free(list.cast()) }
+}
