@@ -1207,7 +1207,8 @@ static void test_bitmap(void)
     /* A bitmap in use (an interrupted writer: bit 0 of the first directory entry's flags
      * set here by hand) can only be removed. */
     CHECK_RET(shell("python3 -c 'import struct,sys\n"
-                    "f=open(sys.argv[1],\"r+b\"); h=f.read(65536); o=struct.unpack(\">I\",h[100:104])[0]\n"
+                    "f=open(sys.argv[1],\"r+b\"); h=f.read(65536)\n"
+                    "o=struct.unpack(\">I\",h[100:104])[0]\n"
                     "while True:\n"
                     "    t,l=struct.unpack(\">II\",h[o:o+8])\n"
                     "    if t==0x23852875: break\n"
