@@ -22,6 +22,8 @@ pub enum ErrorKind {
     OutOfRange,
     /// A file named by the caller or the image does not exist.
     NotFound,
+    /// Something the caller asked to create (a persistent bitmap name) already exists.
+    AlreadyExists,
     /// Permission denied opening a file.
     PermissionDenied,
     /// The underlying storage failed.
@@ -50,6 +52,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => libc::EINVAL,
             ErrorKind::OutOfRange => libc::ERANGE,
             ErrorKind::NotFound => libc::ENOENT,
+            ErrorKind::AlreadyExists => libc::EEXIST,
             ErrorKind::PermissionDenied => libc::EACCES,
             ErrorKind::Io => libc::EIO,
             ErrorKind::TooLarge => libc::EFBIG,

@@ -344,7 +344,10 @@ impl Image {
         match op {
             Op::Add { name, gran_bits } => {
                 if dir.iter().any(|e| e.name == name) {
-                    return Err(Error::invalid(format!("Bitmap already exists: {name}")));
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("Bitmap already exists: {name}"),
+                    ));
                 }
                 if dir.len() >= fmt::MAX_BITMAPS {
                     return Err(Error::invalid(format!(
