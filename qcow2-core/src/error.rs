@@ -22,7 +22,7 @@ pub enum ErrorKind {
     OutOfRange,
     /// A file named by the caller or the image does not exist.
     NotFound,
-    /// Something the caller asked to create already exists (a bitmap name).
+    /// Something the caller asked to create (a persistent bitmap name) already exists.
     AlreadyExists,
     /// Permission denied opening a file.
     PermissionDenied,

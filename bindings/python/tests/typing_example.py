@@ -27,6 +27,17 @@ def sync_use(path: str) -> bytes:
         extents: list[dict[str, Any]] = img.map()
         size: int = img.size + img.cluster_size + len(info) + len(extents) + n
         backing: str | None = img.backing_file
+        img.bitmap_add("b0", granularity=65536)
+        img.bitmap_add("b1")
+        img.bitmap_disable("b1")
+        img.bitmap_merge("b1", "b0")
+        with qcow2rs.open(path) as other:
+            img.bitmap_merge("b1", "b0", source=other)
+        img.bitmap_enable("b1")
+        img.bitmap_clear("b1")
+        img.bitmap_remove("b0")
+        bitmaps: list[dict[str, Any]] = img.bitmaps()
+        size += sum(b["granularity"] for b in bitmaps)
         reader: io.BufferedReader = img.fileobj()
         writer: io.BufferedRandom = img.fileobj("r+b")
         with open("/dev/null", "wb") as out:

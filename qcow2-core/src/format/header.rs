@@ -667,6 +667,21 @@ impl Header {
                 "header, extensions and backing file name do not fit in the first cluster",
             )
         };
+        // The feature name table only names bits for tools: when everything does not fit in
+        // the first cluster (512-byte clusters with a bitmaps extension, say), it is left out,
+        // as QEMU does, rather than refusing the header.
+        let space = |exts: &[(u32, Vec<u8>)]| {
+            let backing = self.backing_file.as_ref().map_or(0, |f| f.len());
+            off + exts
+                .iter()
+                .map(|(_, d)| 8 + d.len().div_ceil(8) * 8)
+                .sum::<usize>()
+                + 8
+                + backing
+        };
+        if space(&exts) > cs {
+            exts.retain(|(ty, _)| *ty != EXT_FEATURE_TABLE);
+        }
         for (ty, data) in &exts {
             let need = 8 + data.len().div_ceil(8) * 8;
             if off + need + 8 > cs {

@@ -1,6 +1,7 @@
 //! `info`: what qemu-img info reports, as JSON (qemu-img's keys) and as text.
 
 use crate::engine::disk::{Disk, MapEntry};
+use crate::engine::image::BitmapInfo;
 use crate::format::snapshot::Snapshot;
 use crate::Result;
 use serde_json::{json, Map, Value};
@@ -87,6 +88,19 @@ pub fn snapshot_table(snaps: &[Snapshot]) -> String {
         );
     }
     s
+}
+
+/// One persistent bitmap as `qemu-img info --output=json` lists it
+/// (`format-specific.data.bitmaps` array): `flags` (`in-use`, `auto`), `name`, `granularity`.
+pub fn bitmap_json(b: &BitmapInfo) -> Value {
+    let mut flags = Vec::new();
+    if b.flags & 1 != 0 {
+        flags.push("in-use");
+    }
+    if b.flags & 2 != 0 {
+        flags.push("auto");
+    }
+    json!({"flags": flags, "name": b.name, "granularity": b.granularity})
 }
 
 /// One snapshot as `qemu-img info --output=json` lists it (`snapshots` array).
@@ -185,19 +199,7 @@ pub fn info_json(disk: &Disk) -> Result<Value> {
                 d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
                 let bms = img.bitmaps();
                 if !bms.is_empty() {
-                    let list: Vec<Value> = bms
-                        .iter()
-                        .map(|b| {
-                            let mut flags = Vec::new();
-                            if b.flags & 1 != 0 {
-                                flags.push("in-use");
-                            }
-                            if b.flags & 2 != 0 {
-                                flags.push("auto");
-                            }
-                            json!({"flags": flags, "name": b.name, "granularity": b.granularity})
-                        })
-                        .collect();
+                    let list: Vec<Value> = bms.iter().map(bitmap_json).collect();
                     d.insert("bitmaps".into(), Value::Array(list));
                 }
                 d.insert("refcount-bits".into(), json!(h.refcount_bits()));

@@ -222,10 +222,17 @@ async fn bitmap_errors() {
         msg(img.bitmap_add("a", None).await),
         "Bitmap already exists: a"
     );
+    let e = img.bitmap_add("a", None).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.errno()),
+        (ErrorKind::AlreadyExists, libc::EEXIST)
+    );
     assert_eq!(
         msg(img.bitmap_remove("x").await),
         "Dirty bitmap 'x' not found"
     );
+    let e = img.bitmap_clear("x").await.unwrap_err();
+    assert_eq!((e.kind(), e.errno()), (ErrorKind::NotFound, libc::ENOENT));
     assert_eq!(
         msg(img.bitmap_merge("a", None, "x").await),
         "Dirty bitmap 'x' not found"
@@ -287,6 +294,40 @@ async fn bitmap_errors() {
     img.close().await.unwrap();
     assert_clean(&path, "in-use bitmap removed");
     assert_eq!(qemu_bitmaps(&path).len(), 1);
+}
+
+/// Our v3 images with 512-byte clusters carry a feature name table that fills the first
+/// cluster: adding a bitmap leaves that optional table out of the header (as QEMU does)
+/// instead of failing with "do not fit in the first cluster".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_on_512_byte_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = dir.path().join("c512.qcow2");
+    qcow2_core::create::create_qcow2(
+        &path,
+        &qcow2_core::create::CreateOptions {
+            size: Some(16 << 20),
+            cluster_size: 512,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let img = open_rw(&path).await;
+    img.bitmap_add("x", None).await.unwrap();
+    img.bitmap_add("y", Some(512)).await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "bitmaps on 512-byte clusters");
+    assert_eq!(
+        qemu_bitmaps(&path),
+        vec![
+            ("x".to_string(), 4096, vec!["auto".to_string()]),
+            ("y".to_string(), 512, vec!["auto".to_string()]),
+        ]
+    );
 }
 
 /// (offset, size) of the bitmap directory, from the header extension.
