@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -74,13 +75,19 @@ def held(qemu, scratch):
     """An image held open for writing by qemu-io (its stdin kept open)."""
     p = scratch / "held.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "16M")
-    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", p], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 30
-    while qemu_img("info", p, check=False).returncode == 0:
-        assert proc.poll() is None, f"qemu-io exited ({proc.returncode})"
-        assert time.time() < deadline, "qemu-io took no lock"
-        time.sleep(0.05)
+    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", p], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    # Wait until qemu-io has opened the image (and holds its locks) by having it answer a
+    # command. Probing with `qemu-img info` meanwhile raced with qemu-io's own lock check at
+    # open (qemu-io then exited 1: "Failed to get write lock").
+    proc.stdin.write(b"read 0 512\n")
+    proc.stdin.flush()
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert answer and b"read 512/512" in answer[0], f"qemu-io did not open the image: {answer}"
+    assert qemu_img("info", p, check=False).returncode != 0, "qemu-io took no lock"
     yield p
     proc.kill()
     proc.wait()
