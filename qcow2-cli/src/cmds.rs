@@ -188,6 +188,12 @@ async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
             }
             first = false;
             put(&info::map_json_line(&e))?;
+        } else if e.data && e.offset.is_none() {
+            // Data with no host offset to print (compressed clusters): qemu-img's human
+            // map stops there with this message and exit code 1.
+            return Err(qcow2_core::Error::unsupported(
+                "File contains external, encrypted or compressed clusters.",
+            ));
         } else if let (true, Some(o)) = (e.data, e.offset) {
             let layer = chain.get(e.depth as usize).copied().unwrap_or(&disk);
             let fname = match layer {

@@ -36,22 +36,15 @@ const CHUNK: u64 = 1 << 20;
 
 /// Rebase the qcow2 image at `path` onto `opts.backing` (see [`RebaseOptions`]).
 pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
-    let new_name = opts.backing.clone();
-    let change_err = |msg: &str| {
-        Error::invalid(format!(
-            "Could not change the backing file to '{new_name}': {msg}"
-        ))
-    };
+    let new_name = &opts.backing;
     // The image itself can never be its own backing file (qemu-img's safe mode fails on
     // the lock; its unsafe mode writes the loop: we refuse both).
-    let new_path: Option<PathBuf> = if new_name.is_empty() {
-        None
-    } else {
-        Some(resolve_name(path, &new_name))
-    };
-    if let Some(np) = &new_path {
-        if crate::io::same_file(np, path) {
-            return Err(change_err("a backing file cannot be the image itself"));
+    if let Some(np) = new_backing_path(path, new_name) {
+        if crate::io::same_file(&np, path) {
+            return Err(change_err(
+                new_name,
+                "a backing file cannot be the image itself",
+            ));
         }
     }
     let probed = crate::engine::disk::probe(path)
@@ -75,6 +68,19 @@ pub async fn rebase(path: &Path, opts: &RebaseOptions) -> Result<()> {
     rebase_image(img, opts).await
 }
 
+/// The error of a rebase onto `new_name` that cannot be done, as qemu-img words it.
+fn change_err(new_name: &str, msg: &str) -> Error {
+    Error::invalid(format!(
+        "Could not change the backing file to '{new_name}': {msg}"
+    ))
+}
+
+/// Where the new backing file `new_name` is (relative to the image's directory); none
+/// for the empty name (the image becomes standalone).
+fn new_backing_path(image: &Path, new_name: &str) -> Option<PathBuf> {
+    (!new_name.is_empty()).then(|| resolve_name(image, new_name))
+}
+
 /// [`rebase`] on an image already open (writable; with its backing chain unless
 /// `opts.unsafe_mode`), for tests that run the job on their own storage (the power-cut
 /// model). The new backing file is opened by name; the image is closed at the end.
@@ -83,16 +89,8 @@ pub async fn rebase_image(img: Image, opts: &RebaseOptions) -> Result<()> {
     let path = img.path().to_path_buf();
     let path = path.as_path();
     let new_name = opts.backing.clone();
-    let change_err = |msg: &str| {
-        Error::invalid(format!(
-            "Could not change the backing file to '{new_name}': {msg}"
-        ))
-    };
-    let new_path: Option<PathBuf> = if new_name.is_empty() {
-        None
-    } else {
-        Some(resolve_name(path, &new_name))
-    };
+    let change_err = |msg: &str| change_err(&new_name, msg);
+    let new_path = new_backing_path(path, &new_name);
     let new_ref = if new_name.is_empty() {
         None
     } else {
