@@ -113,3 +113,13 @@ def test_human_map_of_compressed_clusters(compressed, qemu, cli, scratch):
     js = cli("map", "--output=json", img)
     assert js.returncode == 0, js.stderr
     assert json.loads(js.stdout) == json.loads(qemu_img("map", "--output=json", img).stdout)
+
+
+@pytest.mark.parametrize("cmd", ["info", "map", "check", "compare", "convert", "create", "resize", "rebase", "commit",
+                                 "amend", "measure", "snapshot", "bitmap", "dd", "dump", "bench", "serve"])
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_command_help(cmd, flag, cli):
+    """`qemu-img COMMAND --help` prints that command's usage and exits 0; so does qcow2rs."""
+    ours = cli(cmd, flag)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.startswith(f"usage: qcow2rs {cmd} "), ours.stdout

@@ -87,6 +87,10 @@ fn run_inner(argv: &[String]) -> u8 {
         println!("qcow2rs version {}", env!("CARGO_PKG_VERSION"));
         return 0;
     }
+    if let Some(line) = command_help(cmd, rest) {
+        println!("usage: qcow2rs {line}\n\nSee `qcow2rs --help` for every command, and the README for each option.");
+        return 0;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .thread_name("qcow2rs-worker")
         .enable_all()
@@ -107,4 +111,24 @@ fn run_inner(argv: &[String]) -> u8 {
             f.code
         }
     }
+}
+
+/// `qcow2rs COMMAND -h|--help` (as `qemu-img COMMAND --help`): the command's usage line, when
+/// the command is one of [`USAGE`]'s and a help option comes before any `--`. `serve` prints
+/// its own, longer help.
+fn command_help(cmd: &str, rest: &[String]) -> Option<&'static str> {
+    if cmd == "serve" {
+        return None;
+    }
+    let asked = rest
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help");
+    if !asked {
+        return None;
+    }
+    USAGE
+        .lines()
+        .map(str::trim_start)
+        .find(|l| l.split_whitespace().next() == Some(cmd) && l.len() > cmd.len())
 }
