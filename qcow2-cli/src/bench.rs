@@ -188,6 +188,7 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
             opt('\0', "pattern", true),
             opt('\0', "flush-interval", true),
             opt('\0', "no-drain", false),
+            opt('\0', "cache-size", true),
         ]),
     )?;
     // -q is accepted: qemu-img prints the header and the result even with it.
@@ -199,7 +200,17 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
         return Err(Fail::new("bench: --image-opts is not supported"));
     }
     let prm = params(&p)?;
+    // Our own option (qemu-img bench takes `l2-cache-size` through --image-opts): the
+    // metadata cache of the image and its chain (OpenOptions::cache_size).
+    let cache_size = match p.value("cache-size") {
+        None => qcow2_core::image::DEFAULT_CACHE_SIZE,
+        Some(v) => match parse_size(v) {
+            Some(n) if n <= usize::MAX as u64 => n as usize,
+            _ => return Err(Fail::new("Invalid cache size specified")),
+        },
+    };
     let opts = OpenOptions {
+        cache_size,
         writable: prm.write,
         engine: prm.engine,
         direct: prm.direct,

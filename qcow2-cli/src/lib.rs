@@ -26,7 +26,7 @@ Commands (options as qemu-img):
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F SRC_FMT]])... [-g GRANULARITY] [-f FMT] FILE BITMAP
   dd [-f FMT] [-O raw|qcow2] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   dump [-U] FILE
-  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [-U] FILE
+  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [--cache-size SIZE] [-U] FILE
   serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)
 
 Images are locked as QEMU locks them: an image another process writes is refused, and
