@@ -123,3 +123,37 @@ def test_command_help(cmd, flag, cli):
     ours = cli(cmd, flag)
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout.startswith(f"usage: qcow2rs {cmd} "), ours.stdout
+    assert cli("help", cmd).stdout == ours.stdout
+
+
+@pytest.mark.parametrize("argv", [["create", "-f", "qcow2", "-o", "help"], ["create", "-o", "?"],
+                                  ["create", "-f", "raw", "-o", "help"], ["convert", "-O", "qcow2", "-o", "help"],
+                                  ["convert", "-o", "size=1M,help"], ["amend", "-f", "qcow2", "-o", "help"]],
+                         ids=["create-qcow2", "create-raw-?", "create-raw", "convert-qcow2", "convert-raw", "amend"])
+def test_option_help_lists_what_qemu_img_lists(argv, qemu, cli):
+    """`-o help` prints qemu-img's option list, less the encryption options (we do not create or
+    amend encrypted images) and exits 0."""
+    ref = qemu_img(*argv)
+    ours = cli(*argv)
+    assert ref.returncode == ours.returncode == 0, (ref.stderr, ours.stderr)
+    want = [l for l in ref.stdout.splitlines() if not l.lstrip().startswith(("encrypt.", "encryption="))]
+    assert ours.stdout.splitlines() == want
+
+
+def test_option_errors_as_qemu_img(qemu, cli, scratch):
+    """An unknown -o parameter is named as qemu-img names it; encryption options say they are not
+    supported; a raw image has nothing to amend. All exit 1."""
+    img = scratch / "x.qcow2"
+    cases = [
+        (["create", "-f", "qcow2", "-o", "bogus=1", img, "1M"], "Invalid parameter 'bogus'"),
+        (["create", "-f", "raw", "-o", "cluster_size=4k", img, "1M"], "Invalid parameter 'cluster_size'"),
+        (["create", "-f", "qcow2", "-o", "encrypt.format=luks", img, "1M"], "is not supported"),
+        (["amend", "-f", "raw", "-o", "help"], "Format driver 'raw' does not support option amendment"),
+    ]
+    for argv, msg in cases:
+        ours = cli(*argv)
+        assert ours.returncode == 1, (argv, ours.stderr)
+        assert msg in ours.stderr, (argv, ours.stderr)
+        if "not supported" not in msg:
+            ref = qemu_img(*argv)
+            assert ref.returncode == 1 and msg in ref.stderr, (argv, ref.stderr)

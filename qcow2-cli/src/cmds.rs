@@ -264,14 +264,26 @@ fn create_options(p: &Parsed, fmt: &str) -> Result<CreateOptions, Fail> {
     for o in p.values("options") {
         for (k, v) in create::split_options(&o)? {
             if fmt == "raw" && k != "size" && k != "preallocation" {
-                return Err(Fail::new(format!(
-                    "invalid option '{k}' for the raw format"
-                )));
+                return Err(Fail::new(format!("Invalid parameter '{k}'")));
             }
             co.set(&k, &v)?;
         }
     }
     Ok(co)
+}
+
+/// When a `-o` value asks for the option list (`-o help`, `-o ?`), print it (as qemu-img
+/// does, for creating `fmt` or for amending) and say so: the command then exits 0.
+fn print_options_help(p: &Parsed, fmt: Format, amend: bool) -> Result<bool, Fail> {
+    if !p
+        .values("options")
+        .iter()
+        .any(|o| create::wants_option_help(o))
+    {
+        return Ok(false);
+    }
+    print!("{}", create::options_help(fmt, amend)?);
+    Ok(true)
 }
 
 fn check_fmt(f: &str) -> Result<Format, Fail> {
@@ -292,6 +304,9 @@ async fn cmd_create(args: &[String]) -> Result<u8, Fail> {
     )?;
     let fmt = p.value("format").unwrap_or("raw");
     let fmt = check_fmt(fmt)?;
+    if print_options_help(&p, fmt, false)? {
+        return Ok(0);
+    }
     let (file, size) = match p.operands.as_slice() {
         [f] => (f.clone(), None),
         [f, s] => (f.clone(), Some(create::parse_size(s)?)),
@@ -452,13 +467,16 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             n
         }
     };
+    let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
+    if print_options_help(&p, out_fmt, false)? {
+        return Ok(0);
+    }
     if p.operands.len() != 2 {
         return Err(Fail::new(
             "convert needs exactly one source and one destination",
         ));
     }
     let (src, dst) = (&p.operands[0], &p.operands[1]);
-    let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
     let parallel = match p.value("parallel") {
         None => 8,
         Some(m) => match m.parse::<usize>() {
@@ -958,6 +976,9 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
     let opts = p.values("options");
     if opts.is_empty() {
         return Err(Fail::new("Must specify options (-o)"));
+    }
+    if print_options_help(&p, check_fmt(p.value("format").unwrap_or("qcow2"))?, true)? {
+        return Ok(0);
     }
     let file = match p.operands.as_slice() {
         [f] => f.clone(),

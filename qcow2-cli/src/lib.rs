@@ -79,6 +79,12 @@ fn run_inner(argv: &[String]) -> u8 {
     }
     let cmd = argv[1].as_str();
     let rest = &argv[2..];
+    if cmd == "help" {
+        // `qcow2rs help CMD` is `qcow2rs CMD --help`.
+        if let Some(c) = rest.first() {
+            return run_inner(&[argv[0].clone(), c.clone(), "--help".to_string()]);
+        }
+    }
     if matches!(cmd, "-h" | "--help" | "help") {
         println!("{USAGE}");
         return 0;

@@ -573,6 +573,95 @@ pub fn split_options(s: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Whether a `-o` string asks for the option list instead (`help` or `?` among its items), as
+/// qemu-img accepts it in create, convert, amend and measure.
+pub fn wants_option_help(s: &str) -> bool {
+    s.split(',').any(|i| i == "help" || i == "?")
+}
+
+/// The `-o` options of a format, as qemu-img lists them: (name, value type, description,
+/// whether `amend` takes it).
+const QCOW2_OPTIONS: &[(&str, &str, &str, bool)] = &[
+    ("backing_file", "str", "File name of a base image", true),
+    ("backing_fmt", "str", "Image format of the base image", true),
+    ("cluster_size", "size", "qcow2 cluster size", false),
+    (
+        "compat",
+        "str",
+        "Compatibility level (v2 [0.10] or v3 [1.1])",
+        true,
+    ),
+    (
+        "compression_type",
+        "str",
+        "Compression method used for image cluster compression",
+        false,
+    ),
+    (
+        "data_file",
+        "str",
+        "File name of an external data file",
+        true,
+    ),
+    (
+        "data_file_raw",
+        "bool (on/off)",
+        "The external data file must stay valid as a raw image",
+        true,
+    ),
+    ("extended_l2", "bool (on/off)", "Extended L2 tables", false),
+    (
+        "lazy_refcounts",
+        "bool (on/off)",
+        "Postpone refcount updates",
+        true,
+    ),
+    (
+        "preallocation",
+        "str",
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+        false,
+    ),
+    (
+        "refcount_bits",
+        "num",
+        "Width of a reference count entry in bits",
+        true,
+    ),
+    ("size", "size", "Virtual disk size", true),
+];
+
+/// qemu-img's `-o help` text for `fmt`: the creation options (`amend` false) or the ones
+/// `amend` changes. Encryption options, which qemu-img lists too, are left out: we neither
+/// create nor amend encrypted images (giving one is refused as not supported).
+/// Raw images have nothing to amend: an error, worded as qemu-img's.
+pub fn options_help(fmt: Format, amend: bool) -> Result<String> {
+    let mut out = match (fmt, amend) {
+        (Format::Qcow2, false) => "Supported qcow2 options:\n".to_string(),
+        (Format::Qcow2, true) => "Amend options for 'qcow2':\n".to_string(),
+        (Format::Raw, false) => "Supported raw options:\n".to_string(),
+        (Format::Raw, true) => {
+            return Err(Error::unsupported(
+                "Format driver 'raw' does not support option amendment",
+            ))
+        }
+    };
+    for (name, kind, help, amendable) in QCOW2_OPTIONS {
+        if (fmt == Format::Raw && *name != "size") || (amend && !amendable) {
+            continue;
+        }
+        let left = format!("{name}=<{kind}>");
+        out.push_str(&format!("  {left:<22} - {help}\n"));
+    }
+    if !amend {
+        out.push_str(
+            "\nThe protocol level may support further options.\n\
+             Specify the target filename to include those options.\n",
+        );
+    }
+    Ok(out)
+}
+
 fn parse_bool(k: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "true" | "yes" => Ok(true),
@@ -623,12 +712,12 @@ impl CreateOptions {
             "preallocation" => self.preallocation = Preallocation::parse(v)?,
             "backing_file" => self.backing_file = Some(v.to_string()),
             "backing_fmt" => self.backing_format = Some(v.to_string()),
-            "encryption" | "encrypt.format" => {
-                return Err(Error::unsupported(
-                    "creating encrypted images is not supported",
-                ))
+            k if k == "encryption" || k.starts_with("encrypt.") => {
+                return Err(Error::unsupported(format!(
+                    "Parameter '{k}' is not supported: qcow2rs does not create encrypted images"
+                )))
             }
-            _ => return Err(Error::invalid(format!("invalid option '{key}'"))),
+            _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
         }
         Ok(())
     }
