@@ -419,6 +419,67 @@ def test_tls(scratch):
         assert s.stop() == 0
 
 
+def make_client_cert(d: Path, ca_dir: Path, cn="client"):
+    """client-cert.pem and client-key.pem in `d`, signed by the CA of `ca_dir` (libnbd's layout)."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*a):
+        cp = run(["openssl", *a], cwd=d)
+        assert cp.returncode == 0, cp.stderr
+
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", "client-key.pem", "-out", "client.csr")
+    (d / "cext.cnf").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n")
+    ssl("x509", "-req", "-in", "client.csr", "-CA", ca_dir / "ca-cert.pem", "-CAkey", ca_dir / "ca-key.pem",
+        "-CAcreateserial", "-days", "2", "-extfile", "cext.cnf", "-out", "client-cert.pem")
+
+
+def test_tls_client_certificates(scratch):
+    """--tls-verify-peer requires a client certificate signed by DIR/ca-cert.pem (libnbd sends
+    client-cert.pem/client-key.pem from its certificates folder); without it a certificate is
+    optional. (GnuTLS, under libnbd, sends no certificate whose issuer is not among the CAs the
+    server names, so the "rogue" client connects as one without a certificate.)"""
+    if shutil.which("openssl") is None:
+        if in_ci():
+            pytest.fail("openssl not found [CI=true]")
+        pytest.skip("openssl not found")
+    img, _ = fresh(scratch)
+    qemu_io(img, "write -P 0x77 0 4096")
+    creds = scratch / "creds"
+    make_certs(creds)
+    other = scratch / "other-ca"
+    make_certs(other, ca="another CA")
+    dirs = {}
+    for name, signer in (("good", creds), ("none", None), ("rogue", other)):
+        d = scratch / f"client-{name}"
+        d.mkdir()
+        shutil.copy(creds / "ca-cert.pem", d / "ca-cert.pem")
+        if signer:
+            make_client_cert(d, signer)
+        dirs[name] = d
+    want = __import__("hashlib").sha256(b"\x77" * 4096).hexdigest()
+
+    def read(s, name):
+        env = dict(os.environ, NBD_TLS_DIR=str(dirs[name]))
+        cp = subprocess.run([SYS_PY, CLIENT, "read", s.uri], capture_output=True, text=True, env=env, timeout=60)
+        return cp.returncode == 0 and cp.stdout.strip() == want
+
+    for verify, expect in ((True, {"good": True, "none": False, "rogue": False}),
+                           (False, {"good": True, "none": True, "rogue": True})):
+        extra = ["--tls-verify-peer"] if verify else []
+        with Server(img, scratch, "-t", "-e", "0", "--tls-creds", creds, *extra, tcp_port=free_port()) as s:
+            got = {name: read(s, name) for name in dirs}
+            assert got == expect, f"--tls-verify-peer={verify}: {got}"
+            assert s.proc.poll() is None
+            assert s.stop() == 0
+    # --tls-verify-peer without a CA to verify with: refused at start.
+    noca = scratch / "noca"
+    noca.mkdir()
+    for f in ("server-cert.pem", "server-key.pem"):
+        shutil.copy(creds / f, noca / f)
+    cp = run([qcow2rs_bin(), "serve", "--tls-creds", noca, "--tls-verify-peer", "-k", scratch / "x.sock", img])
+    assert cp.returncode == 1 and "ca-cert.pem" in cp.stderr, cp.stderr
+
+
 def serve_fork(tmp: Path, *args, name="f"):
     """`qcow2rs serve --fork -k SOCK ARGS`: returns (exit status, socket, pid file)."""
     sock, pid = tmp / f"{name}.sock", tmp / f"{name}.pid"
