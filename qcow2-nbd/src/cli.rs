@@ -44,7 +44,9 @@ Export IMAGE over NBD (options as qemu-nbd's).
                            through qcow2rs do not record dirty ranges
       --cache=MODE         none, writeback (default), writethrough or directsync
       --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
-                           optionally ca-cert.pem (qemu's x509 credentials layout)
+                           optionally ca-cert.pem (qemu's x509 credentials layout);
+                           with ca-cert.pem a client certificate is optional and
+                           verified against it when presented
       --tls-verify-peer    require client certificates signed by DIR/ca-cert.pem
       --handshake-limit=N  seconds a client may take for the handshake (default 10)
   -U, --force-share        open a read-only image that another process writes
@@ -349,7 +351,7 @@ async fn fork(args: &[String]) -> u8 {
         {
             return Err("--fork works only when run as a command (qcow2rs serve ...)".into());
         }
-        let mut child = std::process::Command::new(exe)
+        let mut child = std::process::Command::new(self_program(&cmdline[0], &exe))
             .args(&cmdline[1..cmdline.len() - args.len()])
             .args(args.iter().filter(|a| *a != "--fork"))
             .env(READY_FD, fd.to_string())
@@ -379,6 +381,31 @@ async fn fork(args: &[String]) -> u8 {
             eprintln!("qcow2rs serve: {e}");
             1
         }
+    }
+}
+
+/// The program `--fork` runs again: `argv0` (looked up in `PATH` when it has no '/') when
+/// it is this same executable under another name, else `exe`. A virtual environment's
+/// `python` is a symlink to the interpreter, and Python uses the environment (where the
+/// wheel is installed) only when started by that path: the console script's `--fork`
+/// must not start the bare interpreter that `exe` names.
+fn self_program(argv0: &str, exe: &std::path::Path) -> PathBuf {
+    let found = if argv0.contains('/') {
+        Some(PathBuf::from(argv0))
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(argv0))
+                .find(|f| f.is_file())
+        })
+    };
+    let same = |c: &PathBuf| {
+        let a = std::fs::canonicalize(c).ok();
+        a.is_some() && a == std::fs::canonicalize(exe).ok()
+    };
+    match found {
+        Some(c) if !argv0.is_empty() && same(&c) => c,
+        _ => exe.to_path_buf(),
     }
 }
 
@@ -626,6 +653,18 @@ mod tests {
         assert!(p(&["-k"]).is_err());
         assert!(p(&["a", "b"]).is_err());
         assert_eq!(p(&["-h"]).err().unwrap(), "");
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(self_program(exe.to_str().unwrap(), &exe), exe);
+        assert_eq!(self_program("/nonexistent/x", &exe), exe);
+        assert_eq!(self_program("", &exe), exe);
+        // A symlink to the executable (a venv's python) is kept as it is.
+        let dir = std::env::temp_dir().join(format!("qcow2rs-selfprog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("python");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        assert_eq!(self_program(link.to_str().unwrap(), &exe), link);
+        std::fs::remove_dir_all(&dir).unwrap();
         let a = p(&["-B", "b0", "--bitmap=b1", "-Bb2", "img"]).unwrap();
         assert_eq!(a.bitmaps, ["b0", "b1", "b2"]);
     }
