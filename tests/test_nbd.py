@@ -594,9 +594,9 @@ def bitmap_image(tmp: Path):
     64 KiB (the default), 1 MiB and a disabled one, dirtied by qemu-io writes (which mark the
     enabled ones); the virtual size is not a multiple of the granularities."""
     base = tmp / "base.qcow2"
-    qemu_img("create", "-f", "qcow2", base, str(6 * MiB))
+    qemu_img("create", "-f", "qcow2", base, str(6 * MiB + 512))
     qemu_img("bitmap", "--add", base, "old")
-    qemu_io(base, "write 1M 100k", "write 6143k 1k")
+    qemu_io(base, "write 1M 100k", "write 6143k 1k", "write 6M 512")
     top = tmp / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top, str(10 * MiB + 1536))
     qemu_img("bitmap", "--add", "-g", "512", top, "fine")
