@@ -49,9 +49,11 @@ run_row() { # row name, command (with SOCK placeholder)
         "$(echo "(${CPU[$row,ours]} + 0.01) / (${CPU[$row,qemu]} + 0.01)" | bc -l)"
 }
 
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 # qemu-img bench has no random mode: a 1 MiB + 4 KiB stride scatters the requests over the image.
 run_row "4k strided read qd32"  qemu-img bench -f raw -c "$COUNT" -d 32 -s 4k -S 1052672 URI
 run_row "4k strided write qd32" qemu-img bench -f raw -w -c "$COUNT" -d 32 -s 4k -S 1052672 URI
 run_row "64k sequential read qd16" qemu-img bench -f raw -c $((COUNT / 4)) -d 16 -s 64k URI
 run_row "64k sequential write qd16" qemu-img bench -f raw -w -c $((COUNT / 4)) -d 16 -s 64k URI
 run_row "nbdcopy 1 GiB to null" nbdcopy URI null:
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,6 +9,8 @@ the test venv. Usage: /usr/bin/python3 nbd_client.py COMMAND ARGS...
   killwrites URI JOURNAL      write unique blocks forever, flushing every 16 writes; after each
                               flush, append the flushed blocks to JOURNAL (one "offset seed" line)
   read URI                    connect (TLS per the env), read 4 KiB, print its sha256
+  contexts URI SEED CTX...    print (JSON) the LIST_META_CONTEXT answers to a few queries, then
+                              block status of each CTX over random ranges (some with REQ_ONE)
 """
 
 import hashlib
@@ -154,6 +156,40 @@ def read(uri):
     h.shutdown()
 
 
+def contexts(uri, seed, *ctxs):
+    import json
+
+    out = {"lists": [], "status": []}
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    for queries in ([], ["qemu:dirty-bitmap:"], ["qemu:"], ["base:"], list(ctxs), ["qemu:dirty-bitmap:nope"]):
+        h.clear_meta_contexts()
+        for q in queries:
+            h.add_meta_context(q)
+        got = []
+        h.opt_list_meta_context(lambda name, got=got: got.append(name) or 0)
+        out["lists"].append([queries, got])
+    h.clear_meta_contexts()
+    for c in ctxs:
+        h.add_meta_context(c)
+    h.opt_go()
+    for c in ctxs:
+        assert h.can_meta_context(c), f"{c} not negotiated"
+    size = h.get_size()
+    rnd = random.Random(int(seed))
+    for i in range(300):
+        off = rnd.randrange(0, size)
+        n = rnd.randrange(1, min(size - off, 8 << 20) + 1)
+        flags = nbd.CMD_FLAG_REQ_ONE if i % 3 == 0 else 0
+        got = []
+        h.block_status(n, off, lambda ctx, o, entries, err, got=got: got.append([ctx, o, list(entries)]) or 0, flags)
+        got.sort()
+        out["status"].append([off, n, flags, got])
+    h.shutdown()
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"multiconn": multiconn, "worker": worker, "killwrites": killwrites, "read": read}[cmd](*args)
+    {"multiconn": multiconn, "worker": worker, "killwrites": killwrites, "read": read, "contexts": contexts}[cmd](*args)

@@ -419,6 +419,67 @@ def test_tls(scratch):
         assert s.stop() == 0
 
 
+def make_client_cert(d: Path, ca_dir: Path, cn="client"):
+    """client-cert.pem and client-key.pem in `d`, signed by the CA of `ca_dir` (libnbd's layout)."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*a):
+        cp = run(["openssl", *a], cwd=d)
+        assert cp.returncode == 0, cp.stderr
+
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", "client-key.pem", "-out", "client.csr")
+    (d / "cext.cnf").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n")
+    ssl("x509", "-req", "-in", "client.csr", "-CA", ca_dir / "ca-cert.pem", "-CAkey", ca_dir / "ca-key.pem",
+        "-CAcreateserial", "-days", "2", "-extfile", "cext.cnf", "-out", "client-cert.pem")
+
+
+def test_tls_client_certificates(scratch):
+    """--tls-verify-peer requires a client certificate signed by DIR/ca-cert.pem (libnbd sends
+    client-cert.pem/client-key.pem from its certificates folder); without it a certificate is
+    optional. (GnuTLS, under libnbd, sends no certificate whose issuer is not among the CAs the
+    server names, so the "rogue" client connects as one without a certificate.)"""
+    if shutil.which("openssl") is None:
+        if in_ci():
+            pytest.fail("openssl not found [CI=true]")
+        pytest.skip("openssl not found")
+    img, _ = fresh(scratch)
+    qemu_io(img, "write -P 0x77 0 4096")
+    creds = scratch / "creds"
+    make_certs(creds)
+    other = scratch / "other-ca"
+    make_certs(other, ca="another CA")
+    dirs = {}
+    for name, signer in (("good", creds), ("none", None), ("rogue", other)):
+        d = scratch / f"client-{name}"
+        d.mkdir()
+        shutil.copy(creds / "ca-cert.pem", d / "ca-cert.pem")
+        if signer:
+            make_client_cert(d, signer)
+        dirs[name] = d
+    want = __import__("hashlib").sha256(b"\x77" * 4096).hexdigest()
+
+    def read(s, name):
+        env = dict(os.environ, NBD_TLS_DIR=str(dirs[name]))
+        cp = subprocess.run([SYS_PY, CLIENT, "read", s.uri], capture_output=True, text=True, env=env, timeout=60)
+        return cp.returncode == 0 and cp.stdout.strip() == want
+
+    for verify, expect in ((True, {"good": True, "none": False, "rogue": False}),
+                           (False, {"good": True, "none": True, "rogue": True})):
+        extra = ["--tls-verify-peer"] if verify else []
+        with Server(img, scratch, "-t", "-e", "0", "--tls-creds", creds, *extra, tcp_port=free_port()) as s:
+            got = {name: read(s, name) for name in dirs}
+            assert got == expect, f"--tls-verify-peer={verify}: {got}"
+            assert s.proc.poll() is None
+            assert s.stop() == 0
+    # --tls-verify-peer without a CA to verify with: refused at start.
+    noca = scratch / "noca"
+    noca.mkdir()
+    for f in ("server-cert.pem", "server-key.pem"):
+        shutil.copy(creds / f, noca / f)
+    cp = run([qcow2rs_bin(), "serve", "--tls-creds", noca, "--tls-verify-peer", "-k", scratch / "x.sock", img])
+    assert cp.returncode == 1 and "ca-cert.pem" in cp.stderr, cp.stderr
+
+
 def serve_fork(tmp: Path, *args, name="f"):
     """`qcow2rs serve --fork -k SOCK ARGS`: returns (exit status, socket, pid file)."""
     sock, pid = tmp / f"{name}.sock", tmp / f"{name}.pid"
@@ -526,3 +587,74 @@ def test_image_opts_description_allocation_depth(scratch):
         assert s.stop() == 0
     cp = run([qcow2rs_bin(), "serve", "--image-opts", "-k", scratch / "x.sock", f"driver=qcow2,bogus=1,file={img}"])
     assert cp.returncode == 1 and "bogus" in cp.stderr
+
+
+def bitmap_image(tmp: Path):
+    """A backing file with bitmap 'old', and on top an image with bitmaps of granularity 512,
+    64 KiB (the default), 1 MiB and a disabled one, dirtied by qemu-io writes (which mark the
+    enabled ones); the virtual size is not a multiple of the granularities."""
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, str(6 * MiB + 512))
+    qemu_img("bitmap", "--add", base, "old")
+    qemu_io(base, "write 1M 100k", "write 6143k 1k", "write 6M 512")
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top, str(10 * MiB + 1536))
+    qemu_img("bitmap", "--add", "-g", "512", top, "fine")
+    qemu_img("bitmap", "--add", top, "b0")
+    qemu_img("bitmap", "--add", "-g", "1M", top, "big")
+    qemu_img("bitmap", "--add", top, "off")
+    qemu_img("bitmap", "--disable", top, "off")
+    qemu_io(top, "write 100k 10k", "write 3M 1", "write 4095k 2k", "write 9000k 1200k", "write 10M 1536",
+            "write 5M 64k")
+    return top
+
+
+BITMAP_CTXS = ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:big", "qemu:dirty-bitmap:fine",
+               "qemu:dirty-bitmap:off", "qemu:dirty-bitmap:old", "base:allocation"]
+
+
+@pytest.mark.parametrize("mode", ["-r", "-s"])
+def test_dirty_bitmaps_match_qemu_nbd(mode, scratch):
+    """-B NAME (several, one from the backing file): the contexts listed, nbdinfo --map, qemu-img
+    map with x-dirty-bitmap and libnbd block status over random ranges (with and without REQ_ONE)
+    equal qemu-nbd's for the same options."""
+    top = bitmap_image(scratch)
+    bms = ["-B", "b0", "-B", "big", "-B", "fine", "-B", "off", "-B", "old"]
+    with Server(top, scratch, mode, "-t", "-e", "0", *bms) as ours, Server(
+        top, scratch, mode, "-t", "-e", "0", "-f", "qcow2", "-A", *bms, qemu=True, name="q"
+    ) as ref:
+        lists = [json.loads(run(["nbdinfo", "--json", "--list", s.uri]).stdout)["exports"][0]["contexts"] for s in (ours, ref)]
+        assert lists[0] == lists[1]
+        assert "qemu:dirty-bitmap:old" in lists[0]
+        for ctx in BITMAP_CTXS:
+            m = nbdinfo_map(ours.uri, ctx)
+            assert m == nbdinfo_map(ref.uri, ctx), f"nbdinfo --map={ctx} differs"
+        assert any(e["type"] == 1 for e in nbdinfo_map(ours.uri, "qemu:dirty-bitmap:fine"))
+        for name in ("b0", "big", "old"):
+            maps = []
+            for s in (ours, ref):
+                spec = f"driver=nbd,server.type=unix,server.path={s.sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+                maps.append(json.loads(qemu_img("map", "--output=json", "--image-opts", spec).stdout))
+            assert maps[0] == maps[1], f"qemu-img map with x-dirty-bitmap={name} differs"
+        got = [json.loads(client("contexts", s.uri, "11", *BITMAP_CTXS).stdout) for s in (ours, ref)]
+        assert got[0]["lists"] == got[1]["lists"]
+        for a, b in zip(got[0]["status"], got[1]["status"]):
+            assert a == b, f"block status of {a[:3]} differs"
+        ref.stop()
+        assert ours.stop() == 0
+
+
+def test_dirty_bitmap_refusals(scratch):
+    """-B: a missing bitmap and a bitmap of the image exported writable are refused at start."""
+    top = bitmap_image(scratch)
+    sock = scratch / "x.sock"
+    cp = run([qcow2rs_bin(), "serve", "-r", "-B", "nope", "-k", sock, top])
+    assert cp.returncode == 1 and "Bitmap 'nope' is not found" in cp.stderr, cp.stderr
+    cp = run([qcow2rs_bin(), "serve", "-B", "b0", "-k", sock, top])
+    assert cp.returncode == 1 and "-r" in cp.stderr and "b0" in cp.stderr, cp.stderr
+    # A bitmap of the backing file is untouched by writes to the image: allowed, as qemu-nbd.
+    with Server(top, scratch, "-B", "old", "-t") as s:
+        assert "qemu:dirty-bitmap:old" in json.loads(run(["nbdinfo", "--json", s.uri]).stdout)["exports"][0]["contexts"]
+        assert s.stop() == 0
+    assert not sock.exists()
+    assert qemu_img("check", top, check=False).returncode == 0

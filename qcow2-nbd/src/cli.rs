@@ -1,7 +1,7 @@
 //! `qcow2rs serve`: option parsing (qemu-nbd's names) and the server's life cycle.
 
 use crate::conn::Shared;
-use crate::export::Export;
+use crate::export::{DirtyBitmap, Export};
 use crate::handshake::ExportInfo;
 use crate::server::{self, Listen, Listener};
 use qcow2_core::{Disk, Format, OpenOptions};
@@ -36,9 +36,17 @@ Export IMAGE over NBD (options as qemu-nbd's).
                            file.filename=PATH (or file=PATH)[,read-only=on|off]
   -A, --allocation-depth   accepted for qemu-nbd compatibility: the
                            qemu:allocation-depth context is always offered
+  -B, --bitmap=NAME        offer the persistent dirty bitmap NAME (of the image or of
+                           a backing file) as the block status context
+                           qemu:dirty-bitmap:NAME (dirty ranges have flag 1); may be
+                           repeated. The bits are read at start; a bitmap of the image
+                           itself needs a read-only export (-r, -s or -l): writes
+                           through qcow2rs do not record dirty ranges
       --cache=MODE         none, writeback (default), writethrough or directsync
       --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
-                           optionally ca-cert.pem (qemu's x509 credentials layout)
+                           optionally ca-cert.pem (qemu's x509 credentials layout);
+                           with ca-cert.pem a client certificate is optional and
+                           verified against it when presented
       --tls-verify-peer    require client certificates signed by DIR/ca-cert.pem
       --handshake-limit=N  seconds a client may take for the handshake (default 10)
   -U, --force-share        open a read-only image that another process writes
@@ -64,6 +72,7 @@ struct Args {
     cache: String,
     tls_creds: Option<PathBuf>,
     tls_verify_peer: bool,
+    bitmaps: Vec<String>,
     handshake_limit: u64,
     force_share: bool,
     untrusted: bool,
@@ -89,6 +98,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         ('\0', "fork", false),
         ('\0', "image-opts", false),
         ('A', "allocation-depth", false),
+        ('B', "bitmap", true),
         ('x', "export-name", true),
         ('D', "description", true),
         ('e', "shared", true),
@@ -170,6 +180,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "fork" => a.fork = true,
             "image-opts" => a.image_opts = true,
             "allocation-depth" => {}
+            "bitmap" => a.bitmaps.push(val),
             "export-name" => {
                 if val.len() > crate::proto::MAX_STRING {
                     return Err("export name longer than 4096 bytes".into());
@@ -340,7 +351,7 @@ async fn fork(args: &[String]) -> u8 {
         {
             return Err("--fork works only when run as a command (qcow2rs serve ...)".into());
         }
-        let mut child = std::process::Command::new(exe)
+        let mut child = std::process::Command::new(self_program(&cmdline[0], &exe))
             .args(&cmdline[1..cmdline.len() - args.len()])
             .args(args.iter().filter(|a| *a != "--fork"))
             .env(READY_FD, fd.to_string())
@@ -370,6 +381,31 @@ async fn fork(args: &[String]) -> u8 {
             eprintln!("qcow2rs serve: {e}");
             1
         }
+    }
+}
+
+/// The program `--fork` runs again: `argv0` (looked up in `PATH` when it has no '/') when
+/// it is this same executable under another name, else `exe`. A virtual environment's
+/// `python` is a symlink to the interpreter, and Python uses the environment (where the
+/// wheel is installed) only when started by that path: the console script's `--fork`
+/// must not start the bare interpreter that `exe` names.
+fn self_program(argv0: &str, exe: &std::path::Path) -> PathBuf {
+    let found = if argv0.contains('/') {
+        Some(PathBuf::from(argv0))
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(argv0))
+                .find(|f| f.is_file())
+        })
+    };
+    let same = |c: &PathBuf| {
+        let a = std::fs::canonicalize(c).ok();
+        a.is_some() && a == std::fs::canonicalize(exe).ok()
+    };
+    match found {
+        Some(c) if !argv0.is_empty() && same(&c) => c,
+        _ => exe.to_path_buf(),
     }
 }
 
@@ -434,6 +470,40 @@ async fn overlay(
     disk.map_err(|e| format!("temporary overlay: {e}"))
 }
 
+/// `-B NAME`: the bits of bitmap `name`, from the first layer of `disk`'s chain that has
+/// one of that name (as qemu-nbd looks for it). `writable`: the export writes to `disk`
+/// itself, whose bitmaps therefore cannot be exported.
+async fn load_bitmap(disk: &Disk, name: &str, writable: bool) -> Result<DirtyBitmap, String> {
+    let mut layer = Some(disk);
+    let mut top = true;
+    while let Some(d) = layer {
+        if let Disk::Qcow2(img) = d {
+            match img.bitmap_content(name).await {
+                Ok((bits, granularity)) => {
+                    if top && writable {
+                        return Err(format!(
+                            "Bitmap '{name}' belongs to the exported image, which is writable: \
+                             use -r (or -s): writes through qcow2rs do not record dirty ranges \
+                             (and the first write drops the image's bitmaps)"
+                        ));
+                    }
+                    return Ok(DirtyBitmap::new(
+                        name.to_string(),
+                        bits,
+                        granularity,
+                        d.size(),
+                    ));
+                }
+                Err(e) if e.kind() == qcow2_core::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        layer = d.backing();
+        top = false;
+    }
+    Err(format!("Bitmap '{name}' is not found"))
+}
+
 async fn serve(a: Args) -> Result<(), String> {
     let image = a.image.clone().unwrap();
     let direct = matches!(a.cache.as_str(), "none" | "directsync");
@@ -452,7 +522,25 @@ async fn serve(a: Args) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
     };
+    // -B: as qemu-nbd, the contexts are offered in the reverse order of the options.
+    let mut names: Vec<&String> = Vec::new();
+    for n in a.bitmaps.iter().rev() {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    if names.len() > crate::handshake::MAX_BITMAPS {
+        return Err(format!(
+            "at most {} bitmaps can be exported",
+            crate::handshake::MAX_BITMAPS
+        ));
+    }
+    let mut bitmaps = Vec::new();
+    for n in names {
+        bitmaps.push(load_bitmap(&disk, n, !a.read_only).await?);
+    }
     let mut export = Export::new(disk, !a.read_only);
+    export.bitmaps = bitmaps;
     export.writethrough = matches!(a.cache.as_str(), "writethrough" | "directsync");
     let export = Arc::new(export);
 
@@ -511,6 +599,7 @@ async fn serve(a: Args) -> Result<(), String> {
         pref_block: 4096,
         tls: tls.is_some(),
         multi_conn: a.shared != 1,
+        bitmaps: export.bitmaps.iter().map(|b| b.name.clone()).collect(),
     };
     let shared = Arc::new(Shared {
         export: export.clone(),
@@ -564,6 +653,20 @@ mod tests {
         assert!(p(&["-k"]).is_err());
         assert!(p(&["a", "b"]).is_err());
         assert_eq!(p(&["-h"]).err().unwrap(), "");
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(self_program(exe.to_str().unwrap(), &exe), exe);
+        assert_eq!(self_program("/nonexistent/x", &exe), exe);
+        assert_eq!(self_program("", &exe), exe);
+        // A symlink to the executable (a venv's python) is kept as it is.
+        let dir = std::env::temp_dir().join(format!("qcow2rs-selfprog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("python");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        assert_eq!(self_program(link.to_str().unwrap(), &exe), link);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let a = p(&["-B", "b0", "--bitmap=b1", "-Bb2", "img"]).unwrap();
+        assert_eq!(a.bitmaps, ["b0", "b1", "b2"]);
     }
 
     #[test]

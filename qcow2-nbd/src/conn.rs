@@ -2,9 +2,10 @@
 //! read by one loop, run concurrently as tasks, and their replies are written by a writer
 //! task of their own, in completion order.
 
-use crate::export::{extents, Export, OpError};
+use crate::export::{bitmap_extents, extents, Export, OpError};
 use crate::handshake::{
     greeting, ExportInfo, Handshake, Negotiated, Step, CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION,
+    CTX_DIRTY_BITMAP,
 };
 use crate::proto::{self, *};
 use std::sync::Arc;
@@ -405,7 +406,21 @@ async fn block_status(
     let ex = &ctx.export;
     let mode = ctx.mode;
     let max = if req_one { 1 } else { MAX_EXTENTS };
-    let runs = ex.status(off, len, max).await?;
+    let ids: Vec<u32> = (ctx.contexts.iter().copied())
+        .filter(|&id| id < 64 && wanted & (1 << id) != 0)
+        .filter(|&id| {
+            id < CTX_DIRTY_BITMAP || ((id - CTX_DIRTY_BITMAP) as usize) < ex.bitmaps.len()
+        })
+        .collect();
+    // The qcow2 mapping, only when an allocation context is asked for.
+    let runs = if ids
+        .iter()
+        .any(|&id| id == CTX_BASE_ALLOCATION || id == CTX_ALLOCATION_DEPTH)
+    {
+        ex.status(off, len, max).await?
+    } else {
+        Vec::new()
+    };
     let mut max_len = if mode == ReplyMode::Extended {
         u64::MAX
     } else {
@@ -414,10 +429,8 @@ async fn block_status(
     if req_one {
         max_len = max_len.min(len);
     }
+    let end = off.saturating_add(len).min(ex.size());
     let mut msg = Vec::new();
-    let ids: Vec<u32> = (ctx.contexts.iter().copied())
-        .filter(|&id| id < 64 && wanted & (1 << id) != 0)
-        .collect();
     for (i, &id) in ids.iter().enumerate() {
         let ext = match id {
             CTX_BASE_ALLOCATION => extents(
@@ -427,7 +440,10 @@ async fn block_status(
                 max,
             ),
             CTX_ALLOCATION_DEPTH => extents(&runs, |s| s.depth, max_len, max),
-            _ => continue,
+            _ => {
+                let b = &ex.bitmaps[(id - CTX_DIRTY_BITMAP) as usize];
+                bitmap_extents(b, off, end, max_len, max)
+            }
         };
         let flags = if i + 1 == ids.len() {
             REPLY_FLAG_DONE

@@ -11,6 +11,89 @@ pub struct Export {
     writable: bool,
     /// Flush after every write (`--cache=writethrough`/`directsync`).
     pub writethrough: bool,
+    /// Dirty bitmaps exported as `qemu:dirty-bitmap:NAME` (`-B`), in context order.
+    pub bitmaps: Vec<DirtyBitmap>,
+}
+
+/// A persistent dirty bitmap exported as the metadata context `qemu:dirty-bitmap:NAME`
+/// (`-B NAME`): its bits as read when the server started. The export never writes to the
+/// layer holding it (the server refuses that), so they do not change while it serves.
+#[derive(Debug, Clone)]
+pub struct DirtyBitmap {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bit `i` (bit `i % 8` of byte `i / 8`) covers the bytes from `i * granularity`.
+    bits: Vec<u8>,
+    granularity: u64,
+    /// Bytes the bitmap covers: the size of the layer holding it (a backing file may be
+    /// shorter than the export; past its end nothing is dirty).
+    covered: u64,
+}
+
+impl DirtyBitmap {
+    /// A bitmap from its bits (as `Image::bitmap_content` gives them), its granularity (a
+    /// power of two) and the size of the disk it belongs to.
+    pub fn new(name: String, bits: Vec<u8>, granularity: u64, covered: u64) -> DirtyBitmap {
+        DirtyBitmap {
+            name,
+            bits,
+            granularity: granularity.max(1),
+            covered,
+        }
+    }
+
+    fn nbits(&self) -> u64 {
+        self.covered
+            .div_ceil(self.granularity)
+            .min(self.bits.len() as u64 * 8)
+    }
+
+    fn bit(&self, i: u64) -> bool {
+        self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    /// The first bit from `i` on that is not `v` (`nbits()` when there is none).
+    fn next_change(&self, mut i: u64, v: bool) -> u64 {
+        let n = self.nbits();
+        let same = if v { 0xff } else { 0 };
+        while i < n {
+            if i.is_multiple_of(8) && i + 8 <= n && self.bits[(i / 8) as usize] == same {
+                i += 8;
+                continue;
+            }
+            if self.bit(i) != v {
+                return i;
+            }
+            i += 1;
+        }
+        n
+    }
+
+    /// Runs `(length, dirty)` covering `[off, end)`, at most `max` of them; a dirty run
+    /// spans whole granules, clipped to the range (as QEMU reports them).
+    pub fn runs(&self, off: u64, end: u64, max: usize) -> Vec<(u64, bool)> {
+        let g = self.granularity;
+        let n = self.nbits();
+        let mut out = Vec::new();
+        let mut pos = off;
+        while pos < end && out.len() < max {
+            let i = pos / g;
+            if i >= n || pos >= self.covered {
+                out.push((end - pos, false));
+                break;
+            }
+            let v = self.bit(i);
+            let j = self.next_change(i, v);
+            let stop = if j >= n && !v {
+                end
+            } else {
+                j.saturating_mul(g).min(self.covered).min(end)
+            };
+            out.push((stop - pos, v));
+            pos = stop;
+        }
+        out
+    }
 }
 
 /// A failed operation: an NBD error value and a message.
@@ -74,6 +157,7 @@ impl Export {
             size,
             writable,
             writethrough: false,
+            bitmaps: Vec::new(),
         }
     }
 
@@ -237,6 +321,30 @@ impl Export {
     }
 }
 
+/// Add a run of `len` bytes with `flags` to `out`, merged with the last extent when the
+/// flags are equal, each extent at most `max_len` bytes; `false` once `out` holds `max`
+/// extents and more would be needed.
+pub fn push_extent(out: &mut Vec<Extent>, len: u64, flags: u32, max_len: u64, max: usize) -> bool {
+    let mut left = len;
+    while left > 0 {
+        if let Some(l) = out.last_mut() {
+            if l.flags == flags && l.len < max_len {
+                let add = left.min(max_len - l.len);
+                l.len += add;
+                left -= add;
+                continue;
+            }
+        }
+        if out.len() == max {
+            return false;
+        }
+        let n = left.min(max_len);
+        out.push(Extent { len: n, flags });
+        left -= n;
+    }
+    true
+}
+
 /// Extents of one context from status runs, each at most `max_len` bytes, merged where
 /// the context's flags are equal; `max` extents at most.
 pub fn extents(
@@ -247,24 +355,69 @@ pub fn extents(
 ) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     for r in runs {
-        let flags = f(r);
-        let mut left = r.len;
-        while left > 0 {
-            if let Some(l) = out.last_mut() {
-                if l.flags == flags && l.len < max_len {
-                    let add = left.min(max_len - l.len);
-                    l.len += add;
-                    left -= add;
-                    continue;
-                }
-            }
-            if out.len() == max {
-                return out;
-            }
-            let n = left.min(max_len);
-            out.push(Extent { len: n, flags });
-            left -= n;
+        if !push_extent(&mut out, r.len, f(r), max_len, max) {
+            break;
         }
     }
     out
+}
+
+/// Extents of a dirty bitmap over `[off, off+len)` (clipped to the export), flag
+/// `NBD_STATE_DIRTY` where dirty; as [`extents`] for `max_len` and `max`.
+pub fn bitmap_extents(
+    b: &DirtyBitmap,
+    off: u64,
+    end: u64,
+    max_len: u64,
+    max: usize,
+) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    // Each run needs at most len/max_len + 1 extents; `max` runs are always enough.
+    for (len, dirty) in b.runs(off, end, max) {
+        let flags = if dirty { proto::STATE_DIRTY } else { 0 };
+        if !push_extent(&mut out, len, flags, max_len, max) {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_runs() {
+        // Granularity 64 KiB over 20 granules: 1 and 2 dirty, 9..=17 dirty.
+        let mut bits = vec![0u8; 3];
+        for i in [1u64, 2, 9, 10, 11, 12, 13, 14, 15, 16, 17] {
+            bits[(i / 8) as usize] |= 1 << (i % 8);
+        }
+        let g = 64 << 10;
+        let b = DirtyBitmap::new("b".into(), bits, g, 20 * g - 100);
+        assert_eq!(
+            b.runs(0, 20 * g - 100, 100),
+            vec![
+                (g, false),
+                (2 * g, true),
+                (6 * g, false),
+                (9 * g, true),
+                (2 * g - 100, false)
+            ]
+        );
+        // Clipped to the range, even inside a granule.
+        assert_eq!(b.runs(g + 5, 2 * g, 100), vec![(g - 5, true)]);
+        assert_eq!(b.runs(100, 2 * g, 1), vec![(g - 100, false)]);
+        // A bitmap of a shorter backing file: clean past its end.
+        let b = DirtyBitmap::new("b".into(), vec![0xff], g, 3 * g + 7);
+        assert_eq!(
+            b.runs(0, 10 * g, 100),
+            vec![(3 * g + 7, true), (7 * g - 7, false)]
+        );
+        let e = bitmap_extents(&b, 0, 10 * g, g, 3);
+        assert_eq!(e.len(), 3);
+        assert!(e
+            .iter()
+            .all(|x| x.len == g && x.flags == proto::STATE_DIRTY));
+    }
 }

@@ -4,7 +4,7 @@
 //! cargo-fuzz target `nbd` (`fuzz/fuzz_targets/nbd.rs`) calls them directly.
 
 use crate::conn::{self, Shared};
-use crate::export::Export;
+use crate::export::{DirtyBitmap, Export};
 use crate::handshake::{ExportInfo, Handshake, Step};
 use crate::proto::{self, Limits};
 use qcow2_core::io::mem::MemStorage;
@@ -94,6 +94,7 @@ pub fn handshake(data: &[u8]) {
             pref_block: 4096,
             tls,
             multi_conn: true,
+            bitmaps: vec!["b".into()],
         });
         if data.len() < 4 {
             return;
@@ -268,7 +269,11 @@ pub fn session_replies(data: &[u8]) -> u64 {
         let img = Image::open_storage(file, Path::new("fuzz.qcow2"), &img_opts())
             .await
             .expect("open the template");
-        let export = Arc::new(Export::new(Disk::Qcow2(img), true));
+        let mut export = Export::new(Disk::Qcow2(img), true);
+        // A dirty bitmap context (`-B b`) with a few dirty granules.
+        let bits = vec![0x5a; (SESSION_DISK / 65536).div_ceil(8) as usize];
+        export.bitmaps = vec![DirtyBitmap::new("b".into(), bits, 65536, SESSION_DISK)];
+        let export = Arc::new(export);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             export: export.clone(),
@@ -281,6 +286,7 @@ pub fn session_replies(data: &[u8]) -> u64 {
                 pref_block: 4096,
                 tls: false,
                 multi_conn: true,
+                bitmaps: vec!["b".into()],
             },
             tls: None,
             shutdown,

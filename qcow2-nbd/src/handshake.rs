@@ -23,6 +23,9 @@ pub struct ExportInfo {
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (more than one client may connect: a client
     /// opening several connections to a server serving one at a time would wait forever).
     pub multi_conn: bool,
+    /// Names of the dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, in context order
+    /// (bitmap `i` has the context id `CTX_DIRTY_BITMAP + i`).
+    pub bitmaps: Vec<String>,
 }
 
 impl ExportInfo {
@@ -59,10 +62,30 @@ pub const CTX_BASE_ALLOCATION: u32 = 1;
 /// `qemu:allocation-depth`.
 pub const CTX_ALLOCATION_DEPTH: u32 = 2;
 
-const CONTEXTS: [(&str, u32); 2] = [
-    ("base:allocation", CTX_BASE_ALLOCATION),
-    ("qemu:allocation-depth", CTX_ALLOCATION_DEPTH),
-];
+/// The first `qemu:dirty-bitmap:NAME` context (`-B`); the others follow.
+pub const CTX_DIRTY_BITMAP: u32 = 3;
+/// Most bitmaps one export offers (context ids are bits of a 64-bit mask).
+pub const MAX_BITMAPS: usize = 64 - CTX_DIRTY_BITMAP as usize;
+/// Prefix of the dirty bitmap contexts' names.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+impl ExportInfo {
+    /// The metadata contexts offered, with their ids, in id order (QEMU's order: the
+    /// allocation contexts, then the bitmaps).
+    pub fn contexts(&self) -> Vec<(String, u32)> {
+        let mut v = vec![
+            ("base:allocation".to_string(), CTX_BASE_ALLOCATION),
+            ("qemu:allocation-depth".to_string(), CTX_ALLOCATION_DEPTH),
+        ];
+        for (i, b) in self.bitmaps.iter().take(MAX_BITMAPS).enumerate() {
+            v.push((
+                format!("{DIRTY_BITMAP_PREFIX}{b}"),
+                CTX_DIRTY_BITMAP + i as u32,
+            ));
+        }
+        v
+    }
+}
 
 /// What the transmission phase uses from the negotiation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -397,23 +420,27 @@ impl Handshake {
                 &format!("export '{}' not found", String::from_utf8_lossy(name)),
             );
         }
+        let all = self.info.contexts();
         let mut found: Vec<(&str, u32)> = Vec::new();
         if queries.is_empty() && !set {
-            found.extend(CONTEXTS);
+            found.extend(all.iter().map(|(c, id)| (c.as_str(), *id)));
         }
         for q in &queries {
-            let Some(colon) = q.iter().position(|&b| b == b':') else {
+            if !q.contains(&b':') {
                 return err(opt, REP_ERR_INVALID, "a query has no namespace");
-            };
-            for &(ctx, id) in &CONTEXTS {
+            }
+            for (ctx, id) in &all {
                 let exact = *q == ctx.as_bytes();
-                // An empty leaf name lists the namespace (LIST only).
-                let wildcard = !set && colon + 1 == q.len() && ctx.as_bytes().starts_with(q);
-                if (exact || wildcard) && !found.iter().any(|&(_, i)| i == id) {
-                    found.push((ctx, id));
+                // A query ending with ':' ("qemu:", "qemu:dirty-bitmap:") lists every
+                // context under it (LIST only).
+                let wildcard = !set && q.ends_with(b":") && ctx.as_bytes().starts_with(q);
+                if (exact || wildcard) && !found.iter().any(|&(_, i)| i == *id) {
+                    found.push((ctx.as_str(), *id));
                 }
             }
         }
+        // Replies in id order whatever the order of the queries, as QEMU sends them.
+        found.sort_by_key(|&(_, id)| id);
         let mut v = Vec::new();
         for &(ctx, id) in &found {
             let mut d = (if set { id } else { 0 }).to_be_bytes().to_vec();
@@ -442,6 +469,7 @@ mod tests {
             pref_block: 4096,
             tls: false,
             multi_conn: true,
+            bitmaps: vec!["b1".into(), "b0".into()],
         }
     }
 
@@ -484,6 +512,74 @@ mod tests {
             Step::Transmission(_, n) => {
                 assert!(n.structured && !n.extended && n.block_size_agreed);
                 assert_eq!(n.contexts, vec![CTX_BASE_ALLOCATION, CTX_ALLOCATION_DEPTH]);
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+
+    /// The (id, name) of each NBD_REP_META_CONTEXT in `r`.
+    fn meta_replies(r: &[u8]) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        let mut p = r;
+        while !p.is_empty() {
+            let typ = u32::from_be_bytes(p[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(p[16..20].try_into().unwrap()) as usize;
+            let d = &p[20..20 + len];
+            if typ == REP_META_CONTEXT {
+                let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+                out.push((id, String::from_utf8(d[4..].to_vec()).unwrap()));
+            }
+            p = &p[20 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn bitmap_contexts() {
+        let mut h = Handshake::new(info());
+        h.option(OPT_STRUCTURED_REPLY, &[]);
+        let mut ask = |opt, q: &[&str]| match h.option(opt, &meta_data("disk", q)) {
+            Step::Reply(r) => meta_replies(&r),
+            s => panic!("{s:?}"),
+        };
+        let names = |v: Vec<(u32, String)>| v.into_iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(
+            names(ask(OPT_LIST_META_CONTEXT, &[])),
+            [
+                "base:allocation",
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:b1",
+                "qemu:dirty-bitmap:b0"
+            ]
+        );
+        assert_eq!(
+            names(ask(OPT_LIST_META_CONTEXT, &["qemu:dirty-bitmap:"])),
+            ["qemu:dirty-bitmap:b1", "qemu:dirty-bitmap:b0"]
+        );
+        assert_eq!(
+            names(ask(OPT_LIST_META_CONTEXT, &["qemu:"])),
+            [
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:b1",
+                "qemu:dirty-bitmap:b0"
+            ]
+        );
+        assert!(ask(OPT_LIST_META_CONTEXT, &["qemu:dirty-bitmap:nope"]).is_empty());
+        // SET: exact names only, answered in id order.
+        assert!(ask(OPT_SET_META_CONTEXT, &["qemu:dirty-bitmap:"]).is_empty());
+        assert_eq!(
+            ask(
+                OPT_SET_META_CONTEXT,
+                &["qemu:dirty-bitmap:b0", "base:allocation"]
+            ),
+            [
+                (CTX_BASE_ALLOCATION, "base:allocation".to_string()),
+                (CTX_DIRTY_BITMAP + 1, "qemu:dirty-bitmap:b0".to_string())
+            ]
+        );
+        match h.option(OPT_GO, &go_data("", &[])) {
+            Step::Transmission(_, n) => {
+                assert_eq!(n.contexts, vec![CTX_BASE_ALLOCATION, CTX_DIRTY_BITMAP + 1])
             }
             s => panic!("{s:?}"),
         }

@@ -175,6 +175,8 @@ pub const ESHUTDOWN: u32 = 108;
 pub const STATE_HOLE: u32 = 1;
 #[allow(missing_docs)]
 pub const STATE_ZERO: u32 = 2;
+/// `NBD_STATE_DIRTY` (`qemu:dirty-bitmap:` contexts): the range is dirty in the bitmap.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Largest payload of a request or read reply we accept (the protocol's portable maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;

@@ -45,6 +45,7 @@ async fn start(
             pref_block: 4096,
             tls: false,
             multi_conn: true,
+            bitmaps: Vec::new(),
         },
         tls: None,
         shutdown: rx,
