@@ -31,6 +31,8 @@ pub mod powercut;
 pub mod threads;
 pub mod uring;
 
+pub use uring::block_on;
+
 /// A boxed, `Send` future returning an `io::Result`.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
