@@ -541,6 +541,19 @@ impl Ring {
     /// Wait in the ring until `woken` is set, reaping every completion meanwhile
     /// (see the module doc). `woken` is cleared on return.
     fn park(&self, woken: &AtomicBool) {
+        /// Leaves the ring's waiters, also when a waker run while reaping panics.
+        struct Leave<'a>(&'a Ring);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let mut w = self.0.waiters.lock();
+                *w -= 1;
+                if *w == 0 {
+                    // epoll re-checks the fd: completions that are there wake the
+                    // completion thread.
+                    self.0.arm(true);
+                }
+            }
+        }
         {
             let mut w = self.waiters.lock();
             *w += 1;
@@ -548,6 +561,7 @@ impl Ring {
                 self.arm(false);
             }
         }
+        let _leave = Leave(self);
         loop {
             if woken.swap(false, Ordering::AcqRel) {
                 break;
@@ -565,12 +579,6 @@ impl Ring {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => thread::sleep(Duration::from_millis(1)),
             }
-        }
-        let mut w = self.waiters.lock();
-        *w -= 1;
-        if *w == 0 {
-            // epoll re-checks the fd: completions that are there wake the completion thread.
-            self.arm(true);
         }
     }
 
