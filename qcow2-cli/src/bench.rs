@@ -4,20 +4,21 @@
 //! `o(k+1) = (o(k) + step) mod (image_size - buffer_size)`, or 0 when the image is not larger
 //! than the buffer (qemu-img's `bench_cb` since commit ff2ab634; the starting offset itself
 //! is not wrapped). The step defaults to the buffer size, and `-S 0` also means the buffer
-//! size, as in qemu-img. `-d DEPTH` requests are in flight at any time: DEPTH tasks each
+//! size, as in qemu-img. `-d DEPTH` requests are in flight at any time: DEPTH loops each
 //! take the next request number when their previous request completes, so the sequence of
 //! submitted offsets is qemu-img's. Every task reads into its own 4 KiB-aligned buffer.
 
 use crate::args::{parse, Parsed};
 use crate::cmds::{opt, specs, FORCE_SHARE};
 use crate::Fail;
+use futures::stream::{FuturesUnordered, StreamExt};
 use qcow2_core::convert;
 use qcow2_core::disk::{check_range, Disk};
 use qcow2_core::io::EngineKind;
 use qcow2_core::OpenOptions;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -327,10 +328,16 @@ async fn write_req(disk: &Disk, buf: &[u8], off: u64) -> qcow2_core::Result<()> 
     }
 }
 
-/// Without flushes: DEPTH tasks, each taking the next request number as its previous
-/// request completes (the same offsets, in the same order, as qemu-img's submissions).
+/// Without flushes: DEPTH request loops, each taking the next request number as its
+/// previous request completes (the same offsets, in the same order, as qemu-img's
+/// submissions). The loops run on one thread per CPU (at most one per loop), each in
+/// [`qcow2_core::io::block_on`]: a thread waits in its own io_uring ring and reaps its
+/// requests' completions itself, as qemu-img's event loop does, so a request that waits for
+/// the device costs one wake-up (on a runtime worker it would cost two: the ring's
+/// completion thread, then the worker).
 async fn run_workers(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> {
-    let next = Arc::new(AtomicU64::new(0));
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
     let size = disk.size();
     let workers = prm.depth.min(prm.count);
     // Allocate every buffer before the clock starts, as qemu-img does.
@@ -339,44 +346,95 @@ async fn run_workers(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> {
             .saturating_add(BUF_ALIGN as u64)
             .saturating_mul(workers),
     )?;
-    let bufs: Vec<(Vec<u8>, usize)> = (0..workers)
+    let mut bufs: Vec<(Vec<u8>, usize)> = (0..workers)
         .map(|_| aligned_buf(prm.bufsize as usize, prm.pattern))
         .collect::<qcow2_core::Result<_>>()?;
-    let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for (mut raw, start) in bufs {
-        let disk = disk.clone();
-        let next = next.clone();
-        let prm = prm.clone();
-        set.spawn(async move {
-            let buf = &mut raw[start..start + prm.bufsize as usize];
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= prm.count {
-                    return Ok::<(), qcow2_core::Error>(());
-                }
-                let off = request_offset(k, prm.offset, prm.step, size, prm.bufsize);
-                if prm.write {
-                    write_req(&disk, buf, off).await?;
-                } else {
-                    disk.read_at(buf, off).await?;
-                }
-            }
-        });
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, workers.max(1) as usize);
+    let mut groups: Vec<Vec<&mut [u8]>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, (raw, start)) in bufs.iter_mut().enumerate() {
+        let start = *start;
+        groups[i % threads].push(&mut raw[start..start + prm.bufsize as usize]);
     }
-    while let Some(r) = set.join_next().await {
-        let res = r.unwrap_or_else(|e| {
-            Err(qcow2_core::Error::new(
-                qcow2_core::ErrorKind::Io,
-                format!("request task failed: {e}"),
-            ))
-        });
-        if let Err(e) = res {
-            set.abort_all();
-            return Err(e);
+    let handle = tokio::runtime::Handle::current();
+    let started = Instant::now();
+    let results: Vec<qcow2_core::Result<()>> = std::thread::scope(|s| {
+        let spawned: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, group)| {
+                let handle = &handle;
+                let (next, failed) = (&next, &failed);
+                std::thread::Builder::new()
+                    .name(format!("qcow2rs-bench-{i}"))
+                    .spawn_scoped(s, move || {
+                        let _rt = handle.enter();
+                        let mut loops: FuturesUnordered<_> = group
+                            .into_iter()
+                            .map(|buf| request_loop(disk, prm, size, next, failed, buf))
+                            .collect();
+                        qcow2_core::io::block_on(async move {
+                            while let Some(r) = loops.next().await {
+                                r?;
+                            }
+                            Ok(())
+                        })
+                    })
+            })
+            .collect();
+        spawned
+            .into_iter()
+            .map(|t| match t {
+                Ok(t) => t.join().unwrap_or_else(|_| {
+                    Err(qcow2_core::Error::new(
+                        qcow2_core::ErrorKind::Io,
+                        "a request thread panicked",
+                    ))
+                }),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    Err(qcow2_core::Error::new(
+                        qcow2_core::ErrorKind::Io,
+                        format!("cannot start a request thread: {e}"),
+                    ))
+                }
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    results
+        .into_iter()
+        .collect::<qcow2_core::Result<Vec<()>>>()?;
+    Ok(elapsed)
+}
+
+/// One request loop of [`run_workers`]: requests until the count is reached or a request
+/// failed.
+async fn request_loop(
+    disk: &Disk,
+    prm: &Params,
+    size: u64,
+    next: &AtomicU64,
+    failed: &AtomicBool,
+    buf: &mut [u8],
+) -> qcow2_core::Result<()> {
+    loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        if k >= prm.count || failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let off = request_offset(k, prm.offset, prm.step, size, prm.bufsize);
+        let r = if prm.write {
+            write_req(disk, buf, off).await
+        } else {
+            disk.read_at(buf, off).await
+        };
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+            return r;
         }
     }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 /// What a finished task was.

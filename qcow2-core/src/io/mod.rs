@@ -3,7 +3,8 @@
 //! Every file the engine touches (the image, its external data file, raw
 //! backing files) is accessed through the [`Storage`] trait. Engines:
 //! - [`threads`]: a portable pool of worker threads doing `pread`/`pwrite`;
-//! - [`uring`]: Linux io_uring with a completion thread;
+//! - [`uring`]: Linux io_uring, rings shared by all files with a completion thread each as the
+//!   backstop, and [`block_on`], which waits in (and reaps) the calling thread's ring;
 //! - [`mem`]: an in-memory store with fault injection, for tests;
 //! - [`powercut`]: in-memory files that log every change and materialize what a disk could
 //!   hold after a power cut at any point, for crash tests;
@@ -30,6 +31,8 @@ pub mod mem;
 pub mod powercut;
 pub mod threads;
 pub mod uring;
+
+pub use uring::block_on;
 
 /// A boxed, `Send` future returning an `io::Result`.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;

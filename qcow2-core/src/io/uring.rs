@@ -22,20 +22,37 @@
 //!   slot), the request waits in a backlog that the completion thread drains as
 //!   operations finish, so any number of requests can be outstanding and the
 //!   completion queue never overflows.
-//! - **The completion thread** waits in `io_uring_enter`, which
-//!   also submits whatever SQEs are pending, reaps CQEs and, with the mutex held,
-//!   advances each operation: a short read or write is resubmitted for the rest,
+//! - **Reaping** ([`Ring::reap_ready`]) takes the CQEs there are (one thread at a
+//!   time consumes the completion queue) and, with the mutex held, advances each
+//!   operation: a short read or write is resubmitted for the rest,
 //!   `EAGAIN`/`EINTR` are resubmitted, and finished operations are completed
 //!   through their oneshot sender after the mutex is released. A submitter never
-//!   waits for the completion thread and the completion thread never blocks with
-//!   the mutex held, so they cannot deadlock.
+//!   waits for the completion thread and no thread blocks with the mutex held, so
+//!   they cannot deadlock.
+//! - **The completion thread** waits in `epoll_wait` on the ring's fd (readable
+//!   when completions are there) and an eventfd, and reaps. It is the backstop:
+//!   every completion that no other thread reaps, it reaps.
+//! - **Waiting in the ring** ([`block_on`]): a thread that blocks for a future
+//!   waits in `io_uring_enter(GETEVENTS)` on its own ring (the one it submits to)
+//!   and reaps every completion of that ring itself, so a request it submitted
+//!   costs one wake-up (the kernel runs a request's completion work on the thread
+//!   that submitted it, which wakes that thread anyway), not two (completion
+//!   thread, then the waiting thread). While at least one thread waits in a ring,
+//!   the ring's fd is taken out of its completion thread's epoll set
+//!   (`EPOLL_CTL_MOD` with no events), so completions do not wake it too; the
+//!   last waiter to leave puts it back, and epoll re-checks the fd then, so
+//!   completions that arrived meanwhile wake the completion thread at once. A
+//!   waiter is woken by other threads with a `NOP` pushed to its ring.
 //! - **Ownership.** Every operation owns its (aligned) buffer and a reference to
 //!   its file (so the fd stays open), and keeps both in the table until its CQE is
 //!   reaped: dropping the caller's future only drops the receiving end. Dropping a
 //!   [`UringFile`] waits until the operations of its dropped futures have finished.
-//! - **Teardown.** Dropping the ring set queues a `NOP` marked as the exit
-//!   request on each ring; a completion thread exits once it has seen it and no
-//!   operation is left, and the drop joins it.
+//! - **Teardown.** Dropping the ring set marks each ring as exiting and wakes its
+//!   completion thread (eventfd); a completion thread exits once no operation is
+//!   left (polling every millisecond meanwhile, as the remaining completions may
+//!   be reaped by a waiting thread), and the drop joins it. A thread still waiting
+//!   in a ring of a dropped set holds that ring (an `Arc`) and is woken there as
+//!   before.
 //!
 //! `flush` is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`; `discard`,
 //! `write_zeroes` and `allocate` are `IORING_OP_FALLOCATE`. Alignment bouncing,
@@ -49,11 +66,14 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::Duration;
 
@@ -101,14 +121,14 @@ enum Kind {
         len: u64,
         tx: oneshot::Sender<io::Result<()>>,
     },
-    /// The file was dropped: the completion thread exits when nothing is left.
-    Exit,
+    /// A `NOP` that wakes the threads waiting in the ring (see [`Parker`]).
+    Kick,
 }
 
 /// One operation, from registration until its last CQE.
 struct Op {
     kind: Kind,
-    /// The file (`None` for the exit request): kept open until the operation is finished.
+    /// The file (`None` for a kick): kept open until the operation is finished.
     core: Option<Arc<FileCore>>,
     /// File offset of the operation's start.
     off: u64,
@@ -146,7 +166,7 @@ impl Op {
                 .offset(self.off)
                 .mode(*mode)
                 .build(),
-            Kind::Exit => opcode::Nop::new().build(),
+            Kind::Kick => opcode::Nop::new().build(),
         };
         entry.user_data(id)
     }
@@ -164,7 +184,7 @@ impl Op {
             Kind::Write { tx, .. } | Kind::Fsync { tx } | Kind::Fallocate { tx, .. } => {
                 let _ = tx.send(r.map(drop));
             }
-            Kind::Exit => {}
+            Kind::Kick => {}
         }
     }
 }
@@ -194,6 +214,21 @@ struct Ring {
     /// Most operations in the ring at once: the completion queue's size, so it
     /// cannot overflow.
     cap: usize,
+    /// Held by the one thread that consumes the completion queue at a time.
+    cq: Mutex<()>,
+    /// The completion thread's epoll set: the ring's fd (armed while no thread
+    /// waits in the ring) and `wake`.
+    epoll: OwnedFd,
+    /// An eventfd that wakes the completion thread (teardown).
+    wake: OwnedFd,
+    /// Threads waiting in the ring ([`Ring::park`]); the ring's fd is armed in
+    /// `epoll` exactly when this is 0 (changed under the lock).
+    waiters: Mutex<usize>,
+    /// The ring set was dropped: the completion thread exits once no operation is left.
+    exiting: AtomicBool,
+    /// Completions reaped by threads waiting in the ring (not the completion thread).
+    #[cfg(test)]
+    waiter_reaps: AtomicUsize,
 }
 
 impl Ring {
@@ -313,7 +348,7 @@ impl Ring {
         }
         let n = res as usize;
         let Some(core) = op.core.clone() else {
-            return Step::Done(Ok(0)); // the exit request
+            return Step::Done(Ok(0)); // a kick
         };
         match &op.kind {
             Kind::Read { .. } | Kind::ReadInto { .. } => {
@@ -355,78 +390,249 @@ impl Ring {
                 }
                 Step::Done(Ok(op.done))
             }
-            Kind::Fsync { .. } | Kind::Fallocate { .. } | Kind::Exit => Step::Done(Ok(0)),
+            Kind::Fsync { .. } | Kind::Fallocate { .. } | Kind::Kick => Step::Done(Ok(0)),
         }
     }
 }
 
-/// The completion thread: reap, advance, refill from the backlog, answer.
-fn reap(ring: Arc<Ring>) {
+/// epoll `data` of the ring's fd and of the wake eventfd.
+const EP_RING: u64 = 0;
+const EP_WAKE: u64 = 1;
+
+impl Ring {
+    fn new(uring: IoUring) -> io::Result<Ring> {
+        let cap = uring.params().cq_entries().max(1) as usize;
+        // SAFETY: plain system calls; each returned fd is checked and owned at once.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `epoll` is a new fd that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        // SAFETY: as above.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `wake` is a new fd that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let ring = Ring {
+            uring,
+            state: Mutex::new(State {
+                ops: HashMap::new(),
+                next_id: 0,
+                in_ring: 0,
+                backlog: VecDeque::new(),
+            }),
+            cap,
+            cq: Mutex::new(()),
+            epoll,
+            wake,
+            waiters: Mutex::new(0),
+            exiting: AtomicBool::new(false),
+            #[cfg(test)]
+            waiter_reaps: AtomicUsize::new(0),
+        };
+        ring.epoll_ctl(libc::EPOLL_CTL_ADD, ring.uring.as_raw_fd(), EP_RING, true)?;
+        ring.epoll_ctl(libc::EPOLL_CTL_ADD, ring.wake.as_raw_fd(), EP_WAKE, true)?;
+        Ok(ring)
+    }
+
+    /// Add `fd` to (or change it in) the completion thread's epoll set, reporting
+    /// readability (`armed`) or nothing.
+    fn epoll_ctl(&self, op: i32, fd: RawFd, data: u64, armed: bool) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: if armed { libc::EPOLLIN as u32 } else { 0 },
+            u64: data,
+        };
+        // SAFETY: both fds are open (owned by `self`), `ev` is a valid event.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Arm or disarm the ring's fd in the completion thread's epoll set. On an
+    /// error (not expected: the fds are ours) it stays armed: the completion
+    /// thread then also wakes for completions a waiting thread reaps, which costs
+    /// a wake-up but loses nothing.
+    fn arm(&self, armed: bool) {
+        let _ = self.epoll_ctl(libc::EPOLL_CTL_MOD, self.uring.as_raw_fd(), EP_RING, armed);
+    }
+
+    /// Wake the completion thread (it re-checks `exiting`).
+    fn wake_completion_thread(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Reap every completion there is: advance its operation, refill the ring
+    /// from the backlog, answer finished operations (without any lock held).
+    /// Any thread may call this; one at a time consumes the completion queue.
+    /// Returns how many completions it reaped.
+    fn reap_ready(&self) -> usize {
+        const CHUNK: usize = 32;
+        let mut total = 0;
+        loop {
+            let mut cqes = [(0u64, 0i32); CHUNK];
+            let mut n = 0;
+            {
+                let _cq = self.cq.lock();
+                // SAFETY: `completion_shared` requires that no other `CompletionQueue`
+                // exists: one is only ever created with `cq` locked, and we hold it.
+                let mut cq = unsafe { self.uring.completion_shared() };
+                for c in &mut cq {
+                    cqes[n] = (c.user_data(), c.result());
+                    n += 1;
+                    if n == CHUNK {
+                        break;
+                    }
+                }
+                drop(cq); // publishes the new head
+            }
+            if n == 0 {
+                return total;
+            }
+            total += n;
+            for &(id, res) in &cqes[..n] {
+                let mut pushed = false;
+                let finished = {
+                    let mut st = self.state.lock();
+                    st.in_ring -= 1;
+                    let mut fin = None;
+                    if let Some(mut op) = st.ops.remove(&id) {
+                        match self.advance(&mut op, res) {
+                            Step::Again => {
+                                st.ops.insert(id, op);
+                                pushed |= self.enqueue(&mut st, id);
+                            }
+                            Step::Done(r) => fin = Some((op, r)),
+                        }
+                    }
+                    while st.in_ring < self.cap {
+                        let Some(&id) = st.backlog.front() else {
+                            break;
+                        };
+                        if !self.push_or_flush(&mut st, id) {
+                            break;
+                        }
+                        st.backlog.pop_front();
+                        st.in_ring += 1;
+                        pushed = true;
+                    }
+                    fin
+                };
+                if pushed {
+                    // Errors leave the SQEs queued: see the completion thread's loop.
+                    let _ = self.uring.submit();
+                }
+                // Answer without the mutex: waking a task may run arbitrary code.
+                if let Some((op, r)) = finished {
+                    op.finish(r);
+                }
+            }
+            if n < CHUNK {
+                return total;
+            }
+        }
+    }
+
+    /// Wait in the ring until `woken` is set, reaping every completion meanwhile
+    /// (see the module doc). `woken` is cleared on return.
+    fn park(&self, woken: &AtomicBool) {
+        /// Leaves the ring's waiters, also when a waker run while reaping panics.
+        struct Leave<'a>(&'a Ring);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let mut w = self.0.waiters.lock();
+                *w -= 1;
+                if *w == 0 {
+                    // epoll re-checks the fd: completions that are there wake the
+                    // completion thread.
+                    self.0.arm(true);
+                }
+            }
+        }
+        {
+            let mut w = self.waiters.lock();
+            *w += 1;
+            if *w == 1 {
+                self.arm(false);
+            }
+        }
+        let _leave = Leave(self);
+        loop {
+            if woken.swap(false, Ordering::AcqRel) {
+                break;
+            }
+            let _reaped = self.reap_ready();
+            #[cfg(test)]
+            self.waiter_reaps.fetch_add(_reaped, Ordering::Relaxed);
+            if woken.swap(false, Ordering::AcqRel) {
+                break;
+            }
+            // Returns as soon as the completion queue holds an entry (at once if it
+            // already does), and submits pending SQEs.
+            match self.uring.submitter().submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Wake the threads waiting in this ring (they re-check their flags).
+    fn kick(&self) {
+        self.start(Kind::Kick, None, 0, None);
+    }
+}
+
+/// The completion thread: wait until the ring has completions, reap them.
+fn completion_thread(ring: Arc<Ring>) {
     super::mark_engine_thread();
-    let mut exiting = false;
-    let mut cqes: Vec<(u64, i32)> = Vec::new();
-    let mut finished: Vec<(Op, io::Result<usize>)> = Vec::new();
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
     loop {
-        let wait = {
+        let poll = {
             let st = ring.state.lock();
-            if exiting && st.ops.is_empty() {
+            if ring.exiting.load(Ordering::Acquire) && st.ops.is_empty() {
                 return;
             }
-            // Nothing would wake us while operations wait outside the ring with
-            // none inside it (not expected, see `Ring::enqueue`): poll instead.
-            st.in_ring > 0 || st.backlog.is_empty()
+            // SAFETY: as in `Ring::push`: the state mutex is held, so this is the
+            // only `SubmissionQueue`.
+            let queued = unsafe { ring.uring.submission_shared() }.len();
+            // Poll instead of waiting when nothing may wake us: SQEs not yet
+            // submitted (a submission failed), operations waiting outside the ring
+            // with none inside it (not expected, see `Ring::enqueue`), or teardown
+            // (the last completions may be reaped by a waiting thread).
+            queued > 0
+                || (st.in_ring == 0 && !st.backlog.is_empty())
+                || ring.exiting.load(Ordering::Acquire)
         };
-        if !wait {
+        if poll {
             let _ = ring.uring.submit();
-            thread::sleep(Duration::from_millis(1));
         }
-        // Submits pending SQEs (resubmissions, backlog) and waits for a completion.
-        match ring.uring.submitter().submit_and_wait(usize::from(wait)) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) => {
-                thread::sleep(Duration::from_millis(1));
-            }
-            Err(_) => thread::sleep(Duration::from_millis(10)),
+        // SAFETY: `events` is a valid buffer of 2 entries for the kernel to fill.
+        let n = unsafe {
+            libc::epoll_wait(
+                ring.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                if poll { 1 } else { -1 },
+            )
+        };
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            thread::sleep(Duration::from_millis(10));
         }
-        // SAFETY: `completion_shared` requires that no other `CompletionQueue`
-        // exists: only this thread ever creates one for this ring.
-        cqes.extend(unsafe { ring.uring.completion_shared() }.map(|c| (c.user_data(), c.result())));
-        {
-            let mut st = ring.state.lock();
-            for (id, res) in cqes.drain(..) {
-                st.in_ring -= 1;
-                let Some(mut op) = st.ops.remove(&id) else {
-                    continue;
-                };
-                match ring.advance(&mut op, res) {
-                    Step::Again => {
-                        st.ops.insert(id, op);
-                        ring.enqueue(&mut st, id);
-                    }
-                    Step::Done(r) => {
-                        if matches!(op.kind, Kind::Exit) {
-                            exiting = true;
-                        }
-                        finished.push((op, r));
-                    }
-                }
-            }
-            while st.in_ring < ring.cap {
-                let Some(&id) = st.backlog.front() else {
-                    break;
-                };
-                if !ring.push_or_flush(&mut st, id) {
-                    break;
-                }
-                st.backlog.pop_front();
-                st.in_ring += 1;
+        for ev in &events[..n.max(0) as usize] {
+            if ev.u64 == EP_WAKE {
+                let mut v = 0u64;
+                // SAFETY: reads 8 bytes into a valid u64 from our (non-blocking) eventfd.
+                let _ =
+                    unsafe { libc::read(ring.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
             }
         }
-        // Answer without the mutex: waking a task may run arbitrary code.
-        for (op, r) in finished.drain(..) {
-            op.finish(r);
-        }
+        ring.reap_ready();
     }
 }
 
@@ -438,22 +644,11 @@ struct RingThread {
 
 impl RingThread {
     fn start(i: usize) -> io::Result<RingThread> {
-        let uring = new_ring()?;
-        let cap = uring.params().cq_entries().max(1) as usize;
-        let ring = Arc::new(Ring {
-            uring,
-            state: Mutex::new(State {
-                ops: HashMap::new(),
-                next_id: 0,
-                in_ring: 0,
-                backlog: VecDeque::new(),
-            }),
-            cap,
-        });
+        let ring = Arc::new(Ring::new(new_ring()?)?);
         let r = ring.clone();
         let reaper = thread::Builder::new()
             .name(format!("qcow2rs-uring-{i}"))
-            .spawn(move || reap(r))?;
+            .spawn(move || completion_thread(r))?;
         Ok(RingThread {
             ring,
             reaper: Some(reaper),
@@ -463,7 +658,8 @@ impl RingThread {
 
 impl Drop for RingThread {
     fn drop(&mut self) {
-        self.ring.start(Kind::Exit, None, 0, None);
+        self.ring.exiting.store(true, Ordering::Release);
+        self.ring.wake_completion_thread();
         if let Some(h) = self.reaper.take() {
             // Waits for the operations of dropped futures to finish. Never join
             // ourselves, should the last file be dropped on a completion thread.
@@ -522,7 +718,7 @@ impl RingSet {
     }
 
     /// The calling thread's ring.
-    fn ring(&self) -> &Ring {
+    fn ring(&self) -> &Arc<Ring> {
         let slot = SLOT.with(|s| {
             if s.get() == usize::MAX {
                 s.set(NEXT_SLOT.fetch_add(1, Ordering::Relaxed));
@@ -530,6 +726,105 @@ impl RingSet {
             s.get()
         });
         &self.rings[slot % self.rings.len()].ring
+    }
+
+    /// The calling thread's ring in the current set, if there is one (in this process).
+    fn current_ring() -> Option<Arc<Ring>> {
+        let set = RINGS.lock().upgrade()?;
+        let ring = (set.pid == std::process::id()).then(|| set.ring().clone());
+        if set.pid != std::process::id() {
+            std::mem::forget(set); // the parent's (see `RingSet::get`)
+        }
+        ring
+    }
+}
+
+thread_local! {
+    /// The [`Parker`] of the [`block_on`] running on this thread (its address), or 0.
+    static CURRENT_PARKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How a thread blocked in [`block_on`] is woken.
+struct Parker {
+    woken: AtomicBool,
+    /// The ring the thread waits in, while it does.
+    ring: Mutex<Option<Arc<Ring>>>,
+    /// For waits without a ring.
+    thread: thread::Thread,
+}
+
+impl Parker {
+    /// Wait until woken: in the calling thread's ring if there is a ring set, else
+    /// with `thread::park`.
+    fn park(&self) {
+        match RingSet::current_ring() {
+            Some(ring) => {
+                // Set before `woken` is checked (in `Ring::park`): a waker that
+                // finds no ring here set `woken` before looking, so it is seen.
+                *self.ring.lock() = Some(ring.clone());
+                ring.park(&self.woken);
+                *self.ring.lock() = None;
+            }
+            None => {
+                while !self.woken.swap(false, Ordering::AcqRel) {
+                    thread::park();
+                }
+            }
+        }
+    }
+}
+
+impl Wake for Parker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.woken.swap(true, Ordering::AcqRel) {
+            return; // not consumed yet: the waiter will see it (and was woken if it needed it)
+        }
+        if CURRENT_PARKER.with(|c| c.get()) == Arc::as_ptr(self) as usize {
+            return; // woken by its own thread (reaping in its ring, or polling): it looks next
+        }
+        let ring = self.ring.lock().clone();
+        match ring {
+            Some(r) => r.kick(),
+            None => self.thread.unpark(),
+        }
+    }
+}
+
+/// Run `fut` to its end on the calling thread, blocking it while `fut` is pending.
+///
+/// While it blocks, the thread waits in its own io_uring ring (the one its requests
+/// go to) and reaps that ring's completions itself: a request it submitted costs
+/// one wake-up of this thread instead of a wake-up of the ring's completion thread
+/// followed by one of this thread (see the module doc). Without an io_uring ring
+/// set (no file open with io_uring, or in a child after `fork()`) it blocks with
+/// `thread::park`. Wakers may be called from any thread. Not for a thread of an
+/// async runtime (which would stop running its other tasks); enter a tokio
+/// runtime's context first (`Handle::enter`) if `fut` needs one.
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    let parker = Arc::new(Parker {
+        woken: AtomicBool::new(false),
+        ring: Mutex::new(None),
+        thread: thread::current(),
+    });
+    let waker = Waker::from(parker.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = pin!(fut);
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT_PARKER.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(&parker) as usize)));
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        parker.park();
     }
 }
 
@@ -697,5 +992,170 @@ impl Storage for UringFile {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.core.file.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// A 64 KiB file on the disk (not tmpfs: the tests want O_DIRECT, whose reads always
+    /// go through the ring and wait for the device), each 4 KiB block filled with its index.
+    fn test_file(name: &str) -> (tempfile::TempDir, Arc<FileCore>) {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let path = dir.path().join(name);
+        let data: Vec<u8> = (0..16u8).flat_map(|i| [i; 4096]).collect();
+        std::fs::write(&path, data).unwrap();
+        let opts = FileOptions {
+            direct: true,
+            ..FileOptions::default()
+        };
+        let core = match FileCore::open(&path, &opts) {
+            Ok(c) => c,
+            // A file system without O_DIRECT (tmpfs): reads then still use the ring
+            // when the page cache misses, which it does not here; test anyway.
+            Err(_) => FileCore::open(&path, &FileOptions::default()).unwrap(),
+        };
+        (dir, Arc::new(core))
+    }
+
+    /// Start a 4 KiB read of block `block` on `ring`; its result arrives on the receiver,
+    /// from a thread that waits with `futures::executor::block_on` (not in the ring).
+    fn read_block(ring: &Ring, core: &Arc<FileCore>, block: u64) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, pending) = Pending::channel();
+        let buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+        ring.start(
+            Kind::Read { buf, tx },
+            Some(core.clone()),
+            block * 4096,
+            None,
+        );
+        let (rtx, rrx) = mpsc::channel();
+        thread::spawn(move || {
+            let (buf, n) = futures::executor::block_on(pending).unwrap();
+            rtx.send(buf[..n].to_vec()).unwrap();
+        });
+        rrx
+    }
+
+    fn wait_for_waiters(ring: &Ring, n: usize) {
+        let t = std::time::Instant::now();
+        while *ring.waiters.lock() != n {
+            assert!(t.elapsed() < WAIT, "no thread came to wait in the ring");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A thread waits in a ring; a request submitted by another thread to that ring
+    /// completes: the completion thread does not see it (the ring's fd is out of its
+    /// epoll set), so the waiting thread must reap it and answer. After the waiter
+    /// leaves, the completion thread must reap again.
+    #[test]
+    fn waiter_reaps_the_requests_of_other_threads_and_hands_back() {
+        let rt = RingThread::start(90).unwrap();
+        let ring = rt.ring.clone();
+        let (_dir, core) = test_file("a");
+        let woken = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (ring, woken) = (ring.clone(), woken.clone());
+            thread::spawn(move || ring.park(&woken))
+        };
+        wait_for_waiters(&ring, 1);
+        for block in [3, 7, 11] {
+            let got = read_block(&ring, &core, block).recv_timeout(WAIT);
+            assert_eq!(
+                got.expect("request never answered"),
+                vec![block as u8; 4096]
+            );
+        }
+        assert!(ring.waiter_reaps.load(Ordering::Relaxed) >= 3);
+        // Wake the waiter from here: a NOP in its ring.
+        woken.store(true, Ordering::Release);
+        ring.kick();
+        waiter.join().unwrap();
+        assert_eq!(*ring.waiters.lock(), 0);
+        let before = ring.waiter_reaps.load(Ordering::Relaxed);
+        let got = read_block(&ring, &core, 5).recv_timeout(WAIT);
+        assert_eq!(
+            got.expect("completion thread not re-armed"),
+            vec![5u8; 4096]
+        );
+        assert_eq!(ring.waiter_reaps.load(Ordering::Relaxed), before);
+        drop(rt);
+    }
+
+    /// Dropping a ring's owner (teardown: exit flag, completion thread joined) while a
+    /// thread waits in that ring neither hangs nor strands the waiter, which is still
+    /// woken there afterwards.
+    #[test]
+    fn teardown_while_a_thread_waits_in_the_ring() {
+        let rt = RingThread::start(91).unwrap();
+        let ring = rt.ring.clone();
+        let (_dir, core) = test_file("b");
+        let woken = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (ring, woken) = (ring.clone(), woken.clone());
+            thread::spawn(move || ring.park(&woken))
+        };
+        wait_for_waiters(&ring, 1);
+        // An operation in flight at teardown: the waiter reaps it, and the completion
+        // thread must still notice that nothing is left and exit.
+        let rx = read_block(&ring, &core, 2);
+        let (done_tx, done_rx) = mpsc::channel();
+        thread::spawn(move || {
+            drop(rt);
+            done_tx.send(()).unwrap();
+        });
+        done_rx.recv_timeout(WAIT).expect("teardown hung");
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), vec![2u8; 4096]);
+        woken.store(true, Ordering::Release);
+        ring.kick();
+        let (jtx, jrx) = mpsc::channel();
+        thread::spawn(move || {
+            waiter.join().unwrap();
+            jtx.send(()).unwrap();
+        });
+        jrx.recv_timeout(WAIT)
+            .expect("waiter not woken after teardown");
+    }
+
+    /// `block_on` on a file's requests (the thread waits in its own ring and reaps its
+    /// own completions), and on a future woken from another thread (which must kick the
+    /// ring: nothing else would wake it).
+    #[test]
+    fn block_on_waits_in_the_ring() {
+        let (dir, _) = test_file("c");
+        let opts = FileOptions {
+            direct: true,
+            ..FileOptions::default()
+        };
+        let f = UringFile::open(&dir.path().join("c"), &opts)
+            .or_else(|_| UringFile::open(&dir.path().join("c"), &FileOptions::default()))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+                for block in 0..16u8 {
+                    block_on(f.read_at(&mut buf[..], block as u64 * 4096)).unwrap();
+                    assert_eq!(&buf[..], &[block; 4096][..]);
+                }
+                let reaps = f.rings.ring().waiter_reaps.load(Ordering::Relaxed);
+                assert!(reaps >= 16, "the thread did not reap in its ring ({reaps})");
+                // Woken from another thread while waiting in the ring.
+                let (otx, orx) = futures::channel::oneshot::channel::<u32>();
+                s.spawn(move || {
+                    thread::sleep(Duration::from_millis(50));
+                    otx.send(9).unwrap();
+                });
+                tx.send(block_on(orx).unwrap()).unwrap();
+            });
+            assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), 9);
+        });
     }
 }
