@@ -6,6 +6,7 @@ use crate::common::have_qemu;
 use qcow2_core::convert::{self, ConvertOptions, Target};
 use qcow2_core::create::{self, CreateOptions};
 use qcow2_core::{Disk, ErrorKind, Format, Image, OpenOptions};
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -33,26 +34,39 @@ fn make(path: &Path) {
 struct QemuIo(Child);
 impl QemuIo {
     fn hold(path: &Path) -> QemuIo {
-        let child = Command::new("qemu-io")
+        let mut child = Command::new("qemu-io")
             .args(["-f", "qcow2", p(path)])
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Wait until its locks are there: a read-only open of ours (unsharing write) fails.
-        let t = Instant::now();
-        loop {
-            let out = cmd("qemu-img", &["info", p(path)]);
-            if !out.status.success() {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "qemu-io took no lock"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Wait until qemu-io has opened the image (and holds its locks) by having it answer a
+        // command. Probing with `qemu-img info` meanwhile raced with qemu-io's own lock check
+        // at open (qemu-io then exited: "Failed to get write lock"), and the probe loop timed
+        // out under load.
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"read 0 512\n")
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        assert!(
+            line.contains("read 512/512"),
+            "qemu-io did not open the image: {line:?}"
+        );
+        assert!(
+            !cmd("qemu-img", &["info", p(path)]).status.success(),
+            "qemu-io took no lock"
+        );
         QemuIo(child)
     }
 }
