@@ -32,6 +32,8 @@ pub struct WriteState {
     /// [`Image::enter_request`]); held exclusively by an operation that must see no request
     /// in flight (internal snapshots). Taken before `alloc_gate` and the metadata lock.
     pub(crate) drain: tokio::sync::RwLock<()>,
+    /// The enabled persistent bitmaps, while they record changes (see `engine/dirty.rs`).
+    pub(crate) dirty: crate::engine::dirty::Tracking,
 }
 
 impl WriteState {
@@ -52,6 +54,7 @@ impl WriteState {
             epochs: Default::default(),
             alloc_gate: tokio::sync::RwLock::new(()),
             drain: tokio::sync::RwLock::new(()),
+            dirty: Default::default(),
         }
     }
 }
@@ -84,14 +87,15 @@ impl Image {
         self.inner.w.is_some()
     }
 
-    /// Before the first change: clear autoclear bits we do not maintain (bitmaps, unknown).
+    /// Before the first change: clear autoclear bits we do not maintain (unknown ones).
+    /// Persistent bitmaps are kept: changes are recorded in them (see `engine/dirty.rs`).
     pub(crate) async fn before_first_write(&self) -> Result<()> {
         let w = self.ws()?;
         w.first_write
             .get_or_try_init(|| async {
                 let (ver, clear, bitmaps, bits) = {
                     let h = self.inner.header.read();
-                    let keep = AUTOCLEAR_DATA_FILE_RAW;
+                    let keep = AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS;
                     let clear = h.autoclear_features & !keep;
                     (h.version, clear, h.bitmaps, h.autoclear_features & !clear)
                 };
@@ -192,6 +196,7 @@ impl Image {
         }
         self.before_first_write().await?;
         let _req = self.enter_request().await;
+        self.track_change(off, buf.len() as u64).await?;
         let _ticket = self.ticket();
         let cs = self.inner.layout.cluster_size;
         let mut futs = Vec::new();
