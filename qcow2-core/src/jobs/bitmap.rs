@@ -542,6 +542,26 @@ impl Image {
         r
     }
 
+    /// Remove every bitmap (consistent or not) and free its clusters, crash-safely: for a
+    /// downgrade to v2, which cannot keep them.
+    pub(crate) async fn bitmaps_remove_all(&self) -> Result<()> {
+        let w = self.ws()?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        self.stop_tracking_locked(&mut m).await?;
+        if self.inner.header.read().bitmaps.is_none() {
+            return Ok(());
+        }
+        let dir = self.bitmap_dir().await?;
+        let mut old = Vec::new();
+        for e in &dir {
+            old.extend(self.bitmap_owned_clusters(e).await?);
+        }
+        let mut a = Allocated::default();
+        self.bitmap_switch(&mut m, &mut a, &[], old).await
+    }
+
     /// Add an enabled persistent bitmap `name` (`qemu-img bitmap --add [-g GRANULARITY]`);
     /// the granularity defaults to the cluster size, at least 4 KiB, as in QEMU.
     pub async fn bitmap_add(&self, name: &str, granularity: Option<u64>) -> Result<()> {

@@ -733,3 +733,93 @@ async fn resize_keeps_bitmaps_like_qemu() {
         assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{w}");
     }
 }
+
+/// Snapshot create/delete/apply, commit and amend keep the bitmaps as qemu-img does: same
+/// flags and bits as the same command run by qemu-img on a copy, check clean. Commit's writes
+/// into the base are recorded in the base's enabled bitmaps. A downgrade to v2 removes them
+/// (qemu-img leaks them): none listed, check clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_keep_bitmaps_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    use qcow2_core::SnapshotKey;
+    let dir = tmpdir();
+    let orig = tracking_image(dir.path(), "orig.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    let mine = dir.path().join("mine.qcow2");
+    let same = |w: &str| {
+        let (mine, theirs) = (mine.clone(), theirs.clone());
+        let w = w.to_string();
+        async move {
+            assert_clean(&mine, &w);
+            assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs), "{w}");
+            assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{w}");
+        }
+    };
+    // Snapshots (apply after a write, which the revert does not undo in the bitmaps).
+    std::fs::copy(&orig, &theirs).unwrap();
+    std::fs::copy(&orig, &mine).unwrap();
+    run("qemu-img", &["snapshot", "-c", "s1", p(&theirs)]);
+    qemu_io(&theirs, Some("qcow2"), &["write 4M 64k"]);
+    run("qemu-img", &["snapshot", "-a", "s1", p(&theirs)]);
+    run("qemu-img", &["snapshot", "-c", "s2", p(&theirs)]);
+    run("qemu-img", &["snapshot", "-d", "s1", p(&theirs)]);
+    let img = open_rw(&mine).await;
+    img.snapshot_create("s1").await.unwrap();
+    img.write_at(&[0u8; 65536], 4 << 20).await.unwrap();
+    img.close().await.unwrap();
+    let img = open_rw(&mine).await;
+    let key = |s: &str| SnapshotKey::IdOrName(s.to_string());
+    img.snapshot_apply(&key("s1")).await.unwrap();
+    img.snapshot_create("s2").await.unwrap();
+    img.snapshot_delete(&key("s1")).await.unwrap();
+    img.close().await.unwrap();
+    same("snapshots").await;
+
+    // Commit: the base's enabled bitmaps record what is committed; the overlay's are kept.
+    for (tool, top) in [("qemu", &theirs), ("ours", &mine)] {
+        let base = dir.path().join(format!("{tool}-base.qcow2"));
+        std::fs::copy(&orig, &base).unwrap();
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-b", p(&base), "-F", "qcow2", p(top)],
+        );
+        run("qemu-img", &["bitmap", "--add", p(top), "t"]);
+        qemu_io(top, Some("qcow2"), &["write 2M 128k", "write 14M 4k"]);
+        if tool == "qemu" {
+            run("qemu-img", &["commit", "-q", p(top)]);
+        } else {
+            qcow2_core::commit::commit(top, &Default::default())
+                .await
+                .unwrap();
+        }
+    }
+    same("commit (overlay)").await;
+    let (mb, tb) = (
+        dir.path().join("ours-base.qcow2"),
+        dir.path().join("qemu-base.qcow2"),
+    );
+    assert_clean(&mb, "commit (base)");
+    assert_eq!(qemu_bitmaps(&mb), qemu_bitmaps(&tb));
+    assert_eq!(our_bits(&mb).await, our_bits(&tb).await, "commit (base)");
+    assert_ne!(our_bits(&mb).await, our_bits(&orig).await, "commit not recorded");
+
+    // Amend.
+    for (opt, kept) in [("lazy_refcounts=on", true), ("compat=0.10", false)] {
+        std::fs::copy(&orig, &theirs).unwrap();
+        std::fs::copy(&orig, &mine).unwrap();
+        let img = open_rw(&mine).await;
+        let mut ao = qcow2_core::jobs::amend::AmendOptions::default();
+        let (k, v) = opt.split_once('=').unwrap();
+        ao.set(k, v).unwrap();
+        qcow2_core::jobs::amend::amend(img, &ao).await.unwrap();
+        if kept {
+            run("qemu-img", &["amend", "-o", opt, p(&theirs)]);
+            same(opt).await;
+        } else {
+            assert_clean(&mine, opt);
+            assert!(qemu_bitmaps(&mine).is_empty(), "{opt}");
+        }
+    }
+}
