@@ -623,32 +623,12 @@ impl Image {
 
     /// Make the snapshot selected by `key` the active state (`qemu-img snapshot -a`): the
     /// current state is discarded, the virtual size becomes the snapshot's.
-    /// Persistent bitmaps are kept (not marked: QEMU does not count a revert as a write);
-    /// when the size changes they follow it, as in a resize.
+    /// Refused when the image has persistent bitmaps (enabled or not), as by qemu-img.
     pub async fn snapshot_apply(&self, key: &SnapshotKey) -> Result<()> {
         self.snapshot_preconditions()?;
-        let resized = {
-            let snaps = self.snapshots();
-            key.find(&snaps)
-                .and_then(|i| snaps[i].disk_size)
-                .is_some_and(|s| s != self.size())
-        };
-        if !resized {
-            return self.snapshot_apply_state(key).await;
+        if !self.bitmaps().is_empty() {
+            return Err(Error::unsupported("Device has active dirty bitmaps"));
         }
-        let held = self.bitmaps_hold().await?;
-        let r = self.snapshot_apply_state(key).await;
-        match held {
-            Some(h) => {
-                let stored = self.bitmaps_release(h).await;
-                r.and(stored)
-            }
-            None => r,
-        }
-    }
-
-    async fn snapshot_apply_state(&self, key: &SnapshotKey) -> Result<()> {
-        self.snapshot_preconditions()?;
         let w = self.ws()?;
         self.before_first_write().await?;
         let _drain = w.drain.write().await;
