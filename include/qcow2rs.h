@@ -1260,10 +1260,10 @@ void qcow2rs_snapshot_list_free(struct qcow2rs_snapshot_info *list,
  *
  * Blocking: the call first waits for the requests in flight on the handle to end; requests
  * submitted meanwhile wait until it returns. The change is crash-safe: after a crash the
- * image has the bitmaps before or after the call (at worst with leaked clusters). This
- * library does not track guest writes in bitmaps: the first write through a handle (or a
- * resize, commit, snapshot or amend) drops every bitmap of the image, as a stale bitmap must
- * not survive; make the bitmap changes you need, then close the handle.
+ * image has the bitmaps before or after the call (at worst with leaked clusters). Guest
+ * writes through a handle are recorded in the enabled bitmaps (marked in use on disk from
+ * the first write) and stored by `qcow2rs_close`; a handle never closed leaves them in use
+ * (inconsistent), as QEMU after a crash.
  *
  * Returns 0, or `-EFAULT` (`img` or `name` NULL), `-EEXIST` (a bitmap named `name`
  * exists), `-EINVAL` (a bad granularity; `name` empty, not UTF-8 or longer than 1023

@@ -483,8 +483,9 @@ async fn load_bitmap(disk: &Disk, name: &str, writable: bool) -> Result<DirtyBit
                     if top && writable {
                         return Err(format!(
                             "Bitmap '{name}' belongs to the exported image, which is writable: \
-                             use -r (or -s): writes through qcow2rs do not record dirty ranges \
-                             (and the first write drops the image's bitmaps)"
+                             use -r (or -s): the export offers the bits read at start, which \
+                             would not show its own writes (those are recorded in the bitmap \
+                             and stored when the server closes the image)"
                         ));
                     }
                     return Ok(DirtyBitmap::new(

@@ -273,16 +273,20 @@ def test_bitmap_errors(tmp_path, qemu) -> None:
     assert_clean(v2)
 
 
-def test_guest_write_drops_bitmaps(tmp_path, qemu) -> None:
-    """Writes through the package do not track dirty regions: the first one drops the bitmaps
-    (as documented), so none is left stale for qemu."""
+def test_guest_writes_are_recorded(tmp_path, qemu) -> None:
+    """Writes through the package are recorded in the enabled bitmaps as qemu records the same
+    write: `big` is in use while the image is open, both are stored at close (same flags and
+    dirty ranges as qemu's copy), the disabled `a` unchanged."""
     p = make_qemu(tmp_path)
+    q = tmp_path / "theirs.qcow2"
+    shutil.copy(p, q)
+    qemu_io(q, "write -q 3M 4k")
     with qcow2rs.open(str(p), "r+") as img:
-        assert len(img.bitmaps()) == 2
-        img.pwrite(b"x" * 4096, 0)
-        assert img.bitmaps() == []
-        img.bitmap_add("fresh")  # a new bitmap can be added after the write
-        assert img.bitmaps() == [bm("fresh", 65536, "auto")]
-    assert qemu_bitmaps(p) == [bm("fresh", 65536, "auto")]
-    assert dirty(p, "fresh") == []
+        assert img.bitmaps() == [bm("a", 65536), bm("big", MiB, "auto")]
+        img.pwrite(b"x" * 4096, 3 * MiB)
+        assert img.bitmaps() == [bm("a", 65536), bm("big", MiB, "in-use", "auto")]
+    assert qemu_bitmaps(p) == qemu_bitmaps(q) == [bm("a", 65536), bm("big", MiB, "auto")]
+    assert dirty(p, "big") == dirty(q, "big")
+    assert (3 * MiB, MiB) in dirty(p, "big")
+    assert dirty(p, "a") == dirty(q, "a")
     assert_clean(p)

@@ -229,6 +229,7 @@ impl Image {
             _ => return self.write_at(data, off).await,
         };
         let _req = self.enter_request().await;
+        self.track_change(off, data.len() as u64).await?;
         let gc = off / cs;
         let w = self.ws()?;
         let _g = self.acquire(gc).await;

@@ -768,7 +768,11 @@ impl Image {
     }
 
     /// Flush and close. Other clones of this handle stay usable.
+    /// Enabled persistent bitmaps that recorded changes are stored first (see
+    /// `engine/dirty.rs`): an image dropped without `close` leaves them in use
+    /// (inconsistent), as a crash does.
     pub async fn close(self) -> Result<()> {
+        self.stop_tracking().await?;
         self.flush().await?;
         // Give back the space reserved ahead of allocations (see `reserve_space`).
         if let Some(w) = &self.inner.w {

@@ -15,12 +15,14 @@
 //! - [`cache`]: the sliced LRU cache of L2 tables and refcount blocks;
 //! - [`overlap`]: the metadata overlap check;
 //! - [`poison`]: refusing changes once memory and file may disagree;
+//! - [`dirty`]: recording guest changes in the enabled persistent bitmaps;
 //! - [`disk`]: a raw or qcow2 disk, as a backing file or a job's input.
 
 pub mod allocation;
 pub mod cache;
 pub mod compressed;
 pub mod cow;
+pub mod dirty;
 pub mod disk;
 pub mod image;
 pub mod inflight;

@@ -8,7 +8,7 @@
 
 use crate::engine::image::Image;
 use crate::engine::metadata::Meta;
-use crate::format::header::{self, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
+use crate::format::header::{AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
 use crate::format::l2::{self, ClusterEntry};
 use crate::{Error, Result};
 use parking_lot::Mutex as PMutex;
@@ -32,6 +32,8 @@ pub struct WriteState {
     /// [`Image::enter_request`]); held exclusively by an operation that must see no request
     /// in flight (internal snapshots). Taken before `alloc_gate` and the metadata lock.
     pub(crate) drain: tokio::sync::RwLock<()>,
+    /// The enabled persistent bitmaps, while they record changes (see `engine/dirty.rs`).
+    pub(crate) dirty: crate::engine::dirty::Tracking,
 }
 
 impl WriteState {
@@ -52,6 +54,7 @@ impl WriteState {
             epochs: Default::default(),
             alloc_gate: tokio::sync::RwLock::new(()),
             drain: tokio::sync::RwLock::new(()),
+            dirty: Default::default(),
         }
     }
 }
@@ -84,90 +87,27 @@ impl Image {
         self.inner.w.is_some()
     }
 
-    /// Before the first change: clear autoclear bits we do not maintain (bitmaps, unknown).
+    /// Before the first change: clear autoclear bits we do not maintain (unknown ones).
+    /// Persistent bitmaps are kept: changes are recorded in them (see `engine/dirty.rs`).
     pub(crate) async fn before_first_write(&self) -> Result<()> {
         let w = self.ws()?;
         w.first_write
             .get_or_try_init(|| async {
-                let (ver, clear, bitmaps, bits) = {
+                let (ver, clear, bits) = {
                     let h = self.inner.header.read();
-                    let keep = AUTOCLEAR_DATA_FILE_RAW;
+                    let keep = AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS;
                     let clear = h.autoclear_features & !keep;
-                    (h.version, clear, h.bitmaps, h.autoclear_features & !clear)
+                    (h.version, clear, h.autoclear_features & !clear)
                 };
                 if ver >= 3 && clear != 0 {
                     // The file first, then memory: a failure or a dropped future before the
                     // end leaves memory with the bits set, and the next write tries again.
                     self.write_header_bytes(&bits.to_be_bytes(), 88).await?;
-                    {
-                        let mut h = self.inner.header.write();
-                        h.autoclear_features &= !clear;
-                        if clear & AUTOCLEAR_BITMAPS != 0 {
-                            h.bitmaps = None;
-                        }
-                    }
-                    if clear & AUTOCLEAR_BITMAPS != 0 {
-                        if let Some(ext) = bitmaps {
-                            self.drop_bitmaps(&ext).await?;
-                        }
-                    }
+                    self.inner.header.write().autoclear_features &= !clear;
                 }
                 Ok::<(), Error>(())
             })
             .await?;
-        Ok(())
-    }
-
-    /// The bitmaps are stale once their autoclear bit is clear (done, and durable, before
-    /// this): remove their header extension and free their clusters (directory, tables,
-    /// data) at the next metadata flush, rather than leaking them as QEMU does. A crash in
-    /// between only leaks them. Nothing is freed when the directory looks wrong.
-    pub(crate) async fn drop_bitmaps(&self, ext: &header::BitmapsExt) -> Result<()> {
-        let lay = self.inner.layout;
-        let cs = lay.cluster_size;
-        let file_len = self.inner.file.len().map_err(Error::from)?;
-        let inside = |off: u64, len: u64| {
-            off & (cs - 1) == 0 && off != 0 && off.checked_add(len).is_some_and(|e| e <= file_len)
-        };
-        let mut clusters = Vec::new();
-        let mut ok = inside(ext.directory_offset, ext.directory_size) && ext.directory_size > 0;
-        if ok {
-            let first = ext.directory_offset / cs;
-            clusters.extend(first..(ext.directory_offset + ext.directory_size).div_ceil(cs));
-        }
-        let bitmaps = std::mem::take(&mut *self.inner.bitmaps.write());
-        for b in &bitmaps {
-            let bytes = b.table_size as u64 * 8;
-            if !ok || bytes == 0 || bytes > 64 << 20 || !inside(b.table_offset, bytes) {
-                ok = false;
-                break;
-            }
-            clusters.extend(b.table_offset / cs..(b.table_offset + bytes).div_ceil(cs));
-            let mut t = vec![0u8; bytes as usize];
-            self.inner
-                .file
-                .read_at(&mut t, b.table_offset)
-                .await
-                .map_err(|e| Error::io(e, "reading a bitmap table"))?;
-            for e in t.chunks_exact(8) {
-                let off = u64::from_be_bytes(e.try_into().unwrap()) & l2::OFFSET_MASK;
-                if off != 0 {
-                    if !inside(off, cs) {
-                        ok = false;
-                        break;
-                    }
-                    clusters.push(off / cs);
-                }
-            }
-        }
-        let hdr = self.inner.header.read().to_bytes()?;
-        self.write_header_bytes(&hdr, 0).await?;
-        if ok {
-            clusters.sort_unstable();
-            clusters.dedup();
-            let w = self.ws()?;
-            w.meta.lock().await.pending_free.extend(clusters);
-        }
         Ok(())
     }
 
@@ -192,6 +132,7 @@ impl Image {
         }
         self.before_first_write().await?;
         let _req = self.enter_request().await;
+        self.track_change(off, buf.len() as u64).await?;
         let _ticket = self.ticket();
         let cs = self.inner.layout.cluster_size;
         let mut futs = Vec::new();

@@ -22,6 +22,7 @@ impl Image {
         }
         self.before_first_write().await?;
         let _req = self.enter_request().await;
+        self.track_change(off, len).await?;
         self.zero_or_discard(off, len, Some(mode)).await?;
         self.maybe_writeback().await
     }
@@ -36,6 +37,7 @@ impl Image {
         }
         self.before_first_write().await?;
         let _req = self.enter_request().await;
+        self.track_change(off, len).await?;
         self.zero_or_discard(off, len, None).await?;
         self.maybe_writeback().await
     }

@@ -5,7 +5,7 @@
 //! (`qcow2-bitmap.c`): a directory of at most 64 MiB and 65535 entries, names of 1 to 1023
 //! bytes, unique names, granularity 2^9..2^31, only the dirty-tracking type, no extra data,
 //! known flags only, cluster-aligned table offsets, tables large enough for the virtual size
-//! and at most 512 MiB of bitmap data each.
+//! (unless the bitmap is in use) and at most 512 MiB of bitmap data each.
 //!
 //! Bitmap data: bit `i` (bit `i % 8` of byte `i / 8`, least significant first) covers the
 //! guest bytes `[i << granularity_bits, (i + 1) << granularity_bits)`. Each bitmap table
@@ -166,7 +166,11 @@ pub fn parse_directory(
         {
             return Err(what(format!("invalid table size {table_size}")));
         }
-        if (table_size as u64) < table_entries(size, granularity_bits, cs) {
+        // A bitmap in use may have a table too small after a resize was interrupted: its
+        // content is not used anyway (as QEMU allows).
+        if flags & FLAG_IN_USE == 0
+            && (table_size as u64) < table_entries(size, granularity_bits, cs)
+        {
             return Err(what(format!(
                 "table of {table_size} entries is too small for the virtual size"
             )));

@@ -226,6 +226,7 @@ async fn amend_open(img: &Image, opts: &AmendOptions) -> Result<Option<u32>> {
     }
     if new_version < old_version {
         // v2 cannot flag bitmaps as consistent: drop them (and free their clusters) first.
+        img.bitmaps_remove_all().await?;
         img.before_first_write().await?;
         downgrade(img).await?;
     }

@@ -14,9 +14,8 @@
 //! in QEMU. An image whose bitmaps extension is present but not marked consistent has no
 //! bitmaps (QEMU ignores them too); adding one replaces that stale extension.
 //!
-//! Writes through this library do not track dirty regions: the first guest write to an
-//! image clears the "bitmaps consistent" bit and drops the bitmaps (see
-//! [`Image::before_first_write`](crate::Image)), so a bitmap is never silently stale.
+//! Guest changes through this library are recorded in the enabled bitmaps (see
+//! `engine/dirty.rs`); every operation here first stores what was recorded.
 
 use crate::engine::image::{BitmapInfo, Image};
 use crate::engine::metadata::Meta;
@@ -26,7 +25,8 @@ use crate::format::header::{BitmapsExt, AUTOCLEAR_BITMAPS};
 use crate::{Error, ErrorKind, Result};
 
 /// Clusters allocated by the operation so far (freed again if it fails before the switch).
-struct Allocated {
+#[derive(Default)]
+pub(crate) struct Allocated {
     clusters: Vec<u64>,
 }
 
@@ -85,7 +85,7 @@ impl Image {
     }
 
     /// The bitmap directory as stored now (validated), empty without consistent bitmaps.
-    async fn bitmap_dir(&self) -> Result<Vec<DirEntry>> {
+    pub(crate) async fn bitmap_dir(&self) -> Result<Vec<DirEntry>> {
         let (ext, size) = {
             let h = self.inner.header.read();
             match h.bitmaps {
@@ -105,7 +105,7 @@ impl Image {
     }
 
     /// Decoded table entries of `e` (all of them, validated).
-    async fn bitmap_table(&self, e: &DirEntry) -> Result<Vec<TableEntry>> {
+    pub(crate) async fn bitmap_table(&self, e: &DirEntry) -> Result<Vec<TableEntry>> {
         let cs = self.inner.layout.cluster_size;
         let file_len = self.inner.file.len().map_err(Error::from)?;
         // table_size * cs <= 512 MiB (validated): the table is at most 8 MiB.
@@ -124,7 +124,7 @@ impl Image {
     }
 
     /// Host clusters (indices) that bitmap `e` owns: its table and data clusters.
-    async fn bitmap_owned_clusters(&self, e: &DirEntry) -> Result<Vec<u64>> {
+    pub(crate) async fn bitmap_owned_clusters(&self, e: &DirEntry) -> Result<Vec<u64>> {
         let cs = self.inner.layout.cluster_size;
         let mut out: Vec<u64> = (e.table_offset / cs
             ..(e.table_offset + e.table_size as u64 * 8).div_ceil(cs))
@@ -138,7 +138,7 @@ impl Image {
     }
 
     /// The bits of bitmap `e` (bit i in bit i%8 of byte i/8) over the virtual size.
-    async fn bitmap_bits(&self, e: &DirEntry) -> Result<Vec<u8>> {
+    pub(crate) async fn bitmap_bits(&self, e: &DirEntry) -> Result<Vec<u8>> {
         let cs = self.inner.layout.cluster_size as usize;
         let size = self.size();
         let nbits = fmt::bit_count(size, e.granularity_bits);
@@ -191,6 +191,9 @@ impl Image {
             _ => Vec::new(),
         };
         let e = &dir[find(&dir, name)?];
+        if let Some((bits, gran_bits)) = self.live_bits(name) {
+            return Ok((bits, 1u64 << gran_bits));
+        }
         if e.flags & fmt::FLAG_IN_USE != 0 {
             return Err(inconsistent(name));
         }
@@ -211,7 +214,7 @@ impl Image {
     }
 
     /// Write `bits` as new data clusters and a new table; returns (table offset, size).
-    async fn bitmap_store(
+    pub(crate) async fn bitmap_store(
         &self,
         m: &mut Meta,
         a: &mut Allocated,
@@ -238,7 +241,7 @@ impl Image {
 
     /// Write `dir` as the new directory, switch the header to it, then free `old` (cluster
     /// indices of what the old state owned and the new one does not).
-    async fn bitmap_switch(
+    pub(crate) async fn bitmap_switch(
         &self,
         m: &mut Meta,
         a: &mut Allocated,
@@ -300,7 +303,7 @@ impl Image {
     }
 
     /// Free what a failed operation allocated (nothing references it; best effort).
-    async fn bitmap_abandon(&self, m: &mut Meta, a: &mut Allocated) {
+    pub(crate) async fn bitmap_abandon(&self, m: &mut Meta, a: &mut Allocated) {
         if !a.clusters.is_empty() {
             m.pending_free.append(&mut a.clusters);
             let _ = self.flush_metadata(m).await;
@@ -315,6 +318,7 @@ impl Image {
         let _drain = w.drain.write().await;
         let _gate = w.alloc_gate.write().await;
         let mut m = w.meta.lock().await;
+        self.stop_tracking_locked(&mut m).await?;
         self.flush_metadata(&mut m).await?;
         let mut dir = self.bitmap_dir().await?;
         let mut a = Allocated {
@@ -449,6 +453,113 @@ impl Image {
                 Ok(Some(old))
             }
         }
+    }
+
+    /// Before a resize: store what tracking recorded, load every bitmap (QEMU refuses a
+    /// resize when one is inconsistent) and mark them all in use on disk, so that a crash
+    /// before [`Image::bitmaps_release`] leaves them inconsistent rather than wrong.
+    /// `None` when the image has no bitmaps.
+    pub(crate) async fn bitmaps_hold(&self) -> Result<Option<Vec<(String, Vec<u8>)>>> {
+        let w = self.ws()?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        self.stop_tracking_locked(&mut m).await?;
+        if self.bitmaps().is_empty() {
+            return Ok(None);
+        }
+        let mut dir = self.bitmap_dir().await?;
+        if dir.is_empty() {
+            return Ok(None);
+        }
+        if let Some(e) = dir.iter().find(|e| e.flags & fmt::FLAG_IN_USE != 0) {
+            return Err(inconsistent(&e.name));
+        }
+        let size = self.size();
+        let total: u64 = dir
+            .iter()
+            .map(|e| fmt::bit_count(size, e.granularity_bits).div_ceil(8))
+            .sum();
+        if total > crate::engine::dirty::MAX_TRACKED_BYTES {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the persistent bitmaps would take {total} bytes of memory (limit {})",
+                    crate::engine::dirty::MAX_TRACKED_BYTES
+                ),
+            ));
+        }
+        let mut held = Vec::with_capacity(dir.len());
+        for e in dir.iter_mut() {
+            held.push((e.name.clone(), self.bitmap_bits(e).await?));
+            e.flags |= fmt::FLAG_IN_USE;
+        }
+        let mut a = Allocated::default();
+        if let Err(e) = self.bitmap_switch(&mut m, &mut a, &dir, Vec::new()).await {
+            self.bitmap_abandon(&mut m, &mut a).await;
+            return Err(e);
+        }
+        Ok(Some(held))
+    }
+
+    /// After a resize (successful or not): store the bitmaps [`Image::bitmaps_hold`] took,
+    /// cut or extended (with clean bits) to the virtual size now, without the in-use flag.
+    pub(crate) async fn bitmaps_release(&self, held: Vec<(String, Vec<u8>)>) -> Result<()> {
+        let w = self.ws()?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        // Changes made meanwhile (the discard of a shrink) found the bitmaps in use.
+        self.stop_tracking_locked(&mut m).await?;
+        let size = self.size();
+        let mut dir = self.bitmap_dir().await?;
+        let mut a = Allocated::default();
+        let r = async {
+            let mut old = Vec::new();
+            for (name, mut bits) in held {
+                let Some(i) = dir.iter().position(|e| e.name == name) else {
+                    continue;
+                };
+                let nbits = fmt::bit_count(size, dir[i].granularity_bits);
+                bits.resize(nbits.div_ceil(8) as usize, 0);
+                if !nbits.is_multiple_of(8) {
+                    if let Some(last) = bits.last_mut() {
+                        *last &= (1u8 << (nbits % 8)) - 1;
+                    }
+                }
+                old.extend(self.bitmap_owned_clusters(&dir[i]).await?);
+                let (t, n) = self.bitmap_store(&mut m, &mut a, &bits).await?;
+                dir[i].table_offset = t;
+                dir[i].table_size = n;
+                dir[i].flags &= !fmt::FLAG_IN_USE;
+            }
+            self.bitmap_switch(&mut m, &mut a, &dir, old).await
+        }
+        .await;
+        if r.is_err() {
+            self.bitmap_abandon(&mut m, &mut a).await;
+        }
+        r
+    }
+
+    /// Remove every bitmap (consistent or not) and free its clusters, crash-safely: for a
+    /// downgrade to v2, which cannot keep them.
+    pub(crate) async fn bitmaps_remove_all(&self) -> Result<()> {
+        let w = self.ws()?;
+        let _drain = w.drain.write().await;
+        let _gate = w.alloc_gate.write().await;
+        let mut m = w.meta.lock().await;
+        self.stop_tracking_locked(&mut m).await?;
+        if self.inner.header.read().bitmaps.is_none() {
+            return Ok(());
+        }
+        let dir = self.bitmap_dir().await?;
+        let mut old = Vec::new();
+        for e in &dir {
+            old.extend(self.bitmap_owned_clusters(e).await?);
+        }
+        let mut a = Allocated::default();
+        self.bitmap_switch(&mut m, &mut a, &[], old).await
     }
 
     /// Add an enabled persistent bitmap `name` (`qemu-img bitmap --add [-g GRANULARITY]`);

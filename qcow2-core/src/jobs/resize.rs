@@ -8,7 +8,7 @@ impl Image {
     /// requires of qcow2 images). Shrinking needs `allow_shrink`; the data past the new end is
     /// discarded.
     pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        let w = self.ws()?;
+        self.ws()?;
         self.check_poison()?;
         if self.inner.header.read().corrupt() {
             return Err(Error::read_only(
@@ -30,14 +30,29 @@ impl Image {
         if new_size == old {
             return Ok(());
         }
-        // A resize changes the image: stale bitmaps must be invalidated first.
+        if new_size < old && !allow_shrink {
+            return Err(Error::invalid(
+                "use the --shrink option to shrink an image (data past the new end is lost)",
+            ));
+        }
+        // Persistent bitmaps follow the new size (the new area clean, as in QEMU); they are
+        // in use on disk while the size changes.
+        let held = self.bitmaps_hold().await?;
+        let r = self.resize_size(new_size).await;
+        match held {
+            Some(h) => {
+                let stored = self.bitmaps_release(h).await;
+                r.and(stored)
+            }
+            None => r,
+        }
+    }
+
+    async fn resize_size(&self, new_size: u64) -> Result<()> {
+        let w = self.ws()?;
+        let old = self.size();
         self.before_first_write().await?;
         if new_size < old {
-            if !allow_shrink {
-                return Err(Error::invalid(
-                    "use the --shrink option to shrink an image (data past the new end is lost)",
-                ));
-            }
             let cs = self.inner.layout.cluster_size;
             let from = new_size.div_ceil(cs) * cs;
             if from < old {

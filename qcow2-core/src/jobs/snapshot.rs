@@ -623,8 +623,12 @@ impl Image {
 
     /// Make the snapshot selected by `key` the active state (`qemu-img snapshot -a`): the
     /// current state is discarded, the virtual size becomes the snapshot's.
+    /// Refused when the image has persistent bitmaps (enabled or not), as by qemu-img.
     pub async fn snapshot_apply(&self, key: &SnapshotKey) -> Result<()> {
         self.snapshot_preconditions()?;
+        if !self.bitmaps().is_empty() {
+            return Err(Error::unsupported("Device has active dirty bitmaps"));
+        }
         let w = self.ws()?;
         self.before_first_write().await?;
         let _drain = w.drain.write().await;

@@ -3,7 +3,8 @@
 //! same bitmap list (`qemu-img info`) and the same bits, `qemu-img check` is clean after
 //! each, qemu reads the bits we wrote (`qemu-img convert --bitmaps` copies them), hostile
 //! directory and table entries are refused, a crash at any write leaves the old or the new
-//! bitmaps, and a guest write drops the bitmaps (qemu then lists none).
+//! bitmaps, guest changes are recorded in the enabled bitmaps as qemu records them, and
+//! resize keeps them.
 
 use crate::common::*;
 use qcow2_core::io::mem::MemStorage;
@@ -528,22 +529,317 @@ async fn run_on(img: &Image, op: &[&str]) -> qcow2_core::Result<()> {
     }
 }
 
-/// We do not track writes in bitmaps: the first guest write drops them (the autoclear bit
-/// first), so qemu never sees a stale bitmap; the image stays clean (their clusters freed).
+/// (name, flags) of every bitmap as `qemu-img info -U` lists them (the image may be open).
+fn qemu_flags_shared(path: &Path) -> Vec<(String, Vec<String>)> {
+    let s = run("qemu-img", &["info", "-U", "--output=json", p(path)]);
+    let info: serde_json::Value = serde_json::from_str(&s).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"].as_array().unwrap();
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        flags.iter().map(|f| f.as_str().unwrap().into()).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The changes both sides make: (qemu-io command, our call).
+const CHANGES: &[(&str, u64, u64)] = &[
+    ("write", 3 << 20, 5120),
+    ("zero", (7 << 20) + 512, 65536),
+    ("discard", 12 << 20, 1 << 20),
+    ("write", (16 << 20) - 4096, 4096),
+];
+
+async fn our_changes(img: &Image) {
+    for &(what, off, len) in CHANGES {
+        match what {
+            "write" => img.write_at(&vec![7u8; len as usize], off).await.unwrap(),
+            "zero" => img
+                .write_zeroes(off, len, qcow2_core::ZeroMode::Keep)
+                .await
+                .unwrap(),
+            _ => img.discard(off, len).await.unwrap(),
+        }
+    }
+}
+
+fn qemu_changes(path: &Path) {
+    let cmds: Vec<String> = CHANGES
+        .iter()
+        .map(|&(what, off, len)| match what {
+            "write" => format!("write -P 7 {off} {len}"),
+            "zero" => format!("write -z {off} {len}"),
+            _ => format!("discard {off} {len}"),
+        })
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+    qemu_io(path, Some("qcow2"), &cmds);
+}
+
+/// The image of `qemu_image` plus an enabled bitmap of 512-byte granularity.
+fn tracking_image(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = qemu_image(dir, "");
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", p(&path), "fine"],
+    );
+    let to = dir.join(name);
+    std::fs::rename(&path, &to).unwrap();
+    to
+}
+
+/// Guest writes, write-zeroes and discards are recorded in the enabled bitmaps, as qemu-io
+/// records the same changes: while the image is open they are in use on disk, after close
+/// qemu lists the same flags and holds the same bits (read by us and by qemu, which copies
+/// them with `convert --bitmaps`), the disabled bitmap is unchanged, and check is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_write_drops_bitmaps() {
+async fn guest_changes_are_recorded_like_qemu() {
     if !have_qemu() {
         return;
     }
     let dir = tmpdir();
-    let path = qemu_image(dir.path(), "");
-    // Opening writable and closing without a write keeps them.
-    open_rw(&path).await.close().await.unwrap();
-    assert_eq!(qemu_bitmaps(&path).len(), 2);
+    let theirs = tracking_image(dir.path(), "theirs.qcow2");
+    let mine = dir.path().join("mine.qcow2");
+    std::fs::copy(&theirs, &mine).unwrap();
+    let before = our_bits(&mine).await;
+    qemu_changes(&theirs);
+
+    let img = open_rw(&mine).await;
+    // Opening writable changes nothing before the first change.
+    assert!(qemu_flags_shared(&mine)
+        .iter()
+        .all(|(_, f)| !f.contains(&"in-use".into())));
+    our_changes(&img).await;
+    let open = qemu_flags_shared(&mine);
+    for (name, flags) in &open {
+        let want: Vec<String> = if name == "a" {
+            vec![]
+        } else {
+            vec!["in-use".into(), "auto".into()]
+        };
+        assert_eq!(flags, &want, "{name} while open");
+    }
+    // The handle reads its own bitmaps from memory meanwhile.
+    let (live, _) = img.bitmap_content("fine").await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&mine, "after our changes");
+    assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs));
+    let got = our_bits(&mine).await;
+    let want = our_bits(&theirs).await;
+    assert_eq!(got, want, "bits after the same changes");
+    assert_eq!(got[0], before[0], "the disabled bitmap changed");
+    assert_ne!(got[1], before[1], "nothing recorded");
+    assert_eq!(got[2].1, live);
+    // qemu reads what we stored: it copies the same bits.
+    let copy = dir.path().join("copy.qcow2");
+    run(
+        "qemu-img",
+        &["convert", "-O", "qcow2", "--bitmaps", p(&mine), p(&copy)],
+    );
+    assert_eq!(our_bits(&copy).await, want, "bits as qemu copied them");
+
+    // A second session adds to the first's bits.
+    let img = open_rw(&mine).await;
+    img.write_at(&[1u8; 512], 9 << 20).await.unwrap();
+    img.close().await.unwrap();
+    qemu_io(&theirs, Some("qcow2"), &["write 9M 512"]);
+    assert_eq!(our_bits(&mine).await, our_bits(&theirs).await);
+    assert_clean(&mine, "after a second session");
+}
+
+/// A handle dropped without close (as a killed process) leaves the enabled bitmaps in use:
+/// qemu judges them inconsistent as after its own crash, check finds no corruption, later
+/// sessions leave them in use and do not record in them, and they can be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclosed_handle_leaves_bitmaps_in_use() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = tracking_image(dir.path(), "img.qcow2");
     let img = open_rw(&path).await;
     img.write_at(&[1u8; 4096], 1 << 20).await.unwrap();
-    assert!(img.bitmaps().is_empty());
+    img.flush().await.unwrap();
+    drop(img);
+    let want = vec![
+        ("a".to_string(), vec![]),
+        (
+            "big".to_string(),
+            vec!["in-use".to_string(), "auto".to_string()],
+        ),
+        (
+            "fine".to_string(),
+            vec!["in-use".to_string(), "auto".to_string()],
+        ),
+    ];
+    assert_eq!(qemu_flags_shared(&path), want);
+    assert_clean(&path, "after a handle was dropped");
+    let img = open_rw(&path).await;
+    img.write_at(&[1u8; 4096], 2 << 20).await.unwrap();
+    let e = img.bitmap_content("big").await.unwrap_err();
+    assert!(e.to_string().contains("inconsistent"), "{e}");
+    let e = img.resize(32 << 20, false).await.unwrap_err();
+    assert!(
+        e.to_string().contains("Bitmap 'big' is inconsistent"),
+        "{e}"
+    );
     img.close().await.unwrap();
-    assert!(qemu_bitmaps(&path).is_empty(), "bitmaps survived a write");
-    assert_clean(&path, "after a write");
+    assert_eq!(qemu_flags_shared(&path), want);
+    assert_clean(&path, "after a session on in-use bitmaps");
+    ours(&path, &["--remove", "big"]).await.unwrap();
+    ours(&path, &["--remove", "fine"]).await.unwrap();
+    assert_eq!(qemu_flags_shared(&path), want[..1].to_vec());
+    assert_clean(&path, "after removing the in-use bitmaps");
+}
+
+/// Resizing keeps the bitmaps, as qemu-img resize does: grown with clean bits, cut when
+/// shrunk; same flags and bits as qemu-img gives, check clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_keeps_bitmaps_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let theirs = tracking_image(dir.path(), "theirs.qcow2");
+    let mine = dir.path().join("mine.qcow2");
+    for (size, shrink) in [
+        (40u64 << 20, false),
+        (6 << 20, true),
+        ((6 << 20) + 512, false),
+    ] {
+        std::fs::copy(&theirs, &mine).unwrap();
+        let mut args = vec!["resize", "-q"];
+        if shrink {
+            args.push("--shrink");
+        }
+        let s = size.to_string();
+        args.extend([p(&theirs), s.as_str()]);
+        run("qemu-img", &args);
+        let img = open_rw(&mine).await;
+        img.write_at(&[3u8; 512], 1 << 20).await.unwrap();
+        img.resize(size, shrink).await.unwrap();
+        img.close().await.unwrap();
+        qemu_io(&theirs, Some("qcow2"), &["write -P 3 1M 512"]);
+        let w = format!("resize to {size}");
+        assert_clean(&mine, &w);
+        assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs), "{w}");
+        assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{w}");
+    }
+}
+
+/// Snapshot create/delete, commit and amend keep the bitmaps as qemu-img does (snapshot apply
+/// is refused, as by qemu-img): same
+/// flags and bits as the same command run by qemu-img on a copy, check clean. Commit's writes
+/// into the base are recorded in the base's enabled bitmaps. A downgrade to v2 removes them
+/// (qemu-img leaks them): none listed, check clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_keep_bitmaps_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    use qcow2_core::SnapshotKey;
+    let dir = tmpdir();
+    let orig = tracking_image(dir.path(), "orig.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    let mine = dir.path().join("mine.qcow2");
+    let same = |w: &str| {
+        let (mine, theirs) = (mine.clone(), theirs.clone());
+        let w = w.to_string();
+        async move {
+            assert_clean(&mine, &w);
+            assert_eq!(qemu_bitmaps(&mine), qemu_bitmaps(&theirs), "{w}");
+            assert_eq!(our_bits(&mine).await, our_bits(&theirs).await, "{w}");
+        }
+    };
+    // Snapshots; applying one is refused while the image has bitmaps, as by qemu-img.
+    std::fs::copy(&orig, &theirs).unwrap();
+    std::fs::copy(&orig, &mine).unwrap();
+    run("qemu-img", &["snapshot", "-c", "s1", p(&theirs)]);
+    qemu_io(&theirs, Some("qcow2"), &["write 4M 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s2", p(&theirs)]);
+    run("qemu-img", &["snapshot", "-d", "s1", p(&theirs)]);
+    let out = sh("qemu-img", &["snapshot", "-a", "s2", p(&theirs)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Device has active dirty bitmaps"),
+        "{out:?}"
+    );
+    let img = open_rw(&mine).await;
+    img.snapshot_create("s1").await.unwrap();
+    img.write_at(&[0u8; 65536], 4 << 20).await.unwrap();
+    img.close().await.unwrap();
+    let img = open_rw(&mine).await;
+    let key = |s: &str| SnapshotKey::IdOrName(s.to_string());
+    img.snapshot_create("s2").await.unwrap();
+    img.snapshot_delete(&key("s1")).await.unwrap();
+    let e = img.snapshot_apply(&key("s2")).await.unwrap_err();
+    assert_eq!(e.message(), "Device has active dirty bitmaps");
+    img.close().await.unwrap();
+    same("snapshots").await;
+
+    // Commit: the base's enabled bitmaps record what is committed; the overlay's are kept.
+    for (tool, top) in [("qemu", &theirs), ("ours", &mine)] {
+        let base = dir.path().join(format!("{tool}-base.qcow2"));
+        std::fs::copy(&orig, &base).unwrap();
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                p(&base),
+                "-F",
+                "qcow2",
+                p(top),
+            ],
+        );
+        run("qemu-img", &["bitmap", "--add", p(top), "t"]);
+        qemu_io(top, Some("qcow2"), &["write 2M 128k", "write 14M 4k"]);
+        if tool == "qemu" {
+            run("qemu-img", &["commit", "-q", p(top)]);
+        } else {
+            qcow2_core::commit::commit(top, &Default::default())
+                .await
+                .unwrap();
+        }
+    }
+    same("commit (overlay)").await;
+    let (mb, tb) = (
+        dir.path().join("ours-base.qcow2"),
+        dir.path().join("qemu-base.qcow2"),
+    );
+    assert_clean(&mb, "commit (base)");
+    assert_eq!(qemu_bitmaps(&mb), qemu_bitmaps(&tb));
+    assert_eq!(our_bits(&mb).await, our_bits(&tb).await, "commit (base)");
+    assert_ne!(
+        our_bits(&mb).await,
+        our_bits(&orig).await,
+        "commit not recorded"
+    );
+
+    // Amend.
+    for (opt, kept) in [("lazy_refcounts=on", true), ("compat=0.10", false)] {
+        std::fs::copy(&orig, &theirs).unwrap();
+        std::fs::copy(&orig, &mine).unwrap();
+        let img = open_rw(&mine).await;
+        let mut ao = qcow2_core::jobs::amend::AmendOptions::default();
+        let (k, v) = opt.split_once('=').unwrap();
+        ao.set(k, v).unwrap();
+        qcow2_core::jobs::amend::amend(img, &ao).await.unwrap();
+        if kept {
+            run("qemu-img", &["amend", "-o", opt, p(&theirs)]);
+            same(opt).await;
+        } else {
+            assert_clean(&mine, opt);
+            assert!(qemu_bitmaps(&mine).is_empty(), "{opt}");
+        }
+    }
 }

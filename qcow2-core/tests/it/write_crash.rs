@@ -200,7 +200,7 @@ fn check_content(got: &[u8], o: &Outcome, what: &str) {
 enum Extra {
     Plain,
     Snapshot,
-    /// Two persistent bitmaps (the first write invalidates and frees them).
+    /// Two persistent bitmaps (the first write marks them in use; a crash leaves them so).
     Bitmap,
 }
 

@@ -46,16 +46,18 @@ async fn exercise(dir: &Path, img: &Path, o: Opts) {
     let image = open_rw(img).await;
     let cs = image.layout().cluster_size;
     if o.bitmap {
-        // The first write clears the "bitmaps consistent" autoclear bit before anything else.
+        // The first write marks the enabled bitmaps in use on disk before anything else;
+        // the "bitmaps consistent" autoclear bit stays set.
         let data = vec![0x5au8; 4096];
         image.write_at(&data, 12345).await.unwrap();
         mirror[12345..12345 + 4096].copy_from_slice(&data);
         let hdr = std::fs::read(img).unwrap();
         let autoclear = u64::from_be_bytes(hdr[88..96].try_into().unwrap());
-        assert_eq!(
-            autoclear & 1,
-            0,
-            "bitmaps autoclear bit still set after a write"
+        assert_eq!(autoclear & 1, 1, "bitmaps autoclear bit cleared by a write");
+        let s = run("qemu-img", &["info", "-U", "--output=json", p(img)]);
+        assert!(
+            s.contains("in-use"),
+            "bitmaps not in use after the first write: {s}"
         );
     }
     let w = Workload {
@@ -84,21 +86,30 @@ async fn exercise(dir: &Path, img: &Path, o: Opts) {
         assert_same(&after, &before, &format!("{name}: snapshot s1 content"));
     }
     if o.bitmap {
+        // Closed: consistent again, and the first write is recorded.
         let info = qemu_info(img);
-        let bitmaps = info["format-specific"]["data"]["bitmaps"]
+        let list = info["format-specific"]["data"]["bitmaps"]
             .as_array()
-            .cloned();
-        if let Some(list) = bitmaps {
-            for b in list {
-                let flags: Vec<String> = b["flags"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.as_str().unwrap().to_string())
-                    .collect();
+            .cloned()
+            .unwrap_or_default();
+        assert!(!list.is_empty(), "bitmaps dropped: {info}");
+        let again = open_ro(img).await;
+        for b in list {
+            let flags = b["flags"].as_array().unwrap();
+            assert!(
+                !flags.iter().any(|f| f == "in-use"),
+                "bitmap still in use after close: {info}"
+            );
+            let (bits, g) = again
+                .bitmap_content(b["name"].as_str().unwrap())
+                .await
+                .unwrap();
+            for off in [12345u64, 12345 + 4095] {
+                let i = off / g;
                 assert!(
-                    flags.iter().any(|f| f == "in-use"),
-                    "bitmap still listed as consistent: {info}"
+                    bits[(i / 8) as usize] & (1 << (i % 8)) != 0,
+                    "{name}: write at {off} not recorded in {}",
+                    b["name"]
                 );
             }
         }
@@ -390,7 +401,7 @@ async fn bitmap() {
     .await;
 }
 
-/// The header is rewritten without the bitmaps extension: the backing file name and
+/// The header is rewritten (bitmaps marked in use, then stored): the backing file name and
 /// format must survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bitmap_over_backing() {
