@@ -40,8 +40,8 @@ Export IMAGE over NBD (options as qemu-nbd's).
                            a backing file) as the block status context
                            qemu:dirty-bitmap:NAME (dirty ranges have flag 1); may be
                            repeated. The bits are read at start; a bitmap of the image
-                           itself needs a read-only export (-r, -s or -l): writes
-                           through qcow2rs do not record dirty ranges
+                           itself needs a read-only export (-r, -s or -l): the
+                           context would not show the export's own writes
       --cache=MODE         none, writeback (default), writethrough or directsync
       --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
                            optionally ca-cert.pem (qemu's x509 credentials layout);
