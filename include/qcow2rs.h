@@ -800,6 +800,20 @@ struct qcow2rs_bitmap_info {
     uint32_t flags;
 };
 
+/**
+ * One range of guest bytes, as listed by `qcow2rs_bitmap_extents`.
+ */
+struct qcow2rs_extent {
+    /**
+     * Offset of the first byte.
+     */
+    uint64_t start;
+    /**
+     * Length in bytes (never 0).
+     */
+    uint64_t length;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -879,8 +893,8 @@ int qcow2rs_info_json(struct qcow2rs_image *img,
                       char **json);
 
 /**
- * Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`). NULL is
- * allowed.
+ * Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`) or the array of
+ * `qcow2rs_bitmap_extents`. NULL is allowed.
  */
 void qcow2rs_free(void *p);
 
@@ -1337,6 +1351,24 @@ int qcow2rs_bitmap_list(struct qcow2rs_image *img,
  */
 void qcow2rs_bitmap_list_free(struct qcow2rs_bitmap_info *list,
                               size_t count);
+
+/**
+ * The dirty ranges of bitmap `name`: `*list` receives an array of `*count` ranges in
+ * ascending order (NULL and 0 when nothing is dirty), adjacent dirty granules merged into
+ * one range and the last one ending at the virtual size at the latest: the ranges QEMU
+ * reports as dirty for the bitmap (its `qemu:dirty-bitmap:NAME` NBD context), what an
+ * incremental backup copies. The caller frees the array with `qcow2rs_free`. Works on a read-only
+ * handle. Blocking (it reads the bitmap's data).
+ *
+ * Returns 0, or `-EFAULT` (`img`, `name`, `list` or `count` NULL), `-ENOENT` (no bitmap
+ * `name`), `-EINVAL` (`name` not UTF-8; the bitmap is marked in use), `-EUCLEAN` (damaged
+ * bitmap metadata), `-EDEADLK` (called from a completion callback or a library thread),
+ * `-ECHILD`, `-ENOMEM` and I/O errnos; on failure `*list` is NULL and `*count` 0.
+ */
+int qcow2rs_bitmap_extents(struct qcow2rs_image *img,
+                           const char *name,
+                           struct qcow2rs_extent **list,
+                           size_t *count);
 
 /**
  * The message of the last call that failed on the calling thread: a one-line, NUL-terminated

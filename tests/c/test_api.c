@@ -1106,6 +1106,56 @@ static int bitmaps_are(const char *p, const char *want)
                  p, want);
 }
 
+/* qcow2rs_bitmap_extents: the dirty ranges of bitmaps qemu-io's writes made dirty (the same
+ * figures as the core and Python tests, which compare them with qemu-nbd -B), on a read-only
+ * handle; a clean bitmap gives NULL and 0; errors leave NULL and 0. */
+static void test_bitmap_extents(void)
+{
+    const char *p = tpath("be.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 16000k && "
+                    "qemu-img bitmap --add -g 64k '%s' a && "
+                    "qemu-img bitmap --add -g 1M '%s' big && "
+                    "qemu-io -c 'write -q 0 64k' -c 'write -q 5M 100k' -c 'write -q 15M 4k' "
+                    "'%s' && qemu-img bitmap --add '%s' clean",
+                    p, p, p, p, p),
+              0);
+    struct qcow2rs_image *img;
+    struct qcow2rs_extent *x = (struct qcow2rs_extent *)1;
+    size_t n = 99;
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", &x, &n), 0);
+    CHECK(n == 3 && x != NULL);
+    if (n == 3 && x) {
+        CHECK(x[0].start == 0 && x[0].length == 64 * 1024);
+        CHECK(x[1].start == 5 * MiB && x[1].length == 128 * 1024);
+        CHECK(x[2].start == 15 * MiB && x[2].length == 64 * 1024);
+    }
+    qcow2rs_free(x);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "big", &x, &n), 0);
+    CHECK(n == 3 && x != NULL);
+    if (n == 3 && x) {
+        CHECK(x[0].start == 0 && x[0].length == MiB);
+        CHECK(x[1].start == 5 * MiB && x[1].length == MiB);
+        /* The last granule is clipped to the virtual size (16000 KiB). */
+        CHECK(x[2].start == 15 * MiB && x[2].length == 16000 * 1024 - 15 * MiB);
+    }
+    qcow2rs_free(x);
+    x = (struct qcow2rs_extent *)1;
+    CHECK_RET(qcow2rs_bitmap_extents(img, "clean", &x, &n), 0);
+    CHECK(x == NULL && n == 0);
+    x = (struct qcow2rs_extent *)1;
+    n = 99;
+    CHECK_RET(qcow2rs_bitmap_extents(img, "nope", &x, &n), -ENOENT);
+    CHECK(x == NULL && n == 0);
+    CHECK(strstr(qcow2rs_last_error(), "Dirty bitmap 'nope' not found") != NULL);
+    CHECK_RET(qcow2rs_bitmap_extents(img, NULL, &x, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", NULL, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", &x, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(NULL, "a", &x, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "\xff", &x, &n), -EINVAL);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
 /* Persistent bitmaps: add, list, merge, clear, disable, enable, remove; after each group of
  * changes qemu-img info lists what the library did and qemu-img check is clean; errors. */
 static void test_bitmap(void)
@@ -1569,5 +1619,5 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
-          TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(rebase), TEST(commit),
-          TEST(amend), TEST(measure))
+          TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(bitmap_extents),
+          TEST(rebase), TEST(commit), TEST(amend), TEST(measure))
