@@ -194,6 +194,9 @@ def convert(
     backing_format: str | None = None,
     src_format: str | None = None,
     progress: Callable[[float], object] | None = None,
+    sparse_size: int | None = None,
+    existing: bool = False,
+    target_is_zero: bool = False,
 ) -> None: ...
 def compare(
     a: _Path,
