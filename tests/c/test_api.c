@@ -1106,6 +1106,63 @@ static int bitmaps_are(const char *p, const char *want)
                  p, want);
 }
 
+/* convert's -S, -n and --target-is-zero (QCOW2RS_CONVERT_SPARSE_SIZE, _EXISTING,
+ * _TARGET_IS_ZERO): a dense raw output, a write into an existing image that keeps its size
+ * and overwrites its old data with the source's zeros, zeros skipped on a target known to be
+ * zero; bad combinations are -EINVAL. The source has data, zeros written as data, and holes. */
+static void test_convert_target(void)
+{
+    const char *p = tpath("ct.qcow2");
+    const char *r = tpath("ct.raw");
+    const char *t = tpath("ct-target.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 4M && qemu-io -c 'write -q -P 1 0 64k' "
+                    "-c 'write -q -P 0 1M 512k' -c 'write -q -P 2 3M 4k' '%s'",
+                    p, p),
+              0);
+    struct qcow2rs_convert_options cv = QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.flags = QCOW2RS_CONVERT_SPARSE_SIZE; /* sparse_size 0: fully allocated */
+    CHECK_RET(qcow2rs_convert(p, r, &cv), 0);
+    CHECK_RET(shell("test $(stat -c %%b '%s') -ge 8192", r), 0);
+    CHECK_RET(shell("qemu-img compare -q -f qcow2 -F raw '%s' '%s'", p, r), 0);
+    cv.flags = 0; /* the default, 4 KiB: sparse */
+    CHECK_RET(qcow2rs_convert(p, r, &cv), 0);
+    CHECK_RET(shell("test $(stat -c %%b '%s') -lt 2048", r), 0);
+    /* -n: an existing 6 MiB qcow2 image full of 9s keeps its size, gets the source's zeros. */
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 6M && qemu-io -c 'write -q -P 9 0 6M' '%s'",
+                    t, t),
+              0);
+    cv.dst_format = "qcow2";
+    cv.flags = QCOW2RS_CONVERT_EXISTING;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q 'virtual size: 6 MiB'", t), 0);
+    CHECK_RET(shell("qemu-io -c 'read -q -P 1 0 64k' -c 'read -q -P 0 1M 512k' "
+                    "-c 'read -q -P 0 2M 1M' -c 'read -q -P 9 4M 2M' '%s'",
+                    t),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", t), 0);
+    /* --target-is-zero on a target that is not: the zeros are not written (so the flag is
+     * passed through); on a fresh one, the copy equals the source. */
+    CHECK_RET(shell("qemu-io -c 'write -q -P 9 0 6M' '%s'", t), 0);
+    cv.flags = QCOW2RS_CONVERT_EXISTING | QCOW2RS_CONVERT_TARGET_IS_ZERO;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-io -c 'read -q -P 1 0 64k' -c 'read -q -P 9 1M 512k' '%s'", t), 0);
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 4M", t), 0);
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", p, t), 0);
+    /* Errors. */
+    cv.flags = QCOW2RS_CONVERT_TARGET_IS_ZERO;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), -EINVAL);
+    cv.flags = QCOW2RS_CONVERT_SPARSE_SIZE;
+    cv.sparse_size = 100;
+    CHECK_RET(qcow2rs_convert(p, r, &cv), -EINVAL);
+    cv.sparse_size = 32 * MiB;
+    CHECK_RET(qcow2rs_convert(p, r, &cv), -EINVAL);
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 1M", t), 0);
+    cv.flags = QCOW2RS_CONVERT_EXISTING;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), -EINVAL);
+    CHECK_RET(qcow2rs_convert(p, tpath("missing.qcow2"), &cv), -ENOENT);
+}
+
 /* qcow2rs_bitmap_extents: the dirty ranges of bitmaps qemu-io's writes made dirty (the same
  * figures as the core and Python tests, which compare them with qemu-nbd -B), on a read-only
  * handle; a clean bitmap gives NULL and 0; errors leave NULL and 0. */
@@ -1620,4 +1677,4 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
           TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(bitmap_extents),
-          TEST(rebase), TEST(commit), TEST(amend), TEST(measure))
+          TEST(convert_target), TEST(rebase), TEST(commit), TEST(amend), TEST(measure))
