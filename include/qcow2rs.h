@@ -99,7 +99,7 @@
 /** Initializer of struct qcow2rs_create_options: the size set, every option at its default. */
 #define QCOW2RS_CREATE_OPTIONS_INIT { sizeof(struct qcow2rs_create_options), 0, 0, 0, 0, 0, 0, NULL, NULL, NULL }
 /** Initializer of struct qcow2rs_convert_options: the size set, every option at its default. */
-#define QCOW2RS_CONVERT_OPTIONS_INIT { sizeof(struct qcow2rs_convert_options), 0, 0, NULL, NULL, NULL, NULL, NULL, 0 }
+#define QCOW2RS_CONVERT_OPTIONS_INIT { sizeof(struct qcow2rs_convert_options), 0, 0, NULL, NULL, NULL, NULL, NULL, 0, 0 }
 /** Initializer of struct qcow2rs_rebase_options: the size set, every option at its default. */
 #define QCOW2RS_REBASE_OPTIONS_INIT { sizeof(struct qcow2rs_rebase_options), 0, 0, NULL, NULL, NULL, NULL }
 /** Initializer of struct qcow2rs_commit_options: the size set, every option at its default. */
@@ -307,6 +307,25 @@
  * `QCOW2RS_OPEN_UNTRUSTED`).
  */
 #define QCOW2RS_CONVERT_UNTRUSTED (1 << 2)
+
+/**
+ * `qcow2rs_convert_options.flags`: write into the existing `dst` (`-n`): it is opened in
+ * the output format, not created, must be at least as large as the source and keeps its
+ * size; what reads as zeros in the source is written as zeros.
+ */
+#define QCOW2RS_CONVERT_EXISTING (1 << 3)
+
+/**
+ * `qcow2rs_convert_options.flags`: with `QCOW2RS_CONVERT_EXISTING`, the target is known to
+ * read as zeros, so zeros are not written (`--target-is-zero`).
+ */
+#define QCOW2RS_CONVERT_TARGET_IS_ZERO (1 << 4)
+
+/**
+ * `qcow2rs_convert_options.flags`: `sparse_size` is given (`-S`; without this flag the
+ * default, 4 KiB, applies).
+ */
+#define QCOW2RS_CONVERT_SPARSE_SIZE (1 << 5)
 
 /**
  * `qcow2rs_rebase_options.flags`: only write the new backing file name into the header
@@ -608,6 +627,11 @@ struct qcow2rs_convert_options {
      * `QCOW2RS_ENGINE_*` for every file (0: auto).
      */
     uint32_t engine;
+    /**
+     * With `QCOW2RS_CONVERT_SPARSE_SIZE` (`-S`): the shortest run of zeros left unallocated
+     * in the target, a multiple of 512 up to 16 MiB; 0 allocates the whole target.
+     */
+    uint64_t sparse_size;
 };
 
 /**
@@ -800,6 +824,20 @@ struct qcow2rs_bitmap_info {
     uint32_t flags;
 };
 
+/**
+ * One range of guest bytes, as listed by `qcow2rs_bitmap_extents`.
+ */
+struct qcow2rs_extent {
+    /**
+     * Offset of the first byte.
+     */
+    uint64_t start;
+    /**
+     * Length in bytes (never 0).
+     */
+    uint64_t length;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -879,8 +917,8 @@ int qcow2rs_info_json(struct qcow2rs_image *img,
                       char **json);
 
 /**
- * Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`). NULL is
- * allowed.
+ * Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`) or the array of
+ * `qcow2rs_bitmap_extents`. NULL is allowed.
  */
 void qcow2rs_free(void *p);
 
@@ -1108,13 +1146,16 @@ int qcow2rs_check(const char *path,
 
 /**
  * Copy the disk at `src` into a new image at `dst` (replaced if it exists), as
- * `qcow2rs convert [-f FMT] [-O FMT] [-c] [-o ...] [-B ...] [-m N] [-t none] src dst`: zeros
- * are detected and left unallocated, and with a backing file in `opts->create` only what
- * differs from it is written. `opts` NULL: raw output, defaults. Blocking; progress is
- * reported through `opts->progress`.
+ * `qcow2rs convert [-f FMT] [-O FMT] [-c] [-o ...] [-B ...] [-m N] [-t none] [-S SIZE]
+ * [-n [--target-is-zero]] src dst`: zeros are detected and left unallocated, and with a
+ * backing file in `opts->create` only what differs from it is written; with
+ * `QCOW2RS_CONVERT_EXISTING` `dst` is written into, not created. `opts` NULL: raw output,
+ * defaults. Blocking; progress is reported through `opts->progress`.
  *
  * Returns 0, or: `-EFAULT` (`src` or `dst` NULL), `-EINVAL` (bad options, unknown flags,
- * compression with raw output, a backing file with raw output), `-ENOTSUP` (a format other
+ * compression with raw output, a backing file with raw output, a bad `sparse_size`,
+ * `QCOW2RS_CONVERT_TARGET_IS_ZERO` without `QCOW2RS_CONVERT_EXISTING`, an existing target
+ * smaller than the source), `-ENOTSUP` (a format other
  * than `"qcow2"` and `"raw"`, an unsupported feature of the source), `-ENOENT`, `-EACCES`,
  * `-EUCLEAN` (corrupt source), `-ENOSPC`, `-EDEADLK`, `-EIO`.
  */
@@ -1337,6 +1378,24 @@ int qcow2rs_bitmap_list(struct qcow2rs_image *img,
  */
 void qcow2rs_bitmap_list_free(struct qcow2rs_bitmap_info *list,
                               size_t count);
+
+/**
+ * The dirty ranges of bitmap `name`: `*list` receives an array of `*count` ranges in
+ * ascending order (NULL and 0 when nothing is dirty), adjacent dirty granules merged into
+ * one range and the last one ending at the virtual size at the latest: the ranges QEMU
+ * reports as dirty for the bitmap (its `qemu:dirty-bitmap:NAME` NBD context), what an
+ * incremental backup copies. The caller frees the array with `qcow2rs_free`. Works on a read-only
+ * handle. Blocking (it reads the bitmap's data).
+ *
+ * Returns 0, or `-EFAULT` (`img`, `name`, `list` or `count` NULL), `-ENOENT` (no bitmap
+ * `name`), `-EINVAL` (`name` not UTF-8; the bitmap is marked in use), `-EUCLEAN` (damaged
+ * bitmap metadata), `-EDEADLK` (called from a completion callback or a library thread),
+ * `-ECHILD`, `-ENOMEM` and I/O errnos; on failure `*list` is NULL and `*count` 0.
+ */
+int qcow2rs_bitmap_extents(struct qcow2rs_image *img,
+                           const char *name,
+                           struct qcow2rs_extent **list,
+                           size_t *count);
 
 /**
  * The message of the last call that failed on the calling thread: a one-line, NUL-terminated

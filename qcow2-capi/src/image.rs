@@ -580,8 +580,8 @@ pub unsafe extern "C" fn qcow2rs_info_json(
     })
 }
 
-/// Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`). NULL is
-/// allowed.
+/// Free a string the library returned (`qcow2rs_info_json`, `qcow2rs_check`) or the array of
+/// `qcow2rs_bitmap_extents`. NULL is allowed.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2rs_free(p: *mut c_void) {
     // SAFETY: NULL or memory from malloc_string (header contract).

@@ -271,9 +271,23 @@ pub const QCOW2RS_CONVERT_DIRECT: u32 = 1 << 1;
 /// `qcow2rs_convert_options.flags`: open no file named inside the source image (see
 /// `QCOW2RS_OPEN_UNTRUSTED`).
 pub const QCOW2RS_CONVERT_UNTRUSTED: u32 = 1 << 2;
+/// `qcow2rs_convert_options.flags`: write into the existing `dst` (`-n`): it is opened in
+/// the output format, not created, must be at least as large as the source and keeps its
+/// size; what reads as zeros in the source is written as zeros.
+pub const QCOW2RS_CONVERT_EXISTING: u32 = 1 << 3;
+/// `qcow2rs_convert_options.flags`: with `QCOW2RS_CONVERT_EXISTING`, the target is known to
+/// read as zeros, so zeros are not written (`--target-is-zero`).
+pub const QCOW2RS_CONVERT_TARGET_IS_ZERO: u32 = 1 << 4;
+/// `qcow2rs_convert_options.flags`: `sparse_size` is given (`-S`; without this flag the
+/// default, 4 KiB, applies).
+pub const QCOW2RS_CONVERT_SPARSE_SIZE: u32 = 1 << 5;
 
-const CONVERT_FLAGS: u32 =
-    QCOW2RS_CONVERT_COMPRESS | QCOW2RS_CONVERT_DIRECT | QCOW2RS_CONVERT_UNTRUSTED;
+const CONVERT_FLAGS: u32 = QCOW2RS_CONVERT_COMPRESS
+    | QCOW2RS_CONVERT_DIRECT
+    | QCOW2RS_CONVERT_UNTRUSTED
+    | QCOW2RS_CONVERT_EXISTING
+    | QCOW2RS_CONVERT_TARGET_IS_ZERO
+    | QCOW2RS_CONVERT_SPARSE_SIZE;
 
 /// Options of `qcow2rs_convert`. Zero-initialize it and set `size` to
 /// `sizeof(struct qcow2rs_convert_options)` (or use `QCOW2RS_CONVERT_OPTIONS_INIT`); fields
@@ -299,16 +313,22 @@ pub struct qcow2rs_convert_options {
     pub progress_data: *mut c_void,
     /// `QCOW2RS_ENGINE_*` for every file (0: auto).
     pub engine: u32,
+    /// With `QCOW2RS_CONVERT_SPARSE_SIZE` (`-S`): the shortest run of zeros left unallocated
+    /// in the target, a multiple of 512 up to 16 MiB; 0 allocates the whole target.
+    pub sparse_size: u64,
 }
 
 /// Copy the disk at `src` into a new image at `dst` (replaced if it exists), as
-/// `qcow2rs convert [-f FMT] [-O FMT] [-c] [-o ...] [-B ...] [-m N] [-t none] src dst`: zeros
-/// are detected and left unallocated, and with a backing file in `opts->create` only what
-/// differs from it is written. `opts` NULL: raw output, defaults. Blocking; progress is
-/// reported through `opts->progress`.
+/// `qcow2rs convert [-f FMT] [-O FMT] [-c] [-o ...] [-B ...] [-m N] [-t none] [-S SIZE]
+/// [-n [--target-is-zero]] src dst`: zeros are detected and left unallocated, and with a
+/// backing file in `opts->create` only what differs from it is written; with
+/// `QCOW2RS_CONVERT_EXISTING` `dst` is written into, not created. `opts` NULL: raw output,
+/// defaults. Blocking; progress is reported through `opts->progress`.
 ///
 /// Returns 0, or: `-EFAULT` (`src` or `dst` NULL), `-EINVAL` (bad options, unknown flags,
-/// compression with raw output, a backing file with raw output), `-ENOTSUP` (a format other
+/// compression with raw output, a backing file with raw output, a bad `sparse_size`,
+/// `QCOW2RS_CONVERT_TARGET_IS_ZERO` without `QCOW2RS_CONVERT_EXISTING`, an existing target
+/// smaller than the source), `-ENOTSUP` (a format other
 /// than `"qcow2"` and `"raw"`, an unsupported feature of the source), `-ENOENT`, `-EACCES`,
 /// `-EUCLEAN` (corrupt source), `-ENOSPC`, `-EDEADLK`, `-EIO`.
 #[no_mangle]
@@ -361,8 +381,28 @@ pub unsafe extern "C" fn qcow2rs_convert(
             ));
         }
         let compress = o.flags & QCOW2RS_CONVERT_COMPRESS != 0;
+        let existing = o.flags & QCOW2RS_CONVERT_EXISTING != 0;
+        let target_is_zero = o.flags & QCOW2RS_CONVERT_TARGET_IS_ZERO != 0;
+        if target_is_zero && !existing {
+            return Err(Fail::inval(
+                "QCOW2RS_CONVERT_TARGET_IS_ZERO requires QCOW2RS_CONVERT_EXISTING",
+            ));
+        }
+        let sparse_size = if o.flags & QCOW2RS_CONVERT_SPARSE_SIZE == 0 {
+            convert::ZERO_GRANULE as u64
+        } else if o.sparse_size.is_multiple_of(512) && o.sparse_size <= 16 << 20 {
+            o.sparse_size
+        } else {
+            return Err(Fail::inval(format!(
+                "invalid sparse_size {} (a multiple of 512 up to 16777216)",
+                o.sparse_size
+            )));
+        };
         let mut co = ConvertOptions {
             parallel,
+            sparse_size,
+            existing,
+            target_is_zero,
             ..Default::default()
         };
         if compress {

@@ -1106,6 +1106,113 @@ static int bitmaps_are(const char *p, const char *want)
                  p, want);
 }
 
+/* convert's -S, -n and --target-is-zero (QCOW2RS_CONVERT_SPARSE_SIZE, _EXISTING,
+ * _TARGET_IS_ZERO): a dense raw output, a write into an existing image that keeps its size
+ * and overwrites its old data with the source's zeros, zeros skipped on a target known to be
+ * zero; bad combinations are -EINVAL. The source has data, zeros written as data, and holes. */
+static void test_convert_target(void)
+{
+    const char *p = tpath("ct.qcow2");
+    const char *r = tpath("ct.raw");
+    const char *t = tpath("ct-target.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 4M && qemu-io -c 'write -q -P 1 0 64k' "
+                    "-c 'write -q -P 0 1M 512k' -c 'write -q -P 2 3M 4k' '%s'",
+                    p, p),
+              0);
+    struct qcow2rs_convert_options cv = QCOW2RS_CONVERT_OPTIONS_INIT;
+    cv.flags = QCOW2RS_CONVERT_SPARSE_SIZE; /* sparse_size 0: fully allocated */
+    CHECK_RET(qcow2rs_convert(p, r, &cv), 0);
+    CHECK_RET(shell("test $(stat -c %%b '%s') -ge 8192", r), 0);
+    CHECK_RET(shell("qemu-img compare -q -f qcow2 -F raw '%s' '%s'", p, r), 0);
+    cv.flags = 0; /* the default, 4 KiB: sparse */
+    CHECK_RET(qcow2rs_convert(p, r, &cv), 0);
+    CHECK_RET(shell("test $(stat -c %%b '%s') -lt 2048", r), 0);
+    /* -n: an existing 6 MiB qcow2 image full of 9s keeps its size, gets the source's zeros. */
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 6M && qemu-io -c 'write -q -P 9 0 6M' '%s'",
+                    t, t),
+              0);
+    cv.dst_format = "qcow2";
+    cv.flags = QCOW2RS_CONVERT_EXISTING;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-img info '%s' | grep -q 'virtual size: 6 MiB'", t), 0);
+    CHECK_RET(shell("qemu-io -c 'read -q -P 1 0 64k' -c 'read -q -P 0 1M 512k' "
+                    "-c 'read -q -P 0 2M 1M' -c 'read -q -P 9 4M 2M' '%s'",
+                    t),
+              0);
+    CHECK_RET(shell("qemu-img check -q '%s'", t), 0);
+    /* --target-is-zero on a target that is not: the zeros are not written (so the flag is
+     * passed through); on a fresh one, the copy equals the source. */
+    CHECK_RET(shell("qemu-io -c 'write -q -P 9 0 6M' '%s'", t), 0);
+    cv.flags = QCOW2RS_CONVERT_EXISTING | QCOW2RS_CONVERT_TARGET_IS_ZERO;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-io -c 'read -q -P 1 0 64k' -c 'read -q -P 9 1M 512k' '%s'", t), 0);
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 4M", t), 0);
+    CHECK_RET(qcow2rs_convert(p, t, &cv), 0);
+    CHECK_RET(shell("qemu-img compare -q '%s' '%s'", p, t), 0);
+    /* Errors. */
+    cv.flags = QCOW2RS_CONVERT_TARGET_IS_ZERO;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), -EINVAL);
+    cv.flags = QCOW2RS_CONVERT_SPARSE_SIZE;
+    cv.sparse_size = 100;
+    CHECK_RET(qcow2rs_convert(p, r, &cv), -EINVAL);
+    cv.sparse_size = 32 * MiB;
+    CHECK_RET(qcow2rs_convert(p, r, &cv), -EINVAL);
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 1M", t), 0);
+    cv.flags = QCOW2RS_CONVERT_EXISTING;
+    CHECK_RET(qcow2rs_convert(p, t, &cv), -EINVAL);
+    CHECK_RET(qcow2rs_convert(p, tpath("missing.qcow2"), &cv), -ENOENT);
+}
+
+/* qcow2rs_bitmap_extents: the dirty ranges of bitmaps qemu-io's writes made dirty (the same
+ * figures as the core and Python tests, which compare them with qemu-nbd -B), on a read-only
+ * handle; a clean bitmap gives NULL and 0; errors leave NULL and 0. */
+static void test_bitmap_extents(void)
+{
+    const char *p = tpath("be.qcow2");
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 16000k && "
+                    "qemu-img bitmap --add -g 64k '%s' a && "
+                    "qemu-img bitmap --add -g 1M '%s' big && "
+                    "qemu-io -c 'write -q 0 64k' -c 'write -q 5M 100k' -c 'write -q 15M 4k' "
+                    "'%s' && qemu-img bitmap --add '%s' clean",
+                    p, p, p, p, p),
+              0);
+    struct qcow2rs_image *img;
+    struct qcow2rs_extent *x = (struct qcow2rs_extent *)1;
+    size_t n = 99;
+    CHECK_RET(qcow2rs_open(p, 0, &img), 0);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", &x, &n), 0);
+    CHECK(n == 3 && x != NULL);
+    if (n == 3 && x) {
+        CHECK(x[0].start == 0 && x[0].length == 64 * 1024);
+        CHECK(x[1].start == 5 * MiB && x[1].length == 128 * 1024);
+        CHECK(x[2].start == 15 * MiB && x[2].length == 64 * 1024);
+    }
+    qcow2rs_free(x);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "big", &x, &n), 0);
+    CHECK(n == 3 && x != NULL);
+    if (n == 3 && x) {
+        CHECK(x[0].start == 0 && x[0].length == MiB);
+        CHECK(x[1].start == 5 * MiB && x[1].length == MiB);
+        /* The last granule is clipped to the virtual size (16000 KiB). */
+        CHECK(x[2].start == 15 * MiB && x[2].length == 16000 * 1024 - 15 * MiB);
+    }
+    qcow2rs_free(x);
+    x = (struct qcow2rs_extent *)1;
+    CHECK_RET(qcow2rs_bitmap_extents(img, "clean", &x, &n), 0);
+    CHECK(x == NULL && n == 0);
+    x = (struct qcow2rs_extent *)1;
+    n = 99;
+    CHECK_RET(qcow2rs_bitmap_extents(img, "nope", &x, &n), -ENOENT);
+    CHECK(x == NULL && n == 0);
+    CHECK(strstr(qcow2rs_last_error(), "Dirty bitmap 'nope' not found") != NULL);
+    CHECK_RET(qcow2rs_bitmap_extents(img, NULL, &x, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", NULL, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "a", &x, NULL), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(NULL, "a", &x, &n), -EFAULT);
+    CHECK_RET(qcow2rs_bitmap_extents(img, "\xff", &x, &n), -EINVAL);
+    CHECK_RET(qcow2rs_close(img), 0);
+}
+
 /* Persistent bitmaps: add, list, merge, clear, disable, enable, remove; after each group of
  * changes qemu-img info lists what the library did and qemu-img check is clean; errors. */
 static void test_bitmap(void)
@@ -1569,5 +1676,5 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
-          TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(rebase), TEST(commit),
-          TEST(amend), TEST(measure))
+          TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(bitmap_extents),
+          TEST(convert_target), TEST(rebase), TEST(commit), TEST(amend), TEST(measure))

@@ -56,6 +56,8 @@ pub enum Outcome {
     Json(serde_json::Value),
     /// Map entries.
     Map(Vec<core::MapEntry>),
+    /// `(start, length)` ranges, as a list of tuples.
+    Extents(Vec<(u64, u64)>),
     /// An opened image (for `qcow2rs.aio.open`).
     Opened(core::Image, String),
     /// An error, naming a file.
@@ -77,6 +79,7 @@ impl Outcome {
             Outcome::Object(o) => Ok(o),
             Outcome::Json(v) => json::to_py(py, &v),
             Outcome::Map(m) => map_to_py(py, &m),
+            Outcome::Extents(v) => v.into_py_any(py),
             Outcome::Opened(img, name) => Ok(Py::new(py, Image::new(img, name))?.into_any()),
             Outcome::Failed(e, name) => Err(to_pyerr(&e, name.as_deref())),
         }

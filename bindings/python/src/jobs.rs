@@ -210,10 +210,15 @@ impl Progress {
 
 /// Copy the image `src` into a new image `dst` (qcow2 or raw). `progress(fraction)` is
 /// called as the copy advances; an exception it raises is re-raised when the copy is done.
+/// `sparse_size` (qemu-img `-S`, default 4096): the shortest run of zeros left unallocated in
+/// the target, a multiple of 512 up to 16 MiB; 0 writes every byte. `existing=True` (`-n`):
+/// write into `dst`, which exists (format `out_format`) and is at least as large as `src`;
+/// `target_is_zero=True` (`--target-is-zero`, needs `existing`): `dst` reads as zeros, so
+/// zeros are not written.
 #[pyfunction]
 #[pyo3(signature = (src, dst, *, out_format = "qcow2", compress = false, compression_type = None,
     cluster_size = None, backing_file = None, backing_format = None, src_format = None,
-    progress = None))]
+    progress = None, sparse_size = None, existing = false, target_is_zero = false))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert(
     py: Python<'_>,
@@ -227,7 +232,28 @@ pub fn convert(
     backing_format: Option<String>,
     src_format: Option<&str>,
     progress: Option<Py<PyAny>>,
+    sparse_size: Option<i64>,
+    existing: bool,
+    target_is_zero: bool,
 ) -> PyResult<()> {
+    if target_is_zero && !existing {
+        return Err(PyValueError::new_err(
+            "--target-is-zero requires use of -n flag (target_is_zero needs existing=True)",
+        ));
+    }
+    let sparse_size = match sparse_size {
+        None => qcow2_core::convert::ZERO_GRANULE as u64,
+        Some(n) => match u64::try_from(n) {
+            Ok(n) if n.is_multiple_of(512) && n <= 16 << 20 => n,
+            _ => {
+                return Err(PyValueError::new_err(
+                    "Invalid buffer size for sparse output specified. Valid sizes are \
+                     multiples of 512 up to 16777216. Select 0 to disable sparse detection \
+                     (fully allocates output).",
+                ))
+            }
+        },
+    };
     let format = Format::parse(out_format).map_err(|e| PyValueError::new_err(e.to_string()))?;
     let mut co = CreateOptions::default();
     let bad = |e: Error| create_err(e, &dst);
@@ -261,6 +287,9 @@ pub fn convert(
     });
     let mut opts = ConvertOptions {
         parallel: ConvertOptions::requests_in_flight(8, compress),
+        sparse_size,
+        existing,
+        target_is_zero,
         ..Default::default()
     };
     if let Some(p) = &prog {

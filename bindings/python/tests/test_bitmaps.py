@@ -5,6 +5,7 @@ what `qemu-img bitmap --merge` makes (dirty regions read through qemu-nbd); erro
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -289,4 +290,74 @@ def test_guest_writes_are_recorded(tmp_path, qemu) -> None:
     assert dirty(p, "big") == dirty(q, "big")
     assert (3 * MiB, MiB) in dirty(p, "big")
     assert dirty(p, "a") == dirty(q, "a")
+    assert_clean(p)
+
+
+def test_bitmap_extents_match_qemu(tmp_path, qemu) -> None:
+    """Image.bitmap_extents gives the dirty ranges QEMU reports for the bitmap (qemu-nbd -B),
+    after qemu's writes, after our merge, and after qemu's writes into a bitmap we enabled."""
+    p = make_qemu(tmp_path, size="16000k")  # not a multiple of 1 MiB: the last range is clipped
+    qemu_io(p, "write -q 15M 100k")
+    with qcow2rs.open(str(p)) as img:  # read-only is enough
+        assert img.bitmap_extents("a") == dirty(p, "a") == [(0, 64 * KiB), (5 * MiB, 128 * KiB)]
+        big = img.bitmap_extents("big")
+        assert big == dirty(p, "big") == [(0, MiB), (5 * MiB, MiB), (10 * MiB, MiB), (15 * MiB, 640 * KiB)]
+        with pytest.raises(FileNotFoundError) as nf:
+            img.bitmap_extents("nope")
+        assert nf.value.filename == str(p) and nf.value.strerror == "Dirty bitmap 'nope' not found"
+    change(p, lambda img: img.bitmap_merge("a", "big"))
+    change(p, lambda img: img.bitmap_enable("a"))
+    qemu_io(p, "write -q 3M 4k")
+    with qcow2rs.open(str(p)) as img:
+        assert img.bitmap_extents("a") == dirty(p, "a")
+        assert img.bitmap_extents("a")[:2] == [(0, MiB), (3 * MiB, 64 * KiB)]
+    change(p, lambda img: img.bitmap_add("empty"))
+    with qcow2rs.open(str(p)) as img:
+        assert img.bitmap_extents("empty") == [] == dirty(p, "empty")
+    img = qcow2rs.open(str(p))
+    img.close()
+    with pytest.raises(ValueError):
+        img.bitmap_extents("a")
+
+
+def test_async_bitmaps(tmp_path, qemu) -> None:
+    """AsyncImage's bitmap methods do what Image's do (same lists, same errors)."""
+    p = make_qemu(tmp_path)
+    other = make_qemu(tmp_path, "other.qcow2")
+    theirs = qemu_bitmaps(p)
+
+    async def main() -> None:
+        async with qcow2rs.aio.open(str(p), "r+") as img, qcow2rs.aio.open(str(other)) as src:
+            assert await img.bitmaps() == theirs
+            assert await img.bitmap_extents("a") == [(0, 64 * KiB), (5 * MiB, 128 * KiB)]
+            await img.bitmap_add("n", granularity=512)
+            await img.bitmap_disable("n")
+            await img.bitmap_enable("n")
+            await img.bitmap_merge("n", "a")
+            assert await img.bitmap_extents("n") == [(0, 64 * KiB), (5 * MiB, 128 * KiB)]
+            await img.bitmap_merge("n", "big", source=src)
+            await img.bitmap_merge("n", "big", source=src.image)
+            assert await img.bitmap_extents("n") == [(0, MiB), (5 * MiB, MiB), (10 * MiB, MiB)]
+            await img.bitmap_clear("a")
+            assert await img.bitmap_extents("a") == []
+            await img.bitmap_remove("n")
+            with pytest.raises(FileExistsError):
+                await img.bitmap_add("a")
+            with pytest.raises(FileNotFoundError) as nf:
+                await img.bitmap_remove("nope")
+            assert nf.value.filename == str(p)
+            with pytest.raises(FileNotFoundError) as nf:
+                await img.bitmap_merge("a", "nope", source=src)
+            assert nf.value.filename == str(other)
+            with pytest.raises(ValueError):
+                await img.bitmap_add("x", granularity=-1)
+            with pytest.raises(OSError) as ro:
+                await src.bitmap_clear("a")
+            assert ro.value.errno == errno.EBADF
+        with pytest.raises(ValueError):
+            await img.bitmap_extents("a")
+
+    asyncio.run(main())
+    assert qemu_bitmaps(p) == [bm("a", 64 * KiB), bm("big", MiB, "auto")]
+    assert dirty(p, "a") == []
     assert_clean(p)

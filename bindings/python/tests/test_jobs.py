@@ -11,6 +11,7 @@ import pytest
 import hostile
 import qcow2rs
 from helpers import MiB, assert_clean, qemu_check, qemu_img, to_raw
+from qemu_tools import qemu_io
 
 CHECK_KEYS = [
     "check-errors",
@@ -136,6 +137,83 @@ def test_convert_matches_qemu(name, matrix, scratch):
     assert_clean(out)
     assert qemu_img("compare", src, out, check=False).returncode == 0
     assert qcow2rs.compare(src, out)
+
+
+def convert_source(scratch):
+    """4 MiB: data at 0 (64 KiB), zeros written as data at 1M (512 KiB), data at 3M (4 KiB)."""
+    src = scratch / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "4M")
+    qemu_io(src, "write -q -P 1 0 64k", "write -q -P 0 1M 512k", "write -q -P 2 3M 4k")
+    return src
+
+
+def qemu_map(path) -> list[list]:
+    """[start, length, data, zero] of `qemu-img map`, adjacent entries of the same kind merged
+    (the host offsets, which depend on the order of parallel writes, are left out)."""
+    out: list[list] = []
+    for e in json.loads(qemu_img("map", "--output=json", path).stdout):
+        if out and out[-1][2:] == [e["data"], e["zero"]] and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], e["data"], e["zero"]])
+    return out
+
+
+def test_convert_sparse_size(qemu, scratch):
+    """sparse_size (qemu-img convert -S): 0 allocates everything; the qcow2 output is allocated
+    as qemu-img's with the same -S; bad sizes are refused."""
+    src = convert_source(scratch)
+    dense, sparse = scratch / "dense.raw", scratch / "sparse.raw"
+    qcow2rs.convert(src, dense, out_format="raw", sparse_size=0)
+    qcow2rs.convert(src, sparse, out_format="raw")
+    assert os.stat(dense).st_blocks * 512 >= 4 * MiB
+    assert os.stat(sparse).st_blocks * 512 < 1 * MiB
+    for out in (dense, sparse):
+        assert qemu_img("compare", src, out, check=False).returncode == 0
+    for s in (0, 4096, 65536):
+        ours, theirs = scratch / f"ours-{s}.qcow2", scratch / f"theirs-{s}.qcow2"
+        qcow2rs.convert(src, ours, sparse_size=s)
+        qemu_img("convert", "-O", "qcow2", "-S", str(s), src, theirs)
+        assert qemu_map(ours) == qemu_map(theirs), s
+        assert qemu_img("compare", src, ours, check=False).returncode == 0
+        assert_clean(ours)
+    for bad in (-512, 100, 32 * MiB):
+        with pytest.raises(ValueError, match="Invalid buffer size for sparse output"):
+            qcow2rs.convert(src, scratch / "x.raw", out_format="raw", sparse_size=bad)
+
+
+def test_convert_existing_target(qemu, scratch):
+    """existing (qemu-img convert -n) writes into the target, zeros included, keeping its size;
+    with target_is_zero (--target-is-zero) zeros are not written."""
+    src = convert_source(scratch)
+    dst = scratch / "dst.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", dst, "6M")
+    qemu_io(dst, "write -q -P 9 0 6M")
+    qcow2rs.convert(src, dst, existing=True)
+    assert qemu_info(dst)["virtual-size"] == 6 * MiB
+    assert qemu_img("compare", src, dst, check=False).returncode == 1  # 4M-6M still 9s
+    qemu_io(dst, "read -q -P 0 1M 512k", "read -q -P 2 3M 4k", "read -q -P 0 2M 1M", "read -q -P 9 4M 2M")
+    assert_clean(dst)
+    raw = scratch / "dst.raw"
+    raw.write_bytes(b"\x07" * (4 * MiB))
+    qcow2rs.convert(src, raw, out_format="raw", existing=True)
+    assert qemu_img("compare", src, raw, check=False).returncode == 0
+    # target_is_zero on a fresh target: same content; on a dirty one, zeros are not written.
+    fresh = scratch / "fresh.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", fresh, "4M")
+    qcow2rs.convert(src, fresh, existing=True, target_is_zero=True)
+    assert qemu_img("compare", src, fresh, check=False).returncode == 0
+    raw.write_bytes(b"\x07" * (4 * MiB))
+    qcow2rs.convert(src, raw, out_format="raw", existing=True, target_is_zero=True)
+    qemu_io(raw, "read -q -P 1 0 64k", "read -q -P 7 1M 512k", "read -q -P 2 3M 4k", fmt="raw")
+    with pytest.raises(ValueError, match="requires use of -n"):
+        qcow2rs.convert(src, fresh, target_is_zero=True)
+    with pytest.raises(OSError):
+        qcow2rs.convert(src, scratch / "missing.qcow2", existing=True)
+    small = scratch / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", small, "1M")
+    with pytest.raises(ValueError, match="smaller"):
+        qcow2rs.convert(src, small, existing=True)
 
 
 def test_convert_options(matrix, scratch):

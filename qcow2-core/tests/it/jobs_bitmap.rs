@@ -209,6 +209,33 @@ async fn bitmap_ops_match_qemu() {
     }
 }
 
+/// The dirty ranges of the bitmaps qemu-io's writes made dirty, at each bitmap's granularity
+/// (what `qemu-img map` over `qemu-nbd -B` reports, checked by the Python tests), and
+/// `NotFound` for a missing bitmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_extents_of_qemu_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = qemu_image(dir.path(), "");
+    let img = open_ro(&path).await;
+    const K: u64 = 1024;
+    const M: u64 = 1024 * K;
+    // `a`: 64 KiB granules; writes at 0 (64k) and 5M (100k), then disabled.
+    assert_eq!(
+        img.bitmap_extents("a").await.unwrap(),
+        vec![(0, 64 * K), (5 * M, 128 * K)]
+    );
+    // `big`: 1 MiB granules; also the write at 10M.
+    assert_eq!(
+        img.bitmap_extents("big").await.unwrap(),
+        vec![(0, M), (5 * M, M), (10 * M, M)]
+    );
+    let e = img.bitmap_extents("x").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bitmap_errors() {
     if !have_qemu() {

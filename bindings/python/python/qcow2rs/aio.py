@@ -137,6 +137,44 @@ class AsyncImage:
         result: list[dict[str, Any]] = await self._image._aio_map(self)
         return result
 
+    async def bitmaps(self) -> list[dict[str, Any]]:
+        """The persistent dirty bitmaps (see :meth:`qcow2rs.Image.bitmaps`; no I/O)."""
+        return self._image.bitmaps()
+
+    async def bitmap_add(self, name: str, *, granularity: int | None = None) -> None:
+        """Add an enabled persistent dirty bitmap (see :meth:`qcow2rs.Image.bitmap_add`)."""
+        await self._image._aio_bitmap(self, "add", name, granularity)
+
+    async def bitmap_remove(self, name: str) -> None:
+        """Remove a bitmap (see :meth:`qcow2rs.Image.bitmap_remove`)."""
+        await self._image._aio_bitmap(self, "remove", name)
+
+    async def bitmap_clear(self, name: str) -> None:
+        """Clear every bit of a bitmap (see :meth:`qcow2rs.Image.bitmap_clear`)."""
+        await self._image._aio_bitmap(self, "clear", name)
+
+    async def bitmap_enable(self, name: str) -> None:
+        """Enable a bitmap (see :meth:`qcow2rs.Image.bitmap_enable`)."""
+        await self._image._aio_bitmap(self, "enable", name)
+
+    async def bitmap_disable(self, name: str) -> None:
+        """Disable a bitmap (see :meth:`qcow2rs.Image.bitmap_disable`)."""
+        await self._image._aio_bitmap(self, "disable", name)
+
+    async def bitmap_merge(
+        self, dst: str, src_name: str, *, source: AsyncImage | Image | None = None
+    ) -> None:
+        """Merge bitmap ``src_name`` (of this image, or of ``source``) into bitmap ``dst``
+        (see :meth:`qcow2rs.Image.bitmap_merge`)."""
+        src = source.image if isinstance(source, AsyncImage) else source
+        await self._image._aio_bitmap(self, "merge", dst, src_name, src)
+
+    async def bitmap_extents(self, name: str) -> list[tuple[int, int]]:
+        """The dirty ranges of bitmap ``name`` as ``(start, length)`` tuples (see
+        :meth:`qcow2rs.Image.bitmap_extents`)."""
+        result: list[tuple[int, int]] = await self._image._aio_bitmap(self, "extents", name)
+        return result
+
     async def __aenter__(self) -> Self:
         return self
 
