@@ -318,15 +318,46 @@ struct Piece {
 /// reads as zeros; neighbouring zero windows are merged into one piece (which can be huge: it
 /// is never read into memory).
 struct Planner<'a> {
-    src: &'a Disk,
+    src: ZeroRuns<'a>,
     size: u64,
     pos: u64,
+}
+
+/// Block status of a disk as runs that read as zeros or not, remembering the last run looked
+/// up. A status lookup returns the whole run (up to the end of the disk), and for a raw file
+/// on some file systems (tmpfs) `SEEK_HOLE` costs time in proportion to the run's length, so
+/// asking again for every `CHUNK` window would make a walk over the disk quadratic in its size
+/// (qemu-img keeps its last block status the same way).
+struct ZeroRuns<'a> {
+    disk: &'a Disk,
+    /// The last run: `[start, end)` and whether it reads as zeros.
+    known: Option<(u64, u64, bool)>,
+}
+
+impl<'a> ZeroRuns<'a> {
+    fn new(disk: &'a Disk) -> Self {
+        ZeroRuns { disk, known: None }
+    }
+
+    /// End of the run of like status at `q` (at most `end`, `q < end <= size`) and whether
+    /// it reads as zeros.
+    async fn at(&mut self, q: u64, end: u64) -> Result<(u64, bool)> {
+        if let Some((a, b, zero)) = self.known {
+            if a <= q && q < b {
+                return Ok((b.min(end), zero));
+            }
+        }
+        let e = self.disk.map_entry(q, end - q).await?;
+        let e_end = q + e.length.max(1);
+        self.known = Some((q, e_end, e.zero));
+        Ok((e_end.min(end), e.zero))
+    }
 }
 
 impl<'a> Planner<'a> {
     fn new(src: &'a Disk) -> Self {
         Planner {
-            src,
+            src: ZeroRuns::new(src),
             size: src.size(),
             pos: 0,
         }
@@ -342,12 +373,12 @@ impl<'a> Planner<'a> {
             let mut q = pos;
             let mut zero = true;
             while q < wend {
-                let e = self.src.map_entry(q, size - q).await?;
-                if !e.zero {
+                let (end, z) = self.src.at(q, size).await?;
+                if !z {
                     zero = false;
                     break;
                 }
-                q += e.length.max(1);
+                q = end;
             }
             if !zero {
                 if pos > start {
@@ -539,23 +570,21 @@ pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> 
 /// flight. Memory is constant whatever the disk size, and the walk stops at the first
 /// difference.
 async fn first_difference(a: &Disk, b: Option<&Disk>, start: u64, end: u64) -> Result<Option<u64>> {
-    let windows = stream::try_unfold(start, move |mut pos| async move {
+    let runs = (ZeroRuns::new(a), b.map(ZeroRuns::new));
+    let windows = stream::try_unfold((start, runs), move |(mut pos, mut runs)| async move {
         while pos < end {
-            let za = a.map_entry(pos, end - pos).await?;
-            let (zb_zero, n) = match b {
-                Some(b) => {
-                    let zb = b.map_entry(pos, end - pos).await?;
-                    (zb.zero, za.length.min(zb.length))
-                }
-                None => (true, za.length),
+            let (ea, za) = runs.0.at(pos, end).await?;
+            let (eb, zb) = match &mut runs.1 {
+                Some(rb) => rb.at(pos, end).await?,
+                None => (end, true),
             };
-            if za.zero && zb_zero {
-                pos += n.max(1);
+            if za && zb {
+                pos = ea.min(eb);
                 continue;
             }
             // Read the whole CHUNK window around the run (as data runs are often short).
             let wend = ((pos / CHUNK + 1) * CHUNK).min(end);
-            return Ok::<_, Error>(Some(((pos, wend - pos), wend)));
+            return Ok::<_, Error>(Some(((pos, wend - pos), (wend, runs))));
         }
         Ok(None)
     });
