@@ -7,6 +7,7 @@
 //! - [`read`]: the read path;
 //! - [`write`]: the write path and its in-place fast path;
 //! - [`cow`]: copy-on-write and cluster/subcluster allocation for a write;
+//! - [`batch`]: allocating writes of runs of whole clusters, in batches;
 //! - [`zero`]: write-zeroes and discard;
 //! - [`compressed`]: compressed clusters (codecs, cached reads, writes);
 //! - [`inflight`]: per-guest-cluster in-flight marks;
@@ -19,6 +20,7 @@
 //! - [`disk`]: a raw or qcow2 disk, as a backing file or a job's input.
 
 pub mod allocation;
+pub mod batch;
 pub mod cache;
 pub mod compressed;
 pub mod cow;

@@ -135,12 +135,36 @@ impl Image {
         self.track_change(off, buf.len() as u64).await?;
         let _ticket = self.ticket();
         let cs = self.inner.layout.cluster_size;
+        // Runs of at least two whole clusters that need fresh host clusters are written in
+        // batches (`batch.rs`); everything else cluster by cluster.
+        let (wa, wb) = (off.div_ceil(cs), (off + buf.len() as u64) / cs);
+        let mut fresh = vec![false; if wb >= wa + 2 { (wb - wa) as usize } else { 0 }];
+        for (i, f) in fresh.iter_mut().enumerate() {
+            let (e, _, _) = self.current_entry(wa + i as u64).await?;
+            *f = self.fresh_candidate(e);
+        }
         let mut futs = Vec::new();
         let mut pos = 0usize;
         while pos < buf.len() {
             let g = off + pos as u64;
             let n = ((cs - g % cs) as usize).min(buf.len() - pos);
-            futs.push(self.write_cluster(g, Some(&buf[pos..pos + n]), n as u64));
+            let i = (g / cs).wrapping_sub(wa) as usize;
+            if g.is_multiple_of(cs) && fresh.get(i) == Some(&true) {
+                let k = fresh[i..].iter().take_while(|&&f| f).count();
+                if k >= 2 {
+                    let len = k * cs as usize;
+                    futs.push(futures::future::Either::Left(
+                        self.write_fresh_run(g / cs, &buf[pos..pos + len]),
+                    ));
+                    pos += len;
+                    continue;
+                }
+            }
+            futs.push(futures::future::Either::Right(self.write_cluster(
+                g,
+                Some(&buf[pos..pos + n]),
+                n as u64,
+            )));
             pos += n;
         }
         if futs.len() == 1 {

@@ -672,6 +672,9 @@ impl Storage for HookStorage {
         }
         res
     }
+    fn in_memory(&self) -> bool {
+        self.inner.in_memory()
+    }
     fn allocated_size(&self) -> io::Result<u64> {
         self.inner.allocated_size()
     }

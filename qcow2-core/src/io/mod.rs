@@ -54,6 +54,12 @@ pub trait Storage: Send + Sync + 'static {
     /// Reserve space for a byte range without changing its content (`fallocate`), extending
     /// the storage if needed.
     fn allocate(&self, off: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Whether the storage lives in memory (a file on tmpfs or ramfs): reserving space
+    /// ([`Storage::allocate`]) ahead of writes buys nothing there (no blocks to lay out,
+    /// and a write allocates its pages anyway), it only touches every page twice.
+    fn in_memory(&self) -> bool {
+        false
+    }
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the storage is empty.

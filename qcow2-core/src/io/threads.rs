@@ -1265,6 +1265,9 @@ impl Storage for ThreadsFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.core.set_len(len)
     }
+    fn in_memory(&self) -> bool {
+        self.core.in_memory()
+    }
     fn allocated_size(&self) -> io::Result<u64> {
         self.core.allocated_size()
     }

@@ -309,6 +309,57 @@ struct Piece {
     off: u64,
     len: u64,
     zero: bool,
+    /// Position in the plan (0, 1, 2, ...).
+    seq: u64,
+}
+
+/// Lets pieces write in plan order (as qemu-img convert does without `-W`): a qcow2 target
+/// then gets its host clusters in guest order, laid out as qemu-img lays them out, whatever
+/// order the pieces' reads complete in. Reads and zero detection still overlap. Every piece
+/// calls [`Turnstile::done`] exactly once (through [`TurnGuard`], also on errors and when
+/// dropped), so a piece waiting for its turn always gets it: the pieces before it were all
+/// handed out before it.
+#[derive(Default)]
+struct Turnstile {
+    /// The next piece to write, and the pieces after it that are already done.
+    state: parking_lot::Mutex<(u64, std::collections::BTreeSet<u64>)>,
+    notify: tokio::sync::Notify,
+}
+
+impl Turnstile {
+    /// Wait until piece `seq` may write.
+    async fn wait(&self, seq: u64) {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.lock().0 == seq {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Piece `seq` is done (its writes completed, or it failed).
+    fn done(&self, seq: u64) {
+        let mut g = self.state.lock();
+        let (next, done) = &mut *g;
+        done.insert(seq);
+        while done.remove(next) {
+            *next += 1;
+        }
+        drop(g);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Calls [`Turnstile::done`] for its piece when dropped.
+struct TurnGuard<'a>(&'a Turnstile, u64);
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.done(self.1);
+    }
 }
 
 /// The copy plan, produced lazily (memory is constant whatever the disk size): `[0, size)`
@@ -318,22 +369,70 @@ struct Piece {
 /// reads as zeros; neighbouring zero windows are merged into one piece (which can be huge: it
 /// is never read into memory).
 struct Planner<'a> {
-    src: &'a Disk,
+    src: ZeroRuns<'a>,
     size: u64,
     pos: u64,
+    /// Pieces handed out so far.
+    seq: u64,
+}
+
+/// Block status of a disk as runs that read as zeros or not, remembering the last run looked
+/// up. A status lookup returns the whole run (up to the end of the disk), and for a raw file
+/// on some file systems (tmpfs) `SEEK_HOLE` costs time in proportion to the run's length, so
+/// asking again for every `CHUNK` window would make a walk over the disk quadratic in its size
+/// (qemu-img keeps its last block status the same way).
+struct ZeroRuns<'a> {
+    disk: &'a Disk,
+    /// The last run: `[start, end)` and whether it reads as zeros.
+    known: Option<(u64, u64, bool)>,
+}
+
+impl<'a> ZeroRuns<'a> {
+    fn new(disk: &'a Disk) -> Self {
+        ZeroRuns { disk, known: None }
+    }
+
+    /// End of the run of like status at `q` (at most `end`, `q < end <= size`) and whether
+    /// it reads as zeros.
+    async fn at(&mut self, q: u64, end: u64) -> Result<(u64, bool)> {
+        if let Some((a, b, zero)) = self.known {
+            if a <= q && q < b {
+                return Ok((b.min(end), zero));
+            }
+        }
+        let e = self.disk.map_entry(q, end - q).await?;
+        let e_end = q + e.length.max(1);
+        self.known = Some((q, e_end, e.zero));
+        Ok((e_end.min(end), e.zero))
+    }
 }
 
 impl<'a> Planner<'a> {
     fn new(src: &'a Disk) -> Self {
         Planner {
-            src,
+            src: ZeroRuns::new(src),
             size: src.size(),
             pos: 0,
+            seq: 0,
         }
     }
 
     /// The next piece, or `None` at the end of the disk.
     async fn next_piece(&mut self) -> Result<Option<Piece>> {
+        let p = self.next_range().await?;
+        Ok(p.map(|(off, len, zero)| {
+            self.seq += 1;
+            Piece {
+                off,
+                len,
+                zero,
+                seq: self.seq - 1,
+            }
+        }))
+    }
+
+    /// The next range `(off, len, zero)`, or `None` at the end of the disk.
+    async fn next_range(&mut self) -> Result<Option<(u64, u64, bool)>> {
         let size = self.size;
         let start = self.pos;
         let mut pos = start;
@@ -342,29 +441,21 @@ impl<'a> Planner<'a> {
             let mut q = pos;
             let mut zero = true;
             while q < wend {
-                let e = self.src.map_entry(q, size - q).await?;
-                if !e.zero {
+                let (end, z) = self.src.at(q, size).await?;
+                if !z {
                     zero = false;
                     break;
                 }
-                q += e.length.max(1);
+                q = end;
             }
             if !zero {
                 if pos > start {
                     // The zero run before this window first.
                     self.pos = pos;
-                    return Ok(Some(Piece {
-                        off: start,
-                        len: pos - start,
-                        zero: true,
-                    }));
+                    return Ok(Some((start, pos - start, true)));
                 }
                 self.pos = wend;
-                return Ok(Some(Piece {
-                    off: pos,
-                    len: wend - pos,
-                    zero: false,
-                }));
+                return Ok(Some((pos, wend - pos, false)));
             }
             // Zeros up to `q`: skip to the last window boundary inside the run.
             pos = if q >= size {
@@ -374,11 +465,7 @@ impl<'a> Planner<'a> {
             };
         }
         self.pos = pos;
-        Ok((pos > start).then_some(Piece {
-            off: start,
-            len: pos - start,
-            zero: true,
-        }))
+        Ok((pos > start).then_some((start, pos - start, true)))
     }
 
     /// The plan as a stream of pieces.
@@ -539,23 +626,21 @@ pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> 
 /// flight. Memory is constant whatever the disk size, and the walk stops at the first
 /// difference.
 async fn first_difference(a: &Disk, b: Option<&Disk>, start: u64, end: u64) -> Result<Option<u64>> {
-    let windows = stream::try_unfold(start, move |mut pos| async move {
+    let runs = (ZeroRuns::new(a), b.map(ZeroRuns::new));
+    let windows = stream::try_unfold((start, runs), move |(mut pos, mut runs)| async move {
         while pos < end {
-            let za = a.map_entry(pos, end - pos).await?;
-            let (zb_zero, n) = match b {
-                Some(b) => {
-                    let zb = b.map_entry(pos, end - pos).await?;
-                    (zb.zero, za.length.min(zb.length))
-                }
-                None => (true, za.length),
+            let (ea, za) = runs.0.at(pos, end).await?;
+            let (eb, zb) = match &mut runs.1 {
+                Some(rb) => rb.at(pos, end).await?,
+                None => (end, true),
             };
-            if za.zero && zb_zero {
-                pos += n.max(1);
+            if za && zb {
+                pos = ea.min(eb);
                 continue;
             }
             // Read the whole CHUNK window around the run (as data runs are often short).
             let wend = ((pos / CHUNK + 1) * CHUNK).min(end);
-            return Ok::<_, Error>(Some(((pos, wend - pos), wend)));
+            return Ok::<_, Error>(Some(((pos, wend - pos), (wend, runs))));
         }
         Ok(None)
     });
@@ -660,6 +745,22 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
     closed
 }
 
+/// Copy the guest content of `src` into `img`, a qcow2 image opened writable and at least as
+/// large as `src`, as [`convert`] copies into the target it opened (`opts.existing`: as into
+/// an existing target, `-n`). The caller flushes or closes `img`. For callers that open the
+/// target themselves (on storage of their own, for instance).
+pub async fn convert_into(
+    src: &Disk,
+    img: &crate::engine::image::Image,
+    compress: bool,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    if img.size() < src.size() {
+        return Err(Error::invalid("output file is smaller than input file"));
+    }
+    copy_into(src, img, compress, opts).await
+}
+
 /// Zero window `p` of a target with a backing file: write zeros where the backing file
 /// does not read as zeros.
 async fn zero_over_backing(
@@ -718,12 +819,22 @@ async fn copy_into(
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
     let (src2, img2) = (src.clone(), img.clone());
+    // Compressed pieces compress inside their writes: those must overlap.
+    let turns = (!compress).then(|| Arc::new(Turnstile::default()));
     let work = move |p: Piece| {
         let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
         let zeros = zeros.clone();
+        let turns = turns.clone();
         async move {
+            let _turn = turns.as_deref().map(|t| TurnGuard(t, p.seq));
             let (src, img, backing, bufs) = (&src, &img, &backing, &bufs);
+            let turn = || async {
+                if let Some(t) = turns.as_deref() {
+                    t.wait(p.seq).await;
+                }
+            };
             if p.zero && z.sparse == 0 {
+                turn().await;
                 // Fully allocated: zeros as data.
                 let mut pos = 0;
                 while pos < p.len {
@@ -734,6 +845,7 @@ async fn copy_into(
                 return Ok(());
             }
             if p.zero && z.fill {
+                turn().await;
                 img.write_zeroes(p.off, p.len, crate::ZeroMode::Unmap)
                     .await?;
                 return Ok(());
@@ -742,6 +854,7 @@ async fn copy_into(
                 // The new image reads as zeros already; over a backing file, zeros are
                 // written where the backing file has data.
                 if let Some(b) = backing {
+                    turn().await;
                     zero_over_backing(img, b, p).await?;
                 }
                 return Ok(());
@@ -774,6 +887,7 @@ async fn copy_into(
                 Vec::new()
             };
             let forced = |i: u64| short_zero.iter().any(|&(a, b)| a <= i && i < b);
+            turn().await;
             // Walk cluster by cluster, grouping runs that need the same treatment.
             let mut i = 0u64;
             while i < p.len {
