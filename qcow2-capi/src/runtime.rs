@@ -2,7 +2,9 @@
 //!
 //! - One tokio multi-thread runtime per process, shared by every open image: it starts when
 //!   the first image opens (or a job starts) and is shut down, its threads joined, when the
-//!   last user goes away ([`acquire`] / [`RtRef`]). Its threads are named `qcow2rs-rt-N`.
+//!   last user goes away ([`acquire`] / [`RtRef`]). Its threads are named `qcow2rs-rt-N`;
+//!   the request workers (`qcow2rs-rt-io-N`, `qcow2_core::runner::Runner::with_threads`) are
+//!   threads of their own that wait in their io_uring ring, started and joined with it.
 //! - "Library context": a thread of the runtime, or any thread while it runs a completion or
 //!   progress callback. Blocking calls made there would wait for the threads that are
 //!   running them: they return `-EDEADLK` instead ([`in_library_context`]).
@@ -126,7 +128,12 @@ pub(crate) fn acquire() -> std::io::Result<RtRef> {
     }
     if st.rt.is_none() {
         let rt = build()?;
-        st.runner = Some(Runner::new(rt.handle(), worker_threads()));
+        // The request workers are threads that wait in their own io_uring ring (see
+        // `Runner::with_threads`), marked as library threads like the runtime's.
+        let runner = Runner::with_threads(rt.handle(), worker_threads(), "qcow2rs-rt-io", || {
+            LIBRARY_THREAD.with(|c| c.set(true))
+        })?;
+        st.runner = Some(runner);
         st.rt = Some(rt);
     }
     st.users += 1;
@@ -164,21 +171,24 @@ impl Drop for RtRef {
         if self.forked() {
             return;
         }
-        let rt = {
+        let (runner, rt) = {
             let mut st = lock();
             if st.gen != self.gen {
                 return;
             }
             st.users -= 1;
             if st.users == 0 {
-                st.runner = None;
-                st.rt.take()
+                (st.runner.take(), st.rt.take())
             } else {
-                None
+                (None, None)
             }
         };
-        // Outside the lock: waits for the runtime's threads to exit. Never called on a
-        // runtime thread (blocking calls there return -EDEADLK before getting here).
+        // Outside the lock: waits for the request workers, then the runtime's threads, to
+        // exit. Never called on a library thread (blocking calls there return -EDEADLK
+        // before getting here).
+        if let Some(r) = runner {
+            r.shutdown();
+        }
         drop(rt);
     }
 }

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::runtime::Handle;
@@ -72,12 +72,31 @@ struct Inner {
     queue: Mutex<VecDeque<Arc<dyn Job>>>,
     notify: Notify,
     handle: Handle,
+    /// Set by [`Runner::shutdown`]: workers exit once the queue is empty.
+    stop: AtomicBool,
 }
 
 impl Inner {
     fn push(&self, j: Arc<dyn Job>) {
-        self.queue.lock().push_back(j);
-        self.notify.notify_one();
+        // On a worker thread of this runner (started by `with_threads`), waiting in its
+        // ring or running a job: the job stays on this thread. Waking another worker would
+        // cost a thread switch per request (the one that reaped the completion would hand
+        // it over), and this thread polls its local queue before it waits again.
+        let j = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.as_mut() {
+                Some((inner, q, waker)) if std::ptr::eq(*inner, self) => {
+                    q.push_back(j);
+                    waker.wake_by_ref();
+                    None
+                }
+                _ => Some(j),
+            }
+        });
+        if let Some(j) = j {
+            self.queue.lock().push_back(j);
+            self.notify.notify_one();
+        }
     }
 
     fn pop(&self) -> Option<Arc<dyn Job>> {
@@ -89,6 +108,8 @@ impl Inner {
 #[derive(Clone)]
 pub struct Runner {
     inner: Arc<Inner>,
+    /// The worker threads of [`Runner::with_threads`] (empty for worker tasks).
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -102,15 +123,74 @@ impl Runner {
     /// The worker tasks live as long as the runtime: dropping the runtime drops them (the
     /// caller waits for its requests to finish first).
     pub fn new(handle: &Handle, workers: usize) -> Runner {
-        let inner = Arc::new(Inner {
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
-            handle: handle.clone(),
-        });
+        let inner = Self::inner(handle);
         for _ in 0..workers.max(1) {
             handle.spawn(tokio::task::unconstrained(worker(inner.clone())));
         }
-        Runner { inner }
+        Runner {
+            inner,
+            threads: Default::default(),
+        }
+    }
+
+    /// Start a runner whose `workers` workers (at least 1) are threads of their own, named
+    /// `{name}-N`, each running `on_start` first and then its worker loop in
+    /// [`crate::io::block_on`] (inside the runtime's context): an idle worker waits in its
+    /// own io_uring ring, so a request it submitted (a callback that submits the next
+    /// request) completes with one wake-up of that thread, reaped by it, instead of the
+    /// ring's completion thread waking a runtime worker. [`Runner::shutdown`] stops and
+    /// joins them.
+    pub fn with_threads(
+        handle: &Handle,
+        workers: usize,
+        name: &str,
+        on_start: fn(),
+    ) -> std::io::Result<Runner> {
+        let inner = Self::inner(handle);
+        let r = Runner {
+            inner,
+            threads: Default::default(),
+        };
+        for i in 0..workers.max(1) {
+            let inner = r.inner.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    on_start();
+                    let _ctx = inner.handle.enter();
+                    crate::io::block_on(tokio::task::unconstrained(thread_worker(inner.clone())));
+                });
+            match t {
+                Ok(t) => r.threads.lock().push(t),
+                Err(e) => {
+                    r.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn inner(handle: &Handle) -> Arc<Inner> {
+        Arc::new(Inner {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            handle: handle.clone(),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Stop and join the worker threads of [`Runner::with_threads`] once the queue is empty
+    /// (the caller has waited for its requests). Not from a worker thread (it would wait
+    /// for itself). Worker tasks of [`Runner::new`] stop with their runtime instead.
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        // One permit; each worker that sees `stop` passes it on to the next.
+        self.inner.notify.notify_one();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// The runtime this runner's workers run on.
@@ -180,15 +260,38 @@ impl Runner {
     }
 }
 
+/// A worker thread's own queue (see [`Inner::push`]): its runner, the jobs woken on this
+/// thread, and the waker of the thread's worker loop.
+type LocalQueue = (*const Inner, VecDeque<Arc<dyn Job>>, std::task::Waker);
+
 thread_local! {
     /// Set while a worker task runs a job on this thread.
     static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set on the worker threads of [`Runner::with_threads`].
+    static LOCAL: std::cell::RefCell<Option<LocalQueue>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The worker loop of a thread of [`Runner::with_threads`]: [`worker`], with the thread's
+/// local queue set up (with the loop's waker) on its first poll.
+async fn thread_worker(inner: Arc<Inner>) {
+    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    LOCAL.with(|l| *l.borrow_mut() = Some((Arc::as_ptr(&inner), VecDeque::new(), waker)));
+    worker(inner).await;
+    // Jobs left locally at shutdown (none: requests have finished) are dropped here.
+    LOCAL.with(|l| l.borrow_mut().take());
+}
+
+/// The next job of this worker: its thread's local queue first, then the shared one.
+fn next_job(inner: &Inner) -> Option<Arc<dyn Job>> {
+    LOCAL
+        .with(|l| l.borrow_mut().as_mut().and_then(|(_, q, _)| q.pop_front()))
+        .or_else(|| inner.pop())
 }
 
 async fn worker(inner: Arc<Inner>) {
     loop {
         let mut n = 0;
-        while let Some(job) = inner.pop() {
+        while let Some(job) = next_job(&inner) {
             // A panicking job (which request futures avoid by catching their own panics)
             // must not take the worker down with it.
             IN_WORKER.with(|w| w.set(true));
@@ -200,9 +303,25 @@ async fn worker(inner: Arc<Inner>) {
                 tokio::task::yield_now().await;
             }
         }
-        // A push between the empty pop above and this wait leaves a permit in `notify`, so
-        // the wait ends at once.
-        inner.notify.notified().await;
+        if inner.stop.load(Ordering::Acquire) {
+            // Wake the next worker, which then sees `stop` too.
+            inner.notify.notify_one();
+            return;
+        }
+        // A push (or a shutdown) between the empty pop above and this wait leaves a permit
+        // in `notify`, so the wait ends at once. A job pushed to this thread's local queue
+        // (see `Inner::push`) wakes this loop through its waker and ends the wait too; the
+        // dropped `Notified` then passes on any permit it was given.
+        let notified = inner.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        std::future::poll_fn(|cx| {
+            let local = LOCAL.with(|l| l.borrow().as_ref().is_some_and(|(_, q, _)| !q.is_empty()));
+            if local {
+                return Poll::Ready(());
+            }
+            notified.as_mut().poll(cx)
+        })
+        .await;
     }
 }
 
@@ -476,6 +595,61 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             (3, Inline::No, true)
         );
+    }
+
+    #[test]
+    fn threads_run_requests_and_shutdown_joins_them() {
+        // Worker threads (with_threads): requests woken from other threads, from the worker
+        // threads themselves (local queues) and spawned ones each complete once; shutdown
+        // returns (every worker passes the stop on) and leaves no thread behind.
+        let rt = rt();
+        let r = Runner::with_threads(rt.handle(), 3, "runner-test", || {}).unwrap();
+        let n = 2000;
+        let done = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<()>();
+        for i in 0..n {
+            let done = done.clone();
+            let tx = tx.clone();
+            let fut = async move {
+                if i % 3 == 0 {
+                    let (otx, orx) = tokio::sync::oneshot::channel::<usize>();
+                    std::thread::spawn(move || otx.send(i).unwrap());
+                    orx.await.unwrap()
+                } else {
+                    tokio::task::yield_now().await;
+                    i
+                }
+            };
+            let cb = move |v: std::thread::Result<usize>, _| {
+                assert_eq!(v.unwrap(), i);
+                if done.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                    tx.send(()).unwrap();
+                }
+            };
+            if i % 2 == 0 {
+                r.spawn(fut, cb);
+            } else {
+                r.run(fut, cb);
+            }
+        }
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("all requests complete");
+        assert_eq!(done.load(Ordering::SeqCst), n);
+        r.shutdown();
+        assert!(r.threads.lock().is_empty());
+        // Joined: gone from /proc (a joined thread can linger there for a moment).
+        let alive = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|c| c.starts_with("runner-test"))
+                .count()
+        };
+        let t = std::time::Instant::now();
+        while alive() > 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(alive(), 0);
     }
 
     #[test]
