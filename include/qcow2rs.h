@@ -50,9 +50,10 @@
  * THREADS AND CALLBACKS
  *   - Every function may be called from any thread. Any number of threads may submit requests
  *     on one image at once. Nothing may use an image during or after its qcow2rs_close.
- *   - Requests run on a small pool of library threads (named qcow2rs-rt-N; the I/O engines add
- *     qcow2rs-io-N or qcow2rs-uring threads). The pool starts with the first open image and is
- *     stopped, its threads joined, when the last one closes.
+ *   - Requests run on a small pool of library threads (named qcow2rs-rt-N and qcow2rs-rt-io-N,
+ *     the latter waiting in their own io_uring ring for the requests they submit; the I/O
+ *     engines add qcow2rs-io-N or qcow2rs-uring threads). The pool starts with the first open
+ *     image and is stopped, its threads joined, when the last one closes.
  *   - A qcow2rs_aio_* call that returns 0 has submitted the request: its callback runs exactly
  *     once, on a library thread, never inside the submitting call. A negative return means the
  *     request was not submitted and the callback never runs. Submitting never waits for I/O.
