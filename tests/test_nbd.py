@@ -385,11 +385,16 @@ def make_certs(d: Path, cn="localhost", ca="test CA"):
         "-extfile", "ext.cnf", "-out", "server-cert.pem")
 
 
-def test_tls(scratch):
+def require_openssl():
+    """The TLS tests make their certificates with openssl: fail in CI without it, else skip."""
     if shutil.which("openssl") is None:
         if in_ci():
             pytest.fail("openssl not found [CI=true]")
         pytest.skip("openssl not found")
+
+
+def test_tls(scratch):
+    require_openssl()
     img, _ = fresh(scratch)
     qemu_io(img, "write -P 0x77 0 4096")
     creds = scratch / "creds"
@@ -438,10 +443,7 @@ def test_tls_client_certificates(scratch):
     client-cert.pem/client-key.pem from its certificates folder); without it a certificate is
     optional. (GnuTLS, under libnbd, sends no certificate whose issuer is not among the CAs the
     server names, so the "rogue" client connects as one without a certificate.)"""
-    if shutil.which("openssl") is None:
-        if in_ci():
-            pytest.fail("openssl not found [CI=true]")
-        pytest.skip("openssl not found")
+    require_openssl()
     img, _ = fresh(scratch)
     qemu_io(img, "write -P 0x77 0 4096")
     creds = scratch / "creds"

@@ -312,6 +312,55 @@ pub fn convert(
     Ok(())
 }
 
+/// Copy part of the image `src` into a new image `dst`, as `qemu-img dd`: from byte
+/// `skip * bs` of `src` up to byte `count * bs` (default its end), in blocks of `bs` bytes
+/// (1 to 2^31 - 1, default 512). `out_format` is "raw" (default, as qemu-img) or "qcow2";
+/// the output is fully allocated and its size rounded up to 512 bytes. A `skip` past the end
+/// creates an empty output, as qemu-img does. `src_format` skips probing.
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, bs = 512, count = None, skip = 0, out_format = "raw", src_format = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn dd(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    bs: i64,
+    count: Option<i64>,
+    skip: i64,
+    out_format: &str,
+    src_format: Option<&str>,
+) -> PyResult<()> {
+    let bs = match u64::try_from(bs) {
+        Ok(n) if (1..=i32::MAX as u64).contains(&n) => n,
+        _ => {
+            return Err(PyValueError::new_err(
+                "Invalid bs specified. Must be between 1 and 2147483647.",
+            ))
+        }
+    };
+    let blocks = |v: i64, what: &str| {
+        u64::try_from(v).map_err(|_| {
+            PyValueError::new_err(format!(
+                "Invalid {what} specified. Must be between 0 and 9223372036854775807."
+            ))
+        })
+    };
+    let opts = core::dd::DdOptions {
+        bs,
+        count: count.map(|c| blocks(c, "count")).transpose()?,
+        skip: blocks(skip, "skip")?,
+        format: Format::parse(out_format).map_err(|e| PyValueError::new_err(e.to_string()))?,
+        ..Default::default()
+    };
+    py.detach(|| {
+        let disk =
+            open_disk(&src, src_format, &OpenOptions::default()).map_err(|e| (e, src.clone()))?;
+        runtime::block_on(core::dd::dd(&disk, &dst, &opts)).map_err(|e| (e, dst.clone()))
+    })
+    .map_err(|(e, p)| create_err(e, &p))?;
+    Ok(())
+}
+
 /// Change the backing file of the qcow2 image at `path` (as `qemu-img rebase`): `backing` is
 /// the new name as stored ("" for none; relative to the image's directory), `backing_format`
 /// its format (required unless `backing` is ""). Safe mode copies into the image what differs

@@ -33,6 +33,7 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::info, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::check, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::dd, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::compare, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::commit, m)?)?;

@@ -307,3 +307,48 @@ def test_compare_matches_qemu(matrix, scratch):
     with pytest.raises(FileNotFoundError):
         qcow2rs.compare(a, scratch / "nope")
     os.unlink(raw)
+
+
+@pytest.mark.parametrize(
+    "kw,argv",
+    [
+        ({}, []),
+        ({"bs": 65536, "count": 20}, ["bs=64k", "count=20"]),
+        ({"bs": 4096, "skip": 100, "count": 300}, ["bs=4k", "skip=100", "count=300"]),
+        ({"bs": 1000, "skip": 3}, ["bs=1000", "skip=3"]),
+        ({"bs": 1 << 20, "skip": 100}, ["bs=1M", "skip=100"]),
+        ({"out_format": "qcow2", "bs": 65536, "skip": 4}, ["-O", "qcow2", "bs=64k", "skip=4"]),
+    ],
+    ids=["whole", "count", "skip-count", "odd-bs", "skip-past-end", "qcow2"],
+)
+def test_dd_matches_qemu(kw, argv, qemu, scratch):
+    """qcow2rs.dd(...) makes the file `qemu-img dd` makes with the same operands: same size and
+    same content (qemu-img compare), a clean check for qcow2 output."""
+    src = convert_source(scratch)
+    ours, theirs = scratch / "ours.out", scratch / "theirs.out"
+    qcow2rs.dd(src, ours, **kw)
+    qemu_img("dd", "-f", "qcow2", *argv, f"if={src}", f"of={theirs}")
+    fmt = kw.get("out_format", "raw")
+    assert os.path.getsize(ours) == os.path.getsize(theirs) or fmt == "qcow2"
+    assert json.loads(qemu_img("info", "--output=json", ours).stdout)["virtual-size"] == json.loads(
+        qemu_img("info", "--output=json", theirs).stdout
+    )["virtual-size"]
+    assert qemu_img("compare", "-f", fmt, "-F", fmt, ours, theirs, check=False).returncode == 0
+    if fmt == "qcow2":
+        assert_clean(ours)
+
+
+def test_dd_bad_arguments(scratch):
+    src = scratch / "s.qcow2"
+    qcow2rs.create(src, MiB)
+    for kw, msg in [
+        ({"bs": 0}, "Invalid bs"),
+        ({"bs": 1 << 31}, "Invalid bs"),
+        ({"count": -1}, "Invalid count"),
+        ({"skip": -2}, "Invalid skip"),
+        ({"out_format": "vmdk"}, "vmdk"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            qcow2rs.dd(src, scratch / "o.raw", **kw)
+    with pytest.raises(FileNotFoundError):
+        qcow2rs.dd(scratch / "missing.qcow2", scratch / "o.raw")

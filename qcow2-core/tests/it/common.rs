@@ -74,6 +74,24 @@ pub fn qemu_create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     path
 }
 
+/// `qemu-img create -f qcow2 -b base -F qcow2 top`: an empty qcow2 overlay of `base`.
+pub fn qemu_overlay(base: &Path, top: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(base),
+            "-F",
+            "qcow2",
+            p(top),
+        ],
+    );
+}
+
 /// Run qemu-io commands on an image (format probed unless `fmt` is given).
 pub fn qemu_io(path: &Path, fmt: Option<&str>, cmds: &[&str]) {
     let mut args: Vec<&str> = vec![];

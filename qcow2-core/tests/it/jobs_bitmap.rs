@@ -814,20 +814,7 @@ async fn jobs_keep_bitmaps_like_qemu() {
     for (tool, top) in [("qemu", &theirs), ("ours", &mine)] {
         let base = dir.path().join(format!("{tool}-base.qcow2"));
         std::fs::copy(&orig, &base).unwrap();
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                p(&base),
-                "-F",
-                "qcow2",
-                p(top),
-            ],
-        );
+        qemu_overlay(&base, top);
         run("qemu-img", &["bitmap", "--add", p(top), "t"]);
         qemu_io(top, Some("qcow2"), &["write 2M 128k", "write 14M 4k"]);
         if tool == "qemu" {

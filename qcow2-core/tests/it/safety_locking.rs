@@ -2,7 +2,7 @@
 //! and the refusal to overwrite a file the source reads. Needs qemu-img and qemu-io: skipped
 //! (with a message) when they are missing, failing in CI.
 
-use crate::common::have_qemu;
+use crate::common::{have_qemu, qemu_overlay};
 use qcow2_core::convert::{self, ConvertOptions, Target};
 use qcow2_core::create::{self, CreateOptions};
 use qcow2_core::{Disk, ErrorKind, Format, Image, OpenOptions};
@@ -340,22 +340,7 @@ async fn commit_locks_the_base_as_a_writer() {
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
     make(&base);
-    assert!(cmd(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&top)
-        ]
-    )
-    .status
-    .success());
+    qemu_overlay(&base, &top);
     assert!(cmd("qemu-io", &["-c", "write -P 9 0 1M", p(&top)])
         .status
         .success());

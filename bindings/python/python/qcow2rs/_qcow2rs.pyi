@@ -20,6 +20,7 @@ __all__ = [
     "info",
     "check",
     "convert",
+    "dd",
     "compare",
     "rebase",
     "commit",
@@ -197,6 +198,16 @@ def convert(
     sparse_size: int | None = None,
     existing: bool = False,
     target_is_zero: bool = False,
+) -> None: ...
+def dd(
+    src: _Path,
+    dst: _Path,
+    *,
+    bs: int = 512,
+    count: int | None = None,
+    skip: int = 0,
+    out_format: str = "raw",
+    src_format: str | None = None,
 ) -> None: ...
 def compare(
     a: _Path,
