@@ -713,3 +713,43 @@ async fn extended_l2_partial_allocation_keeps_concurrent_in_place_write() {
         verify_closed(img, &path, &model, &what).await;
     }
 }
+
+/// The batched allocating write (`engine/batch.rs`) picks its fresh-cluster runs from the L2
+/// entries it looks up before taking the in-flight marks. A single-cluster allocating write
+/// to a cluster of that run, held at its data write, publishes its cluster between A's
+/// look-up and A's marks: A must decide again under the marks and overwrite that cluster in
+/// place, not give it a second host cluster (which leaked the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_write_rechecks_clusters_allocated_meanwhile() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    make(&path, 1 << 20, CreateOptions::default()).await;
+    let (img, hs) = open_hooked(&path).await;
+    let mut model = vec![0u8; 1 << 20];
+    // B: 4 KiB into cluster 1, allocating; held at its data write.
+    let gate = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xb2))));
+    let ib = img.clone();
+    let wb = tokio::spawn(async move { ib.write_at(&[0xb2; 4096], 65536 + 4096).await });
+    arrived(&gate, 1, "B").await;
+    // A: four whole clusters from 0 (a batched run); it looks up cluster 1 as unallocated,
+    // then waits for B's mark on it.
+    let a = pattern(0x21, 4 * 65536);
+    let ia = img.clone();
+    let a2 = a.clone();
+    let wa = tokio::spawn(async move { ia.write_at(&a2, 0).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.release();
+    wb.await.unwrap().unwrap();
+    wa.await.unwrap().unwrap();
+    model[..4 * 65536].copy_from_slice(&a);
+    let mut got = vec![0u8; 4 * 65536];
+    img.read_at(&mut got, 0).await.unwrap();
+    assert_same(&got, &model[..4 * 65536], "after both writes");
+    verify_closed(
+        img,
+        &path,
+        &model,
+        "batched write over a cluster allocated meanwhile",
+    )
+    .await;
+}
