@@ -199,22 +199,7 @@ async fn our_writer_excludes_qemu_and_us() {
     assert!(out.status.success(), "{}", stderr(&out));
     // Reading backing files locks them as qemu does: no writer while an overlay is open.
     let top = d.path().join("top.qcow2");
-    assert!(cmd(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&img),
-            "-F",
-            "qcow2",
-            p(&top)
-        ]
-    )
-    .status
-    .success());
+    qemu_overlay(&img, &top);
     let o = Image::open(&top, &rw).await.unwrap();
     let out = cmd("qemu-io", &["-c", "read 0 512", p(&img)]);
     assert!(
