@@ -2,55 +2,12 @@
 //! and damaged by byte surgery. Needs qemu-img and qemu-io: skipped (with a message) when they
 //! are missing, and failing in CI (`CI=true`).
 
+use crate::common::{have_qemu, p, qemu_create, run};
+use crate::surgery::{rich_image, Raw, Rng};
 use qcow2_core::check::{check, CheckOptions, CheckReport, Repair};
 use qcow2_core::{Image, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("qemu-img/qemu-io are required in CI");
-        }
-        eprintln!("SKIP: qemu-img/qemu-io not found; install qemu-utils to run the check tests");
-    }
-    ok
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([p(&path), size]);
-    run("qemu-img", &args);
-    path
-}
 
 fn io(path: &Path, cmds: &[&str]) {
     let mut args = vec![];
@@ -145,74 +102,6 @@ async fn compare(path: &Path) -> CheckReport {
 
 // ---- byte surgery helpers ----
 
-struct Raw {
-    path: PathBuf,
-    b: Vec<u8>,
-}
-
-impl Raw {
-    fn load(path: &Path) -> Raw {
-        Raw {
-            path: path.to_path_buf(),
-            b: std::fs::read(path).unwrap(),
-        }
-    }
-    fn save(&self) {
-        std::fs::write(&self.path, &self.b).unwrap();
-    }
-    fn u32(&self, off: usize) -> u32 {
-        u32::from_be_bytes(self.b[off..off + 4].try_into().unwrap())
-    }
-    fn u64(&self, off: usize) -> u64 {
-        u64::from_be_bytes(self.b[off..off + 8].try_into().unwrap())
-    }
-    fn put64(&mut self, off: usize, v: u64) {
-        self.b[off..off + 8].copy_from_slice(&v.to_be_bytes());
-    }
-    fn cluster_bits(&self) -> u32 {
-        self.u32(20)
-    }
-    fn cs(&self) -> u64 {
-        1 << self.cluster_bits()
-    }
-    fn refcount_order(&self) -> u32 {
-        if self.u32(4) >= 3 {
-            self.u32(96)
-        } else {
-            4
-        }
-    }
-    /// Byte offset of the refcount entry of cluster `ci` (refcount_order 4 only), if its
-    /// refcount block exists.
-    fn refcount_pos(&self, ci: u64) -> Option<usize> {
-        assert_eq!(
-            self.refcount_order(),
-            4,
-            "surgery helpers handle 16-bit refcounts only"
-        );
-        let rb_entries = self.cs() / 2;
-        let rt = self.u64(48) as usize;
-        let rb = self.u64(rt + (ci / rb_entries) as usize * 8) & !511;
-        (rb != 0).then(|| rb as usize + (ci % rb_entries) as usize * 2)
-    }
-    fn refcount(&self, ci: u64) -> u16 {
-        let p = self.refcount_pos(ci).unwrap();
-        u16::from_be_bytes([self.b[p], self.b[p + 1]])
-    }
-    fn set_refcount(&mut self, ci: u64, v: u16) {
-        let p = self.refcount_pos(ci).unwrap();
-        self.b[p..p + 2].copy_from_slice(&v.to_be_bytes());
-    }
-    /// Byte offset of the active L2 entry of guest cluster `gc` (standard 8-byte entries).
-    fn l2_entry_pos(&self, gc: u64) -> usize {
-        let l2_entries = self.cs() / 8;
-        let l1 = self.u64(40) as usize;
-        let l2 = self.u64(l1 + (gc / l2_entries) as usize * 8) & 0x00ff_ffff_ffff_fe00;
-        assert_ne!(l2, 0, "guest cluster {gc} has no L2 table");
-        l2 as usize + (gc % l2_entries) as usize * 8
-    }
-}
-
 macro_rules! need_qemu {
     () => {
         if !have_qemu() {
@@ -231,7 +120,7 @@ fn tmp() -> tempfile::TempDir {
 async fn fresh_empty_image() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "empty.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "empty.qcow2", "", "64M");
     let r = compare(&img).await;
     assert_eq!(r.exit_code(), 0);
     assert_eq!(r.total_clusters, 1024);
@@ -245,7 +134,7 @@ async fn fresh_empty_image() {
 async fn data_written_and_fragmented() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "data.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "data.qcow2", "", "64M");
     io(
         &img,
         &[
@@ -267,7 +156,7 @@ async fn data_written_and_fragmented() {
 async fn tiny_clusters_one_bit_refcounts() {
     need_qemu!();
     let d = tmp();
-    let img = create(
+    let img = qemu_create(
         d.path(),
         "small.qcow2",
         "cluster_size=512,refcount_bits=1",
@@ -285,7 +174,7 @@ async fn refcount_widths() {
     need_qemu!();
     let d = tmp();
     for bits in [2, 4, 8, 32, 64] {
-        let img = create(
+        let img = qemu_create(
             d.path(),
             &format!("rc{bits}.qcow2"),
             &format!("refcount_bits={bits}"),
@@ -300,7 +189,7 @@ async fn refcount_widths() {
 async fn huge_clusters() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "big.qcow2", "cluster_size=2M", "1G");
+    let img = qemu_create(d.path(), "big.qcow2", "cluster_size=2M", "1G");
     io(&img, &["write -P 1 0 3M", "write -P 2 700M 4k"]);
     compare(&img).await;
 }
@@ -346,7 +235,7 @@ async fn compressed_zlib_and_zstd() {
 async fn internal_snapshot_then_overwrite() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "snap.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "snap.qcow2", "", "64M");
     io(&img, &["write -P 1 0 1M", "write -P 2 32M 64k"]);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
     compare(&img).await;
@@ -360,12 +249,12 @@ async fn internal_snapshot_then_overwrite() {
 async fn persistent_bitmap() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "bm.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "bm.qcow2", "", "64M");
     io(&img, &["write -P 1 0 1M"]);
     run("qemu-img", &["bitmap", "--add", p(&img), "b0"]);
     compare(&img).await;
     // A bitmap with dirty bits (and thus data clusters), merged from a populated one.
-    let other = create(d.path(), "other.qcow2", "", "64M");
+    let other = qemu_create(d.path(), "other.qcow2", "", "64M");
     run(
         "qemu-img",
         &["bitmap", "--add", "-g", "512", p(&other), "b1"],
@@ -380,7 +269,7 @@ async fn persistent_bitmap() {
 async fn bitmaps_invalidated_are_leaks() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "bm-stale.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "bm-stale.qcow2", "", "64M");
     run("qemu-img", &["bitmap", "--add", p(&img), "b0"]);
     io(&img, &["write -P 1 0 1M"]);
     // Clear the "bitmaps consistent" autoclear bit, as a program without bitmap support
@@ -398,7 +287,7 @@ async fn bitmaps_invalidated_are_leaks() {
 async fn incomplete_snapshot_entry() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "snap-short.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "snap-short.qcow2", "", "64M");
     io(&img, &["write -P 1 0 128k"]);
     run("qemu-img", &["snapshot", "-c", "short", p(&img)]);
     // Rewrite the only snapshot entry with 8 bytes of extra data (v3 requires 16).
@@ -460,7 +349,7 @@ async fn damaged_tables_are_reported_not_refused() {
         ("snapshot-table-at-header", true, |r| r.put64(64, 0)),
     ];
     for (name, snapshot, surgery) in cases {
-        let img = create(d.path(), &format!("{name}.qcow2"), "", "16M");
+        let img = qemu_create(d.path(), &format!("{name}.qcow2"), "", "16M");
         io(&img, &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"]);
         if *snapshot {
             run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
@@ -496,7 +385,7 @@ async fn damaged_tables_are_reported_not_refused() {
 async fn extended_l2() {
     need_qemu!();
     let d = tmp();
-    let img = create(
+    let img = qemu_create(
         d.path(),
         "ext.qcow2",
         "extended_l2=on,cluster_size=64k",
@@ -518,7 +407,7 @@ async fn extended_l2() {
 async fn version_2() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "v2.qcow2", "compat=0.10", "64M");
+    let img = qemu_create(d.path(), "v2.qcow2", "compat=0.10", "64M");
     io(&img, &["write -P 1 0 1M", "write -P 2 20M 64k"]);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
     io(&img, &["write -P 3 0 64k"]);
@@ -529,7 +418,7 @@ async fn version_2() {
 async fn preallocated_metadata() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "pre.qcow2", "preallocation=metadata", "64M");
+    let img = qemu_create(d.path(), "pre.qcow2", "preallocation=metadata", "64M");
     let r = compare(&img).await;
     assert_eq!(r.allocated_clusters, r.total_clusters);
     io(&img, &["write -P 1 0 128k", "write -z 1M 64k"]);
@@ -541,7 +430,7 @@ async fn external_data_file() {
     need_qemu!();
     let d = tmp();
     let data = d.path().join("data.raw");
-    let img = create(
+    let img = qemu_create(
         d.path(),
         "ext-data.qcow2",
         &format!("data_file={}", p(&data)),
@@ -549,7 +438,7 @@ async fn external_data_file() {
     );
     io(&img, &["write -P 1 0 1M", "write -P 2 30M 64k"]);
     compare(&img).await;
-    let img2 = create(
+    let img2 = qemu_create(
         d.path(),
         "ext-raw.qcow2",
         &format!("data_file={},data_file_raw=on", p(&data)),
@@ -563,7 +452,7 @@ async fn external_data_file() {
 async fn dirty_after_crash() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "dirty.qcow2", "lazy_refcounts=on", "64M");
+    let img = qemu_create(d.path(), "dirty.qcow2", "lazy_refcounts=on", "64M");
     // qemu-io aborts on purpose, leaving the dirty bit set and refcounts stale.
     let _ = Command::new("qemu-io")
         .args(["-c", "write -P 1 0 1M", "-c", "abort", p(&img)])
@@ -580,7 +469,7 @@ async fn dirty_after_crash() {
 async fn repair_needs_writable_image() {
     need_qemu!();
     let d = tmp();
-    let path = create(d.path(), "r.qcow2", "", "1M");
+    let path = qemu_create(d.path(), "r.qcow2", "", "1M");
     let img = Image::open(&path, &OpenOptions::default()).await.unwrap();
     let e = check(
         &img,
@@ -599,7 +488,7 @@ async fn repair_needs_writable_image() {
 async fn leaked_cluster() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "leak.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "leak.qcow2", "", "64M");
     io(
         &img,
         &["write -P 1 0 256k", "write -P 2 1M 64k", "discard 64k 64k"],
@@ -632,7 +521,7 @@ async fn leaked_cluster() {
 async fn refcount_too_low() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "low.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "low.qcow2", "", "64M");
     io(&img, &["write -P 1 0 256k"]);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
     let mut raw = Raw::load(&img);
@@ -661,7 +550,7 @@ async fn refcount_too_low() {
 async fn copied_flag_cleared_and_set() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "copied.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "copied.qcow2", "", "64M");
     io(&img, &["write -P 1 0 256k"]);
     let mut raw = Raw::load(&img);
     let pos = raw.l2_entry_pos(2);
@@ -684,7 +573,7 @@ async fn copied_flag_cleared_and_set() {
 async fn structural_errors() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "bad.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "bad.qcow2", "", "64M");
     io(&img, &["write -P 1 0 512k"]);
     let mut raw = Raw::load(&img);
     let cs = raw.cs();
@@ -721,7 +610,7 @@ async fn structural_errors() {
 async fn refcount_overflow_one_bit() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "ovf.qcow2", "refcount_bits=1", "64M");
+    let img = qemu_create(d.path(), "ovf.qcow2", "refcount_bits=1", "64M");
     io(&img, &["write -P 1 0 128k"]);
     let mut raw = Raw::load(&img);
     // Point guest cluster 1 at guest cluster 0's host cluster: two references, 1-bit counts.
@@ -740,7 +629,7 @@ async fn refcount_overflow_one_bit() {
 async fn refcount_table_damage() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "rt.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "rt.qcow2", "", "64M");
     io(&img, &["write -P 1 0 128k"]);
     let mut raw = Raw::load(&img);
     let cs = raw.cs();
@@ -765,7 +654,7 @@ async fn refcount_table_damage() {
 async fn truncated_file() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "trunc.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "trunc.qcow2", "", "64M");
     io(&img, &["write -P 1 0 1M", "write -P 2 2M 64k"]);
     let mut raw = Raw::load(&img);
     let len = raw.b.len();
@@ -776,62 +665,11 @@ async fn truncated_file() {
 
 // ---- robustness: random damage to metadata ----
 
-/// Deterministic xorshift generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// An image with most structures: snapshots, a bitmap, compressed and normal clusters.
-fn rich_image(dir: &Path, cluster_size: &str) -> PathBuf {
-    let raw = dir.join("rich.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "8M"]);
-    let mut rng = Rng(0x1234_5678);
-    let mut f = std::fs::read(&raw).unwrap();
-    // Half-compressible data so compressed clusters straddle host clusters.
-    for (i, b) in f[..3 << 20].iter_mut().enumerate() {
-        *b = if i % 512 < 200 {
-            rng.next() as u8
-        } else {
-            (i / 4096) as u8
-        };
-    }
-    std::fs::write(&raw, &f).unwrap();
-    let img = dir.join(format!("rich-{cluster_size}.qcow2"));
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster_size}"),
-            p(&raw),
-            p(&img),
-        ],
-    );
-    io(&img, &["write -P 1 4M 256k", "write -z 5M 64k"]);
-    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
-    io(&img, &["write -P 2 0 64k", "write -P 3 6M 128k"]);
-    run("qemu-img", &["bitmap", "--add", p(&img), "b0"]);
-    io(&img, &["write -P 4 7M 64k"]);
-    img
-}
-
 /// Damage random metadata words; wherever qemu-img completes its check and we can open the
 /// image, both reports must agree; we must never panic.
 async fn fuzz(cluster_size: &str, rounds: u64, seed: u64) -> (u64, u64) {
     let d = tmp();
-    let img = rich_image(d.path(), cluster_size);
+    let img = rich_image(d.path(), cluster_size, true, true);
     let pristine = std::fs::read(&img).unwrap();
     let raw = Raw {
         path: img.clone(),

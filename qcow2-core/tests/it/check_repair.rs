@@ -7,27 +7,12 @@
 //! Needs qemu-img and qemu-io: skipped (with a message) when they are missing, and failing in
 //! CI (`CI=true`).
 
+use crate::common::{have_qemu, p, qemu_create, run, sh};
+use crate::surgery::{rich_image, Raw, Rng};
 use qcow2_core::check::{check, CheckOptions, CheckReport, Repair};
 use qcow2_core::{Image, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("qemu-img/qemu-io are required in CI");
-        }
-        eprintln!("SKIP: qemu-img/qemu-io not found; install qemu-utils to run the repair tests");
-    }
-    ok
-}
+use std::process::Command;
 
 macro_rules! need_qemu {
     () => {
@@ -37,40 +22,8 @@ macro_rules! need_qemu {
     };
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn cmd(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"))
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let out = cmd(prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
-}
-
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([p(&path), size]);
-    run("qemu-img", &args);
-    path
 }
 
 fn io(path: &Path, cmds: &[&str]) {
@@ -89,7 +42,7 @@ fn io_crash(path: &Path, cmds: &[&str]) {
         args.extend(["-c", *c]);
     }
     args.push(p(path));
-    let out = cmd("qemu-io", &args);
+    let out = sh("qemu-io", &args);
     assert!(!out.status.success(), "qemu-io abort did not abort");
     assert_eq!(Raw::load(path).u64(72) & 1, 1, "dirty bit not set");
 }
@@ -133,7 +86,7 @@ fn qemu_check(path: &Path, mode: Option<Repair>) -> (Option<serde_json::Value>, 
         args.extend(["-r", mode_arg(m)]);
     }
     args.push(p(path));
-    let out = cmd("qemu-img", &args);
+    let out = sh("qemu-img", &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json = (!stdout.trim().is_empty()).then(|| serde_json::from_str(&stdout).unwrap());
     (json, diag_lines(&out.stderr), out.status.code().unwrap())
@@ -141,7 +94,7 @@ fn qemu_check(path: &Path, mode: Option<Repair>) -> (Option<serde_json::Value>, 
 
 /// qemu-img's human stdout of `check -r mode`.
 fn qemu_human(path: &Path, mode: Repair) -> String {
-    let out = cmd("qemu-img", &["check", "-r", mode_arg(mode), p(path)]);
+    let out = sh("qemu-img", &["check", "-r", mode_arg(mode), p(path)]);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -194,7 +147,7 @@ fn assert_clean(path: &Path) {
 }
 
 fn assert_same_data(raw: &Path, img: &Path) {
-    let out = cmd(
+    let out = sh(
         "qemu-img",
         &["compare", "-f", "raw", "-F", "qcow2", p(raw), p(img)],
     );
@@ -280,71 +233,6 @@ async fn compare_repair(img: &Path, raw: &Path, mode: Repair) -> Outcome {
 
 // ---- byte surgery ----
 
-struct Raw {
-    path: PathBuf,
-    b: Vec<u8>,
-}
-
-impl Raw {
-    fn load(path: &Path) -> Raw {
-        Raw {
-            path: path.to_path_buf(),
-            b: std::fs::read(path).unwrap(),
-        }
-    }
-    fn save(&self) {
-        std::fs::write(&self.path, &self.b).unwrap();
-    }
-    fn u32(&self, off: usize) -> u32 {
-        u32::from_be_bytes(self.b[off..off + 4].try_into().unwrap())
-    }
-    fn u64(&self, off: usize) -> u64 {
-        u64::from_be_bytes(self.b[off..off + 8].try_into().unwrap())
-    }
-    fn put64(&mut self, off: usize, v: u64) {
-        self.b[off..off + 8].copy_from_slice(&v.to_be_bytes());
-    }
-    fn cs(&self) -> u64 {
-        1 << self.u32(20)
-    }
-    fn clusters(&self) -> u64 {
-        (self.b.len() as u64).div_ceil(self.cs())
-    }
-    /// Byte offset of the refcount entry of cluster `ci` (16-bit refcounts).
-    fn refcount_pos(&self, ci: u64) -> usize {
-        assert_eq!(
-            self.u32(96),
-            4,
-            "surgery helpers handle 16-bit refcounts only"
-        );
-        let rb_entries = self.cs() / 2;
-        let rt = self.u64(48) as usize;
-        let rb = self.u64(rt + (ci / rb_entries) as usize * 8) & !511;
-        assert_ne!(rb, 0, "no refcount block for cluster {ci}");
-        rb as usize + (ci % rb_entries) as usize * 2
-    }
-    fn refcount(&self, ci: u64) -> u16 {
-        let p = self.refcount_pos(ci);
-        u16::from_be_bytes([self.b[p], self.b[p + 1]])
-    }
-    fn set_refcount(&mut self, ci: u64, v: u16) {
-        let p = self.refcount_pos(ci);
-        self.b[p..p + 2].copy_from_slice(&v.to_be_bytes());
-    }
-    /// Byte offset of the active L2 entry of guest cluster `gc`.
-    fn l2_entry_pos(&self, gc: u64) -> usize {
-        let l2_entries = self.cs() / 8;
-        let l1 = self.u64(40) as usize;
-        let l2 = self.u64(l1 + (gc / l2_entries) as usize * 8) & 0x00ff_ffff_ffff_fe00;
-        assert_ne!(l2, 0, "guest cluster {gc} has no L2 table");
-        l2 as usize + (gc % l2_entries) as usize * 8
-    }
-    /// Host cluster of guest cluster `gc`.
-    fn host_cluster(&self, gc: u64) -> u64 {
-        (self.u64(self.l2_entry_pos(gc)) & 0x00ff_ffff_ffff_fe00) / self.cs()
-    }
-}
-
 const MODES: [Repair; 2] = [Repair::Leaks, Repair::All];
 
 fn ok(o: &Outcome) -> &CheckReport {
@@ -357,7 +245,7 @@ fn ok(o: &Outcome) -> &CheckReport {
 async fn dirty_crashed_image() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "dirty.qcow2", "lazy_refcounts=on", "64M");
+    let img = qemu_create(d.path(), "dirty.qcow2", "lazy_refcounts=on", "64M");
     io_crash(&img, &["write -P 1 0 4M", "write -P 2 8M 1M"]);
     let raw = export(&img);
     // -r leaks: qemu-img cannot rebuild and fails; ours fails the same way, but the writable
@@ -399,7 +287,7 @@ async fn dirty_crashed_small_clusters() {
         ),
     ] {
         let d = tmp();
-        let img = create(d.path(), name, opts, "64M");
+        let img = qemu_create(d.path(), name, opts, "64M");
         io_crash(&img, writes);
         let raw = export(&img);
         let o = compare_repair(&img, &raw, Repair::All).await;
@@ -418,7 +306,7 @@ async fn dirty_crashed_small_clusters() {
 async fn dirty_image_opened_writable() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "x.qcow2", "lazy_refcounts=on", "64M");
+    let img = qemu_create(d.path(), "x.qcow2", "lazy_refcounts=on", "64M");
     io_crash(&img, &["write -P 1 0 4M", "write -P 2 8M 1M"]);
     let raw = export(&img);
     let ours = copy(&img, "ours");
@@ -444,7 +332,7 @@ async fn dirty_image_opened_writable() {
     i.close().await.unwrap();
     io(&theirs, &["write -P 3 12M 64k", "write -P 4 1M 4k"]);
     assert_clean(&ours2);
-    let out = cmd("qemu-img", &["compare", p(&theirs), p(&ours2)]);
+    let out = sh("qemu-img", &["compare", p(&theirs), p(&ours2)]);
     assert!(
         out.status.success(),
         "{}",
@@ -465,7 +353,7 @@ async fn dirty_image_opened_writable() {
 async fn leaked_clusters() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "leak.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "leak.qcow2", "", "64M");
     io(
         &img,
         &["write -P 1 0 256k", "write -P 2 1M 64k", "discard 64k 64k"],
@@ -499,7 +387,7 @@ async fn leaked_clusters() {
 async fn refcount_too_low() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "low.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "low.qcow2", "", "64M");
     io(&img, &["write -P 1 0 256k"]);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
     io(&img, &["write -P 5 128k 64k"]);
@@ -521,7 +409,7 @@ async fn refcount_too_low() {
 async fn refcount_zero_needs_rebuild() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "zero.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "zero.qcow2", "", "64M");
     io(&img, &["write -P 1 0 256k", "write -P 2 5M 128k"]);
     let raw = export(&img);
     let mut r = Raw::load(&img);
@@ -541,7 +429,7 @@ async fn refcount_zero_needs_rebuild() {
 async fn copied_flag_cleared() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "copied.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "copied.qcow2", "", "64M");
     io(&img, &["write -P 1 0 256k"]);
     let raw = export(&img);
     let mut r = Raw::load(&img);
@@ -567,7 +455,7 @@ async fn copied_flag_cleared() {
 async fn refcount_table_entry_zeroed() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "rt0.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "rt0.qcow2", "", "64M");
     io(&img, &["write -P 1 0 1M", "write -P 2 30M 64k"]);
     let raw = export(&img);
     let mut r = Raw::load(&img);
@@ -589,7 +477,7 @@ async fn refcount_table_entry_zeroed() {
 async fn refcount_block_outside_image() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "rbout.qcow2", "cluster_size=4k", "64M");
+    let img = qemu_create(d.path(), "rbout.qcow2", "cluster_size=4k", "64M");
     io(&img, &["write -P 1 0 512k"]);
     let raw = export(&img);
     let mut r = Raw::load(&img);
@@ -606,7 +494,7 @@ async fn refcount_block_outside_image() {
 async fn misaligned_preallocated_zero_cluster() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "prez.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "prez.qcow2", "", "64M");
     io(&img, &["write -P 1 0 512k"]);
     let raw = export(&img);
     let mut r = Raw::load(&img);
@@ -625,7 +513,7 @@ async fn misaligned_preallocated_zero_cluster() {
 async fn incomplete_snapshot_entry() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "snap-short.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "snap-short.qcow2", "", "64M");
     io(&img, &["write -P 1 0 128k"]);
     run("qemu-img", &["snapshot", "-c", "short", p(&img)]);
     let raw = export(&img);
@@ -648,7 +536,7 @@ async fn incomplete_snapshot_entry() {
     let o = compare_repair(&img, &raw, Repair::All).await;
     assert_eq!(ok(&o).corruptions_fixed, 1);
     assert_clean(&o.path);
-    let out = cmd("qemu-img", &["snapshot", "-l", p(&o.path)]);
+    let out = sh("qemu-img", &["snapshot", "-l", p(&o.path)]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("short"));
 }
 
@@ -658,7 +546,7 @@ async fn incomplete_snapshot_entry() {
 async fn clean_image_is_left_alone() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "clean.qcow2", "", "64M");
+    let img = qemu_create(d.path(), "clean.qcow2", "", "64M");
     io(&img, &["write -P 1 0 1M", "write -c -P 2 4M 64k"]);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
     io(&img, &["write -P 3 0 64k"]);
@@ -681,7 +569,7 @@ async fn clean_image_is_left_alone() {
 async fn repair_needs_a_writable_image() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "ro.qcow2", "", "1M");
+    let img = qemu_create(d.path(), "ro.qcow2", "", "1M");
     let i = Image::open(&img, &OpenOptions::default()).await.unwrap();
     let e = check(
         &i,
@@ -706,64 +594,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     la == lb && (la > 256 << 20 || std::fs::read(a).unwrap() == std::fs::read(b).unwrap())
 }
 
-/// Deterministic xorshift generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// An image with compressed, zero and normal clusters, and a snapshot or a bitmap.
-///
-/// (Not both: `qemu-img check -r` opens the image writable in check mode, where QEMU forgets
-/// the snapshot table, and marking the bitmaps in use then rewrites the header without the
-/// snapshots. That is not something to mirror.)
-fn rich_image(dir: &Path, cluster_size: &str, bitmap: bool) -> PathBuf {
-    let raw = dir.join("rich-src.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "8M"]);
-    let mut rng = Rng(0x1234_5678);
-    let mut f = std::fs::read(&raw).unwrap();
-    for (i, b) in f[..3 << 20].iter_mut().enumerate() {
-        *b = if i % 512 < 200 {
-            rng.next() as u8
-        } else {
-            (i / 4096) as u8
-        };
-    }
-    std::fs::write(&raw, &f).unwrap();
-    let img = dir.join(format!("rich-{cluster_size}.qcow2"));
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster_size}"),
-            p(&raw),
-            p(&img),
-        ],
-    );
-    io(&img, &["write -P 1 4M 256k", "write -z 5M 64k"]);
-    if !bitmap {
-        run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
-    }
-    io(&img, &["write -P 2 0 64k", "write -P 3 6M 128k"]);
-    if bitmap {
-        run("qemu-img", &["bitmap", "--add", p(&img), "b0"]);
-        io(&img, &["write -P 4 7M 64k"]);
-    }
-    img
-}
-
 /// Damage random metadata words and repair copies with qemu-img and with us: wherever both
 /// open the image, the reports and the repaired images (as qemu-img checks them) must agree.
 async fn fuzz_repair(cluster_size: &str, bitmap: bool, rounds: u64, seed: u64) -> u64 {
@@ -773,7 +603,10 @@ async fn fuzz_repair(cluster_size: &str, bitmap: bool, rounds: u64, seed: u64) -
         eprintln!("keeping {}", dir.display());
         std::mem::forget(d);
     }
-    let img = rich_image(&dir, cluster_size, bitmap);
+    // Not a snapshot and a bitmap together: `qemu-img check -r` opens the image writable in
+    // check mode, where QEMU forgets the snapshot table, and marking the bitmaps in use then
+    // rewrites the header without the snapshots. That is not something to mirror.
+    let img = rich_image(&dir, cluster_size, !bitmap, bitmap);
     let pristine = std::fs::read(&img).unwrap();
     let raw = Raw {
         path: img.clone(),
@@ -848,9 +681,9 @@ async fn fuzz_repair(cluster_size: &str, bitmap: bool, rounds: u64, seed: u64) -
                 }
                 let identical = same_file(&q, &o);
                 if r.exit_code() == 0 && !identical {
-                    let out = cmd("qemu-img", &["compare", p(&q), p(&o)]);
+                    let out = sh("qemu-img", &["compare", p(&q), p(&o)]);
                     // (Damaged compressed clusters may be unreadable in both.)
-                    let readable = cmd("qemu-img", &["compare", p(&q), p(&q)]).status.success();
+                    let readable = sh("qemu-img", &["compare", p(&q), p(&q)]).status.success();
                     assert!(
                         out.status.success() || !readable,
                         "round {round}: guest data differs: {}",
@@ -907,9 +740,9 @@ async fn cli_check_repair() {
         return;
     }
     let d = tmp();
-    let dirty = create(d.path(), "cli-dirty.qcow2", "lazy_refcounts=on", "64M");
+    let dirty = qemu_create(d.path(), "cli-dirty.qcow2", "lazy_refcounts=on", "64M");
     io_crash(&dirty, &["write -P 1 0 2M", "write -P 2 8M 64k"]);
-    let leaky = create(d.path(), "cli-leak.qcow2", "", "64M");
+    let leaky = qemu_create(d.path(), "cli-leak.qcow2", "", "64M");
     io(&leaky, &["write -P 1 0 256k", "discard 64k 64k"]);
     let mut r = Raw::load(&leaky);
     let free = (1..r.clusters()).find(|&c| r.refcount(c) == 0).unwrap();
@@ -947,7 +780,7 @@ async fn cli_check_repair() {
 async fn writes_before_and_after_repair() {
     need_qemu!();
     let d = tmp();
-    let img = create(d.path(), "rw.qcow2", "cluster_size=4k", "64M");
+    let img = qemu_create(d.path(), "rw.qcow2", "cluster_size=4k", "64M");
     io(
         &img,
         &["write -P 1 0 1M", "write -P 2 5M 128k", "discard 256k 64k"],

@@ -17,6 +17,7 @@ mod jobs_bitmap;
 mod jobs_snapshot;
 mod safety_locking;
 mod stress_concurrency;
+mod surgery;
 mod write_concurrency;
 mod write_convert;
 mod write_crash;
