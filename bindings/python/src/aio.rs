@@ -249,7 +249,10 @@ fn send(m: Msg) {
 /// the program ended) wants the GIL back after its socket write, and CPython 3.11 ends such a
 /// thread with `pthread_exit`, whose unwinding through the thread's Rust frames aborts the
 /// process. The thread handles the messages sent before this one, then parks for good; this
-/// waits for that (GIL released, at most a few seconds).
+/// waits for that (GIL released, at most a few seconds). `atexit` runs its handlers last
+/// registered first, so the ones registered after `import qcow2rs` still get their asyncio
+/// completions; one registered before the import that awaits a request which completes on a
+/// worker would wait for ever (none of the package's own code does).
 #[pyfunction]
 pub fn _stop_delivery(py: Python<'_>) {
     let Some(tx) = CHANNEL.get() else {
