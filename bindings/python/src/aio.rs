@@ -3,8 +3,8 @@
 //! A request runs on the request runner (`qcow2_core::runner`): a read or write of up to
 //! [`INLINE_MAX`] is polled first inside the submitting call, on the loop's thread (without
 //! the GIL: a first poll never waits for I/O; page-cache reads complete there), then, if not
-//! finished, by the runner's worker tasks on the runtime as its I/O completes; other requests
-//! go to the workers at once. A request runs to its end even when the Python task awaiting it
+//! finished, by the runner's worker threads (`qcow2rs-py-io-N`, each waiting in its own
+//! io_uring ring) as its I/O completes; other requests go to the workers at once. A request runs to its end even when the Python task awaiting it
 //! is cancelled (its result is then dropped), so buffers it borrowed stay held until the
 //! engine is done with them.
 //!
@@ -20,7 +20,7 @@
 //! releases the buffers, skips futures that are already done (cancelled) and resolves the
 //! others: one drain resolves every completion queued so far. A queue is *armed* while a
 //! drain is scheduled: a request delivered from the loop's thread arms it with
-//! `loop.call_soon`; a request that completed on a runtime worker and finds the queue unarmed
+//! `loop.call_soon`; a request that completed on a request worker and finds the queue unarmed
 //! asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
 //! `loop.call_soon_threadsafe` (one per batch, not per request). A drain that found work
 //! schedules the next one with `loop.call_soon`, so while the loop is busy, completions are
@@ -223,6 +223,9 @@ enum Msg {
     Arm(Arc<Queue>),
     /// Drop what a request left that nobody waits for (its loop is closed), with the GIL.
     Drop(Box<dyn Send>),
+    /// The interpreter is about to finalize: set the flag, wake its waiter and never call
+    /// into Python again (see [`_stop_delivery`]).
+    Stop(Arc<(Mutex<bool>, std::sync::Condvar)>),
 }
 
 static CHANNEL: OnceLock<Sender<Msg>> = OnceLock::new();
@@ -240,28 +243,81 @@ fn send(m: Msg) {
     let _ = tx.send(m);
 }
 
+/// Registered with `atexit` when the module is imported: stop the delivery thread calling
+/// into Python before the interpreter finalizes. Without this, a `call_soon_threadsafe` that
+/// the delivery thread makes while the interpreter finalizes (a completion that arrived as
+/// the program ended) wants the GIL back after its socket write, and CPython 3.11 ends such a
+/// thread with `pthread_exit`, whose unwinding through the thread's Rust frames aborts the
+/// process. The thread handles the messages sent before this one, then parks for good; this
+/// waits for that (GIL released, at most a few seconds). `atexit` runs its handlers last
+/// registered first, so the ones registered after `import qcow2rs` still get their asyncio
+/// completions; one registered before the import that awaits a request which completes on a
+/// worker would wait for ever (none of the package's own code does).
+#[pyfunction]
+pub fn _stop_delivery(py: Python<'_>) {
+    let Some(tx) = CHANNEL.get() else {
+        return; // never started
+    };
+    let ack = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    if tx.send(Msg::Stop(ack.clone())).is_err() {
+        return;
+    }
+    py.detach(|| {
+        let (m, cv) = &*ack;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = cv.wait_timeout_while(g, std::time::Duration::from_secs(5), |stopped| !*stopped);
+    });
+}
+
+/// The delivery thread: attached to the interpreter for its whole life, with the GIL
+/// released while it waits for messages. (Attaching per wake-up would create and destroy a
+/// Python thread state each time, and with it the mapping of its frame stack: an `mmap`
+/// and a `munmap`, which shoots down the TLBs of the other CPUs, per batch of completions.)
 fn delivery_thread(rx: Receiver<Msg>) {
-    while let Ok(first) = rx.recv() {
-        let mut pending = Some(first);
-        let attached = Python::try_attach(|py| {
-            let mut msgs = vec![pending.take().expect("first message")];
-            while let Ok(m) = rx.try_recv() {
-                msgs.push(m);
-            }
-            for m in msgs {
-                match m {
-                    Msg::Arm(q) => arm(py, q),
-                    Msg::Drop(c) => drop(c),
+    let mut rx = Some(rx);
+    // A Stop found while batching: handled by the next wait, after the messages before it.
+    let mut carry: Option<Msg> = None;
+    let _ = Python::try_attach(|py| loop {
+        let r = rx.take().expect("the receiver is put back after each wait");
+        let c = carry.take();
+        let (r, first) = py.detach(move || {
+            let m = match c {
+                Some(m) => Ok(m),
+                None => r.recv(),
+            };
+            if let Ok(Msg::Stop(ack)) = &m {
+                // The interpreter is finalizing: never take the GIL again (see
+                // `_stop_delivery`); nothing more can be delivered or released.
+                let (lock, cv) = &**ack;
+                *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                cv.notify_all();
+                std::mem::forget(r);
+                loop {
+                    std::thread::park();
                 }
             }
+            (r, m)
         });
-        if attached.is_none() {
-            // The interpreter is shutting down: nothing can be delivered or released.
-            std::mem::forget(pending);
-            std::mem::forget(rx);
-            return;
+        let Ok(first) = first else {
+            return; // every sender is gone
+        };
+        let mut msgs = vec![first];
+        while let Ok(m) = r.try_recv() {
+            if let Msg::Stop(_) = m {
+                carry = Some(m);
+                break;
+            }
+            msgs.push(m);
         }
-    }
+        for m in msgs {
+            match m {
+                Msg::Arm(q) => arm(py, q),
+                Msg::Drop(c) => drop(c),
+                Msg::Stop(_) => unreachable!("a Stop is carried to the next wait"),
+            }
+        }
+        rx = Some(r);
+    });
 }
 
 /// Schedule `q`'s drain with `loop.call_soon_threadsafe`; a closed loop kills the queue.
@@ -285,7 +341,7 @@ fn arm_with(py: Python<'_>, q: Arc<Queue>, how: &Bound<'_, pyo3::types::PyString
     }
 }
 
-/// What a request's `done` found when it ran on a runtime worker ([`Inline::No`]): the
+/// What a request's `done` found when it ran on a request worker ([`Inline::No`]): the
 /// future to resolve, if [`submit`] had already made it, else the outcome, which [`submit`]
 /// then delivers itself. Made per request that may complete inside its submitting call.
 #[derive(Default)]

@@ -3,14 +3,15 @@
 //! The runtime (worker threads named `qcow2rs-py-*`) starts with the first call that needs it
 //! and lives as long as the process: a request that was submitted always runs to its end (no
 //! runtime shutdown ever drops a request halfway while it may still be using a caller's
-//! buffer).
+//! buffer). The asyncio API's request workers (`qcow2rs-py-io-N`, see [`runner`]) are threads
+//! of their own, started with the first asyncio request and living as long; sync calls run
+//! their request on the calling thread ([`block_on`]).
 
 use qcow2_core::runner::Runner;
 use qcow2_core::{Error, ErrorKind};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 use tokio::runtime::{Handle, Runtime};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -42,21 +43,27 @@ pub fn handle() -> &'static Handle {
     runtime().handle()
 }
 
-/// The request runner of the asyncio API (see `qcow2_core::runner`), on the runtime.
+/// The request runner of the asyncio API (see `qcow2_core::runner`): worker threads of its
+/// own (`qcow2rs-py-io-N`) that wait in their io_uring ring, so a request that waits for I/O
+/// is reaped by the worker that polls it (as the C library's request workers).
 pub fn runner() -> &'static Runner {
-    RUNNER.get_or_init(|| Runner::new(handle(), workers()))
+    RUNNER.get_or_init(|| {
+        Runner::with_threads(handle(), workers(), "qcow2rs-py-io", || {})
+            // As for the runtime: without threads nothing can work.
+            .expect("qcow2rs: cannot start the request workers")
+    })
 }
 
-/// Run `fut` to completion on the calling thread (the runtime's workers drive I/O and timers).
-/// Call with the GIL released. Called from inside the runtime (for example from a progress
-/// callback that itself blocks), it fails with `EDEADLK` instead of panicking.
+/// Run `fut` to completion on the calling thread. Call with the GIL released. Called from
+/// inside the runtime (for example from a progress callback that itself blocks), it fails
+/// with `EDEADLK` instead of panicking.
 ///
-/// The future is first polled once right here, inside the runtime's context: a request that
-/// completes in its first poll (a page-cache read) then costs no more. Only a pending one goes
-/// through `Handle::block_on`, which polls it again with its own waker (futures keep the
-/// waker of their latest poll) and parks the thread; entering it costs, among other things, a
-/// lock of a mutex shared by every thread of the runtime (its RNG seed generator), which
-/// threads reading from the page cache at once contend for.
+/// The future runs right here, inside the runtime's context, in `qcow2_core::io::block_on`:
+/// a request that completes in its first poll (a page-cache read) costs nothing more, and
+/// one that waits for I/O waits in this thread's own io_uring ring and reaps its own
+/// completions (one wake-up of this thread per completion, not a wake-up of the ring's
+/// completion thread that then wakes this one). The runtime's workers only run what the
+/// request spawns and its timers.
 pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     if Handle::try_current().is_ok() {
         return Err(Error::new(
@@ -64,16 +71,8 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Err
             "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
         ));
     }
-    let h = handle();
-    let mut fut = std::pin::pin!(fut);
-    {
-        let _ctx = h.enter();
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
-            return r;
-        }
-    }
-    h.block_on(fut)
+    let _ctx = handle().enter();
+    qcow2_core::io::block_on(fut)
 }
 
 /// Spawn `fut` on the runtime; it runs to its end whatever happens to the caller.
