@@ -14,17 +14,17 @@ use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 const SUB_TEMPLATE: &str = "usage: {usage}\n\n{about-with-newline}\n{all-args}{after-help}";
 const TOP_TEMPLATE: &str = "usage: {usage}\n\n{about-with-newline}\n{all-args}{after-help}";
 
-const TOP_AFTER: &str =
-    "Options and JSON keys follow qemu-img's. Images are locked as QEMU locks them: an image \
-another process writes is refused, and -U (--force-share, read-only commands) opens it anyway. \
-Every command accepts --untrusted: refuse to open files named inside an image.\n\
-`qcow2rs help COMMAND` is `qcow2rs COMMAND --help`.";
+const TOP_AFTER: &str = "\
+Options, messages, JSON keys and exit codes follow qemu-img's. Images are locked as QEMU
+locks them: an image another process writes is refused, and -U (--force-share, read-only
+commands) opens it anyway. Every command accepts --untrusted: refuse to open files named
+inside an image. `qcow2rs help COMMAND` is `qcow2rs COMMAND --help`.";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "qcow2rs",
     bin_name = "qcow2rs",
-    version = concat!("version ", env!("CARGO_PKG_VERSION")),
+    version,
     about = "A qemu-img compatible tool for qcow2 and raw disk images",
     after_help = TOP_AFTER,
     help_template = TOP_TEMPLATE,
@@ -725,26 +725,86 @@ pub fn operands(named: &[&Option<String>], extra: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// One line for a clap error, without its "error: " prefix (the caller adds "qcow2rs: ").
+/// One line for a clap error: its first paragraph, lines joined, without the "error: "
+/// prefix (the caller adds "qcow2rs: ").
 pub fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments").trim();
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
+    let para: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let line = para.join(" ");
+    match line.strip_prefix("error: ") {
+        Some(l) => l.to_string(),
+        None if line.is_empty() => "invalid arguments".to_string(),
+        None => line,
+    }
 }
 
-/// Write the man pages: `qcow2rs.1` to `out`, or with a directory every page into it.
+/// The man pages. With a directory: `qcow2rs.1` and one `qcow2rs-COMMAND.1` per command
+/// written into it. Without: one page, `qcow2rs.1`, with a section per command (its
+/// synopsis, options and notes), written to `out`.
 pub fn manpages(
     dir: Option<&std::path::Path>,
     out: &mut dyn std::io::Write,
 ) -> std::io::Result<()> {
-    let cmd = command();
-    match dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            clap_mangen::generate_to(cmd, d)
-        }
-        None => clap_mangen::Man::new(cmd).render(out),
+    use std::io::Write as _;
+    let mut cmd = command();
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d)?;
+        return clap_mangen::generate_to(cmd, d);
     }
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let mut buf = Vec::new();
+        let part = clap_mangen::Man::new(sub.clone());
+        part.render_synopsis_section(&mut buf)?;
+        part.render_description_section(&mut buf)?;
+        part.render_options_section(&mut buf)?;
+        let notes = sub.get_after_help().is_some() || sub.get_after_long_help().is_some();
+        if notes {
+            part.render_extra_section(&mut buf)?;
+        }
+        // One section per command; its parts become subsections. serve's notes are the
+        // server's option table: kept as laid out.
+        let preformatted = sub.get_name() == "serve";
+        writeln!(page, ".SH \"COMMAND: {}\"", sub.get_name().to_uppercase())?;
+        for line in String::from_utf8_lossy(&buf).lines() {
+            match line.strip_prefix(".SH ") {
+                Some("EXTRA") if preformatted => writeln!(page, ".SS NOTES\n.nf")?,
+                Some("EXTRA") => writeln!(page, ".SS NOTES")?,
+                Some(h) => writeln!(page, ".SS {h}")?,
+                None => writeln!(page, "{line}")?,
+            }
+        }
+        if notes && preformatted {
+            writeln!(page, ".fi")?;
+        }
+    }
+    man.render_extra_section(&mut page)?;
+    man.render_version_section(&mut page)?;
+    // Each part starts with the same string definitions: keep the first, name the notes.
+    let text = String::from_utf8_lossy(&page).replace(".SH EXTRA", ".SH NOTES");
+    let mut seen = std::collections::HashSet::new();
+    for line in text.lines() {
+        let definition = line.starts_with(".ie ") || line.starts_with(".el ");
+        if definition && !seen.insert(line.to_string()) {
+            continue;
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -107,8 +107,13 @@ fn run_inner(argv: &[String]) -> u8 {
 fn clap_error(e: &clap::Error, argv: &[String]) -> u8 {
     use clap::error::ErrorKind;
     match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+        ErrorKind::DisplayHelp => {
             let _ = e.print();
+            0
+        }
+        ErrorKind::DisplayVersion => {
+            // As qemu-img words it.
+            println!("qcow2rs version {}", env!("CARGO_PKG_VERSION"));
             0
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
