@@ -87,6 +87,8 @@ def test_bad_arguments_exit_1_with_one_line(argv, cli, scratch):
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcow2rs: "), cp.stderr
     assert list(scratch.iterdir()) == [], "nothing may be created"
+    if argv[-1] == "no-such-command":
+        assert cp.stderr.startswith("qcow2rs: unknown command 'no-such-command'"), cp.stderr
 
 
 def test_bad_option_exits_1_like_qemu_img(qemu, cli, scratch):

@@ -120,6 +120,11 @@ fn clap_error(e: &clap::Error, argv: &[String]) -> u8 {
             let _ = e.print();
             1
         }
+        ErrorKind::InvalidSubcommand => {
+            let name = argv.get(1).map(String::as_str).unwrap_or_default();
+            eprintln!("qcow2rs: unknown command '{name}' (try 'qcow2rs --help')");
+            1
+        }
         _ => {
             let sub = argv
                 .get(1)
