@@ -14,6 +14,8 @@
 #   make install PREFIX=/usr/local   libqcow2rs.so (+ symlinks), libqcow2rs.a, qcow2rs.h,
 #                qcow2rs.pc into PREFIX (DESTDIR, LIBDIR, INCLUDEDIR also honoured)
 #   make header  regenerate include/qcow2rs.h with cbindgen (the pinned version)
+#   make man     the man page doc/man/qcow2rs.1 (one section per command), from the CLI's own
+#                definitions (`qcow2rs manpage`)
 #
 # Everything uses the release profile so the workspace compiles once.
 
@@ -32,7 +34,7 @@ PYTEST_ARGS  ?=
 PY_PKG       := bindings/python
 
 .PHONY: all build lint venv test test-cargo test-py python test-python demo clean-demo clean
-.PHONY: test-c install install-c header test-nbd nbd-deps
+.PHONY: test-c install install-c header test-nbd nbd-deps man
 
 all: build
 
@@ -40,6 +42,11 @@ all: build
 # cargo build of it would differ from maturin's (PYO3_* environment) and build it twice.
 build:
 	$(CARGO) build --release --workspace --exclude qcow2rs-python
+
+man:
+	$(CARGO) build --release -p qcow2-cli
+	mkdir -p doc/man
+	$(BIN) manpage > doc/man/qcow2rs.1
 
 lint:
 	$(CARGO) fmt --all --check

@@ -8,8 +8,7 @@
 //! take the next request number when their previous request completes, so the sequence of
 //! submitted offsets is qemu-img's. Every task reads into its own 4 KiB-aligned buffer.
 
-use crate::args::{parse, Parsed};
-use crate::cmds::{opt, specs, FORCE_SHARE};
+use crate::cli::{operands, BenchArgs};
 use crate::Fail;
 use futures::stream::{FuturesUnordered, StreamExt};
 use qcow2_core::convert;
@@ -105,8 +104,8 @@ struct Params {
     direct: bool,
 }
 
-fn num_opt(p: &Parsed, key: &str, max: u64, what: &str, size: bool) -> Result<Option<u64>, Fail> {
-    match p.value(key) {
+fn num_opt(value: &Option<String>, max: u64, what: &str, size: bool) -> Result<Option<u64>, Fail> {
+    match value.as_deref() {
         None => Ok(None),
         Some(v) => {
             let n = if size { parse_size(v) } else { parse_ulong(v) };
@@ -118,33 +117,32 @@ fn num_opt(p: &Parsed, key: &str, max: u64, what: &str, size: bool) -> Result<Op
     }
 }
 
-fn params(p: &Parsed) -> Result<Params, Fail> {
-    let count = num_opt(p, "c", INT_MAX, "request count", false)?.unwrap_or(75000);
-    let depth = num_opt(p, "d", INT_MAX, "queue depth", false)?.unwrap_or(64);
+fn params(p: &BenchArgs) -> Result<Params, Fail> {
+    let count = num_opt(&p.count, INT_MAX, "request count", false)?.unwrap_or(75000);
+    let depth = num_opt(&p.depth, INT_MAX, "queue depth", false)?.unwrap_or(64);
     if depth == 0 {
         // qemu-img would wait forever with no request in flight.
         return Err(Fail::new("Invalid queue depth specified"));
     }
-    let offset = num_opt(p, "o", i64::MAX as u64, "offset", true)?.unwrap_or(0);
-    let bufsize = num_opt(p, "s", INT_MAX, "buffer size", true)?.unwrap_or(4096);
-    let step = num_opt(p, "S", INT_MAX, "step size", true)?.unwrap_or(0);
-    let pattern = num_opt(p, "pattern", 0xff, "pattern byte", false)?.unwrap_or(0) as u8;
-    let flush_interval =
-        num_opt(p, "flush-interval", INT_MAX, "flush interval", false)?.unwrap_or(0);
-    let direct = match p.value("t") {
+    let offset = num_opt(&p.offset, i64::MAX as u64, "offset", true)?.unwrap_or(0);
+    let bufsize = num_opt(&p.size, INT_MAX, "buffer size", true)?.unwrap_or(4096);
+    let step = num_opt(&p.step, INT_MAX, "step size", true)?.unwrap_or(0);
+    let pattern = num_opt(&p.pattern, 0xff, "pattern byte", false)?.unwrap_or(0) as u8;
+    let flush_interval = num_opt(&p.flush_interval, INT_MAX, "flush interval", false)?.unwrap_or(0);
+    let direct = match p.cache.as_deref() {
         None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
         Some("none") | Some("directsync") => true,
         Some(_) => return Err(Fail::new("Invalid cache mode")),
     };
-    let engine = match p.value("i") {
-        None if p.flag("n") => EngineKind::IoUring,
+    let engine = match p.aio.as_deref() {
+        None if p.native => EngineKind::IoUring,
         None => EngineKind::Auto,
         // qemu's "native" is Linux AIO; io_uring is our kernel-native engine.
         Some("native") | Some("io_uring") => EngineKind::IoUring,
         Some("threads") => EngineKind::Threads,
         Some(_) => return Err(Fail::new("Invalid aio option provided")),
     };
-    let write = p.flag("w");
+    let write = p.write;
     if !write && flush_interval != 0 {
         return Err(Fail::new(
             "--flush-interval is only available in write tests",
@@ -162,7 +160,7 @@ fn params(p: &Parsed) -> Result<Params, Fail> {
         write,
         pattern,
         flush_interval,
-        drain: !p.flag("no-drain"),
+        drain: !p.no_drain,
         engine,
         direct,
     })
@@ -170,40 +168,19 @@ fn params(p: &Parsed) -> Result<Params, Fail> {
 
 /// `qcow2rs bench [-c COUNT] [-d DEPTH] [-f FMT] [-i AIO] [-n] [-o OFFSET] [-q] [-s SIZE]
 /// [-S STEP] [-t CACHE] [-w [--pattern=N] [--flush-interval=N] [--no-drain]] FILE`.
-pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('c', "", true),
-            opt('d', "", true),
-            opt('f', "format", true),
-            opt('i', "", true),
-            opt('n', "", false),
-            opt('o', "", true),
-            opt('q', "", false),
-            opt('s', "", true),
-            opt('S', "", true),
-            opt('t', "", true),
-            opt('w', "", false),
-            opt('\0', "pattern", true),
-            opt('\0', "flush-interval", true),
-            opt('\0', "no-drain", false),
-            opt('\0', "cache-size", true),
-        ]),
-    )?;
+pub async fn cmd_bench(p: BenchArgs) -> Result<u8, Fail> {
     // -q is accepted: qemu-img prints the header and the result even with it.
-    let file = match p.operands.as_slice() {
+    let file = match operands(&[&p.file], &p.extra).as_slice() {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
-    if p.flag("image-opts") {
+    if p.common.image_opts {
         return Err(Fail::new("bench: --image-opts is not supported"));
     }
     let prm = params(&p)?;
     // Our own option (qemu-img bench takes `l2-cache-size` through --image-opts): the
     // metadata cache of the image and its chain (OpenOptions::cache_size).
-    let cache_size = match p.value("cache-size") {
+    let cache_size = match p.cache_size.as_deref() {
         None => qcow2_core::image::DEFAULT_CACHE_SIZE,
         Some(v) => match parse_size(v) {
             Some(n) if n <= usize::MAX as u64 => n as usize,
@@ -215,8 +192,8 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
         writable: prm.write,
         engine: prm.engine,
         direct: prm.direct,
-        no_external_files: p.flag("untrusted"),
-        force_share: p.flag("force-share"),
+        no_external_files: p.common.untrusted,
+        force_share: p.force_share,
         ..OpenOptions::default()
     };
     let buffers = if prm.write && prm.flush_interval != 0 {
@@ -230,7 +207,7 @@ pub async fn cmd_bench(args: &[String]) -> Result<u8, Fail> {
             .saturating_mul(buffers),
     )
     .map_err(|e| Fail::new(e.to_string()))?;
-    let disk = convert::open_disk(Path::new(&file), p.value("format"), &opts)
+    let disk = convert::open_disk(Path::new(&file), p.format.as_deref(), &opts)
         .await
         .map_err(|e| {
             let m = e.to_string();

@@ -1,6 +1,6 @@
 //! The subcommands.
 
-use crate::args::{parse, Parsed, Spec};
+use crate::cli::{self, operands, Cmd, Common};
 use crate::Fail;
 use qcow2_core::convert::{self, CompareResult, ConvertOptions};
 use qcow2_core::create::{self, CreateOptions};
@@ -12,63 +12,43 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-pub(crate) const fn opt(short: char, long: &'static str, value: bool) -> Spec {
-    Spec { short, long, value }
-}
-
-const COMMON: [Spec; 2] = [
-    opt('\0', "untrusted", false),
-    opt('\0', "image-opts", false),
-];
-
-/// `-U`/`--force-share`: only on the commands where qemu-img accepts it (info, map, check,
-/// compare, convert, snapshot, bench; and our dump).
-pub(crate) const FORCE_SHARE: Spec = opt('U', "force-share", false);
-
-pub(crate) fn specs(extra: &[Spec]) -> Vec<Spec> {
-    let mut v: Vec<Spec> = COMMON
-        .iter()
-        .map(|s| opt(s.short, s.long, s.value))
-        .collect();
-    v.extend(extra.iter().map(|s| opt(s.short, s.long, s.value)));
-    v
-}
-
-pub async fn run(cmd: &str, args: &[String]) -> Result<u8, Fail> {
+/// Run a parsed command; `m` is its own matches (the bitmap operations' order is read there).
+pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>) -> Result<u8, Fail> {
     match cmd {
-        "info" => cmd_info(args).await,
-        "map" => cmd_map(args).await,
-        "convert" => cmd_convert(args).await,
-        "compare" => cmd_compare(args).await,
-        "snapshot" => cmd_snapshot(args).await,
-        "create" => cmd_create(args).await,
-        "check" => cmd_check(args).await,
-        "resize" => cmd_resize(args).await,
-        "rebase" => cmd_rebase(args).await,
-        "commit" => cmd_commit(args).await,
-        "measure" => cmd_measure(args).await,
-        "amend" => cmd_amend(args).await,
-        "bitmap" => cmd_bitmap(args).await,
-        "dd" => cmd_dd(args).await,
-        "dump" => crate::dump::cmd_dump(args).await,
-        "bench" => crate::bench::cmd_bench(args).await,
-        "serve" => Ok(qcow2_nbd::cli::run(args).await),
-        other => Err(Fail::new(format!(
-            "unknown command '{other}' (try 'qcow2rs --help')"
-        ))),
+        Cmd::Info(a) => cmd_info(a).await,
+        Cmd::Map(a) => cmd_map(a).await,
+        Cmd::Convert(a) => cmd_convert(a).await,
+        Cmd::Compare(a) => cmd_compare(a).await,
+        Cmd::Snapshot(a) => cmd_snapshot(a).await,
+        Cmd::Create(a) => cmd_create(a).await,
+        Cmd::Check(a) => cmd_check(a).await,
+        Cmd::Resize(a) => cmd_resize(a).await,
+        Cmd::Rebase(a) => cmd_rebase(a).await,
+        Cmd::Commit(a) => cmd_commit(a).await,
+        Cmd::Measure(a) => cmd_measure(a).await,
+        Cmd::Amend(a) => cmd_amend(a).await,
+        Cmd::Bitmap(a) => {
+            let actions = m.map(cli::bitmap_actions).unwrap_or_default();
+            cmd_bitmap(a, actions).await
+        }
+        Cmd::Dd(a) => cmd_dd(a).await,
+        Cmd::Dump(a) => crate::dump::cmd_dump(a).await,
+        Cmd::Bench(a) => crate::bench::cmd_bench(a).await,
+        Cmd::Serve(a) => Ok(qcow2_nbd::cli::run(&a.args).await),
+        Cmd::Completions(_) | Cmd::Manpage(_) => Ok(0),
     }
 }
 
-fn open_opts(p: &Parsed) -> OpenOptions {
+pub(crate) fn open_opts(c: &Common, force_share: bool) -> OpenOptions {
     OpenOptions {
-        no_external_files: p.flag("untrusted"),
-        force_share: p.flag("force-share"),
+        no_external_files: c.untrusted,
+        force_share,
         ..OpenOptions::default()
     }
 }
 
-fn one_operand(p: &Parsed, what: &str) -> Result<String, Fail> {
-    match p.operands.as_slice() {
+fn one_operand(ops: &[String], what: &str) -> Result<String, Fail> {
+    match ops {
         [f] => Ok(f.clone()),
         [] => Err(Fail::new(format!("expecting {what}"))),
         _ => Err(Fail::new(format!(
@@ -77,8 +57,8 @@ fn one_operand(p: &Parsed, what: &str) -> Result<String, Fail> {
     }
 }
 
-pub(crate) fn output_json(p: &Parsed) -> Result<bool, Fail> {
-    match p.value("output") {
+pub(crate) fn output_json(output: Option<&str>) -> Result<bool, Fail> {
+    match output {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
         Some(o) => Err(Fail::new(format!(
@@ -110,20 +90,16 @@ pub fn print_json(v: &Value) {
     let _ = std::io::stdout().write_all(&out);
 }
 
-async fn cmd_info(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('\0', "output", true),
-            opt('\0', "backing-chain", false),
-        ]),
-    )?;
-    let file = one_operand(&p, "a file name")?;
-    let json = output_json(&p)?;
-    let disk = open(&file, p.value("format"), &open_opts(&p)).await?;
-    let layers = if p.flag("backing-chain") {
+async fn cmd_info(p: cli::InfoArgs) -> Result<u8, Fail> {
+    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
+    let json = output_json(p.output.as_deref())?;
+    let disk = open(
+        &file,
+        p.format.as_deref(),
+        &open_opts(&p.common, p.force_share),
+    )
+    .await?;
+    let layers = if p.backing_chain {
         info::chain(&disk)
     } else {
         vec![&disk]
@@ -133,7 +109,7 @@ async fn cmd_info(args: &[String]) -> Result<u8, Fail> {
             .iter()
             .map(|d| info::info_json(d))
             .collect::<Result<_, _>>()?;
-        if p.flag("backing-chain") {
+        if p.backing_chain {
             print_json(&Value::Array(vals));
         } else {
             print_json(&vals[0]);
@@ -151,20 +127,15 @@ async fn cmd_info(args: &[String]) -> Result<u8, Fail> {
     Ok(0)
 }
 
-async fn cmd_map(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('\0', "output", true),
-            opt('\0', "start-offset", true),
-            opt('\0', "max-length", true),
-        ]),
-    )?;
-    let file = one_operand(&p, "a file name")?;
-    let json = output_json(&p)?;
-    let disk = open(&file, p.value("format"), &open_opts(&p)).await?;
+async fn cmd_map(p: cli::MapArgs) -> Result<u8, Fail> {
+    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
+    let json = output_json(p.output.as_deref())?;
+    let disk = open(
+        &file,
+        p.format.as_deref(),
+        &open_opts(&p.common, p.force_share),
+    )
+    .await?;
     let chain = info::chain(&disk);
     // Streamed: each entry is printed as soon as it is known (constant memory).
     let mut w = std::io::BufWriter::new(std::io::stdout().lock());
@@ -242,12 +213,12 @@ fn progress_printer() -> Arc<dyn Fn(f64) + Send + Sync> {
     })
 }
 
-fn parse_engine(p: &Parsed) -> Result<(EngineKind, bool), Fail> {
-    let engine = match p.value("aio") {
+fn parse_engine(aio: Option<&str>, cache: Option<&str>) -> Result<(EngineKind, bool), Fail> {
+    let engine = match aio {
         None => EngineKind::Auto,
         Some(s) => s.parse().map_err(Fail::new)?,
     };
-    let direct = match p.value("cache") {
+    let direct = match cache {
         None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
         Some("none") | Some("directsync") => true,
         Some(o) => {
@@ -259,10 +230,10 @@ fn parse_engine(p: &Parsed) -> Result<(EngineKind, bool), Fail> {
     Ok((engine, direct))
 }
 
-fn create_options(p: &Parsed, fmt: &str) -> Result<CreateOptions, Fail> {
+fn create_options(options: &[String], fmt: &str) -> Result<CreateOptions, Fail> {
     let mut co = CreateOptions::default();
-    for o in p.values("options") {
-        for (k, v) in create::split_options(&o)? {
+    for o in options {
+        for (k, v) in create::split_options(o)? {
             if fmt == "raw" && k != "size" && k != "preallocation" {
                 return Err(Fail::new(format!("Invalid parameter '{k}'")));
             }
@@ -274,12 +245,8 @@ fn create_options(p: &Parsed, fmt: &str) -> Result<CreateOptions, Fail> {
 
 /// When a `-o` value asks for the option list (`-o help`, `-o ?`), print it (as qemu-img
 /// does, for creating `fmt` or for amending) and say so: the command then exits 0.
-fn print_options_help(p: &Parsed, fmt: Format, amend: bool) -> Result<bool, Fail> {
-    if !p
-        .values("options")
-        .iter()
-        .any(|o| create::wants_option_help(o))
-    {
+fn print_options_help(options: &[String], fmt: Format, amend: bool) -> Result<bool, Fail> {
+    if !options.iter().any(|o| create::wants_option_help(o)) {
         return Ok(false);
     }
     print!("{}", create::options_help(fmt, amend)?);
@@ -290,47 +257,36 @@ fn check_fmt(f: &str) -> Result<Format, Fail> {
     Ok(Format::parse(f)?)
 }
 
-async fn cmd_create(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            opt('f', "format", true),
-            opt('o', "options", true),
-            opt('b', "backing", true),
-            opt('F', "backing-format", true),
-            opt('u', "unsafe", false),
-            opt('q', "quiet", false),
-        ]),
-    )?;
-    let fmt = p.value("format").unwrap_or("raw");
+async fn cmd_create(p: cli::CreateArgs) -> Result<u8, Fail> {
+    let fmt = p.format.as_deref().unwrap_or("raw");
     let fmt = check_fmt(fmt)?;
-    if print_options_help(&p, fmt, false)? {
+    if print_options_help(&p.options, fmt, false)? {
         return Ok(0);
     }
-    let (file, size) = match p.operands.as_slice() {
+    let (file, size) = match operands(&[&p.file, &p.size], &p.extra).as_slice() {
         [f] => (f.clone(), None),
         [f, s] => (f.clone(), Some(create::parse_size(s)?)),
         [] => return Err(Fail::new("expecting a file name")),
         _ => return Err(Fail::new("too many arguments")),
     };
-    let mut co = create_options(&p, fmt.name())?;
+    let mut co = create_options(&p.options, fmt.name())?;
     if let Some(s) = size {
         co.size = Some(s);
     }
-    if let Some(b) = p.value("backing") {
-        co.backing_file = Some(b.to_string());
+    if let Some(b) = &p.backing {
+        co.backing_file = Some(b.clone());
     }
-    if let Some(f) = p.value("backing-format") {
-        co.backing_format = Some(f.to_string());
+    if let Some(f) = &p.backing_format {
+        co.backing_format = Some(f.clone());
     }
-    co.unsafe_backing = p.flag("unsafe");
+    co.unsafe_backing = p.unsafe_backing;
     let path = Path::new(&file);
     match fmt {
         Format::Raw => {
             let size = co
                 .size
                 .ok_or_else(|| Fail::new(format!("{file}: image size must be given")))?;
-            if !p.flag("quiet") {
+            if !p.quiet {
                 println!("Formatting '{file}', fmt=raw size={size}");
             }
             create::create_raw(path, size, co.preallocation)
@@ -341,7 +297,7 @@ async fn cmd_create(args: &[String]) -> Result<u8, Fail> {
             let size = create::create_qcow2(path, &co)
                 .await
                 .map_err(|e| prefixed(&file, e))?;
-            if !p.flag("quiet") {
+            if !p.quiet {
                 println!("{}", co.summary(path, size));
             }
         }
@@ -358,36 +314,16 @@ fn prefixed(file: &str, e: qcow2_core::Error) -> Fail {
     }
 }
 
-async fn cmd_resize(args: &[String]) -> Result<u8, Fail> {
-    let mut argv: Vec<String> = args.to_vec();
-    // "-1G" as the size operand would look like an option: treat a final "-N" as an operand.
-    let neg = argv
-        .last()
-        .filter(|a| a.starts_with('-') && a[1..].starts_with(|c: char| c.is_ascii_digit()))
-        .cloned();
-    if neg.is_some() {
-        argv.pop();
-    }
-    let p = parse(
-        &argv,
-        &specs(&[
-            opt('f', "format", true),
-            opt('\0', "shrink", false),
-            opt('q', "quiet", false),
-            opt('\0', "preallocation", true),
-        ]),
-    )?;
-    let mut ops = p.operands.clone();
-    if let Some(n) = neg {
-        ops.push(n);
-    }
+async fn cmd_resize(p: cli::ResizeArgs) -> Result<u8, Fail> {
+    // (A negative size operand, "-1G", reaches here after a "--": see `crate::resize_argv`.)
+    let ops = operands(&[&p.file, &p.size], &p.extra);
     let (file, size_s) = match ops.as_slice() {
         [f, s] => (f.clone(), s.clone()),
         _ => return Err(Fail::new("resize needs a file name and a size")),
     };
-    let mut oo = open_opts(&p);
+    let mut oo = open_opts(&p.common, false);
     oo.writable = true;
-    let disk = open(&file, p.value("format"), &oo).await?;
+    let disk = open(&file, p.format.as_deref(), &oo).await?;
     let cur = disk.size();
     let new = if let Some(d) = size_s.strip_prefix('+') {
         cur.checked_add(create::parse_size(d)?)
@@ -400,13 +336,13 @@ async fn cmd_resize(args: &[String]) -> Result<u8, Fail> {
     };
     match &disk {
         Disk::Qcow2(img) => {
-            img.resize(new, p.flag("shrink"))
+            img.resize(new, p.shrink)
                 .await
                 .map_err(|e| prefixed(&file, e))?;
             img.flush().await.map_err(|e| prefixed(&file, e))?;
         }
         Disk::Raw(_) => {
-            if new < cur && !p.flag("shrink") {
+            if new < cur && !p.shrink {
                 return Err(Fail::new(format!(
                     "{file}: use the --shrink option to shrink an image"
                 )));
@@ -416,42 +352,19 @@ async fn cmd_resize(args: &[String]) -> Result<u8, Fail> {
                 .map_err(|e| Fail::new(format!("{file}: {}", qcow2_core::Error::from(e))))?;
         }
     }
-    if !p.flag("quiet") {
+    if !p.quiet {
         println!("Image resized.");
     }
     Ok(0)
 }
 
-async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('O', "target-format", true),
-            opt('o', "options", true),
-            opt('B', "backing", true),
-            opt('F', "backing-format", true),
-            opt('c', "compress", false),
-            opt('p', "progress", false),
-            opt('m', "parallel", true),
-            opt('t', "cache", true),
-            opt('T', "source-cache", true),
-            opt('W', "", false),
-            opt('n', "", false),
-            opt('q', "quiet", false),
-            opt('\0', "aio", true),
-            opt('l', "", true),
-            opt('S', "", true),
-            opt('\0', "target-is-zero", false),
-        ]),
-    )?;
-    let existing = p.flag("n");
-    let target_is_zero = p.flag("target-is-zero");
+async fn cmd_convert(p: cli::ConvertArgs) -> Result<u8, Fail> {
+    let existing = p.no_create;
+    let target_is_zero = p.target_is_zero;
     if target_is_zero && !existing {
         return Err(Fail::new("--target-is-zero requires use of -n flag"));
     }
-    let sparse_size = match p.value("S") {
+    let sparse_size = match p.sparse_size.as_deref() {
         None => convert::ZERO_GRANULE as u64,
         Some(v) => {
             let n = qcow2_core::create::parse_size(v).map_err(|_| {
@@ -467,17 +380,17 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             n
         }
     };
-    let out_fmt = check_fmt(p.value("target-format").unwrap_or("raw"))?;
-    if print_options_help(&p, out_fmt, false)? {
+    let out_fmt = check_fmt(p.target_format.as_deref().unwrap_or("raw"))?;
+    if print_options_help(&p.options, out_fmt, false)? {
         return Ok(0);
     }
-    if p.operands.len() != 2 {
+    let ops = operands(&[&p.src, &p.dst], &p.extra);
+    let [src, dst] = ops.as_slice() else {
         return Err(Fail::new(
             "convert needs exactly one source and one destination",
         ));
-    }
-    let (src, dst) = (&p.operands[0], &p.operands[1]);
-    let parallel = match p.value("parallel") {
+    };
+    let parallel = match p.parallel.as_deref() {
         None => 8,
         Some(m) => match m.parse::<usize>() {
             Ok(n) if (1..=64).contains(&n) => n,
@@ -488,30 +401,30 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
             }
         },
     };
-    let (engine, direct) = parse_engine(&p)?;
-    let mut oo = open_opts(&p);
+    let (engine, direct) = parse_engine(p.aio.as_deref(), p.cache.as_deref())?;
+    let mut oo = open_opts(&p.common, p.force_share);
     oo.engine = engine;
-    if let Some(l) = p.value("l") {
+    if let Some(l) = &p.snapshot {
         oo.snapshot = Some(snapshot_param(l)?);
     }
-    let disk = open(src, p.value("format"), &oo).await.map_err(|f| {
+    let disk = open(src, p.format.as_deref(), &oo).await.map_err(|f| {
         if oo.snapshot.is_some() && f.msg.contains("Can't find snapshot") {
             Fail::new("Failed to load snapshot: Can't find snapshot")
         } else {
             f
         }
     })?;
-    let mut create = create_options(&p, out_fmt.name())?;
-    if let Some(b) = p.value("backing") {
-        create.backing_file = Some(b.to_string());
+    let mut create = create_options(&p.options, out_fmt.name())?;
+    if let Some(b) = &p.backing {
+        create.backing_file = Some(b.clone());
         if out_fmt != Format::Qcow2 {
             return Err(Fail::new("-B requires the qcow2 output format"));
         }
     }
-    if let Some(f) = p.value("backing-format") {
-        create.backing_format = Some(f.to_string());
+    if let Some(f) = &p.backing_format {
+        create.backing_format = Some(f.clone());
     }
-    let compress = p.flag("compress");
+    let compress = p.compress;
     let mut co = ConvertOptions {
         parallel: ConvertOptions::requests_in_flight(parallel, compress),
         sparse_size,
@@ -521,7 +434,7 @@ async fn cmd_convert(args: &[String]) -> Result<u8, Fail> {
     };
     co.file.engine = engine;
     co.file.direct = direct;
-    if p.flag("progress") && !p.flag("quiet") {
+    if p.progress && !p.quiet {
         co.progress = Some(progress_printer());
     }
     let target = convert::Target {
@@ -568,36 +481,24 @@ fn snapshot_param(l: &str) -> Result<qcow2_core::SnapshotKey, Fail> {
     })
 }
 
-async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "a-format", true),
-            opt('F', "b-format", true),
-            opt('s', "strict", false),
-            opt('p', "progress", false),
-            opt('q', "quiet", false),
-            opt('T', "cache", true),
-        ]),
-    )
-    .map_err(Fail::new)?;
-    if p.operands.len() != 2 {
+async fn cmd_compare(p: cli::CompareArgs) -> Result<u8, Fail> {
+    let ops = operands(&[&p.file1, &p.file2], &p.extra);
+    let [file1, file2] = ops.as_slice() else {
         // qemu-img exits 1 for a usage error of compare (2 means "error while comparing").
         return Err(Fail::new("compare needs exactly two file names").code(1));
-    }
-    let oo = open_opts(&p);
-    let a = open(&p.operands[0], p.value("a-format"), &oo)
+    };
+    let oo = open_opts(&p.common, p.force_share);
+    let a = open(file1, p.a_format.as_deref(), &oo)
         .await
         .map_err(|f| f.code(2))?;
-    let b = open(&p.operands[1], p.value("b-format"), &oo)
+    let b = open(file2, p.b_format.as_deref(), &oo)
         .await
         .map_err(|f| f.code(2))?;
-    let quiet = p.flag("quiet");
-    if a.size() != b.size() && !p.flag("strict") && !quiet {
+    let quiet = p.quiet;
+    if a.size() != b.size() && !p.strict && !quiet {
         println!("Warning: Image size mismatch!");
     }
-    match convert::compare(&a, &b, p.flag("strict"))
+    match convert::compare(&a, &b, p.strict)
         .await
         .map_err(|e| Fail::from(e).code(2))?
     {
@@ -623,33 +524,26 @@ async fn cmd_compare(args: &[String]) -> Result<u8, Fail> {
     }
 }
 
-async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_snapshot(p: cli::SnapshotArgs) -> Result<u8, Fail> {
     use qcow2_core::SnapshotKey;
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('l', "list", false),
-            opt('c', "create", true),
-            opt('a', "apply", true),
-            opt('d', "delete", true),
-            opt('f', "format", true),
-            opt('q', "quiet", false),
-        ]),
-    )?;
-    let ops: Vec<&str> = ["list", "create", "apply", "delete"]
-        .into_iter()
-        .filter(|k| p.flag(k))
-        .collect();
+    let ops: Vec<(&str, &str)> = [
+        ("list", p.list.then_some("")),
+        ("create", p.create.as_deref()),
+        ("apply", p.apply.as_deref()),
+        ("delete", p.delete.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
     if ops.len() > 1 {
         return Err(Fail::new("Cannot mix '-l', '-a', '-c', '-d'"));
     }
-    let file = one_operand(&p, "a file name")?;
-    let op = ops.first().copied().unwrap_or("list");
-    let mut oo = open_opts(&p);
+    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
+    let (op, name) = ops.first().copied().unwrap_or(("list", ""));
+    let mut oo = open_opts(&p.common, p.force_share);
     oo.no_backing = true;
     if op == "list" {
-        let disk = open(&file, p.value("format"), &oo).await?;
+        let disk = open(&file, p.format.as_deref(), &oo).await?;
         if let Disk::Qcow2(img) = &disk {
             let snaps = img.snapshots();
             if !snaps.is_empty() {
@@ -664,8 +558,8 @@ async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
         ));
     }
     oo.writable = true;
-    let name = p.value(op).unwrap_or_default().to_string();
-    let disk = open(&file, p.value("format"), &oo).await?;
+    let name = name.to_string();
+    let disk = open(&file, p.format.as_deref(), &oo).await?;
     let Disk::Qcow2(img) = &disk else {
         return Err(Fail::new(format!(
             "Could not {op} snapshot '{name}': Operation not supported"
@@ -693,21 +587,11 @@ async fn cmd_snapshot(args: &[String]) -> Result<u8, Fail> {
     }
 }
 
-async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_check(p: cli::CheckArgs) -> Result<u8, Fail> {
     use qcow2_core::check::{self, CheckOptions, Repair};
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('\0', "output", true),
-            opt('r', "repair", true),
-            opt('q', "quiet", false),
-        ]),
-    )?;
-    let file = one_operand(&p, "a file name")?;
-    let json = output_json(&p)?;
-    let repair = match p.value("repair") {
+    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
+    let json = output_json(p.output.as_deref())?;
+    let repair = match p.repair.as_deref() {
         None => None,
         Some("leaks") => Some(Repair::Leaks),
         Some("all") => Some(Repair::All),
@@ -717,12 +601,12 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
             )))
         }
     };
-    let mut oo = open_opts(&p);
+    let mut oo = open_opts(&p.common, p.force_share);
     oo.writable = repair.is_some();
     oo.for_repair = repair.is_some();
     // Damage the check reports must not keep it from running (QEMU's BDRV_O_CHECK).
     oo.for_check = true;
-    let disk = open(&file, p.value("format"), &oo).await?;
+    let disk = open(&file, p.format.as_deref(), &oo).await?;
     let img = match &disk {
         Disk::Qcow2(i) => i,
         Disk::Raw(_) => {
@@ -738,7 +622,7 @@ async fn cmd_check(args: &[String]) -> Result<u8, Fail> {
     img.flush().await.map_err(|e| prefixed(&file, e))?;
     if json {
         print_json(&report.to_json());
-    } else if !p.flag("quiet") {
+    } else if !p.quiet {
         print!("{}", report.human());
     }
     Ok(report.exit_code() as u8)
@@ -753,34 +637,19 @@ fn cache_direct(mode: Option<&str>, what: &str) -> Result<bool, Fail> {
     }
 }
 
-fn image_format(p: &Parsed) -> Result<Option<Format>, Fail> {
-    p.value("format").map(check_fmt).transpose()
+fn image_format(format: Option<&str>) -> Result<Option<Format>, Fail> {
+    format.map(check_fmt).transpose()
 }
 
-async fn cmd_rebase(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_rebase(p: cli::RebaseArgs) -> Result<u8, Fail> {
     use qcow2_core::rebase::{self, RebaseOptions};
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('b', "backing", true),
-            opt('F', "backing-format", true),
-            opt('u', "backing-unsafe", false),
-            opt('p', "progress", false),
-            opt('q', "quiet", false),
-            opt('t', "cache", true),
-            opt('T', "backing-cache", true),
-            opt('c', "compress", false),
-        ]),
-    )?;
-    let file = match p.operands.as_slice() {
+    let file = match operands(&[&p.file], &p.extra).as_slice() {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
-    let unsafe_mode = p.flag("backing-unsafe");
-    let backing = match p.value("backing") {
-        Some(b) => b.to_string(),
+    let unsafe_mode = p.unsafe_mode;
+    let backing = match &p.backing {
+        Some(b) => b.clone(),
         None if unsafe_mode => String::new(),
         None => {
             return Err(Fail::new(
@@ -788,33 +657,32 @@ async fn cmd_rebase(args: &[String]) -> Result<u8, Fail> {
             ))
         }
     };
-    let direct = cache_direct(p.value("cache"), "cache ")?;
-    cache_direct(p.value("backing-cache"), "source cache ")?;
-    let backing_format = match p.value("backing-format") {
+    let direct = cache_direct(p.cache.as_deref(), "cache ")?;
+    cache_direct(p.backing_cache.as_deref(), "source cache ")?;
+    let backing_format = match p.backing_format.as_deref() {
         None => None,
         Some(f) => {
             Some(Format::parse(f).map_err(|_| Fail::new(format!("Invalid format name: '{f}'")))?)
         }
     };
-    if image_format(&p)? == Some(Format::Raw) {
+    if image_format(p.format.as_deref())? == Some(Format::Raw) {
         return Err(Fail::new(format!(
             "Could not change the backing file to '{backing}': Operation not supported"
         )));
     }
-    if p.flag("compress") {
+    if p.compress {
         return Err(Fail::new("-c (compress) is not supported by rebase"));
     }
-    let mut open = open_opts(&p);
+    let mut open = open_opts(&p.common, false);
     // -U is accepted as qemu-img does; the image itself is opened for writing.
-    open.force_share = false;
     open.direct = direct;
-    let quiet = p.flag("quiet");
+    let quiet = p.quiet;
     let ro = RebaseOptions {
         backing,
         backing_format,
         unsafe_mode,
         open,
-        progress: (p.flag("progress") && !quiet && !unsafe_mode).then(progress_printer),
+        progress: (p.progress && !quiet && !unsafe_mode).then(progress_printer),
     };
     rebase::rebase(Path::new(&file), &ro)
         .await
@@ -822,39 +690,27 @@ async fn cmd_rebase(args: &[String]) -> Result<u8, Fail> {
     Ok(0)
 }
 
-async fn cmd_commit(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_commit(p: cli::CommitArgs) -> Result<u8, Fail> {
     use qcow2_core::commit::{self, CommitOptions};
-    let p = parse(
-        args,
-        &specs(&[
-            opt('f', "format", true),
-            opt('b', "base", true),
-            opt('d', "drop", false),
-            opt('p', "progress", false),
-            opt('q', "quiet", false),
-            opt('t', "cache", true),
-            opt('r', "rate", true),
-        ]),
-    )?;
-    let file = match p.operands.as_slice() {
+    let file = match operands(&[&p.file], &p.extra).as_slice() {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
-    let direct = cache_direct(p.value("cache"), "cache ")?;
-    if let Some(r) = p.value("rate") {
+    let direct = cache_direct(p.cache.as_deref(), "cache ")?;
+    if let Some(r) = &p.rate {
         create::parse_size(r).map_err(|_| Fail::new(format!("Invalid rate limit: '{r}'")))?;
     }
-    if image_format(&p)? == Some(Format::Raw) {
+    if image_format(p.format.as_deref())? == Some(Format::Raw) {
         return Err(Fail::new("Image does not have a backing file"));
     }
-    let mut open = open_opts(&p);
+    let mut open = open_opts(&p.common, false);
     open.direct = direct;
-    let quiet = p.flag("quiet");
+    let quiet = p.quiet;
     let co = CommitOptions {
-        base: p.value("base").map(str::to_string),
-        drop: p.flag("drop"),
+        base: p.base.clone(),
+        drop: p.drop,
         open,
-        progress: (p.flag("progress") && !quiet).then(progress_printer),
+        progress: (p.progress && !quiet).then(progress_printer),
     };
     commit::commit(Path::new(&file), &co)
         .await
@@ -880,27 +736,14 @@ fn measure_size(s: &str) -> Result<u64, Fail> {
     Ok(v)
 }
 
-async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_measure(p: cli::MeasureArgs) -> Result<u8, Fail> {
     use qcow2_core::jobs::measure::{self, MeasureOptions};
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('O', "target-format", true),
-            opt('o', "options", true),
-            opt('s', "size", true),
-            opt('l', "snapshot", true),
-            opt('\0', "output", true),
-            opt('\0', "object", true),
-        ]),
-    )?;
-    let json = output_json(&p)?;
-    if p.flag("object") {
+    let json = output_json(p.output.as_deref())?;
+    if p.object.is_some() {
         return Err(Fail::new("--object is not supported"));
     }
-    let size = p.value("size").map(measure_size).transpose()?;
-    let file = match (p.operands.as_slice(), size) {
+    let size = p.size.as_deref().map(measure_size).transpose()?;
+    let file = match (operands(&[&p.file], &p.extra).as_slice(), size) {
         ([f], None) => Some(f.clone()),
         ([], Some(_)) => None,
         ([_, ..], Some(_)) => {
@@ -915,16 +758,16 @@ async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
         }
         (_, None) => return Err(Fail::new("Expecting one image file name")),
     };
-    if file.is_none() && (p.flag("format") || p.flag("snapshot") || p.flag("image-opts")) {
+    if file.is_none() && (p.format.is_some() || p.snapshot.is_some() || p.common.image_opts) {
         return Err(Fail::new(
             "--image-opts, -f, and -l require a filename argument.",
         ));
     }
-    let fmt = p.value("target-format").unwrap_or("raw");
+    let fmt = p.target_format.as_deref().unwrap_or("raw");
     let fmt = Format::parse(fmt).map_err(|_| Fail::new(format!("Unknown file format '{fmt}'")))?;
     let mut mo = MeasureOptions::new(fmt);
-    for o in p.values("options") {
-        for (k, v) in create::split_options(&o)? {
+    for o in &p.options {
+        for (k, v) in create::split_options(o)? {
             mo.set(&k, &v)?;
         }
     }
@@ -933,11 +776,11 @@ async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
     }
     let disk = match &file {
         Some(f) => {
-            let mut oo = open_opts(&p);
-            if let Some(l) = p.value("snapshot") {
+            let mut oo = open_opts(&p.common, p.force_share);
+            if let Some(l) = &p.snapshot {
                 oo.snapshot = Some(snapshot_param(l)?);
             }
-            Some(open(f, p.value("format"), &oo).await.map_err(|e| {
+            Some(open(f, p.format.as_deref(), &oo).await.map_err(|e| {
                 if oo.snapshot.is_some() && e.msg.contains("Can't find snapshot") {
                     Fail::new("Failed to load snapshot: Can't find snapshot")
                 } else {
@@ -956,44 +799,36 @@ async fn cmd_measure(args: &[String]) -> Result<u8, Fail> {
     Ok(0)
 }
 
-async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
+async fn cmd_amend(p: cli::AmendArgs) -> Result<u8, Fail> {
     use qcow2_core::jobs::amend::{self, AmendOptions};
-    let p = parse(
-        args,
-        &specs(&[
-            opt('f', "format", true),
-            opt('o', "options", true),
-            opt('t', "cache", true),
-            opt('p', "progress", false),
-            opt('q', "quiet", false),
-            opt('\0', "force", false),
-            opt('\0', "object", true),
-        ]),
-    )?;
-    if p.flag("object") {
+    if p.object.is_some() {
         return Err(Fail::new("--object is not supported"));
     }
-    let opts = p.values("options");
+    let opts = &p.options;
     if opts.is_empty() {
         return Err(Fail::new("Must specify options (-o)"));
     }
-    if print_options_help(&p, check_fmt(p.value("format").unwrap_or("qcow2"))?, true)? {
+    if print_options_help(
+        opts,
+        check_fmt(p.format.as_deref().unwrap_or("qcow2"))?,
+        true,
+    )? {
         return Ok(0);
     }
-    let file = match p.operands.as_slice() {
+    let file = match operands(&[&p.file], &p.extra).as_slice() {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
     let mut ao = AmendOptions::default();
-    for o in &opts {
+    for o in opts {
         for (k, v) in create::split_options(o)? {
             ao.set(&k, &v)?;
         }
     }
-    let mut oo = open_opts(&p);
+    let mut oo = open_opts(&p.common, false);
     oo.writable = true;
     oo.no_backing = true;
-    let disk = open(&file, p.value("format"), &oo).await?;
+    let disk = open(&file, p.format.as_deref(), &oo).await?;
     let Disk::Qcow2(img) = disk else {
         return Err(Fail::new(
             "Format driver 'raw' does not support option amendment",
@@ -1008,39 +843,13 @@ async fn cmd_amend(args: &[String]) -> Result<u8, Fail> {
 /// `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRAN]
 /// [-b SRC_FILE [-F SRC_FMT]] [-f FMT] FILE NAME`: the operations run in command-line
 /// order, each one durable on its own; the first failure stops the rest (as qemu-img).
-async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            opt('f', "format", true),
-            opt('b', "source-file", true),
-            opt('F', "source-format", true),
-            opt('g', "granularity", true),
-            opt('\0', "add", false),
-            opt('\0', "remove", false),
-            opt('\0', "clear", false),
-            opt('\0', "enable", false),
-            opt('\0', "disable", false),
-            opt('\0', "merge", true),
-        ]),
-    )?;
-    let actions: Vec<(String, String)> = p
-        .order
-        .iter()
-        .filter(|(k, _)| {
-            matches!(
-                k.as_str(),
-                "add" | "remove" | "clear" | "enable" | "disable" | "merge"
-            )
-        })
-        .cloned()
-        .collect();
+async fn cmd_bitmap(p: cli::BitmapArgs, actions: Vec<(String, String)>) -> Result<u8, Fail> {
     if actions.is_empty() {
         return Err(Fail::new(
             "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge",
         ));
     }
-    let granularity = match p.value("granularity") {
+    let granularity = match p.granularity.as_deref() {
         None => None,
         Some(g) => {
             let v = create::parse_size(g)
@@ -1049,24 +858,25 @@ async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
             (v != 0).then_some(v)
         }
     };
-    if granularity.is_some() && !p.flag("add") {
+    if granularity.is_some() && p.add.is_empty() {
         return Err(Fail::new("granularity only supported with --add"));
     }
-    if p.flag("source-format") && !p.flag("source-file") {
+    if p.source_format.is_some() && p.source_file.is_none() {
         return Err(Fail::new("-F only supported with -b"));
     }
-    if p.flag("source-file") && !p.flag("merge") {
+    if p.source_file.is_some() && p.merge.is_empty() {
         return Err(Fail::new(
             "Merge bitmap source file only supported with --merge",
         ));
     }
-    let [file, name] = p.operands.as_slice() else {
+    let ops = operands(&[&p.file, &p.bitmap], &p.extra);
+    let [file, name] = ops.as_slice() else {
         return Err(Fail::new("Expecting filename and bitmap name"));
     };
-    let mut oo = open_opts(&p);
+    let mut oo = open_opts(&p.common, false);
     oo.no_backing = true;
     oo.writable = true;
-    let disk = open(file, p.value("format"), &oo).await?;
+    let disk = open(file, p.format.as_deref(), &oo).await?;
     let fail =
         |act: &str, msg: &str| Fail::new(format!("Operation {act} on bitmap {name} failed: {msg}"));
     let Disk::Qcow2(img) = &disk else {
@@ -1084,15 +894,15 @@ async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
             "clear" => img.bitmap_clear(name).await,
             "enable" => img.bitmap_set_enabled(name, true).await,
             "disable" => img.bitmap_set_enabled(name, false).await,
-            _ => match p.value("source-file") {
+            _ => match &p.source_file {
                 None => img.bitmap_merge(name, None, arg).await,
                 Some(sf) => {
                     if src_disk.is_none() {
                         let so = OpenOptions {
                             no_backing: true,
-                            ..open_opts(&p)
+                            ..open_opts(&p.common, false)
                         };
-                        src_disk = Some(open(sf, p.value("source-format"), &so).await?);
+                        src_disk = Some(open(sf, p.source_format.as_deref(), &so).await?);
                     }
                     match &src_disk {
                         Some(Disk::Qcow2(s)) => img.bitmap_merge(name, Some(s), arg).await,
@@ -1113,15 +923,7 @@ async fn cmd_bitmap(args: &[String]) -> Result<u8, Fail> {
     Ok(0)
 }
 
-async fn cmd_dd(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('O', "target-format", true),
-        ]),
-    )?;
+async fn cmd_dd(p: cli::DdArgs) -> Result<u8, Fail> {
     let mut o = qcow2_core::dd::DdOptions::default();
     let (mut input, mut output) = (None, None);
     for a in &p.operands {
@@ -1166,8 +968,13 @@ async fn cmd_dd(args: &[String]) -> Result<u8, Fail> {
     let (Some(input), Some(output)) = (input, output) else {
         return Err(Fail::new("Must specify both input and output files"));
     };
-    o.format = check_fmt(p.value("target-format").unwrap_or("raw"))?;
-    let disk = open(&input, p.value("format"), &open_opts(&p)).await?;
+    o.format = check_fmt(p.target_format.as_deref().unwrap_or("raw"))?;
+    let disk = open(
+        &input,
+        p.format.as_deref(),
+        &open_opts(&p.common, p.force_share),
+    )
+    .await?;
     match qcow2_core::dd::dd(&disk, Path::new(&output), &o)
         .await
         .map_err(|e| prefixed(&output, e))?

@@ -7,8 +7,7 @@
 //! external data file (if any) is not needed, so `dump` is safe on untrusted images. Every
 //! offset taken from the image is bounds-checked; problems end in one error line.
 
-use crate::args::parse;
-use crate::cmds::{opt, output_json, specs, FORCE_SHARE};
+use crate::cmds::output_json;
 use crate::Fail;
 use qcow2_core::format::header::{self, FeatureKind, Header};
 use qcow2_core::format::l2::{self, ClusterEntry};
@@ -27,25 +26,17 @@ const SCAN_CHUNK: u64 = 1 << 20;
 const HEX_LIMIT: usize = 256;
 
 /// `qcow2rs dump [-f qcow2] [--output=human|json] [--untrusted] IMG`.
-pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
-    let p = parse(
-        args,
-        &specs(&[
-            FORCE_SHARE,
-            opt('f', "format", true),
-            opt('\0', "output", true),
-        ]),
-    )?;
-    let file = match p.operands.as_slice() {
+pub async fn cmd_dump(p: crate::cli::DumpArgs) -> Result<u8, Fail> {
+    let file = match crate::cli::operands(&[&p.file], &p.extra).as_slice() {
         [f] => f.clone(),
         [] => return Err(Fail::new("dump: expecting an image file name")),
         _ => return Err(Fail::new("dump: too many arguments (expecting one image)")),
     };
-    let json = output_json(&p)?;
-    if p.flag("image-opts") {
+    let json = output_json(p.output.as_deref())?;
+    if p.common.image_opts {
         return Err(Fail::new("dump: --image-opts is not supported"));
     }
-    match p.value("format") {
+    match p.format.as_deref() {
         None | Some("qcow2") => {}
         Some(f) => {
             return Err(Fail::new(format!(
@@ -60,7 +51,7 @@ pub async fn cmd_dump(args: &[String]) -> Result<u8, Fail> {
         // The data file holds guest data only; dump never reads it. Pointing it at the image
         // itself keeps dump from opening a file named inside the image.
         data_file: Some(path.to_path_buf()),
-        force_share: p.flag("force-share"),
+        force_share: p.force_share,
         ..OpenOptions::default()
     };
     let img = Image::open(path, &opts).await.map_err(|e| {

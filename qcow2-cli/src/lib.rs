@@ -3,35 +3,12 @@
 //! The library target holds the whole tool behind [`run`], so that the `qcow2rs` binary and
 //! the console script of the Python package (`qcow2rs._qcow2rs.cli_main`) run the same code.
 
-mod args;
 mod bench;
+mod cli;
 mod cmds;
 mod dump;
 
-const USAGE: &str = "usage: qcow2rs COMMAND [OPTIONS] ...
-
-Commands (options as qemu-img):
-  info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
-  map [-f FMT] [--output=human|json] [-U] FILE
-  check [-f FMT] [--output=human|json] [-r leaks|all] [-U] FILE
-  compare [-f FMT] [-F FMT] [-s] [-p] [-U] FILE1 FILE2
-  convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-m N] [-t none|writeback] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n [--target-is-zero]] [-U] SRC DST
-  create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] FILE [SIZE]
-  resize [--shrink] [-f FMT] FILE [+|-]SIZE
-  rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-U] [-u] -b BACKING|\"\" [-F FMT] FILE
-  commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE
-  amend -o OPTS [-f FMT] [-p] [-q] [--force] FILE
-  measure [--output=human|json] [-O raw|qcow2] [-o OPTS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)
-  snapshot [-l | -c NAME | -a NAME | -d NAME] [-U] FILE
-  bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F SRC_FMT]])... [-g GRANULARITY] [-f FMT] FILE BITMAP
-  dd [-f FMT] [-O raw|qcow2] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
-  dump [-U] FILE
-  bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-t none|writeback] [-i io_uring|threads] [-w] [--cache-size SIZE] [-U] FILE
-  serve [-k SOCKET | -b ADDR -p PORT] [-r] [-x NAME] [-e SHARED] [-t] [--tls-creds DIR] ... IMG (NBD server; serve --help)
-
-Images are locked as QEMU locks them: an image another process writes is refused, and
--U (--force-share, read-only commands) opens it anyway.
-Every command accepts --untrusted: refuse to open files named inside an image.";
+use clap::FromArgMatches;
 
 /// An error for the user: a message (one line) and an exit code.
 pub(crate) struct Fail {
@@ -73,42 +50,48 @@ pub fn run(argv: &[String]) -> u8 {
 }
 
 fn run_inner(argv: &[String]) -> u8 {
-    if argv.len() < 2 {
-        eprintln!("{USAGE}");
-        return 1;
+    let mut argv: Vec<String> = argv.to_vec();
+    if argv.is_empty() {
+        argv.push("qcow2rs".to_string());
     }
-    let cmd = argv[1].as_str();
-    let rest = &argv[2..];
-    if cmd == "help" {
-        // `qcow2rs help CMD` is `qcow2rs CMD --help`.
-        if let Some(c) = rest.first() {
-            return run_inner(&[argv[0].clone(), c.clone(), "--help".to_string()]);
+    // `qcow2rs help CMD` is `qcow2rs CMD --help` (so `help serve` is the server's own help).
+    if argv.len() > 2 && argv[1] == "help" {
+        argv = vec![argv[0].clone(), argv[2].clone(), "--help".to_string()];
+    }
+    resize_argv(&mut argv);
+    let matches = match cli::command().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) => return clap_error(&e, &argv),
+    };
+    let parsed = match cli::Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => return clap_error(&e, &argv),
+    };
+    let res = match parsed.cmd {
+        cli::Cmd::Completions(a) => {
+            let mut out = std::io::stdout();
+            clap_complete::generate(a.shell, &mut cli::command(), "qcow2rs", &mut out);
+            Ok(0)
         }
-    }
-    if matches!(cmd, "-h" | "--help" | "help") {
-        println!("{USAGE}");
-        return 0;
-    }
-    if matches!(cmd, "-V" | "--version") {
-        println!("qcow2rs version {}", env!("CARGO_PKG_VERSION"));
-        return 0;
-    }
-    if let Some(line) = command_help(cmd, rest) {
-        println!("usage: qcow2rs {line}\n\nSee `qcow2rs --help` for every command, and the README for each option.");
-        return 0;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .thread_name("qcow2rs-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("qcow2rs: cannot start the runtime: {e}");
-            return 1;
+        cli::Cmd::Manpage(a) => cli::manpages(a.dir.as_deref(), &mut std::io::stdout())
+            .map(|()| 0)
+            .map_err(|e| Fail::new(format!("writing the man page: {e}"))),
+        cmd => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .thread_name("qcow2rs-worker")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("qcow2rs: cannot start the runtime: {e}");
+                    return 1;
+                }
+            };
+            let sub = matches.subcommand().map(|(_, m)| m);
+            rt.block_on(cmds::run(cmd, sub))
         }
     };
-    let res = rt.block_on(cmds::run(cmd, rest));
     match res {
         Ok(code) => code,
         Err(f) => {
@@ -119,22 +102,52 @@ fn run_inner(argv: &[String]) -> u8 {
     }
 }
 
-/// `qcow2rs COMMAND -h|--help` (as `qemu-img COMMAND --help`): the command's usage line, when
-/// the command is one of [`USAGE`]'s and a help option comes before any `--`. `serve` prints
-/// its own, longer help.
-fn command_help(cmd: &str, rest: &[String]) -> Option<&'static str> {
-    if cmd == "serve" {
-        return None;
+/// Report a parse error as qemu-img does (one line, exit 1); help and version go to stdout
+/// with exit 0.
+fn clap_error(e: &clap::Error, argv: &[String]) -> u8 {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp => {
+            let _ = e.print();
+            0
+        }
+        ErrorKind::DisplayVersion => {
+            // As qemu-img words it.
+            println!("qcow2rs version {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            1
+        }
+        ErrorKind::InvalidSubcommand => {
+            let name = argv.get(1).map(String::as_str).unwrap_or_default();
+            eprintln!("qcow2rs: unknown command '{name}' (try 'qcow2rs --help')");
+            1
+        }
+        _ => {
+            let sub = argv
+                .get(1)
+                .filter(|s| cli::command().find_subcommand(s.as_str()).is_some())
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default();
+            eprintln!("qcow2rs: {} (try 'qcow2rs{sub} --help')", cli::one_line(e));
+            1
+        }
     }
-    let asked = rest
-        .iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-h" || a == "--help");
-    if !asked {
-        return None;
+}
+
+/// `qcow2rs resize FILE -1G`: a final "-N..." operand would read as an option, so it goes
+/// after a "--" (unless one is there already), as qemu-img's parser takes it.
+fn resize_argv(argv: &mut Vec<String>) {
+    if argv.get(1).map(String::as_str) != Some("resize") || argv[2..].iter().any(|a| a == "--") {
+        return;
     }
-    USAGE
-        .lines()
-        .map(str::trim_start)
-        .find(|l| l.split_whitespace().next() == Some(cmd) && l.len() > cmd.len())
+    let negative = argv
+        .last()
+        .is_some_and(|a| a.starts_with('-') && a[1..].starts_with(|c: char| c.is_ascii_digit()));
+    if negative && argv.len() > 2 {
+        let at = argv.len() - 1;
+        argv.insert(at, "--".to_string());
+    }
 }
