@@ -101,6 +101,8 @@
 #define QCOW2RS_CREATE_OPTIONS_INIT { sizeof(struct qcow2rs_create_options), 0, 0, 0, 0, 0, 0, NULL, NULL, NULL }
 /** Initializer of struct qcow2rs_convert_options: the size set, every option at its default. */
 #define QCOW2RS_CONVERT_OPTIONS_INIT { sizeof(struct qcow2rs_convert_options), 0, 0, NULL, NULL, NULL, NULL, NULL, 0, 0 }
+/** Initializer of struct qcow2rs_dd_options: the size set, every option at its default. */
+#define QCOW2RS_DD_OPTIONS_INIT { sizeof(struct qcow2rs_dd_options), 0, 0, 0, 0, 0, NULL, NULL }
 /** Initializer of struct qcow2rs_rebase_options: the size set, every option at its default. */
 #define QCOW2RS_REBASE_OPTIONS_INIT { sizeof(struct qcow2rs_rebase_options), 0, 0, NULL, NULL, NULL, NULL }
 /** Initializer of struct qcow2rs_commit_options: the size set, every option at its default. */
@@ -327,6 +329,18 @@
  * default, 4 KiB, applies).
  */
 #define QCOW2RS_CONVERT_SPARSE_SIZE (1 << 5)
+
+/**
+ * `qcow2rs_dd_options.flags`: `count` is given (`count=`; without this flag the copy goes
+ * to the end of the source).
+ */
+#define QCOW2RS_DD_COUNT (1 << 0)
+
+/**
+ * `qcow2rs_dd_options.flags`: open no file named inside the source image (see
+ * `QCOW2RS_OPEN_UNTRUSTED`).
+ */
+#define QCOW2RS_DD_UNTRUSTED (1 << 1)
 
 /**
  * `qcow2rs_rebase_options.flags`: only write the new backing file name into the header
@@ -633,6 +647,46 @@ struct qcow2rs_convert_options {
      * in the target, a multiple of 512 up to 16 MiB; 0 allocates the whole target.
      */
     uint64_t sparse_size;
+};
+
+/**
+ * Options of `qcow2rs_dd`. Zero-initialize it and set `size` to
+ * `sizeof(struct qcow2rs_dd_options)` (or use `QCOW2RS_DD_OPTIONS_INIT`); fields left 0 or
+ * NULL take the defaults.
+ */
+struct qcow2rs_dd_options {
+    /**
+     * `sizeof(struct qcow2rs_dd_options)` as the caller compiled it.
+     */
+    size_t size;
+    /**
+     * `QCOW2RS_DD_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * `QCOW2RS_ENGINE_*` for every file (0: auto).
+     */
+    uint32_t engine;
+    /**
+     * Block size in bytes (`bs=`, 1 to 2147483647; 0: 512).
+     */
+    uint64_t bs;
+    /**
+     * With `QCOW2RS_DD_COUNT`: the number of blocks of input to stop at (`count=`).
+     */
+    uint64_t count;
+    /**
+     * Blocks of input to skip (`skip=`).
+     */
+    uint64_t skip;
+    /**
+     * Source format, `"qcow2"` or `"raw"` (`-f`; NULL: probed).
+     */
+    const char *src_format;
+    /**
+     * Output format, `"qcow2"` or `"raw"` (`-O`; NULL: `"raw"`, as qemu-img).
+     */
+    const char *dst_format;
 };
 
 /**
@@ -1163,6 +1217,25 @@ int qcow2rs_check(const char *path,
 int qcow2rs_convert(const char *src,
                     const char *dst,
                     const struct qcow2rs_convert_options *opts);
+
+/**
+ * Copy part of the disk at `src` into a new image at `dst` (replaced if it exists), as
+ * `qemu-img dd [-f FMT] [-O FMT] bs=BS count=COUNT skip=SKIP if=src of=dst`: from byte
+ * `skip * bs` of the source up to byte `count * bs` (its end without `QCOW2RS_DD_COUNT`;
+ * as qemu-img, `count` bounds the end, not the length, when `skip` is given too). The output
+ * is fully allocated, its size that length rounded up to 512 bytes. `opts` NULL: the whole
+ * disk in 512-byte blocks, raw output. Blocking.
+ *
+ * Returns 0; or 1 when `skip` lies past the end of that range: an empty output was created
+ * (qemu-img then prints "dd: cannot skip to specified offset" and succeeds); or `-EFAULT`
+ * (`src` or `dst` NULL), `-EINVAL` (`bs` above 2147483647, unknown flags, `dst` is a file
+ * the source reads), `-ENOTSUP` (a format other than `"qcow2"` and `"raw"`, an unsupported
+ * feature of the source), `-ENOENT`, `-EACCES`, `-EUCLEAN` (corrupt source), `-ENOSPC`,
+ * `-EDEADLK`, `-EIO`.
+ */
+int qcow2rs_dd(const char *src,
+               const char *dst,
+               const struct qcow2rs_dd_options *opts);
 
 /**
  * Change the backing file of the qcow2 image at `path`, as `qemu-img rebase [-u] [-b

@@ -47,7 +47,7 @@ def same_content(a, b, fa="raw", fb="raw"):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-@pytest.mark.parametrize("sparse", [None, "0", "512", "4k", "16k", "64k", "128k"])
+@pytest.mark.parametrize("sparse", [None, "0", "512", "4k", "16k", "64k", "128k", "256k", "1M"])
 def test_convert_sparse_size(fmt, sparse, cli, scratch, qemu):
     src = source(scratch)
     args = ["-f", "raw", "-O", fmt] + (["-S", sparse] if sparse is not None else [])

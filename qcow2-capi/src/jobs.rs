@@ -1,4 +1,4 @@
-//! Whole-image jobs: create, check, convert, rebase, commit, amend, measure (the CLI's
+//! Whole-image jobs: create, check, convert, dd, rebase, commit, amend, measure (the CLI's
 //! semantics).
 
 use crate::aio::SendPtr;
@@ -434,6 +434,105 @@ pub unsafe extern "C" fn qcow2rs_convert(
                 .map_err(|e| named(&dst, e))
         })?;
         Ok(0)
+    })
+}
+
+/// `qcow2rs_dd_options.flags`: `count` is given (`count=`; without this flag the copy goes
+/// to the end of the source).
+pub const QCOW2RS_DD_COUNT: u32 = 1 << 0;
+/// `qcow2rs_dd_options.flags`: open no file named inside the source image (see
+/// `QCOW2RS_OPEN_UNTRUSTED`).
+pub const QCOW2RS_DD_UNTRUSTED: u32 = 1 << 1;
+
+const DD_FLAGS: u32 = QCOW2RS_DD_COUNT | QCOW2RS_DD_UNTRUSTED;
+
+/// Options of `qcow2rs_dd`. Zero-initialize it and set `size` to
+/// `sizeof(struct qcow2rs_dd_options)` (or use `QCOW2RS_DD_OPTIONS_INIT`); fields left 0 or
+/// NULL take the defaults.
+#[repr(C)]
+pub struct qcow2rs_dd_options {
+    /// `sizeof(struct qcow2rs_dd_options)` as the caller compiled it.
+    pub size: usize,
+    /// `QCOW2RS_DD_*` flags.
+    pub flags: u32,
+    /// `QCOW2RS_ENGINE_*` for every file (0: auto).
+    pub engine: u32,
+    /// Block size in bytes (`bs=`, 1 to 2147483647; 0: 512).
+    pub bs: u64,
+    /// With `QCOW2RS_DD_COUNT`: the number of blocks of input to stop at (`count=`).
+    pub count: u64,
+    /// Blocks of input to skip (`skip=`).
+    pub skip: u64,
+    /// Source format, `"qcow2"` or `"raw"` (`-f`; NULL: probed).
+    pub src_format: *const c_char,
+    /// Output format, `"qcow2"` or `"raw"` (`-O`; NULL: `"raw"`, as qemu-img).
+    pub dst_format: *const c_char,
+}
+
+/// Copy part of the disk at `src` into a new image at `dst` (replaced if it exists), as
+/// `qemu-img dd [-f FMT] [-O FMT] bs=BS count=COUNT skip=SKIP if=src of=dst`: from byte
+/// `skip * bs` of the source up to byte `count * bs` (its end without `QCOW2RS_DD_COUNT`;
+/// as qemu-img, `count` bounds the end, not the length, when `skip` is given too). The output
+/// is fully allocated, its size that length rounded up to 512 bytes. `opts` NULL: the whole
+/// disk in 512-byte blocks, raw output. Blocking.
+///
+/// Returns 0; or 1 when `skip` lies past the end of that range: an empty output was created
+/// (qemu-img then prints "dd: cannot skip to specified offset" and succeeds); or `-EFAULT`
+/// (`src` or `dst` NULL), `-EINVAL` (`bs` above 2147483647, unknown flags, `dst` is a file
+/// the source reads), `-ENOTSUP` (a format other than `"qcow2"` and `"raw"`, an unsupported
+/// feature of the source), `-ENOENT`, `-EACCES`, `-EUCLEAN` (corrupt source), `-ENOSPC`,
+/// `-EDEADLK`, `-EIO`.
+#[no_mangle]
+pub unsafe extern "C" fn qcow2rs_dd(
+    src: *const c_char,
+    dst: *const c_char,
+    opts: *const qcow2rs_dd_options,
+) -> c_int {
+    ffi("qcow2rs_dd", || {
+        let src = path_arg(src, "src")?;
+        let dst = path_arg(dst, "dst")?;
+        let o = if opts.is_null() {
+            // SAFETY: every field is an integer or a raw pointer: all-zero is valid (NULL).
+            unsafe { std::mem::zeroed::<qcow2rs_dd_options>() }
+        } else {
+            // SAFETY: `opts` points to a struct qcow2rs_dd_options of `opts->size` bytes.
+            unsafe { read_sized(opts, "struct qcow2rs_dd_options")? }
+        };
+        known_flags(o.flags, DD_FLAGS, "struct qcow2rs_dd_options")?;
+        let engine = engine_arg(o.engine)?;
+        let src_format = match opt_str(o.src_format) {
+            Some(f) => Some(utf8(f, "src_format")?.to_string()),
+            None => None,
+        };
+        let format = match opt_str(o.dst_format) {
+            Some(f) => Format::parse(utf8(f, "dst_format")?)?,
+            None => Format::Raw,
+        };
+        let mut dd = qcow2_core::dd::DdOptions {
+            bs: if o.bs == 0 { 512 } else { o.bs },
+            count: (o.flags & QCOW2RS_DD_COUNT != 0).then_some(o.count),
+            skip: o.skip,
+            format,
+            ..Default::default()
+        };
+        dd.file.engine = engine;
+        let oo = OpenOptions {
+            engine,
+            no_external_files: o.flags & QCOW2RS_DD_UNTRUSTED != 0,
+            ..OpenOptions::default()
+        };
+        let outcome = run_job("qcow2rs_dd", async {
+            let disk: Disk = convert::open_disk(&src, src_format.as_deref(), &oo)
+                .await
+                .map_err(|e| named(&src, e))?;
+            qcow2_core::dd::dd(&disk, &dst, &dd)
+                .await
+                .map_err(|e| named(&dst, e))
+        })?;
+        Ok(match outcome {
+            qcow2_core::dd::DdOutcome::Copied => 0,
+            qcow2_core::dd::DdOutcome::SkipPastEnd => 1,
+        })
     })
 }
 

@@ -2,7 +2,7 @@
  * The C API's contract: every error code, the callback contract (exactly once, on a library
  * thread, never inside the submitting call, submitting from a callback), close with requests
  * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, options, info, jobs
- * (create, check, convert, rebase, commit, amend, measure: results checked with qemu-img).
+ * (create, check, convert, dd, rebase, commit, amend, measure: results checked with qemu-img).
  *
  * Usage: test_api WORKDIR [TEST...]   (needs qemu-img on PATH for a few tests)
  */
@@ -483,7 +483,7 @@ struct dl {
     struct qcow2rs_image *img;
     const char *path;
     int r_read, r_write, r_flush, r_zero, r_discard, r_close, r_open, r_create, r_check,
-        r_convert, r_readv, r_rebase, r_commit, r_amend, r_measure, r_bitmap;
+        r_convert, r_dd, r_readv, r_rebase, r_commit, r_amend, r_measure, r_bitmap;
     struct waiter w;
 };
 
@@ -505,6 +505,7 @@ static void deadlock_cb(void *ud, const struct qcow2rs_completion *c)
     d->r_create = qcow2rs_create(d->path, MiB, NULL);
     d->r_check = qcow2rs_check(d->path, 0, NULL);
     d->r_convert = qcow2rs_convert(d->path, d->path, NULL);
+    d->r_dd = qcow2rs_dd(d->path, d->path, NULL);
     struct qcow2rs_rebase_options ro = QCOW2RS_REBASE_OPTIONS_INIT;
     ro.flags = QCOW2RS_REBASE_UNSAFE;
     d->r_rebase = qcow2rs_rebase(d->path, &ro);
@@ -528,6 +529,7 @@ static void check_deadlocks(struct dl *d)
     CHECK(d->r_create == -EDEADLK);
     CHECK(d->r_check == -EDEADLK);
     CHECK(d->r_convert == -EDEADLK);
+    CHECK(d->r_dd == -EDEADLK);
     CHECK(d->r_rebase == -EDEADLK);
     CHECK(d->r_commit == -EDEADLK);
     CHECK(d->r_amend == -EDEADLK);
@@ -1163,6 +1165,103 @@ static void test_convert_target(void)
     CHECK_RET(qcow2rs_convert(p, tpath("missing.qcow2"), &cv), -ENOENT);
 }
 
+/* qcow2rs_dd as `qemu-img dd`: for raw and qcow2 output and bs/count/skip combinations (the
+ * defaults, a block size that does not divide the disk, count past the end, count with skip,
+ * which bounds the end), the output has qemu-img's virtual size and content (qemu-img
+ * compare, and cmp for raw); a skip past the end returns 1 with an empty output, as qemu-img
+ * succeeds with "cannot skip"; bad arguments are refused. */
+static int dd_same_as_qemu(const char *src, const char *fmt, uint64_t bs, int has_count,
+                           uint64_t count, uint64_t skip, int want)
+{
+    /* tpath's buffers are reused: keep copies. */
+    char ours[4200], theirs[4200];
+    snprintf(ours, sizeof ours, "%s", tpath("dd-ours.img"));
+    snprintf(theirs, sizeof theirs, "%s", tpath("dd-theirs.img"));
+    struct qcow2rs_dd_options o = QCOW2RS_DD_OPTIONS_INIT;
+    o.bs = bs;
+    o.skip = skip;
+    o.dst_format = fmt;
+    if (has_count) {
+        o.flags |= QCOW2RS_DD_COUNT;
+        o.count = count;
+    }
+    int r = qcow2rs_dd(src, ours, &o);
+    if (r != want) {
+        fprintf(stderr, "qcow2rs_dd(%s bs=%llu count=%llu skip=%llu) = %d (%s), want %d\n", fmt,
+                (unsigned long long)bs, (unsigned long long)count, (unsigned long long)skip, r,
+                qcow2rs_last_error(), want);
+        return -1;
+    }
+    char cnt[64] = "";
+    if (has_count)
+        snprintf(cnt, sizeof cnt, "count=%llu", (unsigned long long)count);
+    if (shell("rm -f '%s' && qemu-img dd -f qcow2 -O %s bs=%llu %s skip=%llu if='%s' of='%s' "
+              ">/dev/null",
+              theirs, fmt, (unsigned long long)(bs ? bs : 512), cnt, (unsigned long long)skip,
+              src, theirs) != 0)
+        return -2;
+    if (shell("test \"$(qemu-img info --output=json -f %s '%s' | grep virtual-size)\" = "
+              "\"$(qemu-img info --output=json -f %s '%s' | grep virtual-size)\"",
+              fmt, ours, fmt, theirs) != 0)
+        return -3;
+    if (shell("qemu-img compare -q -f %s -F %s '%s' '%s'", fmt, fmt, ours, theirs) != 0)
+        return -4;
+    if (strcmp(fmt, "raw") == 0 && shell("cmp '%s' '%s'", ours, theirs) != 0)
+        return -5;
+    return 0;
+}
+
+static void test_dd(void)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s", tpath("dd.qcow2"));
+    CHECK_RET(shell("qemu-img create -q -f qcow2 '%s' 3000k && qemu-io -c 'write -q -P 5 0 100k' "
+                    "-c 'write -q -P 6 1M 700k' -c 'write -q -z 2M 64k' "
+                    "-c 'write -q -P 7 2900k 100k' '%s'",
+                    p, p),
+              0);
+    static const struct {
+        uint64_t bs;
+        int has_count;
+        uint64_t count, skip;
+    } cases[] = {
+        { 0, 0, 0, 0 },        { 4096, 0, 0, 10 },    { 65536, 1, 20, 3 },
+        { 1000, 1, 100, 0 },   { MiB, 0, 0, 1 },      { 3000, 1, 2000, 5 },
+        { 7, 1, 30000, 123 }, { 512, 1, 0, 0 },      { 65536, 1, 1, 1 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int f = 0; f < 2; f++) {
+            const char *fmt = f ? "qcow2" : "raw";
+            int r = dd_same_as_qemu(p, fmt, cases[i].bs, cases[i].has_count, cases[i].count,
+                                    cases[i].skip, 0);
+            if (r != 0)
+                fprintf(stderr, "dd case %zu (%s): %d\n", i, fmt, r);
+            CHECK_RET(r, 0);
+        }
+    }
+    /* Skip past the end: 1 and an empty output, as qemu-img. */
+    CHECK_RET(dd_same_as_qemu(p, "raw", 4096, 0, 0, 10000, 1), 0);
+    CHECK_RET(shell("test $(stat -c %%s '%s') -eq 0", tpath("dd-ours.img")), 0);
+    /* NULL options: the whole disk, raw. */
+    CHECK_RET(qcow2rs_dd(p, tpath("dd-all.raw"), NULL), 0);
+    CHECK_RET(shell("qemu-img compare -q -f qcow2 -F raw '%s' '%s'", p, tpath("dd-all.raw")), 0);
+    /* Errors. */
+    struct qcow2rs_dd_options o = QCOW2RS_DD_OPTIONS_INIT;
+    CHECK_RET(qcow2rs_dd(NULL, tpath("x.raw"), &o), -EFAULT);
+    CHECK_RET(qcow2rs_dd(p, NULL, &o), -EFAULT);
+    CHECK_RET(qcow2rs_dd(tpath("missing.qcow2"), tpath("x.raw"), &o), -ENOENT);
+    CHECK_RET(qcow2rs_dd(p, p, &o), -EINVAL);
+    o.bs = 1ull << 31;
+    CHECK_RET(qcow2rs_dd(p, tpath("x.raw"), &o), -EINVAL);
+    o.bs = 0;
+    o.flags = 1u << 30;
+    CHECK_RET(qcow2rs_dd(p, tpath("x.raw"), &o), -EINVAL);
+    o.flags = 0;
+    o.dst_format = "vmdk";
+    CHECK_RET(qcow2rs_dd(p, tpath("x.raw"), &o), -ENOTSUP);
+    CHECK_RET(shell("qemu-img check -q '%s'", p), 0);
+}
+
 /* qcow2rs_bitmap_extents: the dirty ranges of bitmaps qemu-io's writes made dirty (the same
  * figures as the core and Python tests, which compare them with qemu-nbd -B), on a read-only
  * handle; a clean bitmap gives NULL and 0; errors leave NULL and 0. */
@@ -1677,4 +1776,4 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
           TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(bitmap_extents),
-          TEST(convert_target), TEST(rebase), TEST(commit), TEST(amend), TEST(measure))
+          TEST(convert_target), TEST(dd), TEST(rebase), TEST(commit), TEST(amend), TEST(measure))

@@ -2,13 +2,23 @@
 //!
 //! Nothing happens until the first guest change (write, write-zeroes, discard) through a
 //! writable handle. Then the enabled bitmaps (flag `auto`, not `in-use`) are loaded into
-//! memory and marked `in-use` on disk: a new bitmap directory with the flag set is written
-//! to new clusters and the header switched to it (crash-safe, see `jobs/bitmap.rs`), before
-//! that change reaches the disk. From then on every changed guest range sets, in memory, the
-//! bits that cover it in every tracked bitmap (no I/O per request). [`Image::close`] (and
-//! every bitmap operation, and resize) stores the bits into new clusters, switches to a
-//! directory without the `in-use` flag and frees the old clusters; a later change starts
-//! again.
+//! memory, each bitmap table is copied to new clusters, and the bitmaps are marked `in-use`
+//! on disk: a new bitmap directory with the flag set, pointing at the copied tables, is
+//! written to new clusters and the header switched to it (crash-safe, see `jobs/bitmap.rs`),
+//! before that change reaches the disk. From then on every changed guest range sets, in
+//! memory, the bits that cover it in every tracked bitmap (no I/O per request), and marks
+//! the cluster-sized parts of the bitmap it touched as changed.
+//!
+//! [`Image::flush`] stores the changed parts, still `in-use`: a part whose data cluster
+//! this session allocated is rewritten in place; any other part gets a new data cluster,
+//! whose refcount is made durable (with a sync) before the table entry that points at it is
+//! written into the session's table copy (also in place: nothing outside this session
+//! points at it); the cluster it replaces is freed only after that table write is durable.
+//! A crash at any point thus leaves no reference to a free cluster (at worst a leak), and
+//! the bitmaps `in-use`. A flush with nothing changed since the last store writes nothing
+//! for the bitmaps. [`Image::close`] (and every bitmap operation, and resize) stores the
+//! changed parts the same way, makes them durable, then switches to a directory without the
+//! `in-use` flag; a later change starts again.
 //!
 //! An image whose handle was not closed (a crash, a killed process) keeps its bitmaps
 //! `in-use`: they are inconsistent, as QEMU judges them, and can only be removed. Such a
@@ -22,9 +32,10 @@
 
 use crate::engine::image::Image;
 use crate::engine::metadata::Meta;
-use crate::format::bitmaps::{self as fmt};
+use crate::format::bitmaps::{self as fmt, TableEntry};
 use crate::{Error, ErrorKind, Result};
 use parking_lot::Mutex as PMutex;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Most memory the tracked bitmaps of one image may take (1 GiB: 512 TiB of disk at a
@@ -43,6 +54,27 @@ pub(crate) struct LiveBitmap {
     pub name: String,
     pub gran_bits: u8,
     pub bits: Vec<u8>,
+    /// One bit per cluster-sized part of `bits`: changed since it was last stored.
+    changed: Vec<u8>,
+    /// Some bit of `changed` may be set.
+    any_changed: bool,
+    /// The session's copy of the bitmap table (the directory on disk points at it).
+    table_offset: u64,
+    /// Its entries as they are, or are to be, on disk.
+    table: Vec<u64>,
+    /// Clusters of the table (indices within it) whose copy on disk is stale.
+    table_stale: BTreeSet<u64>,
+    /// Data clusters (offsets) this session allocated and the table points at.
+    owned: HashSet<u64>,
+    /// Data clusters (indices) to free once the table on disk no longer points at them.
+    unlinked: Vec<u64>,
+}
+
+impl LiveBitmap {
+    /// Whether a store has anything to do.
+    fn pending(&self) -> bool {
+        self.any_changed || !self.table_stale.is_empty() || !self.unlinked.is_empty()
+    }
 }
 
 /// Tracking state of a writable handle.
@@ -63,24 +95,48 @@ impl Default for Tracking {
     }
 }
 
-/// Set bits `first..=last` of `bits` (clamped to its length).
-fn set_bits(bits: &mut [u8], first: u64, last: u64) {
+/// Set bits `first..=last` of `bits` (clamped to its length); whether any was clear.
+fn set_bits(bits: &mut [u8], first: u64, last: u64) -> bool {
     let nbits = bits.len() as u64 * 8;
     if first >= nbits {
-        return;
+        return false;
     }
     let last = last.min(nbits - 1);
+    let mut changed = false;
     let mut i = first;
     while i <= last {
         if i.is_multiple_of(8) && i + 7 <= last {
             let end = ((last + 1) / 8) as usize;
-            bits[(i / 8) as usize..end].fill(0xff);
+            let run = &mut bits[(i / 8) as usize..end];
+            if !changed && run.iter().any(|&b| b != 0xff) {
+                changed = true;
+            }
+            run.fill(0xff);
             i = end as u64 * 8;
         } else {
-            bits[(i / 8) as usize] |= 1 << (i % 8);
+            let b = &mut bits[(i / 8) as usize];
+            changed |= *b & (1 << (i % 8)) == 0;
+            *b |= 1 << (i % 8);
             i += 1;
         }
     }
+    changed
+}
+
+/// The first set bit of `bits` at or after `from`.
+fn next_set(bits: &[u8], from: u64) -> Option<u64> {
+    let mut byte = (from / 8) as usize;
+    if byte >= bits.len() {
+        return None;
+    }
+    let first = bits[byte] & (0xffu8 << (from % 8));
+    if first != 0 {
+        return Some(byte as u64 * 8 + first.trailing_zeros() as u64);
+    }
+    byte += 1;
+    let k = bits[byte..].iter().position(|&b| b != 0)?;
+    let b = byte + k;
+    Some(b as u64 * 8 + bits[b].trailing_zeros() as u64)
 }
 
 impl Image {
@@ -100,19 +156,26 @@ impl Image {
             st = w.dirty.state.load(Ordering::Acquire);
         }
         if st == ACTIVE {
+            let cs = self.inner.layout.cluster_size;
             let mut live = w.dirty.live.lock();
             for b in live.iter_mut() {
-                set_bits(
-                    &mut b.bits,
-                    off >> b.gran_bits,
-                    (off + len - 1) >> b.gran_bits,
-                );
+                let (first, last) = (off >> b.gran_bits, (off + len - 1) >> b.gran_bits);
+                if first / 8 >= b.bits.len() as u64 {
+                    continue;
+                }
+                if !set_bits(&mut b.bits, first, last) {
+                    // Nothing new to store.
+                    continue;
+                }
+                let last_byte = (last / 8).min(b.bits.len() as u64 - 1);
+                set_bits(&mut b.changed, first / 8 / cs, last_byte / cs);
+                b.any_changed = true;
             }
         }
         Ok(())
     }
 
-    /// Load the enabled consistent bitmaps and mark them in use on disk.
+    /// Load the enabled consistent bitmaps, copy their tables, and mark them in use on disk.
     async fn start_tracking(&self) -> Result<()> {
         let w = self.ws()?;
         let _start = w.dirty.start.lock().await;
@@ -147,28 +210,189 @@ impl Image {
                 ),
             ));
         }
+        let cs = self.inner.layout.cluster_size;
         let mut live = Vec::new();
-        for e in dir.iter_mut() {
-            if e.flags & fmt::FLAG_AUTO != 0 && e.flags & fmt::FLAG_IN_USE == 0 {
+        let mut old = Vec::new();
+        let mut a = crate::jobs::bitmap::Allocated::default();
+        let r = async {
+            for e in dir.iter_mut() {
+                if e.flags & fmt::FLAG_AUTO == 0 || e.flags & fmt::FLAG_IN_USE != 0 {
+                    continue;
+                }
+                let bits = self.bitmap_bits(e).await?;
+                let table: Vec<u64> = self
+                    .bitmap_table(e)
+                    .await?
+                    .into_iter()
+                    .map(|t| match t {
+                        TableEntry::Zeros => 0,
+                        TableEntry::Ones => fmt::TABLE_ENTRY_ALL_ONES,
+                        TableEntry::Data(off) => off,
+                    })
+                    .collect();
+                // The session's own copy of the table, which flushes rewrite in place.
+                let mut buf = vec![0u8; (table.len() * 8).div_ceil(cs as usize) * cs as usize];
+                for (i, t) in table.iter().enumerate() {
+                    buf[i * 8..i * 8 + 8].copy_from_slice(&t.to_be_bytes());
+                }
+                let toff = self
+                    .bitmap_alloc(&mut m, &mut a, buf.len() as u64 / cs)
+                    .await?;
+                self.bitmap_write(&buf, toff).await?;
+                old.extend(
+                    e.table_offset / cs..(e.table_offset + e.table_size as u64 * 8).div_ceil(cs),
+                );
                 live.push(LiveBitmap {
                     name: e.name.clone(),
                     gran_bits: e.granularity_bits,
-                    bits: self.bitmap_bits(e).await?,
+                    changed: vec![0u8; (bits.len() as u64).div_ceil(cs).div_ceil(8) as usize],
+                    bits,
+                    any_changed: false,
+                    table_offset: toff,
+                    table,
+                    table_stale: BTreeSet::new(),
+                    owned: HashSet::new(),
+                    unlinked: Vec::new(),
                 });
+                e.table_offset = toff;
                 e.flags |= fmt::FLAG_IN_USE;
             }
+            if live.is_empty() {
+                return Ok(());
+            }
+            self.bitmap_switch(&mut m, &mut a, &dir, old).await
+        }
+        .await;
+        if let Err(e) = r {
+            self.bitmap_abandon(&mut m, &mut a).await;
+            return Err(e.context("marking the persistent bitmaps in use"));
         }
         if live.is_empty() {
             w.dirty.state.store(IDLE, Ordering::Release);
             return Ok(());
         }
-        let mut a = crate::jobs::bitmap::Allocated::default();
-        if let Err(e) = self.bitmap_switch(&mut m, &mut a, &dir, Vec::new()).await {
-            self.bitmap_abandon(&mut m, &mut a).await;
-            return Err(e.context("marking the persistent bitmaps in use"));
-        }
         *w.dirty.live.lock() = live;
         w.dirty.state.store(ACTIVE, Ordering::Release);
+        Ok(())
+    }
+
+    /// Store what changed in the tracked bitmaps since the last store, leaving them in use
+    /// (see the module documentation). The caller holds the metadata lock (and the
+    /// allocation gate); guest changes may go on meanwhile (they are stored next time).
+    /// Durable once a `flush_metadata` has followed.
+    pub(crate) async fn store_changes(&self, m: &mut Meta) -> Result<()> {
+        let Some(w) = self.inner.w.as_ref() else {
+            return Ok(());
+        };
+        if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
+            return Ok(());
+        }
+        let n = w.dirty.live.lock().len();
+        for bi in 0..n {
+            if !w.dirty.live.lock()[bi].pending() {
+                continue;
+            }
+            self.check_poison()?;
+            self.store_bitmap_changes(m, bi)
+                .await
+                .map_err(|e| e.context("storing the persistent bitmaps"))?;
+        }
+        Ok(())
+    }
+
+    async fn store_bitmap_changes(&self, m: &mut Meta, bi: usize) -> Result<()> {
+        let w = self.ws()?;
+        let cs = self.inner.layout.cluster_size;
+        w.dirty.live.lock()[bi].any_changed = false;
+        let mut buf = vec![0u8; cs as usize];
+        let mut next = 0u64;
+        loop {
+            // Take the next changed part (its bits as they are now).
+            let (c, entry, owned) = {
+                let mut live = w.dirty.live.lock();
+                let b = &mut live[bi];
+                let Some(c) = next_set(&b.changed, next) else {
+                    break;
+                };
+                b.changed[(c / 8) as usize] &= !(1 << (c % 8));
+                let start = (c * cs) as usize;
+                let end = (start + cs as usize).min(b.bits.len());
+                buf.fill(0);
+                buf[..end - start].copy_from_slice(&b.bits[start..end]);
+                let entry = b.table[c as usize];
+                (c, entry, b.owned.contains(&entry))
+            };
+            next = c + 1;
+            let data = entry & fmt::TABLE_ENTRY_OFFSET_MASK;
+            let r = if buf.iter().all(|&x| x == 0) {
+                Ok(0)
+            } else if data != 0 && owned {
+                self.bitmap_write(&buf, data).await.map(|()| data)
+            } else {
+                match self.alloc_clusters(m, 1).await {
+                    Ok(off) => match self.bitmap_write(&buf, off).await {
+                        Ok(()) => Ok(off),
+                        Err(e) => {
+                            // Nothing points at it.
+                            m.pending_free.push(off / cs);
+                            Err(e)
+                        }
+                    },
+                    Err(e) => Err(e),
+                }
+            };
+            let mut live = w.dirty.live.lock();
+            let b = &mut live[bi];
+            match r {
+                Err(e) => {
+                    // Stored next time.
+                    b.changed[(c / 8) as usize] |= 1 << (c % 8);
+                    b.any_changed = true;
+                    return Err(e);
+                }
+                Ok(new) if new != entry => {
+                    if data != 0 {
+                        b.owned.remove(&data);
+                        b.unlinked.push(data / cs);
+                    }
+                    if new != 0 {
+                        b.owned.insert(new);
+                    }
+                    b.table[c as usize] = new;
+                    b.table_stale.insert(c * 8 / cs);
+                }
+                Ok(_) => {}
+            }
+        }
+        let (toff, stale) = {
+            let live = w.dirty.live.lock();
+            let b = &live[bi];
+            (b.table_offset, b.table_stale.clone())
+        };
+        if !stale.is_empty() {
+            // The refcounts of the new data clusters (and their content) are durable before
+            // a table on disk points at them.
+            self.flush_metadata(m).await?;
+            for tc in stale {
+                let part = {
+                    let live = w.dirty.live.lock();
+                    let t = &live[bi].table;
+                    let per = (cs / 8) as usize;
+                    let from = tc as usize * per;
+                    let mut part = vec![0u8; cs as usize];
+                    for (i, e) in t[from..(from + per).min(t.len())].iter().enumerate() {
+                        part[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+                    }
+                    part
+                };
+                self.bitmap_write(&part, toff + tc * cs).await?;
+                w.dirty.live.lock()[bi].table_stale.remove(&tc);
+            }
+        }
+        // Freed once the table that dropped them is durable (flush_metadata syncs before
+        // it applies deferred frees).
+        let unlinked = std::mem::take(&mut w.dirty.live.lock()[bi].unlinked);
+        m.pending_free.extend(unlinked);
         Ok(())
     }
 
@@ -181,43 +405,32 @@ impl Image {
             w.dirty.state.store(UNKNOWN, Ordering::Release);
             return Ok(());
         }
-        let live = std::mem::take(&mut *w.dirty.live.lock());
-        let r = self.store_live(m, &live).await;
-        match r {
-            Ok(()) => {
-                w.dirty.state.store(UNKNOWN, Ordering::Release);
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the bits: a later close may succeed.
-                *w.dirty.live.lock() = live;
-                Err(e.context("storing the persistent bitmaps"))
-            }
-        }
-    }
-
-    async fn store_live(&self, m: &mut Meta, live: &[LiveBitmap]) -> Result<()> {
+        self.store_changes(m).await?;
+        let tables: Vec<(String, u64)> = w
+            .dirty
+            .live
+            .lock()
+            .iter()
+            .map(|b| (b.name.clone(), b.table_offset))
+            .collect();
         let mut dir = self.bitmap_dir().await?;
-        let mut a = crate::jobs::bitmap::Allocated::default();
-        let r = async {
-            let mut old = Vec::new();
-            for b in live {
-                let Some(i) = dir.iter().position(|e| e.name == b.name) else {
-                    continue;
-                };
-                old.extend(self.bitmap_owned_clusters(&dir[i]).await?);
-                let (t, n) = self.bitmap_store(m, &mut a, &b.bits).await?;
-                dir[i].table_offset = t;
-                dir[i].table_size = n;
-                dir[i].flags &= !fmt::FLAG_IN_USE;
+        for e in dir.iter_mut() {
+            if let Some((_, t)) = tables.iter().find(|(n, _)| *n == e.name) {
+                e.table_offset = *t;
+                e.flags &= !fmt::FLAG_IN_USE;
             }
-            self.bitmap_switch(m, &mut a, &dir, old).await
         }
-        .await;
-        if r.is_err() {
+        // The switch makes the stored parts durable before the header stops marking them
+        // in use.
+        let mut a = crate::jobs::bitmap::Allocated::default();
+        if let Err(e) = self.bitmap_switch(m, &mut a, &dir, Vec::new()).await {
+            // Keep the bits: a later close may succeed.
             self.bitmap_abandon(m, &mut a).await;
+            return Err(e.context("storing the persistent bitmaps"));
         }
-        r
+        w.dirty.live.lock().clear();
+        w.dirty.state.store(UNKNOWN, Ordering::Release);
+        Ok(())
     }
 
     /// Store the tracked bitmaps now (waits for the requests in flight). Called by close.
@@ -232,6 +445,14 @@ impl Image {
         let _gate = w.alloc_gate.write().await;
         let mut m = w.meta.lock().await;
         self.stop_tracking_locked(&mut m).await
+    }
+
+    /// Whether the bitmaps are tracked now.
+    pub(crate) fn tracking_active(&self) -> bool {
+        self.inner
+            .w
+            .as_ref()
+            .is_some_and(|w| w.dirty.state.load(Ordering::Acquire) == ACTIVE)
     }
 
     /// The in-memory bits of tracked bitmap `name`, if it is tracked now.
@@ -249,20 +470,37 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::set_bits;
+    use super::{next_set, set_bits};
+
+    #[test]
+    fn next_set_bit() {
+        let b = [0u8, 0x10, 0, 0x81];
+        assert_eq!(next_set(&b, 0), Some(12));
+        assert_eq!(next_set(&b, 12), Some(12));
+        assert_eq!(next_set(&b, 13), Some(24));
+        assert_eq!(next_set(&b, 25), Some(31));
+        assert_eq!(next_set(&b, 32), None);
+        assert_eq!(next_set(&[0u8; 3], 0), None);
+    }
 
     #[test]
     fn set_bit_ranges() {
         let mut b = vec![0u8; 4];
-        set_bits(&mut b, 3, 3);
+        assert!(set_bits(&mut b, 3, 3));
         assert_eq!(b, [0x08, 0, 0, 0]);
+        assert!(!set_bits(&mut b, 3, 3));
         set_bits(&mut b, 6, 17);
         assert_eq!(b, [0xc8, 0xff, 0x03, 0]);
         set_bits(&mut b, 30, 100);
         assert_eq!(b, [0xc8, 0xff, 0x03, 0xc0]);
         let mut b = vec![0u8; 3];
-        set_bits(&mut b, 8, 15);
+        assert!(set_bits(&mut b, 8, 15));
         assert_eq!(b, [0, 0xff, 0]);
+        assert!(!set_bits(&mut b, 8, 15));
+        assert!(!set_bits(&mut b, 9, 14));
+        assert!(set_bits(&mut b, 9, 16));
+        assert_eq!(b, [0, 0xff, 1]);
+        b[2] = 0;
         set_bits(&mut b, 40, 50);
         assert_eq!(b, [0, 0xff, 0]);
     }

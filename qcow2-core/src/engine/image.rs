@@ -762,8 +762,15 @@ impl Image {
         self.inner.reftable.read().clone()
     }
 
-    /// Make every completed write durable.
+    /// Make every completed write durable, and what the enabled persistent bitmaps recorded
+    /// of them (they stay marked in use until [`Image::close`]; see `engine/dirty.rs`).
     pub async fn flush(&self) -> Result<()> {
+        if let (Some(w), true) = (self.inner.w.as_ref(), self.tracking_active()) {
+            let _gate = w.alloc_gate.read().await;
+            let mut m = w.meta.lock().await;
+            self.store_changes(&mut m).await?;
+            return self.flush_metadata(&mut m).await;
+        }
         self.flush_all().await
     }
 

@@ -250,14 +250,19 @@ impl Image {
         Ok(dirty_extents(&bits, granularity, self.size()))
     }
 
-    async fn bitmap_alloc(&self, m: &mut Meta, a: &mut Allocated, n: u64) -> Result<u64> {
+    pub(crate) async fn bitmap_alloc(
+        &self,
+        m: &mut Meta,
+        a: &mut Allocated,
+        n: u64,
+    ) -> Result<u64> {
         let off = self.alloc_clusters(m, n).await?;
         let ci = off >> self.inner.layout.cluster_bits;
         a.clusters.extend(ci..ci + n);
         Ok(off)
     }
 
-    async fn bitmap_write(&self, buf: &[u8], off: u64) -> Result<()> {
+    pub(crate) async fn bitmap_write(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_overlap(off, buf.len() as u64, Target::Data)
             .await?;
         self.meta_write(buf, off).await

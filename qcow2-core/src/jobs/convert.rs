@@ -66,10 +66,23 @@ impl Zeros {
     }
 }
 
-/// Split `buf` (guest offset `off`) into runs: `(start, len, hole)`, where a hole is a run of
-/// whole zero units (`unit`-aligned in the guest) at least `min` bytes long; everything
-/// else is data (short zero runs included). `min` 0: all data.
-fn sparse_runs(buf: &[u8], off: u64, unit: u64, min: u64) -> Vec<(usize, usize, bool)> {
+/// Split `buf` (guest offset `off`) into runs `(start, len, hole)` covering it, as qemu-img
+/// decides for `-S min` what to write and what to leave unallocated. `data` are the runs
+/// of `buf` the source stores as data (ascending, relative to `buf`); the rest reads as
+/// zeros in the source and is a hole. In each data run a leading run of zeros is a hole;
+/// then data continues over zero runs shorter than `min` up to one at least `min` long (a
+/// hole), where zero runs are counted in 512-byte sectors and the end of a data run is
+/// rounded up (of a zero run, down) to a multiple of `align` in the guest, unless the run
+/// ends the data run. A zero run within the `align` unit where the data before it ends
+/// counts as data. (That is qemu-img's `is_allocated_sectors_min`, applied to each data
+/// run as it applies it to each block-status run.) `min` 0: all data.
+fn sparse_runs(
+    buf: &[u8],
+    off: u64,
+    align: u64,
+    min: u64,
+    data: &[(usize, usize)],
+) -> Vec<(usize, usize, bool)> {
     let mut out: Vec<(usize, usize, bool)> = Vec::new();
     let push = |out: &mut Vec<(usize, usize, bool)>, a: usize, b: usize, hole: bool| {
         if a == b {
@@ -84,26 +97,71 @@ fn sparse_runs(buf: &[u8], off: u64, unit: u64, min: u64) -> Vec<(usize, usize, 
         push(&mut out, 0, buf.len(), false);
         return out;
     }
-    let mut i = 0usize;
-    while i < buf.len() {
-        // The unit containing guest offset off + i.
-        let n = (unit - (off + i as u64) % unit).min((buf.len() - i) as u64) as usize;
-        if !is_zero(&buf[i..i + n]) {
-            push(&mut out, i, i + n, false);
-            i += n;
-            continue;
-        }
-        let start = i;
-        while i < buf.len() {
-            let n = (unit - (off + i as u64) % unit).min((buf.len() - i) as u64) as usize;
-            if !is_zero(&buf[i..i + n]) {
-                break;
-            }
+    let mut pos = 0;
+    for &(a, b) in data {
+        push(&mut out, pos, a, true);
+        let mut i = a;
+        while i < b {
+            let (n, is_data) = allocated_min(&buf[i..b], off + i as u64, align, min);
+            push(&mut out, i, i + n, !is_data);
             i += n;
         }
-        push(&mut out, start, i, (i - start) as u64 >= min);
+        pos = b;
     }
+    push(&mut out, pos, buf.len(), true);
     out
+}
+
+/// The length of the run of like sectors (all zero, or none) at the start of `buf` (guest
+/// offset `off`), its end aligned as qemu-img's `is_allocated_sectors` aligns it, and
+/// whether it is data. Never 0 for a non-empty `buf`.
+fn allocated_run(buf: &[u8], off: u64, align: u64) -> (usize, bool) {
+    let sector = |k: usize| &buf[k * 512..((k + 1) * 512).min(buf.len())];
+    let n = buf.len().div_ceil(512);
+    let zero = is_zero(sector(0));
+    let mut i = 1;
+    while i < n && is_zero(sector(i)) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (buf.len(), !zero);
+    }
+    let mut len = i * 512;
+    let tail = ((off + len as u64) % align) as usize;
+    let mut data = !zero;
+    if tail != 0 {
+        if !data && len <= tail {
+            // A zero run inside the unit where the data before it ends.
+            data = true;
+        }
+        if data {
+            len = (len + (align as usize - tail)).min(buf.len());
+        } else {
+            len -= tail;
+        }
+    }
+    (len, data)
+}
+
+/// qemu-img's `is_allocated_sectors_min`: the length of the run at the start of `buf` and
+/// whether it is data; a data run goes on over zero runs shorter than `min`.
+fn allocated_min(buf: &[u8], off: u64, align: u64, min: u64) -> (usize, bool) {
+    let min = (min as usize).min(buf.len());
+    let (first, data) = allocated_run(buf, off, align);
+    if !data {
+        return (first, false);
+    }
+    let (mut used, mut checked) = (first, first);
+    while checked < buf.len() {
+        let (k, data) = allocated_run(&buf[checked..], off + checked as u64, align);
+        checked += k;
+        if data {
+            used = checked;
+        } else if k >= min {
+            break;
+        }
+    }
+    (used, true)
 }
 
 /// Write `len` zeros at `off` of a raw target as data (fully allocated).
@@ -201,12 +259,13 @@ where
         let progress = parking_lot::Mutex::new((&mut done, &mut progress));
         return pieces
             .try_for_each_concurrent(parallel, |p| {
+                let len = p.len;
                 let fut = work(p);
                 let progress = &progress;
                 async move {
                     fut.await?;
                     let mut g = progress.lock();
-                    *g.0 += p.len;
+                    *g.0 += len;
                     let d = *g.0;
                     (g.1)(d);
                     Ok(())
@@ -245,11 +304,12 @@ where
             });
             next.map(Ok::<Piece, Error>)
                 .try_for_each_concurrent(per_lane, |p| {
+                    let len = p.len;
                     let fut = work(p);
                     let tx = tx.clone();
                     async move {
                         fut.await?;
-                        let _ = tx.unbounded_send(p.len);
+                        let _ = tx.unbounded_send(len);
                         Ok(())
                     }
                 })
@@ -304,13 +364,15 @@ where
 }
 
 /// One unit of copy work: the guest range and whether it is known to read as zeros.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Piece {
     off: u64,
     len: u64,
     zero: bool,
     /// Position in the plan (0, 1, 2, ...).
     seq: u64,
+    /// The runs the source stores as data (not reading as zeros), relative to `off`.
+    data: Vec<(usize, usize)>,
 }
 
 /// Lets pieces write in plan order (as qemu-img convert does without `-W`): a qcow2 target
@@ -419,15 +481,31 @@ impl<'a> Planner<'a> {
 
     /// The next piece, or `None` at the end of the disk.
     async fn next_piece(&mut self) -> Result<Option<Piece>> {
-        let p = self.next_range().await?;
-        Ok(p.map(|(off, len, zero)| {
-            self.seq += 1;
-            Piece {
-                off,
-                len,
-                zero,
-                seq: self.seq - 1,
+        let Some((off, len, zero)) = self.next_range().await? else {
+            return Ok(None);
+        };
+        // The data runs of a window (from the runs looked up already: no new lookup).
+        let mut data: Vec<(usize, usize)> = Vec::new();
+        let mut q = off;
+        while !zero && q < off + len {
+            let (end, z) = self.src.at(q, self.size).await?;
+            let end = end.min(off + len);
+            if !z {
+                let (a, b) = ((q - off) as usize, (end - off) as usize);
+                match data.last_mut() {
+                    Some(l) if l.1 == a => l.1 = b,
+                    _ => data.push((a, b)),
+                }
             }
+            q = end;
+        }
+        self.seq += 1;
+        Ok(Some(Piece {
+            off,
+            len,
+            zero,
+            seq: self.seq - 1,
+            data,
         }))
     }
 
@@ -526,7 +604,7 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
             }
             let mut buf = bufs.take(p.len as usize);
             src.read_at(&mut buf, p.off).await?;
-            for (a, n, hole) in sparse_runs(&buf, p.off, unit, z.sparse) {
+            for (a, n, hole) in sparse_runs(&buf, p.off, unit, z.sparse, &p.data) {
                 let at = p.off + a as u64;
                 if !hole {
                     out.write_at(&buf[a..a + n], at).await.ctx(dst.display())?;
@@ -766,7 +844,7 @@ pub async fn convert_into(
 async fn zero_over_backing(
     img: &crate::engine::image::Image,
     backing: &Disk,
-    p: Piece,
+    p: &Piece,
 ) -> Result<()> {
     let cs = img.layout().cluster_size;
     let end = (p.off + p.len).min(backing.size());
@@ -855,7 +933,7 @@ async fn copy_into(
                 // written where the backing file has data.
                 if let Some(b) = backing {
                     turn().await;
-                    zero_over_backing(img, b, p).await?;
+                    zero_over_backing(img, b, &p).await?;
                 }
                 return Ok(());
             }
@@ -869,16 +947,17 @@ async fn copy_into(
                 }
                 None => None,
             };
-            // Zero clusters in runs shorter than `-S` are written as data (all with -S 0).
+            // Zero clusters that qemu-img writes as data (all with -S 0; with -S, those
+            // that its rule for `-S` puts in a data run: see `sparse_runs`).
             let short_zero: Vec<(u64, u64)> = if backing.is_none() {
-                // Zero detection in units of the larger of -S (rounded down to a power of
-                // two) and the cluster size, as qemu-img aligns it.
+                // Runs aligned to the larger of -S (rounded down to a power of two) and
+                // the cluster size, as qemu-img aligns them.
                 let unit = if z.sparse == 0 {
                     cs
                 } else {
                     cs.max(1u64 << (63 - z.sparse.leading_zeros()))
                 };
-                sparse_runs(&buf, p.off, unit, z.sparse)
+                sparse_runs(&buf, p.off, unit, z.sparse, &p.data)
                     .into_iter()
                     .filter(|r| !r.2)
                     .map(|r| (r.0 as u64, (r.0 + r.1) as u64))
@@ -886,7 +965,11 @@ async fn copy_into(
             } else {
                 Vec::new()
             };
-            let forced = |i: u64| short_zero.iter().any(|&(a, b)| a <= i && i < b);
+            // Whether the cluster at `i` holds part of a data run.
+            let forced = |i: u64| {
+                let ce = i + (cs - (p.off + i) % cs);
+                short_zero.iter().any(|&(a, b)| a < ce && i < b)
+            };
             turn().await;
             // Walk cluster by cluster, grouping runs that need the same treatment.
             let mut i = 0u64;
@@ -943,4 +1026,68 @@ async fn copy_into(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sparse_runs;
+
+    const K: usize = 1024;
+    const M: usize = 1024 * K;
+
+    /// What qemu-img 10 wrote for `-S 1M` (alignment 1M) in `qemu-img map` of its output.
+    #[test]
+    fn sparse_runs_as_qemu_img() {
+        // Source data at 10M: 64k data, 128k zeros, 64k data; the rest of the window
+        // unallocated. qemu-img writes the 256k, not the 1M around it.
+        let mut buf = vec![0u8; 2 * M];
+        buf[..64 * K].fill(7);
+        buf[192 * K..256 * K].fill(7);
+        assert_eq!(
+            sparse_runs(&buf, 10 * M as u64, M as u64, M as u64, &[(0, 256 * K)]),
+            vec![(0, 256 * K, false), (256 * K, 2 * M - 256 * K, true)]
+        );
+        // Source data at 12M: 1M of zeros, then 4k data and 60k zeros: the zeros are a
+        // hole (leading), the 64k written.
+        let mut buf = vec![0u8; 2 * M];
+        buf[M..M + 4 * K].fill(3);
+        assert_eq!(
+            sparse_runs(&buf, 12 * M as u64, M as u64, M as u64, &[(0, M + 64 * K)]),
+            vec![
+                (0, M, true),
+                (M, 64 * K, false),
+                (M + 64 * K, M - 64 * K, true)
+            ]
+        );
+        // Source data 5M..7M: 512 bytes at 5M and at 6M+24k, zeros between (over 1M, but
+        // not 1M aligned): all written, in our windows 4M..6M and 6M..8M.
+        let mut buf = vec![0u8; 2 * M];
+        buf[M..M + 512].fill(9);
+        assert_eq!(
+            sparse_runs(&buf, 4 * M as u64, M as u64, M as u64, &[(M, 2 * M)]),
+            vec![(0, M, true), (M, M, false)]
+        );
+        let mut buf = vec![0u8; 2 * M];
+        buf[24 * K..24 * K + 512].fill(9);
+        assert_eq!(
+            sparse_runs(&buf, 6 * M as u64, M as u64, M as u64, &[(0, M)]),
+            vec![(0, M, false), (M, M, true)]
+        );
+        // -S 4k at 64k alignment: a zero cluster between data clusters is a hole, zeros
+        // inside a data cluster are not.
+        let mut buf = vec![0u8; 256 * K];
+        buf[..4 * K].fill(1);
+        buf[130 * K..131 * K].fill(1);
+        assert_eq!(
+            sparse_runs(&buf, 0, 64 * K as u64, 4096, &[(0, 256 * K)]),
+            vec![
+                (0, 64 * K, false),
+                (64 * K, 64 * K, true),
+                (128 * K, 64 * K, false),
+                (192 * K, 64 * K, true)
+            ]
+        );
+        // -S 0: everything.
+        assert_eq!(sparse_runs(&buf, 0, 512, 0, &[]), vec![(0, 256 * K, false)]);
+    }
 }
