@@ -1044,7 +1044,8 @@ int qcow2rs_aio_writev(struct qcow2rs_image *img,
 /**
  * Asynchronous flush: when the callback reports success, every write that had completed
  * before this call was made is durable (metadata in order, then `fdatasync`). Requests still
- * in flight at submission are not covered. Errors as `qcow2rs_aio_read` (no range); on a
+ * in flight at submission are not covered. Enabled persistent bitmaps are stored too, as by
+ * `qcow2rs_flush`. Errors as `qcow2rs_aio_read` (no range); on a
  * read-only image it succeeds and does nothing.
  */
 int qcow2rs_aio_flush(struct qcow2rs_image *img,
@@ -1142,8 +1143,9 @@ int qcow2rs_writev(struct qcow2rs_image *img,
                    uint64_t offset);
 
 /**
- * Make every write completed so far durable. Blocking. Returns 0 (also on a read-only
- * image), or `-EFAULT`, `-EDEADLK`, `-ECHILD`, `-EIO` and other I/O errnos.
+ * Make every write completed so far durable, and store what the image's enabled persistent
+ * bitmaps recorded (they stay marked in use until close). Blocking. Returns 0 (also on a
+ * read-only image), or `-EFAULT`, `-EDEADLK`, `-ECHILD`, `-EIO` and other I/O errnos.
  */
 int qcow2rs_flush(struct qcow2rs_image *img);
 

@@ -631,7 +631,8 @@ pub unsafe extern "C" fn qcow2rs_aio_writev(
 
 /// Asynchronous flush: when the callback reports success, every write that had completed
 /// before this call was made is durable (metadata in order, then `fdatasync`). Requests still
-/// in flight at submission are not covered. Errors as `qcow2rs_aio_read` (no range); on a
+/// in flight at submission are not covered. Enabled persistent bitmaps are stored too, as by
+/// `qcow2rs_flush`. Errors as `qcow2rs_aio_read` (no range); on a
 /// read-only image it succeeds and does nothing.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2rs_aio_flush(

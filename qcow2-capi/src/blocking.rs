@@ -115,8 +115,9 @@ pub unsafe extern "C" fn qcow2rs_writev(
     })
 }
 
-/// Make every write completed so far durable. Blocking. Returns 0 (also on a read-only
-/// image), or `-EFAULT`, `-EDEADLK`, `-ECHILD`, `-EIO` and other I/O errnos.
+/// Make every write completed so far durable, and store what the image's enabled persistent
+/// bitmaps recorded (they stay marked in use until close). Blocking. Returns 0 (also on a
+/// read-only image), or `-EFAULT`, `-EDEADLK`, `-ECHILD`, `-EIO` and other I/O errnos.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2rs_flush(img: *mut qcow2rs_image) -> c_int {
     ffi("qcow2rs_flush", || {
