@@ -646,17 +646,81 @@ def test_dirty_bitmaps_match_qemu_nbd(mode, scratch):
         assert ours.stop() == 0
 
 
+def dirty_maps(u):
+    return {c: nbdinfo_map(u, c) for c in BITMAP_CTXS}
+
+
+def test_dirty_bitmap_live_on_writable_export(scratch):
+    """-B NAME of the image a writable export writes to: qemu-nbd 10 allows it and its context is
+    live (enabled bitmaps show the writes, zeroings and trims made through the export at once;
+    the disabled one and the backing file's do not change). Ours equals qemu-nbd (--discard=unmap,
+    as our server always performs trims) serving a copy, before and after the same writes, with
+    nbdinfo --map, qemu-img map x-dirty-bitmap and libnbd block status; at exit the bitmaps are
+    stored in the image, equal to qemu-nbd's."""
+    top = bitmap_image(scratch)
+    copy = scratch / "ref.qcow2"
+    shutil.copy(top, copy)
+    bms = ["-B", "b0", "-B", "big", "-B", "fine", "-B", "off", "-B", "old"]
+    writes = ["write -P 0x33 2M 3k", "write -z 7M 128k", "discard 8M 1M", "write -P 0x34 10M 100",
+              "aio_write -P 0x35 6500k 70k", "aio_flush"]
+    with Server(top, scratch, "-t", "-e", "0", *bms) as ours, Server(
+        copy, scratch, "-t", "-e", "0", "-f", "qcow2", "--discard=unmap", *bms, qemu=True, name="q"
+    ) as ref:
+        before = dirty_maps(ours.uri)
+        assert before == dirty_maps(ref.uri)
+        for s in (ours, ref):
+            cp = run(["qemu-io", "-f", "raw", *sum((["-c", w] for w in writes), []), s.uri])
+            assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        after = dirty_maps(ours.uri)
+        assert after == dirty_maps(ref.uri)
+        # The writes show in the enabled bitmaps (2M and 7M were clean), not in the others.
+        for ctx in ("qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:fine", "qemu:dirty-bitmap:big"):
+            assert after[ctx] != before[ctx], ctx
+            for off in (2 * MiB, 7 * MiB):
+                assert not any(e["offset"] <= off < e["offset"] + e["length"] and e["type"] == 1 for e in before[ctx])
+                assert any(e["offset"] <= off < e["offset"] + e["length"] and e["type"] == 1 for e in after[ctx])
+        for ctx in ("qemu:dirty-bitmap:off", "qemu:dirty-bitmap:old"):
+            assert after[ctx] == before[ctx], ctx
+        for name in ("b0", "fine"):
+            maps = []
+            for s in (ours, ref):
+                spec = f"driver=nbd,server.type=unix,server.path={s.sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+                maps.append(json.loads(qemu_img("map", "--output=json", "--image-opts", spec).stdout))
+            assert maps[0] == maps[1], f"qemu-img map with x-dirty-bitmap={name} differs"
+        got = [json.loads(client("contexts", s.uri, "12", *BITMAP_CTXS).stdout) for s in (ours, ref)]
+        for a, b in zip(got[0]["status"], got[1]["status"]):
+            assert a == b, f"block status of {a[:3]} differs"
+        ref.stop()
+        assert ours.stop() == 0
+    for img in (top, copy):
+        assert qemu_img("check", img, check=False).returncode == 0
+    # Stored at exit, not in use: qemu-nbd -r exports the same bits from both files.
+    stored = []
+    for img, name in ((top, "p"), (copy, "pq")):
+        with Server(img, scratch, "-r", "-t", *bms, qemu=True, name=name) as s:
+            stored.append(dirty_maps(s.uri))
+            s.stop()
+    assert stored[0] == stored[1] == after
+
+
 def test_dirty_bitmap_refusals(scratch):
-    """-B: a missing bitmap and a bitmap of the image exported writable are refused at start."""
+    """-B: a missing bitmap and an inconsistent (in-use) one are refused at start, with
+    qemu-nbd's messages."""
     top = bitmap_image(scratch)
     sock = scratch / "x.sock"
     cp = run([qcow2rs_bin(), "serve", "-r", "-B", "nope", "-k", sock, top])
     assert cp.returncode == 1 and "Bitmap 'nope' is not found" in cp.stderr, cp.stderr
-    cp = run([qcow2rs_bin(), "serve", "-B", "b0", "-k", sock, top])
-    assert cp.returncode == 1 and "-r" in cp.stderr and "b0" in cp.stderr, cp.stderr
     # A bitmap of the backing file is untouched by writes to the image: allowed, as qemu-nbd.
     with Server(top, scratch, "-B", "old", "-t") as s:
         assert "qemu:dirty-bitmap:old" in json.loads(run(["nbdinfo", "--json", s.uri]).stdout)["exports"][0]["contexts"]
         assert s.stop() == 0
     assert not sock.exists()
     assert qemu_img("check", top, check=False).returncode == 0
+    # A write by a process that is then killed leaves the enabled bitmaps in use.
+    run(["qemu-io", "-c", "write 0 4k", "-c", "sigraise 9", top])
+    assert "in-use" in qemu_img("info", "--output=json", top).stdout
+    for args in (["-r"], []):
+        cp = run([qcow2rs_bin(), "serve", *args, "-B", "b0", "-k", sock, top])
+        ref = run(["qemu-nbd", *args, "-B", "b0", "-k", sock, top])
+        assert cp.returncode == ref.returncode == 1, cp.stderr
+        assert cp.stderr.split(": ", 1)[1] == ref.stderr.split(": ", 1)[1], (cp.stderr, ref.stderr)

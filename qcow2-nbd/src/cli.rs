@@ -39,9 +39,10 @@ Export IMAGE over NBD (options as qemu-nbd's).
   -B, --bitmap=NAME        offer the persistent dirty bitmap NAME (of the image or of
                            a backing file) as the block status context
                            qemu:dirty-bitmap:NAME (dirty ranges have flag 1); may be
-                           repeated. The bits are read at start; a bitmap of the image
-                           itself needs a read-only export (-r, -s or -l): the
-                           context would not show the export's own writes
+                           repeated. An enabled bitmap of the image a writable
+                           export writes to is live: writes, zeroing and trims
+                           through the export show in it at once (and are stored in
+                           the image at exit); other bitmaps do not change
       --cache=MODE         none, writeback (default), writethrough or directsync
       --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
                            optionally ca-cert.pem (qemu's x509 credentials layout);
@@ -470,33 +471,30 @@ async fn overlay(
     disk.map_err(|e| format!("temporary overlay: {e}"))
 }
 
-/// `-B NAME`: the bits of bitmap `name`, from the first layer of `disk`'s chain that has
-/// one of that name (as qemu-nbd looks for it). `writable`: the export writes to `disk`
-/// itself, whose bitmaps therefore cannot be exported.
-async fn load_bitmap(disk: &Disk, name: &str, writable: bool) -> Result<DirtyBitmap, String> {
+/// `-B NAME`: bitmap `name` of the first layer of `disk`'s chain that has one of that name
+/// (as qemu-nbd looks for it), its bits as read now. An enabled bitmap of the top layer of
+/// a writable export is live (as qemu-nbd's): block status shows the writes made through
+/// the export, which the engine records in it.
+async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
     let mut layer = Some(disk);
     let mut top = true;
     while let Some(d) = layer {
         if let Disk::Qcow2(img) = d {
             match img.bitmap_content(name).await {
                 Ok((bits, granularity)) => {
-                    if top && writable {
-                        return Err(format!(
-                            "Bitmap '{name}' belongs to the exported image, which is writable: \
-                             use -r (or -s): the export offers the bits read at start, which \
-                             would not show its own writes (those are recorded in the bitmap \
-                             and stored when the server closes the image)"
-                        ));
-                    }
-                    return Ok(DirtyBitmap::new(
-                        name.to_string(),
-                        bits,
-                        granularity,
-                        d.size(),
-                    ));
+                    let b = DirtyBitmap::new(name.to_string(), bits, granularity, d.size());
+                    let enabled = img.bitmaps().iter().any(|e| {
+                        e.name == name && e.flags & qcow2_core::format::bitmaps::FLAG_AUTO != 0
+                    });
+                    return Ok(if top && img.is_writable() && enabled {
+                        b.live()
+                    } else {
+                        b
+                    });
                 }
                 Err(e) if e.kind() == qcow2_core::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.to_string()),
+                // qemu-nbd's message, without the QMP hint the core adds.
+                Err(e) => return Err(e.to_string().lines().next().unwrap_or("").to_string()),
             }
         }
         layer = d.backing();
@@ -538,7 +536,7 @@ async fn serve(a: Args) -> Result<(), String> {
     }
     let mut bitmaps = Vec::new();
     for n in names {
-        bitmaps.push(load_bitmap(&disk, n, !a.read_only).await?);
+        bitmaps.push(load_bitmap(&disk, n).await?);
     }
     let mut export = Export::new(disk, !a.read_only);
     export.bitmaps = bitmaps;

@@ -338,7 +338,7 @@ async fn read(ctx: &Ctx, h: &RequestHeader, off: u64, len: u64, df: bool) -> Res
     if df || len < SPARSE_READ_MIN {
         segs.push((false, off, len));
     } else {
-        let runs = ex.status(off, len, 1024).await?;
+        let runs = ex.status(off, len, 1024, true, false).await?;
         let mut pos = off;
         for r in runs {
             if pos >= off + len {
@@ -413,11 +413,10 @@ async fn block_status(
         })
         .collect();
     // The qcow2 mapping, only when an allocation context is asked for.
-    let runs = if ids
-        .iter()
-        .any(|&id| id == CTX_BASE_ALLOCATION || id == CTX_ALLOCATION_DEPTH)
-    {
-        ex.status(off, len, max).await?
+    let alloc = ids.contains(&CTX_BASE_ALLOCATION);
+    let depth = ids.contains(&CTX_ALLOCATION_DEPTH);
+    let runs = if alloc || depth {
+        ex.status(off, len, max, alloc, depth).await?
     } else {
         Vec::new()
     };
@@ -442,7 +441,7 @@ async fn block_status(
             CTX_ALLOCATION_DEPTH => extents(&runs, |s| s.depth, max_len, max),
             _ => {
                 let b = &ex.bitmaps[(id - CTX_DIRTY_BITMAP) as usize];
-                bitmap_extents(b, off, end, max_len, max)
+                bitmap_extents(&ex.bitmap_runs(b, off, end, max).await?, max_len, max)
             }
         };
         let flags = if i + 1 == ids.len() {

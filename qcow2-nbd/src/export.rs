@@ -16,18 +16,25 @@ pub struct Export {
 }
 
 /// A persistent dirty bitmap exported as the metadata context `qemu:dirty-bitmap:NAME`
-/// (`-B NAME`): its bits as read when the server started. The export never writes to the
-/// layer holding it (the server refuses that), so they do not change while it serves.
+/// (`-B NAME`). A bitmap of a layer the export does not write to (a backing file, a
+/// read-only export, a disabled bitmap) does not change while it serves: its bits are
+/// read at start. An enabled bitmap of the image the export writes to is live, as
+/// qemu-nbd's: every write, zeroing and trim through the export is recorded in it (by the
+/// engine, see `qcow2_core::engine::dirty`) and block status reports it at once.
 #[derive(Debug, Clone)]
 pub struct DirtyBitmap {
     /// The bitmap's name.
     pub name: String,
     /// Bit `i` (bit `i % 8` of byte `i / 8`) covers the bytes from `i * granularity`.
+    /// For a live bitmap: the bits read at start, used while the image does not track it
+    /// (then they are current: nothing has changed it).
     bits: Vec<u8>,
     granularity: u64,
     /// Bytes the bitmap covers: the size of the layer holding it (a backing file may be
     /// shorter than the export; past its end nothing is dirty).
     covered: u64,
+    /// Read from the exported image's in-memory tracking at each query.
+    live: bool,
 }
 
 impl DirtyBitmap {
@@ -39,61 +46,88 @@ impl DirtyBitmap {
             bits,
             granularity: granularity.max(1),
             covered,
+            live: false,
         }
     }
 
-    fn nbits(&self) -> u64 {
-        self.covered
-            .div_ceil(self.granularity)
-            .min(self.bits.len() as u64 * 8)
+    /// Make it live: an enabled bitmap of the image the export writes to.
+    pub fn live(mut self) -> DirtyBitmap {
+        self.live = true;
+        self
     }
 
-    fn bit(&self, i: u64) -> bool {
-        self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
-    }
-
-    /// The first bit from `i` on that is not `v` (`nbits()` when there is none).
-    fn next_change(&self, mut i: u64, v: bool) -> u64 {
-        let n = self.nbits();
-        let same = if v { 0xff } else { 0 };
-        while i < n {
-            if i.is_multiple_of(8) && i + 8 <= n && self.bits[(i / 8) as usize] == same {
-                i += 8;
-                continue;
-            }
-            if self.bit(i) != v {
-                return i;
-            }
-            i += 1;
-        }
-        n
+    /// Whether block status reads the image's in-memory tracking.
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// Runs `(length, dirty)` covering `[off, end)`, at most `max` of them; a dirty run
     /// spans whole granules, clipped to the range (as QEMU reports them).
     pub fn runs(&self, off: u64, end: u64, max: usize) -> Vec<(u64, bool)> {
-        let g = self.granularity;
-        let n = self.nbits();
-        let mut out = Vec::new();
-        let mut pos = off;
-        while pos < end && out.len() < max {
-            let i = pos / g;
-            if i >= n || pos >= self.covered {
-                out.push((end - pos, false));
-                break;
-            }
-            let v = self.bit(i);
-            let j = self.next_change(i, v);
-            let stop = if j >= n && !v {
-                end
-            } else {
-                j.saturating_mul(g).min(self.covered).min(end)
-            };
-            out.push((stop - pos, v));
-            pos = stop;
-        }
-        out
+        bit_runs(&self.bits, self.granularity, self.covered, off, end, max)
     }
+}
+
+fn bit(bits: &[u8], i: u64) -> bool {
+    bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+}
+
+/// The first bit of `bits` from `i` on that is not `v` (`n` when there is none below `n`).
+fn next_change(bits: &[u8], n: u64, mut i: u64, v: bool) -> u64 {
+    let same = if v { u64::MAX } else { 0 };
+    while i < n {
+        if i.is_multiple_of(64) && i + 64 <= n {
+            let b = (i / 8) as usize;
+            let word = u64::from_le_bytes(bits[b..b + 8].try_into().unwrap());
+            if word == same {
+                i += 64;
+                continue;
+            }
+        }
+        if i.is_multiple_of(8) && i + 8 <= n && bits[(i / 8) as usize] == same as u8 {
+            i += 8;
+            continue;
+        }
+        if bit(bits, i) != v {
+            return i;
+        }
+        i += 1;
+    }
+    n
+}
+
+/// Runs `(length, dirty)` of a bitmap (`bits` at `granularity`, covering `covered` bytes)
+/// over `[off, end)`, at most `max` of them; a dirty run spans whole granules, clipped to
+/// the range (as QEMU reports them). Past `covered` (or the bits) nothing is dirty.
+pub fn bit_runs(
+    bits: &[u8],
+    granularity: u64,
+    covered: u64,
+    off: u64,
+    end: u64,
+    max: usize,
+) -> Vec<(u64, bool)> {
+    let g = granularity.max(1);
+    let n = covered.div_ceil(g).min(bits.len() as u64 * 8);
+    let mut out = Vec::new();
+    let mut pos = off;
+    while pos < end && out.len() < max {
+        let i = pos / g;
+        if i >= n || pos >= covered {
+            out.push((end - pos, false));
+            break;
+        }
+        let v = bit(bits, i);
+        let j = next_change(bits, n, i, v);
+        let stop = if j >= n && !v {
+            end
+        } else {
+            j.saturating_mul(g).min(covered).min(end)
+        };
+        out.push((stop - pos, v));
+        pos = stop;
+    }
+    out
 }
 
 /// A failed operation: an NBD error value and a message.
@@ -272,6 +306,30 @@ impl Export {
         Ok(self.disk.flush().await?)
     }
 
+    /// Runs `(length, dirty)` of exported bitmap `b` over `[off, end)`, at most `max`:
+    /// a live bitmap as the image records it now, including the writes made so far.
+    pub async fn bitmap_runs(
+        &self,
+        b: &DirtyBitmap,
+        off: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, bool)>, OpError> {
+        if b.live {
+            if let Disk::Qcow2(img) = &self.disk {
+                let now = img
+                    .with_live_bitmap(&b.name, |bits, g| {
+                        bit_runs(bits, g, b.covered, off, end, max)
+                    })
+                    .await?;
+                if let Some(r) = now {
+                    return Ok(r);
+                }
+            }
+        }
+        Ok(b.runs(off, end, max))
+    }
+
     /// `qemu:allocation-depth` of a map entry at `pos`, as QEMU counts it: the 1-based
     /// depth of the layer that decides, 0 when no layer does. A backing file shorter than
     /// the layer above it decides the range past its end (it reads as zeros there).
@@ -289,11 +347,24 @@ impl Export {
         }
     }
 
-    /// Status runs from `off` covering `len` bytes (clipped to the export) or until
-    /// `max` runs; adjacent runs of equal status are merged.
-    pub async fn status(&self, off: u64, len: u64, max: usize) -> Result<Vec<Status>, OpError> {
+    /// Status runs from `off` covering `len` bytes (clipped to the export), adjacent runs
+    /// of equal status merged, until each context has `max` extents: `base:allocation`
+    /// (hole, zero) and `qemu:allocation-depth` change at different places, and a client
+    /// asking for both with `NBD_CMD_FLAG_REQ_ONE` gets the first whole extent of each.
+    /// `alloc`, `depth`: which of the two contexts are wanted (at most `2 * max` runs).
+    pub async fn status(
+        &self,
+        off: u64,
+        len: u64,
+        max: usize,
+        alloc: bool,
+        depth: bool,
+    ) -> Result<Vec<Status>, OpError> {
         let end = off.saturating_add(len).min(self.size);
         let mut out: Vec<Status> = Vec::new();
+        // Extents begun per context, and whether a context has all it may take.
+        let (mut n_alloc, mut n_depth) = (0usize, 0usize);
+        let (mut alloc_done, mut depth_done) = (!alloc, !depth);
         let mut pos = off;
         while pos < end {
             let e = self.disk.map_entry(pos, end - pos).await?;
@@ -305,16 +376,24 @@ impl Export {
                 depth: self.allocation_depth(&e, pos),
             };
             pos += len;
+            let (new_alloc, new_depth) = match out.last() {
+                Some(l) => (l.hole != st.hole || l.zero != st.zero, l.depth != st.depth),
+                None => (true, true),
+            };
+            if new_alloc {
+                alloc_done |= n_alloc == max;
+                n_alloc += 1;
+            }
+            if new_depth {
+                depth_done |= n_depth == max;
+                n_depth += 1;
+            }
+            if alloc_done && depth_done {
+                break;
+            }
             match out.last_mut() {
-                Some(l) if l.hole == st.hole && l.zero == st.zero && l.depth == st.depth => {
-                    l.len += st.len
-                }
-                _ => {
-                    if out.len() == max {
-                        break;
-                    }
-                    out.push(st)
-                }
+                Some(l) if !new_alloc && !new_depth => l.len += st.len,
+                _ => out.push(st),
             }
         }
         Ok(out)
@@ -362,18 +441,12 @@ pub fn extents(
     out
 }
 
-/// Extents of a dirty bitmap over `[off, off+len)` (clipped to the export), flag
+/// Extents of a dirty bitmap from its runs (as [`Export::bitmap_runs`] gives them), flag
 /// `NBD_STATE_DIRTY` where dirty; as [`extents`] for `max_len` and `max`.
-pub fn bitmap_extents(
-    b: &DirtyBitmap,
-    off: u64,
-    end: u64,
-    max_len: u64,
-    max: usize,
-) -> Vec<Extent> {
+pub fn bitmap_extents(runs: &[(u64, bool)], max_len: u64, max: usize) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     // Each run needs at most len/max_len + 1 extents; `max` runs are always enough.
-    for (len, dirty) in b.runs(off, end, max) {
+    for &(len, dirty) in runs {
         let flags = if dirty { proto::STATE_DIRTY } else { 0 };
         if !push_extent(&mut out, len, flags, max_len, max) {
             break;
@@ -414,7 +487,22 @@ mod tests {
             b.runs(0, 10 * g, 100),
             vec![(3 * g + 7, true), (7 * g - 7, false)]
         );
-        let e = bitmap_extents(&b, 0, 10 * g, g, 3);
+        // Whole clean and dirty 64-bit words are skipped at once.
+        let mut bits = vec![0u8; 40];
+        bits[8..24].fill(0xff);
+        bits[24] = 0x01;
+        bits[33] = 0x80;
+        assert_eq!(
+            bit_runs(&bits, 512, 320 * 512, 0, 320 * 512, 100),
+            vec![
+                (64 * 512, false),
+                (129 * 512, true),
+                (78 * 512, false),
+                (512, true),
+                (48 * 512, false)
+            ]
+        );
+        let e = bitmap_extents(&b.runs(0, 10 * g, 3), g, 3);
         assert_eq!(e.len(), 3);
         assert!(e
             .iter()

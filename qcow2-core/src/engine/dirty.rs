@@ -455,6 +455,46 @@ impl Image {
             .is_some_and(|w| w.dirty.state.load(Ordering::Acquire) == ACTIVE)
     }
 
+    /// Calls `f` with the bits of bitmap `name` as this writable handle records them now
+    /// (bit `i`, in bit `i % 8` of byte `i / 8`, covers the guest bytes from `i *
+    /// granularity`) and its granularity in bytes: a view that shows every change made so
+    /// far, such as an NBD export's `qemu:dirty-bitmap:NAME` context of the image it
+    /// writes to. `f` runs under the lock that changes take: keep it short.
+    ///
+    /// Starts the tracking when it is not running, as the first change does (the enabled
+    /// bitmaps are loaded and marked in use on disk, as QEMU marks them while it has the
+    /// image open for writing). `None` when `name` is not tracked: not an enabled
+    /// consistent bitmap, a read-only handle, or a handle that refuses changes (corrupt,
+    /// poisoned); its bits then change only by bitmap operations (read them with
+    /// `bitmap_content`).
+    pub async fn with_live_bitmap<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&[u8], u64) -> R,
+    ) -> Result<Option<R>> {
+        let Some(w) = self.inner.w.as_ref() else {
+            return Ok(None);
+        };
+        // Held, storing the bits (close, bitmap operations) cannot run meanwhile: the bits
+        // are either in memory (tracked) or current on disk.
+        let _req = self.enter_request().await;
+        if w.dirty.state.load(Ordering::Acquire) == UNKNOWN {
+            if self.check_write(0, 0).is_err() {
+                return Ok(None);
+            }
+            self.before_first_write().await?;
+            self.start_tracking().await?;
+        }
+        if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
+            return Ok(None);
+        }
+        let live = w.dirty.live.lock();
+        Ok(live
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| f(&b.bits, 1u64 << b.gran_bits)))
+    }
+
     /// The in-memory bits of tracked bitmap `name`, if it is tracked now.
     pub(crate) fn live_bits(&self, name: &str) -> Option<(Vec<u8>, u8)> {
         let w = self.inner.w.as_ref()?;

@@ -38,7 +38,8 @@ pub struct OpenOptions {
     /// Total bytes of metadata cache (L2 tables and refcount blocks) of the image and its
     /// backing chain together: an image with a qcow2 backing file keeps half, the backing
     /// file gets the other half (and shares it with its own backing file the same way).
-    /// Each cache keeps at least two slices per shard, so very small budgets are rounded up.
+    /// An image's L2 tables and refcount blocks share its part as one budget (reads give it
+    /// all to L2 tables); at least two slices per shard, so very small budgets are rounded up.
     pub cache_size: usize,
     /// Refuse to open any file named inside the image (backing file, data file): for
     /// untrusted images.
@@ -588,8 +589,8 @@ impl Image {
             Some(Disk::Qcow2(_)) => opts.cache_size - opts.cache_size / 2,
             _ => opts.cache_size,
         };
-        let l2_cap = own_cache * 3 / 4;
-        let rc_cap = own_cache - l2_cap;
+        // L2 tables and refcount blocks share one budget (see `engine/cache.rs`).
+        let pool = crate::engine::cache::CachePool::new(slice, own_cache, 2);
         // One decompressed-cluster cache of ZCACHE_BYTES (at least two clusters of the
         // largest cluster size) for the whole chain: taken over from the backing file.
         let zentries =
@@ -618,8 +619,8 @@ impl Image {
             file_len_at_open: file_len,
             l1: RwLock::new(l1),
             reftable: RwLock::new(reftable),
-            l2_cache: SliceCache::new("L2 table", slice, l2_cap),
-            rc_cache: SliceCache::new("refcount block", slice, rc_cap),
+            l2_cache: SliceCache::in_pool("L2 table", pool.clone(), 0),
+            rc_cache: SliceCache::in_pool("refcount block", pool, 1),
             snapshots: RwLock::new(snapshots),
             bitmaps: RwLock::new(bitmaps),
             backing,
@@ -745,7 +746,8 @@ impl Image {
     /// Most bytes this image's metadata caches (L2 tables, refcount blocks) keep; the
     /// backing files' caches are theirs (see [`OpenOptions::cache_size`]).
     pub fn metadata_cache_capacity(&self) -> usize {
-        self.inner.l2_cache.capacity() + self.inner.rc_cache.capacity()
+        // One pool for both.
+        self.inner.l2_cache.capacity()
     }
     /// Bytes of this image's decompressed clusters held now in the decompressed-cluster
     /// cache, which the whole backing chain shares (4 MiB, or two clusters of the largest

@@ -681,6 +681,65 @@ async fn guest_changes_are_recorded_like_qemu() {
     assert_clean(&mine, "after a second session");
 }
 
+/// `with_live_bitmap` (the view of an NBD export's `qemu:dirty-bitmap:` context on the image
+/// it writes to): the first query starts the tracking as a first change does (enabled
+/// bitmaps in use on disk, bits as stored), each change shows at once, the disabled bitmap
+/// and a read-only handle give `None`, and the bits stored at close are the ones seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_bitmap_view_shows_changes_at_once() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let path = tracking_image(dir.path(), "img.qcow2");
+    let stored = our_bits(&path).await;
+    let ro = open_ro(&path).await;
+    assert!(ro
+        .with_live_bitmap("fine", |_, _| ())
+        .await
+        .unwrap()
+        .is_none());
+    drop(ro);
+    let img = open_rw(&path).await;
+    let view = |img: &Image, name: &'static str| {
+        let img = img.clone();
+        async move {
+            img.with_live_bitmap(name, |bits, g| (bits.to_vec(), g))
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        view(&img, "a").await.is_none(),
+        "disabled bitmaps are not live"
+    );
+    let (bits, g) = view(&img, "fine").await.unwrap();
+    assert_eq!(g, 512);
+    assert_eq!(bits, stored[2].1, "bits as stored");
+    assert!(qemu_flags_shared(&path)
+        .iter()
+        .all(|(n, f)| n == "a" || f.contains(&"in-use".into())));
+    img.write_at(&[9u8; 1000], (5 << 20) + 100).await.unwrap();
+    let (after, _) = view(&img, "fine").await.unwrap();
+    let new: Vec<u64> = set_bits(&after)
+        .into_iter()
+        .filter(|i| !set_bits(&bits).contains(i))
+        .collect();
+    assert_eq!(new, vec![10240, 10241, 10242]);
+    img.discard(8 << 20, 1 << 20).await.unwrap();
+    let (big, gb) = view(&img, "big").await.unwrap();
+    assert_eq!(gb, 1 << 20);
+    assert!(set_bits(&big).contains(&8));
+    let (last, _) = view(&img, "fine").await.unwrap();
+    img.close().await.unwrap();
+    assert_clean(&path, "after live views");
+    assert_eq!(
+        our_bits(&path).await[2].1,
+        last,
+        "stored bits differ from the view"
+    );
+}
+
 /// A handle dropped without close (as a killed process) leaves the enabled bitmaps in use:
 /// qemu judges them inconsistent as after its own crash, check finds no corruption, later
 /// sessions leave them in use and do not record in them, and they can be removed.
