@@ -691,7 +691,65 @@ struct RingSet {
 }
 
 /// The current ring set, if any file holds it.
-static RINGS: parking_lot::Mutex<Weak<RingSet>> = parking_lot::const_mutex(Weak::new());
+static RINGS: RingsCell = RingsCell {
+    locked: AtomicBool::new(false),
+    set: std::cell::UnsafeCell::new(Weak::new()),
+};
+
+/// The lock around [`RINGS`]: a spin lock, not a mutex, so that a `fork()` child can take
+/// it even when another thread of the parent held it at the fork (that thread does not
+/// exist in the child: a mutex would stay locked, and the child's first file open and every
+/// [`block_on`] wait would hang). The `pthread_atfork` child handler installed with the
+/// first set releases it; what it guards is consistent at every instant (one `Weak`
+/// pointer, replaced with a single store, whose counts are atomic), so the child may use
+/// it. Held only for a few instructions, except while a new set starts its threads.
+struct RingsCell {
+    locked: AtomicBool,
+    set: std::cell::UnsafeCell<Weak<RingSet>>,
+}
+
+// SAFETY: `set` is only accessed through a `RingsGuard`, i.e. with `locked` taken.
+unsafe impl Sync for RingsCell {}
+
+impl RingsCell {
+    fn lock(&self) -> RingsGuard<'_> {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            thread::yield_now();
+        }
+        RingsGuard(self)
+    }
+}
+
+struct RingsGuard<'a>(&'a RingsCell);
+
+impl RingsGuard<'_> {
+    fn upgrade(&self) -> Option<Arc<RingSet>> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        unsafe { &*self.0.set.get() }.upgrade()
+    }
+
+    /// Store `set` (one pointer store); the old value is given back, to be dropped after
+    /// the lock is released.
+    fn replace(&mut self, set: Weak<RingSet>) -> Weak<RingSet> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        std::mem::replace(unsafe { &mut *self.0.set.get() }, set)
+    }
+}
+
+impl Drop for RingsGuard<'_> {
+    fn drop(&mut self) {
+        self.0.locked.store(false, Ordering::Release);
+    }
+}
+
+/// `pthread_atfork` child handler: release [`RINGS`] (see [`RingsCell`]).
+extern "C" fn rings_atfork_child() {
+    RINGS.locked.store(false, Ordering::Release);
+}
 /// Hands out ring slots to threads, round-robin.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
@@ -703,6 +761,11 @@ thread_local! {
 impl RingSet {
     /// The shared set, started if no open file holds it.
     fn get() -> io::Result<Arc<RingSet>> {
+        static ATFORK: std::sync::Once = std::sync::Once::new();
+        ATFORK.call_once(|| {
+            // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+            unsafe { libc::pthread_atfork(None, None, Some(rings_atfork_child)) };
+        });
         let mut cur = RINGS.lock();
         if let Some(s) = cur.upgrade() {
             if s.pid == std::process::id() {
@@ -726,7 +789,9 @@ impl RingSet {
             rings,
             pid: std::process::id(),
         });
-        *cur = Arc::downgrade(&s);
+        let old = cur.replace(Arc::downgrade(&s));
+        drop(cur);
+        drop(old);
         Ok(s)
     }
 
@@ -1281,7 +1346,10 @@ mod tests {
             let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
             block_on(async {
                 let mut r = f.read_at(&mut buf[..], 5 * 4096);
-                assert!(futures::poll!(&mut r).is_pending(), "O_DIRECT read done at once");
+                assert!(
+                    futures::poll!(&mut r).is_pending(),
+                    "O_DIRECT read done at once"
+                );
                 drop(r);
             });
             assert_eq!(&buf[..], &[5u8; 4096][..]);
