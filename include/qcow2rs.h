@@ -58,8 +58,9 @@
  *     once, on a library thread, never inside the submitting call. A negative return means the
  *     request was not submitted and the callback never runs. Submitting never waits for I/O.
  *   - Callbacks run with no library lock held. They may submit new requests and call the
- *     non-blocking functions. They must not block for long (that stalls a library thread) and
- *     must not throw C++ exceptions or longjmp out.
+ *     non-blocking functions. They must not block for long (that stalls a library thread, and
+ *     the requests a callback submits reach the kernel together when its thread next waits for
+ *     I/O, as in an event loop) and must not throw C++ exceptions or longjmp out.
  *   - Blocking calls (qcow2rs_open, qcow2rs_close, qcow2rs_read, qcow2rs_write, qcow2rs_flush,
  *     qcow2rs_write_zeroes, qcow2rs_discard, qcow2rs_readv, qcow2rs_writev, qcow2rs_create,
  *     qcow2rs_check, qcow2rs_convert) return -EDEADLK when called from inside a callback

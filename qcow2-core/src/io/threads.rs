@@ -720,6 +720,8 @@ impl<T> Future for RunToEnd<'_, T> {
 impl<T> Drop for RunToEnd<'_, T> {
     fn drop(&mut self) {
         if !self.finished {
+            // This thread may hold the request's SQE back (io_uring in `block_on`).
+            crate::io::uring::flush_deferred();
             let _ = futures::executor::block_on(&mut self.pending);
         }
     }

@@ -234,6 +234,15 @@ struct Ring {
 impl Ring {
     /// Register an operation and get it submitted.
     fn start(&self, kind: Kind, core: Option<Arc<FileCore>>, off: u64, hold: Hold) {
+        if self.register(kind, core, off, hold) {
+            self.submit();
+        }
+    }
+
+    /// Register an operation and push its SQE if there is room (else it waits in the
+    /// backlog). Returns whether an SQE was pushed: the caller must then submit it
+    /// ([`Ring::submit`], or [`submit_or_defer`]).
+    fn register(&self, kind: Kind, core: Option<Arc<FileCore>>, off: u64, hold: Hold) -> bool {
         let mut st = self.state.lock();
         let id = st.next_id;
         st.next_id += 1;
@@ -247,11 +256,7 @@ impl Ring {
                 hold,
             },
         );
-        let pushed = self.enqueue(&mut st, id);
-        drop(st);
-        if pushed {
-            self.submit();
-        }
+        self.enqueue(&mut st, id)
     }
 
     /// Push the SQE of operation `id` if there is room (and nobody waits before
@@ -540,7 +545,11 @@ impl Ring {
 
     /// Wait in the ring until `woken` is set, reaping every completion meanwhile
     /// (see the module doc). `woken` is cleared on return.
-    fn park(&self, woken: &AtomicBool) {
+    ///
+    /// `flush`: the calling thread pushed SQEs to this ring that it has not submitted
+    /// yet ([`submit_or_defer`]); they are submitted with the first wait, or before
+    /// returning.
+    fn park(&self, woken: &AtomicBool, mut flush: bool) {
         /// Leaves the ring's waiters, also when a waker run while reaping panics.
         struct Leave<'a>(&'a Ring);
         impl Drop for Leave<'_> {
@@ -573,12 +582,16 @@ impl Ring {
                 break;
             }
             // Returns as soon as the completion queue holds an entry (at once if it
-            // already does), and submits pending SQEs.
+            // already does), and submits pending SQEs (the deferred ones too: one
+            // system call for both).
             match self.uring.submitter().submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(_) => flush = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => thread::sleep(Duration::from_millis(1)),
             }
+        }
+        if flush {
+            self.submit();
         }
     }
 
@@ -678,7 +691,65 @@ struct RingSet {
 }
 
 /// The current ring set, if any file holds it.
-static RINGS: parking_lot::Mutex<Weak<RingSet>> = parking_lot::const_mutex(Weak::new());
+static RINGS: RingsCell = RingsCell {
+    locked: AtomicBool::new(false),
+    set: std::cell::UnsafeCell::new(Weak::new()),
+};
+
+/// The lock around [`RINGS`]: a spin lock, not a mutex, so that a `fork()` child can take
+/// it even when another thread of the parent held it at the fork (that thread does not
+/// exist in the child: a mutex would stay locked, and the child's first file open and every
+/// [`block_on`] wait would hang). The `pthread_atfork` child handler installed with the
+/// first set releases it; what it guards is consistent at every instant (one `Weak`
+/// pointer, replaced with a single store, whose counts are atomic), so the child may use
+/// it. Held only for a few instructions, except while a new set starts its threads.
+struct RingsCell {
+    locked: AtomicBool,
+    set: std::cell::UnsafeCell<Weak<RingSet>>,
+}
+
+// SAFETY: `set` is only accessed through a `RingsGuard`, i.e. with `locked` taken.
+unsafe impl Sync for RingsCell {}
+
+impl RingsCell {
+    fn lock(&self) -> RingsGuard<'_> {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            thread::yield_now();
+        }
+        RingsGuard(self)
+    }
+}
+
+struct RingsGuard<'a>(&'a RingsCell);
+
+impl RingsGuard<'_> {
+    fn upgrade(&self) -> Option<Arc<RingSet>> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        unsafe { &*self.0.set.get() }.upgrade()
+    }
+
+    /// Store `set` (one pointer store); the old value is given back, to be dropped after
+    /// the lock is released.
+    fn replace(&mut self, set: Weak<RingSet>) -> Weak<RingSet> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        std::mem::replace(unsafe { &mut *self.0.set.get() }, set)
+    }
+}
+
+impl Drop for RingsGuard<'_> {
+    fn drop(&mut self) {
+        self.0.locked.store(false, Ordering::Release);
+    }
+}
+
+/// `pthread_atfork` child handler: release [`RINGS`] (see [`RingsCell`]).
+extern "C" fn rings_atfork_child() {
+    RINGS.locked.store(false, Ordering::Release);
+}
 /// Hands out ring slots to threads, round-robin.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
@@ -690,6 +761,11 @@ thread_local! {
 impl RingSet {
     /// The shared set, started if no open file holds it.
     fn get() -> io::Result<Arc<RingSet>> {
+        static ATFORK: std::sync::Once = std::sync::Once::new();
+        ATFORK.call_once(|| {
+            // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+            unsafe { libc::pthread_atfork(None, None, Some(rings_atfork_child)) };
+        });
         let mut cur = RINGS.lock();
         if let Some(s) = cur.upgrade() {
             if s.pid == std::process::id() {
@@ -713,7 +789,9 @@ impl RingSet {
             rings,
             pid: std::process::id(),
         });
-        *cur = Arc::downgrade(&s);
+        let old = cur.replace(Arc::downgrade(&s));
+        drop(cur);
+        drop(old);
         Ok(s)
     }
 
@@ -742,6 +820,54 @@ impl RingSet {
 thread_local! {
     /// The [`Parker`] of the [`block_on`] running on this thread (its address), or 0.
     static CURRENT_PARKER: Cell<usize> = const { Cell::new(0) };
+    /// Set while [`block_on`] polls its future on this thread: SQEs the thread pushes
+    /// are submitted together when it next waits (see [`submit_or_defer`]).
+    static PLUGGED: Cell<bool> = const { Cell::new(false) };
+    /// The ring holding SQEs this thread pushed and has not submitted, and how many.
+    static DEFERRED: Cell<Option<(Arc<Ring>, u32)>> = const { Cell::new(None) };
+}
+
+/// Most SQEs a thread defers before it submits them anyway.
+const DEFER_MAX: u32 = 32;
+
+/// Submit the SQE just pushed to `ring`, or, on a thread polling inside [`block_on`],
+/// leave it (with the others it pushes during that poll) for the thread's next wait in
+/// its ring, which submits them all with the one `io_uring_enter` it makes anyway.
+///
+/// One system call (and, in the kernel, one plugged batch: one doorbell for the
+/// device) per batch instead of one per request, as qemu's event loop does. Deferred
+/// SQEs are submitted at the latest when the thread waits ([`Parker::park`]), leaves
+/// `block_on`, blocks in a dropped request's `RunToEnd` ([`flush_deferred`]), or has
+/// [`DEFER_MAX`] of them; nothing else on the thread blocks between a push and the
+/// next wait, so a request is never left unsubmitted while its thread sleeps.
+fn submit_or_defer(ring: &Arc<Ring>) {
+    if PLUGGED.get() {
+        let (keep, now) = match DEFERRED.take() {
+            Some((r, n)) if Arc::ptr_eq(&r, ring) => {
+                if n + 1 >= DEFER_MAX {
+                    (None, true)
+                } else {
+                    (Some((r, n + 1)), false)
+                }
+            }
+            // Another ring (the ring set changed): submit this one at once.
+            Some(other) => (Some(other), true),
+            None => (Some((ring.clone(), 1)), false),
+        };
+        DEFERRED.set(keep);
+        if !now {
+            return;
+        }
+    }
+    ring.submit();
+}
+
+/// Submit the SQEs this thread deferred ([`submit_or_defer`]), before it blocks
+/// elsewhere than in its ring.
+pub(super) fn flush_deferred() {
+    if let Some((r, _)) = DEFERRED.take() {
+        r.submit();
+    }
 }
 
 /// How a thread blocked in [`block_on`] is woken.
@@ -757,15 +883,29 @@ impl Parker {
     /// Wait until woken: in the calling thread's ring if there is a ring set, else
     /// with `thread::park`.
     fn park(&self) {
+        let deferred = DEFERRED.take().map(|(r, _)| r);
         match RingSet::current_ring() {
             Some(ring) => {
+                // SQEs deferred to another ring (the ring set changed) are submitted
+                // now; those of this ring with the wait.
+                let flush = match deferred {
+                    Some(d) if Arc::ptr_eq(&d, &ring) => true,
+                    Some(d) => {
+                        d.submit();
+                        false
+                    }
+                    None => false,
+                };
                 // Set before `woken` is checked (in `Ring::park`): a waker that
                 // finds no ring here set `woken` before looking, so it is seen.
                 *self.ring.lock() = Some(ring.clone());
-                ring.park(&self.woken);
+                ring.park(&self.woken, flush);
                 *self.ring.lock() = None;
             }
             None => {
+                if let Some(d) = deferred {
+                    d.submit();
+                }
                 while !self.woken.swap(false, Ordering::AcqRel) {
                     thread::park();
                 }
@@ -813,15 +953,25 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     let waker = Waker::from(parker.clone());
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
-    struct Restore(usize);
+    /// Restores the thread's state on the way out (also on a panic), after
+    /// submitting what it deferred.
+    struct Restore(usize, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
+            flush_deferred();
+            PLUGGED.set(self.1);
             CURRENT_PARKER.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(&parker) as usize)));
+    let _restore = Restore(
+        CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(&parker) as usize)),
+        PLUGGED.get(),
+    );
     loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+        PLUGGED.set(true);
+        let poll = fut.as_mut().poll(&mut cx);
+        PLUGGED.set(false);
+        if let Poll::Ready(v) = poll {
             return v;
         }
         parker.park();
@@ -846,9 +996,10 @@ impl UringFile {
     }
 
     fn start(&self, kind: Kind, off: u64, hold: Hold) {
-        self.rings
-            .ring()
-            .start(kind, Some(self.core.clone()), off, hold);
+        let ring = self.rings.ring();
+        if ring.register(kind, Some(self.core.clone()), off, hold) {
+            submit_or_defer(ring);
+        }
     }
 }
 
@@ -888,6 +1039,7 @@ impl Drop for UringFile {
         // that the file is closed (and its locks released) when this returns. Not on a
         // completion thread, which would wait for itself.
         if super::engine_thread_id().is_none() {
+            flush_deferred();
             let mut delay = Duration::from_micros(50);
             while Arc::strong_count(&self.core) > 1 {
                 thread::sleep(delay);
@@ -1066,7 +1218,7 @@ mod tests {
         let woken = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (ring, woken) = (ring.clone(), woken.clone());
-            thread::spawn(move || ring.park(&woken))
+            thread::spawn(move || ring.park(&woken, false))
         };
         wait_for_waiters(&ring, 1);
         for block in [3, 7, 11] {
@@ -1103,7 +1255,7 @@ mod tests {
         let woken = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (ring, woken) = (ring.clone(), woken.clone());
-            thread::spawn(move || ring.park(&woken))
+            thread::spawn(move || ring.park(&woken, false))
         };
         wait_for_waiters(&ring, 1);
         // An operation in flight at teardown: the waiter reaps it, and the completion
@@ -1160,5 +1312,50 @@ mod tests {
             });
             assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), 9);
         });
+    }
+
+    /// Requests a thread pushes while it polls in `block_on` are submitted when it waits
+    /// (several in one poll: all of them), and a request dropped after its first poll
+    /// (its `RunToEnd` blocks until it has finished) is submitted before that wait:
+    /// without the flush in `RunToEnd`'s drop, nothing would ever submit it (the ring's
+    /// completion thread sleeps until a completion) and the thread would hang.
+    #[test]
+    fn block_on_submits_deferred_requests() {
+        let (dir, _) = test_file("d");
+        let opts = FileOptions {
+            direct: true,
+            ..FileOptions::default()
+        };
+        let f = Arc::new(UringFile::open(&dir.path().join("d"), &opts).unwrap());
+        let (tx, rx) = mpsc::channel();
+        // A thread of its own (not scoped): if it hangs, the test fails instead of hanging.
+        thread::spawn(move || {
+            let mut bufs: Vec<AlignedBuf> = (0..4)
+                .map(|_| AlignedBuf::zeroed(4096, 4096).unwrap())
+                .collect();
+            block_on(async {
+                let reads = bufs
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, b)| f.read_at(&mut b[..], i as u64 * 3 * 4096));
+                futures::future::try_join_all(reads).await.unwrap();
+            });
+            for (i, b) in bufs.iter().enumerate() {
+                assert_eq!(&b[..], &[i as u8 * 3; 4096][..]);
+            }
+            let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+            block_on(async {
+                let mut r = f.read_at(&mut buf[..], 5 * 4096);
+                assert!(
+                    futures::poll!(&mut r).is_pending(),
+                    "O_DIRECT read done at once"
+                );
+                drop(r);
+            });
+            assert_eq!(&buf[..], &[5u8; 4096][..]);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(WAIT)
+            .expect("a deferred request was never submitted");
     }
 }
