@@ -77,6 +77,13 @@ def test_top_help_lists_every_command(cli):
         ["completions"],
         ["no-such-command"],
         ["help", "no-such-command"],
+        ["serve", "--bogus", "x"],
+        ["serve", "-k"],
+        ["serve", "--cache=bogus", "x"],
+        ["serve", "--fork=yes", "x"],
+        ["serve", "-k", "s", "-p", "1", "x"],
+        ["serve", "x", "y"],
+        ["serve"],
     ],
     ids=lambda a: " ".join(a),
 )

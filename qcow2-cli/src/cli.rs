@@ -36,7 +36,7 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
-/// Options every command (but `serve`, which reads its own) accepts.
+/// Options every command accepts (`serve` declares its own: qcow2-nbd's `ServeArgs`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct Common {
     /// Refuse to open files named inside an image (backing file, external data file)
@@ -81,22 +81,13 @@ pub enum Cmd {
     Dump(DumpArgs),
     /// Run a read or write benchmark (qemu-img bench)
     Bench(BenchArgs),
-    /// Export an image over NBD (options as qemu-nbd's; see `qcow2rs serve --help`)
-    #[command(disable_help_flag = true, after_long_help = serve_help())]
-    Serve(ServeArgs),
+    /// Export an image over NBD (options as qemu-nbd's)
+    Serve(qcow2_nbd::cli::ServeArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions(CompletionsArgs),
     /// Write the man pages: qcow2rs.1 to stdout, or every page into DIR
     #[command(hide = true)]
     Manpage(ManpageArgs),
-}
-
-fn serve_help() -> &'static str {
-    // The NBD server parses its own options (qcow2-nbd); its usage text, less the first line.
-    qcow2_nbd::cli::USAGE
-        .split_once("\n\n")
-        .map(|(_, rest)| rest)
-        .unwrap_or(qcow2_nbd::cli::USAGE)
 }
 
 #[derive(Args, Debug)]
@@ -679,13 +670,6 @@ pub struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
-    /// The server's options and IMAGE (read by the server itself)
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "ARGS")]
-    pub args: Vec<String>,
-}
-
-#[derive(Args, Debug)]
 pub struct CompletionsArgs {
     /// The shell
     #[arg(value_enum, value_name = "SHELL")]
@@ -772,24 +756,17 @@ pub fn manpages(
         part.render_synopsis_section(&mut buf)?;
         part.render_description_section(&mut buf)?;
         part.render_options_section(&mut buf)?;
-        let notes = sub.get_after_help().is_some() || sub.get_after_long_help().is_some();
-        if notes {
+        if sub.get_after_help().is_some() || sub.get_after_long_help().is_some() {
             part.render_extra_section(&mut buf)?;
         }
-        // One section per command; its parts become subsections. serve's notes are the
-        // server's option table: kept as laid out.
-        let preformatted = sub.get_name() == "serve";
+        // One section per command; its parts become subsections.
         writeln!(page, ".SH \"COMMAND: {}\"", sub.get_name().to_uppercase())?;
         for line in String::from_utf8_lossy(&buf).lines() {
             match line.strip_prefix(".SH ") {
-                Some("EXTRA") if preformatted => writeln!(page, ".SS NOTES\n.nf")?,
                 Some("EXTRA") => writeln!(page, ".SS NOTES")?,
                 Some(h) => writeln!(page, ".SS {h}")?,
                 None => writeln!(page, "{line}")?,
             }
-        }
-        if notes && preformatted {
-            writeln!(page, ".fi")?;
         }
     }
     man.render_extra_section(&mut page)?;
@@ -895,6 +872,57 @@ mod tests {
         assert!(parse(&["info", "-z", "x"]).is_err());
         assert!(parse(&["info", "x", "--output"]).is_err());
         assert!(parse(&["info", "--backing-chain=yes", "x"]).is_err());
+    }
+
+    #[test]
+    fn serve_is_parsed_by_its_definitions() {
+        let Cmd::Serve(s) = parse(&[
+            "serve",
+            "-rt",
+            "-x",
+            "--fork",
+            "-Bb0",
+            "--bitmap=b1",
+            "-e4",
+            "-k",
+            "s",
+            "img",
+            "-v",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!()
+        };
+        assert!(s.read_only && s.persistent && s.verbose && !s.fork);
+        assert_eq!((s.name.as_str(), s.shared), ("--fork", 4));
+        assert_eq!(s.bitmaps, ["b0", "b1"]);
+        assert_eq!(s.socket.as_deref(), Some(std::path::Path::new("s")));
+        assert_eq!(s.image.as_deref(), Some(std::path::Path::new("img")));
+        assert_eq!((s.cache.as_str(), s.handshake_limit), ("writeback", 10));
+        for bad in [
+            &["serve", "--cache=bogus", "img"][..],
+            &["serve", "-p", "65536", "img"],
+            &["serve", "-f", "vmdk", "img"],
+            &["serve", "--nope", "img"],
+            &["serve", "-k"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let help = command()
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_help()
+            .to_string();
+        for opt in [
+            "--socket",
+            "--bitmap",
+            "--tls-verify-peer",
+            "--fork",
+            "--cache",
+        ] {
+            assert!(help.contains(opt), "{opt}: {help}");
+        }
     }
 
     #[test]

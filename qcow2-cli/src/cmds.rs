@@ -12,8 +12,9 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Run a parsed command; `m` is its own matches (the bitmap operations' order is read there).
-pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>) -> Result<u8, Fail> {
+/// Run a parsed command; `m` is its own matches (the bitmap operations' order is read there),
+/// `argv` the command line it was parsed from (`serve --fork` runs its arguments again).
+pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>, argv: &[String]) -> Result<u8, Fail> {
     match cmd {
         Cmd::Info(a) => cmd_info(a).await,
         Cmd::Map(a) => cmd_map(a).await,
@@ -34,7 +35,15 @@ pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>) -> Result<u8, Fail> {
         Cmd::Dd(a) => cmd_dd(a).await,
         Cmd::Dump(a) => crate::dump::cmd_dump(a).await,
         Cmd::Bench(a) => crate::bench::cmd_bench(a).await,
-        Cmd::Serve(a) => Ok(qcow2_nbd::cli::run(&a.args).await),
+        Cmd::Serve(a) => {
+            // The arguments after the command's name (the first "serve": nothing before it
+            // takes a value).
+            let at = argv
+                .iter()
+                .position(|s| s == "serve")
+                .map_or(argv.len(), |i| i + 1);
+            Ok(qcow2_nbd::cli::run(a, &argv[at..]).await)
+        }
         Cmd::Completions(_) | Cmd::Manpage(_) => Ok(0),
     }
 }

@@ -54,7 +54,7 @@ fn run_inner(argv: &[String]) -> u8 {
     if argv.is_empty() {
         argv.push("qcow2rs".to_string());
     }
-    // `qcow2rs help CMD` is `qcow2rs CMD --help` (so `help serve` is the server's own help).
+    // `qcow2rs help CMD` is `qcow2rs CMD --help`.
     if argv.len() > 2 && argv[1] == "help" {
         argv = vec![argv[0].clone(), argv[2].clone(), "--help".to_string()];
     }
@@ -89,7 +89,7 @@ fn run_inner(argv: &[String]) -> u8 {
                 }
             };
             let sub = matches.subcommand().map(|(_, m)| m);
-            rt.block_on(cmds::run(cmd, sub))
+            rt.block_on(cmds::run(cmd, sub, &argv))
         }
     };
     match res {

@@ -1,4 +1,5 @@
-//! `qcow2rs serve`: option parsing (qemu-nbd's names) and the server's life cycle.
+//! `qcow2rs serve`: its options (qemu-nbd's names, a clap `Args` that qcow2-cli embeds) and the
+//! server's life cycle.
 
 use crate::conn::Shared;
 use crate::export::{DirtyBitmap, Export};
@@ -11,235 +12,159 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Usage text.
-pub const USAGE: &str = "usage: qcow2rs serve [OPTIONS] IMAGE
-
-Export IMAGE over NBD (options as qemu-nbd's).
-  -k, --socket=PATH        listen on a Unix socket
-  -b, --bind=ADDR          listen on this address (default 127.0.0.1 when -k is not given)
-  -p, --port=PORT          TCP port (default 10809)
-  -r, --read-only          export read-only
-  -s, --snapshot           writes go to a temporary overlay, discarded at exit (the
-                           image is only read)
-  -l, --load-snapshot=SNAPSHOT_PARAM
-                           export an internal snapshot, read-only: an ID or a name,
-                           or snapshot.id=ID[,snapshot.name=NAME] / snapshot.name=NAME
-  -x, --export-name=NAME   export name (default ''; the empty name always selects it)
-  -D, --description=TEXT   export description
-  -e, --shared=NUM         clients served at once (default 1; 0: no limit)
-  -t, --persistent         keep serving after the last client leaves
-      --fork               run in the background: the command returns once the
-                           server listens (exit 1 if it could not start)
-      --pid-file=PATH      write the process id there once listening
-  -f, --format=FMT         qcow2 or raw (default: probed)
-      --image-opts         IMAGE is an option string: driver=qcow2|raw,
-                           file.filename=PATH (or file=PATH)[,read-only=on|off]
-  -A, --allocation-depth   accepted for qemu-nbd compatibility: the
-                           qemu:allocation-depth context is always offered
-  -B, --bitmap=NAME        offer the persistent dirty bitmap NAME (of the image or of
-                           a backing file) as the block status context
-                           qemu:dirty-bitmap:NAME (dirty ranges have flag 1); may be
-                           repeated. An enabled bitmap of the image a writable
-                           export writes to is live: writes, zeroing and trims
-                           through the export show in it at once (and are stored in
-                           the image at exit); other bitmaps do not change
-      --cache=MODE         none, writeback (default), writethrough or directsync
-      --tls-creds=DIR      require TLS: DIR holds server-cert.pem, server-key.pem and
-                           optionally ca-cert.pem (qemu's x509 credentials layout);
-                           with ca-cert.pem a client certificate is optional and
-                           verified against it when presented
-      --tls-verify-peer    require client certificates signed by DIR/ca-cert.pem
-      --handshake-limit=N  seconds a client may take for the handshake (default 10)
-  -U, --force-share        open a read-only image that another process writes
-      --untrusted          refuse files named inside the image (backing, data file)
-  -v, --verbose            report connection errors on stderr";
-
-#[derive(Debug, Default)]
-struct Args {
-    socket: Option<PathBuf>,
-    bind: Option<String>,
-    port: Option<u16>,
-    read_only: bool,
-    snapshot: bool,
-    load_snapshot: Option<qcow2_core::SnapshotKey>,
-    fork: bool,
-    image_opts: bool,
-    name: String,
-    description: String,
-    shared: usize,
-    persistent: bool,
-    pid_file: Option<PathBuf>,
-    format: Option<Format>,
-    cache: String,
-    tls_creds: Option<PathBuf>,
-    tls_verify_peer: bool,
-    bitmaps: Vec<String>,
-    handshake_limit: u64,
-    force_share: bool,
-    untrusted: bool,
-    verbose: bool,
-    image: Option<PathBuf>,
+/// `qcow2rs serve`'s options (qemu-nbd's names), declared once: they parse the command line
+/// and make its `--help`, completions and man page (the `serve` subcommand of qcow2-cli).
+/// [`ServeArgs::check`] applies the rules that tie options together.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "As qemu-nbd: without -k the server listens on TCP 127.0.0.1:10809, and it exits \
+when its last client leaves unless -t is given."
+)]
+pub struct ServeArgs {
+    /// Listen on a Unix socket
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Listen on this address (default 127.0.0.1 when -k is not given)
+    #[arg(short = 'b', long = "bind", value_name = "ADDR")]
+    pub bind: Option<String>,
+    /// TCP port (default 10809)
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Export read-only
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Writes go to a temporary overlay, discarded at exit (the image is only read)
+    #[arg(short = 's', long = "snapshot")]
+    pub snapshot: bool,
+    /// Export an internal snapshot, read-only: an ID or a name, or
+    /// snapshot.id=ID[,snapshot.name=NAME] / snapshot.name=NAME
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM",
+          value_parser = snapshot_param)]
+    pub load_snapshot: Option<qcow2_core::SnapshotKey>,
+    /// Export name (default ''; the empty name always selects it)
+    #[arg(short = 'x', long = "export-name", value_name = "NAME", default_value = "",
+          hide_default_value = true, value_parser = |v: &str| max_string(v, "export name"))]
+    pub name: String,
+    /// Export description
+    #[arg(short = 'D', long = "description", value_name = "TEXT", default_value = "",
+          hide_default_value = true, value_parser = |v: &str| max_string(v, "description"))]
+    pub description: String,
+    /// Clients served at once (default 1; 0: no limit)
+    #[arg(
+        short = 'e',
+        long = "shared",
+        value_name = "NUM",
+        default_value_t = 1,
+        hide_default_value = true
+    )]
+    pub shared: usize,
+    /// Keep serving after the last client leaves
+    #[arg(short = 't', long = "persistent")]
+    pub persistent: bool,
+    /// Run in the background: the command returns once the server listens (exit 1 if it
+    /// could not start)
+    #[arg(long = "fork")]
+    pub fork: bool,
+    /// Write the process id there once listening
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Image format: qcow2 or raw (default: probed)
+    #[arg(short = 'f', long = "format", value_name = "FMT",
+          value_parser = |v: &str| Format::parse(v).map_err(|e| e.to_string()))]
+    pub format: Option<Format>,
+    /// IMAGE is an option string: driver=qcow2|raw,
+    /// file.filename=PATH (or file=PATH)[,read-only=on|off]
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// Accepted for qemu-nbd compatibility: the qemu:allocation-depth context is always
+    /// offered
+    #[arg(short = 'A', long = "allocation-depth")]
+    pub allocation_depth: bool,
+    /// Offer the persistent dirty bitmap NAME (of the image or of a backing file) as the
+    /// block status context qemu:dirty-bitmap:NAME (dirty ranges have flag 1); may be
+    /// repeated. An enabled bitmap of the image a writable export writes to is live:
+    /// writes, zeroing and trims through the export show in it at once (and are stored in
+    /// the image at exit); other bitmaps do not change
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME", action = clap::ArgAction::Append)]
+    pub bitmaps: Vec<String>,
+    /// Cache mode: none, writeback (default), writethrough or directsync
+    #[arg(long = "cache", value_name = "MODE", default_value = "writeback",
+          hide_default_value = true, hide_possible_values = true,
+          value_parser = ["none", "writeback", "writethrough", "directsync"])]
+    pub cache: String,
+    /// Require TLS: DIR holds server-cert.pem, server-key.pem and optionally ca-cert.pem
+    /// (qemu's x509 credentials layout); with ca-cert.pem a client certificate is optional
+    /// and verified against it when presented
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Require client certificates signed by DIR/ca-cert.pem
+    #[arg(long = "tls-verify-peer")]
+    pub tls_verify_peer: bool,
+    /// Seconds a client may take for the handshake (default 10)
+    #[arg(
+        long = "handshake-limit",
+        value_name = "N",
+        default_value_t = 10,
+        hide_default_value = true
+    )]
+    pub handshake_limit: u64,
+    /// Open a read-only image that another process writes
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Refuse files named inside the image (backing, data file)
+    #[arg(long = "untrusted")]
+    pub untrusted: bool,
+    /// Report connection errors on stderr
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// The image to export (with --image-opts: its option string)
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Further operands (refused: one image only)
+    #[arg(hide = true)]
+    pub extra: Vec<String>,
 }
 
-fn parse(args: &[String]) -> Result<Args, String> {
-    let mut a = Args {
-        shared: 1,
-        cache: "writeback".into(),
-        handshake_limit: 10,
-        ..Args::default()
-    };
-    // (short, long, takes a value)
-    const OPTS: &[(char, &str, bool)] = &[
-        ('k', "socket", true),
-        ('b', "bind", true),
-        ('p', "port", true),
-        ('r', "read-only", false),
-        ('s', "snapshot", false),
-        ('l', "load-snapshot", true),
-        ('\0', "fork", false),
-        ('\0', "image-opts", false),
-        ('A', "allocation-depth", false),
-        ('B', "bitmap", true),
-        ('x', "export-name", true),
-        ('D', "description", true),
-        ('e', "shared", true),
-        ('t', "persistent", false),
-        ('\0', "pid-file", true),
-        ('f', "format", true),
-        ('\0', "cache", true),
-        ('\0', "tls-creds", true),
-        ('\0', "tls-verify-peer", false),
-        ('\0', "handshake-limit", true),
-        ('U', "force-share", false),
-        ('\0', "untrusted", false),
-        ('v', "verbose", false),
-        ('h', "help", false),
-    ];
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (long, inline): (&str, Option<String>) = if let Some(l) = arg.strip_prefix("--") {
-            match l.split_once('=') {
-                Some((k, v)) => (
-                    OPTS.iter()
-                        .find(|o| o.1 == k)
-                        .map(|o| o.1)
-                        .ok_or_else(|| format!("unknown option '--{k}'"))?,
-                    Some(v.to_string()),
-                ),
-                None => (
-                    OPTS.iter()
-                        .find(|o| o.1 == l)
-                        .map(|o| o.1)
-                        .ok_or_else(|| format!("unknown option '--{l}'"))?,
-                    None,
-                ),
-            }
-        } else if arg.len() >= 2 && arg.starts_with('-') {
-            let c = arg[1..].chars().next().unwrap();
-            let o = OPTS
-                .iter()
-                .find(|o| o.0 == c && c != '\0')
-                .ok_or_else(|| format!("unknown option '-{c}'"))?;
-            let rest = &arg[1 + c.len_utf8()..];
-            (o.1, (!rest.is_empty()).then(|| rest.to_string()))
-        } else {
-            if a.image.is_some() {
-                return Err(format!("too many arguments: '{arg}' (expecting one image)"));
-            }
-            a.image = Some(PathBuf::from(arg));
-            continue;
-        };
-        let takes = OPTS.iter().find(|o| o.1 == long).unwrap().2;
-        let val = if takes {
-            match inline {
-                Some(v) => v,
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| format!("option '--{long}' needs a value"))?,
-            }
-        } else {
-            if inline.is_some() {
-                return Err(format!("option '--{long}' takes no value"));
-            }
-            String::new()
-        };
-        let num = |v: &str| -> Result<u64, String> {
-            v.parse::<u64>()
-                .map_err(|_| format!("invalid value '{v}' for --{long}"))
-        };
-        match long {
-            "socket" => a.socket = Some(PathBuf::from(val)),
-            "bind" => a.bind = Some(val),
-            "port" => {
-                a.port =
-                    Some(u16::try_from(num(&val)?).map_err(|_| format!("invalid port '{val}'"))?)
-            }
-            "read-only" => a.read_only = true,
-            "snapshot" => a.snapshot = true,
-            "load-snapshot" => a.load_snapshot = Some(snapshot_param(&val)?),
-            "fork" => a.fork = true,
-            "image-opts" => a.image_opts = true,
-            "allocation-depth" => {}
-            "bitmap" => a.bitmaps.push(val),
-            "export-name" => {
-                if val.len() > crate::proto::MAX_STRING {
-                    return Err("export name longer than 4096 bytes".into());
-                }
-                a.name = val
-            }
-            "description" => {
-                if val.len() > crate::proto::MAX_STRING {
-                    return Err("description longer than 4096 bytes".into());
-                }
-                a.description = val
-            }
-            "shared" => a.shared = num(&val)? as usize,
-            "persistent" => a.persistent = true,
-            "pid-file" => a.pid_file = Some(PathBuf::from(val)),
-            "format" => a.format = Some(Format::parse(&val).map_err(|e| e.to_string())?),
-            "cache" => match val.as_str() {
-                "none" | "writeback" | "writethrough" | "directsync" => a.cache = val,
-                _ => {
-                    return Err(format!(
-                        "invalid cache mode '{val}' (none, writeback, writethrough, directsync)"
-                    ))
-                }
-            },
-            "tls-creds" => a.tls_creds = Some(PathBuf::from(val)),
-            "tls-verify-peer" => a.tls_verify_peer = true,
-            "handshake-limit" => a.handshake_limit = num(&val)?,
-            "force-share" => a.force_share = true,
-            "untrusted" => a.untrusted = true,
-            "verbose" => a.verbose = true,
-            "help" => return Err(String::new()),
-            _ => unreachable!(),
+/// `-x`, `-D`: a string the handshake can carry.
+fn max_string(v: &str, what: &str) -> Result<String, String> {
+    if v.len() > crate::proto::MAX_STRING {
+        return Err(format!("{what} longer than 4096 bytes"));
+    }
+    Ok(v.to_string())
+}
+
+impl ServeArgs {
+    /// The rules between options (as qemu-nbd's): `--image-opts` read into the image, the
+    /// format and read-only; `-l` exports read-only; the conflicting combinations refused.
+    pub fn check(mut self) -> Result<ServeArgs, String> {
+        if let Some(arg) = self.extra.first() {
+            return Err(format!("too many arguments: '{arg}' (expecting one image)"));
         }
-    }
-    if a.socket.is_some() && (a.bind.is_some() || a.port.is_some()) {
-        return Err("-k/--socket cannot be combined with -b/--bind or -p/--port".into());
-    }
-    if a.image_opts {
-        image_opts(&mut a)?;
-    }
-    if a.load_snapshot.is_some() {
-        // As qemu-nbd: a snapshot is exported read-only.
-        if a.snapshot {
-            return Err("-l/--load-snapshot cannot be combined with -s/--snapshot".into());
+        if self.socket.is_some() && (self.bind.is_some() || self.port.is_some()) {
+            return Err("-k/--socket cannot be combined with -b/--bind or -p/--port".into());
         }
-        a.read_only = true;
+        if self.image_opts {
+            image_opts(&mut self)?;
+        }
+        if self.load_snapshot.is_some() {
+            // As qemu-nbd: a snapshot is exported read-only.
+            if self.snapshot {
+                return Err("-l/--load-snapshot cannot be combined with -s/--snapshot".into());
+            }
+            self.read_only = true;
+        }
+        if self.snapshot && self.untrusted {
+            // The overlay names the image as its backing file, which --untrusted refuses.
+            return Err("-s/--snapshot cannot be combined with --untrusted".into());
+        }
+        if self.force_share && !self.read_only {
+            return Err("--force-share requires --read-only".into());
+        }
+        if self.image.is_none() {
+            return Err("expecting an image file name".into());
+        }
+        Ok(self)
     }
-    if a.snapshot && a.untrusted {
-        // The overlay names the image as its backing file, which --untrusted refuses.
-        return Err("-s/--snapshot cannot be combined with --untrusted".into());
-    }
-    if a.force_share && !a.read_only {
-        return Err("--force-share requires --read-only".into());
-    }
-    if a.image.is_none() {
-        return Err("expecting an image file name".into());
-    }
-    Ok(a)
 }
 
 /// `-l`: `snapshot.id=ID[,snapshot.name=NAME]`, `snapshot.name=NAME`, or an ID or a name.
@@ -265,7 +190,7 @@ fn snapshot_param(l: &str) -> Result<qcow2_core::SnapshotKey, String> {
 }
 
 /// `--image-opts`: read the image argument as `key=value` pairs (`,,` is a comma).
-fn image_opts(a: &mut Args) -> Result<(), String> {
+fn image_opts(a: &mut ServeArgs) -> Result<(), String> {
     let Some(spec) = a.image.take() else {
         return Ok(());
     };
@@ -296,23 +221,19 @@ fn image_opts(a: &mut Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Run `qcow2rs serve ARGS` (the arguments after `serve`) and return the exit status.
-/// Prints its own errors. Must be called inside a multi-threaded Tokio runtime.
-pub async fn run(args: &[String]) -> u8 {
-    let a = match parse(args) {
+/// Run `qcow2rs serve` and return the exit status: `a` parsed from `argv`, the arguments
+/// after `serve` as given (`--fork` runs them again). Prints its own errors (one line).
+/// Must be called inside a multi-threaded Tokio runtime.
+pub async fn run(a: ServeArgs, argv: &[String]) -> u8 {
+    let a = match a.check() {
         Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return 0;
-        }
         Err(e) => {
-            eprintln!("qcow2rs serve: {e}");
-            eprintln!("(try 'qcow2rs serve --help')");
+            eprintln!("qcow2rs: {e} (try 'qcow2rs serve --help')");
             return 1;
         }
     };
     if a.fork && std::env::var_os(READY_FD).is_none() {
-        return fork(args).await;
+        return fork(argv).await;
     }
     match serve(a).await {
         Ok(()) => 0,
@@ -321,6 +242,49 @@ pub async fn run(args: &[String]) -> u8 {
             1
         }
     }
+}
+
+/// The positions in `argv` (serve's arguments) of the `--fork` flags, as the parser reads
+/// them: not an option's value (`-x --fork` names the export "--fork"), nothing after `--`.
+fn fork_flags(argv: &[String]) -> Vec<usize> {
+    use clap::Args as _;
+    let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+    let takes_value = |pick: &dyn Fn(&clap::Arg) -> bool| {
+        cmd.get_arguments()
+            .any(|a| pick(a) && a.get_action().takes_values())
+    };
+    let mut flags = Vec::new();
+    let mut i = 0;
+    while i < argv.len() {
+        let arg = argv[i].as_str();
+        i += 1;
+        let value_follows = if arg == "--" {
+            break;
+        } else if arg == "--fork" {
+            flags.push(i - 1);
+            false
+        } else if let Some(long) = arg.strip_prefix("--") {
+            !long.contains('=') && takes_value(&|a| a.get_long() == Some(long))
+        } else if let Some(shorts) = arg.strip_prefix('-') {
+            // A group of short options: the first that takes a value takes the rest of
+            // the group, or the next argument when it ends the group.
+            let mut rest = shorts.chars();
+            let mut follows = false;
+            while let Some(c) = rest.next() {
+                if takes_value(&|a| a.get_short() == Some(c)) {
+                    follows = rest.as_str().is_empty();
+                    break;
+                }
+            }
+            follows
+        } else {
+            false
+        };
+        if value_follows {
+            i += 1;
+        }
+    }
+    flags
 }
 
 /// Environment variable naming the pipe a `--fork` child reports on (a byte when it listens).
@@ -352,9 +316,15 @@ async fn fork(args: &[String]) -> u8 {
         {
             return Err("--fork works only when run as a command (qcow2rs serve ...)".into());
         }
+        let forks = fork_flags(&args);
         let mut child = std::process::Command::new(self_program(&cmdline[0], &exe))
             .args(&cmdline[1..cmdline.len() - args.len()])
-            .args(args.iter().filter(|a| *a != "--fork"))
+            .args(
+                args.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !forks.contains(i))
+                    .map(|(_, a)| a),
+            )
             .env(READY_FD, fd.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -503,7 +473,7 @@ async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
     Err(format!("Bitmap '{name}' is not found"))
 }
 
-async fn serve(a: Args) -> Result<(), String> {
+async fn serve(a: ServeArgs) -> Result<(), String> {
     let image = a.image.clone().unwrap();
     let direct = matches!(a.cache.as_str(), "none" | "directsync");
     let opts = OpenOptions {
@@ -636,8 +606,18 @@ async fn serve(a: Args) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn p(v: &[&str]) -> Result<Args, String> {
-        parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    /// Parse as the `serve` subcommand of qcow2-cli does, then check.
+    fn p(v: &[&str]) -> Result<ServeArgs, String> {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve").no_binary_name(true));
+        let m = cmd.try_get_matches_from(v).map_err(|e| e.to_string())?;
+        ServeArgs::from_arg_matches(&m)
+            .map_err(|e| e.to_string())?
+            .check()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
@@ -651,7 +631,15 @@ mod tests {
         assert!(p(&["--nope", "img"]).is_err());
         assert!(p(&["-k"]).is_err());
         assert!(p(&["a", "b"]).is_err());
-        assert_eq!(p(&["-h"]).err().unwrap(), "");
+        assert!(p(&["-h"]).is_err(), "help is the parser's");
+        assert!(p(&["-p", "65536", "img"]).is_err());
+        assert!(p(&["-x", &"n".repeat(4097), "img"]).is_err());
+        assert!(
+            p(&["-U", "img"]).is_err(),
+            "--force-share requires --read-only"
+        );
+        assert!(p(&["-U", "-r", "img"]).is_ok());
+        assert!(p(&[]).is_err());
         let exe = std::env::current_exe().unwrap();
         assert_eq!(self_program(exe.to_str().unwrap(), &exe), exe);
         assert_eq!(self_program("/nonexistent/x", &exe), exe);
@@ -680,6 +668,20 @@ mod tests {
         assert!(p(&["-s", "--untrusted", "img"]).is_err());
         let a = p(&["-s", "--fork", "-A", "img"]).unwrap();
         assert!(a.snapshot && a.fork && !a.read_only);
+        // The --fork flags, not an option's value, nor an operand after "--".
+        let argv = strings(&[
+            "--fork", "-x", "--fork", "-rx", "--fork", "--fork", "-xr", "--fork",
+        ]);
+        assert_eq!(fork_flags(&argv), [0, 5, 7]);
+        let argv = strings(&[
+            "--export-name",
+            "--fork",
+            "--cache=none",
+            "--fork",
+            "--",
+            "--fork",
+        ]);
+        assert_eq!(fork_flags(&argv), [3]);
         let a = p(&[
             "--image-opts",
             "driver=raw,file.filename=/a,,b,read-only=on",
