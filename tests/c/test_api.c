@@ -644,6 +644,14 @@ static int child_main(struct qcow2rs_image *img, const char *path, const char *p
 
 static void test_fork_child(void)
 {
+#if defined(__SANITIZE_ADDRESS__)
+    /* GCC 12's ASan allocator has no fork handler: a lock a parent thread holds at the fork
+     * stays locked in the child, whose new threads then hang on their first allocation
+     * (seen 3 to 7 times in 25 runs, with no library frame on the stack). The plain and
+     * valgrind runs cover the fork. */
+    fprintf(stderr, "fork_child: skipped under ASan (its allocator is not fork-safe)\n");
+    return;
+#endif
     const char *p = tpath("a.qcow2"), *p2 = tpath("b.qcow2");
     struct qcow2rs_image *img;
     static struct waiter w = WAITER_INIT;
