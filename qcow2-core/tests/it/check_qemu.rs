@@ -3,20 +3,11 @@
 //! are missing, and failing in CI (`CI=true`).
 
 use crate::common::{have_qemu, p, qemu_create, run};
-use crate::surgery::{rich_image, Raw, Rng};
+use crate::surgery::{io, rich_image, Raw, Rng};
 use qcow2_core::check::{check, CheckOptions, CheckReport, Repair};
 use qcow2_core::{Image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
-
-fn io(path: &Path, cmds: &[&str]) {
-    let mut args = vec![];
-    for c in cmds {
-        args.extend(["-c", *c]);
-    }
-    args.push(p(path));
-    run("qemu-io", &args);
-}
 
 /// qemu-img's JSON report, diagnostic lines and exit status.
 fn qemu_check(path: &Path) -> (Option<serde_json::Value>, Vec<String>, i32) {

@@ -8,7 +8,7 @@
 //! CI (`CI=true`).
 
 use crate::common::{have_qemu, p, qemu_create, run, sh};
-use crate::surgery::{rich_image, Raw, Rng};
+use crate::surgery::{io, rich_image, Raw, Rng};
 use qcow2_core::check::{check, CheckOptions, CheckReport, Repair};
 use qcow2_core::{Image, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -24,15 +24,6 @@ macro_rules! need_qemu {
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
-}
-
-fn io(path: &Path, cmds: &[&str]) {
-    let mut args = vec![];
-    for c in cmds {
-        args.extend(["-c", *c]);
-    }
-    args.push(p(path));
-    run("qemu-io", &args);
 }
 
 /// qemu-io commands ending in `abort`: the image is left dirty (lazy refcounts).

@@ -102,7 +102,8 @@ impl Rng {
     }
 }
 
-fn io(path: &Path, cmds: &[&str]) {
+/// Run qemu-io commands on an image (which must succeed; their output is not checked).
+pub fn io(path: &Path, cmds: &[&str]) {
     let mut args = vec![];
     for c in cmds {
         args.extend(["-c", *c]);
