@@ -115,6 +115,41 @@ def test_human_map_of_compressed_clusters(compressed, qemu, cli, scratch):
     assert json.loads(js.stdout) == json.loads(qemu_img("map", "--output=json", img).stdout)
 
 
+MAP_RANGES = [
+    ["--start-offset", "1536k", "--max-length", "3M"],
+    ["--start-offset", "1000", "--max-length", "100000000000"],
+    ["--start-offset", "1.5M", "--max-length", "1k"],
+    ["--start-offset", "4100k"],
+    ["--max-length", "6200k"],
+    ["--start-offset", "1M", "--max-length", "0"],
+    ["--start-offset", "9M"],
+    ["--start-offset=-1"],
+    ["--max-length=abc"],
+    ["--start-offset", "abc"],
+    ["--max-length=-5"],
+]
+
+
+@pytest.mark.parametrize("json_out", [True, False], ids=["json", "human"])
+@pytest.mark.parametrize("rng", MAP_RANGES, ids=[" ".join(r) for r in MAP_RANGES])
+def test_map_range_as_qemu_img(rng, json_out, qemu, cli, scratch):
+    """map --start-offset/--max-length: the same entries (clipped to the range, host offsets moved
+    into the cluster), the same zero-length entry for an empty range, the same errors."""
+    base = scratch / "base.qcow2"
+    img = scratch / "img.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", base, "8M").returncode == 0
+    qemu_io(base, "write -P 1 0 3M")
+    assert qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img).returncode == 0
+    qemu_io(img, "write -P 1 1M 1M", "write -z 4M 64k", "write -P 2 6M 100k")
+    args = ["map"] + (["--output=json"] if json_out else []) + rng + [str(img)]
+    ref = qemu_img(*args)
+    ours = cli(*args)
+    assert ours.returncode == ref.returncode, (ours.stderr, ref.stderr)
+    assert ours.stdout == ref.stdout
+    if ref.returncode:
+        assert ours.stderr.split(":", 1)[1] == ref.stderr.split(":", 1)[1]
+
+
 @pytest.mark.parametrize("cmd", ["info", "map", "check", "compare", "convert", "create", "resize", "rebase", "commit",
                                  "amend", "measure", "snapshot", "bitmap", "dd", "dump", "bench", "serve"])
 @pytest.mark.parametrize("flag", ["-h", "--help"])

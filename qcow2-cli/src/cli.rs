@@ -121,10 +121,10 @@ pub struct MapArgs {
     /// Output format: human or json
     #[arg(long, value_name = "human|json")]
     pub output: Option<String>,
-    /// Accepted for qemu-img compatibility (the whole image is mapped)
+    /// Map from this guest offset on (default 0; suffixes k, M, G, ...)
     #[arg(long = "start-offset", value_name = "OFFSET")]
     pub start_offset: Option<String>,
-    /// Accepted for qemu-img compatibility (the whole image is mapped)
+    /// Map at most this many bytes (default: to the end of the image)
     #[arg(long = "max-length", value_name = "LENGTH")]
     pub max_length: Option<String>,
     /// Open the image even when another process writes it

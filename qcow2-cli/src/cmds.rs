@@ -136,6 +136,25 @@ async fn cmd_info(p: cli::InfoArgs) -> Result<u8, Fail> {
     Ok(0)
 }
 
+/// `map --start-offset` / `--max-length`, with qemu-img's checks and messages.
+fn map_bound(v: Option<&str>, what: &str) -> Result<Option<u64>, Fail> {
+    let Some(v) = v else { return Ok(None) };
+    if v.trim_start().starts_with('-') {
+        return Err(Fail::new(format!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        )));
+    }
+    match qcow2_core::create::parse_size(v) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(Some(n)),
+        Ok(_) => Err(Fail::new(format!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))),
+        Err(_) => Err(Fail::new(format!("Invalid {what} specified: '{v}'."))),
+    }
+}
+
 async fn cmd_map(p: cli::MapArgs) -> Result<u8, Fail> {
     let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
     let json = output_json(p.output.as_deref())?;
@@ -145,6 +164,11 @@ async fn cmd_map(p: cli::MapArgs) -> Result<u8, Fail> {
         &open_opts(&p.common, p.force_share),
     )
     .await?;
+    let start = map_bound(p.start_offset.as_deref(), "start offset")?.unwrap_or(0);
+    let end = match map_bound(p.max_length.as_deref(), "max length")? {
+        Some(len) => start.saturating_add(len),
+        None => u64::MAX,
+    };
     let chain = info::chain(&disk);
     // Streamed: each entry is printed as soon as it is known (constant memory).
     let mut w = std::io::BufWriter::new(std::io::stdout().lock());
@@ -161,7 +185,7 @@ async fn cmd_map(p: cli::MapArgs) -> Result<u8, Fail> {
             "Offset", "Length", "Mapped to", "File"
         ))?;
     }
-    disk.map_each(|e| {
+    disk.map_range_each(start, end, |e| {
         if json {
             if !first {
                 put(",\n")?;

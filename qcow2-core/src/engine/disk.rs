@@ -369,10 +369,35 @@ impl Disk {
     /// The whole map, merged like `qemu-img map`, handed to `f` one entry at a time as
     /// soon as it is complete (memory is constant whatever the disk's size and layout).
     /// An error from `f` stops the walk.
-    pub async fn map_each(&self, mut f: impl FnMut(MapEntry) -> Result<()>) -> Result<()> {
-        let size = self.size();
+    pub async fn map_each(&self, f: impl FnMut(MapEntry) -> Result<()>) -> Result<()> {
+        self.map_range_each(0, self.size(), f).await
+    }
+
+    /// [`Disk::map_each`] of the guest bytes `start..end` only (`end` is clipped to the
+    /// disk's size), as `qemu-img map --start-offset --max-length`: the first entry starts
+    /// at `start`, the last ends at `end`. An empty range gives one entry of length 0 with
+    /// every flag clear, as qemu-img prints it.
+    pub async fn map_range_each(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(MapEntry) -> Result<()>,
+    ) -> Result<()> {
+        let size = end.min(self.size());
+        if start >= size {
+            return f(MapEntry {
+                start,
+                length: 0,
+                depth: 0,
+                present: false,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            });
+        }
         let mut cur: Option<MapEntry> = None;
-        let mut off = 0;
+        let mut off = start;
         while off < size {
             let e = self.map_entry(off, size - off).await?;
             off += e.length;
