@@ -115,6 +115,26 @@ def test_human_map_of_compressed_clusters(compressed, qemu, cli, scratch):
     assert json.loads(js.stdout) == json.loads(qemu_img("map", "--output=json", img).stdout)
 
 
+@pytest.mark.parametrize("mode", ["off", "bogus", "metadata", "falloc", "full"])
+def test_resize_preallocation(mode, small, cli):
+    """resize --preallocation: off works as qemu-img's, an unknown mode gets qemu-img's message,
+    the modes we do not implement are refused by name (they were accepted and ignored)."""
+    ours = cli("resize", f"--preallocation={mode}", small, "+1M")
+    if mode == "off":
+        assert ours.returncode == 0, ours.stderr
+        assert virtual_size(small) == 2 << 20
+        return
+    assert ours.returncode == 1
+    assert len(ours.stderr.strip().splitlines()) == 1, ours.stderr
+    assert virtual_size(small) == 1 << 20
+    if mode == "bogus":
+        ref = qemu_img("resize", f"--preallocation={mode}", small, "+1M")
+        assert ref.returncode == 1
+        assert ours.stderr.split(":", 1)[1] == ref.stderr.split(":", 1)[1]
+    else:
+        assert f"--preallocation={mode} is not supported" in ours.stderr
+
+
 MAP_RANGES = [
     ["--start-offset", "1536k", "--max-length", "3M"],
     ["--start-offset", "1000", "--max-length", "100000000000"],

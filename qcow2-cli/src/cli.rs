@@ -316,7 +316,7 @@ pub struct ResizeArgs {
     /// Print nothing but errors
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Accepted for qemu-img compatibility (the new space is not preallocated)
+    /// Only `off` (the new space is not preallocated); metadata, falloc and full are refused
     #[arg(long, value_name = "MODE")]
     pub preallocation: Option<String>,
     #[command(flatten)]

@@ -354,6 +354,15 @@ async fn cmd_resize(p: cli::ResizeArgs) -> Result<u8, Fail> {
         [f, s] => (f.clone(), s.clone()),
         _ => return Err(Fail::new("resize needs a file name and a size")),
     };
+    match p.preallocation.as_deref() {
+        None | Some("off") => {}
+        Some(m @ ("metadata" | "falloc" | "full")) => {
+            return Err(Fail::new(format!(
+                "resize --preallocation={m} is not supported (only off)"
+            )))
+        }
+        Some(m) => return Err(Fail::new(format!("Invalid preallocation mode '{m}'"))),
+    }
     let mut oo = open_opts(&p.common, false);
     oo.writable = true;
     let disk = open(&file, p.format.as_deref(), &oo).await?;
