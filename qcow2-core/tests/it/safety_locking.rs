@@ -9,7 +9,7 @@ use qcow2_core::{Disk, ErrorKind, Format, Image, OpenOptions};
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -34,17 +34,42 @@ fn make(path: &Path) {
 struct QemuIo(Child);
 impl QemuIo {
     fn hold(path: &Path) -> QemuIo {
+        let q = QemuIo::open(path, false);
+        assert!(
+            !cmd("qemu-img", &["info", p(path)]).status.success(),
+            "qemu-io took no lock"
+        );
+        q
+    }
+
+    /// `qemu-io -r -f qcow2 IMG` (a reader: unshares write and resize).
+    fn hold_reader(path: &Path) -> QemuIo {
+        let q = QemuIo::open(path, true);
+        assert!(
+            !cmd("qemu-io", &["-c", "read 0 512", p(path)])
+                .status
+                .success(),
+            "qemu-io took no lock"
+        );
+        q
+    }
+
+    fn open(path: &Path, read_only: bool) -> QemuIo {
+        let mut args = vec!["-f", "qcow2", p(path)];
+        if read_only {
+            args.insert(0, "-r");
+        }
         let mut child = Command::new("qemu-io")
-            .args(["-f", "qcow2", p(path)])
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         // Wait until qemu-io has opened the image (and holds its locks) by having it answer a
-        // command. Probing with `qemu-img info` meanwhile raced with qemu-io's own lock check
-        // at open (qemu-io then exited: "Failed to get write lock"), and the probe loop timed
-        // out under load.
+        // command. Probing with another qemu-io or `qemu-img info` meanwhile raced with
+        // qemu-io's own lock check at open (qemu-io then exited: "Failed to get write lock"),
+        // and the probe loop timed out under load.
         child
             .stdin
             .as_mut()
@@ -62,10 +87,6 @@ impl QemuIo {
         assert!(
             line.contains("read 512/512"),
             "qemu-io did not open the image: {line:?}"
-        );
-        assert!(
-            !cmd("qemu-img", &["info", p(path)]).status.success(),
-            "qemu-io took no lock"
         );
         QemuIo(child)
     }
@@ -288,31 +309,6 @@ async fn convert_onto_the_source_is_refused() {
     assert!(out.status.success(), "the source changed");
 }
 
-/// `qemu-io -r -f qcow2 IMG` (a reader: unshares write and resize), kept open until killed.
-fn hold_reader(path: &Path) -> QemuIo {
-    let child = Command::new("qemu-io")
-        .args(["-r", "-f", "qcow2", p(path)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until its locks are there: a writer is refused.
-    let t = Instant::now();
-    loop {
-        let out = cmd("qemu-io", &["-c", "read 0 512", p(path)]);
-        if !out.status.success() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "qemu-io took no lock"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    QemuIo(child)
-}
-
 /// `commit` holds the base (and the image) as a writer, on the chain's own handles, as
 /// qemu-img commit does: while it runs, qemu-io and qemu-img without -U are refused on both;
 /// a reader holding the base makes the commit fail before any change, with qemu-img's error.
@@ -332,7 +328,7 @@ async fn commit_locks_the_base_as_a_writer() {
     let before = std::fs::read(&base).unwrap();
 
     // A reader of the base: the commit is refused, as by qemu-img.
-    let holder = hold_reader(&base);
+    let holder = QemuIo::hold_reader(&base);
     let q = cmd("qemu-img", &["commit", p(&top)]);
     assert!(
         stderr(&q).contains("Failed to get \"write\" lock"),
