@@ -22,7 +22,6 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 /// What a completion callback receives. Valid only during the callback: copy what you need.
 #[repr(C)]
@@ -79,25 +78,41 @@ pub(crate) struct Done {
     user_data: SendPtr<c_void>,
     ret: c_int,
     msg: Option<CString>,
+    /// The handle of the request; alive until [`Done::finish`] (see [`Shared::finish`]).
     img: SendPtr<qcow2rs_image>,
-    /// The bookkeeping of the image (kept alive past `finish`, see [`Shared::finish`]).
-    shared: Arc<Shared>,
 }
 
 impl Done {
-    /// Run the callback on this thread; returns the image's bookkeeping, on which the caller
-    /// calls `finish`.
-    fn run(self) -> Arc<Shared> {
+    /// Run the callback on this thread (a library thread: blocking calls in it already
+    /// return `-EDEADLK`), then count the request as finished.
+    fn run(self) {
         let c = qcow2rs_completion {
             ret: self.ret,
             error_msg: self.msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
             img: self.img.0,
         };
-        let _scope = CallbackScope::enter();
         // SAFETY: `cb` is the caller's completion function, called as the header promises:
         // once, with its user data and a completion valid for the duration of the call.
         unsafe { (self.cb)(self.user_data.0, &c) };
-        self.shared
+        drop(c);
+        self.finish();
+    }
+
+    /// As [`Done::run`], on a thread that is not a library thread (the event-loop mode's
+    /// `qcow2rs_process_completions` and `qcow2rs_close`): marked as inside a callback while
+    /// it runs.
+    fn run_in_scope(self) {
+        let _scope = CallbackScope::enter();
+        self.run();
+    }
+
+    /// The request's callback has returned.
+    fn finish(self) {
+        let img = self.img.0;
+        drop(self);
+        // SAFETY: the request is still counted in flight, so `qcow2rs_close` has not freed
+        // the handle (it waits for the count to reach zero; see `Shared::finish`).
+        unsafe { (*img).shared.finish() };
     }
 }
 
@@ -108,13 +123,16 @@ struct Queue {
     closing: bool,
 }
 
-/// Request bookkeeping of one image, shared with its request tasks.
+/// Set in [`Shared::inflight`] once `qcow2rs_close` waits for the requests in flight.
+const CLOSING: usize = 1 << (usize::BITS - 1);
+
+/// Request bookkeeping of one image, owned by its handle.
 pub(crate) struct Shared {
+    /// Requests in flight (submitted, callback not yet returned), plus [`CLOSING`].
     inflight: AtomicUsize,
     queue: Mutex<Queue>,
     cv: Condvar,
-    /// The eventfd of the event-loop mode (`QCOW2RS_OPEN_POLL`); closed when the last task
-    /// lets go of this struct.
+    /// The eventfd of the event-loop mode (`QCOW2RS_OPEN_POLL`); closed with the handle.
     efd: Option<OwnedFd>,
 }
 
@@ -147,12 +165,30 @@ impl Shared {
         self.efd.as_ref().map(|f| f.as_raw_fd())
     }
 
-    /// A request's callback has returned.
+    /// A request's callback has returned. The handle (which owns this struct) may be freed
+    /// by `qcow2rs_close` as soon as the count reaches zero, so nothing here touches `self`
+    /// after the decrement unless it holds the queue lock: once `drain` has set [`CLOSING`]
+    /// (under the lock), the decrement is made under the lock too, and `drain` sees the count
+    /// reach zero only after the lock is released, the last access to `self`. Without a
+    /// closer the decrement is one compare-and-swap (no reference count on the bookkeeping
+    /// per request).
     fn finish(&self) {
-        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Taking the lock orders this against a closer that saw a non-zero count.
-            let _q = self.queue.lock();
-            self.cv.notify_all();
+        let mut n = self.inflight.load(Ordering::Acquire);
+        loop {
+            if n & CLOSING != 0 {
+                let _q = self.queue.lock();
+                if self.inflight.fetch_sub(1, Ordering::AcqRel) & !CLOSING == 1 {
+                    self.cv.notify_all();
+                }
+                return;
+            }
+            match self
+                .inflight
+                .compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => n = now,
+            }
         }
     }
 
@@ -180,8 +216,7 @@ impl Shared {
             let Some(d) = self.queue.lock().done.pop_front() else {
                 break;
             };
-            drop(d.run());
-            self.finish();
+            d.run_in_scope();
             n += 1;
         }
         if n == max {
@@ -198,14 +233,14 @@ impl Shared {
     pub(crate) fn drain(&self) {
         let mut q = self.queue.lock();
         q.closing = true;
+        self.inflight.fetch_or(CLOSING, Ordering::AcqRel);
         loop {
             while let Some(d) = q.done.pop_front() {
                 drop(q);
-                drop(d.run());
-                self.finish();
+                d.run_in_scope();
                 q = self.queue.lock();
             }
-            if self.inflight.load(Ordering::Acquire) == 0 {
+            if self.inflight.load(Ordering::Acquire) & !CLOSING == 0 {
                 break;
             }
             self.cv.wait(&mut q);
@@ -233,6 +268,7 @@ fn signal(fd: c_int) {
 /// `make` gets the handle's image for the whole life of the request: the handle outlives its
 /// requests (`qcow2rs_close` waits for them, and a request's future is dropped before its
 /// callback runs), so the future borrows it instead of taking a reference count.
+#[inline]
 pub(crate) fn submit<F>(
     h: &qcow2rs_image,
     cb: CompletionFn,
@@ -242,10 +278,9 @@ pub(crate) fn submit<F>(
 ) where
     F: Future<Output = qcow2_core::Result<()>> + Send + 'static,
 {
-    let shared = h.shared.clone();
     let img = SendPtr(h as *const qcow2rs_image as *mut qcow2rs_image);
     let user_data = SendPtr(user_data);
-    shared.inflight.fetch_add(1, Ordering::AcqRel);
+    h.shared.inflight.fetch_add(1, Ordering::AcqRel);
     // SAFETY: the handle stays valid until this request's callback has returned (header
     // contract: no use after or during qcow2rs_close, which waits for requests in flight),
     // and the future that borrows the image is dropped before the callback runs.
@@ -253,11 +288,8 @@ pub(crate) fn submit<F>(
     let done = move |res: std::thread::Result<qcow2_core::Result<()>>, inline| {
         let (ret, msg) = match res {
             Ok(Ok(())) => (0, None),
-            Ok(Err(e)) => (-errno_of(&e), Some(cstring(e.to_string()))),
-            Err(p) => {
-                let f = panic_fail("request", &*p);
-                (-f.errno, Some(cstring(f.msg)))
-            }
+            Ok(Err(e)) => request_error(&e),
+            Err(p) => request_panic(&*p),
         };
         let d = Done {
             cb,
@@ -265,10 +297,11 @@ pub(crate) fn submit<F>(
             ret,
             msg,
             img,
-            shared,
         };
-        if let Some(fd) = d.shared.event_fd() {
-            d.shared.clone().enqueue(d, fd);
+        // SAFETY: in flight, so the handle is alive (see `Done::finish`).
+        let shared = unsafe { &(*img.0).shared };
+        if let Some(fd) = shared.event_fd() {
+            shared.enqueue(d, fd);
         } else if inline == Inline::No {
             // On a runner worker (a library thread), outside any submitting call.
             deliver(d);
@@ -282,6 +315,19 @@ pub(crate) fn submit<F>(
     } else {
         h.rt.runner().spawn_with(|| make(image), done);
     }
+}
+
+/// The completion of a request that failed.
+#[cold]
+fn request_error(e: &qcow2_core::Error) -> (c_int, Option<CString>) {
+    (-errno_of(e), Some(cstring(e.to_string())))
+}
+
+/// The completion of a request whose future panicked.
+#[cold]
+fn request_panic(p: &(dyn std::any::Any + Send)) -> (c_int, Option<CString>) {
+    let f = panic_fail("request", p);
+    (-f.errno, Some(cstring(f.msg)))
 }
 
 /// Reads and writes up to this size get their first poll inside the submitting call (see
@@ -340,7 +386,11 @@ fn defer_delivery(d: Done) {
 /// Run `d`'s callback on this library thread, then those of the requests that completed
 /// inside submissions made by it, and so on; after [`DELIVER_BUDGET`] callbacks the rest
 /// goes back to the runner as one job.
+///
+/// Only on a library thread (a runner worker), where blocking calls already return
+/// `-EDEADLK`: the callbacks run without a [`CallbackScope`] of their own.
 fn deliver(d: Done) {
+    debug_assert!(crate::runtime::in_library_context());
     DELIVERY.with(|dl| {
         if dl.active.replace(true) {
             // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
@@ -351,7 +401,7 @@ fn deliver(d: Done) {
         let mut n = 0;
         while let Some(d) = next {
             // No borrow of `deferred` is held while the callback runs (it may submit).
-            d.run().finish();
+            d.run();
             n += 1;
             if n == DELIVER_BUDGET {
                 break;
@@ -381,6 +431,7 @@ fn deliver_batch(mut batch: VecDeque<Done>) {
 }
 
 /// The checks every submission makes; returns the image and the callback.
+#[inline(always)]
 fn begin<'a>(
     img: *const qcow2rs_image,
     cb: qcow2rs_completion_fn,
@@ -390,25 +441,35 @@ fn begin<'a>(
 ) -> Result<(&'a qcow2rs_image, CompletionFn), Fail> {
     // SAFETY: the caller passes NULL or a handle from qcow2rs_open that is not closed.
     let h = unsafe { image_ref(img, call)? };
-    let cb = cb.ok_or_else(|| Fail::fault("the completion callback"))?;
+    let Some(cb) = cb else {
+        return Err(Fail::fault("the completion callback"));
+    };
     if flags & !known_flags != 0 {
-        return Err(Fail::inval(format!(
-            "{call}: unknown flags 0x{:x}",
-            flags & !known_flags
-        )));
+        return Err(unknown_flags(call, flags & !known_flags));
     }
     Ok((h, cb))
 }
 
+#[cold]
+fn unknown_flags(call: &str, flags: u32) -> Fail {
+    Fail::inval(format!("{call}: unknown flags 0x{flags:x}"))
+}
+
 /// A buffer argument: NULL is allowed only with a length of 0.
+#[inline]
 pub(crate) fn check_buf(p: *const c_void, len: usize, what: &str) -> Result<(), Fail> {
     if p.is_null() && len != 0 {
         return Err(Fail::fault(what));
     }
     if len > isize::MAX as usize {
-        return Err(Fail::inval(format!("{what}: length {len} is too large")));
+        return Err(too_large(what, len));
     }
     Ok(())
+}
+
+#[cold]
+fn too_large(what: &str, len: usize) -> Fail {
+    Fail::inval(format!("{what}: length {len} is too large"))
 }
 
 /// The buffers of a vectored request: (start, length), non-empty ones only.
@@ -517,7 +578,7 @@ pub unsafe extern "C" fn qcow2rs_aio_read(
     user_data: *mut c_void,
     flags: u32,
 ) -> c_int {
-    ffi("qcow2rs_aio_read", || {
+    ffi("qcow2rs_aio_read", move || {
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_read")?;
         check_buf(buf, len, "buf")?;
         h.check_range(offset, len as u64)?;
@@ -555,7 +616,7 @@ pub unsafe extern "C" fn qcow2rs_aio_write(
     user_data: *mut c_void,
     flags: u32,
 ) -> c_int {
-    ffi("qcow2rs_aio_write", || {
+    ffi("qcow2rs_aio_write", move || {
         let (h, cb) = begin(img, cb, flags, 0, "qcow2rs_aio_write")?;
         check_buf(buf, len, "buf")?;
         h.check_writable("qcow2rs_aio_write")?;

@@ -23,6 +23,7 @@ impl Fail {
             msg: msg.into(),
         }
     }
+    #[cold]
     pub(crate) fn fault(what: &str) -> Fail {
         Fail::new(libc::EFAULT, format!("{what} is NULL"))
     }
@@ -38,6 +39,7 @@ impl Fail {
             ),
         )
     }
+    #[cold]
     pub(crate) fn forked(call: &str) -> Fail {
         Fail::new(
             libc::ECHILD,
@@ -105,13 +107,22 @@ pub(crate) fn panic_fail(call: &str, p: &(dyn Any + Send)) -> Fail {
 }
 
 /// Run the body of an exported function: its result as a C return value, errors recorded
-/// for `qcow2rs_last_error`, panics caught and turned into `-EIO`.
+/// for `qcow2rs_last_error`, panics caught and turned into `-EIO`. Inlined, so that the
+/// success path of a hot call (`qcow2rs_aio_read`, ...) costs no call or closure set-up;
+/// the failure path is out of line.
+#[inline(always)]
 pub(crate) fn ffi(call: &str, f: impl FnOnce() -> Result<c_int, Fail>) -> c_int {
-    let fail = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(n)) => return n,
-        Ok(Err(e)) => e,
-        Err(p) => panic_fail(call, &*p),
-    };
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => fail(e),
+        Err(p) => fail(panic_fail(call, &*p)),
+    }
+}
+
+/// Record a failure for `qcow2rs_last_error`; returns its negative errno.
+#[cold]
+#[inline(never)]
+fn fail(fail: Fail) -> c_int {
     set_last_error(&fail.msg);
     -fail.errno
 }

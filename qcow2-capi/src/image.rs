@@ -134,6 +134,7 @@ pub const QCOW2RS_INFO_BACKING_CHAIN: u32 = 1 << 0;
 ///
 /// # Safety
 /// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
+#[inline]
 pub(crate) unsafe fn image_ref<'a>(
     img: *const qcow2rs_image,
     call: &str,
@@ -150,29 +151,41 @@ pub(crate) unsafe fn image_ref<'a>(
 }
 
 impl qcow2rs_image {
+    #[inline]
     pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<(), Fail> {
+        let size = self.size.load(std::sync::atomic::Ordering::Relaxed);
         match off.checked_add(len) {
-            Some(end) if end <= self.size.load(std::sync::atomic::Ordering::Relaxed) => Ok(()),
-            _ => Err(Fail::inval(format!(
-                "{}: request at offset {off} length {len} is beyond the end of the disk ({} bytes)",
-                self.img.path().display(),
-                self.size.load(std::sync::atomic::Ordering::Relaxed)
-            ))),
+            Some(end) if end <= size => Ok(()),
+            _ => Err(self.beyond_end(off, len, size)),
         }
     }
 
+    #[cold]
+    fn beyond_end(&self, off: u64, len: u64, size: u64) -> Fail {
+        Fail::inval(format!(
+            "{}: request at offset {off} length {len} is beyond the end of the disk ({size} bytes)",
+            self.img.path().display(),
+        ))
+    }
+
+    #[inline]
     pub(crate) fn check_writable(&self, call: &str) -> Result<(), Fail> {
         if self.writable {
             Ok(())
         } else {
-            Err(Fail::new(
-                libc::EBADF,
-                format!(
-                    "{call}: {}: the image is open read-only",
-                    self.img.path().display()
-                ),
-            ))
+            Err(self.read_only(call))
         }
+    }
+
+    #[cold]
+    fn read_only(&self, call: &str) -> Fail {
+        Fail::new(
+            libc::EBADF,
+            format!(
+                "{call}: {}: the image is open read-only",
+                self.img.path().display()
+            ),
+        )
     }
 
     /// Run `fut` to its end on the calling thread (blocking calls).
