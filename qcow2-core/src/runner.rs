@@ -24,6 +24,8 @@
 
 use futures::task::{waker_ref, ArcWake};
 use parking_lot::Mutex;
+use std::any::TypeId;
+use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -220,11 +222,23 @@ impl Runner {
         F: Future + Send + 'static,
         D: FnOnce(std::thread::Result<F::Output>, Inline) + Send + 'static,
     {
-        let task = Task::new(RUNNING, make, done, &self.inner);
-        if IN_WORKER.with(|w| w.get()) {
-            // Already in the runtime's context (a callback run by a worker job).
-            task.poll_loop(Inline::Yes);
-        } else {
+        let mut args = Some((make, done));
+        let here = THREAD.try_with(|t| {
+            let (make, done) = args.take().expect("taken once");
+            let task = Task::reuse_or_new(t, make, done, &self.inner);
+            if t.in_worker.get() {
+                // Already in the runtime's context (a callback run by a worker job).
+                task.poll_loop(Inline::Yes);
+            } else {
+                let _ctx = self.inner.handle.enter();
+                task.poll_loop(Inline::Yes);
+            }
+            task.recycle(t);
+        });
+        if here.is_err() {
+            // This thread's locals are being destroyed: no spare task, no worker.
+            let (make, done) = args.take().expect("not taken");
+            let task = Task::new(RUNNING, make, done, &self.inner);
             let _ctx = self.inner.handle.enter();
             task.poll_loop(Inline::Yes);
         }
@@ -264,9 +278,43 @@ impl Runner {
 /// thread, and the waker of the thread's worker loop.
 type LocalQueue = (*const Inner, VecDeque<Arc<dyn Job>>, std::task::Waker);
 
-thread_local! {
+/// A finished task kept by a thread for its next request of the same type (see
+/// [`Task::recycle`]): its allocation is used again instead of a `free` and a `malloc`.
+#[derive(Clone, Copy)]
+struct SpareTask {
+    /// The `TypeId` of the `Task<F, D>`.
+    ty: TypeId,
+    /// From `Arc::into_raw`; the only reference to the task.
+    ptr: *const (),
+    /// Drops the `Arc` of `ptr`.
+    drop: unsafe fn(*const ()),
+}
+
+/// The runner's state of a thread (one thread-local: each access to one costs a call in a
+/// shared library).
+struct ThreadState {
     /// Set while a worker task runs a job on this thread.
-    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    in_worker: Cell<bool>,
+    spare: Cell<Option<SpareTask>>,
+}
+
+impl Drop for ThreadState {
+    fn drop(&mut self) {
+        if let Some(s) = self.spare.take() {
+            // SAFETY: `ptr` came from `Arc::into_raw` of the type `drop` was made for, and
+            // this was its only reference.
+            unsafe { (s.drop)(s.ptr) };
+        }
+    }
+}
+
+thread_local! {
+    static THREAD: ThreadState = const {
+        ThreadState {
+            in_worker: Cell::new(false),
+            spare: Cell::new(None),
+        }
+    };
     /// Set on the worker threads of [`Runner::with_threads`].
     static LOCAL: std::cell::RefCell<Option<LocalQueue>> = const { std::cell::RefCell::new(None) };
 }
@@ -294,9 +342,9 @@ async fn worker(inner: Arc<Inner>) {
         while let Some(job) = next_job(&inner) {
             // A panicking job (which request futures avoid by catching their own panics)
             // must not take the worker down with it.
-            IN_WORKER.with(|w| w.set(true));
+            let _ = THREAD.try_with(|t| t.in_worker.set(true));
             let _ = catch_unwind(AssertUnwindSafe(|| job.run()));
-            IN_WORKER.with(|w| w.set(false));
+            let _ = THREAD.try_with(|t| t.in_worker.set(false));
             n += 1;
             if n == JOBS_PER_YIELD {
                 n = 0;
@@ -347,10 +395,19 @@ struct Slot<F, D> {
 /// A request: its future and what to do with the output.
 struct Task<F, D> {
     state: AtomicU8,
-    /// Locked only by the one thread that polls (the state machine makes it exclusive).
-    slot: Mutex<Slot<F, D>>,
+    /// Touched only by the thread that moved `state` to RUNNING (`Task::new` for
+    /// [`Runner::run_with`], `Job::run` otherwise), until it moves it away from RUNNING or
+    /// NOTIFIED: the state machine makes the access exclusive, and its release/acquire
+    /// transitions order one poller's accesses before the next one's. No lock: a lock and
+    /// an unlock per poll were two more atomic operations per request.
+    slot: UnsafeCell<Slot<F, D>>,
     runner: Arc<Inner>,
 }
+
+// SAFETY: `slot` is only accessed by the one thread that owns the RUNNING state (see above),
+// and `F` and `D` are `Send`, so sharing a `Task` between threads only ever moves them from
+// one thread to another; the other fields are `Sync`.
+unsafe impl<F: Send, D: Send> Sync for Task<F, D> {}
 
 impl<F, D> Task<F, D>
 where
@@ -373,13 +430,68 @@ where
         unsafe {
             std::ptr::addr_of_mut!((*p).state).write(AtomicU8::new(state));
             std::ptr::addr_of_mut!((*p).runner).write(runner.clone());
-            std::ptr::addr_of_mut!((*p).slot).write(Mutex::new(Slot {
+            std::ptr::addr_of_mut!((*p).slot).write(UnsafeCell::new(Slot {
                 fut: None,
                 done: Some(done),
             }));
-            let slot = (*p).slot.data_ptr();
+            let slot = (*p).slot.get();
             std::ptr::addr_of_mut!((*slot).fut).write(Some(make()));
             task.assume_init()
+        }
+    }
+
+    /// A task in the state RUNNING for `make()` and `done`: this thread's spare task if it
+    /// is of this type (its allocation used again), else a new one.
+    #[inline(always)]
+    fn reuse_or_new(
+        t: &ThreadState,
+        make: impl FnOnce() -> F,
+        done: D,
+        runner: &Arc<Inner>,
+    ) -> Arc<Self> {
+        match t.spare.get() {
+            Some(s) if s.ty == TypeId::of::<Self>() => {
+                t.spare.set(None);
+                let p = s.ptr as *mut Self;
+                // SAFETY: `p` is the only reference to a finished task of this type (see
+                // `recycle`): its slot holds no future and no `done`, so writing them drops
+                // nothing, and nobody else reads it meanwhile. If `make` panics, nothing is
+                // written and the task is dropped as it is.
+                unsafe {
+                    let task = Arc::from_raw(p);
+                    if !Arc::ptr_eq(&(*p).runner, runner) {
+                        *std::ptr::addr_of_mut!((*p).runner) = runner.clone();
+                    }
+                    let slot = (*p).slot.get();
+                    std::ptr::addr_of_mut!((*slot).fut).write(Some(make()));
+                    std::ptr::addr_of_mut!((*slot).done).write(Some(done));
+                    (*p).state.store(RUNNING, Ordering::Relaxed);
+                    task
+                }
+            }
+            _ => Self::new(RUNNING, make, done, runner),
+        }
+    }
+
+    /// Keep this task as the thread's spare if it is finished and nothing else holds it
+    /// (no waker clone anywhere); else drop this reference.
+    #[inline(always)]
+    fn recycle(mut self: Arc<Self>, t: &ThreadState) {
+        let Some(me) = Arc::get_mut(&mut self) else {
+            return;
+        };
+        let slot = me.slot.get_mut();
+        if slot.fut.is_some() || slot.done.is_some() {
+            return;
+        }
+        let old = t.spare.replace(Some(SpareTask {
+            ty: TypeId::of::<Self>(),
+            ptr: Arc::into_raw(self) as *const (),
+            drop: drop_spare::<F, D>,
+        }));
+        if let Some(o) = old {
+            // SAFETY: as in `ThreadState::drop`.
+            unsafe { (o.drop)(o.ptr) };
         }
     }
 
@@ -387,7 +499,10 @@ where
     fn poll_loop(self: &Arc<Self>, inline: Inline) {
         let mut repolls = 0;
         loop {
-            let mut slot = self.slot.lock();
+            // SAFETY: this thread owns the RUNNING state (the caller moved the task to it),
+            // so nothing else touches the slot until the state changes below; the
+            // reference is not used after that.
+            let slot = unsafe { &mut *self.slot.get() };
             let Some(fut) = slot.fut.as_mut() else {
                 self.state.store(DONE, Ordering::Release);
                 return;
@@ -410,12 +525,10 @@ where
                     // place, as a pinned value must be.
                     slot.fut = None;
                     let done = slot.done.take().expect("set until the future finishes");
-                    drop(slot);
                     done(out, inline);
                     return;
                 }
                 None => {
-                    drop(slot);
                     match self.state.compare_exchange(
                         RUNNING,
                         IDLE,
@@ -438,6 +551,15 @@ where
             }
         }
     }
+}
+
+/// Drop a spare task of this type.
+///
+/// # Safety
+/// `p` comes from `Arc::into_raw` of an `Arc<Task<F, D>>`, whose reference it owns.
+unsafe fn drop_spare<F, D>(p: *const ()) {
+    // SAFETY: guaranteed by the caller.
+    drop(unsafe { Arc::from_raw(p as *const Task<F, D>) });
 }
 
 impl<F, D> ArcWake for Task<F, D>
@@ -481,6 +603,7 @@ where
             .is_ok()
         {
             self.poll_loop(Inline::No);
+            let _ = THREAD.try_with(|t| self.recycle(t));
         }
     }
 }
