@@ -14,8 +14,11 @@
 //! pending is re-polled, when its waker fires, by one of a few long-lived *worker tasks* on
 //! the runtime, fed by a queue; its `done` then runs on that worker ([`Inline::No`]).
 //!
-//! A request costs one allocation: the task holds its state, its future (built in place and
-//! pinned there, not boxed) and its `done`. A future is polled by one thread at a time and
+//! A request costs at most one allocation: the task holds its state, its future (built in
+//! place and pinned there, not boxed) and its `done`; and a finished task that nothing else
+//! holds (no waker clone left anywhere) is kept by its thread and used again for that
+//! thread's next [`Runner::run`] request of the same type, so a thread that submits request
+//! after request (a C callback that submits the next one) allocates none. A future is polled by one thread at a time and
 //! never dropped before it has finished. The worker tasks run unconstrained by tokio's
 //! cooperative budget (a request future that ran out of budget would wake itself at once and
 //! spin) and yield to the runtime every [`JOBS_PER_YIELD`] jobs instead. A panic while polling a request's future is caught: the
@@ -773,6 +776,61 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(alive(), 0);
+    }
+
+    #[test]
+    fn spare_tasks_are_reused_safely_and_freed_at_thread_exit() {
+        // Request after request on one thread: every future and every `done` is dropped
+        // exactly once and gives its own value (a spare task carries nothing over), a task
+        // whose waker was cloned is not reused (waking that clone later is harmless), and
+        // the spare goes with its thread (its reference to the runner is dropped).
+        let rt = rt();
+        let r = Runner::new(rt.handle(), 1);
+        let before = Arc::strong_count(&r.inner);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct Counted(Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let kept: Arc<Mutex<Option<std::task::Waker>>> = Default::default();
+        let t = {
+            let (r, dropped, kept) = (r.clone(), dropped.clone(), kept.clone());
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for i in 0..100usize {
+                    let (tx, rx) = mpsc::channel();
+                    let c = Counted(dropped.clone());
+                    let d = Counted(dropped.clone());
+                    let kept = kept.clone();
+                    r.run(
+                        async move {
+                            let _c = c;
+                            if i == 50 {
+                                std::future::poll_fn(|cx| {
+                                    *kept.lock() = Some(cx.waker().clone());
+                                    Poll::Ready(())
+                                })
+                                .await;
+                            }
+                            i
+                        },
+                        move |v, w| {
+                            let _d = d;
+                            tx.send((v.unwrap(), w)).unwrap();
+                        },
+                    );
+                    got.push(rx.try_recv().unwrap());
+                }
+                got
+            })
+        };
+        let got = t.join().unwrap();
+        assert_eq!(got, (0..100).map(|i| (i, Inline::Yes)).collect::<Vec<_>>());
+        assert_eq!(dropped.load(Ordering::SeqCst), 200);
+        kept.lock().take().unwrap().wake();
+        assert_eq!(Arc::strong_count(&r.inner), before);
     }
 
     #[test]
