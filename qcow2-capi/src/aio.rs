@@ -337,24 +337,14 @@ fn request_panic(p: &(dyn std::any::Any + Send)) -> (c_int, Option<CString>) {
 /// submitter.
 pub(crate) const INLINE_MAX: usize = 256 << 10;
 
-/// The delivery state of a thread (one thread-local: each access to one costs a call in a
-/// shared library).
-struct Delivery {
-    /// Whether [`deliver`] is running callbacks on this thread.
-    active: Cell<bool>,
-    /// Requests that completed inside submissions made by the callbacks [`deliver`] runs on
-    /// this thread: delivered after the running callback returns. Its buffer is kept from
-    /// one delivery to the next.
-    deferred: RefCell<VecDeque<Done>>,
-}
+/// The queue of requests to deliver after the running callback (see [`deliver`]).
+type DeliverQueue = RefCell<VecDeque<Done>>;
 
 thread_local! {
-    static DELIVERY: Delivery = const {
-        Delivery {
-            active: Cell::new(false),
-            deferred: RefCell::new(VecDeque::new()),
-        }
-    };
+    /// The queue of the [`deliver`] running callbacks on this thread (NULL when none is):
+    /// a plain pointer, so that the thread-local needs no destructor and an access to it
+    /// is one call in a shared library, with no state check.
+    static DELIVERING: Cell<*const DeliverQueue> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Callbacks [`deliver`] runs in a row before it hands the rest to another runner job
@@ -370,16 +360,29 @@ fn runner_of(d: &Done) -> Runner {
 /// Queue `d` for delivery after the callback running on this thread, if [`deliver`] is
 /// running one; else hand it to a runner worker.
 fn defer_delivery(d: Done) {
-    let d = DELIVERY.with(|dl| {
-        if dl.active.get() {
-            dl.deferred.borrow_mut().push_back(d);
-            None
-        } else {
-            Some(d)
-        }
-    });
-    if let Some(d) = d {
+    let q = DELIVERING.with(|c| c.get());
+    if q.is_null() {
         runner_of(&d).defer(move || deliver(d));
+    } else {
+        // SAFETY: `deliver` set the pointer to its own queue, which it resets before the
+        // queue goes away (also when unwinding: `Delivering`).
+        unsafe { &*q }.borrow_mut().push_back(d);
+    }
+}
+
+/// Marks the thread as delivering from `queue` while alive.
+struct Delivering;
+
+impl Delivering {
+    fn enter(queue: &DeliverQueue) -> Delivering {
+        DELIVERING.with(|c| c.set(queue));
+        Delivering
+    }
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        DELIVERING.with(|c| c.set(std::ptr::null()));
     }
 }
 
@@ -390,44 +393,49 @@ fn defer_delivery(d: Done) {
 /// Only on a library thread (a runner worker), where blocking calls already return
 /// `-EDEADLK`: the callbacks run without a [`CallbackScope`] of their own.
 fn deliver(d: Done) {
+    deliver_from(d, VecDeque::new());
+}
+
+/// [`deliver`] `d`, then the requests of `queue` (a batch handed over by an earlier
+/// delivery) and those that complete meanwhile. The queue lives on this stack frame; the
+/// thread-local only points to it.
+fn deliver_from(d: Done, queue: VecDeque<Done>) {
     debug_assert!(crate::runtime::in_library_context());
-    DELIVERY.with(|dl| {
-        if dl.active.replace(true) {
-            // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
-            dl.deferred.borrow_mut().push_back(d);
-            return;
-        }
+    let outer = DELIVERING.with(|c| c.get());
+    if !outer.is_null() {
+        // Not expected (callbacks are not run from inside deliveries); stay correct anyway.
+        // SAFETY: as in `defer_delivery`.
+        let mut q = unsafe { &*outer }.borrow_mut();
+        q.push_back(d);
+        q.extend(queue);
+        return;
+    }
+    let queue = RefCell::new(queue);
+    {
+        let _delivering = Delivering::enter(&queue);
         let mut next = Some(d);
         let mut n = 0;
         while let Some(d) = next {
-            // No borrow of `deferred` is held while the callback runs (it may submit).
+            // No borrow of the queue is held while the callback runs (it may submit).
             d.run();
             n += 1;
             if n == DELIVER_BUDGET {
                 break;
             }
-            next = dl.deferred.borrow_mut().pop_front();
+            next = queue.borrow_mut().pop_front();
         }
-        dl.active.set(false);
-        let rest = {
-            let mut q = dl.deferred.borrow_mut();
-            if q.is_empty() {
-                return;
-            }
-            q.drain(..).collect::<VecDeque<Done>>()
-        };
-        let r = runner_of(rest.front().expect("not empty"));
+    }
+    let rest = queue.into_inner();
+    if let Some(r) = rest.front().map(runner_of) {
         r.defer(move || deliver_batch(rest));
-    })
+    }
 }
 
 /// Deliver a batch handed over by [`deliver`] after its budget ran out.
 fn deliver_batch(mut batch: VecDeque<Done>) {
-    let Some(first) = batch.pop_front() else {
-        return;
-    };
-    DELIVERY.with(|dl| dl.deferred.borrow_mut().append(&mut batch));
-    deliver(first);
+    if let Some(first) = batch.pop_front() {
+        deliver_from(first, batch);
+    }
 }
 
 /// The checks every submission makes; returns the image and the callback.
@@ -588,13 +596,14 @@ pub unsafe extern "C" fn qcow2rs_aio_read(
             cb,
             user_data,
             len <= INLINE_MAX,
-            move |image| async move {
-                let p = p;
+            // The core's future itself, with no `async` block around it (one state machine
+            // less to set up and step through per request).
+            move |image| {
                 // SAFETY: header contract: `buf` points to `len` writable bytes that stay valid
                 // and untouched by the caller until the callback returns, which happens only
-                // after this future has finished.
+                // after this future has finished (and been dropped).
                 let slice = unsafe { make_slice_mut(p.0, len) };
-                image.read_at(slice, offset).await
+                image.read_at(slice, offset)
             },
         );
         Ok(0)
@@ -622,19 +631,13 @@ pub unsafe extern "C" fn qcow2rs_aio_write(
         h.check_writable("qcow2rs_aio_write")?;
         h.check_range(offset, len as u64)?;
         let p = SendPtr(buf as *mut u8);
-        submit(
-            h,
-            cb,
-            user_data,
-            len <= INLINE_MAX,
-            move |image| async move {
-                let p = p;
-                // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
-                // and unchanged until the callback returns, after this future has finished.
-                let slice = unsafe { make_slice(p.0, len) };
-                image.write_at(slice, offset).await
-            },
-        );
+        submit(h, cb, user_data, len <= INLINE_MAX, move |image| {
+            // SAFETY: header contract: `buf` points to `len` readable bytes that stay valid
+            // and unchanged until the callback returns, after this future has finished
+            // (and been dropped).
+            let slice = unsafe { make_slice(p.0, len) };
+            image.write_at(slice, offset)
+        });
         Ok(0)
     })
 }
