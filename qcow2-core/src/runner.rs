@@ -479,11 +479,17 @@ where
     /// Keep this task as the thread's spare if it is finished and nothing else holds it
     /// (no waker clone anywhere); else drop this reference.
     #[inline(always)]
-    fn recycle(mut self: Arc<Self>, t: &ThreadState) {
-        let Some(me) = Arc::get_mut(&mut self) else {
+    fn recycle(self: Arc<Self>, t: &ThreadState) {
+        // The only reference (tasks never have `Weak` ones): nobody else can clone it any
+        // more, so a plain load decides (`Arc::get_mut` would cost an atomic
+        // compare-and-swap); the fence orders the other holders' last uses (a waker clone
+        // dropped on another thread) before what follows.
+        if Arc::strong_count(&self) != 1 {
             return;
-        };
-        let slot = me.slot.get_mut();
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        // SAFETY: the only reference, held by this thread.
+        let slot = unsafe { &*self.slot.get() };
         if slot.fut.is_some() || slot.done.is_some() {
             return;
         }
