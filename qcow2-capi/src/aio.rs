@@ -85,6 +85,7 @@ pub(crate) struct Done {
 impl Done {
     /// Run the callback on this thread (a library thread: blocking calls in it already
     /// return `-EDEADLK`), then count the request as finished.
+    #[inline(always)]
     fn run(self) {
         let c = qcow2rs_completion {
             ret: self.ret,
@@ -107,6 +108,7 @@ impl Done {
     }
 
     /// The request's callback has returned.
+    #[inline(always)]
     fn finish(self) {
         let img = self.img.0;
         drop(self);
@@ -172,6 +174,7 @@ impl Shared {
     /// reach zero only after the lock is released, the last access to `self`. Without a
     /// closer the decrement is one compare-and-swap (no reference count on the bookkeeping
     /// per request).
+    #[inline(always)]
     fn finish(&self) {
         let mut n = self.inflight.load(Ordering::Acquire);
         loop {
@@ -359,6 +362,7 @@ fn runner_of(d: &Done) -> Runner {
 
 /// Queue `d` for delivery after the callback running on this thread, if [`deliver`] is
 /// running one; else hand it to a runner worker.
+#[inline(always)]
 fn defer_delivery(d: Done) {
     let q = DELIVERING.with(|c| c.get());
     if q.is_null() {
