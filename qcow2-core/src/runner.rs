@@ -505,6 +505,9 @@ where
     }
 
     /// Poll with the state RUNNING until the future is pending and not woken, or done.
+    /// Inlined into its two callers (the submitting call's first poll, a worker's job): one
+    /// call less per request.
+    #[inline(always)]
     fn poll_loop(self: &Arc<Self>, inline: Inline) {
         let mut repolls = 0;
         loop {
