@@ -95,7 +95,6 @@ impl Done {
         // SAFETY: `cb` is the caller's completion function, called as the header promises:
         // once, with its user data and a completion valid for the duration of the call.
         unsafe { (self.cb)(self.user_data.0, &c) };
-        drop(c);
         self.finish();
     }
 
