@@ -485,18 +485,17 @@ impl Image {
             self.before_first_write().await?;
             self.start_tracking().await?;
         }
-        if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
-            return Ok(None);
-        }
-        let live = w.dirty.live.lock();
-        Ok(live
-            .iter()
-            .find(|b| b.name == name)
-            .map(|b| f(&b.bits, 1u64 << b.gran_bits)))
+        Ok(self.peek_live(name, |bits, gran_bits| f(bits, 1u64 << gran_bits)))
     }
 
     /// The in-memory bits of tracked bitmap `name`, if it is tracked now.
     pub(crate) fn live_bits(&self, name: &str) -> Option<(Vec<u8>, u8)> {
+        self.peek_live(name, |bits, gran_bits| (bits.to_vec(), gran_bits))
+    }
+
+    /// Calls `f` with the in-memory bits and granularity bits of tracked bitmap `name`,
+    /// under the lock that changes take; `None` when it is not tracked now.
+    fn peek_live<R>(&self, name: &str, f: impl FnOnce(&[u8], u8) -> R) -> Option<R> {
         let w = self.inner.w.as_ref()?;
         if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
             return None;
@@ -504,7 +503,7 @@ impl Image {
         let live = w.dirty.live.lock();
         live.iter()
             .find(|b| b.name == name)
-            .map(|b| (b.bits.clone(), b.gran_bits))
+            .map(|b| f(&b.bits, b.gran_bits))
     }
 }
 
