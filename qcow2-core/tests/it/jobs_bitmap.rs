@@ -1191,3 +1191,59 @@ async fn flush_keeps_bits_set_while_their_part_is_written() {
         assert_eq!(our_bits(&path).await, want, "{opts}: bits after close");
     }
 }
+
+/// A flush whose future is dropped while it writes a bitmap part (a timeout, a cancelled
+/// task, a client gone): the part's changed mark, cleared when its bits were copied, and
+/// the bitmap's, cleared when the store began, were lost with it, so the next flush and
+/// close stored nothing: the bitmap, consistent after close, missed the write. Now the
+/// next flush stores the part, and the new cluster the dropped write had taken is freed
+/// (`qemu-img check` finds no leak after close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_flush_leaves_its_part_to_the_next_flush() {
+    use qcow2_core::io::fault::{Match, Op};
+    use std::time::Duration;
+    if !have_qemu() {
+        return;
+    }
+    for (opts, cs) in [("", 65536usize), ("cluster_size=512", 512)] {
+        let dir = tmpdir();
+        let path = qemu_create(dir.path(), "img.qcow2", opts, "4M");
+        qemu_io(&path, None, &["write -q -P 0x11 0 4M"]);
+        run(
+            "qemu-img",
+            &["bitmap", "--add", "-g", "512", p(&path), "b0"],
+        );
+        let theirs = dir.path().join("theirs.qcow2");
+        std::fs::copy(&path, &theirs).unwrap();
+        qemu_io(&theirs, Some("qcow2"), &["write -q -P 0x22 0 4096"]);
+        let want = our_bits(&theirs).await;
+
+        let (img, hs) = open_hooked(&path).await;
+        img.write_at(&[0x22; 4096], 0).await.unwrap();
+        let gate = hs.hold(Match::op(Op::Write).when(move |r| {
+            r.data
+                .is_some_and(|d| d.len() == cs && d[0] == 0xff && d[1..].iter().all(|&x| x == 0))
+        }));
+        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                r = img.flush() => panic!("{opts}: the flush went past the gate: {r:?}"),
+                _ = gate.wait_arrived(1) => {}
+            }
+        });
+        dropped
+            .await
+            .unwrap_or_else(|_| panic!("{opts}: the flush never wrote the bitmap part"));
+        // The held write was dropped with the flush: it never reached the file.
+        gate.release();
+        img.flush().await.unwrap();
+        assert_eq!(
+            stored_bits_while_open(&path, 1).await,
+            want,
+            "{opts}: bits stored by the flush after the dropped one"
+        );
+        img.close().await.unwrap();
+        assert_clean(&path, &format!("{opts}: closed"));
+        assert_eq!(qemu_bitmaps(&path), qemu_bitmaps(&theirs), "{opts}");
+        assert_eq!(our_bits(&path).await, want, "{opts}: bits after close");
+    }
+}
