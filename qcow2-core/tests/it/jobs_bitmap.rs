@@ -1098,6 +1098,50 @@ async fn stored_bits_while_open(path: &Path, n: usize) -> Vec<(String, Vec<u8>, 
     bits
 }
 
+/// A 4 MiB image made by qemu with every cluster allocated, then an enabled bitmap `b0` of
+/// 512-byte granularity (so that guest writes are in place and record new bits), and a
+/// copy `theirs.qcow2` on which qemu-io makes `writes` (offset, length): the image, the
+/// copy, and the bits qemu recorded in the copy.
+async fn allocated_tracking_image(
+    dir: &Path,
+    opts: &str,
+    writes: &[(u64, usize)],
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Vec<(String, Vec<u8>, u64)>,
+) {
+    let path = qemu_create(dir, "img.qcow2", opts, "4M");
+    qemu_io(&path, None, &["write -q -P 0x11 0 4M"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", p(&path), "b0"],
+    );
+    let theirs = dir.join("theirs.qcow2");
+    std::fs::copy(&path, &theirs).unwrap();
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|&(off, len)| format!("write -q -P 0x22 {off} {len}"))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    qemu_io(&theirs, Some("qcow2"), &cmds);
+    let want = our_bits(&theirs).await;
+    (path, theirs, want)
+}
+
+/// Hold the write of the bitmap part (of `cs` bytes) that holds bits 0..=7 only: a
+/// flush's store of the first 4 KiB written.
+fn hold_first_part(
+    hs: &qcow2_core::io::fault::HookStorage,
+    cs: usize,
+) -> qcow2_core::io::fault::Gate {
+    use qcow2_core::io::fault::{Match, Op};
+    hs.hold(Match::op(Op::Write).when(move |r| {
+        r.data
+            .is_some_and(|d| d.len() == cs && d[0] == 0xff && d[1..].iter().all(|&x| x == 0))
+    }))
+}
+
 /// A flush copies each changed part (a cluster of bitmap data) of a tracked bitmap, then
 /// writes the copy. Guest writes go on meanwhile: one that sets new bits in the part whose
 /// copy is being written (and in a part not stored yet) must leave that part marked
@@ -1112,34 +1156,18 @@ async fn stored_bits_while_open(path: &Path, n: usize) -> Vec<(String, Vec<u8>, 
 /// instead of before its bits are copied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_keeps_bits_set_while_their_part_is_written() {
-    use qcow2_core::io::fault::{Match, Op};
     use std::time::Duration;
     if !have_qemu() {
         return;
     }
     for (opts, cs) in [("", 65536usize), ("cluster_size=512", 512)] {
         let dir = tmpdir();
-        let path = qemu_create(dir.path(), "img.qcow2", opts, "4M");
-        // Every cluster allocated, before the bitmap exists.
-        qemu_io(&path, None, &["write -q -P 0x11 0 4M"]);
-        run(
-            "qemu-img",
-            &["bitmap", "--add", "-g", "512", p(&path), "b0"],
-        );
         // The writes: A before the flush; B (same part as A) and C (the second part with
         // 512-byte clusters) while the flush's write of A's part is held.
         let a = (0u64, 4096usize);
         let b = (1u64 << 20, 4096usize);
         let c = ((3u64 << 20) + 512, 512usize);
-        let theirs = dir.path().join("theirs.qcow2");
-        std::fs::copy(&path, &theirs).unwrap();
-        let cmds: Vec<String> = [a, b, c]
-            .iter()
-            .map(|&(off, len)| format!("write -q -P 0x22 {off} {len}"))
-            .collect();
-        let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
-        qemu_io(&theirs, Some("qcow2"), &cmds);
-        let want = our_bits(&theirs).await;
+        let (path, theirs, want) = allocated_tracking_image(dir.path(), opts, &[a, b, c]).await;
         let only_a = {
             let mut bits = vec![0u8; want[0].1.len()];
             bits[0] = 0xff;
@@ -1148,11 +1176,8 @@ async fn flush_keeps_bits_set_while_their_part_is_written() {
 
         let (img, hs) = open_hooked(&path).await;
         img.write_at(&[0x22; 4096], a.0).await.unwrap();
-        // The part that holds A's bits only (bits 0..=7): the flush's bitmap-data write.
-        let gate = hs.hold(Match::op(Op::Write).when(move |r| {
-            r.data
-                .is_some_and(|d| d.len() == cs && d[0] == 0xff && d[1..].iter().all(|&x| x == 0))
-        }));
+        // The part that holds A's bits only: the flush's bitmap-data write.
+        let gate = hold_first_part(&hs, cs);
         let i2 = img.clone();
         let flush = tokio::spawn(async move { i2.flush().await });
         tokio::time::timeout(Duration::from_secs(10), gate.wait_arrived(1))
@@ -1200,30 +1225,16 @@ async fn flush_keeps_bits_set_while_their_part_is_written() {
 /// (`qemu-img check` finds no leak after close).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_flush_leaves_its_part_to_the_next_flush() {
-    use qcow2_core::io::fault::{Match, Op};
     use std::time::Duration;
     if !have_qemu() {
         return;
     }
     for (opts, cs) in [("", 65536usize), ("cluster_size=512", 512)] {
         let dir = tmpdir();
-        let path = qemu_create(dir.path(), "img.qcow2", opts, "4M");
-        qemu_io(&path, None, &["write -q -P 0x11 0 4M"]);
-        run(
-            "qemu-img",
-            &["bitmap", "--add", "-g", "512", p(&path), "b0"],
-        );
-        let theirs = dir.path().join("theirs.qcow2");
-        std::fs::copy(&path, &theirs).unwrap();
-        qemu_io(&theirs, Some("qcow2"), &["write -q -P 0x22 0 4096"]);
-        let want = our_bits(&theirs).await;
-
+        let (path, theirs, want) = allocated_tracking_image(dir.path(), opts, &[(0, 4096)]).await;
         let (img, hs) = open_hooked(&path).await;
         img.write_at(&[0x22; 4096], 0).await.unwrap();
-        let gate = hs.hold(Match::op(Op::Write).when(move |r| {
-            r.data
-                .is_some_and(|d| d.len() == cs && d[0] == 0xff && d[1..].iter().all(|&x| x == 0))
-        }));
+        let gate = hold_first_part(&hs, cs);
         let dropped = tokio::time::timeout(Duration::from_secs(10), async {
             tokio::select! {
                 r = img.flush() => panic!("{opts}: the flush went past the gate: {r:?}"),
