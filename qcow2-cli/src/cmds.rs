@@ -99,13 +99,30 @@ pub fn print_json(v: &Value) {
     let _ = std::io::stdout().write_all(&out);
 }
 
+/// The read-only commands on one file (`info`, `map`): their file operand opened, and
+/// whether `--output` asks for JSON.
+async fn open_one(
+    file: &Option<String>,
+    extra: &[String],
+    format: Option<&str>,
+    output: Option<&str>,
+    common: &Common,
+    force_share: bool,
+) -> Result<(Disk, bool), Fail> {
+    let file = one_operand(&operands(&[file], extra), "a file name")?;
+    let json = output_json(output)?;
+    let disk = open(&file, format, &open_opts(common, force_share)).await?;
+    Ok((disk, json))
+}
+
 async fn cmd_info(p: cli::InfoArgs) -> Result<u8, Fail> {
-    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
-    let json = output_json(p.output.as_deref())?;
-    let disk = open(
-        &file,
+    let (disk, json) = open_one(
+        &p.file,
+        &p.extra,
         p.format.as_deref(),
-        &open_opts(&p.common, p.force_share),
+        p.output.as_deref(),
+        &p.common,
+        p.force_share,
     )
     .await?;
     let layers = if p.backing_chain {
@@ -156,12 +173,13 @@ fn map_bound(v: Option<&str>, what: &str) -> Result<Option<u64>, Fail> {
 }
 
 async fn cmd_map(p: cli::MapArgs) -> Result<u8, Fail> {
-    let file = one_operand(&operands(&[&p.file], &p.extra), "a file name")?;
-    let json = output_json(p.output.as_deref())?;
-    let disk = open(
-        &file,
+    let (disk, json) = open_one(
+        &p.file,
+        &p.extra,
         p.format.as_deref(),
-        &open_opts(&p.common, p.force_share),
+        p.output.as_deref(),
+        &p.common,
+        p.force_share,
     )
     .await?;
     let start = map_bound(p.start_offset.as_deref(), "start offset")?.unwrap_or(0);

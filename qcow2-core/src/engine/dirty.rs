@@ -16,9 +16,12 @@
 //! points at it); the cluster it replaces is freed only after that table write is durable.
 //! A crash at any point thus leaves no reference to a free cluster (at worst a leak), and
 //! the bitmaps `in-use`. A flush with nothing changed since the last store writes nothing
-//! for the bitmaps. [`Image::close`] (and every bitmap operation, and resize) stores the
-//! changed parts the same way, makes them durable, then switches to a directory without the
-//! `in-use` flag; a later change starts again.
+//! for the bitmaps. A part is marked unchanged when its bits are copied, before its write:
+//! a guest change meanwhile marks it again, and a store that fails or whose future is
+//! dropped marks it again too (it is stored next time; a new cluster it had taken is
+//! freed then). [`Image::close`] (and every bitmap operation, and resize) stores the
+//! changed parts the same way, makes them durable, then switches to a directory without
+//! the `in-use` flag; a later change starts again.
 //!
 //! An image whose handle was not closed (a crash, a killed process) keeps its bitmaps
 //! `in-use`: they are inconsistent, as QEMU judges them, and can only be removed. Such a
@@ -66,7 +69,8 @@ pub(crate) struct LiveBitmap {
     table_stale: BTreeSet<u64>,
     /// Data clusters (offsets) this session allocated and the table points at.
     owned: HashSet<u64>,
-    /// Data clusters (indices) to free once the table on disk no longer points at them.
+    /// Data clusters (indices) to free once the table on disk no longer points at them
+    /// (or never did: a new cluster whose write failed or was dropped).
     unlinked: Vec<u64>,
 }
 
@@ -137,6 +141,31 @@ fn next_set(bits: &[u8], from: u64) -> Option<u64> {
     let k = bits[byte..].iter().position(|&b| b != 0)?;
     let b = byte + k;
     Some(b as u64 * 8 + bits[b].trailing_zeros() as u64)
+}
+
+/// Marks tracked bitmap `bi` changed again when dropped armed, and part `part` with it: a
+/// store that fails, or whose future is dropped, while it writes a part's copy (whose
+/// changed mark it cleared when it took the copy) leaves that part to the next store.
+struct Restore<'a> {
+    live: &'a PMutex<Vec<LiveBitmap>>,
+    bi: usize,
+    part: Option<u64>,
+    armed: bool,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut live = self.live.lock();
+        if let Some(b) = live.get_mut(self.bi) {
+            b.any_changed = true;
+            if let Some(c) = self.part {
+                b.changed[(c / 8) as usize] |= 1 << (c % 8);
+            }
+        }
+    }
 }
 
 impl Image {
@@ -303,6 +332,14 @@ impl Image {
     async fn store_bitmap_changes(&self, m: &mut Meta, bi: usize) -> Result<()> {
         let w = self.ws()?;
         let cs = self.inner.layout.cluster_size;
+        // Until the loop below has stored every changed part, an error or a dropped future
+        // leaves the bitmap marked changed, and the part on its way to the disk too.
+        let mut restore = Restore {
+            live: &w.dirty.live,
+            bi,
+            part: None,
+            armed: true,
+        };
         w.dirty.live.lock()[bi].any_changed = false;
         let mut buf = vec![0u8; cs as usize];
         let mut next = 0u64;
@@ -322,6 +359,7 @@ impl Image {
                 let entry = b.table[c as usize];
                 (c, entry, b.owned.contains(&entry))
             };
+            restore.part = Some(c);
             next = c + 1;
             let data = entry & fmt::TABLE_ENTRY_OFFSET_MASK;
             let r = if buf.iter().all(|&x| x == 0) {
@@ -330,14 +368,20 @@ impl Image {
                 self.bitmap_write(&buf, data).await.map(|()| data)
             } else {
                 match self.alloc_clusters(m, 1).await {
-                    Ok(off) => match self.bitmap_write(&buf, off).await {
-                        Ok(()) => Ok(off),
-                        Err(e) => {
-                            // Nothing points at it.
-                            m.pending_free.push(off / cs);
-                            Err(e)
+                    Ok(off) => {
+                        // Nothing points at the new cluster until the table does: freed by
+                        // the next store if this write fails or its future is dropped.
+                        w.dirty.live.lock()[bi].unlinked.push(off / cs);
+                        let r = self.bitmap_write(&buf, off).await;
+                        if r.is_ok() {
+                            let mut live = w.dirty.live.lock();
+                            let u = &mut live[bi].unlinked;
+                            if let Some(i) = u.iter().rposition(|&x| x == off / cs) {
+                                u.swap_remove(i);
+                            }
                         }
-                    },
+                        r.map(|()| off)
+                    }
                     Err(e) => Err(e),
                 }
             };
@@ -345,9 +389,8 @@ impl Image {
             let b = &mut live[bi];
             match r {
                 Err(e) => {
-                    // Stored next time.
-                    b.changed[(c / 8) as usize] |= 1 << (c % 8);
-                    b.any_changed = true;
+                    // `restore` marks the part changed again: stored next time.
+                    drop(live);
                     return Err(e);
                 }
                 Ok(new) if new != entry => {
@@ -363,7 +406,9 @@ impl Image {
                 }
                 Ok(_) => {}
             }
+            restore.part = None;
         }
+        restore.armed = false;
         let (toff, stale) = {
             let live = w.dirty.live.lock();
             let b = &live[bi];
@@ -485,18 +530,17 @@ impl Image {
             self.before_first_write().await?;
             self.start_tracking().await?;
         }
-        if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
-            return Ok(None);
-        }
-        let live = w.dirty.live.lock();
-        Ok(live
-            .iter()
-            .find(|b| b.name == name)
-            .map(|b| f(&b.bits, 1u64 << b.gran_bits)))
+        Ok(self.peek_live(name, |bits, gran_bits| f(bits, 1u64 << gran_bits)))
     }
 
     /// The in-memory bits of tracked bitmap `name`, if it is tracked now.
     pub(crate) fn live_bits(&self, name: &str) -> Option<(Vec<u8>, u8)> {
+        self.peek_live(name, |bits, gran_bits| (bits.to_vec(), gran_bits))
+    }
+
+    /// Calls `f` with the in-memory bits and granularity bits of tracked bitmap `name`,
+    /// under the lock that changes take; `None` when it is not tracked now.
+    fn peek_live<R>(&self, name: &str, f: impl FnOnce(&[u8], u8) -> R) -> Option<R> {
         let w = self.inner.w.as_ref()?;
         if w.dirty.state.load(Ordering::Acquire) != ACTIVE {
             return None;
@@ -504,7 +548,7 @@ impl Image {
         let live = w.dirty.live.lock();
         live.iter()
             .find(|b| b.name == name)
-            .map(|b| (b.bits.clone(), b.gran_bits))
+            .map(|b| f(&b.bits, b.gran_bits))
     }
 }
 

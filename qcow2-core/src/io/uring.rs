@@ -1228,7 +1228,18 @@ mod tests {
                 vec![block as u8; 4096]
             );
         }
-        assert!(ring.waiter_reaps.load(Ordering::Relaxed) >= 3);
+        // The waiter counts what it reaped once `reap_ready` returns, after it answered:
+        // the answers may arrive here first. Wait (bounded) for the count; the completion
+        // thread reaping any of the three instead leaves it short and fails here.
+        let t = std::time::Instant::now();
+        while ring.waiter_reaps.load(Ordering::Relaxed) < 3 {
+            assert!(
+                t.elapsed() < WAIT,
+                "the waiting thread reaped {} of the 3 requests",
+                ring.waiter_reaps.load(Ordering::Relaxed)
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         // Wake the waiter from here: a NOP in its ring.
         woken.store(true, Ordering::Release);
         ring.kick();
