@@ -3,6 +3,7 @@
 # qemu-img bench -f raw nbd+unix://... (4 KiB strided reads and writes, 64 KiB sequential reads) and
 # nbdcopy of the whole image to /dev/null. Prints wall time, the server's CPU time (user+sys from
 # /proc) and the ratio ours/qemu-nbd for each row. Usage: scripts/bench-nbd.sh [COUNT]
+# ROWS=REGEX runs only the rows whose name matches (e.g. ROWS=nbdcopy); REPEAT=N runs each N times.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-target/release/qcow2rs}
@@ -29,7 +30,12 @@ start() { # name -> pid
 }
 
 declare -A WALL CPU
-run_row() { # row name, command (with SOCK placeholder)
+run_row() { # row name, command (with URI placeholder)
+    local row=$1; shift
+    [[ $row =~ ${ROWS:-.} ]] || return 0
+    for _ in $(seq "${REPEAT:-1}"); do run_one "$row" "$@"; done
+}
+run_one() {
     local row=$1; shift
     for s in ours qemu; do
         start "$s"
