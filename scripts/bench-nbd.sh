@@ -3,6 +3,8 @@
 # qemu-img bench -f raw nbd+unix://... (4 KiB strided reads and writes, 64 KiB sequential reads) and
 # nbdcopy of the whole image to /dev/null. Prints wall time, the server's CPU time (user+sys from
 # /proc) and the ratio ours/qemu-nbd for each row. Usage: scripts/bench-nbd.sh [COUNT]
+# ROWS=REGEX runs only the rows whose name matches (e.g. ROWS=nbdcopy); REPEAT=N runs each N times.
+# SERVER_CPUS=LIST / CLIENT_CPUS=LIST pin the servers / the clients with taskset (e.g. 0 and 1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-target/release/qcow2rs}
@@ -20,23 +22,30 @@ start() { # name -> pid
     local sock="$D/$1.sock"
     rm -f "$sock"
     if [ "$1" = ours ]; then
-        "$BIN" serve -t -e 0 -k "$sock" "$D/img.qcow2" &
+        $SPIN "$BIN" serve -t -e 0 -k "$sock" "$D/img.qcow2" &
     else
-        qemu-nbd -t -e 0 -f qcow2 -k "$sock" "$D/img.qcow2" &
+        $SPIN qemu-nbd -t -e 0 -f qcow2 -k "$sock" "$D/img.qcow2" &
     fi
     PID=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 }
 
+SPIN=${SERVER_CPUS:+taskset -c $SERVER_CPUS}
+CPIN=${CLIENT_CPUS:+taskset -c $CLIENT_CPUS}
 declare -A WALL CPU
-run_row() { # row name, command (with SOCK placeholder)
+run_row() { # row name, command (with URI placeholder)
+    local row=$1; shift
+    [[ $row =~ ${ROWS:-.} ]] || return 0
+    for _ in $(seq "${REPEAT:-1}"); do run_one "$row" "$@"; done
+}
+run_one() {
     local row=$1; shift
     for s in ours qemu; do
         start "$s"
         local uri="nbd+unix:///?socket=$D/$s.sock"
         local c0; c0=$(cpu "$PID")
         local t0; t0=$(date +%s.%N)
-        eval "${*//URI/$uri}" >/dev/null
+        eval "$CPIN ${*//URI/$uri}" >/dev/null
         local t1; t1=$(date +%s.%N)
         local c1; c1=$(cpu "$PID")
         WALL[$row,$s]=$(echo "$t1 - $t0" | bc)

@@ -77,11 +77,11 @@ fn run_inner(argv: &[String]) -> u8 {
             .map(|()| 0)
             .map_err(|e| Fail::new(format!("writing the man page: {e}"))),
         cmd => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .thread_name("qcow2rs-worker")
-                .enable_all()
-                .build()
-            {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if matches!(cmd, cli::Cmd::Serve(_)) {
+                b.worker_threads(serve_workers());
+            }
+            let rt = match b.thread_name("qcow2rs-worker").enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("qcow2rs: cannot start the runtime: {e}");
@@ -150,4 +150,24 @@ fn resize_argv(argv: &mut Vec<String>) {
         let at = argv.len() - 1;
         argv.insert(at, "--".to_string());
     }
+}
+
+/// Worker threads of `qcow2rs serve`: at least four, one per CPU beyond that. A request's
+/// page-cache read and the writing of its reply run on the worker that holds them; with
+/// one worker per CPU on a busy machine, a worker that the scheduler preempts stalls the
+/// connections it holds (`nbdcopy` of 1 GiB took 2x as long with the server confined to
+/// one CPU beside other load, with the same CPU time; see docs/PERFORMANCE.md).
+/// `TOKIO_WORKER_THREADS` still decides when set.
+fn serve_workers() -> usize {
+    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(4)
 }

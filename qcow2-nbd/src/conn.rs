@@ -1,6 +1,8 @@
 //! One client connection: the handshake driver, then the transmission phase. Requests are
 //! read by one loop, run concurrently as tasks, and their replies are written by a writer
-//! task of their own, in completion order.
+//! task of their own, in completion order: the replies queued while it writes go out
+//! together in vectored writes, without copying their data. Data buffers (read replies,
+//! write payloads) come from a per-connection pool and go back to it once written or used.
 
 use crate::export::{bitmap_extents, extents, Export, OpError};
 use crate::handshake::{
@@ -8,9 +10,10 @@ use crate::handshake::{
     CTX_DIRTY_BITMAP,
 };
 use crate::proto::{self, *};
-use std::sync::Arc;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -130,38 +133,207 @@ struct Ctx {
     export: Arc<Export>,
     mode: ReplyMode,
     contexts: Vec<u32>,
+    pool: Arc<Pool>,
 }
 
-type Msg = Vec<Vec<u8>>;
+/// A reply: its parts, written one after the other.
+type Msg = Vec<Part>;
+
+/// Part of a reply.
+enum Part {
+    /// Headers, error messages, block status chunks.
+    Bytes(Vec<u8>),
+    /// Data in a pooled buffer.
+    Data(Buf),
+}
+
+impl Part {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Part::Bytes(v) => v,
+            Part::Data(b) => b,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Part {
+    fn from(v: Vec<u8>) -> Part {
+        Part::Bytes(v)
+    }
+}
+
+/// The first `len` bytes of a buffer from a [`Pool`]; the buffer is never shorter than
+/// `len` and all of it is initialized (so it can be handed out again without zeroing).
+struct Buf {
+    v: Vec<u8>,
+    len: usize,
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
+/// Smallest pooled buffer (smaller requests get one of this size).
+const POOL_MIN_SHIFT: u32 = 12;
+/// Size classes: powers of two from 4 KiB to `MAX_PAYLOAD`.
+const POOL_CLASSES: usize = (MAX_PAYLOAD.trailing_zeros() - POOL_MIN_SHIFT + 1) as usize;
+/// Bytes of free buffers a connection keeps for reuse.
+const POOL_KEEP: usize = 16 << 20;
+
+/// Free data buffers of one connection, by power-of-two size class. Taking a buffer
+/// from the pool costs no allocation and no zeroing: a fresh `vec![0; n]` for every
+/// 256 KiB read reply cost a memset (or page faults) of the whole buffer, 10-15% of
+/// the server's time under `nbdcopy`.
+struct Pool {
+    free: Mutex<(Vec<Vec<Vec<u8>>>, usize)>,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        Pool {
+            free: Mutex::new(((0..POOL_CLASSES).map(|_| Vec::new()).collect(), 0)),
+        }
+    }
+
+    fn class(len: usize) -> usize {
+        let c = len.max(1 << POOL_MIN_SHIFT).next_power_of_two();
+        (c.trailing_zeros() - POOL_MIN_SHIFT) as usize
+    }
+
+    /// A buffer of `len` bytes (at most `MAX_PAYLOAD`), with unspecified contents.
+    fn take(&self, len: usize) -> Buf {
+        let c = Self::class(len);
+        if c < POOL_CLASSES {
+            let mut f = self.free.lock().unwrap();
+            if let Some(v) = f.0[c].pop() {
+                f.1 -= v.len();
+                return Buf { v, len };
+            }
+            drop(f);
+            return Buf {
+                v: vec![0u8; 1 << (c as u32 + POOL_MIN_SHIFT)],
+                len,
+            };
+        }
+        Buf {
+            v: vec![0u8; len],
+            len,
+        }
+    }
+
+    /// Give a buffer back (dropped when the pool holds enough).
+    fn put(&self, b: Buf) {
+        let n = b.v.len();
+        let c = Self::class(n);
+        if c >= POOL_CLASSES || n != 1 << (c as u32 + POOL_MIN_SHIFT) {
+            return;
+        }
+        let mut f = self.free.lock().unwrap();
+        if f.1 + n <= POOL_KEEP {
+            f.1 += n;
+            f.0[c].push(b.v);
+        }
+    }
+}
 
 /// A reply and the share of the connection's budget it holds until it is written, so a
 /// client that sends requests without reading the replies cannot make the server queue
 /// unbounded memory.
 type Out = (Msg, Option<OwnedSemaphorePermit>);
 
-async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Out>) {
-    let mut bw = BufWriter::with_capacity(256 << 10, w);
-    'outer: while let Some(msg) = rx.recv().await {
-        let mut next = Some(msg);
-        while let Some((m, _permit)) = next.take() {
-            for part in m {
-                if bw.write_all(&part).await.is_err() {
-                    break 'outer;
+/// Replies gathered into one batch of writes while the socket is busy.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_REPLIES: usize = 256;
+/// Slices per vectored write.
+const MAX_IOV: usize = 64;
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    pool: Arc<Pool>,
+) {
+    let mut batch: Vec<Out> = Vec::new();
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            let size = |m: &Out| m.0.iter().map(|p| p.as_slice().len()).sum::<usize>();
+            let mut bytes = size(&m);
+            batch.push(m);
+            while bytes < BATCH_BYTES && batch.len() < BATCH_REPLIES {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        bytes += size(&m);
+                        batch.push(m);
+                    }
+                    Err(_) => break,
                 }
             }
+            if write_parts(&mut w, &batch).await.is_err() {
+                break 'outer;
+            }
+            for (m, _permit) in batch.drain(..) {
+                for p in m {
+                    if let Part::Data(b) = p {
+                        pool.put(b);
+                    }
+                }
+            }
+            // Replies that came in while this batch was written go out without a flush.
             next = rx.try_recv().ok();
         }
-        if bw.flush().await.is_err() {
+        if w.flush().await.is_err() {
             break;
         }
     }
-    let _ = bw.shutdown().await;
+    let _ = w.shutdown().await;
+}
+
+/// Write every part of every reply of `batch`, in order, with vectored writes.
+async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Out]) -> std::io::Result<()> {
+    let parts: Vec<&[u8]> = (batch.iter().flat_map(|(m, _)| m.iter()))
+        .map(Part::as_slice)
+        .filter(|p| !p.is_empty())
+        .collect();
+    // Next part to write, and how much of it is written.
+    let (mut i, mut done) = (0, 0);
+    while i < parts.len() {
+        let iov: Vec<IoSlice> = std::iter::once(&parts[i][done..])
+            .chain(parts[i + 1..].iter().copied())
+            .take(MAX_IOV)
+            .map(IoSlice::new)
+            .collect();
+        let mut n = w.write_vectored(&iov).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = parts[i].len() - done;
+            if n < left {
+                done += n;
+                break;
+            }
+            n -= left;
+            i += 1;
+            done = 0;
+        }
+    }
+    Ok(())
 }
 
 async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> Result<(), String> {
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
-    let writer = tokio::spawn(writer(wr, rx));
+    let pool = Arc::new(Pool::new());
+    let writer = tokio::spawn(writer(wr, rx, pool.clone()));
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let mode = if neg.extended {
         ReplyMode::Extended
@@ -191,6 +363,7 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
         export: sh.export.clone(),
         mode,
         contexts: neg.contexts.clone(),
+        pool,
     });
     let budget = Arc::new(Semaphore::new(BUDGET as usize));
     let mut tasks = JoinSet::new();
@@ -230,9 +403,12 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
         let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
             break;
         };
-        let mut payload = Vec::new();
+        let mut payload = Buf {
+            v: Vec::new(),
+            len: 0,
+        };
         if h.payload > 0 {
-            payload = vec![0u8; h.payload as usize];
+            payload = ctx.pool.take(h.payload as usize);
             if let Err(e) = rd.read_exact(&mut payload).await {
                 result = Err(format!("reading a request payload: {e}"));
                 break;
@@ -240,7 +416,8 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
         }
         match validate(&h, &payload, &lim) {
             Err(r) => {
-                let reply = vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg)];
+                let reply = vec![error_reply(mode, h.cookie, h.offset, r.errno, &r.msg).into()];
+                ctx.pool.put(payload);
                 let _ = tx.send((reply, Some(permit)));
             }
             Ok(Command::Disc) => break,
@@ -262,19 +439,23 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
     result
 }
 
-async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Vec<u8>) -> Msg {
+async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Buf) -> Msg {
     let mode = ctx.mode;
     let ex = &ctx.export;
     let done = |r: Result<(), OpError>| match r {
-        Ok(()) => vec![ok_reply(mode, h.cookie, h.offset)],
-        Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+        Ok(()) => vec![ok_reply(mode, h.cookie, h.offset).into()],
+        Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg).into()],
     };
     match cmd {
         Command::Read { off, len, df } => match read(ctx, h, off, len, df).await {
             Ok(m) => m,
-            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg).into()],
         },
-        Command::Write { off, fua, .. } => done(ex.write(&payload, off, fua).await),
+        Command::Write { off, fua, .. } => {
+            let r = ex.write(&payload, off, fua).await;
+            ctx.pool.put(payload);
+            done(r)
+        }
         Command::Flush => done(ex.flush().await),
         Command::Trim { off, len, fua } => done(ex.trim(off, len, fua).await),
         Command::WriteZeroes {
@@ -315,8 +496,8 @@ async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Vec<u8>) -> Ms
             req_one,
             contexts,
         } => match block_status(ctx, h, off, len, req_one, contexts).await {
-            Ok(m) => m,
-            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg)],
+            Ok(m) => m.into_iter().map(Part::Bytes).collect(),
+            Err(e) => vec![error_reply(mode, h.cookie, h.offset, e.errno, &e.msg).into()],
         },
         Command::Disc => Vec::new(),
     }
@@ -329,9 +510,12 @@ async fn read(ctx: &Ctx, h: &RequestHeader, off: u64, len: u64, df: bool) -> Res
     let ex = &ctx.export;
     let mode = ctx.mode;
     if mode == ReplyMode::Simple {
-        let mut data = vec![0u8; len as usize];
-        ex.read(&mut data, off).await?;
-        return Ok(vec![simple_reply(h.cookie, 0), data]);
+        let mut data = ctx.pool.take(len as usize);
+        if let Err(e) = ex.read(&mut data, off).await {
+            ctx.pool.put(data);
+            return Err(e);
+        }
+        return Ok(vec![simple_reply(h.cookie, 0).into(), Part::Data(data)]);
     }
     // Segments (zero?, offset, length) covering the request.
     let mut segs: Vec<(bool, u64, u64)> = Vec::new();
@@ -366,7 +550,8 @@ async fn read(ctx: &Ctx, h: &RequestHeader, off: u64, len: u64, df: bool) -> Res
             h.cookie,
             h.offset,
             0,
-        )]);
+        )
+        .into()]);
     }
     let mut msg = Vec::with_capacity(2 * segs.len());
     let last = segs.len() - 1;
@@ -376,20 +561,25 @@ async fn read(ctx: &Ctx, h: &RequestHeader, off: u64, len: u64, df: bool) -> Res
             let mut c = chunk_header(mode, flags, REPLY_TYPE_OFFSET_HOLE, h.cookie, h.offset, 12);
             c.extend_from_slice(&o.to_be_bytes());
             c.extend_from_slice(&(n as u32).to_be_bytes());
-            msg.push(c);
+            msg.push(c.into());
         } else {
-            let mut data = vec![0u8; 8 + n as usize];
-            data[..8].copy_from_slice(&o.to_be_bytes());
-            ex.read(&mut data[8..], o).await?;
-            msg.push(chunk_header(
+            let mut data = ctx.pool.take(n as usize);
+            if let Err(e) = ex.read(&mut data, o).await {
+                ctx.pool.put(data);
+                return Err(e);
+            }
+            // The chunk header and the data's offset, then the data.
+            let mut c = chunk_header(
                 mode,
                 flags,
                 REPLY_TYPE_OFFSET_DATA,
                 h.cookie,
                 h.offset,
                 8 + n,
-            ));
-            msg.push(data);
+            );
+            c.extend_from_slice(&o.to_be_bytes());
+            msg.push(c.into());
+            msg.push(Part::Data(data));
         }
     }
     Ok(msg)
@@ -402,7 +592,7 @@ async fn block_status(
     len: u64,
     req_one: bool,
     wanted: u64,
-) -> Result<Msg, OpError> {
+) -> Result<Vec<Vec<u8>>, OpError> {
     let ex = &ctx.export;
     let mode = ctx.mode;
     let max = if req_one { 1 } else { MAX_EXTENTS };

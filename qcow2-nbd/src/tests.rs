@@ -278,3 +278,74 @@ async fn simple_replies_and_extended_headers() {
         .unwrap();
     assert!(!sock.exists());
 }
+
+/// Many large reads in flight while the client reads nothing: the replies back up in the
+/// socket, so the writer's vectored writes end part-way through replies and go on from
+/// there; the data buffers come back from the pool for the next round (other lengths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_large_reads_through_a_full_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, stop, server) = start(dir.path()).await;
+    let mut s = UnixStream::connect(&sock).await.unwrap();
+    hello(&mut s).await;
+    option(&mut s, OPT_EXTENDED_HEADERS, &[]).await;
+    assert_eq!(replies(&mut s).await[0].0, REP_ACK);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut s, OPT_GO, &go).await;
+    assert_eq!(replies(&mut s).await.last().unwrap().0, REP_ACK);
+
+    // Every byte differs from its neighbours' and from other offsets' modulo 251.
+    let content: Vec<u8> = (0..SIZE)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    for (i, chunk) in content.chunks(256 << 10).enumerate() {
+        let off = i as u64 * (256 << 10);
+        let n = chunk.len() as u64;
+        let v = encode_ext_request(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 100 + i as u64, off, n);
+        s.write_all(&v).await.unwrap();
+        s.write_all(chunk).await.unwrap();
+    }
+    for _ in 0..4 {
+        let (_, t, _, _) = ext_reply(&mut s).await;
+        assert_eq!(t, REPLY_TYPE_NONE);
+    }
+    for round in 0..3u64 {
+        // Reads of 64 KiB to 256 KiB + 3 bytes at odd offsets; 24 of them is well past
+        // what the socket holds before the client reads.
+        let mut want = std::collections::HashMap::new();
+        for i in 0..24u64 {
+            let len = (64 << 10) + ((i * 37 + round * 101) % 4) * (64 << 10) + round;
+            let off = (i * 40_961 + round * 7) % (SIZE - len);
+            let cookie = round * 1000 + i;
+            s.write_all(&encode_ext_request(0, CMD_READ, cookie, off, len))
+                .await
+                .unwrap();
+            want.insert(cookie, (off, len));
+        }
+        for _ in 0..want.len() {
+            let r = tokio::time::timeout(Duration::from_secs(20), ext_reply(&mut s)).await;
+            let (f, t, c, d) = r.expect("a reply within 20 s");
+            assert_eq!(
+                (f, t),
+                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA),
+                "cookie {c}"
+            );
+            let (off, len) = want.remove(&c).expect("a cookie sent once");
+            assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), off);
+            assert_eq!(d.len() as u64, 8 + len);
+            assert!(
+                d[8..] == content[off as usize..(off + len) as usize],
+                "data of cookie {c} ({len} bytes at {off})"
+            );
+        }
+    }
+    drop(s);
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
