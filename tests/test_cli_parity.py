@@ -212,3 +212,26 @@ def test_option_errors_as_qemu_img(qemu, cli, scratch):
         if "not supported" not in msg:
             ref = qemu_img(*argv)
             assert ref.returncode == 1 and msg in ref.stderr, (argv, ref.stderr)
+
+
+CREATE_SIZES = ["0x100000", "0X10000", "0x1k", "  1M", "1M ", "1e3", "1.5M", "1.5", "-0", "-1", "1.k",
+                "1.0", "0", "0x", "0x1.8", "1B", "1", "1000", "1EB", "1.25k", "08", "+1M", "16E", "15E",
+                "99999999999999999999", "1.5.5k", "k", ""]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("size", CREATE_SIZES)
+def test_create_size_as_qemu_img(size, fmt, qemu, cli, scratch):
+    """`create FILE SIZE` reads the size as qemu-img does (hex, fractions, suffixes, white space,
+    the range), refuses what it refuses with its message, and a raw image gets qemu-img's length
+    (rounded up to 512 bytes)."""
+    ref_img, our_img = scratch / "ref.img", scratch / "our.img"
+    ref = qemu_img("create", "-q", "-f", fmt, ref_img, "--", size)
+    ours = cli("create", "-q", "-f", fmt, our_img, "--", size)
+    assert ours.returncode == ref.returncode, (size, ours.stderr, ref.stderr)
+    if ref.returncode != 0:
+        assert ours.stderr.replace("qcow2rs:", "qemu-img:") == ref.stderr, (ours.stderr, ref.stderr)
+        return
+    assert virtual_size(our_img) == virtual_size(ref_img)
+    if fmt == "raw":
+        assert our_img.stat().st_size == ref_img.stat().st_size

@@ -42,37 +42,7 @@ fn parse_ulong(s: &str) -> Option<u64> {
 /// qemu's `cvtnum`: a byte count with an optional binary suffix (B, k/K, M, G, T, P, E) and
 /// an optional fraction ("1.5M").
 pub fn parse_size(s: &str) -> Option<u64> {
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return None,
-            };
-            (&s[..s.len() - 1], 1u64 << shift)
-        }
-        _ => (s, 1),
-    };
-    if num.is_empty() || num.starts_with('-') {
-        return None;
-    }
-    if let Some(h) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
-        return u64::from_str_radix(h, 16).ok()?.checked_mul(mult);
-    }
-    if num.contains('.') {
-        let v: f64 = num.parse().ok()?;
-        let r = v * mult as f64;
-        if !r.is_finite() || r < 0.0 || r >= u64::MAX as f64 {
-            return None;
-        }
-        return Some(r as u64);
-    }
-    num.parse::<u64>().ok()?.checked_mul(mult)
+    qcow2_core::create::parse_size(s).ok()
 }
 
 /// Offset of request number `k` (see the module documentation).

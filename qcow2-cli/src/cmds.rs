@@ -316,7 +316,7 @@ async fn cmd_create(p: cli::CreateArgs) -> Result<u8, Fail> {
     }
     let (file, size) = match operands(&[&p.file, &p.size], &p.extra).as_slice() {
         [f] => (f.clone(), None),
-        [f, s] => (f.clone(), Some(create::parse_size(s)?)),
+        [f, s] => (f.clone(), Some(image_size(s)?)),
         [] => return Err(Fail::new("expecting a file name")),
         _ => return Err(Fail::new("too many arguments")),
     };
@@ -781,15 +781,30 @@ async fn cmd_commit(p: cli::CommitArgs) -> Result<u8, Fail> {
     Ok(0)
 }
 
-/// `--size` as qemu-img reads it: a non-negative size below 2^63.
-fn measure_size(s: &str) -> Result<u64, Fail> {
+/// An image size as qemu-img reads one (`create SIZE`, `measure --size`): a non-negative
+/// size below 2^63, with qemu-img's messages.
+fn image_size(s: &str) -> Result<u64, Fail> {
     let range =
         || Fail::new("Invalid image size specified. Must be between 0 and 9223372036854775807.");
     if s.trim_start().starts_with('-') {
         return Err(range());
     }
-    let v = create::parse_size(s)
-        .map_err(|_| Fail::new(format!("Invalid image size specified: '{s}'.")))?;
+    let v = create::parse_size(s).map_err(|_| {
+        // A well-formed number that does not fit gets the range message, as in qemu-img.
+        let t = s.trim_start().trim_start_matches('+');
+        let digits = t.trim_end_matches(|c: char| "bBkKmMgGtTpPeE".contains(c));
+        if !digits.is_empty()
+            && t.len() - digits.len() <= 1
+            && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && digits.bytes().filter(|&b| b == b'.').count() <= 1
+            && (t.len() > digits.len() || !digits.contains('.'))
+            && digits.bytes().any(|b| b.is_ascii_digit())
+        {
+            range()
+        } else {
+            Fail::new(format!("Invalid image size specified: '{s}'."))
+        }
+    })?;
     if v > i64::MAX as u64 {
         return Err(range());
     }
@@ -802,7 +817,7 @@ async fn cmd_measure(p: cli::MeasureArgs) -> Result<u8, Fail> {
     if p.object.is_some() {
         return Err(Fail::new("--object is not supported"));
     }
-    let size = p.size.as_deref().map(measure_size).transpose()?;
+    let size = p.size.as_deref().map(image_size).transpose()?;
     let file = match (operands(&[&p.file], &p.extra).as_slice(), size) {
         ([f], None) => Some(f.clone()),
         ([], Some(_)) => None,

@@ -418,6 +418,11 @@ pub(crate) fn create_file(path: &Path, fo: &FileOptions) -> Result<NewFile> {
 
 /// Create a raw image of `size` bytes (sparse unless preallocated).
 pub async fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+    // Rounded up to whole 512-byte sectors, as qemu-img creates them.
+    let size = size
+        .checked_next_multiple_of(512)
+        .filter(|&s| s <= i64::MAX as u64)
+        .ok_or_else(|| Error::invalid(format!("image size {size} is too large")))?;
     let new = create_file(path, &FileOptions::default())?;
     let f = &new.file;
     match prealloc {
@@ -503,41 +508,70 @@ impl Image {
     }
 }
 
-/// Parse a size with qemu-img's suffixes (k, K, M, G, T, P, E; b for bytes; plain = bytes).
+/// Parse a size as qemu-img reads one (`qemu_strtosz`): leading white space, an optional `+`,
+/// a decimal number with an optional fraction and an optional suffix (`b`/`B` bytes, `k`/`K`,
+/// `M`, `G`, `T`, `P`, `E`: powers of 1024), or a hexadecimal number `0x...` with neither
+/// fraction nor suffix. A fraction needs a suffix unless it is zero ("1.5" is refused, "1.5M"
+/// is 1.5 MiB); exponents, negative numbers, trailing characters (white space included) and
+/// values past 2^64 are refused.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
     let bad = || {
         Error::invalid(format!(
             "invalid size '{s}' (use a number with an optional suffix k, M, G, T, P, E)"
         ))
     };
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return Err(bad()),
-            };
-            (&s[..i], m)
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let t = t.strip_prefix('+').unwrap_or(t);
+    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
         }
-        _ => (s, 1),
+        return u64::from_str_radix(h, 16).map_err(|_| bad());
+    }
+    let int_len = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (int, rest) = t.split_at(int_len);
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) => r.split_at(r.bytes().take_while(u8::is_ascii_digit).count()),
+        None => ("", rest),
     };
-    if num.is_empty() {
+    if int.is_empty() && frac.is_empty() {
         return Err(bad());
     }
-    if let Ok(v) = num.parse::<u64>() {
-        return v.checked_mul(mult).ok_or_else(bad);
-    }
-    let f: f64 = num.parse().map_err(|_| bad())?;
-    if f.is_nan() || f < 0.0 || f * mult as f64 >= 1.8e19 {
+    let shift = match rest.as_bytes() {
+        [] => None,
+        [c] => Some(match c.to_ascii_lowercase() {
+            b'b' => 0,
+            b'k' => 10,
+            b'm' => 20,
+            b'g' => 30,
+            b't' => 40,
+            b'p' => 50,
+            b'e' => 60,
+            _ => return Err(bad()),
+        }),
+        _ => return Err(bad()),
+    };
+    let whole: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let has_fraction = frac.bytes().any(|b| b != b'0');
+    if has_fraction && shift.is_none() {
         return Err(bad());
     }
-    Ok((f * mult as f64) as u64)
+    let mult = 1u64 << shift.unwrap_or(0);
+    let mut v = whole.checked_mul(mult).ok_or_else(bad)?;
+    if has_fraction {
+        // The fraction's share of the unit, truncated to a byte: digits beyond 19 cannot
+        // change it for units up to 2^60.
+        let digits = &frac[..frac.len().min(19)];
+        let scale = 10u128.pow(digits.len() as u32);
+        let f: u128 = digits.parse().map_err(|_| bad())?;
+        let part = u64::try_from(f * mult as u128 / scale).map_err(|_| bad())?;
+        v = v.checked_add(part).ok_or_else(bad)?;
+    }
+    Ok(v)
 }
 
 /// Resolve a name stored in an image against the image's folder.
@@ -756,5 +790,61 @@ impl CreateOptions {
             self.refcount_bits
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_as_qemu_img_reads_them() {
+        let ok = [
+            ("0", 0),
+            ("512", 512),
+            ("  1M", 1 << 20),
+            ("+1M", 1 << 20),
+            ("1b", 1),
+            ("1B", 1),
+            ("4k", 4096),
+            ("64K", 65536),
+            ("1.5M", 3 << 19),
+            ("1.k", 1024),
+            ("1.0", 1),
+            ("1.25k", 1280),
+            (".5k", 512),
+            ("08", 8),
+            ("0x100000", 1 << 20),
+            ("0X10", 16),
+            ("1E", 1 << 60),
+            ("15E", 15 << 60),
+        ];
+        for (s, v) in ok {
+            assert_eq!(parse_size(s).ok(), Some(v), "{s:?}");
+        }
+        let bad = [
+            "",
+            " ",
+            "k",
+            "1M ",
+            "1e3",
+            "1.5",
+            "-0",
+            "-1",
+            "0x",
+            "0x1k",
+            "0x1.8",
+            "0xg",
+            "1EB",
+            "16E",
+            "1x",
+            "1..5k",
+            "+",
+            "1 M",
+            "18446744073709551616",
+        ];
+        for s in bad {
+            assert!(parse_size(s).is_err(), "{s:?} was accepted");
+        }
     }
 }
