@@ -29,7 +29,9 @@
 #      in a pseudo-random order without repeating an offset within a run;
 #    - 64 KiB sequential reads at depth 32 (the whole image);
 #    each with -t none (O_DIRECT) and -t writeback, engine io_uring (-i io_uring; qemu-img
-#    supports it here), plus a threads-engine row and a compressed-image row;
+#    supports it here), plus a threads-engine row and a compressed-image row; then writes:
+#    4 KiB allocating writes on a fresh empty image (one per new cluster, and 8 per new
+#    cluster; run only these with BENCH_ONLY=allocating) and 64 KiB overwrites;
 # 4. times `qcow2rs convert -O raw` against `qemu-img convert -O raw` for the plain and the
 #    compressed image, with a cold source (page cache dropped, when permitted) and a warm
 #    one (the source read into the page cache first); the output file is new every time.
@@ -288,8 +290,13 @@ wrow() { # label count bufsize args...   (bench -w on a fresh empty 1 GiB image)
 }
 if [ "$QUICK" = 1 ]; then CW=2000; else CW=16384; fi
 if [ "$MODE" = device ]; then WCACHE=none WNAME=O_DIRECT; else WCACHE=writeback WNAME="page cache"; fi
-wrow "4 KiB allocating writes, a new cluster each, depth 32, $WNAME" $CW 4096 -d 32 -S 65536 -t $WCACHE -i io_uring
-wrow "4 KiB allocating writes, 8 per cluster, depth 32, $WNAME" $((CW * 3)) 4096 -d 32 -S 8192 -t $WCACHE -i io_uring
+# Allocating writes: 4 KiB requests on the empty image, with a 64 KiB step (each request is
+# the first write to a new 64 KiB cluster) and with an 8 KiB step (8 requests per new cluster,
+# at 0, 8, ..., 56 KiB into it; at depth 32, four clusters are being written at a time). The
+# data is a non-zero byte (--pattern 165): with the default pattern 0 a write into a new
+# cluster needs no data written at all, which would not measure writes.
+wrow "4 KiB allocating writes, a new cluster each, depth 32, $WNAME" $CW 4096 --pattern 165 -d 32 -S 65536 -t $WCACHE -i io_uring
+wrow "4 KiB allocating writes, 8 per cluster, depth 32, $WNAME" $((CW * 3)) 4096 --pattern 165 -d 32 -S 8192 -t $WCACHE -i io_uring
 if want "64 KiB overwrites"; then
     cp "$PLAIN" "$DIR/over.qcow2"
     row "64 KiB overwrites, depth 32, $WNAME" "$DIR/over.qcow2" $C64 65536 -w -d 32 -t $WCACHE -i io_uring

@@ -1,7 +1,7 @@
 //! Copy-on-write and allocation of guest clusters (and of subclusters with extended L2).
 
 use crate::engine::image::Image;
-use crate::engine::write::{nonzero_span, subcluster_mask};
+use crate::engine::write::{nonzero_range, nonzero_span, subcluster_mask};
 use crate::format::l2::{self, ClusterEntry, COPIED};
 use crate::{Error, Result};
 
@@ -46,27 +46,25 @@ impl Image {
             }
         }
 
-        // Build the new cluster content: current guest content with the range overlaid.
+        // The cluster reads as zeros now (and has no host cluster to reuse): if it gets a
+        // fresh host cluster, only the request's own range has to be written.
+        let reads_zero = !external
+            && !lay.extended
+            && match ce {
+                ClusterEntry::Zero { host: None } => true,
+                ClusterEntry::Unallocated => self.inner.backing.is_none(),
+                _ => false,
+            };
+        // Otherwise the new cluster content: current guest content with the range overlaid
+        // (built below once the host cluster is known not to be fresh).
         let whole = within == 0 && len == cs;
-        let fresh_possible =
-            matches!(ce, ClusterEntry::Unallocated | ClusterEntry::Zero { .. }) && !lay.extended;
-        let mut content = if whole {
-            vec![0u8; cs as usize]
-        } else {
-            self.cluster_content(gc).await?
-        };
-        match data {
-            Some(d) => content[within as usize..(within + len) as usize].copy_from_slice(d),
-            None => content[within as usize..(within + len) as usize].fill(0),
-        }
-        let _ = fresh_possible;
         // Which subclusters end up allocated (extended L2): every subcluster, since the whole
         // cluster content is written.
         // From the allocation until the mapping is published the new cluster is counted
         // but not referenced: `check` waits for that window to close (`alloc_gate`).
         let _gate = w.alloc_gate.read().await;
         // Choose the host cluster.
-        let (host, fresh, old_refs): (u64, bool, Vec<u64>) = {
+        let (host, fresh, old_refs, tail_needed): (u64, bool, Vec<u64>, bool) = {
             let mut m = w.meta.lock().await;
             self.ensure_l2_writable(&mut m, gc).await?;
             let mut old_refs = Vec::new();
@@ -92,17 +90,34 @@ impl Image {
                 _ => {}
             }
             if external {
-                (gc * cs, false, old_refs)
+                (gc * cs, false, old_refs, false)
             } else if let Some(h) = reuse {
-                (h, false, old_refs)
+                (h, false, old_refs, false)
             } else {
                 let hw = m.high_water;
                 let h = self.alloc_clusters(&mut m, 1).await?;
                 self.check_overlap(h, cs, crate::engine::overlap::Target::Data)
                     .await?;
-                (h, (h >> lay.cluster_bits) >= hw, old_refs)
+                // Space reserved ahead (`reserve_space`) extended the file past the cluster:
+                // its end need not be written for the file to cover it.
+                let covered = h + cs <= m.reserved_end;
+                (h, (h >> lay.cluster_bits) >= hw, old_refs, !covered)
             }
         };
+        if fresh && reads_zero {
+            return self
+                .fresh_zero_write(gc, host, within, data, len, tail_needed)
+                .await;
+        }
+        let mut content = if whole {
+            vec![0u8; cs as usize]
+        } else {
+            self.cluster_content(gc).await?
+        };
+        match data {
+            Some(d) => content[within as usize..(within + len) as usize].copy_from_slice(d),
+            None => content[within as usize..(within + len) as usize].fill(0),
+        }
         // Write the data (outside the lock). A fresh cluster past the old end of file already
         // reads as zeros: write only the non-zero part, and the last sector (zeros) so that
         // the file covers the whole cluster (qemu-img check calls a cluster wholly past the
@@ -142,6 +157,81 @@ impl Image {
         let new_bm = if lay.extended { 0xffff_ffffu64 } else { 0 };
         self.set_l2_entry(&mut m, gc, host | COPIED, new_bm).await?;
         m.pending_free.extend(old_refs);
+        Ok(())
+    }
+
+    /// `allocating_write` of a cluster that reads as zeros into fresh host cluster `host`
+    /// (past everything ever allocated: its bytes read as zeros). Only the request's own
+    /// range is written (its non-zero part), plus, when the file does not yet cover the
+    /// cluster, its last sector; then later writes to the cluster may join (write their data
+    /// into `host` alongside, see `inflight.rs`), and the mapping is published once this
+    /// request's data is written. The caller holds the cluster's in-flight mark and the
+    /// allocation gate.
+    async fn fresh_zero_write(
+        &self,
+        gc: u64,
+        host: u64,
+        within: u64,
+        data: Option<&[u8]>,
+        len: u64,
+        tail_needed: bool,
+    ) -> Result<()> {
+        let lay = self.inner.layout;
+        let cs = lay.cluster_size;
+        let w = self.ws()?;
+        let file = &self.inner.data;
+        // The part of the request that is not zeros (relative to `within`). Zeros need no
+        // writing: the cluster reads as zeros, and a zero range left unwritten cannot
+        // overwrite what a joined write puts there.
+        let span = data.and_then(nonzero_range);
+        let res = async {
+            if tail_needed && span.is_none_or(|(_, b)| within + (b as u64) < cs) {
+                // The last sector, with the request's bytes that fall into it. Written before
+                // any joined write can start, so its zeros cannot overwrite one.
+                let t0 = cs - 512;
+                let mut tail = [0u8; 512];
+                if let (Some(d), Some(_)) = (data, span) {
+                    let (a, b) = (within.max(t0), (within + len).min(cs));
+                    if a < b {
+                        tail[(a - t0) as usize..(b - t0) as usize]
+                            .copy_from_slice(&d[(a - within) as usize..(b - within) as usize]);
+                    }
+                }
+                file.write_at(&tail, host + t0).await?;
+            }
+            let slot = self.announce_fresh(gc, host);
+            if let (Some(d), Some((a, b))) = (data, span) {
+                file.write_at(&d[a..b], host + within + a as u64).await?;
+            }
+            Ok::<_, std::io::Error>(slot)
+        }
+        .await;
+        let slot = match res {
+            Ok(s) => s,
+            Err(err) => {
+                // Give the cluster back (no table references it; writes that joined start
+                // again when the mark is released, and their tickets keep the cluster from
+                // being reused while their writes into it run).
+                w.meta
+                    .lock()
+                    .await
+                    .pending_free
+                    .push(host >> lay.cluster_bits);
+                return Err(Error::io(
+                    err,
+                    format!(
+                        "{}: writing data at host offset 0x{host:x}",
+                        self.inner.path.display()
+                    ),
+                ));
+            }
+        };
+        let mut m = w.meta.lock().await;
+        self.set_l2_entry(&mut m, gc, host | COPIED, 0).await?;
+        drop(m);
+        if let Some(slot) = slot {
+            self.publish_fresh(&slot);
+        }
         Ok(())
     }
 

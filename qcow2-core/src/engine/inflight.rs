@@ -44,22 +44,87 @@ use crate::engine::image::Image;
 use crate::engine::metadata::Meta;
 use crate::engine::write::WriteState;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
+
+/// The in-flight state of one guest cluster whose mark is held (see [`Image::acquire`]).
+///
+/// An allocating write into a cluster that reads as zeros and gets a fresh host cluster
+/// (past everything ever allocated, so its bytes read as zeros already) *announces* the host
+/// cluster as soon as it is chosen: later writes to the same guest cluster then write their
+/// data into it in parallel with the first one's data write (they *join* it) and only wait
+/// for the mapping to be published, instead of waiting for the whole allocation and then
+/// writing in place. Nothing else of the cluster has to be written by anyone: its unwritten
+/// parts read as zeros, which is what the guest cluster read as before.
+pub(crate) struct Inflight {
+    notify: Arc<Notify>,
+    /// Host offset + 1 of the announced fresh host cluster; 0 while none is.
+    host: AtomicU64,
+    /// `RUNNING`, `PUBLISHED` or `ABANDONED`.
+    state: AtomicU8,
+}
+
+const RUNNING: u8 = 0;
+/// The mapping to the announced host cluster is published (in the L2 cache).
+const PUBLISHED: u8 = 1;
+/// The mark was released without publishing a mapping to the announced cluster (an error
+/// or a dropped future): writes that joined must start again.
+const ABANDONED: u8 = 2;
+
+impl Inflight {
+    fn new() -> Self {
+        Inflight {
+            notify: Arc::new(Notify::new()),
+            host: AtomicU64::new(0),
+            state: AtomicU8::new(RUNNING),
+        }
+    }
+
+    /// Wait until the holder of the mark published the mapping (`true`) or released the
+    /// mark without doing so (`false`).
+    pub(crate) async fn published(&self) -> bool {
+        loop {
+            let fut = self.notify.notified();
+            tokio::pin!(fut);
+            // Registered before the state is read: a change after the read wakes us.
+            fut.as_mut().enable();
+            match self.state.load(Ordering::Acquire) {
+                PUBLISHED => return true,
+                ABANDONED => return false,
+                _ => fut.await,
+            }
+        }
+    }
+}
 
 /// Releases a guest cluster's in-flight mark on drop and wakes waiters.
 pub(crate) struct InflightGuard<'a> {
     w: &'a WriteState,
     gc: u64,
-    notify: Arc<Notify>,
+    slot: Arc<Inflight>,
 }
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
+        let _ = self.slot.state.compare_exchange(
+            RUNNING,
+            ABANDONED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.w.inflight.lock().remove(&self.gc);
-        self.notify.notify_waiters();
+        self.slot.notify.notify_waiters();
     }
+}
+
+/// What [`Image::acquire_or_join`] got.
+pub(crate) enum Acquired<'a> {
+    /// The mark (or `None` on a read-only handle, as [`Image::acquire`]).
+    Mark(Option<InflightGuard<'a>>),
+    /// The mark's holder is allocating host cluster `.1` (fresh, reading as zeros) for the
+    /// guest cluster: write into it, then wait for [`Inflight::published`].
+    Join(Arc<Inflight>, u64),
 }
 
 /// A handle whose metadata does not change while this is held (see [`Image::quiesce`]).
@@ -180,28 +245,62 @@ impl Quarantine {
 }
 
 impl Image {
+    /// Take guest cluster `gc`'s in-flight mark, waiting while another request holds it.
     pub(crate) async fn acquire(&self, gc: u64) -> Option<InflightGuard<'_>> {
-        let w = self.inner.w.as_ref()?;
+        match self.acquire_or_join(gc, false).await {
+            Acquired::Mark(g) => g,
+            Acquired::Join(..) => unreachable!("joining was not asked for"),
+        }
+    }
+
+    /// Like [`Image::acquire`], but with `join`, return as soon as the holder of the mark
+    /// has announced a fresh host cluster (see [`Inflight`]) instead of waiting for the mark.
+    pub(crate) async fn acquire_or_join(&self, gc: u64, join: bool) -> Acquired<'_> {
+        let Some(w) = self.inner.w.as_ref() else {
+            return Acquired::Mark(None);
+        };
         loop {
             let wait = {
                 let mut map = w.inflight.lock();
                 match map.get(&gc) {
                     Some(n) => {
+                        let host = n.host.load(Ordering::Acquire);
+                        if join && host != 0 && n.state.load(Ordering::Acquire) == RUNNING {
+                            return Acquired::Join(n.clone(), host - 1);
+                        }
                         // Register as a waiter before the map lock is released, so the
                         // owner's notify_waiters() cannot be missed.
-                        let mut fut = Box::pin(n.clone().notified_owned());
+                        let mut fut = Box::pin(n.notify.clone().notified_owned());
                         fut.as_mut().enable();
                         fut
                     }
                     None => {
-                        let n = Arc::new(Notify::new());
+                        let n = Arc::new(Inflight::new());
                         map.insert(gc, n.clone());
-                        return Some(InflightGuard { w, gc, notify: n });
+                        return Acquired::Mark(Some(InflightGuard { w, gc, slot: n }));
                     }
                 }
             };
             wait.await;
         }
+    }
+
+    /// The holder of guest cluster `gc`'s mark chose fresh host cluster `host` for it, and
+    /// nothing of that cluster remains to be written but the holder's own range: let later
+    /// writes to the cluster join (see [`Inflight`]). Returns the slot to report the
+    /// publication on.
+    pub(crate) fn announce_fresh(&self, gc: u64, host: u64) -> Option<Arc<Inflight>> {
+        let w = self.inner.w.as_ref()?;
+        let slot = w.inflight.lock().get(&gc).cloned()?;
+        slot.host.store(host + 1, Ordering::Release);
+        slot.notify.notify_waiters();
+        Some(slot)
+    }
+
+    /// The mapping of an announced cluster is published: wake the writes that joined.
+    pub(crate) fn publish_fresh(&self, slot: &Inflight) {
+        slot.state.store(PUBLISHED, Ordering::Release);
+        slot.notify.notify_waiters();
     }
 
     /// Enter a guest request: `None` on a read-only handle, else a guard to hold until the

@@ -4,9 +4,13 @@
 //! updates, never across guest data I/O. Writes into clusters that are already allocated
 //! with refcount 1 take no lock at all. Writes that must allocate or copy a cluster first
 //! register the guest cluster as in flight; a second request for the same cluster waits for
-//! the first to publish its mapping and then re-evaluates.
+//! the first to publish its mapping and then re-evaluates, except when the first is
+//! allocating a fresh host cluster for a cluster that reads as zeros: then the second writes
+//! into that host cluster alongside and waits only for the mapping (`inflight.rs`,
+//! [`crate::engine::inflight::Inflight`]).
 
 use crate::engine::image::Image;
+use crate::engine::inflight::Acquired;
 use crate::engine::metadata::Meta;
 use crate::format::header::{AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
 use crate::format::l2::{self, ClusterEntry};
@@ -14,12 +18,12 @@ use crate::{Error, Result};
 use parking_lot::Mutex as PMutex;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::{Mutex, Notify, OnceCell};
+use tokio::sync::{Mutex, OnceCell};
 
 /// Write state of an image opened writable.
 pub struct WriteState {
     pub(crate) meta: Mutex<Meta>,
-    pub(crate) inflight: PMutex<HashMap<u64, Arc<Notify>>>,
+    pub(crate) inflight: PMutex<HashMap<u64, Arc<crate::engine::inflight::Inflight>>>,
     pub(crate) first_write: OnceCell<()>,
     /// Request tickets (see `engine/inflight.rs`).
     pub(crate) epochs: crate::engine::inflight::Epochs,
@@ -194,8 +198,21 @@ impl Image {
         if let Some(host) = self.in_place_target(gc, within, len).await? {
             return self.write_data(host + within, data, len).await;
         }
-        let _guard = self.acquire(gc).await;
-        self.write_cluster_guarded(g, data, len).await
+        loop {
+            match self.acquire_or_join(gc, true).await {
+                Acquired::Mark(_guard) => return self.write_cluster_guarded(g, data, len).await,
+                Acquired::Join(slot, host) => {
+                    // The first write to the cluster is allocating fresh host cluster `host`:
+                    // write into it alongside, then wait for its mapping. The ticket this
+                    // request holds keeps `host` from being reused meanwhile if that
+                    // allocation fails and frees it; then start again.
+                    self.write_data(host + within, data, len).await?;
+                    if slot.published().await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// `write_cluster` for a caller that holds the cluster's in-flight mark.
@@ -287,4 +304,35 @@ pub(crate) fn nonzero_span(b: &[u8]) -> Option<(usize, usize)> {
         .rev()
         .find(|&i| !crate::jobs::convert::is_zero(&b[i * g..(i + 1) * g]))?;
     Some((first * g, (last + 1) * g))
+}
+
+/// The range `[a, b)` of `d` that holds every non-zero byte, with `a` and `b` multiples of
+/// 512 or `b` its end (unlike [`nonzero_span`], a partial last 512 bytes count), if any.
+pub(crate) fn nonzero_range(d: &[u8]) -> Option<(usize, usize)> {
+    let chunk = |i: usize| &d[i * 512..((i + 1) * 512).min(d.len())];
+    let n = d.len().div_ceil(512);
+    let first = (0..n).find(|&i| !crate::jobs::convert::is_zero(chunk(i)))?;
+    let last = (0..n)
+        .rev()
+        .find(|&i| !crate::jobs::convert::is_zero(chunk(i)))?;
+    Some((first * 512, ((last + 1) * 512).min(d.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_range_counts_a_partial_last_chunk() {
+        let mut d = vec![0u8; 4826];
+        assert_eq!(nonzero_range(&d), None);
+        d[4825] = 1;
+        assert_eq!(nonzero_range(&d), Some((4608, 4826)));
+        d[600] = 1;
+        assert_eq!(nonzero_range(&d), Some((512, 4826)));
+        assert_eq!(nonzero_range(&[0, 0, 7]), Some((0, 3)));
+        let mut e = vec![0u8; 2048];
+        e[1024] = 9;
+        assert_eq!(nonzero_range(&e), Some((1024, 1536)));
+    }
 }

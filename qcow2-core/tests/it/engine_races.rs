@@ -753,3 +753,124 @@ async fn batched_write_rechecks_clusters_allocated_meanwhile() {
     )
     .await;
 }
+
+/// Write the model to a raw file next to `path` and compare it with the image (qemu-img).
+fn compare_with_mirror(path: &Path, model: &[u8], what: &str) {
+    if !have_qemu() {
+        return;
+    }
+    let raw = path.with_extension("mirror.raw");
+    std::fs::write(&raw, model).unwrap();
+    qemu_compare_raw(&raw, path, what);
+}
+
+/// Two 4 KiB writes into one new cluster, the first (W1) held at its data write. Without a
+/// backing file the cluster reads as zeros and gets a fresh host cluster: W2 must write its
+/// data into that cluster while W1 is held (it joins W1's allocation instead of waiting for
+/// it), and must not complete before W1 published the mapping. With a backing file the
+/// cluster needs copy-on-write: W2 must wait for W1 (its data write must not reach the
+/// storage while W1 is held). Both land either way; the image is clean and equal to a raw
+/// mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_write_to_a_cluster_being_allocated() {
+    if !have_qemu() {
+        return;
+    }
+    for backing in [false, true] {
+        let what = format!("backing {backing}");
+        let dir = tmpdir();
+        let mut model = vec![0u8; 1 << 20];
+        let mut opts = "cluster_size=64k".to_string();
+        if backing {
+            let base = qemu_create(dir.path(), "base.qcow2", "", "1M");
+            qemu_io(&base, None, &["write -q -P 0x40 0 1M"]);
+            model.fill(0x40);
+            opts += &format!(",backing_file={},backing_fmt=qcow2", p(&base));
+        }
+        let path = qemu_create(dir.path(), "a.qcow2", &opts, "1M");
+        let (img, hs) = open_hooked(&path).await;
+        let g1 = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xa1))));
+        let g2 = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xb2))));
+        let i1 = img.clone();
+        let w1 = tokio::spawn(async move { i1.write_at(&[0xa1; 4096], 65536 + 4096).await });
+        arrived(&g1, 1, &what).await;
+        let i2 = img.clone();
+        let w2 = tokio::spawn(async move { i2.write_at(&[0xb2; 4096], 65536 + 32768).await });
+        if backing {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                g2.arrived(),
+                0,
+                "{what}: W2 wrote before W1's copy-on-write"
+            );
+            g1.release();
+            arrived(&g2, 1, &what).await;
+            g2.release();
+        } else {
+            // W2 joined: its data write reaches the storage while W1 is held ...
+            arrived(&g2, 1, &what).await;
+            g2.release();
+            // ... and it then waits for W1's mapping.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(!w2.is_finished(), "{what}: W2 completed before the mapping");
+            g1.release();
+        }
+        w1.await.unwrap().unwrap();
+        w2.await.unwrap().unwrap();
+        model[65536 + 4096..65536 + 8192].fill(0xa1);
+        model[65536 + 32768..65536 + 36864].fill(0xb2);
+        let mut got = vec![0u8; 1 << 20];
+        img.read_at(&mut got, 0).await.unwrap();
+        assert_same(&got, &model, &what);
+        verify_closed(img, &path, &model, &what).await;
+        compare_with_mirror(&path, &model, &what);
+    }
+}
+
+/// W2 joins W1's allocation of a fresh cluster (writes into it), then W1 is dropped before
+/// it published the mapping (its data write still held): W2 must not report success for
+/// data in a cluster that no mapping will reference. It starts again, allocates on its own
+/// and lands. (W1's cluster leaks, as any allocation dropped half-way does; nothing is
+/// corrupt.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_write_survives_an_abandoned_allocation() {
+    let dir = tmpdir();
+    let path = dir.path().join("a.qcow2");
+    make(&path, 1 << 20, CreateOptions::default()).await;
+    let (img, hs) = open_hooked(&path).await;
+    let mut model = vec![0u8; 1 << 20];
+    let g1 = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xa1))));
+    let g2 = hs.hold(
+        Match::op(Op::Write)
+            .when(|r| r.data.is_some_and(|d| d.contains(&0xb2)))
+            .times(1),
+    );
+    let i1 = img.clone();
+    let w1 = tokio::spawn(async move { i1.write_at(&[0xa1; 4096], 0).await });
+    arrived(&g1, 1, "W1").await;
+    let i2 = img.clone();
+    let w2 = tokio::spawn(async move { i2.write_at(&[0xb2; 4096], 8192).await });
+    arrived(&g2, 1, "W2 joined").await;
+    g2.release();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!w2.is_finished(), "W2 completed before any mapping");
+    w1.abort();
+    assert!(w1.await.unwrap_err().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(10), w2)
+        .await
+        .expect("W2 hangs after W1 was dropped")
+        .unwrap()
+        .unwrap();
+    model[8192..12288].fill(0xb2);
+    let mut got = vec![0u8; 1 << 20];
+    img.read_at(&mut got, 0).await.unwrap();
+    assert_same(&got, &model, "after the abandoned allocation");
+    img.close().await.unwrap();
+    let again = open_ro(&path).await;
+    assert_same(&read_all(&again).await, &model, "reopened");
+    drop(again);
+    if have_qemu() {
+        assert_no_corruption(&path, "joined write after an abandoned allocation");
+        compare_with_mirror(&path, &model, "joined write after an abandoned allocation");
+    }
+}
