@@ -72,19 +72,36 @@ impl Image {
                 return Some(format!("the L1 table of snapshot '{}'", s.name));
             }
         }
+        // The L1 and refcount tables are scanned whole on every allocation, so first with a
+        // loop the compiler vectorises (no early exit); the entry is looked for only on a hit.
+        // A cluster at `t` (non-zero) hits `[off, end)` iff `lo < t < end`, `lo` being
+        // `off - cs` (0 when `off < cs`, where `t > 0` is all it takes).
+        let lo = off.saturating_sub(cs);
+        let any_hit = |tab: &[u64], mask: u64| {
+            tab.iter().fold(false, |acc, &e| {
+                let t = e & mask;
+                acc | ((t > lo) & (t < end))
+            })
+        };
         if target != Target::L2 {
-            for (i, &e) in self.inner.l1.read().iter().enumerate() {
-                let t = l2::l1_offset(e);
-                if t != 0 && hits(t, cs) {
-                    return Some(format!("the L2 table of L1 entry {i}"));
+            let l1 = self.inner.l1.read();
+            if any_hit(&l1, l2::OFFSET_MASK) {
+                for (i, &e) in l1.iter().enumerate() {
+                    let t = l2::l1_offset(e);
+                    if t != 0 && hits(t, cs) {
+                        return Some(format!("the L2 table of L1 entry {i}"));
+                    }
                 }
             }
         }
         if target != Target::RefBlock {
-            for (i, &e) in self.inner.reftable.read().iter().enumerate() {
-                let b = e & !511;
-                if b != 0 && hits(b, cs) {
-                    return Some(format!("refcount block {i}"));
+            let rt = self.inner.reftable.read();
+            if any_hit(&rt, !511) {
+                for (i, &e) in rt.iter().enumerate() {
+                    let b = e & !511;
+                    if b != 0 && hits(b, cs) {
+                        return Some(format!("refcount block {i}"));
+                    }
                 }
             }
         }

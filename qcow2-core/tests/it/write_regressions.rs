@@ -349,3 +349,62 @@ async fn map_metadata_preallocation_threshold_is_inclusive() {
         }
     }
 }
+
+/// The metadata overlap check: a refcount of 0 on an L2 table or a refcount block (a corrupt
+/// image) makes the allocator hand that cluster out for guest data; the write must fail with
+/// a corrupt-image error naming the structure, and the structure must be left intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_onto_metadata_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    for (victim, what) in [
+        ("l2", "would overwrite the L2 table of L1 entry 0"),
+        ("refblock", "would overwrite refcount block 0"),
+    ] {
+        let dir = tmpdir();
+        let path = qemu_create(dir.path(), "o.qcow2", "", "16M");
+        qemu_io(&path, None, &["write -P 1 0 64k"]);
+        let mut raw = crate::surgery::Raw::load(&path);
+        let cs = raw.cs();
+        let host = match victim {
+            "l2" => raw.u64(raw.u64(40) as usize) & 0x00ff_ffff_ffff_fe00,
+            _ => raw.u64(raw.u64(48) as usize) & !511,
+        };
+        let mut before = raw.b[host as usize..(host + cs) as usize].to_vec();
+        // The refcount block holds the victim's own refcount, which the allocation sets
+        // again: every other byte must stay.
+        let own = raw.refcount_pos(host / cs).unwrap() as u64;
+        let own = (own >= host && own < host + cs).then(|| (own - host) as usize);
+        raw.set_refcount(host / cs, 0);
+        raw.save();
+        let img = open_rw(&path).await;
+        let err = img
+            .write_at(&vec![0x78u8; cs as usize], cs)
+            .await
+            .expect_err("a write onto metadata was allowed");
+        assert_eq!(
+            err.kind(),
+            qcow2_core::ErrorKind::Corrupt,
+            "{victim}: {err}"
+        );
+        assert!(err.to_string().contains(what), "{victim}: {err}");
+        drop(img);
+        let after = std::fs::read(&path).unwrap();
+        let mut after = after[host as usize..(host + cs) as usize].to_vec();
+        if let Some(o) = own {
+            after[o..o + 2].fill(0);
+            before[o..o + 2].fill(0);
+        }
+        assert!(
+            after == before,
+            "{victim}: the metadata cluster was overwritten"
+        );
+        // Marked corrupt: qemu-io opens it read-only only; guest cluster 0 still reads back.
+        let out = run(
+            "qemu-io",
+            &["-r", "-f", "qcow2", "-c", "read -P 1 0 64k", p(&path)],
+        );
+        assert!(!out.contains("fail"), "{victim}: {out}");
+    }
+}
