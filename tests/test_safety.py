@@ -139,8 +139,13 @@ def test_qemu_refuses_what_we_write(qemu, cli, qcow2rs, scratch):
     p = scratch / "ours.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "64M")
     bench = subprocess.Popen([str(a) for a in [qcow2rs, "bench", "-w", "-c", "100000000", "-d", "1", "-s", "512", "-S", "0", p]],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
+        # Probe only once it has opened the image (it prints its first line then): a probe
+        # during its open can hold qemu's transient lock bytes just when it takes its own,
+        # and its open then fails as qemu-img's would (CI failure: "qcow2rs took no lock").
+        first = bench.stdout.readline()
+        assert first.startswith("Sending"), (first, bench.poll(), bench.stderr.read() if bench.poll() is not None else "")
         deadline = time.time() + 10
         while qemu_img("info", p, check=False).returncode == 0:
             assert time.time() < deadline, "qcow2rs took no lock"

@@ -144,13 +144,7 @@ impl Image {
                     m.pending_free.push(host >> lay.cluster_bits);
                 }
             }
-            return Err(Error::io(
-                err,
-                format!(
-                    "{}: writing data at host offset 0x{host:x}",
-                    self.inner.path.display()
-                ),
-            ));
+            return Err(self.data_write_error(err, host));
         }
         // Publish the mapping.
         let mut m = w.meta.lock().await;
@@ -217,13 +211,7 @@ impl Image {
                     .await
                     .pending_free
                     .push(host >> lay.cluster_bits);
-                return Err(Error::io(
-                    err,
-                    format!(
-                        "{}: writing data at host offset 0x{host:x}",
-                        self.inner.path.display()
-                    ),
-                ));
+                return Err(self.data_write_error(err, host));
             }
         };
         let mut m = w.meta.lock().await;

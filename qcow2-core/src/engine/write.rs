@@ -277,15 +277,18 @@ impl Image {
             Some(d) => self.inner.data.write_at(d, host).await,
             None => self.inner.data.write_zeroes(host, len).await,
         };
-        r.map_err(|e| {
-            Error::io(
-                e,
-                format!(
-                    "{}: writing data at host offset 0x{host:x}",
-                    self.inner.path.display()
-                ),
-            )
-        })
+        r.map_err(|e| self.data_write_error(e, host))
+    }
+
+    /// The error of a failed guest data write at host offset `host`.
+    pub(crate) fn data_write_error(&self, e: std::io::Error, host: u64) -> Error {
+        Error::io(
+            e,
+            format!(
+                "{}: writing data at host offset 0x{host:x}",
+                self.inner.path.display()
+            ),
+        )
     }
 }
 

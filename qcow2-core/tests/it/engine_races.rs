@@ -668,6 +668,24 @@ async fn failed_bitmap_in_use_write_keeps_bitmaps_valid() {
 
 // ---- bug 1: lost write on extended L2 ----
 
+/// A 1 MiB image `a.qcow2` made by qemu-img with `opts`, over a base filled with 0x40 when
+/// `backing`; with the guest content it starts with (the model the tests update).
+fn image_over_optional_base(
+    dir: &std::path::Path,
+    opts: &str,
+    backing: bool,
+) -> (std::path::PathBuf, Vec<u8>) {
+    let mut model = vec![0u8; 1 << 20];
+    let mut opts = opts.to_string();
+    if backing {
+        let base = qemu_create(dir, "base.qcow2", "", "1M");
+        qemu_io(&base, None, &["write -q -P 0x40 0 1M"]);
+        model.fill(0x40);
+        opts += &format!(",backing_file={},backing_fmt=qcow2", p(&base));
+    }
+    (qemu_create(dir, "a.qcow2", &opts, "1M"), model)
+}
+
 /// Two concurrent 512-byte writes into one 2 KiB subcluster of an extended-L2 cluster; one
 /// also spans the unallocated next subcluster. That one read both subclusters whole and
 /// rewrote them: when the other (in place, no lock) landed between its read and its write,
@@ -682,15 +700,8 @@ async fn extended_l2_partial_allocation_keeps_concurrent_in_place_write() {
     for backing in [false, true] {
         let what = format!("backing {backing}");
         let dir = tmpdir();
-        let mut model = vec![0u8; 1 << 20];
-        let mut opts = "extended_l2=on,cluster_size=64k".to_string();
-        if backing {
-            let base = qemu_create(dir.path(), "base.qcow2", "", "1M");
-            qemu_io(&base, None, &["write -q -P 0x40 0 1M"]);
-            model.fill(0x40);
-            opts += &format!(",backing_file={},backing_fmt=qcow2", p(&base));
-        }
-        let path = qemu_create(dir.path(), "a.qcow2", &opts, "1M");
+        let (path, mut model) =
+            image_over_optional_base(dir.path(), "extended_l2=on,cluster_size=64k", backing);
         qemu_io(&path, None, &["write -q -P 0x11 0 2048"]);
         model[..2048].fill(0x11);
         let (img, hs) = open_hooked(&path).await;
@@ -779,15 +790,7 @@ async fn second_write_to_a_cluster_being_allocated() {
     for backing in [false, true] {
         let what = format!("backing {backing}");
         let dir = tmpdir();
-        let mut model = vec![0u8; 1 << 20];
-        let mut opts = "cluster_size=64k".to_string();
-        if backing {
-            let base = qemu_create(dir.path(), "base.qcow2", "", "1M");
-            qemu_io(&base, None, &["write -q -P 0x40 0 1M"]);
-            model.fill(0x40);
-            opts += &format!(",backing_file={},backing_fmt=qcow2", p(&base));
-        }
-        let path = qemu_create(dir.path(), "a.qcow2", &opts, "1M");
+        let (path, mut model) = image_over_optional_base(dir.path(), "cluster_size=64k", backing);
         let (img, hs) = open_hooked(&path).await;
         let g1 = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xa1))));
         let g2 = hs.hold(Match::op(Op::Write).when(|r| r.data.is_some_and(|d| d.contains(&0xb2))));
