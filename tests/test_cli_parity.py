@@ -216,7 +216,7 @@ def test_option_errors_as_qemu_img(qemu, cli, scratch):
 
 CREATE_SIZES = ["0x100000", "0X10000", "0x1k", "  1M", "1M ", "1e3", "1.5M", "1.5", "-0", "-1", "1.k",
                 "1.0", "0", "0x", "0x1.8", "1B", "1", "1000", "1EB", "1.25k", "08", "+1M", "16E", "15E",
-                "99999999999999999999", "1.5.5k", "k", ""]
+                "99999999999999999999", "1.5.5k", "k", "", "0x1ffffffffffffffff"]
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])

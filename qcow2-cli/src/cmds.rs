@@ -789,21 +789,10 @@ fn image_size(s: &str) -> Result<u64, Fail> {
     if s.trim_start().starts_with('-') {
         return Err(range());
     }
-    let v = create::parse_size(s).map_err(|_| {
+    let v = create::parse_size(s).map_err(|e| match e.kind() {
         // A well-formed number that does not fit gets the range message, as in qemu-img.
-        let t = s.trim_start().trim_start_matches('+');
-        let digits = t.trim_end_matches(|c: char| "bBkKmMgGtTpPeE".contains(c));
-        if !digits.is_empty()
-            && t.len() - digits.len() <= 1
-            && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-            && digits.bytes().filter(|&b| b == b'.').count() <= 1
-            && (t.len() > digits.len() || !digits.contains('.'))
-            && digits.bytes().any(|b| b.is_ascii_digit())
-        {
-            range()
-        } else {
-            Fail::new(format!("Invalid image size specified: '{s}'."))
-        }
+        qcow2_core::ErrorKind::OutOfRange => range(),
+        _ => Fail::new(format!("Invalid image size specified: '{s}'.")),
     })?;
     if v > i64::MAX as u64 {
         return Err(range());

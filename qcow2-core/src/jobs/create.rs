@@ -513,20 +513,20 @@ impl Image {
 /// `M`, `G`, `T`, `P`, `E`: powers of 1024), or a hexadecimal number `0x...` with neither
 /// fraction nor suffix. A fraction needs a suffix unless it is zero ("1.5" is refused, "1.5M"
 /// is 1.5 MiB); exponents, negative numbers, trailing characters (white space included) and
-/// values past 2^64 are refused.
+/// values past 2^64 are refused, the last with [`ErrorKind::OutOfRange`](crate::ErrorKind).
 pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || {
-        Error::invalid(format!(
-            "invalid size '{s}' (use a number with an optional suffix k, M, G, T, P, E)"
-        ))
-    };
+    let msg =
+        || format!("invalid size '{s}' (use a number with an optional suffix k, M, G, T, P, E)");
+    let bad = || Error::invalid(msg());
+    // A well-formed number that does not fit in 64 bits (qemu-img's "Must be between" case).
+    let big = || Error::out_of_range(msg());
     let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
     let t = t.strip_prefix('+').unwrap_or(t);
     if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         if h.is_empty() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
-        return u64::from_str_radix(h, 16).map_err(|_| bad());
+        return u64::from_str_radix(h, 16).map_err(|_| big());
     }
     let int_len = t.bytes().take_while(u8::is_ascii_digit).count();
     let (int, rest) = t.split_at(int_len);
@@ -554,22 +554,22 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let whole: u64 = if int.is_empty() {
         0
     } else {
-        int.parse().map_err(|_| bad())?
+        int.parse().map_err(|_| big())?
     };
     let has_fraction = frac.bytes().any(|b| b != b'0');
     if has_fraction && shift.is_none() {
         return Err(bad());
     }
     let mult = 1u64 << shift.unwrap_or(0);
-    let mut v = whole.checked_mul(mult).ok_or_else(bad)?;
+    let mut v = whole.checked_mul(mult).ok_or_else(big)?;
     if has_fraction {
         // The fraction's share of the unit, truncated to a byte: digits beyond 19 cannot
         // change it for units up to 2^60.
         let digits = &frac[..frac.len().min(19)];
         let scale = 10u128.pow(digits.len() as u32);
         let f: u128 = digits.parse().map_err(|_| bad())?;
-        let part = u64::try_from(f * mult as u128 / scale).map_err(|_| bad())?;
-        v = v.checked_add(part).ok_or_else(bad)?;
+        let part = u64::try_from(f * mult as u128 / scale).map_err(|_| big())?;
+        v = v.checked_add(part).ok_or_else(big)?;
     }
     Ok(v)
 }
@@ -845,6 +845,20 @@ mod tests {
         ];
         for s in bad {
             assert!(parse_size(s).is_err(), "{s:?} was accepted");
+        }
+        for (s, too_big) in [
+            ("16E", true),
+            ("18446744073709551616", true),
+            ("0x1ffffffffffffffff", true),
+            ("1.5", false),
+            ("0x1k", false),
+        ] {
+            let kind = parse_size(s).unwrap_err().kind();
+            assert_eq!(
+                kind == crate::ErrorKind::OutOfRange,
+                too_big,
+                "{s:?}: {kind:?}"
+            );
         }
     }
 }
