@@ -76,8 +76,11 @@ async fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
     s.write_all(data).await.unwrap();
 }
 
-/// Read option replies up to the final one; returns (type, data) of each.
-async fn replies(s: &mut UnixStream) -> Vec<(u32, Vec<u8>)> {
+/// Option replies: (type, data) of each.
+type OptReplies = Vec<(u32, Vec<u8>)>;
+
+/// Read option replies up to the final one.
+async fn replies(s: &mut UnixStream) -> OptReplies {
     let mut out = Vec::new();
     loop {
         assert_eq!(s.read_u64().await.unwrap(), OPT_REPLY_MAGIC);
@@ -92,6 +95,36 @@ async fn replies(s: &mut UnixStream) -> Vec<(u32, Vec<u8>)> {
             return out;
         }
     }
+}
+
+/// Connect and negotiate extended headers, then (with `meta`) select that meta context, then
+/// GO to export "disk". Returns the stream, the replies to SET_META_CONTEXT (empty without
+/// `meta`) and the replies to GO.
+async fn extended_session(
+    sock: &std::path::Path,
+    meta: Option<&str>,
+) -> (UnixStream, OptReplies, OptReplies) {
+    let mut s = UnixStream::connect(sock).await.unwrap();
+    hello(&mut s).await;
+    option(&mut s, OPT_EXTENDED_HEADERS, &[]).await;
+    assert_eq!(replies(&mut s).await[0].0, REP_ACK);
+    let mut meta_replies = Vec::new();
+    if let Some(name) = meta {
+        let mut q = 4u32.to_be_bytes().to_vec();
+        q.extend_from_slice(b"disk");
+        q.extend_from_slice(&1u32.to_be_bytes());
+        q.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        q.extend_from_slice(name.as_bytes());
+        option(&mut s, OPT_SET_META_CONTEXT, &q).await;
+        meta_replies = replies(&mut s).await;
+    }
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut s, OPT_GO, &go).await;
+    let go_replies = replies(&mut s).await;
+    assert_eq!(go_replies.last().unwrap().0, REP_ACK);
+    (s, meta_replies, go_replies)
 }
 
 async fn ext_reply(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
@@ -159,26 +192,10 @@ async fn simple_replies_and_extended_headers() {
     assert_eq!(s.read(&mut [0u8; 1]).await.unwrap(), 0, "closed after DISC");
 
     // Extended headers, block status with 64-bit extents.
-    let mut s = UnixStream::connect(&sock).await.unwrap();
-    hello(&mut s).await;
-    option(&mut s, OPT_EXTENDED_HEADERS, &[]).await;
-    assert_eq!(replies(&mut s).await[0].0, REP_ACK);
-    let mut q = 4u32.to_be_bytes().to_vec();
-    q.extend_from_slice(b"disk");
-    q.extend_from_slice(&1u32.to_be_bytes());
-    q.extend_from_slice(&15u32.to_be_bytes());
-    q.extend_from_slice(b"base:allocation");
-    option(&mut s, OPT_SET_META_CONTEXT, &q).await;
-    let r = replies(&mut s).await;
-    assert_eq!(r.len(), 2);
-    assert_eq!(r[0].0, REP_META_CONTEXT);
-    let ctx = u32::from_be_bytes(r[0].1[..4].try_into().unwrap());
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend_from_slice(b"disk");
-    go.extend_from_slice(&0u16.to_be_bytes());
-    option(&mut s, OPT_GO, &go).await;
-    let r = replies(&mut s).await;
-    assert_eq!(r.last().unwrap().0, REP_ACK);
+    let (mut s, m, r) = extended_session(&sock, Some("base:allocation")).await;
+    assert_eq!(m.len(), 2);
+    assert_eq!(m[0].0, REP_META_CONTEXT);
+    let ctx = u32::from_be_bytes(m[0].1[..4].try_into().unwrap());
     let export = r.iter().find(|(t, d)| *t == REP_INFO && d[..2] == [0, 0]);
     let tflags = u16::from_be_bytes(export.unwrap().1[10..12].try_into().unwrap());
     assert!(tflags & TF_BLOCK_STATUS_PAYLOAD != 0, "flags {tflags:#x}");
@@ -286,15 +303,7 @@ async fn simple_replies_and_extended_headers() {
 async fn pipelined_large_reads_through_a_full_socket() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, stop, server) = start(dir.path()).await;
-    let mut s = UnixStream::connect(&sock).await.unwrap();
-    hello(&mut s).await;
-    option(&mut s, OPT_EXTENDED_HEADERS, &[]).await;
-    assert_eq!(replies(&mut s).await[0].0, REP_ACK);
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend_from_slice(b"disk");
-    go.extend_from_slice(&0u16.to_be_bytes());
-    option(&mut s, OPT_GO, &go).await;
-    assert_eq!(replies(&mut s).await.last().unwrap().0, REP_ACK);
+    let (mut s, _, _) = extended_session(&sock, None).await;
 
     // Every byte differs from its neighbours' and from other offsets' modulo 251.
     let content: Vec<u8> = (0..SIZE)
