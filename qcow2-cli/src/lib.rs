@@ -152,11 +152,13 @@ fn resize_argv(argv: &mut Vec<String>) {
     }
 }
 
-/// Worker threads of `qcow2rs serve`: at least four, one per CPU beyond that. A request's
-/// page-cache read and the writing of its reply run on the worker that holds them; with
-/// one worker per CPU on a busy machine, a worker that the scheduler preempts stalls the
-/// connections it holds (`nbdcopy` of 1 GiB took 2x as long with the server confined to
-/// one CPU beside other load, with the same CPU time; see docs/PERFORMANCE.md).
+/// Worker threads of `qcow2rs serve`: one per CPU, and at least two. A request's page-cache
+/// read and the writing of its reply run on the worker that holds them; with a single worker
+/// (the server confined to one CPU) a preempted worker stalls every connection
+/// (`nbdcopy` of 1 GiB took 1.3-1.6 s with one worker on one busy CPU, 0.8-1.1 s with two).
+/// More workers than CPUs cost the write rows: each spare worker is woken and parked again
+/// (four workers on two CPUs: 1.5-3x the futex calls, more context switches and migrations
+/// per 4 KiB write, 5-8% more server CPU on tmpfs). See docs/PERFORMANCE.md (NBD).
 /// `TOKIO_WORKER_THREADS` still decides when set.
 fn serve_workers() -> usize {
     if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
@@ -169,5 +171,5 @@ fn serve_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .max(4)
+        .max(2)
 }
