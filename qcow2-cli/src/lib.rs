@@ -157,8 +157,8 @@ fn resize_argv(argv: &mut Vec<String>) {
 /// (the server confined to one CPU) a preempted worker stalls every connection
 /// (`nbdcopy` of 1 GiB took 1.3-1.6 s with one worker on one busy CPU, 0.8-1.1 s with two).
 /// More workers than CPUs cost the write rows: each spare worker is woken and parked again
-/// (four workers on two CPUs: 1.5-3x the futex calls, more context switches and migrations
-/// per 4 KiB write, 5-8% more server CPU on tmpfs). See docs/PERFORMANCE.md (NBD).
+/// (four workers on two CPUs: up to 3x the futex calls, more context switches and migrations
+/// per 4 KiB write, 3-7% more server CPU on tmpfs). See docs/PERFORMANCE.md (NBD).
 /// `TOKIO_WORKER_THREADS` still decides when set.
 fn serve_workers() -> usize {
     if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
