@@ -425,7 +425,9 @@ async fn transmission(stream: Box<dyn Io>, neg: Negotiated, sh: Arc<Shared>) -> 
                 let ctx = ctx.clone();
                 let tx = tx.clone();
                 tasks.spawn(async move {
-                    let reply = run(&ctx, &h, cmd, payload).await;
+                    // Boxed: the request's future (the engine's whole call chain) is large,
+                    // and the task would copy it into its cell and again on completion.
+                    let reply = Box::pin(run(&ctx, &h, cmd, payload)).await;
                     let _ = tx.send((reply, Some(permit)));
                 });
             }
