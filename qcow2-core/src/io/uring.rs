@@ -43,6 +43,17 @@
 //!   last waiter to leave puts it back, and epoll re-checks the fd then, so
 //!   completions that arrived meanwhile wake the completion thread at once. A
 //!   waiter is woken by other threads with a `NOP` pushed to its ring.
+//! - **Reaping in a tokio runtime** ([`reap_in_runtime`]): a runtime's workers
+//!   cannot wait in a ring (tokio parks them in its reactor's `epoll_wait` or on a
+//!   futex), and draining the ring in a park/unpark hook does not wake a parked
+//!   worker for a completion that comes later (one posted by an io-wq worker, as
+//!   buffered writes on ext4 are, wakes nobody but the ring's pollers). Instead
+//!   one task per ring ([`watch`]) registers the ring's fd in the runtime's reactor:
+//!   a completion wakes the worker sleeping there, which reaps the ring and runs
+//!   the tasks it wakes itself. The task counts as a waiter of the ring (its fd
+//!   leaves the completion thread's epoll set, as above), and the completion
+//!   thread then looks every few milliseconds instead, as the fallback for a
+//!   runtime whose threads all block.
 //! - **Ownership.** Every operation owns its (aligned) buffer and a reference to
 //!   its file (so the fd stays open), and keeps both in the table until its CQE is
 //!   reaped: dropping the caller's future only drops the receiving end. Dropping a
@@ -205,6 +216,9 @@ struct State {
     in_ring: usize,
     /// Operations waiting for room in the ring, in order.
     backlog: VecDeque<u64>,
+    /// The completion thread sleeps without its fallback timer (the ring is watched
+    /// by a [`watch`] task and has been idle): the next operation registered wakes it.
+    idle_sleep: bool,
 }
 
 /// A ring, shared by the files of the threads that submit to it and its completion thread.
@@ -271,7 +285,14 @@ impl Ring {
                 hold,
             },
         );
-        self.enqueue(&mut st, id)
+        let wake = std::mem::take(&mut st.idle_sleep);
+        let pushed = self.enqueue(&mut st, id);
+        drop(st);
+        if wake {
+            // Back to its fallback timer (see `completion_thread`).
+            self.wake_completion_thread();
+        }
+        pushed
     }
 
     /// Push the SQE of operation `id` if there is room (and nobody waits before
@@ -443,6 +464,7 @@ impl Ring {
                 next_id: 0,
                 in_ring: 0,
                 backlog: VecDeque::new(),
+                idle_sleep: false,
             }),
             cap,
             cq: Mutex::new(()),
@@ -632,28 +654,37 @@ impl Drop for Leave<'_> {
 }
 
 /// How long the completion thread sleeps between looks at a ring that a [`watch`]
-/// task reaps: while operations are in it, and while none are.
+/// task reaps: while operations are in it, and once when none are (after that
+/// it sleeps until an operation is registered).
 const FALLBACK_BUSY_MS: i32 = 10;
 const FALLBACK_IDLE_MS: i32 = 100;
 
 /// The completion thread: wait until the ring has completions, reap them.
 ///
 /// While a [`watch`] task reaps the ring, the ring's fd is out of this thread's
-/// epoll set and it wakes every [`FALLBACK_BUSY_MS`] instead (every
-/// [`FALLBACK_IDLE_MS`] while no operation is in the ring) and reaps what is
+/// epoll set and it wakes every [`FALLBACK_BUSY_MS`] instead and reaps what is
 /// there: should every thread of the runtime block (a task waiting synchronously
 /// for a request, a `current_thread` runtime inside a blocking call), the
-/// requests still finish, a few milliseconds late.
+/// requests still finish, a few milliseconds late. Once it finds the ring
+/// without operations at two looks in a row (the second after at most
+/// [`FALLBACK_IDLE_MS`]), it sleeps untimed
+/// (`State::idle_sleep`) until the next operation is registered, which wakes the
+/// thread: an idle process has no timer running.
 fn completion_thread(ring: Arc<Ring>) {
     super::mark_engine_thread();
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    // Consecutive looks that found the ring without operations.
+    let mut idle_looks = 0u32;
     loop {
         let (poll, idle) = {
-            let st = ring.state.lock();
+            let mut st = ring.state.lock();
             if ring.exiting.load(Ordering::Acquire) && st.ops.is_empty() {
                 return;
             }
             let idle = st.ops.is_empty();
+            idle_looks = if idle { idle_looks + 1 } else { 0 };
+            // Set under the lock, so `register` sees it or this sees its operation.
+            st.idle_sleep = idle && idle_looks > 1 && ring.watchers.load(Ordering::Acquire) > 0;
             // SAFETY: as in `Ring::push`: the state mutex is held, so this is the
             // only `SubmissionQueue`.
             let queued = unsafe { ring.uring.submission_shared() }.len();
@@ -666,19 +697,27 @@ fn completion_thread(ring: Arc<Ring>) {
                 || ring.exiting.load(Ordering::Acquire);
             (poll, idle)
         };
-        let timeout = if poll {
+        // Watched, the timer retries submissions (not at once: SQEs found queued are
+        // most often a submitter's about to be submitted, and the thread that submits
+        // a request is woken to complete it).
+        let watched = ring.watchers.load(Ordering::Acquire) > 0;
+        let timeout = if ring.exiting.load(Ordering::Acquire) {
             1
-        } else if ring.watchers.load(Ordering::Acquire) > 0 {
+        } else if watched {
             let busy = ring.fallback_ms.load(Ordering::Relaxed);
-            if idle {
-                FALLBACK_IDLE_MS.max(busy)
-            } else {
+            if !idle {
                 busy
+            } else if idle_looks > 1 {
+                -1 // `idle_sleep` is set: the next operation wakes us
+            } else {
+                FALLBACK_IDLE_MS.max(busy)
             }
+        } else if poll {
+            1
         } else {
             -1
         };
-        if poll {
+        if poll && !watched {
             let _ = ring.uring.submit();
         }
         // SAFETY: `events` is a valid buffer of 2 entries for the kernel to fill.
@@ -690,8 +729,14 @@ fn completion_thread(ring: Arc<Ring>) {
                 timeout,
             )
         };
+        // Reap on a timeout or a ring event. Woken only by the eventfd (a `watch`
+        // task starting, an operation after an idle sleep) or interrupted (the task
+        // work of a request this thread submitted), there is nothing to do: a watch
+        // task reaps, or the ring's fd reports the completion at the next wait.
+        let mut reap = n == 0;
         if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             thread::sleep(Duration::from_millis(10));
+            reap = true;
         }
         for ev in &events[..n.max(0) as usize] {
             if ev.u64 == EP_WAKE {
@@ -699,7 +744,15 @@ fn completion_thread(ring: Arc<Ring>) {
                 // SAFETY: reads 8 bytes into a valid u64 from our (non-blocking) eventfd.
                 let _ =
                     unsafe { libc::read(ring.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            } else {
+                reap = true;
             }
+        }
+        if !reap {
+            continue;
+        }
+        if poll && watched {
+            let _ = ring.uring.submit();
         }
         let _reaped = ring.reap_ready();
         #[cfg(test)]
@@ -1490,7 +1543,15 @@ mod tests {
                 .expect("the sleeping worker was not woken");
             assert_eq!(got, vec![block; 4096]);
         }
-        assert!(ring.watcher_reaps.load(Ordering::Relaxed) >= 4);
+        // The task counts what it reaped after it answered (see the waiter test above).
+        let t = std::time::Instant::now();
+        while ring.watcher_reaps.load(Ordering::Relaxed) < 4 {
+            assert!(
+                t.elapsed() < WAIT,
+                "the watch task did not reap the 4 requests"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(ring.thread_reaps.load(Ordering::Relaxed), 0);
         // The runtime goes: the completion thread must take the ring back at once.
         drop(rt);
@@ -1507,7 +1568,8 @@ mod tests {
 
     /// While the runtime's only worker is blocked (a task that sleeps synchronously), its
     /// watch task cannot run: the completion thread's timer must reap the requests of
-    /// the ring meanwhile, long before the worker comes back.
+    /// the ring meanwhile, long before the worker comes back, also when the ring was
+    /// idle (the completion thread sleeping untimed) before the request came.
     #[test]
     fn completion_thread_reaps_when_the_watching_runtime_is_blocked() {
         let rt_ring = RingThread::start(94).unwrap();
@@ -1520,6 +1582,13 @@ mod tests {
             thread::sleep(Duration::from_secs(3));
         });
         brx.recv_timeout(WAIT).unwrap();
+        // The completion thread, finding the ring idle, stops its timer: the request
+        // must wake it.
+        let t = std::time::Instant::now();
+        while !ring.state.lock().idle_sleep {
+            assert!(t.elapsed() < WAIT, "the completion thread kept its timer");
+            thread::sleep(Duration::from_millis(1));
+        }
         let t = std::time::Instant::now();
         let got = read_block(&ring, &core, 12).recv_timeout(Duration::from_secs(2));
         assert_eq!(
