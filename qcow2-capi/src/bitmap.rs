@@ -2,7 +2,9 @@
 //! bitmap`, and the bitmaps of `qemu-img info`).
 
 use crate::error::{ffi, Fail};
-use crate::image::{image_ref, malloc_string, qcow2rs_image, str_arg, utf8};
+use crate::image::{
+    change_with_name, image_ref, malloc_string, qcow2rs_image, str_arg, utf8, writable_ref,
+};
 use std::ffi::{c_char, c_int};
 
 /// Flag of `qcow2rs_bitmap_info.flags`: the bitmap is marked in use (a writer was
@@ -22,17 +24,6 @@ pub struct qcow2rs_bitmap_info {
     pub granularity: u64,
     /// `QCOW2RS_BITMAP_IN_USE` and `QCOW2RS_BITMAP_AUTO` bits.
     pub flags: u32,
-}
-
-/// The handle behind `img`, which must be open read-write.
-///
-/// # Safety
-/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
-unsafe fn writable<'a>(img: *mut qcow2rs_image, call: &str) -> Result<&'a qcow2rs_image, Fail> {
-    // SAFETY: guaranteed by the caller (see above).
-    let h = unsafe { image_ref(img, call)? };
-    h.check_writable(call)?;
-    Ok(h)
 }
 
 fn name_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
@@ -63,14 +54,13 @@ pub unsafe extern "C" fn qcow2rs_bitmap_add(
     name: *const c_char,
     granularity: u64,
 ) -> c_int {
-    ffi("qcow2rs_bitmap_add", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_add")? };
-        let name = name_arg(name, "name")?;
-        let g = (granularity != 0).then_some(granularity);
-        h.block_on("qcow2rs_bitmap_add", h.img.bitmap_add(name, g))
-            .map(|()| 0)
-    })
+    let g = (granularity != 0).then_some(granularity);
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_bitmap_add", img, name, "name", |h, name| {
+            h.img.bitmap_add(name, g)
+        })
+    }
 }
 
 /// Remove bitmap `name` and free its clusters (`qemu-img bitmap --remove`); also works on a
@@ -81,13 +71,12 @@ pub unsafe extern "C" fn qcow2rs_bitmap_remove(
     img: *mut qcow2rs_image,
     name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_bitmap_remove", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_remove")? };
-        let name = name_arg(name, "name")?;
-        h.block_on("qcow2rs_bitmap_remove", h.img.bitmap_remove(name))
-            .map(|()| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_bitmap_remove", img, name, "name", |h, name| {
+            h.img.bitmap_remove(name)
+        })
+    }
 }
 
 /// Clear every bit of bitmap `name` (`qemu-img bitmap --clear`). Conditions and errors as
@@ -97,13 +86,12 @@ pub unsafe extern "C" fn qcow2rs_bitmap_clear(
     img: *mut qcow2rs_image,
     name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_bitmap_clear", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_clear")? };
-        let name = name_arg(name, "name")?;
-        h.block_on("qcow2rs_bitmap_clear", h.img.bitmap_clear(name))
-            .map(|()| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_bitmap_clear", img, name, "name", |h, name| {
+            h.img.bitmap_clear(name)
+        })
+    }
 }
 
 /// Enable bitmap `name`: set its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap --enable`;
@@ -114,16 +102,12 @@ pub unsafe extern "C" fn qcow2rs_bitmap_enable(
     img: *mut qcow2rs_image,
     name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_bitmap_enable", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_enable")? };
-        let name = name_arg(name, "name")?;
-        h.block_on(
-            "qcow2rs_bitmap_enable",
-            h.img.bitmap_set_enabled(name, true),
-        )
-        .map(|()| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_bitmap_enable", img, name, "name", |h, name| {
+            h.img.bitmap_set_enabled(name, true)
+        })
+    }
 }
 
 /// Disable bitmap `name`: clear its `QCOW2RS_BITMAP_AUTO` flag (`qemu-img bitmap
@@ -133,16 +117,12 @@ pub unsafe extern "C" fn qcow2rs_bitmap_disable(
     img: *mut qcow2rs_image,
     name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_bitmap_disable", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_disable")? };
-        let name = name_arg(name, "name")?;
-        h.block_on(
-            "qcow2rs_bitmap_disable",
-            h.img.bitmap_set_enabled(name, false),
-        )
-        .map(|()| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_bitmap_disable", img, name, "name", |h, name| {
+            h.img.bitmap_set_enabled(name, false)
+        })
+    }
 }
 
 /// Merge bitmap `src_name` into bitmap `dst` of `img` (`qemu-img bitmap --merge SRC [-b
@@ -161,7 +141,7 @@ pub unsafe extern "C" fn qcow2rs_bitmap_merge(
 ) -> c_int {
     ffi("qcow2rs_bitmap_merge", || {
         // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_bitmap_merge")? };
+        let h = unsafe { writable_ref(img, "qcow2rs_bitmap_merge")? };
         let dst = name_arg(dst, "dst")?;
         let src_name = name_arg(src_name, "src_name")?;
         let src = if src_img.is_null() {

@@ -150,6 +150,46 @@ pub(crate) unsafe fn image_ref<'a>(
     Ok(h)
 }
 
+/// The handle behind `img`, which must be open read-write.
+///
+/// # Safety
+/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
+pub(crate) unsafe fn writable_ref<'a>(
+    img: *mut qcow2rs_image,
+    call: &str,
+) -> Result<&'a qcow2rs_image, Fail> {
+    // SAFETY: guaranteed by the caller (see above).
+    let h = unsafe { image_ref(img, call)? };
+    h.check_writable(call)?;
+    Ok(h)
+}
+
+/// The whole of a blocking C call `call` that changes the image behind `img` (open
+/// read-write) given one string argument `arg` (UTF-8; `what` names it in errors): the
+/// future `op` makes of the handle and the string is run to its end. Returns 0 or a
+/// negative errno, the message in `qcow2rs_last_error()` (see `ffi`).
+///
+/// # Safety
+/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed; `arg` is NULL
+/// or a NUL-terminated string.
+pub(crate) unsafe fn change_with_name<'a, T, F>(
+    call: &str,
+    img: *mut qcow2rs_image,
+    arg: *const c_char,
+    what: &str,
+    op: impl FnOnce(&'a qcow2rs_image, &'a str) -> F,
+) -> c_int
+where
+    F: std::future::Future<Output = qcow2_core::Result<T>> + 'a,
+{
+    ffi(call, || {
+        // SAFETY: guaranteed by the caller (see above).
+        let h = unsafe { writable_ref(img, call)? };
+        let name = utf8(str_arg(arg, what)?, what)?;
+        h.block_on(call, op(h, name)).map(|_| 0)
+    })
+}
+
 impl qcow2rs_image {
     #[inline]
     pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<(), Fail> {

@@ -1,7 +1,7 @@
 //! Internal snapshots: list, create, apply, delete (`qemu-img snapshot -l/-c/-a/-d`).
 
 use crate::error::{ffi, Fail};
-use crate::image::{image_ref, malloc_string, qcow2rs_image, str_arg, utf8};
+use crate::image::{change_with_name, image_ref, malloc_string, qcow2rs_image};
 use qcow2_core::SnapshotKey;
 use std::ffi::{c_char, c_int};
 
@@ -27,20 +27,8 @@ pub struct qcow2rs_snapshot_info {
 }
 
 /// The snapshot named by `id_or_name` (an ID, else a name, as qemu-img).
-fn key(p: *const c_char, what: &str) -> Result<SnapshotKey, Fail> {
-    let s = utf8(str_arg(p, what)?, what)?;
-    Ok(SnapshotKey::IdOrName(s.to_string()))
-}
-
-/// The handle behind `img`, which must be open read-write.
-///
-/// # Safety
-/// `img` is NULL or a handle from `qcow2rs_open*` that has not been closed.
-unsafe fn writable<'a>(img: *mut qcow2rs_image, call: &str) -> Result<&'a qcow2rs_image, Fail> {
-    // SAFETY: guaranteed by the caller (see above).
-    let h = unsafe { image_ref(img, call)? };
-    h.check_writable(call)?;
-    Ok(h)
+fn key(id_or_name: &str) -> SnapshotKey {
+    SnapshotKey::IdOrName(id_or_name.to_string())
 }
 
 /// Create an internal snapshot named `name` of the image's current state (`qemu-img snapshot
@@ -57,13 +45,12 @@ pub unsafe extern "C" fn qcow2rs_snapshot_create(
     img: *mut qcow2rs_image,
     name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_snapshot_create", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_snapshot_create")? };
-        let name = utf8(str_arg(name, "name")?, "name")?;
-        h.block_on("qcow2rs_snapshot_create", h.img.snapshot_create(name))
-            .map(|_| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name("qcow2rs_snapshot_create", img, name, "name", |h, name| {
+            h.img.snapshot_create(name)
+        })
+    }
 }
 
 /// Revert the image to the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot
@@ -75,15 +62,21 @@ pub unsafe extern "C" fn qcow2rs_snapshot_apply(
     img: *mut qcow2rs_image,
     id_or_name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_snapshot_apply", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_snapshot_apply")? };
-        let k = key(id_or_name, "id_or_name")?;
-        h.block_on("qcow2rs_snapshot_apply", h.img.snapshot_apply(&k))?;
-        h.size
-            .store(h.img.size(), std::sync::atomic::Ordering::Relaxed);
-        Ok(0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name(
+            "qcow2rs_snapshot_apply",
+            img,
+            id_or_name,
+            "id_or_name",
+            |h, id_or_name| async move {
+                h.img.snapshot_apply(&key(id_or_name)).await?;
+                h.size
+                    .store(h.img.size(), std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+        )
+    }
 }
 
 /// Delete the snapshot `id_or_name` (an ID, else a name; `qemu-img snapshot -d`); clusters
@@ -93,13 +86,16 @@ pub unsafe extern "C" fn qcow2rs_snapshot_delete(
     img: *mut qcow2rs_image,
     id_or_name: *const c_char,
 ) -> c_int {
-    ffi("qcow2rs_snapshot_delete", || {
-        // SAFETY: NULL or a live handle (header contract).
-        let h = unsafe { writable(img, "qcow2rs_snapshot_delete")? };
-        let k = key(id_or_name, "id_or_name")?;
-        h.block_on("qcow2rs_snapshot_delete", h.img.snapshot_delete(&k))
-            .map(|()| 0)
-    })
+    // SAFETY: NULL or a live handle, NULL or a string (header contract).
+    unsafe {
+        change_with_name(
+            "qcow2rs_snapshot_delete",
+            img,
+            id_or_name,
+            "id_or_name",
+            |h, id_or_name| async move { h.img.snapshot_delete(&key(id_or_name)).await },
+        )
+    }
 }
 
 /// List the image's internal snapshots: `*list` receives an array of `*count` entries (NULL

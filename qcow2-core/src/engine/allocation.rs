@@ -171,6 +171,10 @@ impl Image {
                     continue 'search;
                 }
             }
+            // Space first: a reservation that fails (or whose future is dropped) must not
+            // leave the run counted with nobody to free it.
+            self.reserve_space(m, (start + n) << lay.cluster_bits)
+                .await?;
             self.rc_add_run(start, n, 1).await?;
             // Everything below the first free cluster seen is in use.
             m.free_hint = match first_free {
@@ -178,8 +182,6 @@ impl Image {
                 _ => start + n,
             };
             m.high_water = m.high_water.max(start + n);
-            self.reserve_space(m, (start + n) << lay.cluster_bits)
-                .await?;
             return Ok(start << lay.cluster_bits);
         }
     }

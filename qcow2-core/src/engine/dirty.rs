@@ -242,7 +242,7 @@ impl Image {
         let cs = self.inner.layout.cluster_size;
         let mut live = Vec::new();
         let mut old = Vec::new();
-        let mut a = crate::jobs::bitmap::Allocated::default();
+        let mut a = crate::jobs::bitmap::Allocated::new(&mut m);
         let r = async {
             for e in dir.iter_mut() {
                 if e.flags & fmt::FLAG_AUTO == 0 || e.flags & fmt::FLAG_IN_USE != 0 {
@@ -264,9 +264,7 @@ impl Image {
                 for (i, t) in table.iter().enumerate() {
                     buf[i * 8..i * 8 + 8].copy_from_slice(&t.to_be_bytes());
                 }
-                let toff = self
-                    .bitmap_alloc(&mut m, &mut a, buf.len() as u64 / cs)
-                    .await?;
+                let toff = self.bitmap_alloc(&mut a, buf.len() as u64 / cs).await?;
                 self.bitmap_write(&buf, toff).await?;
                 old.extend(
                     e.table_offset / cs..(e.table_offset + e.table_size as u64 * 8).div_ceil(cs),
@@ -289,20 +287,25 @@ impl Image {
             if live.is_empty() {
                 return Ok(());
             }
-            self.bitmap_switch(&mut m, &mut a, &dir, old).await
+            self.bitmap_commit(&mut a, &dir, old).await
         }
         .await;
         if let Err(e) = r {
-            self.bitmap_abandon(&mut m, &mut a).await;
+            self.bitmap_abandon(&mut a).await;
             return Err(e.context("marking the persistent bitmaps in use"));
         }
         if live.is_empty() {
             w.dirty.state.store(IDLE, Ordering::Release);
             return Ok(());
         }
+        // The header marks the bitmaps in use: they are tracked from now on, whatever
+        // becomes of the frees of the old tables (left to the next flush if this one fails
+        // or its future is dropped).
         *w.dirty.live.lock() = live;
         w.dirty.state.store(ACTIVE, Ordering::Release);
-        Ok(())
+        self.flush_metadata(a.m)
+            .await
+            .map_err(|e| e.context("freeing the bitmap tables replaced by their copies"))
     }
 
     /// Store what changed in the tracked bitmaps since the last store, leaving them in use
@@ -467,15 +470,19 @@ impl Image {
         }
         // The switch makes the stored parts durable before the header stops marking them
         // in use.
-        let mut a = crate::jobs::bitmap::Allocated::default();
-        if let Err(e) = self.bitmap_switch(m, &mut a, &dir, Vec::new()).await {
+        let mut a = crate::jobs::bitmap::Allocated::new(m);
+        if let Err(e) = self.bitmap_commit(&mut a, &dir, Vec::new()).await {
             // Keep the bits: a later close may succeed.
-            self.bitmap_abandon(m, &mut a).await;
+            self.bitmap_abandon(&mut a).await;
             return Err(e.context("storing the persistent bitmaps"));
         }
+        // The header no longer marks them in use: not tracked from now on, whatever becomes
+        // of the free of the old directory (left to the next flush if this one fails).
         w.dirty.live.lock().clear();
         w.dirty.state.store(UNKNOWN, Ordering::Release);
-        Ok(())
+        self.flush_metadata(a.m)
+            .await
+            .map_err(|e| e.context("freeing the old bitmap directory"))
     }
 
     /// Store the tracked bitmaps now (waits for the requests in flight). Called by close.

@@ -1443,6 +1443,18 @@ mod tests {
         }
     }
 
+    /// A thread that waits in `ring` until the flag is set (and the ring kicked), once it
+    /// waits there.
+    fn park_a_waiter(ring: &Arc<Ring>) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+        let woken = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (ring, woken) = (ring.clone(), woken.clone());
+            thread::spawn(move || ring.park(&woken, false))
+        };
+        wait_for_waiters(ring, 1);
+        (woken, waiter)
+    }
+
     /// A thread waits in a ring; a request submitted by another thread to that ring
     /// completes: the completion thread does not see it (the ring's fd is out of its
     /// epoll set), so the waiting thread must reap it and answer. After the waiter
@@ -1452,12 +1464,7 @@ mod tests {
         let rt = RingThread::start(90).unwrap();
         let ring = rt.ring.clone();
         let (_dir, core) = test_file("a");
-        let woken = Arc::new(AtomicBool::new(false));
-        let waiter = {
-            let (ring, woken) = (ring.clone(), woken.clone());
-            thread::spawn(move || ring.park(&woken, false))
-        };
-        wait_for_waiters(&ring, 1);
+        let (woken, waiter) = park_a_waiter(&ring);
         for block in [3, 7, 11] {
             let got = read_block(&ring, &core, block).recv_timeout(WAIT);
             assert_eq!(
@@ -1635,12 +1642,7 @@ mod tests {
         let rt = RingThread::start(91).unwrap();
         let ring = rt.ring.clone();
         let (_dir, core) = test_file("b");
-        let woken = Arc::new(AtomicBool::new(false));
-        let waiter = {
-            let (ring, woken) = (ring.clone(), woken.clone());
-            thread::spawn(move || ring.park(&woken, false))
-        };
-        wait_for_waiters(&ring, 1);
+        let (woken, waiter) = park_a_waiter(&ring);
         // An operation in flight at teardown: the waiter reaps it, and the completion
         // thread must still notice that nothing is left and exit.
         let rx = read_block(&ring, &core, 2);

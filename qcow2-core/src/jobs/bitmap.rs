@@ -24,10 +24,32 @@ use crate::format::bitmaps::{self as fmt, DirEntry, TableEntry};
 use crate::format::header::{BitmapsExt, AUTOCLEAR_BITMAPS};
 use crate::{Error, ErrorKind, Result};
 
-/// Clusters allocated by the operation so far (freed again if it fails before the switch).
-#[derive(Default)]
-pub(crate) struct Allocated {
+/// The metadata state of one change of the bitmaps, with the clusters it has allocated
+/// so far (new tables, data and directory). Nothing references them until the header
+/// switches to the new directory ([`Image::bitmap_commit`]): an operation that fails
+/// before then frees them at once ([`Image::bitmap_abandon`]), and one whose future is
+/// dropped gives them back when this is dropped, as frees for the next `flush_metadata`
+/// (the handle's next flush or close) to apply. A future dropped during the header write
+/// poisons the handle (its flushes are refused from then on), so clusters the header may
+/// already reference are never freed: they leak at worst.
+pub(crate) struct Allocated<'m> {
+    pub(crate) m: &'m mut Meta,
     clusters: Vec<u64>,
+}
+
+impl<'m> Allocated<'m> {
+    pub(crate) fn new(m: &'m mut Meta) -> Self {
+        Allocated {
+            m,
+            clusters: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Allocated<'_> {
+    fn drop(&mut self) {
+        self.m.pending_free.append(&mut self.clusters);
+    }
 }
 
 fn not_found(name: &str) -> Error {
@@ -250,13 +272,8 @@ impl Image {
         Ok(dirty_extents(&bits, granularity, self.size()))
     }
 
-    pub(crate) async fn bitmap_alloc(
-        &self,
-        m: &mut Meta,
-        a: &mut Allocated,
-        n: u64,
-    ) -> Result<u64> {
-        let off = self.alloc_clusters(m, n).await?;
+    pub(crate) async fn bitmap_alloc(&self, a: &mut Allocated<'_>, n: u64) -> Result<u64> {
+        let off = self.alloc_clusters(a.m, n).await?;
         let ci = off >> self.inner.layout.cluster_bits;
         a.clusters.extend(ci..ci + n);
         Ok(off)
@@ -271,8 +288,7 @@ impl Image {
     /// Write `bits` as new data clusters and a new table; returns (table offset, size).
     pub(crate) async fn bitmap_store(
         &self,
-        m: &mut Meta,
-        a: &mut Allocated,
+        a: &mut Allocated<'_>,
         bits: &[u8],
     ) -> Result<(u64, u32)> {
         let cs = self.inner.layout.cluster_size as usize;
@@ -285,21 +301,34 @@ impl Image {
             }
             cluster[..chunk.len()].copy_from_slice(chunk);
             cluster[chunk.len()..].fill(0);
-            let off = self.bitmap_alloc(m, a, 1).await?;
+            let off = self.bitmap_alloc(a, 1).await?;
             self.bitmap_write(&cluster, off).await?;
             table[i * 8..i * 8 + 8].copy_from_slice(&off.to_be_bytes());
         }
-        let toff = self.bitmap_alloc(m, a, (table.len() / cs) as u64).await?;
+        let toff = self.bitmap_alloc(a, (table.len() / cs) as u64).await?;
         self.bitmap_write(&table, toff).await?;
         Ok((toff, n as u32))
     }
 
-    /// Write `dir` as the new directory, switch the header to it, then free `old` (cluster
-    /// indices of what the old state owned and the new one does not).
+    /// [`Image::bitmap_commit`], then free `old` (`flush_metadata`).
     pub(crate) async fn bitmap_switch(
         &self,
-        m: &mut Meta,
-        a: &mut Allocated,
+        a: &mut Allocated<'_>,
+        dir: &[DirEntry],
+        old: Vec<u64>,
+    ) -> Result<()> {
+        self.bitmap_commit(a, dir, old).await?;
+        self.flush_metadata(a.m).await
+    }
+
+    /// Write `dir` as the new directory and switch the header to it; `old` (cluster indices
+    /// of what the old state owned and the new one does not) is then freed by the next
+    /// `flush_metadata`. Once this has returned `Ok` the switch has happened, the
+    /// allocated clusters belong to the new state, and memory describes it; on an error
+    /// (or a dropped future) nothing has switched, unless the handle is poisoned.
+    pub(crate) async fn bitmap_commit(
+        &self,
+        a: &mut Allocated<'_>,
         dir: &[DirEntry],
         mut old: Vec<u64>,
     ) -> Result<()> {
@@ -321,7 +350,7 @@ impl Image {
             }
             let mut buf = bytes.clone();
             buf.resize((bytes.len() as u64).div_ceil(cs) as usize * cs as usize, 0);
-            let off = self.bitmap_alloc(m, a, buf.len() as u64 / cs).await?;
+            let off = self.bitmap_alloc(a, buf.len() as u64 / cs).await?;
             self.bitmap_write(&buf, off).await?;
             h.bitmaps = Some(BitmapsExt {
                 nb_bitmaps: dir.len() as u32,
@@ -333,7 +362,7 @@ impl Image {
         let hb = h.to_bytes()?;
         // Refcounts of the new clusters, then the new clusters themselves, are durable
         // before the header points at them (flush_metadata ends with a sync).
-        self.flush_metadata(m).await?;
+        self.flush_metadata(a.m).await?;
         let mut guard = self.poison_guard("switching the header to a new bitmap directory");
         self.write_header_bytes(&hb, 0)
             .await
@@ -353,15 +382,16 @@ impl Image {
             .collect();
         old.sort_unstable();
         old.dedup();
-        m.pending_free.extend(old);
-        self.flush_metadata(m).await
+        a.m.pending_free.extend(old);
+        Ok(())
     }
 
-    /// Free what a failed operation allocated (nothing references it; best effort).
-    pub(crate) async fn bitmap_abandon(&self, m: &mut Meta, a: &mut Allocated) {
+    /// Free what a failed operation allocated (nothing references it; best effort: what
+    /// is not freed now is freed by the next flush).
+    pub(crate) async fn bitmap_abandon(&self, a: &mut Allocated<'_>) {
         if !a.clusters.is_empty() {
-            m.pending_free.append(&mut a.clusters);
-            let _ = self.flush_metadata(m).await;
+            a.m.pending_free.append(&mut a.clusters);
+            let _ = self.flush_metadata(a.m).await;
         }
     }
 
@@ -376,16 +406,14 @@ impl Image {
         self.stop_tracking_locked(&mut m).await?;
         self.flush_metadata(&mut m).await?;
         let mut dir = self.bitmap_dir().await?;
-        let mut a = Allocated {
-            clusters: Vec::new(),
-        };
-        let r = match self.bitmap_change(&mut m, &mut a, &mut dir, op).await {
+        let mut a = Allocated::new(&mut m);
+        let r = match self.bitmap_change(&mut a, &mut dir, op).await {
             Ok(None) => Ok(()),
-            Ok(Some(old)) => self.bitmap_switch(&mut m, &mut a, &dir, old).await,
+            Ok(Some(old)) => self.bitmap_switch(&mut a, &dir, old).await,
             Err(e) => Err(e),
         };
         if r.is_err() {
-            self.bitmap_abandon(&mut m, &mut a).await;
+            self.bitmap_abandon(&mut a).await;
         }
         r
     }
@@ -394,8 +422,7 @@ impl Image {
     /// after the switch, or `None` when nothing changes.
     async fn bitmap_change(
         &self,
-        m: &mut Meta,
-        a: &mut Allocated,
+        a: &mut Allocated<'_>,
         dir: &mut Vec<DirEntry>,
         op: Op<'_>,
     ) -> Result<Option<Vec<u64>>> {
@@ -421,7 +448,7 @@ impl Image {
                     )));
                 }
                 let bits = vec![0u8; fmt::bit_count(size, gran_bits).div_ceil(8) as usize];
-                let (table_offset, table_size) = self.bitmap_store(m, a, &bits).await?;
+                let (table_offset, table_size) = self.bitmap_store(a, &bits).await?;
                 dir.push(DirEntry {
                     table_offset,
                     table_size,
@@ -445,7 +472,7 @@ impl Image {
                 let old = self.bitmap_owned_clusters(&dir[i]).await?;
                 let bits =
                     vec![0u8; fmt::bit_count(size, dir[i].granularity_bits).div_ceil(8) as usize];
-                let (t, n) = self.bitmap_store(m, a, &bits).await?;
+                let (t, n) = self.bitmap_store(a, &bits).await?;
                 dir[i].table_offset = t;
                 dir[i].table_size = n;
                 Ok(Some(old))
@@ -502,7 +529,7 @@ impl Image {
                     return Ok(None);
                 }
                 let old = self.bitmap_owned_clusters(&dir[i]).await?;
-                let (t, n) = self.bitmap_store(m, a, &bits).await?;
+                let (t, n) = self.bitmap_store(a, &bits).await?;
                 dir[i].table_offset = t;
                 dir[i].table_size = n;
                 Ok(Some(old))
@@ -549,9 +576,12 @@ impl Image {
             held.push((e.name.clone(), self.bitmap_bits(e).await?));
             e.flags |= fmt::FLAG_IN_USE;
         }
-        let mut a = Allocated::default();
-        if let Err(e) = self.bitmap_switch(&mut m, &mut a, &dir, Vec::new()).await {
-            self.bitmap_abandon(&mut m, &mut a).await;
+        // The header marks them in use once this returns (durably): the old directory is
+        // freed by the next flush (the resize's), and the bits are handed over whatever
+        // that flush does.
+        let mut a = Allocated::new(&mut m);
+        if let Err(e) = self.bitmap_commit(&mut a, &dir, Vec::new()).await {
+            self.bitmap_abandon(&mut a).await;
             return Err(e);
         }
         Ok(Some(held))
@@ -568,7 +598,7 @@ impl Image {
         self.stop_tracking_locked(&mut m).await?;
         let size = self.size();
         let mut dir = self.bitmap_dir().await?;
-        let mut a = Allocated::default();
+        let mut a = Allocated::new(&mut m);
         let r = async {
             let mut old = Vec::new();
             for (name, mut bits) in held {
@@ -583,16 +613,16 @@ impl Image {
                     }
                 }
                 old.extend(self.bitmap_owned_clusters(&dir[i]).await?);
-                let (t, n) = self.bitmap_store(&mut m, &mut a, &bits).await?;
+                let (t, n) = self.bitmap_store(&mut a, &bits).await?;
                 dir[i].table_offset = t;
                 dir[i].table_size = n;
                 dir[i].flags &= !fmt::FLAG_IN_USE;
             }
-            self.bitmap_switch(&mut m, &mut a, &dir, old).await
+            self.bitmap_switch(&mut a, &dir, old).await
         }
         .await;
         if r.is_err() {
-            self.bitmap_abandon(&mut m, &mut a).await;
+            self.bitmap_abandon(&mut a).await;
         }
         r
     }
@@ -613,8 +643,8 @@ impl Image {
         for e in &dir {
             old.extend(self.bitmap_owned_clusters(e).await?);
         }
-        let mut a = Allocated::default();
-        self.bitmap_switch(&mut m, &mut a, &[], old).await
+        let mut a = Allocated::new(&mut m);
+        self.bitmap_switch(&mut a, &[], old).await
     }
 
     /// Add an enabled persistent bitmap `name` (`qemu-img bitmap --add [-g GRANULARITY]`);

@@ -117,11 +117,28 @@ impl From<&str> for SnapshotKey {
     }
 }
 
+/// Whether L2 entry `le` (its first word) reads as a zero cluster.
+fn is_zero_entry(lay: &crate::engine::image::Layout, le: u64) -> bool {
+    matches!(
+        l2::decode(le, lay.cluster_bits, lay.extended),
+        ClusterEntry::Zero { .. }
+    )
+}
+
 fn not_found() -> Error {
     Error::new(ErrorKind::NotFound, "snapshot not found")
 }
 
 impl Image {
+    /// Read the L2 table at host offset `t` into `l2` (a cluster).
+    async fn read_l2_table(&self, l2: &mut [u8], t: u64) -> Result<()> {
+        self.inner
+            .file
+            .read_at(l2, t)
+            .await
+            .map_err(|err| Error::io(err, "reading an L2 table"))
+    }
+
     /// Refuse snapshot changes where they cannot be made.
     fn snapshot_preconditions(&self) -> Result<()> {
         self.ws()?;
@@ -322,11 +339,7 @@ impl Image {
                 *e = 0;
                 continue;
             }
-            self.inner
-                .file
-                .read_at(&mut l2, t)
-                .await
-                .map_err(|err| Error::io(err, "reading an L2 table"))?;
+            self.read_l2_table(&mut l2, t).await?;
             let mut changed = false;
             for chunk in l2.chunks_exact_mut(es) {
                 let le = crate::format::be64(chunk, 0);
@@ -451,18 +464,10 @@ impl Image {
                 let at = match seen.get(&t) {
                     Some(&at) => at,
                     None => {
-                        self.inner
-                            .file
-                            .read_at(&mut l2, t)
-                            .await
-                            .map_err(|err| Error::io(err, "reading an L2 table"))?;
+                        self.read_l2_table(&mut l2, t).await?;
                         let mut any = false;
                         for chunk in l2.chunks_exact_mut(es) {
-                            let le = crate::format::be64(chunk, 0);
-                            if !matches!(
-                                l2::decode(le, lay.cluster_bits, lay.extended),
-                                ClusterEntry::Zero { .. }
-                            ) {
+                            if !is_zero_entry(&lay, crate::format::be64(chunk, 0)) {
                                 continue;
                             }
                             any = true;
@@ -513,17 +518,11 @@ impl Image {
                 if t == 0 || !seen.insert(t) {
                     continue;
                 }
-                self.inner
-                    .file
-                    .read_at(&mut l2, t)
-                    .await
-                    .map_err(|err| Error::io(err, "reading an L2 table"))?;
-                if l2.chunks_exact(lay.l2_entry_size as usize).any(|c| {
-                    matches!(
-                        l2::decode(crate::format::be64(c, 0), lay.cluster_bits, lay.extended),
-                        ClusterEntry::Zero { .. }
-                    )
-                }) {
+                self.read_l2_table(&mut l2, t).await?;
+                if l2
+                    .chunks_exact(lay.l2_entry_size as usize)
+                    .any(|c| is_zero_entry(&lay, crate::format::be64(c, 0)))
+                {
                     return Ok(true);
                 }
             }

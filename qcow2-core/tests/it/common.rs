@@ -573,3 +573,48 @@ pub async fn open_hooked_opts(
     .unwrap();
     (img, hs)
 }
+
+/// A multi-thread tokio runtime with 2 workers and every driver enabled.
+pub fn runtime_2_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread tokio runtime with every driver enabled.
+pub fn runtime_current() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Calls `f(rt, k, tdir)` for every `k` in `0..n`, in order, from `threads` threads, each
+/// with its own current-thread runtime `rt` and scratch directory `tdir` (`dir/t<i>`).
+pub fn for_each_on_threads(
+    threads: usize,
+    n: usize,
+    dir: &Path,
+    f: impl Fn(&tokio::runtime::Runtime, usize, &Path) + Sync,
+) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            let tdir = dir.join(format!("t{t}"));
+            std::fs::create_dir_all(&tdir).unwrap();
+            let (next, f) = (&next, &f);
+            sc.spawn(move || {
+                let rt = runtime_current();
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= n {
+                        break;
+                    }
+                    f(&rt, k, &tdir);
+                }
+            });
+        }
+    });
+}

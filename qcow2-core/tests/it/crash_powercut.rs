@@ -29,7 +29,7 @@ use qcow2_core::io::powercut::{PowerCut, Survivors};
 use qcow2_core::{Image, OpenOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -549,11 +549,7 @@ fn powercut(s: Scenario) {
             .unwrap_or(base)
     };
     let pc = PowerCut::new();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime_2_workers();
     let rec = rt.block_on(async {
         let img = open_pc(&pc, dir.path(), &s, image, data).await;
         run_workload(&pc, img, start, &s, seed).await
@@ -572,32 +568,14 @@ fn powercut(s: Scenario) {
         dir: dir.path(),
         repair_every: env_usize("QCOW2RS_POWERCUT_REPAIR", 8).max(1),
     };
-    let next = AtomicUsize::new(0);
     let repairs = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
         .clamp(2, 8);
-    std::thread::scope(|sc| {
-        for t in 0..threads {
-            let (ctx, next, points, repairs) = (&ctx, &next, &points, &repairs);
-            let tdir: PathBuf = dir.path().join(format!("t{t}"));
-            std::fs::create_dir_all(&tdir).unwrap();
-            sc.spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= points.len() {
-                        break;
-                    }
-                    if rt.block_on(check_cut(ctx, k, points[k], &tdir)) {
-                        repairs.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
+    for_each_on_threads(threads, points.len(), dir.path(), |rt, k, tdir| {
+        if rt.block_on(check_cut(&ctx, k, points[k], tdir)) {
+            repairs.fetch_add(1, Ordering::Relaxed);
         }
     });
     // The last cut after close keeps everything: it must be the final guest content.
@@ -782,11 +760,7 @@ fn powercut_convert(name: &str, opts: &str) {
     );
     let image = std::fs::read(dir.path().join("img.qcow2")).unwrap();
     let pc = PowerCut::new();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime_2_workers();
     rt.block_on(async {
         let f = pc.add_file(image);
         let o = OpenOptions {
@@ -816,10 +790,7 @@ fn powercut_convert(name: &str, opts: &str) {
     let cs = qemu_info(&dir.path().join("img.qcow2"))["cluster-size"]
         .as_u64()
         .unwrap() as usize;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime_current();
     for (k, &cut) in points.iter().enumerate() {
         let survivors = match k % 4 {
             0 => Survivors::None,

@@ -415,10 +415,7 @@ fn faults(name: &str, opts: &str) {
         ],
     );
     let image = std::fs::read(&src).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime_current();
     let (ops, total) = rt.block_on(async {
         let (_, hs, img) = open_hs(&image, &src).await;
         let cs = img.layout().cluster_size;
@@ -442,26 +439,8 @@ fn faults(name: &str, opts: &str) {
         .max(1);
     let ns: Vec<u64> = (0..total).step_by(step as usize).collect();
     let tally = Tally::default();
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|sc| {
-        for t in 0..2 {
-            let tdir = dir.path().join(format!("t{t}"));
-            std::fs::create_dir_all(&tdir).unwrap();
-            let (image, src, ops, ns, tally, next) = (&image, &src, &ops, &ns, &tally, &next);
-            sc.spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= ns.len() {
-                        break;
-                    }
-                    rt.block_on(one(image, src, ops, ns[k], &tdir, tally));
-                }
-            });
-        }
+    for_each_on_threads(2, ns.len(), dir.path(), |rt, k, tdir| {
+        rt.block_on(one(&image, &src, &ops, ns[k], tdir, &tally));
     });
     eprintln!(
         "faults {name}: {} faults injected over {total} requests (EIO, ENOSPC, short write in turn): {} failed a guest request, the final flush or close, {} failed none, {} poisoned the handle; {:.1}s",
