@@ -219,6 +219,78 @@ def test_loop_closed_before_completion(img_path):
     img.close()
 
 
+def test_loop_closed_with_requests_in_flight(scratch):
+    """The loop an image was used on closes while a request is in flight (on a worker): no
+    crash, and the request's buffer is released once it ends, while the closed loop object is
+    still alive (its eventfd callback, dropped by the loop's close, marks the queue dead)."""
+    p = scratch / "huge.qcow2"
+    qcow2rs.create(p, 1 << 40)
+    loop = asyncio.new_event_loop()
+    img = loop.run_until_complete(qcow2rs.aio.open(p))
+    buf = bytearray(512 * MiB)  # reading 512 MiB of zeros takes tens of milliseconds
+
+    async def start():
+        t = asyncio.ensure_future(img.preadinto(buf, 12345))
+        await asyncio.sleep(0)  # the task submits its request
+        return t
+
+    task = loop.run_until_complete(start())
+    loop.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            buf.append(0)  # BufferError while the request still holds the buffer
+            break
+        except BufferError:
+            assert time.monotonic() < deadline, "buffer never released"
+            time.sleep(0.01)
+    assert not task.done() and loop.is_closed()
+    img.image.close()
+
+
+WAKE_SCRIPT = """
+import asyncio, os, sys
+import qcow2rs
+import qcow2rs.aio
+
+def threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return names
+
+async def main():
+    async with qcow2rs.aio.open(sys.argv[1]) as a, qcow2rs.aio.open(sys.argv[1]) as b:
+        async def work(img, t):
+            buf = bytearray(1 << 20)
+            for i in range(t, 64, 4):
+                assert await img.preadinto(buf, (i % 16) << 20) == 1 << 20
+                assert buf[:4] == bytes([i % 16 + 1] * 4)
+        await asyncio.gather(*(work(img, t) for img in (a, b) for t in range(4)))
+        assert a._q is b._q is qcow2rs.aio._queues[asyncio.get_running_loop()]
+    print(" ".join(threads()))
+
+asyncio.run(main())
+"""
+
+
+def test_completions_reach_the_loop_without_a_delivery_thread(scratch):
+    """Requests completed on the I/O threads (1 MiB reads) reach the loop through the
+    loop's eventfd: the completion thread (qcow2rs-py-aio), which would take the GIL to call
+    loop.call_soon_threadsafe, is never started. Both images share the loop's queue."""
+    p = scratch / "wake.qcow2"
+    qcow2rs.create(p, 16 * MiB)
+    with qcow2rs.open(p, "r+") as img:
+        for i in range(16):
+            img.pwrite(bytes([i + 1]) * MiB, i * MiB)
+    cp = subprocess.run([sys.executable, "-c", WAKE_SCRIPT, str(p)], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    names = cp.stdout.split()
+    assert any(n.startswith("qcow2rs-py-io") for n in names), names
+    assert "qcow2rs-py-aio" not in names, names
+
+
 def test_two_loops_in_two_threads(img_path):
     qcow2rs.create(img_path, 64 * MiB)
     errors = []

@@ -28,18 +28,24 @@ impl Image {
         // Held until every piece is read: the host clusters looked up below are not
         // reused meanwhile (`engine/inflight.rs`).
         let _ticket = self.ticket();
-        let mut rest: &mut [u8] = buf;
-        let mut pos = off;
-        let mut futs = Vec::new();
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = self.run_at(off, buf.len() as u64).await?;
+        if first.len == buf.len() as u64 {
+            // The common case, a read inside one run: awaited right here, without a list of
+            // futures (an allocation, and a copy of the large read future into it and out).
+            return self.read_run(first, buf, off).await;
+        }
+        let (piece, mut rest) = buf.split_at_mut(first.len as usize);
+        let mut futs = vec![self.read_run(first, piece, off)];
+        let mut pos = off + first.len;
         while !rest.is_empty() {
             let run = self.run_at(pos, rest.len() as u64).await?;
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(run.len as usize);
             rest = tail;
             futs.push(self.read_run(run, piece, pos));
             pos += run.len;
-        }
-        if futs.len() == 1 {
-            return futs.pop().unwrap().await;
         }
         futures::future::try_join_all(futs).await?;
         Ok(())
