@@ -177,12 +177,15 @@ pub(crate) struct Inner {
     pub data_path: Option<PathBuf>,
     pub header: RwLock<Header>,
     pub layout: Layout,
-    pub l1: RwLock<Vec<u64>>,
+    /// The active L1 table (changed only through `write()`, which keeps the overlap check's
+    /// bound right).
+    pub l1: crate::engine::overlap::OffsetTable,
     /// L1 entries that lie inside the file at open (a truncated file cuts the table short).
     pub l1_in_file: u64,
     /// File length at open, for validating data offsets of read-only images.
     pub file_len_at_open: u64,
-    pub reftable: RwLock<Vec<u64>>,
+    /// The refcount table (as `l1`).
+    pub reftable: crate::engine::overlap::OffsetTable,
     pub l2_cache: SliceCache,
     pub rc_cache: SliceCache,
     pub snapshots: RwLock<Vec<Snapshot>>,
@@ -617,8 +620,8 @@ impl Image {
             layout,
             l1_in_file: file_len.saturating_sub(h_l1_off) / 8,
             file_len_at_open: file_len,
-            l1: RwLock::new(l1),
-            reftable: RwLock::new(reftable),
+            l1: crate::engine::overlap::OffsetTable::new(l1, l2::OFFSET_MASK, cs),
+            reftable: crate::engine::overlap::OffsetTable::new(reftable, !511, cs),
             l2_cache: SliceCache::in_pool("L2 table", pool.clone(), 0),
             rc_cache: SliceCache::in_pool("refcount block", pool, 1),
             snapshots: RwLock::new(snapshots),

@@ -353,6 +353,9 @@ async fn map_metadata_preallocation_threshold_is_inclusive() {
 /// The metadata overlap check: a refcount of 0 on an L2 table or a refcount block (a corrupt
 /// image) makes the allocator hand that cluster out for guest data; the write must fail with
 /// a corrupt-image error naming the structure, and the structure must be left intact.
+/// "last-l2": the victim is the L2 table of L1 entry 1 in the last cluster of the file (made
+/// by a zero write at 512 MiB, after the data): the check skips its table scans for ranges
+/// past the highest cluster the tables point at, and this range starts exactly at it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_onto_metadata_is_refused() {
     if !have_qemu() {
@@ -361,16 +364,24 @@ async fn allocation_onto_metadata_is_refused() {
     for (victim, what) in [
         ("l2", "would overwrite the L2 table of L1 entry 0"),
         ("refblock", "would overwrite refcount block 0"),
+        ("last-l2", "would overwrite the L2 table of L1 entry 1"),
     ] {
         let dir = tmpdir();
-        let path = qemu_create(dir.path(), "o.qcow2", "", "16M");
+        let path = qemu_create(dir.path(), "o.qcow2", "", "1G");
         qemu_io(&path, None, &["write -P 1 0 64k"]);
+        if victim == "last-l2" {
+            qemu_io(&path, None, &["write -z 512M 64k"]);
+        }
         let mut raw = crate::surgery::Raw::load(&path);
         let cs = raw.cs();
         let host = match victim {
             "l2" => raw.u64(raw.u64(40) as usize) & 0x00ff_ffff_ffff_fe00,
+            "last-l2" => raw.u64(raw.u64(40) as usize + 8) & 0x00ff_ffff_ffff_fe00,
             _ => raw.u64(raw.u64(48) as usize) & !511,
         };
+        if victim == "last-l2" {
+            assert_eq!(host + cs, raw.b.len() as u64, "the L2 table is not last");
+        }
         let mut before = raw.b[host as usize..(host + cs) as usize].to_vec();
         // The refcount block holds the victim's own refcount, which the allocation sets
         // again: every other byte must stay.
