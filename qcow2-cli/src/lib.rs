@@ -88,10 +88,6 @@ fn run_inner(argv: &[String]) -> u8 {
                     return 1;
                 }
             };
-            // A completion wakes the worker waiting in the runtime's reactor, which
-            // reaps it, rather than the ring's completion thread, which would wake a
-            // worker in turn.
-            qcow2_core::io::reap_in_runtime(rt.handle());
             let sub = matches.subcommand().map(|(_, m)| m);
             rt.block_on(cmds::run(cmd, sub, &argv))
         }
