@@ -26,14 +26,16 @@
 //! - a request that completed on a request worker and finds the queue unarmed writes the
 //!   queue's eventfd, which the loop watches (`loop.add_reader`, registered by `_listen` when
 //!   the queue is made): the loop wakes, the [`Waker`] reads the eventfd back to 0 and
-//!   drains. No other thread takes the GIL for it.
+//!   drains. No
+//!   other thread takes the GIL for it, and completions that arrive while the loop is busy
+//!   cost one `write` for the lot. The drain disarms the queue as it takes the completions;
+//!   one queued after that writes the eventfd again.
 //! - a queue without an eventfd (a loop without `add_reader`, or one made directly, as
 //!   `test_aio` does) is armed by the delivery thread (`qcow2rs-py-aio`), which takes the GIL
-//!   and calls `loop.call_soon_threadsafe` (one per batch, not per request).
-//!
-//! Either way, a drain that found work schedules the next one with `loop.call_soon`, the
-//! queue staying armed, so while the loop is busy, completions are picked up by the loop
-//! itself without waking it; a drain that finds the queue empty disarms it.
+//!   and calls `loop.call_soon_threadsafe` (one per batch, not per request); there, a drain
+//!   that found work schedules the next one with `loop.call_soon`, so while the loop is busy,
+//!   completions are picked up by the loop itself, and a drain that finds the queue empty
+//!   disarms it.
 //!
 //! The delivery thread also drops, with the GIL, what requests leave behind when nobody waits
 //! for them (their loop closed).
@@ -199,12 +201,14 @@ impl Queue {
 
 impl Queue {
     /// Take the completions queued so far and resolve them (on the loop's thread); false if
-    /// there were none, and then the queue is disarmed.
-    fn drain(&self, py: Python<'_>) -> bool {
+    /// there were none. The queue is disarmed when there were none, or with `disarm`.
+    fn drain(&self, py: Python<'_>, disarm: bool) -> bool {
         let items = {
             let mut st = self.lock();
-            if st.items.is_empty() {
+            if st.items.is_empty() || disarm {
                 st.armed = false;
+            }
+            if st.items.is_empty() {
                 return false;
             }
             std::mem::take(&mut st.items)
@@ -213,20 +217,6 @@ impl Queue {
             c.resolve(py);
         }
         true
-    }
-
-    /// After a drain that found work: the tasks just woken will submit more, so look again
-    /// after they ran (`drain` with `loop.call_soon`, the queue staying armed): completions
-    /// that arrive meanwhile are picked up without waking the loop (no eventfd write, no
-    /// `call_soon_threadsafe`). The drain that finds nothing disarms the queue.
-    fn again(&self, py: Python<'_>, drain: &Bound<'_, PyAny>) -> PyResult<()> {
-        let again = self
-            .lp(py)
-            .and_then(|lp| lp.call_method1(intern!(py, "call_soon"), (drain,)));
-        if again.is_err() {
-            self.lock().armed = false;
-        }
-        again.map(drop)
     }
 }
 
@@ -317,13 +307,7 @@ impl Completions {
         }
         // SAFETY: `fd` was just opened and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let waker = Bound::new(
-            py,
-            Waker {
-                q: q.clone(),
-                drain: slf.getattr(intern!(py, "_drain"))?.unbind(),
-            },
-        )?;
+        let waker = Bound::new(py, Waker { q: q.clone() })?;
         let added = q
             .lp(py)?
             .call_method1(intern!(py, "add_reader"), (fd.as_raw_fd(), waker));
@@ -342,10 +326,24 @@ impl Completions {
     fn _drain(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let q = &slf.get().q;
-        if !q.drain(py) {
+        let listening = q.wake.get().is_some();
+        if !q.drain(py, listening) || listening {
+            // With an eventfd, a worker that queues a completion after the drain writes it
+            // again: no need to look again later.
             return Ok(());
         }
-        q.again(py, &slf.getattr(intern!(py, "_drain"))?)
+        // The tasks just woken will submit more; look again after they ran (rather than
+        // having the delivery thread take the GIL for the next completion).
+        let again = q.lp(py).and_then(|lp| {
+            lp.call_method1(
+                intern!(py, "call_soon"),
+                (slf.getattr(intern!(py, "_drain"))?,),
+            )
+        });
+        if again.is_err() {
+            q.lock().armed = false;
+        }
+        again.map(drop)
     }
 }
 
@@ -356,20 +354,15 @@ impl Completions {
 #[pyclass(frozen, module = "qcow2rs._qcow2rs", name = "_Waker")]
 pub struct Waker {
     q: Arc<Queue>,
-    /// The queue's `_drain`, for [`Queue::again`].
-    drain: Py<PyAny>,
 }
 
 #[pymethods]
 impl Waker {
-    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
+    fn __call__(&self, py: Python<'_>) {
         if let Some(fd) = self.q.wake.get() {
             unwake(fd);
         }
-        if !self.q.drain(py) {
-            return Ok(());
-        }
-        self.q.again(py, self.drain.bind(py))
+        self.q.drain(py, true);
     }
 }
 
