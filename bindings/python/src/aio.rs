@@ -15,30 +15,17 @@
 //! (`AsyncImage._queue()`, which calls `asyncio.get_running_loop()`: a system call per call
 //! on Python 3.11, for its fork check) and create one with `loop.create_future()`.
 //!
-//! Completions go to the `_Completions` queue of the event loop that submitted them
-//! (`qcow2rs.aio` keeps one per loop, shared by its images; it holds the loop weakly). The
-//! queue is drained on the loop's own thread by `_drain`, which releases the buffers, skips
-//! futures that are already done (cancelled) and resolves the others: one drain resolves every
-//! completion queued so far. A queue is *armed* while a drain is due:
-//!
-//! - a request delivered from the loop's thread (completed inside its submitting call) arms it
-//!   with `loop.call_soon`;
-//! - a request that completed on a request worker and finds the queue unarmed writes the
-//!   queue's eventfd, which the loop watches (`loop.add_reader`, registered by `_listen` when
-//!   the queue is made): the loop wakes, the [`Waker`] reads the eventfd back to 0 and
-//!   drains. No
-//!   other thread takes the GIL for it, and completions that arrive while the loop is busy
-//!   cost one `write` for the lot. The drain disarms the queue as it takes the completions;
-//!   one queued after that writes the eventfd again.
-//! - a queue without an eventfd (a loop without `add_reader`, or one made directly, as
-//!   `test_aio` does) is armed by the delivery thread (`qcow2rs-py-aio`), which takes the GIL
-//!   and calls `loop.call_soon_threadsafe` (one per batch, not per request); there, a drain
-//!   that found work schedules the next one with `loop.call_soon`, so while the loop is busy,
-//!   completions are picked up by the loop itself, and a drain that finds the queue empty
-//!   disarms it.
-//!
-//! The delivery thread also drops, with the GIL, what requests leave behind when nobody waits
-//! for them (their loop closed).
+//! Completions go to the `_Completions` queue of the event loop that submitted them (one per
+//! `AsyncImage` and loop). The queue is drained on the loop's own thread by `_drain`, which
+//! releases the buffers, skips futures that are already done (cancelled) and resolves the
+//! others: one drain resolves every completion queued so far. A queue is *armed* while a
+//! drain is scheduled: a request delivered from the loop's thread arms it with
+//! `loop.call_soon`; a request that completed on a request worker and finds the queue unarmed
+//! asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
+//! `loop.call_soon_threadsafe` (one per batch, not per request). A drain that found work
+//! schedules the next one with `loop.call_soon`, so while the loop is busy, completions are
+//! picked up by the loop itself and no other thread has to wait for the GIL; a drain that
+//! finds the queue empty disarms it.
 
 use crate::buffers::HeldBuffer;
 use crate::errors::to_pyerr;
@@ -132,7 +119,7 @@ impl Completion {
 #[derive(Default)]
 struct QueueState {
     items: Vec<Completion>,
-    /// A drain is scheduled (or running), or the queue's eventfd was written and not yet read.
+    /// A drain is scheduled (or running).
     armed: bool,
     /// The loop is closed: completions are dropped.
     dead: bool,
@@ -140,14 +127,8 @@ struct QueueState {
 
 /// The completion queue of one event loop (shared by the requests in flight).
 pub struct Queue {
-    /// The loop, or (for the queue that `qcow2rs.aio` keeps per loop) a weak reference to
-    /// it, so that the registry of queues does not keep loops alive.
     lp: Py<PyAny>,
-    weak: bool,
     st: Mutex<QueueState>,
-    /// The eventfd the loop watches (`loop.add_reader`, see [`Completions::_listen`]): a
-    /// request worker that arms the queue writes it, with no GIL and no other thread.
-    wake: OnceLock<std::os::fd::OwnedFd>,
 }
 
 impl Queue {
@@ -155,22 +136,9 @@ impl Queue {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The event loop (an error when only a weak reference was kept and the loop is gone).
-    fn lp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let lp = self.lp.bind(py);
-        if !self.weak {
-            return Ok(lp.clone());
-        }
-        use pyo3::types::PyWeakrefMethods;
-        lp.cast::<pyo3::types::PyWeakrefReference>()?
-            .upgrade()
-            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the event loop is gone"))
-    }
-
-    /// Add a completion (any thread, without the GIL); arm the queue if needed: by writing
-    /// its eventfd, or through the delivery thread, or, for a request that completed inside
-    /// its submitting call (on the loop's thread, GIL held), by telling [`submit`] to do it
-    /// ([`ARM_HERE`]).
+    /// Add a completion (any thread, without the GIL); arm the queue if needed: through the
+    /// delivery thread, or, for a request that completed inside its submitting call (on the
+    /// loop's thread, GIL held), by telling [`submit`] to do it ([`ARM_HERE`]).
     fn push(self: &Arc<Self>, c: Completion, inline: Inline) {
         let arm = {
             let mut st = self.lock();
@@ -190,64 +158,11 @@ impl Queue {
         if arm {
             if inline == Inline::Yes {
                 ARM_HERE.with(|a| a.set(true));
-            } else if let Some(fd) = self.wake.get() {
-                wake(fd);
             } else {
                 send(Msg::Arm(self.clone()));
             }
         }
     }
-}
-
-impl Queue {
-    /// Take the completions queued so far and resolve them (on the loop's thread); false if
-    /// there were none. The queue is disarmed when there were none, or with `disarm`.
-    fn drain(&self, py: Python<'_>, disarm: bool) -> bool {
-        let items = {
-            let mut st = self.lock();
-            if st.items.is_empty() || disarm {
-                st.armed = false;
-            }
-            if st.items.is_empty() {
-                return false;
-            }
-            std::mem::take(&mut st.items)
-        };
-        for c in items {
-            c.resolve(py);
-        }
-        true
-    }
-}
-
-impl Drop for Queue {
-    /// Completions left in a queue that nobody drains any more (its loop closed): their
-    /// buffers are released by the delivery thread, which holds the GIL for it.
-    fn drop(&mut self) {
-        let st = self.st.get_mut().unwrap_or_else(|e| e.into_inner());
-        let items = std::mem::take(&mut st.items);
-        if !items.is_empty() {
-            send(Msg::Drop(Box::new(items)));
-        }
-    }
-}
-
-/// Make `fd` (an eventfd) readable.
-fn wake(fd: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an open eventfd. It cannot fail short of
-    // the counter overflowing (never: the loop reads it back to 0 at each wake-up).
-    unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
-}
-
-/// Read `fd` (an eventfd) back to 0, so that the loop does not see it readable again.
-fn unwake(fd: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    let mut n: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a live u64 from an open non-blocking eventfd (EAGAIN
-    // when it is already 0, which is fine).
-    unsafe { libc::read(fd.as_raw_fd(), (&raw mut n).cast(), 8) };
 }
 
 thread_local! {
@@ -265,60 +180,13 @@ pub struct Completions {
 
 #[pymethods]
 impl Completions {
-    /// The queue of `lp`; with `weak`, it keeps only a weak reference to the loop.
     #[new]
-    #[pyo3(signature = (lp, weak = false))]
-    fn new(py: Python<'_>, lp: Bound<'_, PyAny>, weak: bool) -> PyResult<Self> {
-        let lp = if weak {
-            pyo3::types::PyWeakrefReference::new(&lp)?
-                .into_any()
-                .unbind()
-        } else {
-            lp.unbind()
-        };
-        let _ = py;
-        Ok(Completions {
+    fn new(lp: Py<PyAny>) -> Self {
+        Completions {
             q: Arc::new(Queue {
                 lp,
-                weak,
                 st: Mutex::new(QueueState::default()),
-                wake: OnceLock::new(),
             }),
-        })
-    }
-
-    /// Have the loop watch an eventfd of this queue (`loop.add_reader`), which request
-    /// workers write when they arm the queue: completions then reach the loop without the
-    /// delivery thread and without taking the GIL on another thread. Returns whether that
-    /// worked; when it did not (no eventfd, a loop without `add_reader`), completions keep
-    /// going through `call_soon_threadsafe`. Call once, on the loop's thread, before the
-    /// queue is used.
-    fn _listen(slf: &Bound<'_, Self>) -> PyResult<bool> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let py = slf.py();
-        let q = &slf.get().q;
-        if q.wake.get().is_some() {
-            return Ok(true);
-        }
-        // SAFETY: plain system call; the descriptor it returns is owned from here on.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Ok(false);
-        }
-        // SAFETY: `fd` was just opened and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let waker = Bound::new(py, Waker { q: q.clone() })?;
-        let added = q
-            .lp(py)?
-            .call_method1(intern!(py, "add_reader"), (fd.as_raw_fd(), waker));
-        match added {
-            Ok(_) => {
-                // Set before any request can use the queue (the caller has not handed it out).
-                let _ = q.wake.set(fd);
-                Ok(true)
-            }
-            Err(e) if e.is_instance_of::<pyo3::exceptions::PyNotImplementedError>(py) => Ok(false),
-            Err(e) => Err(e),
         }
     }
 
@@ -326,55 +194,27 @@ impl Completions {
     fn _drain(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let q = &slf.get().q;
-        let listening = q.wake.get().is_some();
-        if !q.drain(py, listening) || listening {
-            // With an eventfd, a worker that queues a completion after the drain writes it
-            // again: no need to look again later.
-            return Ok(());
+        let items = {
+            let mut st = q.lock();
+            if st.items.is_empty() {
+                st.armed = false;
+                return Ok(());
+            }
+            std::mem::take(&mut st.items)
+        };
+        for c in items {
+            c.resolve(py);
         }
-        // The tasks just woken will submit more; look again after they ran (rather than
-        // having the delivery thread take the GIL for the next completion).
-        let again = q.lp(py).and_then(|lp| {
-            lp.call_method1(
-                intern!(py, "call_soon"),
-                (slf.getattr(intern!(py, "_drain"))?,),
-            )
-        });
+        // The tasks just woken will submit more; look again after they ran.
+        let again = q.lp.call_method1(
+            py,
+            intern!(py, "call_soon"),
+            (slf.getattr(intern!(py, "_drain"))?,),
+        );
         if again.is_err() {
             q.lock().armed = false;
         }
         again.map(drop)
-    }
-}
-
-/// What the loop calls when a queue's eventfd is readable (the callback `_listen` registers
-/// with `loop.add_reader`). The loop holds it until it closes (its selector drops its
-/// callbacks then): its end marks the queue dead, so that the completions of requests still
-/// in flight, and those already queued, are dropped and their buffers released.
-#[pyclass(frozen, module = "qcow2rs._qcow2rs", name = "_Waker")]
-pub struct Waker {
-    q: Arc<Queue>,
-}
-
-#[pymethods]
-impl Waker {
-    fn __call__(&self, py: Python<'_>) {
-        if let Some(fd) = self.q.wake.get() {
-            unwake(fd);
-        }
-        self.q.drain(py, true);
-    }
-}
-
-impl Drop for Waker {
-    fn drop(&mut self) {
-        // Dropped by the interpreter (the GIL is held): the buffers are released right here.
-        let items = {
-            let mut st = self.q.lock();
-            st.dead = true;
-            std::mem::take(&mut st.items)
-        };
-        drop(items);
     }
 }
 
@@ -490,7 +330,7 @@ fn arm(py: Python<'_>, q: Arc<Queue>) {
 fn arm_with(py: Python<'_>, q: Arc<Queue>, how: &Bound<'_, pyo3::types::PyString>) {
     let scheduled = Bound::new(py, Completions { q: q.clone() })
         .and_then(|c| c.getattr(intern!(py, "_drain")))
-        .and_then(|drain| q.lp(py)?.call_method1(how, (drain,)));
+        .and_then(|drain| q.lp.call_method1(py, how, (drain,)));
     if scheduled.is_err() {
         let items = {
             let mut st = q.lock();
@@ -519,10 +359,7 @@ struct Handoff {
 fn new_future(py: Python<'_>, owner: &Bound<'_, PyAny>) -> PyResult<(Arc<Queue>, Py<PyAny>)> {
     let q = owner.call_method0(intern!(py, "_queue"))?;
     let q = q.cast::<Completions>()?.get().q.clone();
-    let fut = q
-        .lp(py)?
-        .call_method0(intern!(py, "create_future"))?
-        .unbind();
+    let fut = q.lp.call_method0(py, intern!(py, "create_future"))?;
     Ok((q, fut))
 }
 

@@ -42,7 +42,6 @@ fn qcow2rs_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::_aio_open, m)?)?;
     m.add_class::<aio::Completions>()?;
-    m.add_class::<aio::Waker>()?;
     // Not a name of the module: only `atexit` holds it.
     let stop = wrap_pyfunction!(aio::_stop_delivery, m)?;
     py.import("atexit")?.call_method1("register", (stop,))?;

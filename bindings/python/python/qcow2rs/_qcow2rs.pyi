@@ -29,7 +29,6 @@ __all__ = [
     "cli_main",
     "_aio_open",
     "_Completions",
-    "_Waker",
     "__version__",
 ]
 
@@ -55,15 +54,8 @@ class _Owner(Protocol):
 class _Completions:
     """The completion queue of one event loop (used by qcow2rs.aio)."""
 
-    def __new__(cls, lp: asyncio.AbstractEventLoop, weak: bool = False) -> Self: ...
-    def _listen(self) -> bool: ...
+    def __new__(cls, lp: asyncio.AbstractEventLoop) -> Self: ...
     def _drain(self) -> None: ...
-
-@final
-class _Waker:
-    """What an event loop calls when a completion queue's eventfd is readable."""
-
-    def __call__(self, *args: object, **kwargs: object) -> None: ...
 
 @final
 class Image:

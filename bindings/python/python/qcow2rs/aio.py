@@ -4,10 +4,8 @@ Each read or write starts inside the call that submits it: one that completes th
 page-cache hit) returns at once, without a round trip through the event loop (one in 32 goes
 through the loop, so that the task yields now and then); the others go on on qcow2rs's own
 I/O threads (no thread per request), and many may be in flight at once (``asyncio.gather``).
-Their completions reach the event loop a batch at a time: the thread that completes a request
-makes an eventfd readable that the loop watches (``loop.add_reader``; one per loop), and the
-loop resolves every completion queued so far at once (a loop without ``add_reader`` gets them
-through ``loop.call_soon_threadsafe``). Cancelling a task whose request is
+Their completions reach the event loop through ``loop.call_soon_threadsafe``, a batch at a
+time (while the loop is busy, it picks them up itself). Cancelling a task whose request is
 in flight does not stop the request: it runs to its end, keeping the buffers it uses alive,
 and its result is dropped.
 """
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generator
 
@@ -30,28 +27,6 @@ __all__ = ["AsyncImage", "open"]
 
 
 _running_loop = asyncio.get_running_loop
-
-# The completion queue of each event loop, shared by the images used on it. The queue keeps
-# only a weak reference to its loop, and its eventfd stays registered with the loop (see
-# _loop_queue) for as long as the loop lives.
-_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _qcow2rs._Completions] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _loop_queue(loop: asyncio.AbstractEventLoop) -> _qcow2rs._Completions:
-    """The completion queue of ``loop``: requests completed on qcow2rs's threads make its
-    eventfd readable, which the loop watches with ``add_reader``; a loop without
-    ``add_reader`` gets its completions through ``call_soon_threadsafe`` instead."""
-    q = _queues.get(loop)
-    if q is None:
-        try:
-            q = _qcow2rs._Completions(loop, True)
-        except TypeError:  # a loop without weak references: a queue per image and loop
-            return _qcow2rs._Completions(loop)
-        q._listen()
-        _queues[loop] = q
-    return q
 
 
 class AsyncImage:
@@ -71,7 +46,7 @@ class AsyncImage:
         loop = _running_loop()
         q = self._q
         if q is None or loop is not self._loop:
-            q = _loop_queue(loop)
+            q = _qcow2rs._Completions(loop)
             self._loop, self._q = loop, q
         return q
 
@@ -225,7 +200,7 @@ class _Opening:
     async def _open(self) -> AsyncImage:
         loop = _running_loop()
         fut = loop.create_future()
-        _qcow2rs._aio_open(_loop_queue(loop), fut, *self._args)
+        _qcow2rs._aio_open(_qcow2rs._Completions(loop), fut, *self._args)
         image: Image = await fut
         return AsyncImage(image)
 
