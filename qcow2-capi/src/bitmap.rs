@@ -3,7 +3,7 @@
 
 use crate::error::{ffi, Fail};
 use crate::image::{
-    change_with_name, image_ref, malloc_string, qcow2rs_image, str_arg, utf8, writable_ref,
+    change_with_name, image_ref, malloc_string, qcow2rs_image, str_arg, utf8, writable_ref, OutList,
 };
 use std::ffi::{c_char, c_int};
 
@@ -171,55 +171,22 @@ pub unsafe extern "C" fn qcow2rs_bitmap_list(
     count: *mut usize,
 ) -> c_int {
     ffi("qcow2rs_bitmap_list", || {
-        if list.is_null() {
-            return Err(Fail::fault("list"));
-        }
-        if count.is_null() {
-            return Err(Fail::fault("count"));
-        }
-        // SAFETY: both are valid places (checked non-NULL; header contract).
-        unsafe {
-            *list = std::ptr::null_mut();
-            *count = 0;
-        }
+        // SAFETY: NULL or valid places (header contract).
+        let out = unsafe { OutList::new(list, count)? };
         // SAFETY: NULL or a live handle (header contract).
         let h = unsafe { image_ref(img, "qcow2rs_bitmap_list")? };
-        let bitmaps = h.img.bitmaps();
-        if bitmaps.is_empty() {
-            return Ok(0);
-        }
-        let n = bitmaps.len();
-        // SAFETY: calloc of n entries; the result is checked. All-zero entries are valid
-        // (NULL names), so a partial fill can be freed by qcow2rs_bitmap_list_free.
-        let arr = unsafe { libc::calloc(n, std::mem::size_of::<qcow2rs_bitmap_info>()) }
-            .cast::<qcow2rs_bitmap_info>();
-        if arr.is_null() {
-            return Err(Fail::new(libc::ENOMEM, "out of memory"));
-        }
-        for (i, b) in bitmaps.iter().enumerate() {
-            let name = match malloc_string(&b.name) {
-                Ok(p) => p,
-                Err(e) => {
-                    // SAFETY: `arr` holds `n` entries, filled or all-zero.
-                    unsafe { qcow2rs_bitmap_list_free(arr, n) };
-                    return Err(e);
-                }
-            };
-            // SAFETY: `arr` has `n` entries and i < n.
-            unsafe {
-                arr.add(i).write(qcow2rs_bitmap_info {
-                    name,
+        out.fill(
+            &h.img.bitmaps(),
+            |b| {
+                Ok(qcow2rs_bitmap_info {
+                    name: malloc_string(&b.name)?,
                     granularity: b.granularity,
                     flags: b.flags & (QCOW2RS_BITMAP_IN_USE | QCOW2RS_BITMAP_AUTO),
                 })
-            };
-        }
-        // SAFETY: as above.
-        unsafe {
-            *list = arr;
-            *count = n;
-        }
-        Ok(0)
+            },
+            // SAFETY: a partly filled list is freed as a whole one (NULL names).
+            |arr, n| unsafe { qcow2rs_bitmap_list_free(arr, n) },
+        )
     })
 }
 
@@ -266,40 +233,17 @@ pub unsafe extern "C" fn qcow2rs_bitmap_extents(
     count: *mut usize,
 ) -> c_int {
     ffi("qcow2rs_bitmap_extents", || {
-        if list.is_null() {
-            return Err(Fail::fault("list"));
-        }
-        if count.is_null() {
-            return Err(Fail::fault("count"));
-        }
-        // SAFETY: both are valid places (checked non-NULL; header contract).
-        unsafe {
-            *list = std::ptr::null_mut();
-            *count = 0;
-        }
+        // SAFETY: NULL or valid places (header contract).
+        let out = unsafe { OutList::new(list, count)? };
         // SAFETY: NULL or a live handle (header contract).
         let h = unsafe { image_ref(img, "qcow2rs_bitmap_extents")? };
         let name = name_arg(name, "name")?;
         let extents = h.block_on("qcow2rs_bitmap_extents", h.img.bitmap_extents(name))?;
-        if extents.is_empty() {
-            return Ok(0);
-        }
-        let n = extents.len();
-        // SAFETY: calloc of n entries; the result is checked.
-        let arr = unsafe { libc::calloc(n, std::mem::size_of::<qcow2rs_extent>()) }
-            .cast::<qcow2rs_extent>();
-        if arr.is_null() {
-            return Err(Fail::new(libc::ENOMEM, "out of memory"));
-        }
-        for (i, &(start, length)) in extents.iter().enumerate() {
-            // SAFETY: `arr` has `n` entries and i < n.
-            unsafe { arr.add(i).write(qcow2rs_extent { start, length }) };
-        }
-        // SAFETY: as above.
-        unsafe {
-            *list = arr;
-            *count = n;
-        }
-        Ok(0)
+        out.fill(
+            &extents,
+            |&(start, length)| Ok(qcow2rs_extent { start, length }),
+            // SAFETY: from calloc; the entries own nothing.
+            |arr, _| unsafe { libc::free(arr.cast()) },
+        )
     })
 }

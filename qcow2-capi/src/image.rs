@@ -579,6 +579,71 @@ pub(crate) fn malloc_string(s: &str) -> Result<*mut c_char, Fail> {
     Ok(p)
 }
 
+/// The two out-parameters of a call that hands the caller a C array: `*list` and `*count`.
+/// What a failure leaves in them is NULL and 0.
+pub(crate) struct OutList<T> {
+    list: *mut *mut T,
+    count: *mut usize,
+}
+
+impl<T> OutList<T> {
+    /// Checks that neither pointer is NULL (`-EFAULT` naming it) and stores NULL and 0, so
+    /// every later failure leaves them so.
+    ///
+    /// # Safety
+    /// Each pointer is NULL or valid for a write (header contract).
+    pub(crate) unsafe fn new(list: *mut *mut T, count: *mut usize) -> Result<Self, Fail> {
+        if list.is_null() {
+            return Err(Fail::fault("list"));
+        }
+        if count.is_null() {
+            return Err(Fail::fault("count"));
+        }
+        // SAFETY: both are valid places (checked non-NULL; the caller's contract).
+        unsafe {
+            *list = std::ptr::null_mut();
+            *count = 0;
+        }
+        Ok(Self { list, count })
+    }
+
+    /// Hands the caller an array from `calloc` with one entry per item, made by `entry`
+    /// (nothing is allocated for no items: NULL and 0). When `entry` fails, `free` gets the
+    /// array with the entries made so far, the others all-zero, and must free it all.
+    pub(crate) fn fill<S>(
+        self,
+        items: &[S],
+        mut entry: impl FnMut(&S) -> Result<T, Fail>,
+        free: impl FnOnce(*mut T, usize),
+    ) -> Result<c_int, Fail> {
+        let n = items.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        // SAFETY: calloc of n entries; the result is checked.
+        let arr = unsafe { libc::calloc(n, std::mem::size_of::<T>()) }.cast::<T>();
+        if arr.is_null() {
+            return Err(Fail::new(libc::ENOMEM, "out of memory"));
+        }
+        for (i, item) in items.iter().enumerate() {
+            match entry(item) {
+                // SAFETY: `arr` has `n` entries and i < n.
+                Ok(e) => unsafe { arr.add(i).write(e) },
+                Err(e) => {
+                    free(arr, n);
+                    return Err(e);
+                }
+            }
+        }
+        // SAFETY: valid places (checked in `new`).
+        unsafe {
+            *self.list = arr;
+            *self.count = n;
+        }
+        Ok(0)
+    }
+}
+
 /// JSON as the CLI prints it (4-space indent, final newline).
 pub(crate) fn pretty_json(v: &serde_json::Value) -> String {
     use serde::Serialize;

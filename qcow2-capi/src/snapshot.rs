@@ -1,7 +1,7 @@
 //! Internal snapshots: list, create, apply, delete (`qemu-img snapshot -l/-c/-a/-d`).
 
-use crate::error::{ffi, Fail};
-use crate::image::{change_with_name, image_ref, malloc_string, qcow2rs_image};
+use crate::error::ffi;
+use crate::image::{change_with_name, image_ref, malloc_string, qcow2rs_image, OutList};
 use qcow2_core::SnapshotKey;
 use std::ffi::{c_char, c_int};
 
@@ -109,47 +109,19 @@ pub unsafe extern "C" fn qcow2rs_snapshot_list(
     count: *mut usize,
 ) -> c_int {
     ffi("qcow2rs_snapshot_list", || {
-        if list.is_null() {
-            return Err(Fail::fault("list"));
-        }
-        if count.is_null() {
-            return Err(Fail::fault("count"));
-        }
-        // SAFETY: both are valid places (checked non-NULL; header contract).
-        unsafe {
-            *list = std::ptr::null_mut();
-            *count = 0;
-        }
+        // SAFETY: NULL or valid places (header contract).
+        let out = unsafe { OutList::new(list, count)? };
         // SAFETY: NULL or a live handle (header contract).
         let h = unsafe { image_ref(img, "qcow2rs_snapshot_list")? };
-        let snaps = h.img.snapshots();
-        if snaps.is_empty() {
-            return Ok(0);
-        }
-        let n = snaps.len();
-        // SAFETY: calloc of n entries; the result is checked. All-zero entries are valid
-        // (NULL strings), so a partial fill can be freed by qcow2rs_snapshot_list_free.
-        let arr = unsafe { libc::calloc(n, std::mem::size_of::<qcow2rs_snapshot_info>()) }
-            .cast::<qcow2rs_snapshot_info>();
-        if arr.is_null() {
-            return Err(Fail::new(libc::ENOMEM, "out of memory"));
-        }
-        for (i, s) in snaps.iter().enumerate() {
-            let (id, name) = match (malloc_string(&s.id), malloc_string(&s.name)) {
-                (Ok(a), Ok(b)) => (a, b),
-                (a, b) => {
-                    // SAFETY: from malloc_string or NULL.
-                    unsafe {
-                        libc::free(a.unwrap_or(std::ptr::null_mut()).cast());
-                        libc::free(b.unwrap_or(std::ptr::null_mut()).cast());
-                        qcow2rs_snapshot_list_free(arr, n);
-                    }
-                    return Err(Fail::new(libc::ENOMEM, "out of memory"));
-                }
-            };
-            // SAFETY: `arr` has `n` entries and i < n.
-            unsafe {
-                arr.add(i).write(qcow2rs_snapshot_info {
+        out.fill(
+            &h.img.snapshots(),
+            |s| {
+                let id = malloc_string(&s.id)?;
+                let name = malloc_string(&s.name).inspect_err(|_| {
+                    // SAFETY: from malloc_string.
+                    unsafe { libc::free(id.cast()) }
+                })?;
+                Ok(qcow2rs_snapshot_info {
                     id,
                     name,
                     date_sec: s.date_sec,
@@ -159,14 +131,10 @@ pub unsafe extern "C" fn qcow2rs_snapshot_list(
                     disk_size: s.disk_size.unwrap_or(0),
                     icount: s.icount.unwrap_or(u64::MAX),
                 })
-            };
-        }
-        // SAFETY: as above.
-        unsafe {
-            *list = arr;
-            *count = n;
-        }
-        Ok(0)
+            },
+            // SAFETY: a partly filled list is freed as a whole one (NULL strings).
+            |arr, n| unsafe { qcow2rs_snapshot_list_free(arr, n) },
+        )
     })
 }
 
