@@ -373,7 +373,8 @@ fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
     })
 }
 
-/// Run `req` on the request runner and return what the awaiting coroutine gets: the result
+/// Run the future `req()` on the request runner (built right in the runner's task: the
+/// closure is small, the future is not, and each move of it would be a `memcpy`) and return what the awaiting coroutine gets: the result
 /// itself when the request completed inside this call (first polled right here when `inline`,
 /// see [`INLINE_MAX`]; an error is raised at once), else a future of the running loop that
 /// its completion resolves (through the loop's queue, see the module comment). `owner` is
@@ -381,17 +382,20 @@ fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
 /// when a future is needed. `hold` (a borrowed buffer) is released only after the request has
 /// completed. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
 /// poll runs without it.
-pub fn submit(
+pub fn submit<F>(
     py: Python<'_>,
     owner: &Bound<'_, PyAny>,
     hold: Option<Arc<HeldBuffer>>,
     inline: bool,
-    req: impl Future<Output = Outcome> + Send + 'static,
-) -> PyResult<Py<PyAny>> {
+    req: impl FnOnce() -> F + Send,
+) -> PyResult<Py<PyAny>>
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
     if !inline {
         let (queue, fut) = new_future(py, owner)?;
         let f = fut.clone_ref(py);
-        runtime::runner().spawn(req, move |res, _| {
+        runtime::runner().spawn_with(req, move |res, _| {
             let c = Completion {
                 fut: f,
                 outcome: outcome_of(res),
@@ -422,7 +426,7 @@ pub fn submit(
     };
     // The first poll may do the I/O itself (a page-cache hit): without the GIL, as every call
     // that does I/O. The outcome, if any, comes back through INLINE_DONE (this thread's).
-    py.detach(|| runtime::runner().run(req, done));
+    py.detach(|| runtime::runner().run_with(req, done));
     let Some((outcome, hold)) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
         // Still running: it completes on a worker, through the loop's queue.
         let (queue, fut) = match new_future(py, owner) {
