@@ -90,7 +90,7 @@ impl Outcome {
 struct Completion {
     fut: Py<PyAny>,
     outcome: Outcome,
-    hold: Option<Arc<HeldBuffer>>,
+    hold: Option<HeldBuffer>,
 }
 
 impl Completion {
@@ -349,7 +349,7 @@ struct Handoff {
     /// The future and its queue, set by [`submit`] once the first poll returned pending.
     fut: Option<(Py<PyAny>, Arc<Queue>)>,
     /// The completion, when the request finished on a worker before `fut` was set.
-    done: Option<(Outcome, Option<Arc<HeldBuffer>>)>,
+    done: Option<(Outcome, Option<HeldBuffer>)>,
     /// [`submit`] could not make a future (no running loop): drop what comes.
     abandoned: bool,
 }
@@ -380,12 +380,14 @@ fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
 /// its completion resolves (through the loop's queue, see the module comment). `owner` is
 /// the `AsyncImage`; its `_queue()` (which asks asyncio for the running loop) is called only
 /// when a future is needed. `hold` (a borrowed buffer) is released only after the request has
-/// completed. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
+/// completed: it goes with the request's `done`, which the runner keeps until the future has
+/// finished (or been dropped after a panic), so the future itself may use the buffer through
+/// a [`crate::buffers::BufPtr`] without owning it. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
 /// poll runs without it.
 pub fn submit<F>(
     py: Python<'_>,
     owner: &Bound<'_, PyAny>,
-    hold: Option<Arc<HeldBuffer>>,
+    hold: Option<HeldBuffer>,
     inline: bool,
     req: impl FnOnce() -> F + Send,
 ) -> PyResult<Py<PyAny>>
@@ -486,11 +488,9 @@ where
 }
 
 /// Release a request's buffer (the GIL is held), once the request no longer uses it.
-fn release(py: Python<'_>, hold: Option<Arc<HeldBuffer>>) {
+fn release(py: Python<'_>, hold: Option<HeldBuffer>) {
     if let Some(h) = hold {
-        if let Ok(h) = Arc::try_unwrap(h) {
-            h.release(py);
-        }
+        h.release(py);
     }
 }
 
@@ -506,7 +506,7 @@ const INLINE_YIELD: u32 = 32;
 thread_local! {
     /// A request that completed inside its submitting call, handed from the runner's `done`
     /// back to [`submit`].
-    static INLINE_DONE: RefCell<Option<(Outcome, Option<Arc<HeldBuffer>>)>> =
+    static INLINE_DONE: RefCell<Option<(Outcome, Option<HeldBuffer>)>> =
         const { RefCell::new(None) };
     /// Requests that completed inside their submitting call on this thread (see
     /// [`INLINE_YIELD`]).

@@ -640,20 +640,19 @@ impl Image {
         let (off, n) = self.read_range(held.len() as u64, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        let held = Arc::new(held);
-        let h = held.clone();
+        let buf = held.ptr();
         aio::submit(
             owner.py(),
             owner,
             Some(held),
             n <= aio::INLINE_MAX,
             move || async move {
-                // SAFETY: the buffer is writable and held (in the completion) until after this
-                // future has completed; nothing else in Rust uses it.
-                let dst = unsafe { h.slice_mut(n) };
+                // SAFETY: the buffer is writable and held (by the request's `done`, then its
+                // completion) until after this future has finished or been dropped (see
+                // `aio::submit`); nothing else in Rust uses it.
+                let dst = unsafe { buf.slice_mut(n) };
                 let r = sh.img.read_at(dst, off).await;
                 drop(permit);
-                drop(h);
                 match r {
                     Ok(()) => Outcome::Count(n as u64),
                     Err(e) => Outcome::Failed(e, Some(name)),
@@ -673,19 +672,18 @@ impl Image {
         let off = self.write_range(n as u64, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        let held = Arc::new(held);
-        let h = held.clone();
+        let buf = held.ptr();
         aio::submit(
             owner.py(),
             owner,
             Some(held),
             n <= aio::INLINE_MAX,
             move || async move {
-                // SAFETY: the buffer is held (in the completion) until after this future ends.
-                let src = unsafe { h.slice(n) };
+                // SAFETY: the buffer is held (by the request's `done`, then its completion)
+                // until after this future has finished or been dropped (see `aio::submit`).
+                let src = unsafe { buf.slice(n) };
                 let r = sh.img.write_at(src, off).await;
                 drop(permit);
-                drop(h);
                 match r {
                     Ok(()) => Outcome::Count(n as u64),
                     Err(e) => Outcome::Failed(e, Some(name)),
