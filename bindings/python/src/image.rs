@@ -617,17 +617,23 @@ impl Image {
         let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, n <= aio::INLINE_MAX, move || async move {
-            // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
-            // moved into the outcome after the read).
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
-            let r = sh.img.read_at(dst, off).await;
-            drop(permit);
-            match r {
-                Ok(()) => Outcome::Object(obj),
-                Err(e) => Outcome::Failed(e, Some(name)),
-            }
-        })
+        aio::submit(
+            owner.py(),
+            owner,
+            None,
+            n <= aio::INLINE_MAX,
+            move || async move {
+                // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
+                // moved into the outcome after the read).
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
+                let r = sh.img.read_at(dst, off).await;
+                drop(permit);
+                match r {
+                    Ok(()) => Outcome::Object(obj),
+                    Err(e) => Outcome::Failed(e, Some(name)),
+                }
+            },
+        )
     }
 
     fn _aio_preadinto(
@@ -743,7 +749,9 @@ impl Image {
     fn _aio_close(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(owner.py(), owner, None, false, move || async { Outcome::Unit }),
+            None => aio::submit(owner.py(), owner, None, false, move || async {
+                Outcome::Unit
+            }),
             Some(sh) => aio::submit(owner.py(), owner, None, false, move || async move {
                 Outcome::unit(Image::close_shared(sh).await, name)
             }),
