@@ -90,7 +90,7 @@ impl Outcome {
 struct Completion {
     fut: Py<PyAny>,
     outcome: Outcome,
-    hold: Option<Arc<HeldBuffer>>,
+    hold: Option<HeldBuffer>,
 }
 
 impl Completion {
@@ -349,7 +349,7 @@ struct Handoff {
     /// The future and its queue, set by [`submit`] once the first poll returned pending.
     fut: Option<(Py<PyAny>, Arc<Queue>)>,
     /// The completion, when the request finished on a worker before `fut` was set.
-    done: Option<(Outcome, Option<Arc<HeldBuffer>>)>,
+    done: Option<(Outcome, Option<HeldBuffer>)>,
     /// [`submit`] could not make a future (no running loop): drop what comes.
     abandoned: bool,
 }
@@ -373,25 +373,31 @@ fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
     })
 }
 
-/// Run `req` on the request runner and return what the awaiting coroutine gets: the result
+/// Run the future `req()` on the request runner (built right in the runner's task: the
+/// closure is small, the future is not, and each move of it would be a `memcpy`) and return what the awaiting coroutine gets: the result
 /// itself when the request completed inside this call (first polled right here when `inline`,
 /// see [`INLINE_MAX`]; an error is raised at once), else a future of the running loop that
 /// its completion resolves (through the loop's queue, see the module comment). `owner` is
 /// the `AsyncImage`; its `_queue()` (which asks asyncio for the running loop) is called only
 /// when a future is needed. `hold` (a borrowed buffer) is released only after the request has
-/// completed. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
+/// completed: it goes with the request's `done`, which the runner keeps until the future has
+/// finished (or been dropped after a panic), so the future itself may use the buffer through
+/// a [`crate::buffers::BufPtr`] without owning it. Called on the loop's thread with the GIL held (the `_aio_*` methods); the first
 /// poll runs without it.
-pub fn submit(
+pub fn submit<F>(
     py: Python<'_>,
     owner: &Bound<'_, PyAny>,
-    hold: Option<Arc<HeldBuffer>>,
+    hold: Option<HeldBuffer>,
     inline: bool,
-    req: impl Future<Output = Outcome> + Send + 'static,
-) -> PyResult<Py<PyAny>> {
+    req: impl FnOnce() -> F + Send,
+) -> PyResult<Py<PyAny>>
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
     if !inline {
         let (queue, fut) = new_future(py, owner)?;
         let f = fut.clone_ref(py);
-        runtime::runner().spawn(req, move |res, _| {
+        runtime::runner().spawn_with(req, move |res, _| {
             let c = Completion {
                 fut: f,
                 outcome: outcome_of(res),
@@ -422,7 +428,7 @@ pub fn submit(
     };
     // The first poll may do the I/O itself (a page-cache hit): without the GIL, as every call
     // that does I/O. The outcome, if any, comes back through INLINE_DONE (this thread's).
-    py.detach(|| runtime::runner().run(req, done));
+    py.detach(|| runtime::runner().run_with(req, done));
     let Some((outcome, hold)) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
         // Still running: it completes on a worker, through the loop's queue.
         let (queue, fut) = match new_future(py, owner) {
@@ -482,11 +488,9 @@ pub fn submit(
 }
 
 /// Release a request's buffer (the GIL is held), once the request no longer uses it.
-fn release(py: Python<'_>, hold: Option<Arc<HeldBuffer>>) {
+fn release(py: Python<'_>, hold: Option<HeldBuffer>) {
     if let Some(h) = hold {
-        if let Ok(h) = Arc::try_unwrap(h) {
-            h.release(py);
-        }
+        h.release(py);
     }
 }
 
@@ -502,7 +506,7 @@ const INLINE_YIELD: u32 = 32;
 thread_local! {
     /// A request that completed inside its submitting call, handed from the runner's `done`
     /// back to [`submit`].
-    static INLINE_DONE: RefCell<Option<(Outcome, Option<Arc<HeldBuffer>>)>> =
+    static INLINE_DONE: RefCell<Option<(Outcome, Option<HeldBuffer>)>> =
         const { RefCell::new(None) };
     /// Requests that completed inside their submitting call on this thread (see
     /// [`INLINE_YIELD`]).

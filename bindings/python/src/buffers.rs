@@ -101,8 +101,56 @@ impl HeldBuffer {
         unsafe { std::slice::from_raw_parts(self.ptr, n) }
     }
 
+    /// The buffer's address and length, for a request future that uses the memory while
+    /// something else holds this `HeldBuffer` (see [`BufPtr`]).
+    pub fn ptr(&self) -> BufPtr {
+        BufPtr {
+            ptr: self.ptr as usize,
+            len: self.len,
+        }
+    }
+
     /// Release the buffer now (the GIL is held).
     pub fn release(self, py: Python<'_>) {
         self.buf.release(py);
+    }
+}
+
+/// The memory of a [`HeldBuffer`], without holding it: whoever uses it must make sure the
+/// `HeldBuffer` is still held (the asyncio requests: their completion holds it until after
+/// the request's future has finished).
+#[derive(Clone, Copy)]
+pub struct BufPtr {
+    ptr: usize,
+    len: usize,
+}
+
+impl BufPtr {
+    /// The first `n` bytes as a mutable slice.
+    ///
+    /// # Safety
+    /// As [`HeldBuffer::slice_mut`], and the `HeldBuffer` this came from must stay held (not
+    /// released nor dropped) while the slice is used.
+    pub unsafe fn slice_mut<'a>(self, n: usize) -> &'a mut [u8] {
+        debug_assert!(n <= self.len);
+        if n == 0 {
+            return &mut [];
+        }
+        // SAFETY: the caller guarantees the conditions above; `ptr` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, n) }
+    }
+
+    /// The first `n` bytes as a slice.
+    ///
+    /// # Safety
+    /// As [`HeldBuffer::slice`], and the `HeldBuffer` this came from must stay held while the
+    /// slice is used.
+    pub unsafe fn slice<'a>(self, n: usize) -> &'a [u8] {
+        debug_assert!(n <= self.len);
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: the caller guarantees the conditions above; `ptr` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, n) }
     }
 }

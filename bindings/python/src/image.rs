@@ -617,17 +617,23 @@ impl Image {
         let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, n <= aio::INLINE_MAX, async move {
-            // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
-            // moved into the outcome after the read).
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
-            let r = sh.img.read_at(dst, off).await;
-            drop(permit);
-            match r {
-                Ok(()) => Outcome::Object(obj),
-                Err(e) => Outcome::Failed(e, Some(name)),
-            }
-        })
+        aio::submit(
+            owner.py(),
+            owner,
+            None,
+            n <= aio::INLINE_MAX,
+            move || async move {
+                // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
+                // moved into the outcome after the read).
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
+                let r = sh.img.read_at(dst, off).await;
+                drop(permit);
+                match r {
+                    Ok(()) => Outcome::Object(obj),
+                    Err(e) => Outcome::Failed(e, Some(name)),
+                }
+            },
+        )
     }
 
     fn _aio_preadinto(
@@ -640,20 +646,19 @@ impl Image {
         let (off, n) = self.read_range(held.len() as u64, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        let held = Arc::new(held);
-        let h = held.clone();
+        let buf = held.ptr();
         aio::submit(
             owner.py(),
             owner,
             Some(held),
             n <= aio::INLINE_MAX,
-            async move {
-                // SAFETY: the buffer is writable and held (in the completion) until after this
-                // future has completed; nothing else in Rust uses it.
-                let dst = unsafe { h.slice_mut(n) };
+            move || async move {
+                // SAFETY: the buffer is writable and held (by the request's `done`, then its
+                // completion) until after this future has finished or been dropped (see
+                // `aio::submit`); nothing else in Rust uses it.
+                let dst = unsafe { buf.slice_mut(n) };
                 let r = sh.img.read_at(dst, off).await;
                 drop(permit);
-                drop(h);
                 match r {
                     Ok(()) => Outcome::Count(n as u64),
                     Err(e) => Outcome::Failed(e, Some(name)),
@@ -673,19 +678,18 @@ impl Image {
         let off = self.write_range(n as u64, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        let held = Arc::new(held);
-        let h = held.clone();
+        let buf = held.ptr();
         aio::submit(
             owner.py(),
             owner,
             Some(held),
             n <= aio::INLINE_MAX,
-            async move {
-                // SAFETY: the buffer is held (in the completion) until after this future ends.
-                let src = unsafe { h.slice(n) };
+            move || async move {
+                // SAFETY: the buffer is held (by the request's `done`, then its completion)
+                // until after this future has finished or been dropped (see `aio::submit`).
+                let src = unsafe { buf.slice(n) };
                 let r = sh.img.write_at(src, off).await;
                 drop(permit);
-                drop(h);
                 match r {
                     Ok(()) => Outcome::Count(n as u64),
                     Err(e) => Outcome::Failed(e, Some(name)),
@@ -705,7 +709,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let r = sh
                 .img
                 .write_zeroes(off, length, Self::zero_mode(unmap))
@@ -725,7 +729,7 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let r = sh.img.discard(off, length).await;
             drop(permit);
             Outcome::unit(r, name)
@@ -735,7 +739,7 @@ impl Image {
     fn _aio_flush(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let r = sh.img.flush().await;
             drop(permit);
             Outcome::unit(r, name)
@@ -745,8 +749,10 @@ impl Image {
     fn _aio_close(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(owner.py(), owner, None, false, async { Outcome::Unit }),
-            Some(sh) => aio::submit(owner.py(), owner, None, false, async move {
+            None => aio::submit(owner.py(), owner, None, false, move || async {
+                Outcome::Unit
+            }),
+            Some(sh) => aio::submit(owner.py(), owner, None, false, move || async move {
                 Outcome::unit(Image::close_shared(sh).await, name)
             }),
         }
@@ -755,7 +761,7 @@ impl Image {
     fn _aio_info(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
             drop(permit);
             match r {
@@ -823,7 +829,7 @@ impl Image {
         };
         let (sh, permit) = self.acquire()?;
         let fname = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let img = &sh.img;
             let r = match op {
                 Op::Add(g) => img.bitmap_add(&name, g).await,
@@ -852,7 +858,7 @@ impl Image {
     fn _aio_map(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(owner.py(), owner, None, false, async move {
+        aio::submit(owner.py(), owner, None, false, move || async move {
             let r = Disk::Qcow2(sh.img.clone()).map().await;
             drop(permit);
             match r {
