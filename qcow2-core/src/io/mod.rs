@@ -4,7 +4,8 @@
 //! backing files) is accessed through the [`Storage`] trait. Engines:
 //! - [`threads`]: a portable pool of worker threads doing `pread`/`pwrite`;
 //! - [`uring`]: Linux io_uring, rings shared by all files with a completion thread each as the
-//!   backstop, and [`block_on`], which waits in (and reaps) the calling thread's ring;
+//!   backstop, [`block_on`], which waits in (and reaps) the calling thread's ring, and
+//!   [`reap_in_runtime`], which lets a tokio runtime's idle worker reap the rings;
 //! - [`mem`]: an in-memory store with fault injection, for tests;
 //! - [`powercut`]: in-memory files that log every change and materialize what a disk could
 //!   hold after a power cut at any point, for crash tests;
@@ -32,7 +33,7 @@ pub mod powercut;
 pub mod threads;
 pub mod uring;
 
-pub use uring::block_on;
+pub use uring::{block_on, reap_in_runtime};
 
 /// A boxed, `Send` future returning an `io::Result`.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;

@@ -37,12 +37,29 @@
 //!   and reaps every completion of that ring itself, so a request it submitted
 //!   costs one wake-up (the kernel runs a request's completion work on the thread
 //!   that submitted it, which wakes that thread anyway), not two (completion
-//!   thread, then the waiting thread). While at least one thread waits in a ring,
-//!   the ring's fd is taken out of its completion thread's epoll set
-//!   (`EPOLL_CTL_MOD` with no events), so completions do not wake it too; the
+//!   thread, then the waiting thread). One thread at a time waits in a ring, and
+//!   while it does, it alone consumes the ring's completion queue ([`Ring::own`]
+//!   gives the invariant): a waiter is woken by other threads with a `NOP` pushed
+//!   to its ring, and an entry consumed by anyone else could leave it asleep on an
+//!   empty queue. A second thread that would wait in the same ring waits with
+//!   `thread::park` instead, woken by whoever reaps its requests. While a thread
+//!   waits in a ring, the ring's fd is taken out of its completion thread's epoll
+//!   set (`EPOLL_CTL_MOD` with no events), so completions do not wake it too; the
 //!   last waiter to leave puts it back, and epoll re-checks the fd then, so
-//!   completions that arrived meanwhile wake the completion thread at once. A
-//!   waiter is woken by other threads with a `NOP` pushed to its ring.
+//!   completions that arrived meanwhile wake the completion thread at once.
+//! - **Reaping in a tokio runtime** ([`reap_in_runtime`]): a runtime's workers
+//!   cannot wait in a ring (tokio parks them in its reactor's `epoll_wait` or on a
+//!   futex), and draining the ring in a park/unpark hook does not wake a parked
+//!   worker for a completion that comes later (one posted by an io-wq worker, as
+//!   buffered writes on ext4 are, wakes nobody but the ring's pollers). Instead
+//!   one task per ring ([`watch`]) registers the ring's fd in the runtime's reactor:
+//!   a completion wakes the worker sleeping there, which reaps the ring and runs
+//!   the tasks it wakes itself. The task counts as a waiter of the ring (its fd
+//!   leaves the completion thread's epoll set, as above), and the completion
+//!   thread then looks every few milliseconds instead, as the fallback for a
+//!   runtime whose threads all block. Neither the task nor the completion thread
+//!   reaps a ring while a thread waits in it (the thread reaps it, and what is
+//!   left when it goes).
 //! - **Ownership.** Every operation owns its (aligned) buffer and a reference to
 //!   its file (so the fd stays open), and keeps both in the table until its CQE is
 //!   reaped: dropping the caller's future only drops the receiving end. Dropping a
@@ -205,6 +222,9 @@ struct State {
     in_ring: usize,
     /// Operations waiting for room in the ring, in order.
     backlog: VecDeque<u64>,
+    /// The completion thread sleeps without its fallback timer (the ring is watched
+    /// by a [`watch`] task and has been idle): the next operation registered wakes it.
+    idle_sleep: bool,
 }
 
 /// A ring, shared by the files of the threads that submit to it and its completion thread.
@@ -214,21 +234,38 @@ struct Ring {
     /// Most operations in the ring at once: the completion queue's size, so it
     /// cannot overflow.
     cap: usize,
-    /// Held by the one thread that consumes the completion queue at a time.
-    cq: Mutex<()>,
+    /// Held by the one thread that consumes the completion queue at a time. True
+    /// while a thread waits in the ring ([`Ring::own`]): then only that thread
+    /// consumes it (see [`Ring::reap_ready`]).
+    cq: Mutex<bool>,
     /// The completion thread's epoll set: the ring's fd (armed while no thread
     /// waits in the ring) and `wake`.
     epoll: OwnedFd,
     /// An eventfd that wakes the completion thread (teardown).
     wake: OwnedFd,
-    /// Threads waiting in the ring ([`Ring::park`]); the ring's fd is armed in
-    /// `epoll` exactly when this is 0 (changed under the lock).
+    /// Threads waiting in the ring ([`Ring::park`]) and tokio tasks watching it
+    /// ([`watch`]); the ring's fd is armed in `epoll` exactly when this is 0
+    /// (changed under the lock).
     waiters: Mutex<usize>,
+    /// Of `waiters`, the tokio tasks ([`watch`]): while there is one, the
+    /// completion thread also wakes on a timer (see [`completion_thread`]).
+    watchers: AtomicUsize,
+    /// That timer while operations are in the ring, in milliseconds
+    /// ([`FALLBACK_BUSY_MS`]; tests that must see who reaps make it long).
+    fallback_ms: std::sync::atomic::AtomicI32,
     /// The ring set was dropped: the completion thread exits once no operation is left.
     exiting: AtomicBool,
+    /// Wakes the [`watch`] tasks when `exiting` is set.
+    exit: tokio::sync::Notify,
     /// Completions reaped by threads waiting in the ring (not the completion thread).
     #[cfg(test)]
     waiter_reaps: AtomicUsize,
+    /// Completions reaped by [`watch`] tasks.
+    #[cfg(test)]
+    watcher_reaps: AtomicUsize,
+    /// Completions reaped by the completion thread.
+    #[cfg(test)]
+    thread_reaps: AtomicUsize,
 }
 
 impl Ring {
@@ -256,7 +293,14 @@ impl Ring {
                 hold,
             },
         );
-        self.enqueue(&mut st, id)
+        let wake = std::mem::take(&mut st.idle_sleep);
+        let pushed = self.enqueue(&mut st, id);
+        drop(st);
+        if wake {
+            // Back to its fallback timer (see `completion_thread`).
+            self.wake_completion_thread();
+        }
+        pushed
     }
 
     /// Push the SQE of operation `id` if there is room (and nobody waits before
@@ -428,15 +472,23 @@ impl Ring {
                 next_id: 0,
                 in_ring: 0,
                 backlog: VecDeque::new(),
+                idle_sleep: false,
             }),
             cap,
-            cq: Mutex::new(()),
+            cq: Mutex::new(false),
             epoll,
             wake,
             waiters: Mutex::new(0),
+            watchers: AtomicUsize::new(0),
+            fallback_ms: std::sync::atomic::AtomicI32::new(FALLBACK_BUSY_MS),
             exiting: AtomicBool::new(false),
+            exit: tokio::sync::Notify::new(),
             #[cfg(test)]
             waiter_reaps: AtomicUsize::new(0),
+            #[cfg(test)]
+            watcher_reaps: AtomicUsize::new(0),
+            #[cfg(test)]
+            thread_reaps: AtomicUsize::new(0),
         };
         ring.epoll_ctl(libc::EPOLL_CTL_ADD, ring.uring.as_raw_fd(), EP_RING, true)?;
         ring.epoll_ctl(libc::EPOLL_CTL_ADD, ring.wake.as_raw_fd(), EP_WAKE, true)?;
@@ -476,14 +528,22 @@ impl Ring {
     /// from the backlog, answer finished operations (without any lock held).
     /// Any thread may call this; one at a time consumes the completion queue.
     /// Returns how many completions it reaped.
-    fn reap_ready(&self) -> usize {
+    ///
+    /// `owner`: the caller is the thread waiting in the ring ([`Ring::own`]). Any
+    /// other caller reaps nothing while a thread waits in the ring: a completion
+    /// queue consumed by another party could leave that thread asleep in
+    /// `io_uring_enter` on an empty queue, its wake-up taken (see [`Ring::own`]).
+    fn reap_ready(&self, owner: bool) -> usize {
         const CHUNK: usize = 32;
         let mut total = 0;
         loop {
             let mut cqes = [(0u64, 0i32); CHUNK];
             let mut n = 0;
             {
-                let _cq = self.cq.lock();
+                let owned = self.cq.lock();
+                if *owned && !owner {
+                    return total;
+                }
                 // SAFETY: `completion_shared` requires that no other `CompletionQueue`
                 // exists: one is only ever created with `cq` locked, and we hold it.
                 let mut cq = unsafe { self.uring.completion_shared() };
@@ -549,33 +609,14 @@ impl Ring {
     /// `flush`: the calling thread pushed SQEs to this ring that it has not submitted
     /// yet ([`submit_or_defer`]); they are submitted with the first wait, or before
     /// returning.
+    ///
+    /// Only for the ring's owner (the caller holds the [`Owned`] of [`Ring::own`]).
     fn park(&self, woken: &AtomicBool, mut flush: bool) {
-        /// Leaves the ring's waiters, also when a waker run while reaping panics.
-        struct Leave<'a>(&'a Ring);
-        impl Drop for Leave<'_> {
-            fn drop(&mut self) {
-                let mut w = self.0.waiters.lock();
-                *w -= 1;
-                if *w == 0 {
-                    // epoll re-checks the fd: completions that are there wake the
-                    // completion thread.
-                    self.0.arm(true);
-                }
-            }
-        }
-        {
-            let mut w = self.waiters.lock();
-            *w += 1;
-            if *w == 1 {
-                self.arm(false);
-            }
-        }
-        let _leave = Leave(self);
         loop {
             if woken.swap(false, Ordering::AcqRel) {
                 break;
             }
-            let _reaped = self.reap_ready();
+            let _reaped = self.reap_ready(true);
             #[cfg(test)]
             self.waiter_reaps.fetch_add(_reaped, Ordering::Relaxed);
             if woken.swap(false, Ordering::AcqRel) {
@@ -595,22 +636,140 @@ impl Ring {
         }
     }
 
+    /// Become the thread that waits in the ring, if no other thread does: until the
+    /// [`Owned`] is dropped, only the caller consumes the ring's completion queue.
+    ///
+    /// Why (the invariant that keeps a waiting thread from sleeping forever): the
+    /// owner waits in `io_uring_enter(GETEVENTS, 1)`, which returns once the
+    /// completion queue holds an entry, and is woken by other threads with a `NOP`
+    /// ([`Ring::kick`]) after they set its flag. The kernel samples the queue's head
+    /// when the wait starts, some time after the thread last looked at its flag (it
+    /// first submits its deferred SQEs, for instance), so if another party (a
+    /// [`watch`] task, the completion thread, another thread waiting in the ring)
+    /// consumed entries meanwhile, including the kick and the completions that led to
+    /// it, the thread would wait for an entry that never comes. Hence:
+    /// - `cq`'s flag is set and cleared under `cq`'s lock, and every consumer takes
+    ///   that lock and checks the flag before it takes any entry: while it is set,
+    ///   only the owner consumes, so every entry posted stays in the queue until the
+    ///   owner takes it, and its wait returns.
+    /// - An entry consumed by another party before the flag was set was consumed
+    ///   before the owner's first look at its flag (lock order), so a kick it carried
+    ///   was preceded by setting the flag, which the owner sees; the completion
+    ///   answered afterwards by that party wakes the owner with a new kick, which
+    ///   stays in the queue.
+    /// - The owner publishes its ring in its [`Parker`] after taking the ring and
+    ///   clears it before releasing it, so a waker that sees the ring kicks it while
+    ///   only the owner consumes; one that does not, unparks the thread, which looks
+    ///   at its flag before it waits.
+    /// - Entries the others skipped are not lost: the owner reaps every entry while it
+    ///   waits, and when it releases the ring (the [`Owned`]'s drop) it reaps once more
+    ///   as a non-owner before it leaves the waiters; entries posted after that wake the
+    ///   completion thread (its fd is re-armed, level-triggered) or a [`watch`] task
+    ///   (an edge for each entry posted), and the completion thread's timer reaps
+    ///   whatever a watching runtime leaves.
+    /// - A second thread that wants to wait in an owned ring does not: it waits with
+    ///   `thread::park` ([`Parker::park`]), and the owner (or whoever reaps) answers
+    ///   its requests, whose wakers unpark it.
+    fn own(&self) -> Option<Owned<'_>> {
+        let leave = self.enter_waiters();
+        let taken = std::mem::replace(&mut *self.cq.lock(), true);
+        if taken {
+            return None; // drops `leave`
+        }
+        Some(Owned {
+            ring: self,
+            _leave: leave,
+        })
+    }
+
+    /// Join the ring's waiters (a thread about to wait in the ring, or a [`watch`]
+    /// task): the first one takes the ring's fd out of the completion thread's epoll
+    /// set. The guard leaves, also when a waker run while reaping panics; the last
+    /// one to leave puts the fd back.
+    fn enter_waiters(&self) -> Leave<'_> {
+        let mut w = self.waiters.lock();
+        *w += 1;
+        if *w == 1 {
+            self.arm(false);
+        }
+        Leave(self)
+    }
+
     /// Wake the threads waiting in this ring (they re-check their flags).
     fn kick(&self) {
         self.start(Kind::Kick, None, 0, None);
     }
 }
 
+/// The ring's waiting thread ([`Ring::own`]); dropping it releases the ring.
+struct Owned<'a> {
+    ring: &'a Ring,
+    /// Dropped after the `Drop` below has run: the ring's fd is re-armed in the
+    /// completion thread's epoll set after the last reap.
+    _leave: Leave<'a>,
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        *self.ring.cq.lock() = false;
+        // What was posted since the owner's last reap and skipped by the others
+        // (see `Ring::own`). Not while unwinding from a waker's panic: the
+        // completion thread reaps it then.
+        if !thread::panicking() {
+            let _reaped = self.ring.reap_ready(false);
+            #[cfg(test)]
+            self.ring.waiter_reaps.fetch_add(_reaped, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Leaves the ring's waiters (see [`Ring::enter_waiters`]).
+struct Leave<'a>(&'a Ring);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.waiters.lock();
+        *w -= 1;
+        if *w == 0 {
+            // epoll re-checks the fd: completions that are there wake the
+            // completion thread.
+            self.0.arm(true);
+        }
+    }
+}
+
+/// How long the completion thread sleeps between looks at a ring that a [`watch`]
+/// task reaps: while operations are in it, and once when none are (after that
+/// it sleeps until an operation is registered).
+const FALLBACK_BUSY_MS: i32 = 10;
+const FALLBACK_IDLE_MS: i32 = 100;
+
 /// The completion thread: wait until the ring has completions, reap them.
+///
+/// While a [`watch`] task reaps the ring, the ring's fd is out of this thread's
+/// epoll set and it wakes every [`FALLBACK_BUSY_MS`] instead and reaps what is
+/// there: should every thread of the runtime block (a task waiting synchronously
+/// for a request, a `current_thread` runtime inside a blocking call), the
+/// requests still finish, a few milliseconds late. Once it finds the ring
+/// without operations at two looks in a row (the second after at most
+/// [`FALLBACK_IDLE_MS`]), it sleeps untimed
+/// (`State::idle_sleep`) until the next operation is registered, which wakes the
+/// thread: an idle process has no timer running.
 fn completion_thread(ring: Arc<Ring>) {
     super::mark_engine_thread();
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    // Consecutive looks that found the ring without operations.
+    let mut idle_looks = 0u32;
     loop {
-        let poll = {
-            let st = ring.state.lock();
+        let (poll, idle) = {
+            let mut st = ring.state.lock();
             if ring.exiting.load(Ordering::Acquire) && st.ops.is_empty() {
                 return;
             }
+            let idle = st.ops.is_empty();
+            idle_looks = if idle { idle_looks + 1 } else { 0 };
+            // Set under the lock, so `register` sees it or this sees its operation.
+            st.idle_sleep = idle && idle_looks > 1 && ring.watchers.load(Ordering::Acquire) > 0;
             // SAFETY: as in `Ring::push`: the state mutex is held, so this is the
             // only `SubmissionQueue`.
             let queued = unsafe { ring.uring.submission_shared() }.len();
@@ -618,11 +777,32 @@ fn completion_thread(ring: Arc<Ring>) {
             // submitted (a submission failed), operations waiting outside the ring
             // with none inside it (not expected, see `Ring::enqueue`), or teardown
             // (the last completions may be reaped by a waiting thread).
-            queued > 0
+            let poll = queued > 0
                 || (st.in_ring == 0 && !st.backlog.is_empty())
-                || ring.exiting.load(Ordering::Acquire)
+                || ring.exiting.load(Ordering::Acquire);
+            (poll, idle)
         };
-        if poll {
+        // Watched, the timer retries submissions (not at once: SQEs found queued are
+        // most often a submitter's about to be submitted, and the thread that submits
+        // a request is woken to complete it).
+        let watched = ring.watchers.load(Ordering::Acquire) > 0;
+        let timeout = if ring.exiting.load(Ordering::Acquire) {
+            1
+        } else if watched {
+            let busy = ring.fallback_ms.load(Ordering::Relaxed);
+            if !idle {
+                busy
+            } else if idle_looks > 1 {
+                -1 // `idle_sleep` is set: the next operation wakes us
+            } else {
+                FALLBACK_IDLE_MS.max(busy)
+            }
+        } else if poll {
+            1
+        } else {
+            -1
+        };
+        if poll && !watched {
             let _ = ring.uring.submit();
         }
         // SAFETY: `events` is a valid buffer of 2 entries for the kernel to fill.
@@ -631,11 +811,17 @@ fn completion_thread(ring: Arc<Ring>) {
                 ring.epoll.as_raw_fd(),
                 events.as_mut_ptr(),
                 events.len() as i32,
-                if poll { 1 } else { -1 },
+                timeout,
             )
         };
+        // Reap on a timeout or a ring event. Woken only by the eventfd (a `watch`
+        // task starting, an operation after an idle sleep) or interrupted (the task
+        // work of a request this thread submitted), there is nothing to do: a watch
+        // task reaps, or the ring's fd reports the completion at the next wait.
+        let mut reap = n == 0;
         if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             thread::sleep(Duration::from_millis(10));
+            reap = true;
         }
         for ev in &events[..n.max(0) as usize] {
             if ev.u64 == EP_WAKE {
@@ -643,9 +829,86 @@ fn completion_thread(ring: Arc<Ring>) {
                 // SAFETY: reads 8 bytes into a valid u64 from our (non-blocking) eventfd.
                 let _ =
                     unsafe { libc::read(ring.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            } else {
+                reap = true;
             }
         }
-        ring.reap_ready();
+        if !reap {
+            continue;
+        }
+        if poll && watched {
+            let _ = ring.uring.submit();
+        }
+        let _reaped = ring.reap_ready(false);
+        #[cfg(test)]
+        ring.thread_reaps.fetch_add(_reaped, Ordering::Relaxed);
+    }
+}
+
+/// A ring, as tokio's reactor watches its fd (which it keeps open).
+struct RingFd(Arc<Ring>);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.uring.as_raw_fd()
+    }
+}
+
+/// A tokio task that reaps `ring` on the runtime's threads: the ring's fd is
+/// registered in the runtime's reactor (the epoll set its idle worker sleeps in),
+/// so a completion wakes that worker, which reaps it and runs the task it wakes
+/// itself, instead of waking the ring's completion thread which then wakes a
+/// worker (see [`reap_in_runtime`]). While it watches, the ring's fd is out of the
+/// completion thread's epoll set (as for a thread waiting in the ring) and the
+/// completion thread only looks on a timer, as the fallback. Ends when the ring
+/// set is dropped ([`RingThread`]'s drop notifies `exit`) or the runtime shuts down
+/// (the task is dropped: the completion thread takes over again at once).
+async fn watch(ring: Arc<Ring>) {
+    // SAFETY: the fd is the ring's, open as long as the `Ring` is, which `RingFd`
+    // holds for the `AsyncFd`'s whole life; `as_raw_fd` always returns it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            RingFd(ring.clone()),
+            tokio::io::Interest::READABLE,
+        )
+    };
+    let Ok(fd) = registered else {
+        return; // the completion thread reaps
+    };
+    let _leave = ring.enter_waiters();
+    /// Counts the task among the ring's watchers while it lives.
+    struct Watching<'a>(&'a Ring);
+    impl Drop for Watching<'_> {
+        fn drop(&mut self) {
+            self.0.watchers.fetch_sub(1, Ordering::Release);
+        }
+    }
+    ring.watchers.fetch_add(1, Ordering::Release);
+    let _watching = Watching(&ring);
+    // The completion thread may sleep with no timeout (it looked before this task
+    // came): make it look again and take up its timer.
+    ring.wake_completion_thread();
+    // Before `exiting` is looked at: `notify_waiters` wakes a `Notified` from its creation.
+    let exit = ring.exit.notified();
+    let mut exit = std::pin::pin!(exit);
+    while !ring.exiting.load(Ordering::Acquire) {
+        // Completions posted before the fd was registered (or while this task was
+        // away) are reaped first; each later one makes the fd readable again. Nothing
+        // is reaped while a thread waits in the ring (see `Ring::own`): that thread
+        // reaps, also what is left when it goes.
+        let _reaped = ring.reap_ready(false);
+        #[cfg(test)]
+        ring.watcher_reaps.fetch_add(_reaped, Ordering::Relaxed);
+        tokio::select! {
+            biased;
+            () = &mut exit => return,
+            ready = fd.readable() => match ready {
+                // Clears only if no new readiness event came since `readable` saw
+                // it: a completion posted after the reap above is not lost.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => return,
+            },
+        }
     }
 }
 
@@ -673,6 +936,10 @@ impl Drop for RingThread {
     fn drop(&mut self) {
         self.ring.exiting.store(true, Ordering::Release);
         self.ring.wake_completion_thread();
+        // A `watch` task wakes and ends (dropping its ring). Not through the ring's fd:
+        // epoll reports it only if the completion queue still holds an entry when the
+        // task's worker collects the event, and another thread may have reaped it.
+        self.ring.exit.notify_waiters();
         if let Some(h) = self.reaper.take() {
             // Waits for the operations of dropped futures to finish. Never join
             // ourselves, should the last file be dropped on a completion thread.
@@ -694,6 +961,7 @@ struct RingSet {
 static RINGS: RingsCell = RingsCell {
     locked: AtomicBool::new(false),
     set: std::cell::UnsafeCell::new(Weak::new()),
+    runtime: std::cell::UnsafeCell::new(None),
 };
 
 /// The lock around [`RINGS`]: a spin lock, not a mutex, so that a `fork()` child can take
@@ -706,6 +974,9 @@ static RINGS: RingsCell = RingsCell {
 struct RingsCell {
     locked: AtomicBool,
     set: std::cell::UnsafeCell<Weak<RingSet>>,
+    /// The runtime whose tasks reap the rings ([`reap_in_runtime`]), and the process
+    /// that named it.
+    runtime: std::cell::UnsafeCell<Option<(u32, tokio::runtime::Handle)>>,
 }
 
 // SAFETY: `set` is only accessed through a `RingsGuard`, i.e. with `locked` taken.
@@ -730,6 +1001,15 @@ impl RingsGuard<'_> {
     fn upgrade(&self) -> Option<Arc<RingSet>> {
         // SAFETY: the lock is held (see `RingsCell`).
         unsafe { &*self.0.set.get() }.upgrade()
+    }
+
+    /// The runtime named by [`reap_in_runtime`] in this process, if any.
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        match unsafe { &*self.0.runtime.get() } {
+            Some((pid, h)) if *pid == std::process::id() => Some(h.clone()),
+            _ => None,
+        }
     }
 
     /// Store `set` (one pointer store); the old value is given back, to be dropped after
@@ -790,9 +1070,21 @@ impl RingSet {
             pid: std::process::id(),
         });
         let old = cur.replace(Arc::downgrade(&s));
+        let rt = cur.runtime();
         drop(cur);
         drop(old);
+        if let Some(rt) = rt {
+            s.watch_in(&rt);
+        }
         Ok(s)
+    }
+
+    /// Start a [`watch`] task on `rt` for each ring.
+    fn watch_in(&self, rt: &tokio::runtime::Handle) {
+        for r in &self.rings {
+            // A runtime that has shut down drops the task at once: nothing changes.
+            drop(rt.spawn(watch(r.ring.clone())));
+        }
     }
 
     /// The calling thread's ring.
@@ -880,29 +1172,37 @@ struct Parker {
 }
 
 impl Parker {
-    /// Wait until woken: in the calling thread's ring if there is a ring set, else
-    /// with `thread::park`.
-    fn park(&self) {
+    /// Wait until woken: in `ring` (the calling thread's) if there is one and no
+    /// other thread waits in it, else with `thread::park`.
+    fn park(&self, ring: Option<Arc<Ring>>) {
         let deferred = DEFERRED.take().map(|(r, _)| r);
-        match RingSet::current_ring() {
-            Some(ring) => {
+        let owned = ring.as_ref().and_then(|r| Some((r, r.own()?)));
+        match owned {
+            Some((ring, owned)) => {
                 // SQEs deferred to another ring (the ring set changed) are submitted
                 // now; those of this ring with the wait.
                 let flush = match deferred {
-                    Some(d) if Arc::ptr_eq(&d, &ring) => true,
+                    Some(d) if Arc::ptr_eq(&d, ring) => true,
                     Some(d) => {
                         d.submit();
                         false
                     }
                     None => false,
                 };
-                // Set before `woken` is checked (in `Ring::park`): a waker that
-                // finds no ring here set `woken` before looking, so it is seen.
+                // Set once the ring is ours and before `woken` is checked (in
+                // `Ring::park`): a waker that finds no ring here set `woken` before
+                // looking, so it is seen; one that finds it kicks the ring, whose
+                // completion queue only this thread consumes (see `Ring::own`).
                 *self.ring.lock() = Some(ring.clone());
                 ring.park(&self.woken, flush);
+                // Cleared before the ring is released: a waker that finds no ring
+                // unparks the thread (a token its next `thread::park` consumes).
                 *self.ring.lock() = None;
+                drop(owned);
             }
             None => {
+                // No ring, or another thread waits in it (and reaps what this
+                // thread's requests complete, whose wakers unpark it).
                 if let Some(d) = deferred {
                     d.submit();
                 }
@@ -934,6 +1234,39 @@ impl Wake for Parker {
     }
 }
 
+/// Let the tasks of the tokio runtime `rt` reap the io_uring rings' completions:
+/// one task per ring ([`watch`]) registers the ring's fd in the runtime's reactor,
+/// so a completion wakes the runtime's idle worker (the one waiting in the
+/// reactor's epoll set), which reaps it and runs the task it wakes at once. Without
+/// it, a completion wakes the ring's completion thread, which then wakes a worker:
+/// two wake-ups per request instead of one. The completion threads stay as the
+/// fallback (they look every few milliseconds while a task watches their ring), so
+/// a runtime whose threads all block on something else delays requests but loses
+/// none.
+///
+/// For the runtime a program runs its I/O on (the CLI's, the NBD server's); one
+/// runtime per process: a later call replaces the earlier one for ring sets
+/// started afterwards. The rings open now are watched at once; a ring set started
+/// later (the rings stop when the last file closes) gets its tasks when it starts.
+/// `rt` needs its I/O driver (`enable_io`); a runtime that has shut down is
+/// ignored. Threads waiting in [`block_on`] still reap their own ring as before:
+/// while one waits in a ring, that ring's task leaves it alone.
+pub fn reap_in_runtime(rt: &tokio::runtime::Handle) {
+    let cur = RINGS.lock();
+    // SAFETY: the lock is held (see `RingsCell`).
+    let old = unsafe { &mut *RINGS.runtime.get() }.replace((std::process::id(), rt.clone()));
+    let set = cur.upgrade();
+    drop(cur);
+    drop(old);
+    if let Some(set) = set {
+        if set.pid == std::process::id() {
+            set.watch_in(rt);
+        } else {
+            std::mem::forget(set); // the parent's (see `RingSet::get`)
+        }
+    }
+}
+
 /// Run `fut` to its end on the calling thread, blocking it while `fut` is pending.
 ///
 /// While it blocks, the thread waits in its own io_uring ring (the one its requests
@@ -945,6 +1278,11 @@ impl Wake for Parker {
 /// async runtime (which would stop running its other tasks); enter a tokio
 /// runtime's context first (`Handle::enter`) if `fut` needs one.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
+    block_on_in(fut, RingSet::current_ring)
+}
+
+/// [`block_on`], waiting in the ring `ring` gives (called at each wait).
+fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Output {
     let parker = Arc::new(Parker {
         woken: AtomicBool::new(false),
         ring: Mutex::new(None),
@@ -974,7 +1312,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         if let Poll::Ready(v) = poll {
             return v;
         }
-        parker.park();
+        parker.park(ring());
     }
 }
 
@@ -1212,7 +1550,10 @@ mod tests {
         let woken = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (ring, woken) = (ring.clone(), woken.clone());
-            thread::spawn(move || ring.park(&woken, false))
+            thread::spawn(move || {
+                let _owned = ring.own().expect("another thread waits in the ring");
+                ring.park(&woken, false)
+            })
         };
         wait_for_waiters(ring, 1);
         (woken, waiter)
@@ -1259,6 +1600,141 @@ mod tests {
             vec![5u8; 4096]
         );
         assert_eq!(ring.waiter_reaps.load(Ordering::Relaxed), before);
+        drop(rt);
+    }
+
+    /// A runtime with one worker that watches `ring` ([`watch`]), once the task watches.
+    fn watching_runtime(ring: &Arc<Ring>) -> tokio::runtime::Runtime {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.spawn(watch(ring.clone()));
+        let t = std::time::Instant::now();
+        while ring.watchers.load(Ordering::Acquire) != 1 {
+            assert!(t.elapsed() < WAIT, "the watch task never started");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*ring.waiters.lock(), 1);
+        rt
+    }
+
+    /// A request completes while the runtime's only worker sleeps in the reactor (the
+    /// task waiting for it was polled long before, and the request is submitted from
+    /// another thread): the completion must wake the worker, whose watch task reaps it,
+    /// with the completion thread out of the way (its fallback timer set to a minute,
+    /// so it cannot be what answers). Several times, to cover the readiness being
+    /// cleared and re-armed in between.
+    #[test]
+    fn watch_task_reaps_a_completion_that_comes_while_the_worker_sleeps() {
+        let rt_ring = RingThread::start(93).unwrap();
+        let ring = rt_ring.ring.clone();
+        ring.fallback_ms.store(60_000, Ordering::Relaxed);
+        let (_dir, core) = test_file("e");
+        let rt = watching_runtime(&ring);
+        for block in [9u8, 1, 14, 6] {
+            let (tx, pending) = Pending::<(AlignedBuf, usize)>::channel();
+            let (rtx, rrx) = mpsc::channel();
+            rt.spawn(async move {
+                let (buf, n) = pending.await.unwrap();
+                rtx.send(buf[..n].to_vec()).unwrap();
+            });
+            // Long enough for the worker to have polled the task and gone to sleep.
+            thread::sleep(Duration::from_millis(30));
+            let buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+            ring.start(
+                Kind::Read { buf, tx },
+                Some(core.clone()),
+                block as u64 * 4096,
+                None,
+            );
+            let got = rrx
+                .recv_timeout(WAIT)
+                .expect("the sleeping worker was not woken");
+            assert_eq!(got, vec![block; 4096]);
+        }
+        // The task counts what it reaped after it answered (see the waiter test above).
+        let t = std::time::Instant::now();
+        while ring.watcher_reaps.load(Ordering::Relaxed) < 4 {
+            assert!(
+                t.elapsed() < WAIT,
+                "the watch task did not reap the 4 requests"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ring.thread_reaps.load(Ordering::Relaxed), 0);
+        // The runtime goes: the completion thread must take the ring back at once.
+        drop(rt);
+        assert_eq!(*ring.waiters.lock(), 0);
+        assert_eq!(ring.watchers.load(Ordering::Acquire), 0);
+        let got = read_block(&ring, &core, 4).recv_timeout(WAIT);
+        assert_eq!(
+            got.expect("completion thread not re-armed"),
+            vec![4u8; 4096]
+        );
+        assert!(ring.thread_reaps.load(Ordering::Relaxed) >= 1);
+        drop(rt_ring);
+    }
+
+    /// While the runtime's only worker is blocked (a task that sleeps synchronously), its
+    /// watch task cannot run: the completion thread's timer must reap the requests of
+    /// the ring meanwhile, long before the worker comes back, also when the ring was
+    /// idle (the completion thread sleeping untimed) before the request came.
+    #[test]
+    fn completion_thread_reaps_when_the_watching_runtime_is_blocked() {
+        let rt_ring = RingThread::start(94).unwrap();
+        let ring = rt_ring.ring.clone();
+        let (_dir, core) = test_file("f");
+        let rt = watching_runtime(&ring);
+        let (btx, brx) = mpsc::channel();
+        rt.spawn(async move {
+            btx.send(()).unwrap();
+            thread::sleep(Duration::from_secs(3));
+        });
+        brx.recv_timeout(WAIT).unwrap();
+        // The completion thread, finding the ring idle, stops its timer: the request
+        // must wake it.
+        let t = std::time::Instant::now();
+        while !ring.state.lock().idle_sleep {
+            assert!(t.elapsed() < WAIT, "the completion thread kept its timer");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let t = std::time::Instant::now();
+        let got = read_block(&ring, &core, 12).recv_timeout(Duration::from_secs(2));
+        assert_eq!(
+            got.expect("nobody reaped while the runtime was blocked"),
+            vec![12u8; 4096]
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert!(ring.thread_reaps.load(Ordering::Relaxed) >= 1);
+        drop(rt);
+        drop(rt_ring);
+    }
+
+    /// Dropping the ring set while a runtime's task watches a ring neither hangs nor leaves
+    /// the task behind: it is woken, sees the teardown and ends (and with it its hold on
+    /// the ring and its registration in the reactor).
+    #[test]
+    fn teardown_while_a_task_watches_the_ring() {
+        let rt_ring = RingThread::start(95).unwrap();
+        let ring = rt_ring.ring.clone();
+        let (_dir, core) = test_file("g");
+        let rt = watching_runtime(&ring);
+        let rx = read_block(&ring, &core, 3);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), vec![3u8; 4096]);
+        let (done_tx, done_rx) = mpsc::channel();
+        thread::spawn(move || {
+            drop(rt_ring);
+            done_tx.send(()).unwrap();
+        });
+        done_rx.recv_timeout(WAIT).expect("teardown hung");
+        let t = std::time::Instant::now();
+        while ring.watchers.load(Ordering::Acquire) != 0 || Arc::strong_count(&ring) > 1 {
+            assert!(t.elapsed() < WAIT, "the watch task did not end");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*ring.waiters.lock(), 0);
         drop(rt);
     }
 
@@ -1370,5 +1846,113 @@ mod tests {
         });
         rx.recv_timeout(WAIT)
             .expect("a deferred request was never submitted");
+    }
+
+    /// Start a 4 KiB write (block `block` filled with its index) or read of block `block`
+    /// on `ring` as [`UringFile`] does: inside [`block_on_in`] its SQE is deferred to the
+    /// thread's next wait in the ring. Answers the bytes read (none for a write).
+    fn start_deferred(
+        ring: &Arc<Ring>,
+        core: &Arc<FileCore>,
+        block: u64,
+        write: bool,
+    ) -> impl Future<Output = io::Result<Vec<u8>>> {
+        let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+        let (rtx, rpending) = Pending::channel();
+        let (wtx, wpending) = Pending::channel();
+        let kind = if write {
+            buf.fill(block as u8);
+            drop(rtx);
+            Kind::Write {
+                buf,
+                truncate_to: None,
+                tx: wtx,
+            }
+        } else {
+            drop(wtx);
+            Kind::Read { buf, tx: rtx }
+        };
+        if ring.register(kind, Some(core.clone()), block * 4096, None) {
+            submit_or_defer(ring);
+        }
+        async move {
+            if write {
+                wpending.await.map(|()| Vec::new())
+            } else {
+                rpending.await.map(|(buf, n)| buf[..n].to_vec())
+            }
+        }
+    }
+
+    /// `threads` threads each wait in `ring` ([`block_on_in`]) for 32 requests at a time,
+    /// `rounds` times, beside a runtime whose task watches the same ring and reaps whatever
+    /// it may there. Buffered writes (on ext4 they go to io-wq workers, which post their
+    /// completions at any time, also while a waiting thread is on its way into
+    /// `io_uring_enter`) and reads (page-cache hits, completed while they are submitted).
+    /// Each round is bounded by a timeout: a hang fails the test instead of hanging it.
+    fn depth_32_beside_a_watching_runtime(name: &str, threads: u64, rounds: u64) {
+        let rt_ring = RingThread::start(96).unwrap();
+        let ring = rt_ring.ring.clone();
+        let (dir, _) = test_file(name);
+        let opts = FileOptions {
+            writable: true,
+            ..FileOptions::default()
+        };
+        let core = Arc::new(FileCore::open(&dir.path().join(name), &opts).unwrap());
+        let rt = watching_runtime(&ring);
+        let (ptx, prx) = mpsc::channel();
+        for t in 0..threads {
+            let (ring, core, ptx) = (ring.clone(), core.clone(), ptx.clone());
+            thread::spawn(move || {
+                for round in 0..rounds {
+                    let first = round + t * 5;
+                    let ops =
+                        (0..32).map(|i| start_deferred(&ring, &core, (first + i) % 16, i % 2 == 0));
+                    let got = block_on_in(futures::future::join_all(ops), || Some(ring.clone()));
+                    for (i, r) in (0..).zip(got) {
+                        let data = r.unwrap();
+                        if i % 2 == 1 {
+                            assert_eq!(data, [((first + i) % 16) as u8; 4096]);
+                        }
+                    }
+                    if ptx.send(t).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(ptx);
+        let mut done = vec![0; threads as usize];
+        for _ in 0..threads * rounds {
+            match prx.recv_timeout(WAIT) {
+                Ok(t) => done[t as usize] += 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("a thread waiting in the ring hung (rounds done: {done:?} of {rounds})")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("a thread waiting in the ring failed (rounds done: {done:?})")
+                }
+            }
+        }
+        drop(rt);
+        drop(rt_ring);
+    }
+
+    /// The mix that hung `qcow2rs bench -d 32` once the runtime reaped the rings (issue
+    /// 9): a completion the watch task reaps wakes the waiting thread through a kick (a
+    /// `NOP` in the ring), which nothing else may consume before that thread sees it, else
+    /// the thread sleeps on an empty completion queue (hung in 2 of 10 runs of 3000 rounds
+    /// when the task reaped rings in which a thread waited).
+    #[test]
+    fn waiting_thread_at_depth_beside_a_watching_runtime() {
+        depth_32_beside_a_watching_runtime("h", 1, 10_000);
+    }
+
+    /// Two threads that wait in the same ring (more threads than rings): the second must
+    /// not take the first one's kick either (it waits with `thread::park` while the first
+    /// waits in the ring).
+    #[test]
+    fn two_threads_at_depth_in_one_ring_beside_a_watching_runtime() {
+        depth_32_beside_a_watching_runtime("i", 2, 5_000);
     }
 }
