@@ -275,6 +275,19 @@ const INLINE_NOWAIT: u8 = 1;
 /// so they run on the calling thread with plain `pread`/`pwrite`.
 const INLINE_ALWAYS: u8 = 2;
 
+/// Largest buffered write done on the calling thread ([`FileCore::write_inline`]): a
+/// larger one would hold that thread (an async runtime's worker, a C caller submitting a
+/// request) for a millisecond or more, so it goes to the engine.
+const INLINE_WRITE_MAX: usize = 1 << 20;
+
+/// Whether buffered writes up to [`INLINE_WRITE_MAX`] run on the calling thread: yes,
+/// unless the environment variable `QCOW2RS_INLINE_WRITES` is `0` (files in memory
+/// always do). Read once.
+fn inline_writes() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| std::env::var("QCOW2RS_INLINE_WRITES").as_deref() != Ok("0"))
+}
+
 /// `statfs.f_type` of tmpfs and ramfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
@@ -399,11 +412,26 @@ impl FileCore {
         self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS
     }
 
-    /// Write all of `data` at `off` on the calling thread when the file lives in memory
-    /// (tmpfs): such a write never waits for a device. Returns false (nothing written)
-    /// for other files, which go through the engine.
+    /// Write all of `data` at `off` on the calling thread: always when the file lives in
+    /// memory (tmpfs), and without `O_DIRECT` when `data` is at most [`INLINE_WRITE_MAX`]
+    /// bytes (unless `QCOW2RS_INLINE_WRITES=0`, see [`inline_writes`]). Returns false
+    /// (nothing written) for other writes, which go through the engine.
+    ///
+    /// A buffered write copies into the page cache and returns; it waits for the device
+    /// only when the kernel throttles a writer that dirties pages faster than they are
+    /// written back, or on a file system lock, and then the request waits just as long
+    /// on an engine thread. Handing it to the engine instead costs two thread hops per
+    /// write (io_uring runs buffered ext4 writes on its io-wq worker, which file
+    /// systems without `RWF_NOWAIT` buffered writes make unavoidable, and the completion
+    /// thread then wakes the waiting task) and a copy into an owned buffer: on ext4,
+    /// `qcow2rs serve` used 1.5-2x the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
+    /// "eighth session").
     pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
-        if self.inline.load(Ordering::Relaxed) != INLINE_ALWAYS {
+        let here = match self.inline.load(Ordering::Relaxed) {
+            INLINE_ALWAYS => true,
+            _ => !self.direct && data.len() <= INLINE_WRITE_MAX && inline_writes(),
+        };
+        if !here {
             return Ok(false);
         }
         self.file.write_all_at(data, off)?;
