@@ -424,7 +424,7 @@ impl FileCore {
     /// write (io_uring runs buffered ext4 writes on its io-wq worker, which file
     /// systems without `RWF_NOWAIT` buffered writes make unavoidable, and the completion
     /// thread then wakes the waiting task) and a copy into an owned buffer: on ext4,
-    /// `qcow2rs serve` used 1.5-2x the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
+    /// `qcow2rs serve` used about twice the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
     /// "eighth session").
     pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
         let here = match self.inline.load(Ordering::Relaxed) {
