@@ -38,7 +38,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::thread;
@@ -264,6 +264,8 @@ pub(super) struct FileCore {
     /// What may run on the calling thread (see [`FileCore::read_inline`]): one of
     /// `INLINE_NO`, `INLINE_NOWAIT`, `INLINE_ALWAYS`.
     inline: AtomicU8,
+    /// Set while a thread writes to the file in [`FileCore::write_inline`].
+    inline_writer: AtomicBool,
 }
 
 /// Nothing runs on the calling thread (`O_DIRECT`, or `RWF_NOWAIT` is refused).
@@ -348,6 +350,7 @@ impl FileCore {
             direct: opts.direct,
             lock: Arc::new(tokio::sync::RwLock::new(())),
             inline,
+            inline_writer: AtomicBool::new(false),
         })
     }
 
@@ -427,15 +430,22 @@ impl FileCore {
     /// `qcow2rs serve` used about twice the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
     /// "eighth session").
     pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
-        let here = match self.inline.load(Ordering::Relaxed) {
-            INLINE_ALWAYS => true,
-            _ => !self.direct && data.len() <= INLINE_WRITE_MAX && inline_writes(),
-        };
-        if !here {
+        if self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS {
+            self.file.write_all_at(data, off)?;
+            return Ok(true);
+        }
+        if self.direct || data.len() > INLINE_WRITE_MAX || !inline_writes() {
             return Ok(false);
         }
-        self.file.write_all_at(data, off)?;
-        Ok(true)
+        // One thread at a time: the kernel serializes buffered writes to a file (ext4 takes
+        // the inode lock), and a second writer here would sleep on that lock, holding a
+        // runtime worker that could read requests and send replies meanwhile.
+        if self.inline_writer.swap(true, Ordering::Acquire) {
+            return Ok(false);
+        }
+        let r = self.file.write_all_at(data, off);
+        self.inline_writer.store(false, Ordering::Release);
+        r.map(|()| true)
     }
 
     fn fd(&self) -> libc::c_int {
