@@ -38,7 +38,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::thread;
@@ -264,6 +264,8 @@ pub(super) struct FileCore {
     /// What may run on the calling thread (see [`FileCore::read_inline`]): one of
     /// `INLINE_NO`, `INLINE_NOWAIT`, `INLINE_ALWAYS`.
     inline: AtomicU8,
+    /// Set while a thread writes to the file in [`FileCore::write_inline`].
+    inline_writer: AtomicBool,
 }
 
 /// Nothing runs on the calling thread (`O_DIRECT`, or `RWF_NOWAIT` is refused).
@@ -274,6 +276,19 @@ const INLINE_NOWAIT: u8 = 1;
 /// The file lives in memory (tmpfs, ramfs): reads and writes never wait for a device,
 /// so they run on the calling thread with plain `pread`/`pwrite`.
 const INLINE_ALWAYS: u8 = 2;
+
+/// Largest buffered write done on the calling thread ([`FileCore::write_inline`]): a
+/// larger one would hold that thread (an async runtime's worker, a C caller submitting a
+/// request) for a millisecond or more, so it goes to the engine.
+const INLINE_WRITE_MAX: usize = 1 << 20;
+
+/// Whether buffered writes up to [`INLINE_WRITE_MAX`] run on the calling thread: yes,
+/// unless the environment variable `QCOW2RS_INLINE_WRITES` is `0` (files in memory
+/// always do). Read once.
+fn inline_writes() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| std::env::var("QCOW2RS_INLINE_WRITES").as_deref() != Ok("0"))
+}
 
 /// `statfs.f_type` of tmpfs and ramfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -335,6 +350,7 @@ impl FileCore {
             direct: opts.direct,
             lock: Arc::new(tokio::sync::RwLock::new(())),
             inline,
+            inline_writer: AtomicBool::new(false),
         })
     }
 
@@ -399,15 +415,37 @@ impl FileCore {
         self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS
     }
 
-    /// Write all of `data` at `off` on the calling thread when the file lives in memory
-    /// (tmpfs): such a write never waits for a device. Returns false (nothing written)
-    /// for other files, which go through the engine.
+    /// Write all of `data` at `off` on the calling thread: always when the file lives in
+    /// memory (tmpfs), and without `O_DIRECT` when `data` is at most [`INLINE_WRITE_MAX`]
+    /// bytes (unless `QCOW2RS_INLINE_WRITES=0`, see [`inline_writes`]). Returns false
+    /// (nothing written) for other writes, which go through the engine.
+    ///
+    /// A buffered write copies into the page cache and returns; it waits for the device
+    /// only when the kernel throttles a writer that dirties pages faster than they are
+    /// written back, or on a file system lock, and then the request waits just as long
+    /// on an engine thread. Handing it to the engine instead costs two thread hops per
+    /// write (io_uring runs buffered ext4 writes on its io-wq worker, which file
+    /// systems without `RWF_NOWAIT` buffered writes make unavoidable, and the completion
+    /// thread then wakes the waiting task) and a copy into an owned buffer: on ext4,
+    /// `qcow2rs serve` used about twice the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
+    /// "eighth session").
     pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
-        if self.inline.load(Ordering::Relaxed) != INLINE_ALWAYS {
+        if self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS {
+            self.file.write_all_at(data, off)?;
+            return Ok(true);
+        }
+        if self.direct || data.len() > INLINE_WRITE_MAX || !inline_writes() {
             return Ok(false);
         }
-        self.file.write_all_at(data, off)?;
-        Ok(true)
+        // One thread at a time: the kernel serializes buffered writes to a file (ext4 takes
+        // the inode lock), and a second writer here would sleep on that lock, holding a
+        // runtime worker that could read requests and send replies meanwhile.
+        if self.inline_writer.swap(true, Ordering::Acquire) {
+            return Ok(false);
+        }
+        let r = self.file.write_all_at(data, off);
+        self.inline_writer.store(false, Ordering::Release);
+        r.map(|()| true)
     }
 
     fn fd(&self) -> libc::c_int {

@@ -14,6 +14,10 @@
 //!   `pread`/`pwrite` on tmpfs, which never waits for a device); only what would
 //!   block goes to the ring (see [`super::threads`] `FileCore::read_inline`). So a
 //!   request that completes at once costs no wake-up of another thread at all.
+//!   Buffered writes up to 1 MiB are plain `pwrite`s on the submitting thread too,
+//!   one thread per file at a time (`FileCore::write_inline`): file systems without
+//!   `RWF_NOWAIT` buffered writes (ext4) make io_uring run each one on an io-wq
+//!   worker, a thread hop more.
 //! - **Submission from any thread.** A request is registered in the ring's table
 //!   of operations and its SQE pushed under a mutex (the only place a submission
 //!   queue is touched); the submitting thread then calls `io_uring_enter` itself,
