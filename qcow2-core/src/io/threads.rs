@@ -728,6 +728,7 @@ impl<T> RunToEnd<'static, T> {
 
 impl<T> Future for RunToEnd<'_, T> {
     type Output = io::Result<T>;
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let r = Pin::new(&mut self.pending).poll(cx);
         if r.is_ready() {
@@ -737,12 +738,22 @@ impl<T> Future for RunToEnd<'_, T> {
     }
 }
 
+impl<T> RunToEnd<'_, T> {
+    /// The drop of an unfinished operation (rare: kept out of the finished path).
+    #[cold]
+    #[inline(never)]
+    fn wait_for_the_end(&mut self) {
+        // This thread may hold the request's SQE back (io_uring in `block_on`).
+        crate::io::uring::flush_deferred();
+        let _ = futures::executor::block_on(&mut self.pending);
+    }
+}
+
 impl<T> Drop for RunToEnd<'_, T> {
+    #[inline]
     fn drop(&mut self) {
         if !self.finished {
-            // This thread may hold the request's SQE back (io_uring in `block_on`).
-            crate::io::uring::flush_deferred();
-            let _ = futures::executor::block_on(&mut self.pending);
+            self.wait_for_the_end();
         }
     }
 }
