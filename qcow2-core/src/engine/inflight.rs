@@ -17,6 +17,15 @@
 //!   I/O is done (an RAII guard: an error or a dropped future releases it too). A ticket
 //!   is one atomic increment in one of two counters, chosen by the parity of the current
 //!   epoch it read.
+//! - A dropped request releases its ticket (and its in-flight mark, allocation gate and
+//!   drain gate) only once its storage I/O has ended: a future drops its innermost part
+//!   first, the storage request it awaits, and a storage request that changes the file
+//!   ends before the drop of its future returns (the [`crate::io::Storage`] contract; the
+//!   file engines wait for a write, write-zeroes, discard or reservation already handed
+//!   to the kernel or a worker, `RunToEnd` in `io/threads.rs`). So a write dropped mid-flight
+//!   is ordered before every request issued after the drop: an overlapping write is not
+//!   overwritten by it, a flush covers it, and its host cluster, freed later, is not
+//!   written by it once reused. Nothing on the request path pays for this.
 //! - A free that brings a refcount to 0 (`flush_metadata`, after the tables that dropped
 //!   the reference are durable) writes the refcount 0 as before, but puts the cluster in
 //!   [`Quarantine`] with the current epoch `q`, instead of making it allocatable (its hole

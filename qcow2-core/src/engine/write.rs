@@ -8,6 +8,10 @@
 //! allocating a fresh host cluster for a cluster that reads as zeros: then the second writes
 //! into that host cluster alongside and waits only for the mapping (`inflight.rs`,
 //! [`crate::engine::inflight::Inflight`]).
+//!
+//! A write whose future is dropped holds its ticket, mark and gates until its data write
+//! has ended (the storage's write futures run to their end when dropped): see the in-flight
+//! rule in `inflight.rs`.
 
 use crate::engine::image::Image;
 use crate::engine::inflight::Acquired;
@@ -337,6 +341,140 @@ pub(crate) fn nonzero_range(d: &[u8]) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::threads::{worker_hold, ThreadsFile};
+    use crate::io::{FileOptions, Storage};
+    use futures::executor::block_on;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Then {
+        /// An overlapping write.
+        Overwrite,
+        /// A flush.
+        Flush,
+        /// A discard of the cluster, flushes, and an allocating write that reuses it.
+        Reuse,
+    }
+
+    /// A guest write whose future is dropped while its data write is in the I/O engine
+    /// (held in a worker of the threads engine, as by a slow disk): when the drop returns,
+    /// the write has ended, so the requests issued after the drop are ordered after it. An
+    /// overlapping write is not overwritten by it, a flush does not return before it is in
+    /// the file, and its host cluster, discarded and freed after the drop, is not written by
+    /// it once reused for another guest cluster. Fails when a dropped write's storage
+    /// request goes on in the engine after the drop (its ticket, in-flight mark and locks
+    /// are gone with the future): the held write then lands last.
+    #[test]
+    fn a_dropped_write_ends_before_the_requests_issued_after_its_drop() {
+        for then in [Then::Overwrite, Then::Flush, Then::Reuse] {
+            dropped_write_then(then);
+        }
+    }
+
+    fn dropped_write_then(then: Then) {
+        // On disk: on tmpfs the engine writes on the calling thread, and nothing is held.
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("t.qcow2");
+        let cs = 65536u64;
+        let opts = crate::create::CreateOptions {
+            size: Some(16 << 20),
+            cluster_size: cs,
+            ..Default::default()
+        };
+        block_on(crate::create::create_qcow2(&path, &opts)).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        assert!(!file.in_memory(), "{then:?}: needs a file on disk");
+        let oo = crate::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let img = block_on(Image::open_storage(file, &path, &oo)).unwrap();
+        block_on(img.write_at(&vec![0x11; cs as usize], 0)).unwrap();
+        block_on(img.flush()).unwrap();
+        let host = block_on(img.layer_status(0, cs)).unwrap().offset.unwrap();
+
+        // The dropped write: 4 KiB at guest 0, in place; its bytes are unique to this test.
+        let held: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let hold = worker_hold::hold(held.clone());
+        let done = Arc::new(AtomicBool::new(false));
+        let (i2, h2, d2, data) = (img.clone(), hold.clone(), done.clone(), held.clone());
+        let t = std::thread::spawn(move || {
+            let mut fut = Box::pin(i2.write_at(&data, 0));
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            while !h2.arrived() {
+                if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+                    panic!("{then:?}: the held write completed: {r:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(fut);
+            let landed_before = h2.landed();
+            let reused = block_on(async {
+                match then {
+                    Then::Overwrite => i2.write_at(&[0x22; 4096], 0).await.map(|_| None),
+                    Then::Flush => i2.flush().await.map(|_| None),
+                    Then::Reuse => {
+                        i2.discard(0, cs).await?;
+                        i2.flush().await?;
+                        i2.flush().await?;
+                        i2.write_at(&vec![0x33; cs as usize], 1 << 20).await?;
+                        Ok(i2.layer_status(1 << 20, cs).await?.offset)
+                    }
+                }
+            })
+            .unwrap();
+            d2.store(true, Ordering::SeqCst);
+            (landed_before, h2.landed(), reused)
+        });
+        assert!(
+            hold.wait_arrived(Duration::from_secs(10)),
+            "{then:?}: the write never reached the worker"
+        );
+        // Time for the requests after the drop to complete if the drop does not wait.
+        std::thread::sleep(Duration::from_millis(300));
+        let done_while_held = done.load(Ordering::SeqCst);
+        hold.release();
+        let (landed_at_drop, landed_at_end, reused) = t.join().unwrap();
+        assert!(
+            !done_while_held && landed_at_drop && landed_at_end,
+            "{then:?}: the requests issued after the dropped write's drop completed while \
+             its data write was still in the engine (done while held: {done_while_held}, \
+             landed when the drop returned: {landed_at_drop})"
+        );
+        let mut back = vec![0u8; 4096];
+        match then {
+            Then::Overwrite => {
+                block_on(img.read_at(&mut back, 0)).unwrap();
+                assert!(
+                    back.iter().all(|&b| b == 0x22),
+                    "{then:?}: the dropped write landed over the later one"
+                );
+            }
+            Then::Flush => {}
+            Then::Reuse => {
+                assert_eq!(
+                    reused,
+                    Some(host),
+                    "{then:?}: the freed cluster was not reused"
+                );
+                block_on(img.read_at(&mut back, 1 << 20)).unwrap();
+                assert!(
+                    back.iter().all(|&b| b == 0x33),
+                    "{then:?}: the dropped write landed in its cluster after its reuse"
+                );
+            }
+        }
+        block_on(img.close()).unwrap();
+    }
 
     #[test]
     fn nonzero_range_counts_a_partial_last_chunk() {

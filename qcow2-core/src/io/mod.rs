@@ -19,6 +19,15 @@
 //! - Reads past the end of the file fill the remainder with zeros.
 //! - Futures are cancellation-safe: dropping one never lets the kernel touch a
 //!   buffer the caller got back (engines use owned bounce buffers where needed).
+//! - A change to the storage ends with its future: once the drop of a `write_at`,
+//!   `write_zeroes`, `discard` or `allocate` future returns, that request changes
+//!   nothing any more. A part already handed to the kernel or a worker is waited
+//!   for (the file engines block in the drop, as for reads into the caller's
+//!   memory); a part not started yet is never started. The image engine relies on
+//!   this: a dropped request's ticket, in-flight mark and locks are released when
+//!   its future is dropped, and later requests (an overlapping write, a flush, an
+//!   allocation reusing a freed cluster) no longer wait for it (see
+//!   docs/RELIABILITY.md, "In-flight requests on close and on drop").
 
 use std::future::Future;
 use std::io;
@@ -39,6 +48,10 @@ pub use uring::{block_on, reap_in_runtime};
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
 /// Positioned, asynchronous storage (a file, or memory in tests).
+///
+/// The futures of the requests that change the storage must not let the change outlive
+/// them (see the module documentation): when the drop of one returns, the storage will not
+/// change on its account any more.
 pub trait Storage: Send + Sync + 'static {
     /// Read `buf.len()` bytes at `off`. Bytes past the end of the storage read as zeros.
     fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()>;

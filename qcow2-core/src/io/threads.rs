@@ -724,10 +724,19 @@ impl RawBuf {
     }
 }
 
-/// A [`Pending`] of an operation that uses the caller's memory: it cannot end
-/// before the operation does. Dropped early, it waits (blocking the thread) for
-/// the engine's answer, which comes from the engine's own threads, never from the
-/// runtime, so this cannot deadlock.
+/// A [`Pending`] of an operation that uses the caller's memory, or that changes
+/// the file: it cannot end before the operation does. Dropped early, it waits
+/// (blocking the thread) for the engine's answer, which comes from the engine's
+/// own threads, never from the runtime, so this cannot deadlock.
+///
+/// Writes, write-zeroes, discards and reservations own their buffers but are
+/// awaited through it too ([`RunToEnd::owned`]): a dropped request then cannot
+/// let the file change after its future is gone, when the request's ordering
+/// guards (its ticket, in-flight mark, locks) are released and later requests
+/// (an overlapping write, a flush, a reuse of the cluster) no longer wait for it.
+/// See the [`Storage`](super::Storage) contract and `engine/inflight.rs`. Only
+/// the submitted operation is waited for, never a lock or anything else a
+/// request waits for on the runtime.
 struct RunToEnd<'a, T> {
     pending: Pending<T>,
     finished: bool,
@@ -744,8 +753,20 @@ impl<'a, T> RunToEnd<'a, T> {
     }
 }
 
+impl<T> RunToEnd<'static, T> {
+    /// For an operation that owns its buffer (or has none) and changes the file.
+    fn owned(pending: Pending<T>) -> Self {
+        RunToEnd {
+            pending,
+            finished: false,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<T> Future for RunToEnd<'_, T> {
     type Output = io::Result<T>;
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let r = Pin::new(&mut self.pending).poll(cx);
         if r.is_ready() {
@@ -755,12 +776,22 @@ impl<T> Future for RunToEnd<'_, T> {
     }
 }
 
+impl<T> RunToEnd<'_, T> {
+    /// The drop of an unfinished operation (rare: kept out of the finished path).
+    #[cold]
+    #[inline(never)]
+    fn wait_for_the_end(&mut self) {
+        // This thread may hold the request's SQE back (io_uring in `block_on`).
+        crate::io::uring::flush_deferred();
+        let _ = futures::executor::block_on(&mut self.pending);
+    }
+}
+
 impl<T> Drop for RunToEnd<'_, T> {
+    #[inline]
     fn drop(&mut self) {
         if !self.finished {
-            // This thread may hold the request's SQE back (io_uring in `block_on`).
-            crate::io::uring::flush_deferred();
-            let _ = futures::executor::block_on(&mut self.pending);
+            self.wait_for_the_end();
         }
     }
 }
@@ -928,7 +959,7 @@ pub(super) mod ops {
                 let n = (data.len() - pos).min(MAX_CHUNK);
                 let mut piece = AlignedBuf::zeroed(n, 1)?;
                 piece.copy_from_slice(&data[pos..pos + n]);
-                b.write_owned(piece, off + pos as u64, None, None).await?;
+                RunToEnd::owned(b.write_owned(piece, off + pos as u64, None, None)).await?;
                 pos += n;
             }
             return Ok(());
@@ -969,8 +1000,7 @@ pub(super) mod ops {
             piece[(lo - pos) as usize..(hi - pos) as usize]
                 .copy_from_slice(&data[(lo - off) as usize..(hi - off) as usize]);
             let truncate_to = target_len.filter(|&t| pos + n as u64 > t);
-            b.write_owned(piece, pos, truncate_to, Some(hold.clone()))
-                .await?;
+            RunToEnd::owned(b.write_owned(piece, pos, truncate_to, Some(hold.clone()))).await?;
             pos += n as u64;
         }
         Ok(())
@@ -1005,7 +1035,7 @@ pub(super) mod ops {
         // into the punched range.
         let hold: Hold = exclusive(b).await;
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match b.fallocate(mode, off, len, hold).await {
+        match RunToEnd::owned(b.fallocate(mode, off, len, hold)).await {
             Ok(()) => Ok(true),
             Err(e) if fallocate_unsupported(&e) => Ok(false),
             Err(e) => Err(e),
@@ -1023,10 +1053,8 @@ pub(super) mod ops {
         }
         off.checked_add(len).ok_or_else(too_far)?;
         let excl = exclusive(b).await;
-        match b
-            .fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len, excl.clone())
-            .await
-        {
+        let mode = libc::FALLOC_FL_ZERO_RANGE;
+        match RunToEnd::owned(b.fallocate(mode, off, len, excl.clone())).await {
             Ok(()) => return Ok(()),
             Err(e) if zero_range_unsupported(&e) => {}
             Err(e) => return Err(e),
@@ -1059,7 +1087,7 @@ pub(super) mod ops {
         } else {
             None
         };
-        match b.fallocate(0, off, len, hold.clone()).await {
+        match RunToEnd::owned(b.fallocate(0, off, len, hold.clone())).await {
             Ok(()) => Ok(()),
             Err(e) if fallocate_unsupported(&e) => {
                 if core.len()? < end {
@@ -1196,6 +1224,89 @@ fn worker(s: &PoolShared) {
     }
 }
 
+/// Test hook: a write whose bytes a test chose waits in the worker, after its request
+/// was handed to the engine and before it reaches the file (a disk slow to do it).
+#[cfg(test)]
+pub(crate) mod worker_hold {
+    use parking_lot::{Condvar, Mutex};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// One held write: the first one whose bytes equal `bytes`.
+    pub(crate) struct Hold {
+        bytes: Vec<u8>,
+        /// Arrived in a worker, released by the test, written to the file.
+        st: Mutex<(bool, bool, bool)>,
+        cv: Condvar,
+    }
+
+    static HOLDS: Mutex<Vec<Arc<Hold>>> = parking_lot::const_mutex(Vec::new());
+
+    /// Hold the next write (of any file of this engine) of exactly `bytes`.
+    pub(crate) fn hold(bytes: Vec<u8>) -> Arc<Hold> {
+        let h = Arc::new(Hold {
+            bytes,
+            st: Mutex::new((false, false, false)),
+            cv: Condvar::new(),
+        });
+        HOLDS.lock().push(h.clone());
+        h
+    }
+
+    impl Hold {
+        /// Whether the write waits in a worker (or waited).
+        pub(crate) fn arrived(&self) -> bool {
+            self.st.lock().0
+        }
+        /// Wait until the write waits in a worker; false after `timeout`.
+        pub(crate) fn wait_arrived(&self, timeout: Duration) -> bool {
+            let end = Instant::now() + timeout;
+            let mut st = self.st.lock();
+            while !st.0 {
+                if self.cv.wait_until(&mut st, end).timed_out() {
+                    return st.0;
+                }
+            }
+            true
+        }
+        /// Let the write go on (or not be held at all).
+        pub(crate) fn release(self: &Arc<Self>) {
+            HOLDS.lock().retain(|h| !Arc::ptr_eq(h, self));
+            self.st.lock().1 = true;
+            self.cv.notify_all();
+        }
+        /// Whether the write reached the file.
+        pub(crate) fn landed(&self) -> bool {
+            self.st.lock().2
+        }
+    }
+
+    /// In a worker, before it writes `buf`: wait there if a hold wants this write.
+    pub(super) fn before_write(buf: &[u8]) -> Option<Arc<Hold>> {
+        let h = {
+            let mut holds = HOLDS.lock();
+            let i = holds.iter().position(|h| h.bytes == buf)?;
+            holds.remove(i)
+        };
+        let mut st = h.st.lock();
+        st.0 = true;
+        h.cv.notify_all();
+        while !st.1 {
+            h.cv.wait(&mut st);
+        }
+        drop(st);
+        Some(h)
+    }
+
+    /// In a worker, after the write of `before_write` reached the file.
+    pub(super) fn after_write(h: Option<Arc<Hold>>) {
+        if let Some(h) = h {
+            h.st.lock().2 = true;
+            h.cv.notify_all();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // ThreadsFile
 // ---------------------------------------------------------------------------
@@ -1250,11 +1361,15 @@ impl Backend for ThreadsFile {
     ) -> Pending<()> {
         let core = self.core.clone();
         self.pool.run(move || {
+            #[cfg(test)]
+            let held = worker_hold::before_write(&buf);
             core.file.write_all_at(&buf, off)?;
             if let Some(len) = truncate_to {
                 core.file.set_len(len)?;
             }
             drop(hold);
+            #[cfg(test)]
+            worker_hold::after_write(held);
             Ok(())
         })
     }
