@@ -45,8 +45,8 @@
 //!   while it does, it alone consumes the ring's completion queue ([`Ring::own`]
 //!   gives the invariant): a waiter is woken by other threads with a `NOP` pushed
 //!   to its ring, and an entry consumed by anyone else could leave it asleep on an
-//!   empty queue. A second thread that would wait in the same ring waits with
-//!   `thread::park` instead, woken by whoever reaps its requests. While a thread
+//!   empty queue. A second thread that would wait in the same ring waits
+//!   on a condition variable instead, woken by whoever reaps its requests. While a thread
 //!   waits in a ring, the ring's fd is taken out of its completion thread's epoll
 //!   set (`EPOLL_CTL_MOD` with no events), so completions do not wake it too; the
 //!   last waiter to leave puts it back, and epoll re-checks the fd then, so
@@ -663,7 +663,7 @@ impl Ring {
     ///   stays in the queue.
     /// - The owner publishes its ring in its [`Parker`] after taking the ring and
     ///   clears it before releasing it, so a waker that sees the ring kicks it while
-    ///   only the owner consumes; one that does not, unparks the thread, which looks
+    ///   only the owner consumes; one that does not, notifies the thread, which looks
     ///   at its flag before it waits.
     /// - Entries the others skipped are not lost: the owner reaps every entry while it
     ///   waits, and when it releases the ring (the [`Owned`]'s drop) it reaps once more
@@ -672,8 +672,8 @@ impl Ring {
     ///   (an edge for each entry posted), and the completion thread's timer reaps
     ///   whatever a watching runtime leaves.
     /// - A second thread that wants to wait in an owned ring does not: it waits with
-    ///   `thread::park` ([`Parker::park`]), and the owner (or whoever reaps) answers
-    ///   its requests, whose wakers unpark it.
+    ///   on a condition variable ([`Parker::park`]), and the owner (or whoever reaps) answers
+    ///   its requests, whose wakers notify it.
     fn own(&self) -> Option<Owned<'_>> {
         let leave = self.enter_waiters();
         let taken = std::mem::replace(&mut *self.cq.lock(), true);
@@ -697,6 +697,12 @@ impl Ring {
             self.arm(false);
         }
         Leave(self)
+    }
+
+    /// Whether operations are in the ring (registered and not yet answered), including
+    /// SQEs the calling thread deferred.
+    fn busy(&self) -> bool {
+        !self.state.lock().ops.is_empty()
     }
 
     /// Wake the threads waiting in this ring (they re-check their flags).
@@ -1171,16 +1177,29 @@ struct Parker {
     woken: AtomicBool,
     /// The ring the thread waits in, while it does.
     ring: Mutex<Option<Arc<Ring>>>,
-    /// For waits without a ring.
-    thread: thread::Thread,
+    /// For waits without a ring: `woken` is looked at with `lock` held, and a waker
+    /// takes `lock` after setting it. Not `thread::park`: `thread::current()` allocates
+    /// a handle that the main thread of a C program never frees (it exits without
+    /// running thread-local destructors), which valgrind reports as possibly lost.
+    lock: std::sync::Mutex<()>,
+    cv: std::sync::Condvar,
 }
 
 impl Parker {
-    /// Wait until woken: in `ring` (the calling thread's) if there is one and no
-    /// other thread waits in it, else with `thread::park`.
+    /// Wait until woken: in `ring` (the calling thread's) if there is one, it has
+    /// operations in it and no other thread waits in it, else on a condition variable.
     fn park(&self, ring: Option<Arc<Ring>>) {
         let deferred = DEFERRED.take().map(|(r, _)| r);
-        let owned = ring.as_ref().and_then(|r| Some((r, r.own()?)));
+        // Only a ring with operations in it is worth waiting in. An idle thread (a
+        // request worker with nothing in flight) waiting in its ring would keep it from
+        // the thread whose requests go there next (a blocking call's caller), which then
+        // waits outside it and costs three wake-ups per completion instead of
+        // one: the kernel wakes it to post the completion, the owner wakes to reap it,
+        // then wakes it again.
+        let owned = ring
+            .as_ref()
+            .filter(|r| r.busy())
+            .and_then(|r| Some((r, r.own()?)));
         match owned {
             Some((ring, owned)) => {
                 // SQEs deferred to another ring (the ring set changed) are submitted
@@ -1200,18 +1219,19 @@ impl Parker {
                 *self.ring.lock() = Some(ring.clone());
                 ring.park(&self.woken, flush);
                 // Cleared before the ring is released: a waker that finds no ring
-                // unparks the thread (a token its next `thread::park` consumes).
+                // notifies `cv`, and `woken` stays set for the thread's next look.
                 *self.ring.lock() = None;
                 drop(owned);
             }
             None => {
                 // No ring, or another thread waits in it (and reaps what this
-                // thread's requests complete, whose wakers unpark it).
+                // thread's requests complete, whose wakers notify it).
                 if let Some(d) = deferred {
                     d.submit();
                 }
+                let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                 while !self.woken.swap(false, Ordering::AcqRel) {
-                    thread::park();
+                    g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
@@ -1233,7 +1253,12 @@ impl Wake for Parker {
         let ring = self.ring.lock().clone();
         match ring {
             Some(r) => r.kick(),
-            None => self.thread.unpark(),
+            None => {
+                // Taken after `woken` was set: the waiter either looks at `woken`
+                // after this, or waits in `cv` already and is notified.
+                drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+                self.cv.notify_one();
+            }
         }
     }
 }
@@ -1277,8 +1302,8 @@ pub fn reap_in_runtime(rt: &tokio::runtime::Handle) {
 /// go to) and reaps that ring's completions itself: a request it submitted costs
 /// one wake-up of this thread instead of a wake-up of the ring's completion thread
 /// followed by one of this thread (see the module doc). Without an io_uring ring
-/// set (no file open with io_uring, or in a child after `fork()`) it blocks with
-/// `thread::park`. Wakers may be called from any thread. Not for a thread of an
+/// set (no file open with io_uring, or in a child after `fork()`) it blocks
+/// on a condition variable. Wakers may be called from any thread. Not for a thread of an
 /// async runtime (which would stop running its other tasks); enter a tokio
 /// runtime's context first (`Handle::enter`) if `fut` needs one.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
@@ -1290,7 +1315,8 @@ fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Ou
     let parker = Arc::new(Parker {
         woken: AtomicBool::new(false),
         ring: Mutex::new(None),
-        thread: thread::current(),
+        lock: std::sync::Mutex::new(()),
+        cv: std::sync::Condvar::new(),
     });
     let waker = Waker::from(parker.clone());
     let mut cx = Context::from_waker(&waker);
@@ -1795,7 +1821,7 @@ mod tests {
                 }
                 let reaps = f.rings.ring().waiter_reaps.load(Ordering::Relaxed);
                 assert!(reaps >= 16, "the thread did not reap in its ring ({reaps})");
-                // Woken from another thread while waiting in the ring.
+                // Woken from another thread (with nothing in the ring, it waits outside it).
                 let (otx, orx) = futures::channel::oneshot::channel::<u32>();
                 s.spawn(move || {
                     thread::sleep(Duration::from_millis(50));
@@ -1805,6 +1831,28 @@ mod tests {
             });
             assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), 9);
         });
+    }
+
+    /// A thread in `block_on` with nothing in its ring (an idle request worker) waits
+    /// outside it (on its condition variable), leaving the ring to the next thread whose requests go
+    /// there; it is still woken from another thread. (That a thread with requests in the
+    /// ring waits in it and reaps them: `block_on_waits_in_the_ring`.)
+    #[test]
+    fn idle_block_on_leaves_the_ring_free() {
+        let rt = RingThread::start(93).unwrap();
+        let ring = rt.ring.clone();
+        let (otx, orx) = futures::channel::oneshot::channel::<u32>();
+        let (tx, rx) = mpsc::channel();
+        let idle = {
+            let ring = ring.clone();
+            thread::spawn(move || tx.send(block_on_in(orx, || Some(ring.clone()))).unwrap())
+        };
+        thread::sleep(Duration::from_millis(100));
+        assert!(!*ring.cq.lock(), "an idle thread took the ring");
+        assert_eq!(*ring.waiters.lock(), 0);
+        otx.send(7).unwrap();
+        assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), Ok(7));
+        idle.join().unwrap();
     }
 
     /// Requests a thread pushes while it polls in `block_on` are submitted when it waits
@@ -1953,7 +2001,7 @@ mod tests {
     }
 
     /// Two threads that wait in the same ring (more threads than rings): the second must
-    /// not take the first one's kick either (it waits with `thread::park` while the first
+    /// not take the first one's kick either (it waits outside the ring while the first
     /// waits in the ring).
     #[test]
     fn two_threads_at_depth_in_one_ring_beside_a_watching_runtime() {
