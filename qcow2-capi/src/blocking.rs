@@ -2,7 +2,9 @@
 //!
 //! The core's futures complete on the I/O engines' own threads and need no particular
 //! executor, so a blocking call polls its future right on the caller's thread (inside the
-//! runtime's context, for the work the core offloads): no hop to a library thread and back.
+//! runtime's context, for the work the core offloads): no hop to a library thread and back. A
+//! request that waits for the device waits in the caller's own io_uring ring and is reaped by
+//! the caller ([`crate::runtime::block_on`]).
 //! Called where that would wait for itself (a library thread, a callback) they return
 //! `-EDEADLK`.
 

@@ -237,7 +237,7 @@ impl qcow2rs_image {
         if runtime::in_library_context() {
             return Err(Fail::deadlock(call));
         }
-        Ok(self.rt.handle().block_on(fut)?)
+        Ok(runtime::block_on(self.rt.handle(), fut)?)
     }
 }
 
@@ -376,7 +376,7 @@ fn open_impl(
         )
     })?;
     // On error, `rt` is dropped here, which stops the runtime if nothing else uses it.
-    let img = rt.handle().block_on(Image::open(&path, &oo))?;
+    let img = runtime::block_on(rt.handle(), Image::open(&path, &oo))?;
     let h = img.header();
     if oo.writable && oo.no_backing && h.backing_file.is_some() {
         drop(img);

@@ -144,7 +144,7 @@ fn run_job<T>(call: &str, fut: impl Future<Output = qcow2_core::Result<T>>) -> R
             format!("cannot start the library threads: {e}"),
         )
     })?;
-    let res = rt.handle().block_on(fut);
+    let res = runtime::block_on(rt.handle(), fut);
     drop(rt);
     Ok(res?)
 }

@@ -193,6 +193,18 @@ impl Drop for RtRef {
     }
 }
 
+/// Run `fut` to its end on the calling thread (a caller's, never a library thread), inside
+/// the runtime's context (for what the core spawns), in `qcow2_core::io::block_on`: a request
+/// that waits for I/O waits in this thread's own io_uring ring, and this thread reaps its
+/// completion. With tokio's `Handle::block_on` (before) the thread slept on a futex, and the
+/// completion cost two more wake-ups: the kernel wakes the submitting thread anyway to post
+/// the completion, then whoever reaped it (the ring's completion thread, or a request worker
+/// waiting in that ring) woke it again (docs/PERFORMANCE.md, ninth session).
+pub(crate) fn block_on<F: std::future::Future>(handle: &Handle, fut: F) -> F::Output {
+    let _ctx = handle.enter();
+    qcow2_core::io::block_on(fut)
+}
+
 /// Whether the calling thread is a library thread or is running a callback.
 pub(crate) fn in_library_context() -> bool {
     LIBRARY_THREAD.with(|c| c.get()) || CALLBACK_DEPTH.with(|c| c.get()) > 0
