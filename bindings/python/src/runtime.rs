@@ -17,7 +17,8 @@ use tokio::runtime::{Handle, Runtime};
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 static RUNNER: OnceLock<Runner> = OnceLock::new();
 
-fn workers() -> usize {
+/// Worker threads of the runtime and of the asyncio request runner.
+pub fn workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
