@@ -4,9 +4,7 @@
 //! [`INLINE_MAX`] is polled first inside the submitting call, on the loop's thread (without
 //! the GIL: a first poll never waits for I/O; page-cache reads complete there), then, if not
 //! finished, by the runner's worker threads (`qcow2rs-py-io-N`, each waiting in its own
-//! io_uring ring) as its I/O completes; reads of up to [`BUSY_INLINE_MAX`] are polled inside
-//! the submitting call too while the workers are busy (see there); other requests go to the
-//! workers at once. A request runs to its end even when the Python task awaiting it
+//! io_uring ring) as its I/O completes; other requests go to the workers at once. A request runs to its end even when the Python task awaiting it
 //! is cancelled (its result is then dropped), so buffers it borrowed stay held until the
 //! engine is done with them.
 //!
@@ -43,7 +41,6 @@ use qcow2_core::{self as core, Error, ErrorKind};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -378,8 +375,8 @@ fn outcome_of(res: std::thread::Result<Outcome>) -> Outcome {
 
 /// Run the future `req()` on the request runner (built right in the runner's task: the
 /// closure is small, the future is not, and each move of it would be a `memcpy`) and return what the awaiting coroutine gets: the result
-/// itself when the request completed inside this call (first polled right here as `first`
-/// says, see [`First`]; an error is raised at once), else a future of the running loop that
+/// itself when the request completed inside this call (first polled right here when `inline`,
+/// see [`INLINE_MAX`]; an error is raised at once), else a future of the running loop that
 /// its completion resolves (through the loop's queue, see the module comment). `owner` is
 /// the `AsyncImage`; its `_queue()` (which asks asyncio for the running loop) is called only
 /// when a future is needed. `hold` (a borrowed buffer) is released only after the request has
@@ -391,23 +388,16 @@ pub fn submit<F>(
     py: Python<'_>,
     owner: &Bound<'_, PyAny>,
     hold: Option<HeldBuffer>,
-    first: First,
+    inline: bool,
     req: impl FnOnce() -> F + Send,
 ) -> PyResult<Py<PyAny>>
 where
     F: Future<Output = Outcome> + Send + 'static,
 {
-    let (inline, always_yield) = match first {
-        First::Here => (true, false),
-        First::Workers => (false, false),
-        First::HereIfBusy => (ON_WORKERS.load(Ordering::Relaxed) >= busy_threshold(), true),
-    };
     if !inline {
         let (queue, fut) = new_future(py, owner)?;
         let f = fut.clone_ref(py);
-        ON_WORKERS.fetch_add(1, Ordering::Relaxed);
         runtime::runner().spawn_with(req, move |res, _| {
-            ON_WORKERS.fetch_sub(1, Ordering::Relaxed);
             let c = Completion {
                 fut: f,
                 outcome: outcome_of(res),
@@ -425,7 +415,6 @@ where
             INLINE_DONE.with(|d| *d.borrow_mut() = Some((outcome, hold)));
             return;
         }
-        ON_WORKERS.fetch_sub(1, Ordering::Relaxed);
         let mut st = h.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((fut, queue)) = st.fut.take() {
             drop(st);
@@ -441,9 +430,7 @@ where
     // that does I/O. The outcome, if any, comes back through INLINE_DONE (this thread's).
     py.detach(|| runtime::runner().run_with(req, done));
     let Some((outcome, hold)) = INLINE_DONE.with(|d| d.borrow_mut().take()) else {
-        // Still running: it completes on a worker, through the loop's queue. (Its `done`
-        // may have run already: the count may dip below zero for a moment.)
-        ON_WORKERS.fetch_add(1, Ordering::Relaxed);
+        // Still running: it completes on a worker, through the loop's queue.
         let (queue, fut) = match new_future(py, owner) {
             Ok(v) => v,
             Err(e) => {
@@ -474,14 +461,12 @@ where
     // Completed inside this call, on the loop's thread: hand the result straight back (no
     // future, no round trip through the loop), except every INLINE_YIELD-th time, when it
     // goes through the queue so that the task yields and a stream of page-cache hits cannot
-    // keep the loop to itself; and always for a large read polled here because the workers
-    // were busy (its task yields to the tasks whose completions queued up meanwhile).
-    let turn = always_yield
-        || INLINE_STREAK.with(|s| {
-            let n = s.get().wrapping_add(1);
-            s.set(n);
-            n.is_multiple_of(INLINE_YIELD)
-        });
+    // keep the loop to itself.
+    let turn = INLINE_STREAK.with(|s| {
+        let n = s.get().wrapping_add(1);
+        s.set(n);
+        n.is_multiple_of(INLINE_YIELD)
+    });
     if !turn {
         release(py, hold);
         return outcome.into_py(py);
@@ -511,64 +496,8 @@ fn release(py: Python<'_>, hold: Option<HeldBuffer>) {
 
 /// Reads and writes up to this size get their first poll inside the submitting call; larger
 /// ones, and the other requests, go to the runner's workers at once (a first poll can be
-/// long: a large read of unallocated clusters is a `memset` right there, holding up the loop),
-/// except reads up to [`BUSY_INLINE_MAX`] while the workers are busy.
+/// long: a large read of unallocated clusters is a `memset` right there, with the GIL held).
 pub const INLINE_MAX: usize = 256 << 10;
-
-/// Reads larger than [`INLINE_MAX`] and up to this size get their first poll inside the
-/// submitting call when the runner's workers are busy (at least [`busy_threshold`] asyncio
-/// requests on them): the loop's thread, which would otherwise sleep until the next
-/// completion, copies one itself (a 1 MiB page-cache read holds up the loop for about as
-/// long as one waiting for its turn on a worker takes anyway), and the workers' completions
-/// queue up meanwhile and are resolved by one drain, with no thread waking the loop. Such a
-/// read that completes there always goes through the loop's queue (the task yields), so a
-/// task cannot keep the loop while the workers' completions wait.
-pub const BUSY_INLINE_MAX: usize = 1 << 20;
-
-/// Where a request gets its first poll.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum First {
-    /// Inside the submitting call, on the loop's thread (without the GIL).
-    Here,
-    /// On the runner's workers, queued at once.
-    Workers,
-    /// [`First::Here`] when the workers are busy (see [`BUSY_INLINE_MAX`]), else
-    /// [`First::Workers`]; a request that completes here is delivered through the loop.
-    HereIfBusy,
-}
-
-impl First {
-    /// For a read of `n` bytes.
-    pub fn read(n: usize) -> First {
-        if n <= INLINE_MAX {
-            First::Here
-        } else if n <= BUSY_INLINE_MAX {
-            First::HereIfBusy
-        } else {
-            First::Workers
-        }
-    }
-
-    /// For a write of `n` bytes.
-    pub fn write(n: usize) -> First {
-        if n <= INLINE_MAX {
-            First::Here
-        } else {
-            First::Workers
-        }
-    }
-}
-
-/// asyncio requests on the runner's workers (queued or waiting for I/O): incremented when one
-/// is handed to them, decremented by its `done` there (which may come first: the count may be
-/// negative for a moment).
-static ON_WORKERS: AtomicIsize = AtomicIsize::new(0);
-
-/// [`First::HereIfBusy`] reads run inline from this many requests on the workers (one per
-/// worker thread: each has a request to copy while the loop's thread copies another).
-fn busy_threshold() -> isize {
-    runtime::workers() as isize
-}
 
 /// Of the requests that complete inside their submitting call, every this-many-th is
 /// delivered through the loop (the awaiting task yields once) rather than at once.

@@ -621,7 +621,7 @@ impl Image {
             owner.py(),
             owner,
             None,
-            aio::First::read(n),
+            n <= aio::INLINE_MAX,
             move || async move {
                 // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
                 // moved into the outcome after the read).
@@ -651,7 +651,7 @@ impl Image {
             owner.py(),
             owner,
             Some(held),
-            aio::First::read(n),
+            n <= aio::INLINE_MAX,
             move || async move {
                 // SAFETY: the buffer is writable and held (by the request's `done`, then its
                 // completion) until after this future has finished or been dropped (see
@@ -683,7 +683,7 @@ impl Image {
             owner.py(),
             owner,
             Some(held),
-            aio::First::write(n),
+            n <= aio::INLINE_MAX,
             move || async move {
                 // SAFETY: the buffer is held (by the request's `done`, then its completion)
                 // until after this future has finished or been dropped (see `aio::submit`).
@@ -709,20 +709,14 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let r = sh
-                    .img
-                    .write_zeroes(off, length, Self::zero_mode(unmap))
-                    .await;
-                drop(permit);
-                Outcome::unit(r, name)
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let r = sh
+                .img
+                .write_zeroes(off, length, Self::zero_mode(unmap))
+                .await;
+            drop(permit);
+            Outcome::unit(r, name)
+        })
     }
 
     fn _aio_discard(
@@ -735,72 +729,46 @@ impl Image {
         let off = self.write_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let r = sh.img.discard(off, length).await;
-                drop(permit);
-                Outcome::unit(r, name)
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let r = sh.img.discard(off, length).await;
+            drop(permit);
+            Outcome::unit(r, name)
+        })
     }
 
     fn _aio_flush(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let r = sh.img.flush().await;
-                drop(permit);
-                Outcome::unit(r, name)
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let r = sh.img.flush().await;
+            drop(permit);
+            Outcome::unit(r, name)
+        })
     }
 
     fn _aio_close(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let name = self.name.clone();
         match self.take() {
-            None => aio::submit(
-                owner.py(),
-                owner,
-                None,
-                aio::First::Workers,
-                move || async { Outcome::Unit },
-            ),
-            Some(sh) => aio::submit(
-                owner.py(),
-                owner,
-                None,
-                aio::First::Workers,
-                move || async move { Outcome::unit(Image::close_shared(sh).await, name) },
-            ),
+            None => aio::submit(owner.py(), owner, None, false, move || async {
+                Outcome::Unit
+            }),
+            Some(sh) => aio::submit(owner.py(), owner, None, false, move || async move {
+                Outcome::unit(Image::close_shared(sh).await, name)
+            }),
         }
     }
 
     fn _aio_info(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
-                drop(permit);
-                match r {
-                    Ok(v) => Outcome::Json(v),
-                    Err(e) => Outcome::Failed(e, Some(name)),
-                }
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let r = core::info::info_json(&Disk::Qcow2(sh.img.clone()));
+            drop(permit);
+            match r {
+                Ok(v) => Outcome::Json(v),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        })
     }
 
     /// A bitmap change for `AsyncImage`: `op` is the name of the `Image` method, `name` the
@@ -861,55 +829,43 @@ impl Image {
         };
         let (sh, permit) = self.acquire()?;
         let fname = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let img = &sh.img;
-                let r = match op {
-                    Op::Add(g) => img.bitmap_add(&name, g).await,
-                    Op::Remove => img.bitmap_remove(&name).await,
-                    Op::Clear => img.bitmap_clear(&name).await,
-                    Op::Enable(on) => img.bitmap_set_enabled(&name, on).await,
-                    Op::Merge(src_name) => {
-                        let src_img = src.as_ref().map(|(s, _)| &s.img);
-                        img.bitmap_merge(&name, src_img, &src_name).await
-                    }
-                    Op::Extents => {
-                        let r = img.bitmap_extents(&name).await;
-                        drop(permit);
-                        return match r {
-                            Ok(v) => Outcome::Extents(v),
-                            Err(e) => Outcome::Failed(e, Some(fname)),
-                        };
-                    }
-                };
-                drop(src);
-                drop(permit);
-                Outcome::unit(r, fname)
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let img = &sh.img;
+            let r = match op {
+                Op::Add(g) => img.bitmap_add(&name, g).await,
+                Op::Remove => img.bitmap_remove(&name).await,
+                Op::Clear => img.bitmap_clear(&name).await,
+                Op::Enable(on) => img.bitmap_set_enabled(&name, on).await,
+                Op::Merge(src_name) => {
+                    let src_img = src.as_ref().map(|(s, _)| &s.img);
+                    img.bitmap_merge(&name, src_img, &src_name).await
+                }
+                Op::Extents => {
+                    let r = img.bitmap_extents(&name).await;
+                    drop(permit);
+                    return match r {
+                        Ok(v) => Outcome::Extents(v),
+                        Err(e) => Outcome::Failed(e, Some(fname)),
+                    };
+                }
+            };
+            drop(src);
+            drop(permit);
+            Outcome::unit(r, fname)
+        })
     }
 
     fn _aio_map(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let (sh, permit) = self.acquire()?;
         let name = self.name.clone();
-        aio::submit(
-            owner.py(),
-            owner,
-            None,
-            aio::First::Workers,
-            move || async move {
-                let r = Disk::Qcow2(sh.img.clone()).map().await;
-                drop(permit);
-                match r {
-                    Ok(v) => Outcome::Map(v),
-                    Err(e) => Outcome::Failed(e, Some(name)),
-                }
-            },
-        )
+        aio::submit(owner.py(), owner, None, false, move || async move {
+            let r = Disk::Qcow2(sh.img.clone()).map().await;
+            drop(permit);
+            match r {
+                Ok(v) => Outcome::Map(v),
+                Err(e) => Outcome::Failed(e, Some(name)),
+            }
+        })
     }
 }
 

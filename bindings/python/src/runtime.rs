@@ -17,8 +17,7 @@ use tokio::runtime::{Handle, Runtime};
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 static RUNNER: OnceLock<Runner> = OnceLock::new();
 
-/// Worker threads of the runtime and of the asyncio request runner.
-pub fn workers() -> usize {
+fn workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)

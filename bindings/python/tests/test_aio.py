@@ -200,51 +200,6 @@ def test_cancelled_requests_run_to_their_end(img_path, scratch):
             assert os.pread(f.fileno(), 30_000, i * 65_536 + 1000) == blocks[i]
 
 
-def test_large_reads_while_the_workers_are_busy(img_path):
-    """1 MiB reads, many in flight: while the I/O workers are busy, the loop's thread reads
-    some of them itself (each then yields to the other tasks), and the workers' completions
-    queue up meanwhile, so they need hardly any call_soon_threadsafe (before: one per batch
-    that found the loop idle, 57-60 for these 384 reads on a loaded 2-CPU machine). The
-    data must be right on both paths. 24 tasks: more than the workers (at most 16)."""
-    data = os.urandom(64 * MiB)
-    with qcow2rs.open(img_path, "r+") as img:
-        img.pwrite(data, 0)
-    loop = asyncio.new_event_loop()
-    calls = 0
-    threadsafe = loop.call_soon_threadsafe
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return threadsafe(*args, **kwargs)
-
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-    tasks, per_task = 24, 16
-
-    async def main():
-        async with qcow2rs.aio.open(img_path) as img:
-
-            async def work(t):
-                buf = bytearray(MiB)
-                for k in range(per_task):
-                    off = (t * 7 + k * 5) % 64 * MiB
-                    assert await img.preadinto(buf, off) == MiB
-                    probe = (t * 4096 + k * 64) % MiB  # a cheap check: keep the loop light
-                    assert buf[probe : probe + 64] == data[off + probe : off + probe + 64]
-                return bytes(buf)
-
-            last = await asyncio.gather(*(work(t) for t in range(tasks)))
-            for t, b in enumerate(last):
-                off = (t * 7 + (per_task - 1) * 5) % 64 * MiB
-                assert b == data[off : off + MiB]
-
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-    assert calls <= tasks * per_task // 16, calls
-
-
 def test_loop_closed_before_completion(img_path):
     """A loop that goes away with requests in flight: the results are dropped quietly."""
     loop = asyncio.new_event_loop()
@@ -329,9 +284,9 @@ import qcow2rs
 async def main():
     async with qcow2rs.aio.open(sys.argv[1]) as img:
         async def work(t):
-            buf = bytearray(2 << 20)  # above the reads done on the loop's thread when busy
-            for i in range(t, 128, 8):
-                await img.preadinto(buf, (i % 32) << 21)
+            buf = bytearray(1 << 20)
+            for i in range(t, 256, 8):
+                await img.preadinto(buf, (i % 64) << 20)
         await asyncio.gather(*(work(t) for t in range(8)))
 
 asyncio.run(main())
