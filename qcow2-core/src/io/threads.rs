@@ -5,14 +5,17 @@
 //! request's future completes through a oneshot channel, so it works on any
 //! executor (no Tokio runtime context is needed). The pool is shared by all open
 //! [`ThreadsFile`]s: it starts with the first one and stops (joining its
-//! workers) when the last one is dropped.
+//! workers) when the last one is dropped. It keeps 2 workers per CPU (4 to 32)
+//! and starts more while queued requests outnumber its idle workers, up to 64 as
+//! qemu's pool, so a queue of blocking requests reaches the device at its depth;
+//! the extra workers exit after 10 s without work.
 //!
 //! This file also holds what both file engines share (module-private, used by
 //! [`super::uring`] as well):
-//! - `AlignedBuf`, owned and aligned bounce buffers: a worker or the kernel only
-//!   ever touches memory owned by the request, never the caller's buffer, so
-//!   dropping a future is always safe (reads are copied out on completion,
-//!   writes copied in before submission);
+//! - `AlignedBuf`, owned and aligned bounce buffers, for what cannot go to the
+//!   kernel as it is (misaligned `O_DIRECT` reads and writes, read-modify-write);
+//!   aligned requests lend the caller's memory instead (`RawBuf`, under the rule
+//!   that a request runs to its end: `RunToEnd`);
 //! - `FileCore`, the open file with its `O_DIRECT` alignment and the lock that
 //!   serializes read-modify-write cycles, plus the synchronous calls (`len`,
 //!   `set_len`, `data_run`, ...);
@@ -713,6 +716,25 @@ impl RawBuf {
         self.len
     }
 
+    /// The caller's memory lent to one write ([`Backend::write_from`]): the operation
+    /// only reads it (through [`RawBuf::as_shared_slice`] or the kernel), never writes.
+    fn lend_shared(buf: &[u8]) -> Self {
+        RawBuf {
+            ptr: buf.as_ptr().cast_mut(),
+            len: buf.len(),
+        }
+    }
+
+    /// The memory as a shared slice, for a worker's `pwrite`.
+    ///
+    /// # Safety
+    /// As [`RawBuf::as_slice`]: only while the operation that owns this `RawBuf` runs.
+    unsafe fn as_shared_slice(&self) -> &[u8] {
+        // SAFETY: the caller's contract above; `ptr`/`len` come from a slice borrowed
+        // until the operation has ended.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
     /// The memory as a slice, for a worker's `pread`.
     ///
     /// # Safety
@@ -745,6 +767,17 @@ struct RunToEnd<'a, T> {
 
 impl<'a, T> RunToEnd<'a, T> {
     fn new(_buf: &'a mut [u8], pending: Pending<T>) -> Self {
+        RunToEnd {
+            pending,
+            finished: false,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'a, T> RunToEnd<'a, T> {
+    /// For an operation that reads the caller's memory (a write from `_buf`).
+    fn lent(_buf: &'a [u8], pending: Pending<T>) -> Self {
         RunToEnd {
             pending,
             finished: false,
@@ -816,6 +849,10 @@ pub(super) trait Backend: Send + Sync {
         truncate_to: Option<u64>,
         hold: Hold,
     ) -> Pending<()>;
+    /// Write all of the caller's memory `buf` at `off` (no copy); `hold` is dropped once
+    /// done. Only through [`RunToEnd`] (see [`RawBuf`]: the borrow of the memory lasts
+    /// until the operation has ended).
+    fn write_from(&self, buf: RawBuf, off: u64, hold: Hold) -> Pending<()>;
     /// `fdatasync`.
     fn fdatasync(&self) -> Pending<()>;
     /// `fallocate(mode, off, len)`; `hold` is dropped once done.
@@ -954,15 +991,7 @@ pub(super) mod ops {
             if core.write_inline(data, off)? {
                 return Ok(());
             }
-            let mut pos = 0;
-            while pos < data.len() {
-                let n = (data.len() - pos).min(MAX_CHUNK);
-                let mut piece = AlignedBuf::zeroed(n, 1)?;
-                piece.copy_from_slice(&data[pos..pos + n]);
-                RunToEnd::owned(b.write_owned(piece, off + pos as u64, None, None)).await?;
-                pos += n;
-            }
-            return Ok(());
+            return write_lent(b, data, off, MAX_CHUNK, None).await;
         }
         let a = core.align as u64;
         let rmw = (off | end) & (a - 1) != 0;
@@ -971,6 +1000,10 @@ pub(super) mod ops {
             None if rmw => Arc::new(core.lock.clone().write_owned().await),
             None => Arc::new(core.lock.clone().read_owned().await),
         };
+        if !rmw && (data.as_ptr() as u64) & (a - 1) == 0 {
+            // Zero copy: aligned memory goes to the engine as it is.
+            return write_lent(b, data, off, max_piece(a) as usize, Some(hold)).await;
+        }
         // A read-modify-write of the last block may extend the file to a block
         // boundary; the operation then truncates it back to this length (we hold
         // the lock exclusively, so nobody else changes the length meanwhile).
@@ -1002,6 +1035,27 @@ pub(super) mod ops {
             let truncate_to = target_len.filter(|&t| pos + n as u64 > t);
             RunToEnd::owned(b.write_owned(piece, pos, truncate_to, Some(hold.clone()))).await?;
             pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `off` from the caller's memory, in pieces of at most `piece` bytes
+    /// (aligned for `O_DIRECT`: the caller checked the memory, `off` and the length).
+    /// Each piece runs to its end (`RunToEnd`), so the borrow of `data` outlives it.
+    async fn write_lent<B: Backend + ?Sized>(
+        b: &B,
+        data: &[u8],
+        off: u64,
+        piece: usize,
+        hold: Hold,
+    ) -> io::Result<()> {
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = (data.len() - pos).min(piece);
+            let p = &data[pos..pos + n];
+            let pending = b.write_from(RawBuf::lend_shared(p), off + pos as u64, hold.clone());
+            RunToEnd::lent(p, pending).await?;
+            pos += n;
         }
         Ok(())
     }
@@ -1446,6 +1500,22 @@ impl Backend for ThreadsFile {
         })
     }
 
+    fn write_from(&self, buf: RawBuf, off: u64, hold: Hold) -> Pending<()> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            // SAFETY: this job is the operation that owns `buf`; the caller's
+            // `RunToEnd` keeps the memory borrowed until the job has returned.
+            let s = unsafe { buf.as_shared_slice() };
+            #[cfg(test)]
+            let held = worker_hold::before_write(s);
+            core.file.write_all_at(s, off)?;
+            drop(hold);
+            #[cfg(test)]
+            worker_hold::after_write(held);
+            Ok(())
+        })
+    }
+
     fn fdatasync(&self) -> Pending<()> {
         if let Some(p) = self.core.fdatasync_inline() {
             return p;
@@ -1681,6 +1751,78 @@ mod tests {
         for i in 0..n {
             assert_eq!(back[i * 4096..(i + 1) * 4096], data(i)[..], "write {i}");
         }
+    }
+
+    /// An aligned `O_DIRECT` write lends the caller's memory to the engine (no copy): its
+    /// future, dropped while the write is held in a worker, does not return from the drop
+    /// before the write has ended (the memory stays borrowed until then), other requests
+    /// run meanwhile, and the file gets the caller's bytes. Fails if a lent write's
+    /// future can end before its operation (the drop returns while the write is held).
+    #[test]
+    fn a_dropped_lent_write_ends_before_its_drop_returns() {
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("lent.raw");
+        std::fs::write(&path, vec![0x5au8; 3 * 65536]).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            direct: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        assert!(!file.in_memory(), "needs a file on disk");
+        // 64 KiB of aligned memory with bytes unique to this test.
+        let mut data = AlignedBuf::zeroed(65536, 4096).unwrap();
+        for (j, b) in data.iter_mut().enumerate() {
+            *b = (j * 29 + 11) as u8;
+        }
+        let hold = worker_hold::hold(data.to_vec());
+        struct Release(Arc<worker_hold::Hold>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.release();
+            }
+        }
+        let release = Release(hold.clone());
+        let (f2, h2) = (file.clone(), hold.clone());
+        let dropper = thread::spawn(move || {
+            let mut fut = f2.write_at(&data, 65536);
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            while !h2.arrived() {
+                if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+                    panic!("the held write completed: {r:?}");
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            drop(fut);
+            let landed = h2.landed();
+            drop(data);
+            landed
+        });
+        assert!(
+            hold.wait_arrived(Duration::from_secs(10)),
+            "the write never reached a worker"
+        );
+        // Other requests go on while it is held; the drop has not returned.
+        let mut buf = vec![0u8; 4096];
+        futures::executor::block_on(file.read_at(&mut buf, 0)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        futures::executor::block_on(file.write_at(&vec![0x77u8; 8192], 2 * 65536)).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !dropper.is_finished(),
+            "the drop returned while the write was held"
+        );
+        drop(release);
+        assert!(
+            dropper.join().unwrap(),
+            "the drop returned before the write landed"
+        );
+        let back = std::fs::read(&path).unwrap();
+        let want: Vec<u8> = (0..65536usize).map(|j| (j * 29 + 11) as u8).collect();
+        assert_eq!(back[65536..2 * 65536], want[..]);
+        assert!(back[2 * 65536..2 * 65536 + 8192].iter().all(|&b| b == 0x77));
     }
 
     #[test]
