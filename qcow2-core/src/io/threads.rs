@@ -5,14 +5,17 @@
 //! request's future completes through a oneshot channel, so it works on any
 //! executor (no Tokio runtime context is needed). The pool is shared by all open
 //! [`ThreadsFile`]s: it starts with the first one and stops (joining its
-//! workers) when the last one is dropped.
+//! workers) when the last one is dropped. It keeps 2 workers per CPU (4 to 32)
+//! and starts more while queued requests outnumber its idle workers, up to 64 as
+//! qemu's pool, so a queue of blocking requests reaches the device at its depth;
+//! the extra workers exit after 10 s without work.
 //!
 //! This file also holds what both file engines share (module-private, used by
 //! [`super::uring`] as well):
-//! - `AlignedBuf`, owned and aligned bounce buffers: a worker or the kernel only
-//!   ever touches memory owned by the request, never the caller's buffer, so
-//!   dropping a future is always safe (reads are copied out on completion,
-//!   writes copied in before submission);
+//! - `AlignedBuf`, owned and aligned bounce buffers, for what cannot go to the
+//!   kernel as it is (misaligned `O_DIRECT` reads and writes, read-modify-write);
+//!   aligned requests lend the caller's memory instead (`RawBuf`, under the rule
+//!   that a request runs to its end: `RunToEnd`);
 //! - `FileCore`, the open file with its `O_DIRECT` alignment and the lock that
 //!   serializes read-modify-write cycles, plus the synchronous calls (`len`,
 //!   `set_len`, `data_run`, ...);
@@ -713,6 +716,25 @@ impl RawBuf {
         self.len
     }
 
+    /// The caller's memory lent to one write ([`Backend::write_from`]): the operation
+    /// only reads it (through [`RawBuf::as_shared_slice`] or the kernel), never writes.
+    fn lend_shared(buf: &[u8]) -> Self {
+        RawBuf {
+            ptr: buf.as_ptr().cast_mut(),
+            len: buf.len(),
+        }
+    }
+
+    /// The memory as a shared slice, for a worker's `pwrite`.
+    ///
+    /// # Safety
+    /// As [`RawBuf::as_slice`]: only while the operation that owns this `RawBuf` runs.
+    unsafe fn as_shared_slice(&self) -> &[u8] {
+        // SAFETY: the caller's contract above; `ptr`/`len` come from a slice borrowed
+        // until the operation has ended.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
     /// The memory as a slice, for a worker's `pread`.
     ///
     /// # Safety
@@ -745,6 +767,17 @@ struct RunToEnd<'a, T> {
 
 impl<'a, T> RunToEnd<'a, T> {
     fn new(_buf: &'a mut [u8], pending: Pending<T>) -> Self {
+        RunToEnd {
+            pending,
+            finished: false,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'a, T> RunToEnd<'a, T> {
+    /// For an operation that reads the caller's memory (a write from `_buf`).
+    fn lent(_buf: &'a [u8], pending: Pending<T>) -> Self {
         RunToEnd {
             pending,
             finished: false,
@@ -816,6 +849,10 @@ pub(super) trait Backend: Send + Sync {
         truncate_to: Option<u64>,
         hold: Hold,
     ) -> Pending<()>;
+    /// Write all of the caller's memory `buf` at `off` (no copy); `hold` is dropped once
+    /// done. Only through [`RunToEnd`] (see [`RawBuf`]: the borrow of the memory lasts
+    /// until the operation has ended).
+    fn write_from(&self, buf: RawBuf, off: u64, hold: Hold) -> Pending<()>;
     /// `fdatasync`.
     fn fdatasync(&self) -> Pending<()>;
     /// `fallocate(mode, off, len)`; `hold` is dropped once done.
@@ -954,15 +991,7 @@ pub(super) mod ops {
             if core.write_inline(data, off)? {
                 return Ok(());
             }
-            let mut pos = 0;
-            while pos < data.len() {
-                let n = (data.len() - pos).min(MAX_CHUNK);
-                let mut piece = AlignedBuf::zeroed(n, 1)?;
-                piece.copy_from_slice(&data[pos..pos + n]);
-                RunToEnd::owned(b.write_owned(piece, off + pos as u64, None, None)).await?;
-                pos += n;
-            }
-            return Ok(());
+            return write_lent(b, data, off, MAX_CHUNK, None).await;
         }
         let a = core.align as u64;
         let rmw = (off | end) & (a - 1) != 0;
@@ -971,6 +1000,10 @@ pub(super) mod ops {
             None if rmw => Arc::new(core.lock.clone().write_owned().await),
             None => Arc::new(core.lock.clone().read_owned().await),
         };
+        if !rmw && (data.as_ptr() as u64) & (a - 1) == 0 {
+            // Zero copy: aligned memory goes to the engine as it is.
+            return write_lent(b, data, off, max_piece(a) as usize, Some(hold)).await;
+        }
         // A read-modify-write of the last block may extend the file to a block
         // boundary; the operation then truncates it back to this length (we hold
         // the lock exclusively, so nobody else changes the length meanwhile).
@@ -1002,6 +1035,27 @@ pub(super) mod ops {
             let truncate_to = target_len.filter(|&t| pos + n as u64 > t);
             RunToEnd::owned(b.write_owned(piece, pos, truncate_to, Some(hold.clone()))).await?;
             pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `off` from the caller's memory, in pieces of at most `piece` bytes
+    /// (aligned for `O_DIRECT`: the caller checked the memory, `off` and the length).
+    /// Each piece runs to its end (`RunToEnd`), so the borrow of `data` outlives it.
+    async fn write_lent<B: Backend + ?Sized>(
+        b: &B,
+        data: &[u8],
+        off: u64,
+        piece: usize,
+        hold: Hold,
+    ) -> io::Result<()> {
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = (data.len() - pos).min(piece);
+            let p = &data[pos..pos + n];
+            let pending = b.write_from(RawBuf::lend_shared(p), off + pos as u64, hold.clone());
+            RunToEnd::lent(p, pending).await?;
+            pos += n;
         }
         Ok(())
     }
@@ -1106,9 +1160,32 @@ pub(super) mod ops {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Most worker threads of the pool, as qemu's thread pool (`max_threads`): a queue of up
+/// to this many blocking requests reaches the device at once. With a fixed handful of
+/// workers (2 per CPU, 4 on two CPUs) a depth-32 O_DIRECT workload had 4 requests at the
+/// device at a time and took 1.6x qemu-img's time (docs/PERFORMANCE.md, "The threads
+/// engine's pool").
+const POOL_MAX_WORKERS: usize = 64;
+/// How long a worker above the minimum waits for a job before it exits (qemu: 10 s).
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Queue {
     jobs: VecDeque<Job>,
     shutdown: bool,
+    /// Workers waiting for a job (counted until they have taken the mutex back).
+    idle: usize,
+    /// Workers running (started and not exited).
+    threads: usize,
+    /// Workers kept however long they are idle.
+    min: usize,
+    /// Workers at most.
+    max: usize,
+    /// How long a worker above `min` waits for a job before it exits.
+    idle_timeout: std::time::Duration,
+    /// Join handles of the workers started (finished ones are pruned as new ones start).
+    handles: Vec<thread::JoinHandle<()>>,
+    /// Numbers the next worker's name.
+    next_id: usize,
 }
 
 struct PoolShared {
@@ -1116,10 +1193,11 @@ struct PoolShared {
     ready: Condvar,
 }
 
-/// The worker threads shared by every open [`ThreadsFile`].
+/// The worker threads shared by every open [`ThreadsFile`]: `min` of them always, more
+/// started while queued jobs outnumber the idle workers (up to `max`), and those above
+/// `min` exit after [`POOL_IDLE_TIMEOUT`] without work.
 struct Pool {
     shared: Arc<PoolShared>,
-    workers: Vec<thread::JoinHandle<()>>,
     /// The process that started the workers: after `fork()` the child has none of them.
     pid: u32,
 }
@@ -1145,31 +1223,38 @@ impl Pool {
             .unwrap_or(2)
             .saturating_mul(2)
             .clamp(4, 32);
-        let p = Arc::new(Pool::start(n)?);
+        let p = Arc::new(Pool::start(n, POOL_MAX_WORKERS, POOL_IDLE_TIMEOUT)?);
         *cur = Arc::downgrade(&p);
         Ok(p)
     }
 
-    fn start(n: usize) -> io::Result<Pool> {
+    /// A pool of `min` workers that grows to `max`; a worker above `min` exits after
+    /// `idle_timeout` without a job.
+    fn start(min: usize, max: usize, idle_timeout: std::time::Duration) -> io::Result<Pool> {
         let shared = Arc::new(PoolShared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 shutdown: false,
+                idle: 0,
+                threads: 0,
+                min,
+                max: max.max(min).max(1),
+                idle_timeout,
+                handles: Vec::with_capacity(min),
+                next_id: 0,
             }),
             ready: Condvar::new(),
         });
         // On a spawn error `pool` is dropped, which stops the workers already started.
-        let mut pool = Pool {
+        let pool = Pool {
             shared,
-            workers: Vec::with_capacity(n),
             pid: std::process::id(),
         };
-        for i in 0..n {
-            let s = pool.shared.clone();
-            let h = thread::Builder::new()
-                .name(format!("qcow2rs-io-{i}"))
-                .spawn(move || worker(&s))?;
-            pool.workers.push(h);
+        {
+            let mut q = pool.shared.queue.lock();
+            for _ in 0..min {
+                spawn_worker(&pool.shared, &mut q)?;
+            }
         }
         Ok(pool)
     }
@@ -1183,18 +1268,51 @@ impl Pool {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.shared.queue.lock().jobs.push_back(job);
-        self.shared.ready.notify_one();
+        let mut q = self.shared.queue.lock();
+        q.jobs.push_back(job);
+        // Each idle worker woken takes one job: start another worker when the queued jobs
+        // outnumber them. If that fails, the job waits for a running worker.
+        if q.jobs.len() > q.idle && q.threads < q.max {
+            let _ = spawn_worker(&self.shared, &mut q);
+        }
+        let wake = q.idle > 0;
+        drop(q);
+        if wake {
+            self.shared.ready.notify_one();
+        }
         pending
     }
+
+    /// Workers running now (tests).
+    #[cfg(test)]
+    fn threads(&self) -> usize {
+        self.shared.queue.lock().threads
+    }
+}
+
+/// Start a worker (the queue's mutex held by the caller, as `q`).
+fn spawn_worker(s: &Arc<PoolShared>, q: &mut Queue) -> io::Result<()> {
+    q.handles.retain(|h| !h.is_finished());
+    let shared = s.clone();
+    let h = thread::Builder::new()
+        .name(format!("qcow2rs-io-{}", q.next_id))
+        .spawn(move || worker(&shared))?;
+    q.next_id += 1;
+    q.threads += 1;
+    q.handles.push(h);
+    Ok(())
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shared.queue.lock().shutdown = true;
+        let handles = {
+            let mut q = self.shared.queue.lock();
+            q.shutdown = true;
+            std::mem::take(&mut q.handles)
+        };
         self.shared.ready.notify_all();
         let me = super::engine_thread_id();
-        for h in self.workers.drain(..) {
+        for h in handles {
             // Workers finish the queued jobs (those of dropped futures) first.
             // Never join ourselves, should the last file be dropped on a worker.
             if Some(h.thread().id()) != me {
@@ -1214,9 +1332,17 @@ fn worker(s: &PoolShared) {
                     break job;
                 }
                 if q.shutdown {
+                    q.threads -= 1;
                     return;
                 }
-                s.ready.wait(&mut q);
+                q.idle += 1;
+                let timeout = q.idle_timeout;
+                let timed_out = s.ready.wait_for(&mut q, timeout).timed_out();
+                q.idle -= 1;
+                if timed_out && q.jobs.is_empty() && !q.shutdown && q.threads > q.min {
+                    q.threads -= 1;
+                    return;
+                }
             }
         };
         // A panicking job drops its sender: its future gets an error, the worker lives on.
@@ -1374,6 +1500,22 @@ impl Backend for ThreadsFile {
         })
     }
 
+    fn write_from(&self, buf: RawBuf, off: u64, hold: Hold) -> Pending<()> {
+        let core = self.core.clone();
+        self.pool.run(move || {
+            // SAFETY: this job is the operation that owns `buf`; the caller's
+            // `RunToEnd` keeps the memory borrowed until the job has returned.
+            let s = unsafe { buf.as_shared_slice() };
+            #[cfg(test)]
+            let held = worker_hold::before_write(s);
+            core.file.write_all_at(s, off)?;
+            drop(hold);
+            #[cfg(test)]
+            worker_hold::after_write(held);
+            Ok(())
+        })
+    }
+
     fn fdatasync(&self) -> Pending<()> {
         if let Some(p) = self.core.fdatasync_inline() {
             return p;
@@ -1447,6 +1589,240 @@ mod tests {
 
     fn slots(n: usize) -> Vec<PoolSlot> {
         (0..n).map(|_| PoolSlot(NonNull::dangling())).collect()
+    }
+
+    /// Jobs that wait at a gate until the test opens it, counting their arrivals.
+    struct Gate {
+        st: Mutex<(usize, bool)>,
+        cv: Condvar,
+    }
+
+    impl Gate {
+        fn new() -> Arc<Gate> {
+            Arc::new(Gate {
+                st: Mutex::new((0, false)),
+                cv: Condvar::new(),
+            })
+        }
+        fn pass(&self) {
+            let mut st = self.st.lock();
+            st.0 += 1;
+            self.cv.notify_all();
+            while !st.1 {
+                self.cv.wait(&mut st);
+            }
+        }
+        /// Wait until `n` jobs wait at the gate; false after 10 s.
+        fn wait_arrived(&self, n: usize) -> bool {
+            let end = Instant::now() + Duration::from_secs(10);
+            let mut st = self.st.lock();
+            while st.0 < n {
+                if self.cv.wait_until(&mut st, end).timed_out() {
+                    return st.0 >= n;
+                }
+            }
+            true
+        }
+        fn open(&self) {
+            self.st.lock().1 = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Requests held in workers (a slow disk) do not hold up the others: the pool starts
+    /// workers while queued jobs outnumber its idle ones, up to its maximum, and the extra
+    /// workers exit once idle. Fails with a pool of fixed size (`max` = `min`): the third
+    /// held job never reaches a worker.
+    #[test]
+    fn pool_grows_past_held_jobs_and_shrinks_back() {
+        let pool = Pool::start(2, 8, Duration::from_millis(100)).unwrap();
+        assert_eq!(pool.threads(), 2);
+        let gate = Gate::new();
+        // Opened however the test ends: the pool's drop waits for the held jobs.
+        struct OpenOnDrop(Arc<Gate>);
+        impl Drop for OpenOnDrop {
+            fn drop(&mut self) {
+                self.0.open();
+            }
+        }
+        let _open = OpenOnDrop(gate.clone());
+        let held: Vec<_> = (0..6)
+            .map(|i| {
+                let g = gate.clone();
+                pool.run(move || {
+                    g.pass();
+                    Ok(i)
+                })
+            })
+            .collect();
+        assert!(gate.wait_arrived(6), "6 held jobs need 6 workers");
+        // Others run while those are held.
+        for i in 0..20 {
+            assert_eq!(
+                futures::executor::block_on(pool.run(move || Ok(i))).unwrap(),
+                i
+            );
+        }
+        // The pool stops at its maximum: 8 held, the 9th waits for one of them.
+        let more: Vec<_> = (6..9)
+            .map(|i| {
+                let g = gate.clone();
+                pool.run(move || {
+                    g.pass();
+                    Ok(i)
+                })
+            })
+            .collect();
+        assert!(gate.wait_arrived(8));
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(gate.st.lock().0, 8, "more workers than the maximum");
+        assert_eq!(pool.threads(), 8);
+        gate.open();
+        for (i, p) in held.into_iter().chain(more).enumerate() {
+            assert_eq!(futures::executor::block_on(p).unwrap(), i);
+        }
+        // Idle, the pool goes back to its minimum.
+        let end = Instant::now() + Duration::from_secs(10);
+        while pool.threads() > 2 && Instant::now() < end {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(pool.threads(), 2);
+        // And grows again.
+        assert_eq!(futures::executor::block_on(pool.run(|| Ok(7))).unwrap(), 7);
+    }
+
+    /// With `O_DIRECT` (every read and write goes to a worker), writes held in workers, one
+    /// more than the pool keeps running, do not stop a read issued meanwhile, and land once
+    /// released. Fails with a pool that does not grow.
+    #[test]
+    fn a_read_completes_while_writes_are_held_in_workers() {
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("held.raw");
+        let n = Pool::get().unwrap().shared.queue.lock().min + 1;
+        std::fs::write(&path, vec![0x5au8; (n + 1) * 4096]).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            direct: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        assert!(!file.in_memory(), "needs a file on disk");
+        // Bytes unique to this test (the holds are shared by every test of the process).
+        let data = |i: usize| -> Vec<u8> {
+            (0..4096usize)
+                .map(|j| (j * 13 + i * 101 + 71) as u8)
+                .collect()
+        };
+        // Released however the test ends, so that no worker stays held.
+        struct Release(Vec<Arc<worker_hold::Hold>>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                for h in &self.0 {
+                    h.release();
+                }
+            }
+        }
+        let holds = Release((0..n).map(|i| worker_hold::hold(data(i))).collect());
+        let writers: Vec<_> = (0..n)
+            .map(|i| {
+                let f = file.clone();
+                thread::spawn(move || {
+                    futures::executor::block_on(f.write_at(&data(i), (i * 4096) as u64))
+                })
+            })
+            .collect();
+        for (i, h) in holds.0.iter().enumerate() {
+            assert!(
+                h.wait_arrived(Duration::from_secs(10)),
+                "write {i} not in a worker"
+            );
+        }
+        let mut buf = vec![0u8; 4096];
+        futures::executor::block_on(file.read_at(&mut buf, (n * 4096) as u64)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        assert!(holds.0.iter().all(|h| !h.landed()));
+        drop(holds);
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        let back = std::fs::read(&path).unwrap();
+        for i in 0..n {
+            assert_eq!(back[i * 4096..(i + 1) * 4096], data(i)[..], "write {i}");
+        }
+    }
+
+    /// An aligned `O_DIRECT` write lends the caller's memory to the engine (no copy): its
+    /// future, dropped while the write is held in a worker, does not return from the drop
+    /// before the write has ended (the memory stays borrowed until then), other requests
+    /// run meanwhile, and the file gets the caller's bytes. Fails if a lent write's
+    /// future can end before its operation (the drop returns while the write is held).
+    #[test]
+    fn a_dropped_lent_write_ends_before_its_drop_returns() {
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("lent.raw");
+        std::fs::write(&path, vec![0x5au8; 3 * 65536]).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            direct: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        assert!(!file.in_memory(), "needs a file on disk");
+        // 64 KiB of aligned memory with bytes unique to this test.
+        let mut data = AlignedBuf::zeroed(65536, 4096).unwrap();
+        for (j, b) in data.iter_mut().enumerate() {
+            *b = (j * 29 + 11) as u8;
+        }
+        let hold = worker_hold::hold(data.to_vec());
+        struct Release(Arc<worker_hold::Hold>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.release();
+            }
+        }
+        let release = Release(hold.clone());
+        let (f2, h2) = (file.clone(), hold.clone());
+        let dropper = thread::spawn(move || {
+            let mut fut = f2.write_at(&data, 65536);
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            while !h2.arrived() {
+                if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+                    panic!("the held write completed: {r:?}");
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            drop(fut);
+            let landed = h2.landed();
+            drop(data);
+            landed
+        });
+        assert!(
+            hold.wait_arrived(Duration::from_secs(10)),
+            "the write never reached a worker"
+        );
+        // Other requests go on while it is held; the drop has not returned.
+        let mut buf = vec![0u8; 4096];
+        futures::executor::block_on(file.read_at(&mut buf, 0)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        futures::executor::block_on(file.write_at(&vec![0x77u8; 8192], 2 * 65536)).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !dropper.is_finished(),
+            "the drop returned while the write was held"
+        );
+        drop(release);
+        assert!(
+            dropper.join().unwrap(),
+            "the drop returned before the write landed"
+        );
+        let back = std::fs::read(&path).unwrap();
+        let want: Vec<u8> = (0..65536usize).map(|j| (j * 29 + 11) as u8).collect();
+        assert_eq!(back[65536..2 * 65536], want[..]);
+        assert!(back[2 * 65536..2 * 65536 + 8192].iter().all(|&b| b == 0x77));
     }
 
     #[test]

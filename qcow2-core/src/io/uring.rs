@@ -64,9 +64,11 @@
 //!   runtime whose threads all block. Neither the task nor the completion thread
 //!   reaps a ring while a thread waits in it (the thread reaps it, and what is
 //!   left when it goes).
-//! - **Ownership.** Every operation owns its (aligned) buffer and a reference to
-//!   its file (so the fd stays open), and keeps both in the table until its CQE is
-//!   reaped: dropping the caller's future only drops the receiving end. Dropping a
+//! - **Ownership.** Every operation owns its (aligned) buffer, or borrows the
+//!   caller's memory for an aligned read or write (`ReadInto`, `WriteFrom`: the
+//!   caller's future runs to its end, see `RunToEnd` in [`super::threads`]), and a
+//!   reference to its file (so the fd stays open), and keeps both in the table until
+//!   its CQE is reaped: dropping the caller's future only drops the receiving end. Dropping a
 //!   [`UringFile`] waits until the operations of its dropped futures have finished.
 //! - **Teardown.** Dropping the ring set marks each ring as exiting and wakes its
 //!   completion thread (eventfd); a completion thread exits once no operation is
@@ -134,6 +136,11 @@ enum Kind {
         truncate_to: Option<u64>,
         tx: oneshot::Sender<io::Result<()>>,
     },
+    /// A write from the caller's memory (see [`RawBuf`]: the request runs to its end).
+    WriteFrom {
+        buf: RawBuf,
+        tx: oneshot::Sender<io::Result<()>>,
+    },
     Fsync {
         tx: oneshot::Sender<io::Result<()>>,
     },
@@ -180,6 +187,11 @@ impl Op {
                 let p = buf.as_mut_ptr().wrapping_add(self.done);
                 opcode::Write::new(fd, p, rest).offset(pos).build()
             }
+            Kind::WriteFrom { buf, .. } => {
+                let rest = (buf.len() - self.done) as u32;
+                let p = buf.as_mut_ptr().wrapping_add(self.done);
+                opcode::Write::new(fd, p, rest).offset(pos).build()
+            }
             Kind::Fsync { .. } => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -202,7 +214,10 @@ impl Op {
             Kind::ReadInto { tx, .. } => {
                 let _ = tx.send(r);
             }
-            Kind::Write { tx, .. } | Kind::Fsync { tx } | Kind::Fallocate { tx, .. } => {
+            Kind::Write { tx, .. }
+            | Kind::WriteFrom { tx, .. }
+            | Kind::Fsync { tx }
+            | Kind::Fallocate { tx, .. } => {
                 let _ = tx.send(r.map(drop));
             }
             Kind::Kick => {}
@@ -440,6 +455,19 @@ impl Ring {
                     if let Err(e) = core.set_len(*len) {
                         return Step::Done(Err(e));
                     }
+                }
+                Step::Done(Ok(op.done))
+            }
+            Kind::WriteFrom { buf, .. } => {
+                if n == 0 {
+                    return Step::Done(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the kernel wrote no byte",
+                    )));
+                }
+                op.done += n;
+                if op.done < buf.len() {
+                    return Step::Again;
                 }
                 Step::Done(Ok(op.done))
             }
@@ -1451,6 +1479,12 @@ impl Backend for UringFile {
             off,
             hold,
         );
+        pending
+    }
+
+    fn write_from(&self, buf: RawBuf, off: u64, hold: Hold) -> Pending<()> {
+        let (tx, pending) = Pending::channel();
+        self.start(Kind::WriteFrom { buf, tx }, off, hold);
         pending
     }
 
