@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 /// Bytes per unit of work.
 pub const CHUNK: u64 = 2 << 20;
+/// Largest write of a conversion to a target without `O_DIRECT`: buffered writes up to
+/// this size run on the calling thread (`FileCore::write_inline`), larger ones go through
+/// the engine (on ext4 an io_uring io-wq worker, and a second thread hop to complete).
+const WRITE_SLICE: usize = 1 << 20;
 /// Granularity of zero detection in data (qemu-img's default `-S 4k`).
 pub const ZERO_GRANULE: usize = 4096;
 
@@ -661,6 +665,11 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     // Buffered writes to one file wait for each other in the kernel: they are written one
     // at a time, in plan order. With O_DIRECT they overlap (the device takes several).
     let ordered = (!opts.file.direct).then(|| Arc::new(Ordered::new(opts.parallel)));
+    let slice = if opts.file.direct {
+        CHUNK as usize
+    } else {
+        WRITE_SLICE
+    };
     let (src2, out2, dst2, ordered2) =
         (src.clone(), out.clone(), dst.to_path_buf(), ordered.clone());
     let work = move |p: Piece| {
@@ -687,7 +696,11 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
                     for (a, n, hole) in runs {
                         let at = p.off + a as u64;
                         if !hole {
-                            out.write_at(&buf[a..a + n], at).await.ctx(dst.display())?;
+                            for (k, part) in buf[a..a + n].chunks(slice).enumerate() {
+                                out.write_at(part, at + (k * slice) as u64)
+                                    .await
+                                    .ctx(dst.display())?;
+                            }
                         } else if z.fill {
                             out.write_zeroes(at, n as u64).await.ctx(dst.display())?;
                         }
@@ -987,13 +1000,17 @@ async fn copy_into(
     // one at a time in plan order (the layout of qemu-img's output).
     let ordered = (!compress).then(|| Arc::new(Ordered::new(opts.parallel)));
     let ordered2 = ordered.clone();
+    let direct = opts.file.direct;
     let work = move |p: Piece| {
         let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
         let zeros = zeros.clone();
         let ordered = ordered2.clone();
         async move {
             let (seq, len) = (p.seq, p.len);
-            let job = piece_job(p, src, img, backing, bufs, zeros, z, cs, compress, size).await?;
+            let job = piece_job(
+                p, src, img, backing, bufs, zeros, z, cs, compress, size, direct,
+            )
+            .await?;
             match &ordered {
                 Some(o) => o.submit(seq, len, job).await,
                 None => job.await.map(|()| len),
@@ -1032,6 +1049,7 @@ async fn piece_job(
     cs: u64,
     compress: bool,
     size: u64,
+    direct: bool,
 ) -> Result<WriteJob> {
     if p.zero && z.sparse == 0 {
         // Fully allocated: zeros as data.
@@ -1093,6 +1111,13 @@ async fn piece_job(
         let ce = i + (cs - (p.off + i) % cs);
         short_zero.iter().any(|&(a, b)| a < ce && i < b)
     };
+    // Plain writes in slices of whole clusters that run on the calling thread (see
+    // `WRITE_SLICE`), without O_DIRECT.
+    let slice = if direct {
+        CHUNK as usize
+    } else {
+        (WRITE_SLICE as u64 / cs * cs).max(cs) as usize
+    };
     // Walk cluster by cluster, grouping runs that need the same treatment.
     let mut ops = Vec::new();
     let mut i = 0u64;
@@ -1143,7 +1168,11 @@ async fn piece_job(
         for op in ops {
             match op {
                 Op::Zeroes(g, n) => img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?,
-                Op::Write(a, b) => img.write_at(&buf[a..b], p.off + a as u64).await?,
+                Op::Write(a, b) => {
+                    for (k, part) in buf[a..b].chunks(slice).enumerate() {
+                        img.write_at(part, p.off + (a + k * slice) as u64).await?;
+                    }
+                }
                 Op::Compressed(a, b) => img.write_compressed(p.off + a as u64, &buf[a..b]).await?,
             }
         }
