@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 /// Bytes per unit of work.
 pub const CHUNK: u64 = 2 << 20;
+/// Largest write of a conversion to a target without `O_DIRECT`: buffered writes up to
+/// this size run on the calling thread (`FileCore::write_inline`), larger ones go through
+/// the engine (on ext4 an io_uring io-wq worker, and a second thread hop to complete).
+const WRITE_SLICE: usize = 1 << 20;
 /// Granularity of zero detection in data (qemu-img's default `-S 4k`).
 pub const ZERO_GRANULE: usize = 4096;
 
@@ -223,49 +227,52 @@ impl PieceBufs {
 }
 
 /// Run `work` on every piece, `parallel` pieces at once, calling `progress` with the bytes
-/// done so far after each piece. On a multi-threaded Tokio runtime the pieces are spread over
-/// one task per worker thread ("lanes", each with its share of `parallel` in flight), so that
-/// the CPU work of a conversion (zero detection, copies, decompression) runs on every core;
-/// elsewhere they run concurrently in the calling task. `progress` always runs in the calling
-/// task (the C library promises its callers the calling thread), never concurrently. The
-/// first error stops the lanes from taking new pieces and is returned; dropping the returned
-/// future aborts the lanes (their I/O still runs to its end).
+/// done so far (the sum of what the pieces' futures return) as they complete. On a
+/// multi-threaded Tokio runtime every piece in flight runs in a task of its own ("lanes",
+/// `parallel` of them, each with one piece at a time), so that the CPU work of a conversion
+/// (reads from the page cache, zero detection, copies, decompression) runs on every core;
+/// elsewhere they run concurrently in the calling task. The plan is produced in the calling
+/// task, which hands each piece to a free lane: a lane is only ever woken from the calling
+/// task, never from another lane (a task woken from a runtime worker waits in that worker's
+/// LIFO slot, where no other worker can take it, until the waking task yields: with lanes
+/// that do synchronous I/O this serialized the conversion on one core). With `ordered`, a
+/// piece is handed out only once [`Ordered::admit`] lets it (at most `parallel` pieces past
+/// the next one to write hold a buffer). `progress` always runs in the calling task (the C
+/// library promises its callers the calling thread), never concurrently. The first error
+/// stops the lanes from taking new pieces and is returned; dropping the returned future
+/// aborts the lanes (their I/O still runs to its end).
 async fn run_pieces<S, F, Fut>(
     pieces: S,
     parallel: usize,
+    ordered: Option<Arc<Ordered>>,
     work: F,
     mut progress: impl FnMut(u64),
 ) -> Result<()>
 where
     S: futures::Stream<Item = Result<Piece>>,
     F: Fn(Piece) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64>> + Send + 'static,
 {
     let parallel = parallel.max(1);
     let multi = matches!(
         tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
         Ok(tokio::runtime::RuntimeFlavor::MultiThread)
     );
-    let lanes = if multi {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(parallel)
-    } else {
-        1
-    };
     let mut done = 0u64;
-    if lanes <= 1 {
+    if !multi || parallel == 1 {
         let progress = parking_lot::Mutex::new((&mut done, &mut progress));
         return pieces
             .try_for_each_concurrent(parallel, |p| {
-                let len = p.len;
-                let fut = work(p);
+                let ordered = ordered.clone();
+                let work = work.clone();
                 let progress = &progress;
                 async move {
-                    fut.await?;
+                    if let Some(o) = &ordered {
+                        o.admit(p.seq).await;
+                    }
+                    let n = work(p).await?;
                     let mut g = progress.lock();
-                    *g.0 += len;
+                    *g.0 += n;
                     let d = *g.0;
                     (g.1)(d);
                     Ok(())
@@ -273,14 +280,8 @@ where
             })
             .await;
     }
-    // The plan is produced here, in the calling task, as the lanes take pieces from a
-    // bounded channel: memory stays constant whatever the size of the disk. The receiver is
-    // shared behind an async (fair) mutex, so that every lane waiting for a piece is woken,
-    // at the latest when the channel closes.
-    let (piece_tx, piece_rx) = tokio::sync::mpsc::channel::<Piece>(parallel);
-    let piece_rx = Arc::new(tokio::sync::Mutex::new(piece_rx));
+    let lanes = parallel;
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let per_lane = parallel.div_ceil(lanes);
     struct AbortOnDrop(Vec<tokio::task::JoinHandle<Result<()>>>);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
@@ -289,35 +290,42 @@ where
             }
         }
     }
-    let (tx, mut rx) = futures::channel::mpsc::unbounded::<u64>();
+    // Lanes report (lane, bytes done) when they finish a piece.
+    let (done_tx, mut done_rx) = futures::channel::mpsc::unbounded::<(usize, u64)>();
+    let mut to_lane = Vec::with_capacity(lanes);
     let mut lanes_h = AbortOnDrop(Vec::with_capacity(lanes));
-    for _ in 0..lanes {
-        let (queue, failed, work, tx) =
-            (piece_rx.clone(), failed.clone(), work.clone(), tx.clone());
+    for id in 0..lanes {
+        let (tx, mut rx) = futures::channel::mpsc::channel::<Piece>(1);
+        to_lane.push(tx);
+        let (failed, work, done_tx) = (failed.clone(), work.clone(), done_tx.clone());
+        let ordered = ordered.clone();
         lanes_h.0.push(tokio::spawn(async move {
-            let next = stream::unfold((queue, failed), |(queue, failed)| async move {
+            while let Some(p) = rx.next().await {
                 if failed.load(Ordering::Relaxed) {
-                    return None;
+                    break;
                 }
-                let p = queue.lock().await.recv().await?;
-                Some((p, (queue, failed)))
-            });
-            next.map(Ok::<Piece, Error>)
-                .try_for_each_concurrent(per_lane, |p| {
-                    let len = p.len;
-                    let fut = work(p);
-                    let tx = tx.clone();
-                    async move {
-                        fut.await?;
-                        let _ = tx.unbounded_send(len);
-                        Ok(())
+                match work(p).await {
+                    Ok(n) => {
+                        let _ = done_tx.unbounded_send((id, n));
                     }
-                })
-                .await
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Some(o) = &ordered {
+                            o.fail();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
         }));
     }
-    drop(piece_rx);
-    drop(tx);
+    drop(done_tx);
+    // Free lanes, fed back by `drain` (both run in this task).
+    let (free_tx, mut free_rx) = futures::channel::mpsc::unbounded::<usize>();
+    for id in 0..lanes {
+        let _ = free_tx.unbounded_send(id);
+    }
     let feed_failed = failed.clone();
     let feed = async move {
         let mut pieces = std::pin::pin!(pieces);
@@ -329,19 +337,29 @@ where
                     return Err(e);
                 }
             };
-            if feed_failed.load(Ordering::Relaxed) || piece_tx.send(p).await.is_err() {
-                // A lane failed (its error is returned below).
+            if let Some(o) = &ordered {
+                o.admit(p.seq).await;
+            }
+            // No free lane: every lane ended (one failed; its error is returned below).
+            let Some(id) = free_rx.next().await else {
+                break;
+            };
+            if feed_failed.load(Ordering::Relaxed) || to_lane[id].try_send(p).is_err() {
                 break;
             }
         }
+        // Closing the lanes' channels ends them once their pieces are done.
+        drop(to_lane);
         Ok(())
     };
-    // The lanes' senders are dropped when they end: then the progress channel ends.
+    // The lanes' senders are dropped when they end: then the report channel ends.
     let drain = async {
-        while let Some(n) = rx.next().await {
+        while let Some((id, n)) = done_rx.next().await {
+            let _ = free_tx.unbounded_send(id);
             done += n;
             progress(done);
         }
+        drop(free_tx);
     };
     let (fed, ()) = futures::future::join(feed, drain).await;
     let mut first = fed;
@@ -363,6 +381,111 @@ where
     first
 }
 
+/// The writes of a piece, run in plan order by [`Ordered`].
+type WriteJob = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// Runs the pieces' writes in plan order (as qemu-img convert writes without `-W`), one at
+/// a time, without a thread waiting for its turn: a piece that has read its data hands its
+/// writes over ([`Ordered::submit`]); whoever hands over the next piece to write, while no
+/// one is writing, writes it and then every following piece already handed over. So a
+/// qcow2 target gets its host clusters in guest order, laid out as qemu-img lays them out,
+/// whatever order the reads complete in, and the writes to one file never wait for each
+/// other in the kernel (buffered writes to a file are serialized by its inode lock, where a
+/// second writer spins while the first copies): while one thread writes, the others read.
+struct Ordered {
+    state: parking_lot::Mutex<OrderedState>,
+    /// Pieces past the next one to write that may be handed out.
+    window: u64,
+    /// Signalled when the next piece to write moves on.
+    advanced: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OrderedState {
+    /// The next piece to write.
+    next: u64,
+    /// Pieces handed over and not written yet: their length and writes.
+    ready: std::collections::BTreeMap<u64, (u64, WriteJob)>,
+    /// A piece's future is writing (or a write failed: nothing more is written).
+    writing: bool,
+    /// The conversion failed: every piece is admitted (to end), nothing more is written.
+    failed: bool,
+}
+
+impl Ordered {
+    fn new(window: usize) -> Self {
+        Ordered {
+            state: parking_lot::Mutex::new(OrderedState::default()),
+            window: window.max(1) as u64,
+            advanced: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Wait until piece `seq` may start (read its data): it is less than `window` pieces
+    /// past the next one to write. The next piece to write is always admitted, so pieces
+    /// admitted in plan order never wait for each other in a circle.
+    async fn admit(&self, seq: u64) {
+        loop {
+            let notified = self.advanced.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let go = {
+                let g = self.state.lock();
+                g.failed || seq < g.next + self.window
+            };
+            if go {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The conversion failed (a piece that will never be handed over, or a write): let
+    /// every waiting piece go on to its end, and write nothing more.
+    fn fail(&self) {
+        let mut g = self.state.lock();
+        g.failed = true;
+        g.writing = true;
+        drop(g);
+        self.advanced.notify_waiters();
+    }
+
+    /// Hand over the writes of piece `seq` (`len` bytes of the plan). If it is the next
+    /// to write and no one is writing, write it and the pieces after it that are ready.
+    /// Returns the bytes of the plan written by this call (for progress).
+    async fn submit(&self, seq: u64, len: u64, job: WriteJob) -> Result<u64> {
+        {
+            let mut g = self.state.lock();
+            g.ready.insert(seq, (len, job));
+            if g.writing || g.ready.first_key_value().map(|(k, _)| *k) != Some(g.next) {
+                return Ok(0);
+            }
+            g.writing = true;
+        }
+        let mut written = 0;
+        loop {
+            let (len, job) = {
+                let mut g = self.state.lock();
+                let next = g.next;
+                match g.ready.first_entry() {
+                    Some(e) if *e.key() == next => e.remove(),
+                    _ => {
+                        g.writing = false;
+                        return Ok(written);
+                    }
+                }
+            };
+            if let Err(e) = job.await {
+                self.fail();
+                return Err(e);
+            }
+            self.state.lock().next += 1;
+            self.advanced.notify_waiters();
+            written += len;
+        }
+    }
+}
+
 /// One unit of copy work: the guest range and whether it is known to read as zeros.
 #[derive(Clone, Debug)]
 struct Piece {
@@ -373,55 +496,6 @@ struct Piece {
     seq: u64,
     /// The runs the source stores as data (not reading as zeros), relative to `off`.
     data: Vec<(usize, usize)>,
-}
-
-/// Lets pieces write in plan order (as qemu-img convert does without `-W`): a qcow2 target
-/// then gets its host clusters in guest order, laid out as qemu-img lays them out, whatever
-/// order the pieces' reads complete in. Reads and zero detection still overlap. Every piece
-/// calls [`Turnstile::done`] exactly once (through [`TurnGuard`], also on errors and when
-/// dropped), so a piece waiting for its turn always gets it: the pieces before it were all
-/// handed out before it.
-#[derive(Default)]
-struct Turnstile {
-    /// The next piece to write, and the pieces after it that are already done.
-    state: parking_lot::Mutex<(u64, std::collections::BTreeSet<u64>)>,
-    notify: tokio::sync::Notify,
-}
-
-impl Turnstile {
-    /// Wait until piece `seq` may write.
-    async fn wait(&self, seq: u64) {
-        loop {
-            let notified = self.notify.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.state.lock().0 == seq {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Piece `seq` is done (its writes completed, or it failed).
-    fn done(&self, seq: u64) {
-        let mut g = self.state.lock();
-        let (next, done) = &mut *g;
-        done.insert(seq);
-        while done.remove(next) {
-            *next += 1;
-        }
-        drop(g);
-        self.notify.notify_waiters();
-    }
-}
-
-/// Calls [`Turnstile::done`] for its piece when dropped.
-struct TurnGuard<'a>(&'a Turnstile, u64);
-
-impl Drop for TurnGuard<'_> {
-    fn drop(&mut self) {
-        self.0.done(self.1);
-    }
 }
 
 /// The copy plan, produced lazily (memory is constant whatever the disk size): `[0, size)`
@@ -588,35 +662,60 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let pieces = Planner::new(src).stream();
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
-    let (src2, out2, dst2) = (src.clone(), out.clone(), dst.to_path_buf());
+    // Buffered writes to one file wait for each other in the kernel: they are written one
+    // at a time, in plan order. With O_DIRECT they overlap (the device takes several).
+    let ordered = (!opts.file.direct).then(|| Arc::new(Ordered::new(opts.parallel)));
+    let slice = if opts.file.direct {
+        CHUNK as usize
+    } else {
+        WRITE_SLICE
+    };
+    let (src2, out2, dst2, ordered2) =
+        (src.clone(), out.clone(), dst.to_path_buf(), ordered.clone());
     let work = move |p: Piece| {
         let (src, out, dst, bufs) = (src2.clone(), out2.clone(), dst2.clone(), bufs.clone());
+        let ordered = ordered2.clone();
         async move {
-            if p.zero {
-                if z.sparse == 0 {
-                    write_zero_data(&*out, p.off, p.len)
-                        .await
-                        .ctx(dst.display())?;
-                } else if z.fill {
-                    out.write_zeroes(p.off, p.len).await.ctx(dst.display())?;
-                }
-                return Ok(());
+            let (seq, len) = (p.seq, p.len);
+            let job: WriteJob = if p.zero {
+                Box::pin(async move {
+                    if z.sparse == 0 {
+                        write_zero_data(&*out, p.off, p.len)
+                            .await
+                            .ctx(dst.display())?;
+                    } else if z.fill {
+                        out.write_zeroes(p.off, p.len).await.ctx(dst.display())?;
+                    }
+                    Ok(())
+                })
+            } else {
+                let mut buf = bufs.take(p.len as usize);
+                src.read_at(&mut buf, p.off).await?;
+                let runs = sparse_runs(&buf, p.off, unit, z.sparse, &p.data);
+                Box::pin(async move {
+                    for (a, n, hole) in runs {
+                        let at = p.off + a as u64;
+                        if !hole {
+                            for (k, part) in buf[a..a + n].chunks(slice).enumerate() {
+                                out.write_at(part, at + (k * slice) as u64)
+                                    .await
+                                    .ctx(dst.display())?;
+                            }
+                        } else if z.fill {
+                            out.write_zeroes(at, n as u64).await.ctx(dst.display())?;
+                        }
+                    }
+                    bufs.give(buf);
+                    Ok(())
+                })
+            };
+            match &ordered {
+                Some(o) => o.submit(seq, len, job).await,
+                None => job.await.map(|()| len),
             }
-            let mut buf = bufs.take(p.len as usize);
-            src.read_at(&mut buf, p.off).await?;
-            for (a, n, hole) in sparse_runs(&buf, p.off, unit, z.sparse, &p.data) {
-                let at = p.off + a as u64;
-                if !hole {
-                    out.write_at(&buf[a..a + n], at).await.ctx(dst.display())?;
-                } else if z.fill {
-                    out.write_zeroes(at, n as u64).await.ctx(dst.display())?;
-                }
-            }
-            bufs.give(buf);
-            Ok(())
         }
     };
-    run_pieces(pieces, opts.parallel, work, |d| {
+    run_pieces(pieces, opts.parallel, ordered, work, |d| {
         if let Some(cb) = &opts.progress {
             cb(d as f64 / total as f64);
         }
@@ -897,135 +996,189 @@ async fn copy_into(
     let total = size.max(1);
     let bufs = Arc::new(PieceBufs::default());
     let (src2, img2) = (src.clone(), img.clone());
-    // Compressed pieces compress inside their writes: those must overlap.
-    let turns = (!compress).then(|| Arc::new(Turnstile::default()));
+    // Compressed pieces compress inside their writes: those must overlap. Other writes go
+    // one at a time in plan order (the layout of qemu-img's output).
+    let ordered = (!compress).then(|| Arc::new(Ordered::new(opts.parallel)));
+    let ordered2 = ordered.clone();
+    let direct = opts.file.direct;
     let work = move |p: Piece| {
         let (src, img, backing, bufs) = (src2.clone(), img2.clone(), backing.clone(), bufs.clone());
         let zeros = zeros.clone();
-        let turns = turns.clone();
+        let ordered = ordered2.clone();
         async move {
-            let _turn = turns.as_deref().map(|t| TurnGuard(t, p.seq));
-            let (src, img, backing, bufs) = (&src, &img, &backing, &bufs);
-            let turn = || async {
-                if let Some(t) = turns.as_deref() {
-                    t.wait(p.seq).await;
-                }
-            };
-            if p.zero && z.sparse == 0 {
-                turn().await;
-                // Fully allocated: zeros as data.
-                let mut pos = 0;
-                while pos < p.len {
-                    let n = (p.len - pos).min(CHUNK);
-                    img.write_at(&zeros[..n as usize], p.off + pos).await?;
-                    pos += n;
-                }
-                return Ok(());
+            let (seq, len) = (p.seq, p.len);
+            let job = piece_job(
+                p, src, img, backing, bufs, zeros, z, cs, compress, size, direct,
+            )
+            .await?;
+            match &ordered {
+                Some(o) => o.submit(seq, len, job).await,
+                None => job.await.map(|()| len),
             }
-            if p.zero && z.fill {
-                turn().await;
-                img.write_zeroes(p.off, p.len, crate::ZeroMode::Unmap)
-                    .await?;
-                return Ok(());
-            }
-            if p.zero {
-                // The new image reads as zeros already; over a backing file, zeros are
-                // written where the backing file has data.
-                if let Some(b) = backing {
-                    turn().await;
-                    zero_over_backing(img, b, &p).await?;
-                }
-                return Ok(());
-            }
-            let mut buf = bufs.take(p.len as usize);
-            src.read_at(&mut buf, p.off).await?;
-            let base = match backing {
-                Some(b) => {
-                    let mut bb = bufs.take(p.len as usize);
-                    b.read_padded(&mut bb, p.off).await?;
-                    Some(bb)
-                }
-                None => None,
-            };
-            // Zero clusters that qemu-img writes as data (all with -S 0; with -S, those
-            // that its rule for `-S` puts in a data run: see `sparse_runs`).
-            let short_zero: Vec<(u64, u64)> = if backing.is_none() {
-                // Runs aligned to the larger of -S (rounded down to a power of two) and
-                // the cluster size, as qemu-img aligns them.
-                let unit = if z.sparse == 0 {
-                    cs
-                } else {
-                    cs.max(1u64 << (63 - z.sparse.leading_zeros()))
-                };
-                sparse_runs(&buf, p.off, unit, z.sparse, &p.data)
-                    .into_iter()
-                    .filter(|r| !r.2)
-                    .map(|r| (r.0 as u64, (r.0 + r.1) as u64))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            // Whether the cluster at `i` holds part of a data run.
-            let forced = |i: u64| {
-                let ce = i + (cs - (p.off + i) % cs);
-                short_zero.iter().any(|&(a, b)| a < ce && i < b)
-            };
-            turn().await;
-            // Walk cluster by cluster, grouping runs that need the same treatment.
-            let mut i = 0u64;
-            while i < p.len {
-                let g = p.off + i;
-                let n = (cs - g % cs).min(p.len - i);
-                let piece = &buf[i as usize..(i + n) as usize];
-                let same_as_base = match &base {
-                    Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
-                    None => is_zero(piece) && !forced(i) && !z.fill,
-                };
-                if same_as_base {
-                    i += n;
-                    continue;
-                }
-                if is_zero(piece) && !forced(i) {
-                    // Differs from the backing file: explicit zeros.
-                    img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?;
-                    i += n;
-                    continue;
-                }
-                if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
-                    img.write_compressed(g, piece).await?;
-                    i += n;
-                    continue;
-                }
-                // Merge following clusters that also need a plain write.
-                let mut j = i + n;
-                while j < p.len && !compress {
-                    let m = cs.min(p.len - j);
-                    let next = &buf[j as usize..(j + m) as usize];
-                    let skip = match &base {
-                        Some(bb) => &bb[j as usize..(j + m) as usize] == next,
-                        None => is_zero(next) && !forced(j),
-                    };
-                    if skip || (is_zero(next) && !forced(j)) {
-                        break;
-                    }
-                    j += m;
-                }
-                img.write_at(&buf[i as usize..j as usize], g).await?;
-                i = j;
-            }
-            bufs.give(buf);
-            if let Some(bb) = base {
-                bufs.give(bb);
-            }
-            Ok(())
         }
     };
-    run_pieces(pieces, opts.parallel, work, |d| {
+    run_pieces(pieces, opts.parallel, ordered, work, |d| {
         if let Some(cb) = &opts.progress {
             cb(d as f64 / total as f64);
         }
     })
     .await
+}
+
+/// A write of [`piece_job`], in the order the piece's clusters come.
+enum Op {
+    /// Explicit zeros over `len` bytes at guest offset `off`.
+    Zeroes(u64, u64),
+    /// `buf[a..b]` as plain data.
+    Write(usize, usize),
+    /// `buf[a..b]`, one cluster, compressed.
+    Compressed(usize, usize),
+}
+
+/// Read piece `p` of [`copy_into`] and decide what to write; the writes themselves are
+/// returned, to run in plan order.
+#[allow(clippy::too_many_arguments)]
+async fn piece_job(
+    p: Piece,
+    src: Disk,
+    img: crate::engine::image::Image,
+    backing: Option<Disk>,
+    bufs: Arc<PieceBufs>,
+    zeros: Arc<Vec<u8>>,
+    z: Zeros,
+    cs: u64,
+    compress: bool,
+    size: u64,
+    direct: bool,
+) -> Result<WriteJob> {
+    if p.zero && z.sparse == 0 {
+        // Fully allocated: zeros as data.
+        return Ok(Box::pin(async move {
+            let mut pos = 0;
+            while pos < p.len {
+                let n = (p.len - pos).min(CHUNK);
+                img.write_at(&zeros[..n as usize], p.off + pos).await?;
+                pos += n;
+            }
+            Ok(())
+        }));
+    }
+    if p.zero && z.fill {
+        return Ok(Box::pin(async move {
+            img.write_zeroes(p.off, p.len, crate::ZeroMode::Unmap).await
+        }));
+    }
+    if p.zero {
+        // The new image reads as zeros already; over a backing file, zeros are written
+        // where the backing file has data.
+        return Ok(Box::pin(async move {
+            if let Some(b) = &backing {
+                zero_over_backing(&img, b, &p).await?;
+            }
+            Ok(())
+        }));
+    }
+    let mut buf = bufs.take(p.len as usize);
+    src.read_at(&mut buf, p.off).await?;
+    let base = match &backing {
+        Some(b) => {
+            let mut bb = bufs.take(p.len as usize);
+            b.read_padded(&mut bb, p.off).await?;
+            Some(bb)
+        }
+        None => None,
+    };
+    // Zero clusters that qemu-img writes as data (all with -S 0; with -S, those
+    // that its rule for `-S` puts in a data run: see `sparse_runs`).
+    let short_zero: Vec<(u64, u64)> = if backing.is_none() {
+        // Runs aligned to the larger of -S (rounded down to a power of two) and
+        // the cluster size, as qemu-img aligns them.
+        let unit = if z.sparse == 0 {
+            cs
+        } else {
+            cs.max(1u64 << (63 - z.sparse.leading_zeros()))
+        };
+        sparse_runs(&buf, p.off, unit, z.sparse, &p.data)
+            .into_iter()
+            .filter(|r| !r.2)
+            .map(|r| (r.0 as u64, (r.0 + r.1) as u64))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Whether the cluster at `i` holds part of a data run.
+    let forced = |i: u64| {
+        let ce = i + (cs - (p.off + i) % cs);
+        short_zero.iter().any(|&(a, b)| a < ce && i < b)
+    };
+    // Plain writes in slices of whole clusters that run on the calling thread (see
+    // `WRITE_SLICE`), without O_DIRECT.
+    let slice = if direct {
+        CHUNK as usize
+    } else {
+        (WRITE_SLICE as u64 / cs * cs).max(cs) as usize
+    };
+    // Walk cluster by cluster, grouping runs that need the same treatment.
+    let mut ops = Vec::new();
+    let mut i = 0u64;
+    while i < p.len {
+        let g = p.off + i;
+        let n = (cs - g % cs).min(p.len - i);
+        let piece = &buf[i as usize..(i + n) as usize];
+        let same_as_base = match &base {
+            Some(bb) => &bb[i as usize..(i + n) as usize] == piece,
+            None => is_zero(piece) && !forced(i) && !z.fill,
+        };
+        if same_as_base {
+            i += n;
+            continue;
+        }
+        if is_zero(piece) && !forced(i) {
+            // Differs from the backing file: explicit zeros.
+            ops.push(Op::Zeroes(g, n));
+            i += n;
+            continue;
+        }
+        if compress && g & (cs - 1) == 0 && (n == cs || g + n == size) {
+            ops.push(Op::Compressed(i as usize, (i + n) as usize));
+            i += n;
+            continue;
+        }
+        // Merge following clusters that also need a plain write.
+        let mut j = i + n;
+        while j < p.len && !compress {
+            let m = cs.min(p.len - j);
+            let next = &buf[j as usize..(j + m) as usize];
+            let skip = match &base {
+                Some(bb) => &bb[j as usize..(j + m) as usize] == next,
+                None => is_zero(next) && !forced(j),
+            };
+            if skip || (is_zero(next) && !forced(j)) {
+                break;
+            }
+            j += m;
+        }
+        ops.push(Op::Write(i as usize, j as usize));
+        i = j;
+    }
+    if let Some(bb) = base {
+        bufs.give(bb);
+    }
+    Ok(Box::pin(async move {
+        for op in ops {
+            match op {
+                Op::Zeroes(g, n) => img.write_zeroes(g, n, crate::ZeroMode::Unmap).await?,
+                Op::Write(a, b) => {
+                    for (k, part) in buf[a..b].chunks(slice).enumerate() {
+                        img.write_at(part, p.off + (a + k * slice) as u64).await?;
+                    }
+                }
+                Op::Compressed(a, b) => img.write_compressed(p.off + a as u64, &buf[a..b]).await?,
+            }
+        }
+        bufs.give(buf);
+        Ok(())
+    }))
 }
 
 #[cfg(test)]

@@ -722,3 +722,64 @@ async fn sparse_size_allocates_as_qemu_img() {
         }
     }
 }
+
+/// A write of the target that fails in the middle of a conversion (the pieces write in plan
+/// order, one at a time, by whichever piece hands over the next one): the conversion ends
+/// with that error, for a failure early, at, and past the window of pieces read ahead,
+/// and never hangs with pieces waiting for a turn that no write will give them.
+#[test]
+fn write_error_ends_the_conversion() {
+    use qcow2_core::io::fault::{HookStorage, Match, Op as IoOp};
+    use qcow2_core::io::mem::MemStorage;
+    use qcow2_core::io::Storage;
+    use qcow2_core::Image;
+    use std::sync::Arc;
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    // 24 MiB of data: 12 pieces of 2 MiB, more than the 8 in flight.
+    let size: u64 = 24 << 20;
+    let raw = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..size as usize).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let path = qemu_create(
+        dir.path(),
+        "img.qcow2",
+        "cluster_size=65536",
+        &size.to_string(),
+    );
+    let image = std::fs::read(&path).unwrap();
+    let rt = runtime_2_workers();
+    for skip in [0u64, 5, 13, 20] {
+        rt.block_on(async {
+            let mem = Arc::new(MemStorage::from_vec(image.clone()));
+            let hs = HookStorage::new(mem);
+            let st: Arc<dyn Storage> = hs.clone();
+            let o = OpenOptions {
+                writable: true,
+                ..Default::default()
+            };
+            let img = Image::open_storage(st, &path, &o).await.unwrap();
+            let source = Disk::open(&raw, None, &OpenOptions::default())
+                .await
+                .unwrap();
+            // Guest data is written in 1 MiB slices: the write after `skip` others fails.
+            hs.fail(
+                Match::op(IoOp::Write)
+                    .when(|r| r.len >= 65536)
+                    .skip(skip)
+                    .times(1),
+                libc::EIO,
+            );
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                qcow2_core::convert::convert_into(&source, &img, false, &Default::default()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("skip {skip}: the conversion hung"));
+            assert!(r.is_err(), "skip {skip}: the failed write was not reported");
+            drop(img);
+        });
+    }
+}
