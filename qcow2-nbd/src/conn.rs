@@ -474,14 +474,21 @@ where
             }
             Ok(Command::Disc) => break,
             Ok(cmd) => {
+                let inline = matches!(cmd, Command::Read { .. });
                 let ctx = ctx.clone();
                 let tx = tx.clone();
-                tasks.spawn(async move {
-                    // Boxed: the request's future (the engine's whole call chain) is large,
-                    // and the task would copy it into its cell and again on completion.
-                    let reply = Box::pin(run(&ctx, &h, cmd, payload)).await;
+                // Boxed: the request's future (the engine's whole call chain) is large, and
+                // a task would copy it into its cell and again on completion.
+                let mut req: Request = Box::pin(async move {
+                    let reply = run(&ctx, &h, cmd, payload).await;
                     let _ = tx.send((reply, Some(permit)));
                 });
+                // A read is polled once here: served from the page cache, it is done in that
+                // poll and needs no task of its own (no spawn, and no other worker woken to
+                // steal it). One that waits for the disk goes on as a task.
+                if !inline || poll_once(req.as_mut()).await.is_pending() {
+                    tasks.spawn(req);
+                }
             }
         }
         while tasks.try_join_next().is_some() {}
@@ -491,6 +498,16 @@ where
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// A request being served, replying through the writer when done.
+type Request = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Poll `f` once, with the calling task's context.
+async fn poll_once(
+    mut f: std::pin::Pin<&mut (dyn std::future::Future<Output = ()> + Send)>,
+) -> std::task::Poll<()> {
+    std::future::poll_fn(move |cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
 }
 
 async fn run(ctx: &Ctx, h: &RequestHeader, cmd: Command, payload: Buf) -> Msg {
