@@ -474,7 +474,7 @@ where
             }
             Ok(Command::Disc) => break,
             Ok(cmd) => {
-                let inline = matches!(cmd, Command::Read { .. });
+                let inline = matches!(cmd, Command::Read { len, .. } if len <= INLINE_READ_MAX);
                 let ctx = ctx.clone();
                 let tx = tx.clone();
                 // Boxed: the request's future (the engine's whole call chain) is large, and
@@ -483,9 +483,10 @@ where
                     let reply = run(&ctx, &h, cmd, payload).await;
                     let _ = tx.send((reply, Some(permit)));
                 });
-                // A read is polled once here: served from the page cache, it is done in that
-                // poll and needs no task of its own (no spawn, and no other worker woken to
-                // steal it). One that waits for the disk goes on as a task.
+                // A small read is polled once here: served from the page cache, it is done in
+                // that poll and needs no task of its own (no spawn, and no other worker woken to
+                // steal it). One that waits for the disk goes on as a task. Larger reads are
+                // tasks from the start, so that their copies can run on other workers.
                 if !inline || poll_once(req.as_mut()).await.is_pending() {
                     tasks.spawn(req);
                 }
@@ -499,6 +500,9 @@ where
     let _ = writer.await;
     result
 }
+
+/// Reads up to this size are tried on the reader task first (see `transmission_on`).
+const INLINE_READ_MAX: u64 = 64 << 10;
 
 /// A request being served, replying through the writer when done.
 type Request = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
