@@ -1646,15 +1646,15 @@ mod tests {
             }
         }
         let _open = OpenOnDrop(gate.clone());
-        let held: Vec<_> = (0..6)
-            .map(|i| {
-                let g = gate.clone();
-                pool.run(move || {
-                    g.pass();
-                    Ok(i)
-                })
+        // A job that waits at the gate until it opens.
+        let hold = |i: usize| {
+            let g = gate.clone();
+            pool.run(move || {
+                g.pass();
+                Ok(i)
             })
-            .collect();
+        };
+        let held: Vec<_> = (0..6).map(hold).collect();
         assert!(gate.wait_arrived(6), "6 held jobs need 6 workers");
         // Others run while those are held.
         for i in 0..20 {
@@ -1664,15 +1664,7 @@ mod tests {
             );
         }
         // The pool stops at its maximum: 8 held, the 9th waits for one of them.
-        let more: Vec<_> = (6..9)
-            .map(|i| {
-                let g = gate.clone();
-                pool.run(move || {
-                    g.pass();
-                    Ok(i)
-                })
-            })
-            .collect();
+        let more: Vec<_> = (6..9).map(hold).collect();
         assert!(gate.wait_arrived(8));
         thread::sleep(Duration::from_millis(50));
         assert_eq!(gate.st.lock().0, 8, "more workers than the maximum");

@@ -438,9 +438,14 @@ impl Ring {
                     Step::Again
                 }
             }
-            Kind::Write {
-                buf, truncate_to, ..
-            } => {
+            Kind::Write { .. } | Kind::WriteFrom { .. } => {
+                let (len, truncate_to) = match &op.kind {
+                    Kind::Write {
+                        buf, truncate_to, ..
+                    } => (buf.len(), *truncate_to),
+                    Kind::WriteFrom { buf, .. } => (buf.len(), None),
+                    _ => (0, None),
+                };
                 if n == 0 {
                     return Step::Done(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -448,26 +453,13 @@ impl Ring {
                     )));
                 }
                 op.done += n;
-                if op.done < buf.len() {
+                if op.done < len {
                     return Step::Again;
                 }
                 if let Some(len) = truncate_to {
-                    if let Err(e) = core.set_len(*len) {
+                    if let Err(e) = core.set_len(len) {
                         return Step::Done(Err(e));
                     }
-                }
-                Step::Done(Ok(op.done))
-            }
-            Kind::WriteFrom { buf, .. } => {
-                if n == 0 {
-                    return Step::Done(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the kernel wrote no byte",
-                    )));
-                }
-                op.done += n;
-                if op.done < buf.len() {
-                    return Step::Again;
                 }
                 Step::Done(Ok(op.done))
             }
