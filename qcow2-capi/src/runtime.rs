@@ -201,8 +201,7 @@ impl Drop for RtRef {
 /// the completion, then whoever reaped it (the ring's completion thread, or a request worker
 /// waiting in that ring) woke it again (docs/PERFORMANCE.md, ninth session).
 pub(crate) fn block_on<F: std::future::Future>(handle: &Handle, fut: F) -> F::Output {
-    let _ctx = handle.enter();
-    qcow2_core::io::block_on(fut)
+    qcow2_core::io::block_on_in_runtime(handle, fut)
 }
 
 /// Whether the calling thread is a library thread or is running a callback.

@@ -71,8 +71,7 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Err
             "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
         ));
     }
-    let _ctx = handle().enter();
-    qcow2_core::io::block_on(fut)
+    qcow2_core::io::block_on_in_runtime(handle(), fut)
 }
 
 /// Spawn `fut` on the runtime; it runs to its end whatever happens to the caller.

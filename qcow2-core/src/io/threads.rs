@@ -1683,17 +1683,17 @@ mod tests {
         assert_eq!(futures::executor::block_on(pool.run(|| Ok(7))).unwrap(), 7);
     }
 
-    /// With `O_DIRECT` (every read and write goes to a worker), writes held in workers, one
-    /// more than the pool keeps running, do not stop a read issued meanwhile, and land once
-    /// released. Fails with a pool that does not grow.
-    #[test]
-    fn a_read_completes_while_writes_are_held_in_workers() {
+    /// A file of `len` bytes of 0x5a named `name` in a new directory under `target/tmp` (on
+    /// disk: tmpfs refuses `O_DIRECT`), opened writable with `O_DIRECT`.
+    fn direct_file(
+        name: &str,
+        len: usize,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Arc<ThreadsFile>) {
         let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
         std::fs::create_dir_all(&tmp).unwrap();
         let dir = tempfile::tempdir_in(&tmp).unwrap();
-        let path = dir.path().join("held.raw");
-        let n = Pool::get().unwrap().shared.queue.lock().min + 1;
-        std::fs::write(&path, vec![0x5au8; (n + 1) * 4096]).unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, vec![0x5au8; len]).unwrap();
         let fo = FileOptions {
             writable: true,
             direct: true,
@@ -1701,21 +1701,34 @@ mod tests {
         };
         let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
         assert!(!file.in_memory(), "needs a file on disk");
+        (dir, path, file)
+    }
+
+    /// Releases its holds however the test ends, so that no worker stays held (the holds are
+    /// shared by every test of the process).
+    struct Release(Vec<Arc<worker_hold::Hold>>);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            for h in &self.0 {
+                h.release();
+            }
+        }
+    }
+
+    /// With `O_DIRECT` (every read and write goes to a worker), writes held in workers, one
+    /// more than the pool keeps running, do not stop a read issued meanwhile, and land once
+    /// released. Fails with a pool that does not grow.
+    #[test]
+    fn a_read_completes_while_writes_are_held_in_workers() {
+        let n = Pool::get().unwrap().shared.queue.lock().min + 1;
+        let (_dir, path, file) = direct_file("held.raw", (n + 1) * 4096);
         // Bytes unique to this test (the holds are shared by every test of the process).
         let data = |i: usize| -> Vec<u8> {
             (0..4096usize)
                 .map(|j| (j * 13 + i * 101 + 71) as u8)
                 .collect()
         };
-        // Released however the test ends, so that no worker stays held.
-        struct Release(Vec<Arc<worker_hold::Hold>>);
-        impl Drop for Release {
-            fn drop(&mut self) {
-                for h in &self.0 {
-                    h.release();
-                }
-            }
-        }
         let holds = Release((0..n).map(|i| worker_hold::hold(data(i))).collect());
         let writers: Vec<_> = (0..n)
             .map(|i| {
@@ -1752,31 +1765,14 @@ mod tests {
     /// future can end before its operation (the drop returns while the write is held).
     #[test]
     fn a_dropped_lent_write_ends_before_its_drop_returns() {
-        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-        std::fs::create_dir_all(&tmp).unwrap();
-        let dir = tempfile::tempdir_in(&tmp).unwrap();
-        let path = dir.path().join("lent.raw");
-        std::fs::write(&path, vec![0x5au8; 3 * 65536]).unwrap();
-        let fo = FileOptions {
-            writable: true,
-            direct: true,
-            ..Default::default()
-        };
-        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
-        assert!(!file.in_memory(), "needs a file on disk");
+        let (_dir, path, file) = direct_file("lent.raw", 3 * 65536);
         // 64 KiB of aligned memory with bytes unique to this test.
         let mut data = AlignedBuf::zeroed(65536, 4096).unwrap();
         for (j, b) in data.iter_mut().enumerate() {
             *b = (j * 29 + 11) as u8;
         }
         let hold = worker_hold::hold(data.to_vec());
-        struct Release(Arc<worker_hold::Hold>);
-        impl Drop for Release {
-            fn drop(&mut self) {
-                self.0.release();
-            }
-        }
-        let release = Release(hold.clone());
+        let release = Release(vec![hold.clone()]);
         let (f2, h2) = (file.clone(), hold.clone());
         let dropper = thread::spawn(move || {
             let mut fut = f2.write_at(&data, 65536);

@@ -1330,6 +1330,14 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     block_on_in(fut, RingSet::current_ring)
 }
 
+/// [`block_on`] inside the context of the tokio runtime `handle` (for what `fut` spawns,
+/// and its timers): how the C library and the Python package run a blocking call on the
+/// caller's thread. The caller must not be a thread of an async runtime.
+pub fn block_on_in_runtime<F: Future>(handle: &tokio::runtime::Handle, fut: F) -> F::Output {
+    let _ctx = handle.enter();
+    block_on(fut)
+}
+
 /// [`block_on`], waiting in the ring `ring` gives (called at each wait).
 fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Output {
     let parker = Arc::new(Parker {
