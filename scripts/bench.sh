@@ -14,8 +14,11 @@
 #
 # Every row gives wall time and CPU time (task-clock from `perf stat` when it works here, else
 # user+sys from /usr/bin/time) for both tools; CPU time is much less disturbed by other work on
-# a shared machine than wall time. A fio row on the raw copy of the image is the physical limit
-# (fio is installed with apt-get when missing and permitted; else the row is skipped).
+# a shared machine than wall time. fio rows are the physical limits: reads of the raw copy of
+# the image, and in CPU-bound mode writes on tmpfs (overwrites of a copy of it with the
+# overwrite row's requests, and a new 1 GiB file written in 2 MiB pieces, the floor of the
+# converts' output); each is set beside the rows it is the limit of (fio is installed with
+# apt-get when missing and permitted; else the rows are skipped).
 #
 # What it does:
 # 1. builds qcow2rs in release mode;
@@ -208,10 +211,12 @@ row() { # label image count bufsize args...
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
+    measured "$label" "$qb" "$rb"
     TABLE+=("| $label | \`$*\` | $(cells "$qb" "$rb" "$count") | $(rate "$(wall "$rb")" "$count" "$bs") |")
 }
 
-# fio on the raw copy of the image: the physical limit of a row (no format at all).
+# fio: the physical limit of a row (no format at all). Read rows read the raw copy of the
+# image; write rows overwrite a copy of it, or write a new file (as a convert does).
 RAW=$DIR/source.raw
 FIOTABLE=()
 have_fio() {
@@ -222,26 +227,63 @@ have_fio() {
     fi
     command -v fio >/dev/null
 }
-fio_row() { # label size depth direct(0/1) rw(randread/read) count
-    local label=$1 bs=$2 depth=$3 direct=$4 rw=$5 count=$6
+# The rows of ours a fio row is the floor of, with the results of both tools: "qemu-img-wall
+# qemu-img-cpu qcow2rs-wall qcow2rs-cpu" by row label (convert rows: "label, cold|warm").
+declare -A MEASURED
+measured() { # label qemu-measurement ours-measurement
+    MEASURED[$1]="$(wall "$2") $(cpu "$2") $(wall "$3") $(cpu "$3")"
+}
+FIOROWS=()
+fio_row() { # label compared-rows(';'-separated) file(ro|over|new) count size fio-args...
+    local label=$1 compared=$2 file=$3 count=$4 bs=$5
+    shift 5
     want "$label" || return 0
     echo "== fio: $label" >&2
-    local m=() i out bw
+    local m=() i out f=$DIR/fio.raw args=()
+    case $file in
+    ro) f=$RAW args=(--readonly) ;;
+    over) cp "$RAW" "$f" ;;
+    new) args=(--fallocate=none) ;;
+    esac
+    # fio spends about 0.1 s of CPU starting (it calibrates its clock), and its job's own
+    # CPU figures leave out io_uring's io-wq workers: the CPU of a row is the task-clock of
+    # the whole run less that of the same command with one request (the smallest of each).
+    local base=() nb
     for ((i = 0; i < REPEAT; i++)); do
-        if out=$(timed fio --name=limit --filename="$RAW" --readonly --ioengine=io_uring \
-            --rw="$rw" --bs="$bs" --iodepth="$depth" --direct="$direct" \
-            --io_size=$((count * bs)) --randrepeat=0 --norandommap --output-format=terse \
-            --terse-version=3 2>&1); then
-            # terse v3: field 7 is the read bandwidth (KiB/s), 9 the runtime (ms)
-            m+=("$(awk -F';' 'NR == 1 { printf "%.3f", $9 / 1000 }' <<<"$out") $(cat "$CPUFILE")")
-        else
-            echo "bench.sh: fio failed: $out" >&2
-            m+=(fail)
-        fi
+        for nb in "$bs" ""; do
+            [ "$file" = new ] && rm -f "$f"
+            if out=$(timed fio --name=limit --filename="$f" "${args[@]}" "$@" ${nb:+--io_size=$nb} \
+                --direct=${FIO_DIRECT:-0} --randrepeat=0 --norandommap --group_reporting \
+                --output-format=terse --terse-version=3 2>&1); then
+                # terse v3: field 9 is the read runtime (ms), 50 the write runtime
+                out="$(awk -F';' 'NR == 1 { printf "%.3f", ($9 > $50 ? $9 : $50) / 1000 }' <<<"$out") $(cat "$CPUFILE")"
+            else
+                echo "bench.sh: fio failed: $out" >&2
+                out=fail
+            fi
+            if [ -n "$nb" ]; then base+=("$out"); else m+=("$out"); fi
+        done
     done
+    [ "$file" = ro ] || rm -f "$f"
     local b
     b=$(printf '%s\n' "${m[@]}" | best)
-    FIOTABLE+=("| $label | \`--bs=$bs --iodepth=$depth --direct=$direct --rw=$rw\` | $(wall "$b") | $(cpu "$b") | $(rate "$(wall "$b")" "$count" "$bs") |")
+    if [[ $b != fail && $CPUTOOL != none ]]; then
+        b=$(printf '%s\n' "${base[@]}" | best | awk -v b="$b" '
+            { split(b, m, " "); c = m[2] - $2; if (c < 0) c = 0; printf "%s %.3f %s\n", m[1], c, m[3] - $3 }')
+    fi
+    FIOROWS+=("$label|$*|$b|$count|$bs|$compared")
+}
+fio_table() { # FIOROWS -> FIOTABLE, one line per compared row (ratios: that row's time / fio's)
+    local r label opts b count bs compared c q cs
+    for r in "${FIOROWS[@]}"; do
+        IFS='|' read -r label opts b count bs compared <<<"$r"
+        IFS=';' read -ra cs <<<"$compared"
+        for c in "${cs[@]}"; do
+            q=(- - - -)
+            [ -n "${MEASURED[$c]:-}" ] && read -ra q <<<"${MEASURED[$c]}"
+            FIOTABLE+=("| $label | \`$opts\` | $(wall "$b") | $(cpu "$b") | $(rate "$(wall "$b")" "$count" "$bs") | $c | $(ratio "${q[0]}" "$(wall "$b")") / $(ratio "${q[1]}" "$(cpu "$b")") | $(ratio "${q[2]}" "$(wall "$b")") / $(ratio "${q[3]}" "$(cpu "$b")") |")
+        done
+    done
 }
 
 # The page-cache rows measure reads from a warm cache.
@@ -286,6 +328,7 @@ wrow() { # label count bufsize args...   (bench -w on a fresh empty 1 GiB image)
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
+    measured "$label" "$qb" "$rb"
     TABLE+=("| $label | \`-w $*\` | $(cells "$qb" "$rb" "$count") | $(rate "$(wall "$rb")" "$count" "$bs") |")
 }
 if [ "$QUICK" = 1 ]; then CW=2000; else CW=16384; fi
@@ -306,13 +349,39 @@ fi
 [ -s "$RAW" ] || qemu-img convert -f qcow2 -O raw "$PLAIN" "$RAW"
 if have_fio; then
     if [ "$MODE" = device ]; then
-        fio_row "fio raw, 4 KiB random, depth 32, O_DIRECT" 4096 32 1 randread $C4_32
-        fio_row "fio raw, 4 KiB random, depth 1, O_DIRECT" 4096 1 1 randread $C4_1
-        fio_row "fio raw, 64 KiB sequential, depth 32, O_DIRECT" 65536 32 1 read $C64
+        FIO_DIRECT=1
+        fio_row "fio raw, 4 KiB random, depth 32, O_DIRECT" "4 KiB spread, depth 32, O_DIRECT" ro $C4_32 4096 \
+            --ioengine=io_uring --rw=randread --bs=4096 --iodepth=32 --io_size=$((C4_32 * 4096))
+        fio_row "fio raw, 4 KiB random, depth 1, O_DIRECT" "4 KiB spread, depth 1, O_DIRECT" ro $C4_1 4096 \
+            --ioengine=io_uring --rw=randread --bs=4096 --iodepth=1 --io_size=$((C4_1 * 4096))
+        fio_row "fio raw, 64 KiB sequential, depth 32, O_DIRECT" "64 KiB sequential, depth 32, O_DIRECT" ro $C64 65536 \
+            --ioengine=io_uring --rw=read --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+        FIO_DIRECT=0
     fi
-    fio_row "fio raw, 4 KiB random, depth 32, page cache" 4096 32 0 randread $C4_32
-    fio_row "fio raw, 4 KiB random, depth 1, page cache" 4096 1 0 randread $C4_32
-    fio_row "fio raw, 64 KiB sequential, depth 32, page cache" 65536 32 0 read $C64
+    fio_row "fio raw, 4 KiB random, depth 32, page cache" "4 KiB spread, depth 32, page cache" ro $C4_32 4096 \
+        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=32 --io_size=$((C4_32 * 4096))
+    fio_row "fio raw, 4 KiB random, depth 1, page cache" "4 KiB spread, depth 1, page cache" ro $C4_32 4096 \
+        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=1 --io_size=$((C4_32 * 4096))
+    fio_row "fio raw, 64 KiB sequential, depth 32, page cache" "64 KiB sequential, depth 32, page cache" ro $C64 65536 \
+        --ioengine=io_uring --rw=read --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+    if [ "$MODE" = cpu ]; then
+        # Write floors on tmpfs. The overwrite row's pattern (bench -w without -S: 64 KiB
+        # requests one after the other over the whole image), at depth 32 through io_uring,
+        # and with plain pwrite on one thread (qemu-img's io_uring writes to a tmpfs file
+        # run on one io-wq worker); then the same requests in a random order.
+        OVER="64 KiB overwrites, depth 32, page cache"
+        fio_row "fio tmpfs, 64 KiB overwrites, depth 32" "$OVER" over $C64 65536 \
+            --ioengine=io_uring --rw=write --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+        fio_row "fio tmpfs, 64 KiB overwrites, pwrite, 1 thread" "$OVER" over $C64 65536 \
+            --ioengine=psync --rw=write --bs=65536 --io_size=$((C64 * 65536))
+        fio_row "fio tmpfs, 64 KiB random overwrites, depth 32" "$OVER" over $C64 65536 \
+            --ioengine=io_uring --rw=randwrite --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+        # The output of a convert: a new 1 GiB file written in 2 MiB pieces, one at a time
+        # (tmpfs writes one file one write at a time; the pages are allocated as it goes).
+        fio_row "fio tmpfs, 1 GiB to a new file, 2 MiB pwrite" \
+            "convert -O raw, plain 1 GiB, warm;raw -> qcow2" new 512 $((2 << 20)) \
+            --ioengine=psync --rw=write --bs=2M --size=1G
+    fi
 else
     echo "bench.sh: fio is not installed (and could not be): no physical-limit rows" >&2
 fi
@@ -359,6 +428,7 @@ convert_row() { # label src
         qb=$(printf '%s\n' "${q[@]}" | best)
         qeb=$(printf '%s\n' "${q[@]}" | exit_time)
         rb=$(printf '%s\n' "${r[@]}" | best)
+        measured "$label, $mode" "$qb" "$rb"
         CTABLE+=("| $label | $mode | $(wall "$qb") ($qeb) | $(wall "$rb") | $(ratio "$(wall "$rb")" "$(wall "$qb")") | $(cpu "$qb") | $(cpu "$rb") | $(ratio "$(cpu "$rb")" "$(cpu "$qb")") |")
     done
 }
@@ -388,6 +458,7 @@ to_qcow2_row() { # label extra-args...
     local qb rb
     qb=$(printf '%s\n' "${q[@]}" | best)
     rb=$(printf '%s\n' "${r[@]}" | best)
+    measured "$label" "$qb" "$rb"
     WTABLE+=("| $label | \`$*\` | $(wall "$qb") | $(wall "$rb") | $(ratio "$(wall "$rb")" "$(wall "$qb")") | $(cpu "$qb") | $(cpu "$rb") | $(ratio "$(cpu "$rb")" "$(cpu "$qb")") |")
 }
 if [ "$QUICK" != 1 ]; then
@@ -396,6 +467,7 @@ if [ "$QUICK" != 1 ]; then
     to_qcow2_row "raw -> qcow2, compressed, zstd" -c -o compression_type=zstd
 fi
 
+if [ ${#FIOROWS[@]} -gt 0 ]; then fio_table; fi
 {
     echo "qcow2rs $("$BIN" --version | awk '{print $3}') vs $(qemu-img --version | head -n1)"
     echo "mode $MODE: $(nproc) CPUs, kernel $(uname -r), $FSTYPE on $(df --output=source "$DIR" | tail -n1), best of $REPEAT, page cache dropped for cold runs: $DROP, CPU time from: $CPUTOOL"
@@ -409,10 +481,13 @@ fi
     printf '%s\n' "${TABLE[@]}"
     if [ ${#FIOTABLE[@]} -gt 0 ]; then
         echo
-        echo "Physical limit: fio (io_uring engine) on the raw copy of the same data, same request count."
+        echo "Physical limit: fio on the raw copy of the same data (reads), on a copy of it (overwrites),"
+        echo "or on a new file (a convert's output), same request count. Time: fio's runtime; CPU: the"
+        echo "run's less that of the same run with one request (fio's start-up)."
+        echo "Ratios: the time of the row compared with (each tool's) / fio's, wall / CPU: 1 is at the limit."
         echo
-        echo "| fio on raw | options | time (s) | CPU (s) | rate |"
-        echo "|---|---|---:|---:|---|"
+        echo "| fio | options | time (s) | CPU (s) | rate | compared with | qemu-img / fio | qcow2rs / fio |"
+        echo "|---|---|---:|---:|---|---|---:|---:|"
         printf '%s\n' "${FIOTABLE[@]}"
     fi
     if [ ${#CTABLE[@]} -gt 0 ]; then

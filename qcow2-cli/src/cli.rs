@@ -237,7 +237,8 @@ pub struct ConvertArgs {
     /// Source cache mode (accepted for qemu-img compatibility)
     #[arg(short = 'T', long = "source-cache", value_name = "CACHE")]
     pub source_cache: Option<String>,
-    /// Out-of-order writes (accepted; writes are always unordered)
+    /// Out-of-order writes (accepted, no effect: writes to an O_DIRECT raw target overlap
+    /// anyway, others go in order, as qemu-img writes without -W)
     #[arg(short = 'W')]
     pub out_of_order: bool,
     /// Write into an existing target instead of creating it

@@ -212,17 +212,56 @@ pub fn is_zero(b: &[u8]) -> bool {
 /// page faults per piece. A buffer's old bytes are never seen: every piece is read over the
 /// whole buffer before it is looked at.
 #[derive(Default)]
-struct PieceBufs(parking_lot::Mutex<Vec<Vec<u8>>>);
+struct PieceBufs(parking_lot::Mutex<Vec<PieceBuf>>);
 
 impl PieceBufs {
-    fn take(&self, len: usize) -> Vec<u8> {
+    fn take(&self, len: usize) -> PieceBuf {
         let mut b = self.0.lock().pop().unwrap_or_default();
-        b.resize(len, 0);
+        b.resize(len);
         b
     }
 
-    fn give(&self, b: Vec<u8>) {
+    fn give(&self, b: PieceBuf) {
         self.0.lock().push(b);
+    }
+}
+
+/// Alignment of a piece buffer's memory: an `O_DIRECT` target is written from the buffer
+/// as it is only when its memory is aligned to the device's block (512 bytes or 4 KiB);
+/// a misaligned buffer is copied into new aligned memory for every write. `Vec<u8>` memory
+/// is aligned to 16 bytes only.
+const PIECE_ALIGN: usize = 4096;
+
+/// A piece buffer: `len` bytes at a `PIECE_ALIGN`-aligned address inside `mem`.
+#[derive(Default)]
+struct PieceBuf {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PieceBuf {
+    /// Make the buffer `len` bytes long; its memory is replaced (zeroed) only when too
+    /// small, else it keeps its old bytes.
+    fn resize(&mut self, len: usize) {
+        if self.mem.len() < len + PIECE_ALIGN {
+            self.mem = vec![0u8; len + PIECE_ALIGN];
+            self.start = self.mem.as_ptr().align_offset(PIECE_ALIGN).min(PIECE_ALIGN);
+        }
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for PieceBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.mem[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for PieceBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start..self.start + self.len]
     }
 }
 
@@ -1183,7 +1222,30 @@ async fn piece_job(
 
 #[cfg(test)]
 mod tests {
-    use super::sparse_runs;
+    use super::{sparse_runs, PieceBufs, PIECE_ALIGN};
+
+    /// Piece buffers are aligned for `O_DIRECT` (a misaligned one is copied for every
+    /// write), whatever length they are taken with, new or reused.
+    #[test]
+    fn piece_buffers_are_aligned() {
+        let bufs = PieceBufs::default();
+        let mut held = Vec::new();
+        for len in [2 << 20, 4096, 3 << 20, 512, 2 << 20] {
+            let mut b = bufs.take(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % PIECE_ALIGN, 0);
+            b.fill(7);
+            held.push(b);
+        }
+        for b in held.drain(..) {
+            bufs.give(b);
+        }
+        for len in [1 << 20, 2 << 20, 3 << 20] {
+            let b = bufs.take(len);
+            assert_eq!((b.len(), b.as_ptr() as usize % PIECE_ALIGN), (len, 0));
+            held.push(b);
+        }
+    }
 
     const K: usize = 1024;
     const M: usize = 1024 * K;
