@@ -79,6 +79,9 @@ struct Inner {
     handle: Handle,
     /// Set by [`Runner::shutdown`]: workers exit once the queue is empty.
     stop: AtomicBool,
+    /// Called by each worker after each job (`false`) and before it waits for one (`true`);
+    /// see [`Runner::with_threads_after_job`].
+    after_job: Option<fn(bool)>,
 }
 
 impl Inner {
@@ -128,7 +131,7 @@ impl Runner {
     /// The worker tasks live as long as the runtime: dropping the runtime drops them (the
     /// caller waits for its requests to finish first).
     pub fn new(handle: &Handle, workers: usize) -> Runner {
-        let inner = Self::inner(handle);
+        let inner = Self::inner(handle, None);
         for _ in 0..workers.max(1) {
             handle.spawn(tokio::task::unconstrained(worker(inner.clone())));
         }
@@ -151,7 +154,32 @@ impl Runner {
         name: &str,
         on_start: fn(),
     ) -> std::io::Result<Runner> {
-        let inner = Self::inner(handle);
+        Self::start_threads(handle, workers, name, on_start, None)
+    }
+
+    /// As [`Runner::with_threads`], and each worker thread calls `after_job(false)` after
+    /// each job it ran and `after_job(true)` before it waits for the next one (its queues
+    /// are empty): a binding can leave there what a request's `done` put off (the Python
+    /// package arms its event loop's completion queue there, after the worker's next job,
+    /// so that completions arriving meanwhile share one wake-up of the loop).
+    pub fn with_threads_after_job(
+        handle: &Handle,
+        workers: usize,
+        name: &str,
+        on_start: fn(),
+        after_job: fn(bool),
+    ) -> std::io::Result<Runner> {
+        Self::start_threads(handle, workers, name, on_start, Some(after_job))
+    }
+
+    fn start_threads(
+        handle: &Handle,
+        workers: usize,
+        name: &str,
+        on_start: fn(),
+        after_job: Option<fn(bool)>,
+    ) -> std::io::Result<Runner> {
+        let inner = Self::inner(handle, after_job);
         let r = Runner {
             inner,
             threads: Default::default(),
@@ -176,12 +204,13 @@ impl Runner {
         Ok(r)
     }
 
-    fn inner(handle: &Handle) -> Arc<Inner> {
+    fn inner(handle: &Handle, after_job: Option<fn(bool)>) -> Arc<Inner> {
         Arc::new(Inner {
             queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             handle: handle.clone(),
             stop: AtomicBool::new(false),
+            after_job,
         })
     }
 
@@ -348,11 +377,17 @@ async fn worker(inner: Arc<Inner>) {
             let _ = THREAD.try_with(|t| t.in_worker.set(true));
             let _ = catch_unwind(AssertUnwindSafe(|| job.run()));
             let _ = THREAD.try_with(|t| t.in_worker.set(false));
+            if let Some(f) = inner.after_job {
+                let _ = catch_unwind(|| f(false));
+            }
             n += 1;
             if n == JOBS_PER_YIELD {
                 n = 0;
                 tokio::task::yield_now().await;
             }
+        }
+        if let Some(f) = inner.after_job {
+            let _ = catch_unwind(|| f(true));
         }
         if inner.stop.load(Ordering::Acquire) {
             // Wake the next worker, which then sees `stop` too.
@@ -785,6 +820,52 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(alive(), 0);
+    }
+
+    #[test]
+    fn after_job_hook_runs_after_each_job_and_before_each_wait() {
+        // One worker thread: the hook says `true` when the worker finds no job, `false`
+        // after each job it ran; of three jobs, the two queued while the first runs are run
+        // right after it, each job followed by the hook, then the worker runs out of jobs.
+        static CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+        fn hook(idle: bool) {
+            CALLS.lock().push(idle);
+        }
+        let calls = || {
+            let mut c = CALLS.lock().clone();
+            c.dedup_by(|a, b| *a && *b); // waits may end without a job (a spare permit)
+            c
+        };
+        let wait_for = |want: &[bool]| {
+            let t = std::time::Instant::now();
+            while calls() != want && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(calls(), want);
+        };
+        let rt = rt();
+        let r = Runner::with_threads_after_job(rt.handle(), 1, "runner-hook", || {}, hook).unwrap();
+        wait_for(&[true]);
+        let (gtx, grx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<usize>();
+        let t = tx.clone();
+        r.spawn(
+            async move {
+                grx.recv().unwrap(); // holds the worker until the others are queued
+                0
+            },
+            move |v, _| t.send(v.unwrap()).unwrap(),
+        );
+        for i in 1..3 {
+            let t = tx.clone();
+            r.spawn(async move { i }, move |v, _| t.send(v.unwrap()).unwrap());
+        }
+        gtx.send(()).unwrap();
+        for i in 0..3 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), i);
+        }
+        wait_for(&[true, false, false, false, true]);
+        r.shutdown();
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! drain is scheduled: a request delivered from the loop's thread arms it with
 //! `loop.call_soon`; a request that completed on a request worker and finds the queue unarmed
 //! asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
-//! `loop.call_soon_threadsafe` (one per batch, not per request). A drain that found work
+//! `loop.call_soon_threadsafe` (one per batch, not per request), not at once but after the
+//! worker's next job, or as soon as it has no job left ([`after_job`]): the completions that
+//! arrive meanwhile join the batch, for one wake-up of the loop. A drain that found work
 //! schedules the next one with `loop.call_soon`, so while the loop is busy, completions are
 //! picked up by the loop itself and no other thread has to wait for the GIL; a drain that
 //! finds the queue empty disarms it.
@@ -158,10 +160,68 @@ impl Queue {
         if arm {
             if inline == Inline::Yes {
                 ARM_HERE.with(|a| a.set(true));
-            } else {
+            } else if !defer_arm(self) {
                 send(Msg::Arm(self.clone()));
             }
         }
+    }
+}
+
+thread_local! {
+    /// Set on the runner's worker threads (`qcow2rs-py-io-N`), whose runner calls
+    /// [`after_job`].
+    static ON_WORKER: Cell<bool> = const { Cell::new(false) };
+    /// Queues a request worker armed and whose drain it has not asked for yet (see
+    /// [`after_job`]).
+    static DEFERRED: RefCell<Deferred> = const {
+        RefCell::new(Deferred {
+            previous: Vec::new(),
+            current: Vec::new(),
+        })
+    };
+}
+
+/// The queues a request worker armed without asking for their drain yet.
+struct Deferred {
+    /// Armed during the worker's previous job: asked for after the current one.
+    previous: Vec<Arc<Queue>>,
+    /// Armed during the current job: asked for after the next one.
+    current: Vec<Arc<Queue>>,
+}
+
+/// Run by each request worker when it starts.
+pub fn on_worker_start() {
+    ON_WORKER.with(|w| w.set(true));
+}
+
+/// On a request worker: put off asking for `q`'s drain until after the worker's next job
+/// (or until it runs out of jobs), and say so. The queue stays armed meanwhile, so the
+/// completions of the other workers (and of that next job) join it: the loop is woken once
+/// for all of them instead of once per completion. Nothing waits on this: the loop still has
+/// its other requests queued for the workers, and a worker that has no job left asks at
+/// once (`after_job(true)`).
+fn defer_arm(q: &Arc<Queue>) -> bool {
+    if !ON_WORKER.with(|w| w.get()) {
+        return false;
+    }
+    DEFERRED.with(|d| d.borrow_mut().current.push(q.clone()));
+    true
+}
+
+/// Called by the runner on a request worker after each job (`idle` false) and before it
+/// waits for one (`idle` true): ask for the drains put off before the job that just ran
+/// (all of them when idle).
+pub fn after_job(idle: bool) {
+    let due = DEFERRED.with(|d| {
+        let d = &mut *d.borrow_mut();
+        let mut due = std::mem::replace(&mut d.previous, std::mem::take(&mut d.current));
+        if idle {
+            due.append(&mut d.previous);
+        }
+        due
+    });
+    for q in due {
+        send(Msg::Arm(q));
     }
 }
 

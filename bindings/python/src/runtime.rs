@@ -48,9 +48,15 @@ pub fn handle() -> &'static Handle {
 /// is reaped by the worker that polls it (as the C library's request workers).
 pub fn runner() -> &'static Runner {
     RUNNER.get_or_init(|| {
-        Runner::with_threads(handle(), workers(), "qcow2rs-py-io", || {})
-            // As for the runtime: without threads nothing can work.
-            .expect("qcow2rs: cannot start the request workers")
+        Runner::with_threads_after_job(
+            handle(),
+            workers(),
+            "qcow2rs-py-io",
+            crate::aio::on_worker_start,
+            crate::aio::after_job,
+        )
+        // As for the runtime: without threads nothing can work.
+        .expect("qcow2rs: cannot start the request workers")
     })
 }
 
