@@ -85,8 +85,11 @@ def rust_bench(img: Path, count: int, bs: int, step: int, depth: int) -> float:
 
 
 def py_threads(img: qcow2rs.Image, offs: list[int], bs: int, threads: int) -> float:
+    # Buffers are made before the clock starts, as the Rust bench's are.
+    bufs = [bytearray(bs) for _ in range(threads)]
+
     def work(t: int) -> None:
-        buf = bytearray(bs)
+        buf = bufs[t]
         pi = img.preadinto
         for off in offs[t::threads]:
             pi(buf, off)
@@ -104,8 +107,10 @@ def py_asyncio(path: Path, offs: list[int], bs: int, depth: int) -> float:
     async def main() -> float:
         async with qcow2rs.aio.open(path) as img:
 
+            bufs = [bytearray(bs) for _ in range(depth)]
+
             async def work(t: int) -> None:
-                buf = bytearray(bs)
+                buf = bufs[t]
                 pi = img.preadinto
                 for off in offs[t::depth]:
                     await pi(buf, off)
