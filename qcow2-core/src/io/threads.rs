@@ -269,6 +269,25 @@ pub(super) struct FileCore {
     inline: AtomicU8,
     /// Set while a thread writes to the file in [`FileCore::write_inline`].
     inline_writer: AtomicBool,
+    /// A file in memory: whether a thread is writing to it, and the writes that thread
+    /// does next (see [`FileCore::write_in_memory`]).
+    in_memory_writes: Mutex<InMemoryWrites>,
+}
+
+/// The writer of a file in memory and the writes queued for it.
+#[derive(Default)]
+struct InMemoryWrites {
+    writing: bool,
+    queue: VecDeque<QueuedWrite>,
+}
+
+/// A write handed to the thread writing to a file in memory: the caller's memory (lent,
+/// the caller awaits `done` through [`RunToEnd::lent`]), its offset, and where the result
+/// goes.
+struct QueuedWrite {
+    buf: RawBuf,
+    off: u64,
+    done: oneshot::Sender<io::Result<()>>,
 }
 
 /// Nothing runs on the calling thread (`O_DIRECT`, or `RWF_NOWAIT` is refused).
@@ -279,6 +298,11 @@ const INLINE_NOWAIT: u8 = 1;
 /// The file lives in memory (tmpfs, ramfs): reads and writes never wait for a device,
 /// so they run on the calling thread with plain `pread`/`pwrite`.
 const INLINE_ALWAYS: u8 = 2;
+
+/// Results of queued writes to a file in memory sent at once by the writing thread
+/// ([`FileCore::write_in_memory`]): at most this many writes wait for their result after
+/// they are done.
+const IN_MEMORY_SEND_BATCH: usize = 16;
 
 /// Largest buffered write done on the calling thread ([`FileCore::write_inline`]): a
 /// larger one would hold that thread (an async runtime's worker, a C caller submitting a
@@ -354,6 +378,7 @@ impl FileCore {
             lock: Arc::new(tokio::sync::RwLock::new(())),
             inline,
             inline_writer: AtomicBool::new(false),
+            in_memory_writes: Mutex::new(InMemoryWrites::default()),
         })
     }
 
@@ -418,10 +443,72 @@ impl FileCore {
         self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS
     }
 
-    /// Write all of `data` at `off` on the calling thread: always when the file lives in
-    /// memory (tmpfs), and without `O_DIRECT` when `data` is at most [`INLINE_WRITE_MAX`]
-    /// bytes (unless `QCOW2RS_INLINE_WRITES=0`, see [`inline_writes`]). Returns false
-    /// (nothing written) for other writes, which go through the engine.
+    /// Write all of `data` at `off` to a file in memory (tmpfs), one thread at a time: a
+    /// thread that finds no other writing writes `data` with `pwrite`, then every write
+    /// queued meanwhile, until the queue is empty; a thread that finds another writing
+    /// queues `data` for it and gets the write's [`Pending`] (`Err`), to be awaited through
+    /// [`RunToEnd::lent`] (the writer reads the caller's memory until it sends the result).
+    ///
+    /// Why: tmpfs holds the inode's lock for the whole copy, and a second writer spins on
+    /// it (`rwsem_spin_on_owner`): two threads writing 64 KiB pieces cost twice the CPU of
+    /// one for the same time (docs/PERFORMANCE.md, tenth session). A mutex instead of the
+    /// queue puts the waiter to sleep and costs a wake-up per handover, slower still. The
+    /// writer never waits for anything but its `pwrite`s, so a queued write always ends.
+    pub(super) fn write_in_memory(
+        &self,
+        data: &[u8],
+        off: u64,
+    ) -> Result<io::Result<()>, Pending<()>> {
+        {
+            let mut w = self.in_memory_writes.lock();
+            if w.writing {
+                let (done, pending) = Pending::channel();
+                w.queue.push_back(QueuedWrite {
+                    buf: RawBuf::lend_shared(data),
+                    off,
+                    done,
+                });
+                return Err(pending);
+            }
+            w.writing = true;
+        }
+        let r = self.file.write_all_at(data, off);
+        // Results are sent in batches: a thread whose writes all wait here sleeps, and
+        // waking it once per write would cost the writing thread a wake-up per write.
+        let mut done = Vec::new();
+        loop {
+            let q = {
+                let mut w = self.in_memory_writes.lock();
+                match w.queue.pop_front() {
+                    Some(q) => q,
+                    None => {
+                        w.writing = false;
+                        break;
+                    }
+                }
+            };
+            // SAFETY: the queued write's caller awaits `done` through `RunToEnd::lent` over
+            // this memory, which neither ends nor returns from its drop before `done` is
+            // sent (below), so the memory is borrowed for as long as it is read here.
+            let data = unsafe { q.buf.as_shared_slice() };
+            done.push((q.done, self.file.write_all_at(data, q.off)));
+            if done.len() == IN_MEMORY_SEND_BATCH {
+                for (tx, r) in done.drain(..) {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        for (tx, r) in done {
+            let _ = tx.send(r);
+        }
+        Ok(r)
+    }
+
+    /// Write all of `data` at `off` on the calling thread, without `O_DIRECT`, when `data`
+    /// is at most [`INLINE_WRITE_MAX`] bytes (unless `QCOW2RS_INLINE_WRITES=0`, see
+    /// [`inline_writes`]) and no other thread is writing this way. Returns false (nothing
+    /// written) for other writes, which go through the engine. (Files in memory:
+    /// [`FileCore::write_in_memory`].)
     ///
     /// A buffered write copies into the page cache and returns; it waits for the device
     /// only when the kernel throttles a writer that dirties pages faster than they are
@@ -433,10 +520,6 @@ impl FileCore {
     /// `qcow2rs serve` used about twice the CPU per 64 KiB write that way (docs/PERFORMANCE.md,
     /// "eighth session").
     pub(super) fn write_inline(&self, data: &[u8], off: u64) -> io::Result<bool> {
-        if self.inline.load(Ordering::Relaxed) == INLINE_ALWAYS {
-            self.file.write_all_at(data, off)?;
-            return Ok(true);
-        }
         if self.direct || data.len() > INLINE_WRITE_MAX || !inline_writes() {
             return Ok(false);
         }
@@ -988,6 +1071,12 @@ pub(super) mod ops {
         let end = end_of(off, data.len())?;
         let core = b.core();
         if !core.direct {
+            if core.in_memory() {
+                return match core.write_in_memory(data, off) {
+                    Ok(r) => r,
+                    Err(pending) => RunToEnd::lent(data, pending).await,
+                };
+            }
             if core.write_inline(data, off)? {
                 return Ok(());
             }
@@ -1755,6 +1844,117 @@ mod tests {
         let back = std::fs::read(&path).unwrap();
         for i in 0..n {
             assert_eq!(back[i * 4096..(i + 1) * 4096], data(i)[..], "write {i}");
+        }
+    }
+
+    /// Writes to a file in memory that find another thread writing are queued for it and
+    /// done by it, in order, when it has written its own: one awaited, one whose future is
+    /// dropped while queued (the drop returns only once the write is done, the memory
+    /// being lent). Fails with every thread writing for itself (both would finish at once).
+    #[test]
+    fn writes_to_a_file_in_memory_queue_for_the_writing_thread() {
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("mem.raw");
+        std::fs::write(&path, vec![0x5au8; 3 * 4096]).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        // Treated as a file in memory (tmpfs), wherever target/ is.
+        file.core.inline.store(INLINE_ALWAYS, Ordering::Relaxed);
+        // Another thread is writing (it does not really: this test plays it below).
+        file.core.in_memory_writes.lock().writing = true;
+        let f1 = file.clone();
+        let awaited =
+            thread::spawn(move || futures::executor::block_on(f1.write_at(&[0x11u8; 4096], 4096)));
+        let f2 = file.clone();
+        let dropper = thread::spawn(move || {
+            let data = vec![0x22u8; 4096];
+            let mut fut = f2.write_at(&data, 2 * 4096);
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+                panic!("the write did not wait for the writing thread: {r:?}");
+            }
+            drop(fut);
+            drop(data);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while file.core.in_memory_writes.lock().queue.len() < 2 {
+            assert!(
+                Instant::now() < deadline && !awaited.is_finished(),
+                "the writes were not queued"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        thread::sleep(Duration::from_millis(50));
+        assert!(!awaited.is_finished() && !dropper.is_finished());
+        assert!(std::fs::read(&path).unwrap()[4096..]
+            .iter()
+            .all(|&b| b == 0x5a));
+        // The writer ends: the next write becomes the writer and does the queued ones too.
+        file.core.in_memory_writes.lock().writing = false;
+        futures::executor::block_on(file.write_at(&[0x33u8; 4096], 0)).unwrap();
+        while !(awaited.is_finished() && dropper.is_finished()) {
+            assert!(Instant::now() < deadline, "a queued write never ended");
+            thread::sleep(Duration::from_millis(1));
+        }
+        awaited.join().unwrap().unwrap();
+        dropper.join().unwrap();
+        let w = file.core.in_memory_writes.lock();
+        assert!(!w.writing && w.queue.is_empty());
+        let back = std::fs::read(&path).unwrap();
+        for (i, b) in [0x33u8, 0x11, 0x22].into_iter().enumerate() {
+            assert!(
+                back[i * 4096..(i + 1) * 4096].iter().all(|&x| x == b),
+                "block {i}"
+            );
+        }
+    }
+
+    /// Four threads writing distinct blocks of a file in memory at once (so that writes
+    /// queue for one another): every block lands, and the file's writer is free after.
+    #[test]
+    fn concurrent_writes_to_a_file_in_memory_all_land() {
+        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let path = dir.path().join("mem4.raw");
+        const BLOCKS: usize = 4 * 256;
+        std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
+        file.core.inline.store(INLINE_ALWAYS, Ordering::Relaxed);
+        let block = |i: usize| vec![(i % 251 + 1) as u8; 4096];
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let f = file.clone();
+                thread::spawn(move || {
+                    for i in (t..BLOCKS).step_by(4) {
+                        futures::executor::block_on(f.write_at(&block(i), (i * 4096) as u64))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !writers.iter().all(|w| w.is_finished()) {
+            assert!(Instant::now() < deadline, "a write never ended");
+            thread::sleep(Duration::from_millis(5));
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        let w = file.core.in_memory_writes.lock();
+        assert!(!w.writing && w.queue.is_empty());
+        let back = std::fs::read(&path).unwrap();
+        for i in 0..BLOCKS {
+            assert_eq!(back[i * 4096..(i + 1) * 4096], block(i)[..], "block {i}");
         }
     }
 
