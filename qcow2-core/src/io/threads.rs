@@ -1772,11 +1772,13 @@ mod tests {
         assert_eq!(futures::executor::block_on(pool.run(|| Ok(7))).unwrap(), 7);
     }
 
-    /// A file of `len` bytes of 0x5a named `name` in a new directory under `target/tmp` (on
-    /// disk: tmpfs refuses `O_DIRECT`), opened writable with `O_DIRECT`.
-    fn direct_file(
+    /// A file of `len` bytes of 0x5a named `name` in a new directory under `target/tmp`,
+    /// opened writable: with `O_DIRECT` (on disk: tmpfs refuses it), or buffered and
+    /// treated as a file in memory (tmpfs), wherever `target/` is.
+    fn test_file(
         name: &str,
         len: usize,
+        direct: bool,
     ) -> (tempfile::TempDir, std::path::PathBuf, Arc<ThreadsFile>) {
         let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
         std::fs::create_dir_all(&tmp).unwrap();
@@ -1785,11 +1787,15 @@ mod tests {
         std::fs::write(&path, vec![0x5au8; len]).unwrap();
         let fo = FileOptions {
             writable: true,
-            direct: true,
+            direct,
             ..Default::default()
         };
         let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
-        assert!(!file.in_memory(), "needs a file on disk");
+        if direct {
+            assert!(!file.in_memory(), "needs a file on disk");
+        } else {
+            file.core.inline.store(INLINE_ALWAYS, Ordering::Relaxed);
+        }
         (dir, path, file)
     }
 
@@ -1811,7 +1817,7 @@ mod tests {
     #[test]
     fn a_read_completes_while_writes_are_held_in_workers() {
         let n = Pool::get().unwrap().shared.queue.lock().min + 1;
-        let (_dir, path, file) = direct_file("held.raw", (n + 1) * 4096);
+        let (_dir, path, file) = test_file("held.raw", (n + 1) * 4096, true);
         // Bytes unique to this test (the holds are shared by every test of the process).
         let data = |i: usize| -> Vec<u8> {
             (0..4096usize)
@@ -1853,18 +1859,7 @@ mod tests {
     /// being lent). Fails with every thread writing for itself (both would finish at once).
     #[test]
     fn writes_to_a_file_in_memory_queue_for_the_writing_thread() {
-        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-        std::fs::create_dir_all(&tmp).unwrap();
-        let dir = tempfile::tempdir_in(&tmp).unwrap();
-        let path = dir.path().join("mem.raw");
-        std::fs::write(&path, vec![0x5au8; 3 * 4096]).unwrap();
-        let fo = FileOptions {
-            writable: true,
-            ..Default::default()
-        };
-        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
-        // Treated as a file in memory (tmpfs), wherever target/ is.
-        file.core.inline.store(INLINE_ALWAYS, Ordering::Relaxed);
+        let (_dir, path, file) = test_file("mem.raw", 3 * 4096, false);
         // Another thread is writing (it does not really: this test plays it below).
         file.core.in_memory_writes.lock().writing = true;
         let f1 = file.clone();
@@ -1918,19 +1913,9 @@ mod tests {
     /// queue for one another): every block lands, and the file's writer is free after.
     #[test]
     fn concurrent_writes_to_a_file_in_memory_all_land() {
-        let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-        std::fs::create_dir_all(&tmp).unwrap();
-        let dir = tempfile::tempdir_in(&tmp).unwrap();
-        let path = dir.path().join("mem4.raw");
         const BLOCKS: usize = 4 * 256;
-        std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
-        let fo = FileOptions {
-            writable: true,
-            ..Default::default()
-        };
-        let file = Arc::new(ThreadsFile::open(&path, &fo).unwrap());
-        file.core.inline.store(INLINE_ALWAYS, Ordering::Relaxed);
-        let block = |i: usize| vec![(i % 251 + 1) as u8; 4096];
+        let (_dir, path, file) = test_file("mem4.raw", BLOCKS * 4096, false);
+        let block = |i: usize| vec![(i % 89 + 1) as u8; 4096]; // never the fill, 0x5a
         let writers: Vec<_> = (0..4)
             .map(|t| {
                 let f = file.clone();
@@ -1965,7 +1950,7 @@ mod tests {
     /// future can end before its operation (the drop returns while the write is held).
     #[test]
     fn a_dropped_lent_write_ends_before_its_drop_returns() {
-        let (_dir, path, file) = direct_file("lent.raw", 3 * 65536);
+        let (_dir, path, file) = test_file("lent.raw", 3 * 65536, true);
         // 64 KiB of aligned memory with bytes unique to this test.
         let mut data = AlignedBuf::zeroed(65536, 4096).unwrap();
         for (j, b) in data.iter_mut().enumerate() {
