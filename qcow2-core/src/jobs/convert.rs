@@ -120,17 +120,13 @@ fn sparse_runs(
 /// offset `off`), its end aligned as qemu-img's `is_allocated_sectors` aligns it, and
 /// whether it is data. Never 0 for a non-empty `buf`.
 fn allocated_run(buf: &[u8], off: u64, align: u64) -> (usize, bool) {
-    let sector = |k: usize| &buf[k * 512..((k + 1) * 512).min(buf.len())];
-    let n = buf.len().div_ceil(512);
-    let zero = is_zero(sector(0));
-    let mut i = 1;
-    while i < n && is_zero(sector(i)) == zero {
-        i += 1;
-    }
-    if i == n {
+    let mut sectors = buf.chunks(512);
+    let zero = sectors.next().is_some_and(sector_is_zero);
+    let i = 1 + sectors.take_while(|s| sector_is_zero(s) == zero).count();
+    let mut len = i * 512;
+    if len >= buf.len() {
         return (buf.len(), !zero);
     }
-    let mut len = i * 512;
     let tail = ((off + len as u64) % align) as usize;
     let mut data = !zero;
     if tail != 0 {
@@ -193,6 +189,17 @@ impl ConvertOptions {
         } else {
             parallel
         }
+    }
+}
+
+/// [`is_zero`] for a sector, which in data is seldom all zeros: its first 16 bytes are
+/// looked at on their own first, so that a data sector costs one load and no loop set-up
+/// (zero detection over every 512-byte sector of the data was 2% of the CPU of a
+/// conversion from raw to qcow2 on tmpfs).
+fn sector_is_zero(b: &[u8]) -> bool {
+    match b.first_chunk::<16>() {
+        Some(h) if u128::from_ne_bytes(*h) != 0 => false,
+        _ => is_zero(b),
     }
 }
 
@@ -1249,6 +1256,32 @@ mod tests {
 
     const K: usize = 1024;
     const M: usize = 1024 * K;
+
+    /// A sector whose first 16 bytes are zeros is data when any later byte is not: the
+    /// quick look at a sector's head (`sector_is_zero`) only ever decides "data".
+    #[test]
+    fn sparse_runs_see_data_past_a_zero_head() {
+        for at in [4 * K + 16, 4 * K + 511, 4 * K + 3] {
+            let mut buf = vec![0u8; 64 * K];
+            buf[at] = 1;
+            assert_eq!(
+                sparse_runs(&buf, 0, 4096, 4096, &[(0, 64 * K)]),
+                vec![
+                    (0, 4 * K, true),
+                    (4 * K, 4 * K, false),
+                    (8 * K, 56 * K, true)
+                ],
+                "data byte at {at}"
+            );
+        }
+        // A partial last sector.
+        let mut buf = vec![0u8; 4 * K + 100];
+        buf[4 * K + 99] = 1;
+        assert_eq!(
+            sparse_runs(&buf, 0, 4096, 4096, &[(0, 4 * K + 100)]),
+            vec![(0, 4 * K, true), (4 * K, 100, false)]
+        );
+    }
 
     /// What qemu-img 10 wrote for `-S 1M` (alignment 1M) in `qemu-img map` of its output.
     #[test]
