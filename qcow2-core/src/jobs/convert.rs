@@ -14,6 +14,13 @@ pub const CHUNK: u64 = 2 << 20;
 /// this size run on the calling thread (`FileCore::write_inline`), larger ones go through
 /// the engine (on ext4 an io_uring io-wq worker, and a second thread hop to complete).
 const WRITE_SLICE: usize = 1 << 20;
+/// Shortest data run of a conversion to a new raw file whose space is reserved
+/// (`fallocate`) before it is written, without `O_DIRECT` on a disk file system. A buffered
+/// write into reserved (unwritten) blocks skips ext4's delayed allocation (a reservation and
+/// a delayed extent per block), and the flush at the end has no blocks left to allocate:
+/// `convert -O raw` of 1 GiB on ext4 took about a fifth less CPU with it. Shorter runs are
+/// not worth the call (through io_uring, a hop to an io-wq worker).
+const RESERVE_MIN: usize = 256 << 10;
 /// Granularity of zero detection in data (qemu-img's default `-S 4k`).
 pub const ZERO_GRANULE: usize = 4096;
 
@@ -716,6 +723,9 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     } else {
         WRITE_SLICE
     };
+    // A new target on a disk file system gets the space of each data run reserved
+    // (`fallocate`) before the run is written: see `RESERVE_MIN`.
+    let reserve = !opts.existing && !opts.file.direct && !out.in_memory();
     let (src2, out2, dst2, ordered2) =
         (src.clone(), out.clone(), dst.to_path_buf(), ordered.clone());
     let work = move |p: Piece| {
@@ -742,6 +752,10 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
                     for (a, n, hole) in runs {
                         let at = p.off + a as u64;
                         if !hole {
+                            if reserve && n >= RESERVE_MIN {
+                                // Errors are left to the writes (no space: those fail too).
+                                let _ = out.allocate(at, n as u64).await;
+                            }
                             for (k, part) in buf[a..a + n].chunks(slice).enumerate() {
                                 out.write_at(part, at + (k * slice) as u64)
                                     .await
