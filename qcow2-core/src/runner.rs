@@ -227,6 +227,17 @@ impl Runner {
         }
     }
 
+    /// How many jobs wait for a worker: those in the shared queue, plus, on a worker thread
+    /// of this runner, those in its own queue. A hook of [`Runner::with_threads_after_job`]
+    /// can use it to tell whether the workers are about to run out of work.
+    pub fn waiting_jobs(&self) -> usize {
+        let local = LOCAL.with(|l| match l.borrow().as_ref() {
+            Some((inner, q, _)) if std::ptr::eq(*inner, Arc::as_ptr(&self.inner)) => q.len(),
+            _ => 0,
+        });
+        local + self.inner.queue.lock().len()
+    }
+
     /// The runtime this runner's workers run on.
     pub fn handle(&self) -> &Handle {
         &self.inner.handle
@@ -865,6 +876,37 @@ mod tests {
             assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), i);
         }
         wait_for(&[true, false, false, false, true]);
+        r.shutdown();
+    }
+
+    #[test]
+    fn waiting_jobs_counts_the_jobs_no_worker_has_taken() {
+        let rt = rt();
+        let r = Runner::with_threads(rt.handle(), 1, "runner-waiting", || {}).unwrap();
+        assert_eq!(r.waiting_jobs(), 0);
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (gtx, grx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<usize>();
+        let t = tx.clone();
+        r.spawn(
+            async move {
+                started_tx.send(()).unwrap();
+                grx.recv().unwrap(); // holds the only worker
+                0
+            },
+            move |v, _| t.send(v.unwrap()).unwrap(),
+        );
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        for i in 1..4 {
+            let t = tx.clone();
+            r.spawn(async move { i }, move |v, _| t.send(v.unwrap()).unwrap());
+            assert_eq!(r.waiting_jobs(), i);
+        }
+        gtx.send(()).unwrap();
+        for i in 0..4 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), i);
+        }
+        assert_eq!(r.waiting_jobs(), 0);
         r.shutdown();
     }
 

@@ -22,9 +22,11 @@
 //! drain is scheduled: a request delivered from the loop's thread arms it with
 //! `loop.call_soon`; a request that completed on a request worker and finds the queue unarmed
 //! asks the delivery thread (`qcow2rs-py-aio`) to schedule a drain with
-//! `loop.call_soon_threadsafe` (one per batch, not per request), not at once but after the
-//! worker's next job, or as soon as it has no job left ([`after_job`]): the completions that
-//! arrive meanwhile join the batch, for one wake-up of the loop. A drain that found work
+//! `loop.call_soon_threadsafe` (one per batch, not per request), not at once but after one
+//! more job at least, once the workers are about to run out of work (no more jobs waiting
+//! than there are workers), after at most [`HOLD_JOBS`] jobs, or as soon as the worker has no
+//! job left ([`after_job`]): the completions that arrive meanwhile join the batch, for one
+//! wake-up of the loop. A drain that found work
 //! schedules the next one with `loop.call_soon`, so while the loop is busy, completions are
 //! picked up by the loop itself and no other thread has to wait for the GIL; a drain that
 //! finds the queue empty disarms it.
@@ -173,20 +175,57 @@ thread_local! {
     static ON_WORKER: Cell<bool> = const { Cell::new(false) };
     /// Queues a request worker armed and whose drain it has not asked for yet (see
     /// [`after_job`]).
-    static DEFERRED: RefCell<Deferred> = const {
-        RefCell::new(Deferred {
-            previous: Vec::new(),
-            current: Vec::new(),
-        })
-    };
+    static DEFERRED: RefCell<Deferred<Arc<Queue>>> = const { RefCell::new(Deferred::new()) };
 }
 
-/// The queues a request worker armed without asking for their drain yet.
-struct Deferred {
-    /// Armed during the worker's previous job: asked for after the current one.
-    previous: Vec<Arc<Queue>>,
-    /// Armed during the current job: asked for after the next one.
-    current: Vec<Arc<Queue>>,
+/// What a request worker armed without asking for the drain yet (queues; anything in tests).
+struct Deferred<T> {
+    /// Armed during an earlier job: asked for once the workers are about to run out of work
+    /// (see [`Deferred::after_job`]).
+    held: Vec<T>,
+    /// Jobs the worker ran since the first of `held` was armed (not counting that job).
+    held_jobs: u32,
+    /// Armed during the current job.
+    current: Vec<T>,
+}
+
+/// A request worker asks for the drains it put off after at most this many more jobs, even
+/// while the workers still have plenty of work queued.
+const HOLD_JOBS: u32 = 4;
+
+impl<T> Deferred<T> {
+    const fn new() -> Self {
+        Deferred {
+            held: Vec::new(),
+            held_jobs: 0,
+            current: Vec::new(),
+        }
+    }
+
+    /// After a job (`idle` false) or before the worker waits for one (`idle` true): what is
+    /// due now. Something armed during an earlier job is due when the workers are about to
+    /// run out of work (`running_low()`, asked only then), or after [`HOLD_JOBS`] jobs;
+    /// everything is due when the worker has no job left.
+    fn after_job(&mut self, idle: bool, running_low: impl FnOnce() -> bool) -> Vec<T> {
+        if idle {
+            let mut due = std::mem::take(&mut self.held);
+            due.append(&mut self.current);
+            self.held_jobs = 0;
+            return due;
+        }
+        let mut due = Vec::new();
+        if !self.held.is_empty() {
+            self.held_jobs += 1;
+            if self.held_jobs >= HOLD_JOBS || running_low() {
+                due = std::mem::take(&mut self.held);
+            }
+        }
+        if self.held.is_empty() {
+            self.held_jobs = 0;
+        }
+        self.held.append(&mut self.current);
+        due
+    }
 }
 
 /// Run by each request worker when it starts.
@@ -195,8 +234,8 @@ pub fn on_worker_start() {
 }
 
 /// On a request worker: put off asking for `q`'s drain until after the worker's next job
-/// (or until it runs out of jobs), and say so. The queue stays armed meanwhile, so the
-/// completions of the other workers (and of that next job) join it: the loop is woken once
+/// at least (see [`after_job`]), and say so. The queue stays armed meanwhile, so the
+/// completions of the other workers (and of the next jobs) join it: the loop is woken once
 /// for all of them instead of once per completion. Nothing waits on this: the loop still has
 /// its other requests queued for the workers, and a worker that has no job left asks at
 /// once (`after_job(true)`).
@@ -209,20 +248,23 @@ fn defer_arm(q: &Arc<Queue>) -> bool {
 }
 
 /// Called by the runner on a request worker after each job (`idle` false) and before it
-/// waits for one (`idle` true): ask for the drains put off before the job that just ran
-/// (all of them when idle).
+/// waits for one (`idle` true): ask for the drains that are due ([`Deferred::after_job`]).
+/// A drain put off is asked for when no more jobs wait than there are workers, so that the
+/// loop's turnaround (the delivery, the drain, the new submissions of the tasks it woke)
+/// overlaps the jobs still running, and the batch is as large as that allows: the fewer
+/// batches, the fewer wake-ups of the delivery thread and of the loop per request. The
+/// workers never wait for it: a worker that runs dry asks for every drain it holds.
 pub fn after_job(idle: bool) {
-    let due = DEFERRED.with(|d| {
-        let d = &mut *d.borrow_mut();
-        let mut due = std::mem::replace(&mut d.previous, std::mem::take(&mut d.current));
-        if idle {
-            due.append(&mut d.previous);
-        }
-        due
-    });
+    let due = DEFERRED.with(|d| d.borrow_mut().after_job(idle, running_low));
     for q in due {
         send(Msg::Arm(q));
     }
+}
+
+/// The request workers are about to run out of work: no more jobs wait than there are
+/// workers.
+fn running_low() -> bool {
+    runtime::running_runner().is_none_or(|r| r.waiting_jobs() <= runtime::workers())
 }
 
 thread_local! {
@@ -602,4 +644,44 @@ pub fn submit_open(q: &Completions, fut: Py<PyAny>, args: crate::image::OpenArgs
             Inline::No,
         );
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Deferred, HOLD_JOBS};
+
+    #[test]
+    fn a_deferred_drain_waits_while_the_workers_have_work() {
+        let mut d = Deferred::new();
+        d.current.push(1);
+        // The job that armed it ends: never due right then.
+        assert_eq!(d.after_job(false, || true), Vec::<i32>::new());
+        // Plenty of jobs queued: held for up to HOLD_JOBS more jobs; what is armed meanwhile
+        // joins it.
+        for j in 1..HOLD_JOBS {
+            assert_eq!(d.after_job(false, || false), Vec::<i32>::new(), "job {j}");
+            d.current.push(10 + j as i32);
+        }
+        let want: Vec<i32> = std::iter::once(1)
+            .chain((1..HOLD_JOBS).map(|j| 10 + j as i32))
+            .collect();
+        let due = d.after_job(false, || false);
+        // All but the one armed during the last job, which waits for the next.
+        assert_eq!(due, want[..want.len() - 1].to_vec());
+        assert_eq!(d.after_job(false, || true), vec![*want.last().unwrap()]);
+    }
+
+    #[test]
+    fn a_deferred_drain_is_due_when_the_workers_run_low_or_dry() {
+        let mut d = Deferred::new();
+        d.current.push(1);
+        assert_eq!(d.after_job(false, || false), Vec::<i32>::new());
+        assert_eq!(d.after_job(false, || true), vec![1]);
+        // A worker with no job left asks for everything, even what its last job armed.
+        d.current.push(2);
+        assert_eq!(d.after_job(false, || false), Vec::<i32>::new());
+        d.current.push(3);
+        assert_eq!(d.after_job(true, || false), vec![2, 3]);
+        assert_eq!(d.after_job(false, || true), Vec::<i32>::new());
+    }
 }

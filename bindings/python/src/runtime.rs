@@ -17,11 +17,16 @@ use tokio::runtime::{Handle, Runtime};
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 static RUNNER: OnceLock<Runner> = OnceLock::new();
 
-fn workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 16)
+/// The number of the runtime's worker threads, and of the request workers (computed once:
+/// asking the system reads cgroup files).
+pub fn workers() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 16)
+    })
 }
 
 fn runtime() -> &'static Runtime {
@@ -58,6 +63,11 @@ pub fn runner() -> &'static Runner {
         // As for the runtime: without threads nothing can work.
         .expect("qcow2rs: cannot start the request workers")
     })
+}
+
+/// The request runner, if it has started (for its own workers, which run only once it has).
+pub fn running_runner() -> Option<&'static Runner> {
+    RUNNER.get()
 }
 
 /// Run `fut` to completion on the calling thread. Call with the GIL released. Called from
