@@ -1600,6 +1600,16 @@ mod tests {
         rrx
     }
 
+    /// Wait until `count` (a reaper's test counter) shows a reap. A reaper counts what it
+    /// reaped after it finished the operations, so the request's answer can come first.
+    fn wait_for_reaps(count: &AtomicUsize, who: &str) {
+        let t = std::time::Instant::now();
+        while count.load(Ordering::Relaxed) == 0 {
+            assert!(t.elapsed() < WAIT, "{who} reaped nothing");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn wait_for_waiters(ring: &Ring, n: usize) {
         let t = std::time::Instant::now();
         while *ring.waiters.lock() != n {
@@ -1737,7 +1747,7 @@ mod tests {
             got.expect("completion thread not re-armed"),
             vec![4u8; 4096]
         );
-        assert!(ring.thread_reaps.load(Ordering::Relaxed) >= 1);
+        wait_for_reaps(&ring.thread_reaps, "the completion thread");
         drop(rt_ring);
     }
 
@@ -1752,9 +1762,12 @@ mod tests {
         let (_dir, core) = test_file("f");
         let rt = watching_runtime(&ring);
         let (btx, brx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        // The worker stays blocked until the test has its answer (not for a fixed time,
+        // which a loaded machine can outlast before the completion thread runs).
         rt.spawn(async move {
             btx.send(()).unwrap();
-            thread::sleep(Duration::from_secs(3));
+            let _ = release_rx.recv_timeout(2 * WAIT);
         });
         brx.recv_timeout(WAIT).unwrap();
         // The completion thread, finding the ring idle, stops its timer: the request
@@ -1764,14 +1777,13 @@ mod tests {
             assert!(t.elapsed() < WAIT, "the completion thread kept its timer");
             thread::sleep(Duration::from_millis(1));
         }
-        let t = std::time::Instant::now();
-        let got = read_block(&ring, &core, 12).recv_timeout(Duration::from_secs(2));
+        let got = read_block(&ring, &core, 12).recv_timeout(WAIT);
+        let _ = release_tx.send(());
         assert_eq!(
             got.expect("nobody reaped while the runtime was blocked"),
             vec![12u8; 4096]
         );
-        assert!(t.elapsed() < Duration::from_secs(2));
-        assert!(ring.thread_reaps.load(Ordering::Relaxed) >= 1);
+        wait_for_reaps(&ring.thread_reaps, "the completion thread");
         drop(rt);
         drop(rt_ring);
     }
