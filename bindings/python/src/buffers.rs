@@ -8,6 +8,7 @@
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 
 /// A held, C-contiguous Python buffer.
@@ -71,23 +72,6 @@ impl HeldBuffer {
         self.len
     }
 
-    /// The first `n` bytes as a mutable slice.
-    ///
-    /// # Safety
-    /// The buffer must be writable (made by [`HeldBuffer::writable`]), `n <= len()`, `self`
-    /// must outlive every use of the slice, and no other Rust reference to the memory may be
-    /// used meanwhile. (Python code may still touch the memory concurrently, as with every
-    /// buffer-protocol consumer that releases the GIL, e.g. `io.FileIO.readinto`: the bytes
-    /// then hold an unspecified mix, but memory stays valid.)
-    pub unsafe fn slice_mut<'a>(&self, n: usize) -> &'a mut [u8] {
-        debug_assert!(n <= self.len && !self.buf.readonly());
-        if n == 0 {
-            return &mut [];
-        }
-        // SAFETY: the caller guarantees the conditions above; `ptr` is valid for `len` bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
-    }
-
     /// The first `n` bytes as a slice.
     ///
     /// # Safety
@@ -116,6 +100,53 @@ impl HeldBuffer {
     }
 }
 
+/// Run `f` on the memory of `obj`, a writable C-contiguous buffer held for the length of
+/// the call, with the GIL held before and after `f` (blocking calls: `f` may release it).
+///
+/// The cheap way for a blocking call: the buffer is asked for with `PyBUF_WRITABLE` alone
+/// (no format, shape nor strides to fill in) into a `Py_buffer` on this stack frame, where
+/// [`HeldBuffer`] asks for everything (`PyBUF_FULL_RO`) into a box. An object that refuses
+/// that request goes through [`HeldBuffer::writable`], which gives the usual error (or takes
+/// the buffer after all).
+pub fn with_writable<R>(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+    f: impl FnOnce(BufPtr) -> PyResult<R>,
+) -> PyResult<R> {
+    /// Releases the view when dropped (the GIL is held: `with_writable` is called with it,
+    /// and `f` returns with it).
+    struct View(std::mem::MaybeUninit<ffi::Py_buffer>);
+    impl Drop for View {
+        fn drop(&mut self) {
+            // SAFETY: a `View` exists only once `PyObject_GetBuffer` filled it in, and it
+            // is released once, here, with the GIL held.
+            unsafe { ffi::PyBuffer_Release(self.0.as_mut_ptr()) }
+        }
+    }
+    let mut raw = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+    // SAFETY: `obj` is a live object and `raw` room for one `Py_buffer`; the GIL is held.
+    let rc =
+        unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), raw.as_mut_ptr(), ffi::PyBUF_WRITABLE) };
+    if rc != 0 {
+        drop(PyErr::take(obj.py()));
+        let held = HeldBuffer::writable(obj, what)?;
+        let r = f(held.ptr());
+        held.release(obj.py());
+        return r;
+    }
+    let view = View(raw);
+    // SAFETY: filled in by the successful call above.
+    let (ptr, len) = unsafe {
+        let v = view.0.assume_init_ref();
+        (v.buf as usize, v.len as usize)
+    };
+    // The view stays where it is until it is released after `f` (some exporters point
+    // into it), and it keeps the memory valid and in place meanwhile.
+    let r = f(BufPtr { ptr, len });
+    drop(view);
+    r
+}
+
 /// The memory of a [`HeldBuffer`], without holding it: whoever uses it must make sure the
 /// `HeldBuffer` is still held (the asyncio requests: their completion holds it until after
 /// the request's future has finished).
@@ -126,11 +157,19 @@ pub struct BufPtr {
 }
 
 impl BufPtr {
+    /// Length in bytes.
+    pub fn byte_len(self) -> usize {
+        self.len
+    }
+
     /// The first `n` bytes as a mutable slice.
     ///
     /// # Safety
-    /// As [`HeldBuffer::slice_mut`], and the `HeldBuffer` this came from must stay held (not
-    /// released nor dropped) while the slice is used.
+    /// The buffer must be writable, `n <= len()`, the buffer this came from must stay held
+    /// (not released) while the slice is used, and no other Rust reference to the memory may
+    /// be used meanwhile. (Python code may still touch the memory concurrently, as with every
+    /// buffer-protocol consumer that releases the GIL, e.g. `io.FileIO.readinto`: the bytes
+    /// then hold an unspecified mix, but memory stays valid.)
     pub unsafe fn slice_mut<'a>(self, n: usize) -> &'a mut [u8] {
         debug_assert!(n <= self.len);
         if n == 0 {

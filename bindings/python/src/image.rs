@@ -6,7 +6,7 @@
 //! once (see `aio.rs`).
 
 use crate::aio::{self, Outcome};
-use crate::buffers::HeldBuffer;
+use crate::buffers::{self, HeldBuffer};
 use crate::errors::{closed, to_pyerr};
 use crate::json;
 use crate::runtime;
@@ -119,9 +119,33 @@ impl Image {
         Ok((sh, permit))
     }
 
-    /// Take the image out for closing (None when already closed).
-    pub fn take(&self) -> Option<Arc<Shared>> {
-        self.slot.write().take()
+    /// Run `f` on the open image with the GIL released, holding the slot's read lock for
+    /// the whole call (`ValueError` once closed or closing): the cheap way for a blocking
+    /// call to keep the image open, since closing takes the write lock first ([`take`]).
+    /// Against [`acquire`] it saves, per call, the `Arc<Shared>` clone and drop and the
+    /// gate's permit (an `Arc` clone, a semaphore acquire and a release that locks the
+    /// semaphore's waiter list): atomic operations on lines every thread shares, which
+    /// bounce between cores when several threads read at once. `f` must not wait for
+    /// anything that needs this image's slot or the GIL.
+    ///
+    /// [`take`]: Image::take
+    /// [`acquire`]: Image::acquire
+    pub fn with_open<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Shared) -> core::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let slot = self.slot.read();
+            let sh = slot.as_deref().ok_or_else(closed)?;
+            f(sh).map_err(|e| self.err(&e))
+        })
+    }
+
+    /// Take the image out for closing (None when already closed). Waits (with the GIL
+    /// released) for the blocking calls running in [`with_open`](Image::with_open).
+    pub fn take(&self, py: Python<'_>) -> Option<Arc<Shared>> {
+        py.detach(|| self.slot.write().take())
     }
 
     /// Translate a core error, naming this image's file.
@@ -298,37 +322,28 @@ impl Image {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let length = non_negative(length, "length")?;
         let (off, n) = self.read_range(length, offset)?;
-        let (sh, permit) = self.acquire()?;
         let mut res = Ok(());
         let bytes = PyBytes::new_with(py, n, |buf| {
-            res = py.detach(|| {
-                let r = runtime::block_on(sh.img.read_at(buf, off));
-                drop(permit);
-                r
-            });
+            res = self.with_open(py, |sh| runtime::block_on_read(&sh.img, buf, off));
             Ok(())
         })?;
-        res.map_err(|e| self.err(&e))?;
+        res?;
         Ok(bytes)
     }
 
     /// Read into `buf` (any writable C-contiguous buffer) at `offset`, without copying.
     /// Returns the number of bytes read (fewer than `len(buf)` at the end of the image).
     fn preadinto(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: i64) -> PyResult<usize> {
-        let held = HeldBuffer::writable(buf, "preadinto() argument 1")?;
-        let (off, n) = self.read_range(held.len() as u64, offset)?;
-        let (sh, permit) = self.acquire()?;
-        let held_ref = &held;
-        let res = py.detach(|| {
-            // SAFETY: `held` is writable, outlives this call and nothing else in Rust uses it.
-            let dst = unsafe { held_ref.slice_mut(n) };
-            let r = runtime::block_on(sh.img.read_at(dst, off));
-            drop(permit);
-            r
-        });
-        held.release(py);
-        res.map_err(|e| self.err(&e))?;
-        Ok(n)
+        buffers::with_writable(buf, "preadinto() argument 1", |mem| {
+            let (off, n) = self.read_range(mem.byte_len() as u64, offset)?;
+            self.with_open(py, |sh| {
+                // SAFETY: the buffer is writable and held until `with_writable` returns,
+                // and nothing else in Rust uses it.
+                let dst = unsafe { mem.slice_mut(n) };
+                runtime::block_on_read(&sh.img, dst, off)
+            })?;
+            Ok(n)
+        })
     }
 
     /// Write `data` (any bytes-like object) at `offset`. Returns the number of bytes written.
@@ -336,17 +351,14 @@ impl Image {
         let held = HeldBuffer::readable(data, "pwrite() argument 1")?;
         let n = held.len();
         let off = self.write_range(n as u64, offset)?;
-        let (sh, permit) = self.acquire()?;
         let held_ref = &held;
-        let res = py.detach(|| {
+        let res = self.with_open(py, |sh| {
             // SAFETY: `held` outlives this call.
             let src = unsafe { held_ref.slice(n) };
-            let r = runtime::block_on(sh.img.write_at(src, off));
-            drop(permit);
-            r
+            runtime::block_on(sh.img.write_at(src, off))
         });
         held.release(py);
-        res.map_err(|e| self.err(&e))?;
+        res?;
         Ok(n)
     }
 
@@ -392,7 +404,7 @@ impl Image {
     /// Flush and close the image (after every request in flight has finished). Closing a
     /// closed image does nothing.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let Some(sh) = self.take() else {
+        let Some(sh) = self.take(py) else {
             return Ok(());
         };
         py.detach(|| runtime::block_on(Image::close_shared(sh)))
@@ -748,7 +760,7 @@ impl Image {
 
     fn _aio_close(&self, owner: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let name = self.name.clone();
-        match self.take() {
+        match self.take(owner.py()) {
             None => aio::submit(owner.py(), owner, None, false, move || async {
                 Outcome::Unit
             }),

@@ -82,12 +82,34 @@ pub fn running_runner() -> Option<&'static Runner> {
 /// request spawns and its timers.
 pub fn block_on<T>(fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     if Handle::try_current().is_ok() {
-        return Err(Error::new(
-            ErrorKind::Deadlock,
-            "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
-        ));
+        return Err(deadlock());
     }
     qcow2_core::io::block_on_in_runtime(handle(), fut)
+}
+
+/// Read `buf.len()` bytes of guest data at `off` of `img`, as [`block_on`] of `img.read_at`.
+///
+/// A read of at most one cluster runs without entering the runtime's context (tokio's
+/// `Handle::enter` clones and drops the runtime's handle, an `Arc` every thread shares, and
+/// sets a thread-local twice). Such a read needs nothing from the runtime: the only thing a
+/// read ever hands to it is decompression (`spawn_blocking`, to decompress many clusters on
+/// all cores at once), which without a runtime runs on the calling thread, and a read this
+/// small touches one or two clusters. Longer reads enter the context as before.
+pub fn block_on_read(img: &qcow2_core::Image, buf: &mut [u8], off: u64) -> Result<(), Error> {
+    if buf.len() as u64 > img.layout().cluster_size {
+        return block_on(img.read_at(buf, off));
+    }
+    if Handle::try_current().is_ok() {
+        return Err(deadlock());
+    }
+    qcow2_core::io::block_on(img.read_at(buf, off))
+}
+
+fn deadlock() -> Error {
+    Error::new(
+        ErrorKind::Deadlock,
+        "a blocking qcow2rs call cannot be made from inside a qcow2rs callback",
+    )
 }
 
 /// Spawn `fut` on the runtime; it runs to its end whatever happens to the caller.

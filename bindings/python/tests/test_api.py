@@ -8,6 +8,8 @@ import io
 import mmap
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -139,6 +141,49 @@ def test_preadinto_holds_buffer_during_read(data_image):
         img.preadinto(b, 0)
     b.append(1)
     assert len(b) == 1001
+
+
+def test_close_while_threads_read_and_write(data_image):
+    # Threads read (preadinto, pread) and write (pwrite) while the main thread closes the
+    # image: a blocking call in progress finishes before close goes on, every call after it
+    # raises ValueError, and nothing else goes wrong (no other error, no hang). Blocking calls
+    # hold the image open for their length with a lock that close takes (`Image::with_open`).
+    img = qcow2rs.open(data_image, "r+")
+    errors: list[BaseException] = []
+    counts = [0] * 4
+    started = threading.Barrier(5)
+
+    def reader(t: int) -> None:
+        b = bytearray(4096)
+        started.wait()
+        try:
+            while True:
+                if t == 3:
+                    img.pwrite(b"\x33" * 4096, 8 * MiB + 4096 * (counts[t] % 16))
+                elif t == 2:
+                    assert img.pread(4096, 0) == b"\x11" * 4096
+                else:
+                    assert img.preadinto(b, 1 * MiB) == 4096 and b == b"\x22" * 4096
+                counts[t] += 1
+        except ValueError:
+            pass
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+    for t in ts:
+        t.start()
+    started.wait()
+    while min(counts) < 50:
+        time.sleep(0.001)
+    img.close()
+    for t in ts:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert not errors, errors
+    with pytest.raises(ValueError):
+        img.preadinto(bytearray(10), 0)
+    assert_clean(data_image)
 
 
 def test_fileobj(data_image, scratch):

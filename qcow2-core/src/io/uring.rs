@@ -1147,6 +1147,9 @@ thread_local! {
     static PLUGGED: Cell<bool> = const { Cell::new(false) };
     /// The ring holding SQEs this thread pushed and has not submitted, and how many.
     static DEFERRED: Cell<Option<(Arc<Ring>, u32)>> = const { Cell::new(None) };
+    /// The [`Parker`] of this thread's last [`block_on`], kept for the next one (no
+    /// allocation per call) when no waker of it was left.
+    static SPARE_PARKER: Cell<Option<Arc<Parker>>> = const { Cell::new(None) };
 }
 
 /// Most SQEs a thread defers before it submits them anyway.
@@ -1340,12 +1343,31 @@ pub fn block_on_in_runtime<F: Future>(handle: &tokio::runtime::Handle, fut: F) -
 
 /// [`block_on`], waiting in the ring `ring` gives (called at each wait).
 fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Output {
-    let parker = Arc::new(Parker {
-        woken: AtomicBool::new(false),
-        ring: Mutex::new(None),
-        lock: std::sync::Mutex::new(()),
-        cv: std::sync::Condvar::new(),
-    });
+    /// Gives the parker back to the thread on the way out (declared first, so dropped
+    /// last, after the waker and the future): only when nothing else holds it, so no
+    /// waker of this call can wake a later one. (A nested `block_on`, which a future
+    /// may run, finds no spare and makes its own.)
+    struct Spare(Arc<Parker>);
+    impl Drop for Spare {
+        fn drop(&mut self) {
+            if Arc::strong_count(&self.0) == 1 {
+                // Ordered after everything the dropped wakers did (as `Arc`'s own drop).
+                std::sync::atomic::fence(Ordering::Acquire);
+                self.0.woken.store(false, Ordering::Relaxed);
+                let p = self.0.clone();
+                let _ = SPARE_PARKER.try_with(|c| c.set(Some(p)));
+            }
+        }
+    }
+    let spare = Spare(SPARE_PARKER.with(|c| c.take()).unwrap_or_else(|| {
+        Arc::new(Parker {
+            woken: AtomicBool::new(false),
+            ring: Mutex::new(None),
+            lock: std::sync::Mutex::new(()),
+            cv: std::sync::Condvar::new(),
+        })
+    }));
+    let parker = &spare.0;
     let waker = Waker::from(parker.clone());
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
@@ -1360,7 +1382,7 @@ fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Ou
         }
     }
     let _restore = Restore(
-        CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(&parker) as usize)),
+        CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(parker) as usize)),
         PLUGGED.get(),
     );
     loop {
@@ -1877,6 +1899,61 @@ mod tests {
             });
             assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), 9);
         });
+    }
+
+    /// A thread's parker is kept from one `block_on` to the next only when no waker of
+    /// the earlier call is left: a waker kept by a finished call's future and woken
+    /// during a later call must not end that call's wait early (nor stop it from being
+    /// woken by its own waker), and a call whose wakers were all dropped reuses the
+    /// parker.
+    #[test]
+    fn block_on_keeps_its_parker_only_without_wakers_left() {
+        let spare = || {
+            SPARE_PARKER.with(|c| {
+                let p = c.take();
+                let r = p.as_ref().map(|p| Arc::as_ptr(p) as usize);
+                c.set(p);
+                r
+            })
+        };
+        let addr = || {
+            block_on(std::future::poll_fn(|_| {
+                Poll::Ready(CURRENT_PARKER.with(|c| c.get()))
+            }))
+        };
+        thread::spawn(move || {
+            let a = addr();
+            assert_eq!(spare(), Some(a), "the parker was not kept");
+            assert_eq!(addr(), a, "the parker was not reused");
+            // A call whose future keeps a clone of its waker.
+            let mut kept: Option<Waker> = None;
+            let mut first = true;
+            block_on(std::future::poll_fn(|cx| {
+                if first {
+                    first = false;
+                    kept = Some(cx.waker().clone());
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            }));
+            assert_eq!(spare(), None, "a parker with a waker left was kept");
+            let kept = kept.expect("kept");
+            // The next call: the stale waker fires while it waits; it stays pending
+            // until its own sender sends, then returns what was sent.
+            let (otx, orx) = futures::channel::oneshot::channel::<u32>();
+            let waker = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                kept.wake();
+                thread::sleep(Duration::from_millis(50));
+                otx.send(5).unwrap();
+            });
+            assert_eq!(block_on(orx), Ok(5));
+            waker.join().unwrap();
+        })
+        .join()
+        .unwrap();
     }
 
     /// A thread in `block_on` with nothing in its ring (an idle request worker) waits
