@@ -286,23 +286,31 @@ impl Image {
         let host = {
             let mut m = w.meta.lock().await;
             let cur = m.comp_cursor;
-            // Share the cursor's host cluster while it has room and its refcount can take
-            // one more reference (1-bit refcounts never can).
+            // The data goes at the cursor, in the cursor's host cluster, while that has bytes
+            // left and its refcount can take one more reference (1-bit refcounts never can).
             let max = crate::format::refcount::max(lay.refcount_order);
-            if cur != 0
-                && cur % cs != 0
-                && cs - cur % cs >= len
-                && self.refcount(cur / cs).await? < max
-            {
+            let shared = cur != 0 && cur % cs != 0 && self.refcount(cur / cs).await? < max;
+            let host = if shared && cs - cur % cs >= len {
                 self.rc_add(cur / cs, 1).await?;
                 m.comp_cursor = cur + len;
                 cur
             } else {
-                let k = len.div_ceil(cs);
-                let h = self.alloc_clusters(&mut m, k).await?;
-                m.comp_cursor = h + len;
-                h
-            }
+                // Too little room left: a new cluster. When it is the one right after the
+                // cursor's, the data still starts at the cursor and runs on into it, as QEMU
+                // packs compressed data: the rest of the cursor's cluster is not left empty
+                // (which made images half as large again, and on a file system with
+                // reserved space every cluster a written extent and an unwritten one).
+                let h = self.alloc_clusters(&mut m, len.div_ceil(cs)).await?;
+                if shared && h == (cur / cs + 1) * cs {
+                    self.rc_add(cur / cs, 1).await?;
+                    m.comp_cursor = cur + len;
+                    cur
+                } else {
+                    m.comp_cursor = h + len;
+                    h
+                }
+            };
+            host
         };
         self.inner.file.write_at(&comp, host).await.map_err(|e| {
             Error::io(
@@ -464,6 +472,111 @@ mod tests {
                 assert_eq!(a, data);
             }
         }
+    }
+
+    /// In-memory storage.
+    struct Recording {
+        mem: crate::io::mem::MemStorage,
+    }
+
+    impl crate::io::Storage for Recording {
+        fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> crate::io::IoFuture<'a, ()> {
+            self.mem.read_at(buf, off)
+        }
+        fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> crate::io::IoFuture<'a, ()> {
+            self.mem.write_at(buf, off)
+        }
+        fn flush(&self) -> crate::io::IoFuture<'_, ()> {
+            self.mem.flush()
+        }
+        fn discard(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, bool> {
+            self.mem.discard(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+            self.mem.write_zeroes(off, len)
+        }
+        fn allocate(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+            self.mem.allocate(off, len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.mem.set_len(len)
+        }
+        fn allocated_size(&self) -> std::io::Result<u64> {
+            self.mem.allocated_size()
+        }
+        fn alignment(&self) -> usize {
+            1
+        }
+        fn engine_name(&self) -> &'static str {
+            "recording"
+        }
+    }
+
+    /// A new 64 MiB image (64 KiB clusters) on [`Recording`] storage.
+    async fn recording_image() -> (Image, Arc<Recording>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.qcow2");
+        let co = crate::create::CreateOptions {
+            size: Some(64 << 20),
+            cluster_size: 65536,
+            ..Default::default()
+        };
+        crate::create::create_qcow2(&path, &co).await.unwrap();
+        let file = Arc::new(Recording {
+            mem: crate::io::mem::MemStorage::from_vec(std::fs::read(&path).unwrap()),
+        });
+        let oo = crate::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let img = Image::open_storage(file.clone(), &path, &oo).await.unwrap();
+        (img, file)
+    }
+
+    /// Compressed clusters are packed one after the other, running on from one host
+    /// cluster into the next, as QEMU writes them: clusters that compress to a little more
+    /// than half a cluster each took a whole host cluster each.
+    #[tokio::test]
+    async fn compressed_clusters_are_packed() {
+        let (img, file) = recording_image().await;
+        let cs = 65536u64;
+        let n = 64u64;
+        let mut total = 0;
+        for i in 0..n {
+            let data = mixed(100 + i, cs as usize);
+            total += compress(CompressionType::Zlib, &data)
+                .unwrap()
+                .unwrap()
+                .len() as u64;
+            img.write_compressed(i * cs, &data).await.unwrap();
+        }
+        img.close().await.unwrap();
+        assert!(
+            total > n * cs / 2,
+            "the data compresses to more than half a cluster"
+        );
+        let len = crate::io::Storage::len(&*file).unwrap();
+        // The data, with its last host cluster, and the header, tables and refcounts.
+        assert!(
+            len <= total.div_ceil(cs) * cs + 8 * cs,
+            "{len} bytes for {total} bytes of compressed data"
+        );
+        let img = Image::open_storage(file, std::path::Path::new("c.qcow2"), &Default::default())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; cs as usize];
+        for i in 0..n {
+            img.read_at(&mut buf, i * cs).await.unwrap();
+            assert!(buf == mixed(100 + i, cs as usize), "cluster {i}");
+        }
+        let r = crate::check::check(&img, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+        assert_eq!(r.compressed_clusters, n);
     }
 
     /// Deflate bits, least significant first; Huffman codes most significant bit first.
