@@ -197,6 +197,12 @@ pub async fn decompress_owned(
     .await
 }
 
+/// How much compressed data [`Image::write_compressed`] lets pile up before it starts its
+/// write-back ([`crate::io::Storage::start_writeback`]), and how far behind the cursor that
+/// stops.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+const WRITEBACK_LAG: u64 = 1 << 20;
+
 impl Image {
     /// The decompressed content of a compressed cluster (cached).
     pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
@@ -283,6 +289,7 @@ impl Image {
         // Allocated but not referenced until published below (see `WriteState::alloc_gate`).
         let _gate = w.alloc_gate.read().await;
         let len = comp.len() as u64;
+        let mut writeback = None;
         let host = {
             let mut m = w.meta.lock().await;
             let cur = m.comp_cursor;
@@ -310,6 +317,16 @@ impl Image {
                     h
                 }
             };
+            // Compressed data is written one cluster after the other at the cursor: start
+            // its write-back every WRITEBACK_CHUNK, WRITEBACK_LAG behind the cursor (the
+            // writes of the clusters before are done by then, or nearly).
+            let end = m.comp_cursor.saturating_sub(WRITEBACK_LAG) / 4096 * 4096;
+            if end < m.comp_written_back {
+                m.comp_written_back = end;
+            } else if end - m.comp_written_back >= WRITEBACK_CHUNK {
+                writeback = Some((m.comp_written_back, end));
+                m.comp_written_back = end;
+            }
             host
         };
         self.inner.file.write_at(&comp, host).await.map_err(|e| {
@@ -318,6 +335,10 @@ impl Image {
                 format!("{}: writing compressed data", self.inner.path.display()),
             )
         })?;
+        if let Some((a, b)) = writeback {
+            // A hint: an error changes nothing (the flush writes everything anyway).
+            let _ = self.inner.file.start_writeback(a, b - a);
+        }
         // A compressed cluster freed earlier may have lived at this very offset: its
         // decompressed copy must not be served for the new one.
         self.inner.zcache.lock().pop(&(self.inner.zdepth, host));
@@ -474,9 +495,10 @@ mod tests {
         }
     }
 
-    /// In-memory storage.
+    /// In-memory storage that records the ranges it is asked to write back.
     struct Recording {
         mem: crate::io::mem::MemStorage,
+        writeback: parking_lot::Mutex<Vec<(u64, u64)>>,
     }
 
     impl crate::io::Storage for Recording {
@@ -497,6 +519,10 @@ mod tests {
         }
         fn allocate(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
             self.mem.allocate(off, len)
+        }
+        fn start_writeback(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.writeback.lock().push((off, len));
+            Ok(())
         }
         fn len(&self) -> std::io::Result<u64> {
             self.mem.len()
@@ -527,6 +553,7 @@ mod tests {
         crate::create::create_qcow2(&path, &co).await.unwrap();
         let file = Arc::new(Recording {
             mem: crate::io::mem::MemStorage::from_vec(std::fs::read(&path).unwrap()),
+            writeback: Default::default(),
         });
         let oo = crate::OpenOptions {
             writable: true,
@@ -577,6 +604,35 @@ mod tests {
             .unwrap();
         assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
         assert_eq!(r.compressed_clusters, n);
+    }
+
+    /// Compressed writes start the write-back of the data behind them, in order, every
+    /// WRITEBACK_CHUNK, so that the final flush does not write it all.
+    #[tokio::test]
+    async fn compressed_writes_start_their_writeback() {
+        let (img, file) = recording_image().await;
+        let cs = 65536u64;
+        let n = 48 << 20 >> 16;
+        for i in 0..n {
+            img.write_compressed(i * cs, &mixed(i, cs as usize))
+                .await
+                .unwrap();
+        }
+        let end = crate::io::Storage::len(&*file).unwrap();
+        img.close().await.unwrap();
+        let wb = file.writeback.lock().clone();
+        assert!(!wb.is_empty(), "no write-back started");
+        let mut pos = 0;
+        for &(off, len) in &wb {
+            assert_eq!(off, pos, "{wb:?}");
+            assert!(len >= WRITEBACK_CHUNK, "{wb:?}");
+            pos = off + len;
+        }
+        let data_end = crate::io::Storage::len(&*file).unwrap();
+        assert!(
+            pos <= data_end && pos + WRITEBACK_CHUNK + WRITEBACK_LAG + 2 * cs >= data_end,
+            "{wb:?} {data_end} {end}"
+        );
     }
 
     /// Deflate bits, least significant first; Huffman codes most significant bit first.
