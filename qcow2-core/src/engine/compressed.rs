@@ -15,11 +15,69 @@ pub fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(
     }
 }
 
+/// [`decompress`] into a new buffer of `out_len` bytes, written by the decoder without being
+/// zeroed first.
+pub fn decompress_vec(ty: CompressionType, input: &[u8], out_len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(out_len);
+    if out.capacity() != out_len {
+        // Not expected (`Vec` keeps the capacity asked for), but the decoders fill the
+        // capacity exactly: a zeroed buffer of the right length then.
+        out = vec![0u8; out_len];
+        decompress(ty, input, &mut out)?;
+        return Ok(out);
+    }
+    match ty {
+        CompressionType::Zlib => inflate(input, &mut out)?,
+        CompressionType::Zstd => unzstd(input, &mut out)?,
+    }
+    Ok(out)
+}
+
+/// Where a decoder writes: a slice (its length is wanted), or the spare capacity of an
+/// empty `Vec` (its capacity is wanted, and its length grows as bytes are written).
+trait DecodeOut: zstd::zstd_safe::WriteBuf {
+    /// Bytes wanted.
+    fn want(&self) -> usize;
+    /// One call of the inflater from `d.total_out()` on.
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError>;
+}
+
+impl DecodeOut for [u8] {
+    fn want(&self) -> usize {
+        self.len()
+    }
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError> {
+        let at = d.total_out() as usize;
+        d.decompress(input, &mut self[at..], flate2::FlushDecompress::Finish)
+    }
+}
+
+impl DecodeOut for Vec<u8> {
+    fn want(&self) -> usize {
+        self.capacity()
+    }
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError> {
+        d.decompress_vec(input, self, flate2::FlushDecompress::Finish)
+    }
+}
+
 /// Each thread keeps its decoders (zlib-rs and zstd states cost an allocation and clearing
 /// per cluster otherwise: 6% and 18% of the CPU of a compressed read, docs/PERFORMANCE.md) and
 /// resets one before every cluster, so a cluster that ended in an error or in the middle of
 /// its stream leaves nothing behind. A re-entrant use (not expected) gets a decoder of its own.
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
+fn inflate<O: DecodeOut + ?Sized>(input: &[u8], out: &mut O) -> Result<()> {
     use flate2::Decompress;
     use std::cell::RefCell;
     thread_local! {
@@ -35,18 +93,19 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
     })
 }
 
-fn inflate_with(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> Result<()> {
-    use flate2::{FlushDecompress, Status};
+fn inflate_with<O: DecodeOut + ?Sized>(
+    d: &mut flate2::Decompress,
+    input: &[u8],
+    out: &mut O,
+) -> Result<()> {
+    use flate2::Status;
+    let want = out.want();
     loop {
         let before_out = d.total_out();
-        let status = d
-            .decompress(
-                &input[d.total_in() as usize..],
-                &mut out[d.total_out() as usize..],
-                FlushDecompress::Finish,
-            )
+        let status = out
+            .inflate(d, &input[d.total_in() as usize..])
             .map_err(|e| Error::corrupt(format!("compressed cluster: deflate error: {e}")))?;
-        if d.total_out() as usize == out.len() {
+        if d.total_out() as usize == want {
             return Ok(());
         }
         match status {
@@ -57,13 +116,12 @@ fn inflate_with(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> Res
         }
     }
     Err(Error::corrupt(format!(
-        "compressed cluster decompresses to {} bytes, expected {}",
+        "compressed cluster decompresses to {} bytes, expected {want}",
         d.total_out(),
-        out.len()
     )))
 }
 
-fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
+fn unzstd<O: DecodeOut + ?Sized>(input: &[u8], out: &mut O) -> Result<()> {
     use std::cell::RefCell;
     use zstd::stream::raw::{Decoder, Operation};
     thread_local! {
@@ -88,12 +146,13 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     })
 }
 
-fn unzstd_with(
+fn unzstd_with<O: DecodeOut + ?Sized>(
     dec: &mut zstd::stream::raw::Decoder<'_>,
     input: &[u8],
-    out: &mut [u8],
+    out: &mut O,
 ) -> Result<()> {
     use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let want = out.want();
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
@@ -101,7 +160,7 @@ fn unzstd_with(
         let hint = dec
             .run(&mut inb, &mut outb)
             .map_err(|e| Error::corrupt(format!("compressed cluster: zstd error: {e}")))?;
-        if outb.pos() == outb.capacity() {
+        if outb.pos() == want {
             return Ok(());
         }
         if hint == 0 {
@@ -117,8 +176,7 @@ fn unzstd_with(
     }
     let got = outb.pos();
     Err(Error::corrupt(format!(
-        "compressed cluster decompresses to {got} bytes, expected {}",
-        out.len()
+        "compressed cluster decompresses to {got} bytes, expected {want}",
     )))
 }
 
@@ -184,17 +242,20 @@ pub async fn compress_owned(ty: CompressionType, input: Vec<u8>) -> Result<Optio
     offload(move || compress(ty, &input)).await
 }
 
-/// [`decompress`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
+/// [`decompress_vec`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
 pub async fn decompress_owned(
     ty: CompressionType,
     input: Vec<u8>,
     out_len: usize,
 ) -> Result<Vec<u8>> {
-    offload(move || {
-        let mut out = vec![0u8; out_len];
-        decompress(ty, &input, &mut out).map(|_| out)
-    })
-    .await
+    // zstd decodes a cluster in less time than a hand-off to the blocking pool and back costs
+    // (measured: a third of the CPU of reading a zstd image inline, docs/PERFORMANCE.md): it
+    // runs in the calling task. Inflating takes several times longer: it goes to the pool,
+    // so that many clusters inflate on all cores at once.
+    if ty == CompressionType::Zstd {
+        return decompress_vec(ty, &input, out_len);
+    }
+    offload(move || decompress_vec(ty, &input, out_len)).await
 }
 
 /// How much compressed data [`Image::write_compressed`] lets pile up before it starts its
@@ -380,6 +441,8 @@ mod tests {
             decompress(ty, &padded, &mut out).unwrap();
             assert_eq!(out, data);
             assert!(decompress(ty, &c[..c.len() / 2], &mut out).is_err());
+            assert!(decompress_vec(ty, &padded, 65536).unwrap() == data);
+            assert!(decompress_vec(ty, &c[..c.len() / 2], 65536).is_err());
         }
     }
 
@@ -422,6 +485,7 @@ mod tests {
             let mut out = vec![0u8; 65536];
             decompress(ty, &c, &mut out).unwrap();
             assert_eq!(out, long[..65536]);
+            assert!(decompress_vec(ty, &c, 65536).unwrap() == long[..65536]);
             let next = mixed(2, 65536);
             let c2 = compress(ty, &next).unwrap().unwrap();
             decompress(ty, &c2, &mut out).unwrap();
@@ -481,6 +545,12 @@ mod tests {
                     (Ok(()), Ok(())) => assert_eq!(a, b),
                     (Err(x), Err(y)) => assert_eq!(x.kind(), y.kind()),
                     _ => panic!("{ty:?} round {round}: {ra:?} vs {rb:?}"),
+                }
+                // Into a new buffer, written without zeroing it first: the same.
+                match (decompress_vec(ty, &bad, 65536), &ra) {
+                    (Ok(v), Ok(())) => assert!(v == a, "{ty:?} round {round}"),
+                    (Err(x), Err(y)) => assert_eq!(x.kind(), y.kind()),
+                    (r, _) => panic!("{ty:?} round {round}: {r:?} vs {ra:?}"),
                 }
                 if round % 4 == 0 {
                     assert!(ra.is_err(), "{ty:?}: truncated stream accepted");
