@@ -15,11 +15,69 @@ pub fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(
     }
 }
 
+/// [`decompress`] into a new buffer of `out_len` bytes, written by the decoder without being
+/// zeroed first.
+pub fn decompress_vec(ty: CompressionType, input: &[u8], out_len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(out_len);
+    if out.capacity() != out_len {
+        // Not expected (`Vec` keeps the capacity asked for), but the decoders fill the
+        // capacity exactly: a zeroed buffer of the right length then.
+        out = vec![0u8; out_len];
+        decompress(ty, input, &mut out)?;
+        return Ok(out);
+    }
+    match ty {
+        CompressionType::Zlib => inflate(input, &mut out)?,
+        CompressionType::Zstd => unzstd(input, &mut out)?,
+    }
+    Ok(out)
+}
+
+/// Where a decoder writes: a slice (its length is wanted), or the spare capacity of an
+/// empty `Vec` (its capacity is wanted, and its length grows as bytes are written).
+trait DecodeOut: zstd::zstd_safe::WriteBuf {
+    /// Bytes wanted.
+    fn want(&self) -> usize;
+    /// One call of the inflater from `d.total_out()` on.
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError>;
+}
+
+impl DecodeOut for [u8] {
+    fn want(&self) -> usize {
+        self.len()
+    }
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError> {
+        let at = d.total_out() as usize;
+        d.decompress(input, &mut self[at..], flate2::FlushDecompress::Finish)
+    }
+}
+
+impl DecodeOut for Vec<u8> {
+    fn want(&self) -> usize {
+        self.capacity()
+    }
+    fn inflate(
+        &mut self,
+        d: &mut flate2::Decompress,
+        input: &[u8],
+    ) -> std::result::Result<flate2::Status, flate2::DecompressError> {
+        d.decompress_vec(input, self, flate2::FlushDecompress::Finish)
+    }
+}
+
 /// Each thread keeps its decoders (zlib-rs and zstd states cost an allocation and clearing
 /// per cluster otherwise: 6% and 18% of the CPU of a compressed read, docs/PERFORMANCE.md) and
 /// resets one before every cluster, so a cluster that ended in an error or in the middle of
 /// its stream leaves nothing behind. A re-entrant use (not expected) gets a decoder of its own.
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
+fn inflate<O: DecodeOut + ?Sized>(input: &[u8], out: &mut O) -> Result<()> {
     use flate2::Decompress;
     use std::cell::RefCell;
     thread_local! {
@@ -35,18 +93,19 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
     })
 }
 
-fn inflate_with(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> Result<()> {
-    use flate2::{FlushDecompress, Status};
+fn inflate_with<O: DecodeOut + ?Sized>(
+    d: &mut flate2::Decompress,
+    input: &[u8],
+    out: &mut O,
+) -> Result<()> {
+    use flate2::Status;
+    let want = out.want();
     loop {
         let before_out = d.total_out();
-        let status = d
-            .decompress(
-                &input[d.total_in() as usize..],
-                &mut out[d.total_out() as usize..],
-                FlushDecompress::Finish,
-            )
+        let status = out
+            .inflate(d, &input[d.total_in() as usize..])
             .map_err(|e| Error::corrupt(format!("compressed cluster: deflate error: {e}")))?;
-        if d.total_out() as usize == out.len() {
+        if d.total_out() as usize == want {
             return Ok(());
         }
         match status {
@@ -57,13 +116,12 @@ fn inflate_with(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> Res
         }
     }
     Err(Error::corrupt(format!(
-        "compressed cluster decompresses to {} bytes, expected {}",
+        "compressed cluster decompresses to {} bytes, expected {want}",
         d.total_out(),
-        out.len()
     )))
 }
 
-fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
+fn unzstd<O: DecodeOut + ?Sized>(input: &[u8], out: &mut O) -> Result<()> {
     use std::cell::RefCell;
     use zstd::stream::raw::{Decoder, Operation};
     thread_local! {
@@ -88,12 +146,13 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     })
 }
 
-fn unzstd_with(
+fn unzstd_with<O: DecodeOut + ?Sized>(
     dec: &mut zstd::stream::raw::Decoder<'_>,
     input: &[u8],
-    out: &mut [u8],
+    out: &mut O,
 ) -> Result<()> {
     use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let want = out.want();
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
@@ -101,7 +160,7 @@ fn unzstd_with(
         let hint = dec
             .run(&mut inb, &mut outb)
             .map_err(|e| Error::corrupt(format!("compressed cluster: zstd error: {e}")))?;
-        if outb.pos() == outb.capacity() {
+        if outb.pos() == want {
             return Ok(());
         }
         if hint == 0 {
@@ -117,8 +176,7 @@ fn unzstd_with(
     }
     let got = outb.pos();
     Err(Error::corrupt(format!(
-        "compressed cluster decompresses to {got} bytes, expected {}",
-        out.len()
+        "compressed cluster decompresses to {got} bytes, expected {want}",
     )))
 }
 
@@ -184,18 +242,27 @@ pub async fn compress_owned(ty: CompressionType, input: Vec<u8>) -> Result<Optio
     offload(move || compress(ty, &input)).await
 }
 
-/// [`decompress`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
+/// [`decompress_vec`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
 pub async fn decompress_owned(
     ty: CompressionType,
     input: Vec<u8>,
     out_len: usize,
 ) -> Result<Vec<u8>> {
-    offload(move || {
-        let mut out = vec![0u8; out_len];
-        decompress(ty, &input, &mut out).map(|_| out)
-    })
-    .await
+    // zstd decodes a cluster in less time than a hand-off to the blocking pool and back costs
+    // (measured: a third of the CPU of reading a zstd image inline, docs/PERFORMANCE.md): it
+    // runs in the calling task. Inflating takes several times longer: it goes to the pool,
+    // so that many clusters inflate on all cores at once.
+    if ty == CompressionType::Zstd {
+        return decompress_vec(ty, &input, out_len);
+    }
+    offload(move || decompress_vec(ty, &input, out_len)).await
 }
+
+/// How much compressed data [`Image::write_compressed`] lets pile up before it starts its
+/// write-back ([`crate::io::Storage::start_writeback`]), and how far behind the cursor that
+/// stops.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+const WRITEBACK_LAG: u64 = 1 << 20;
 
 impl Image {
     /// The decompressed content of a compressed cluster (cached).
@@ -283,26 +350,45 @@ impl Image {
         // Allocated but not referenced until published below (see `WriteState::alloc_gate`).
         let _gate = w.alloc_gate.read().await;
         let len = comp.len() as u64;
+        let mut writeback = None;
         let host = {
             let mut m = w.meta.lock().await;
             let cur = m.comp_cursor;
-            // Share the cursor's host cluster while it has room and its refcount can take
-            // one more reference (1-bit refcounts never can).
+            // The data goes at the cursor, in the cursor's host cluster, while that has bytes
+            // left and its refcount can take one more reference (1-bit refcounts never can).
             let max = crate::format::refcount::max(lay.refcount_order);
-            if cur != 0
-                && cur % cs != 0
-                && cs - cur % cs >= len
-                && self.refcount(cur / cs).await? < max
-            {
+            let shared = cur != 0 && cur % cs != 0 && self.refcount(cur / cs).await? < max;
+            let host = if shared && cs - cur % cs >= len {
                 self.rc_add(cur / cs, 1).await?;
                 m.comp_cursor = cur + len;
                 cur
             } else {
-                let k = len.div_ceil(cs);
-                let h = self.alloc_clusters(&mut m, k).await?;
-                m.comp_cursor = h + len;
-                h
+                // Too little room left: a new cluster. When it is the one right after the
+                // cursor's, the data still starts at the cursor and runs on into it, as QEMU
+                // packs compressed data: the rest of the cursor's cluster is not left empty
+                // (which made images half as large again, and on a file system with
+                // reserved space every cluster a written extent and an unwritten one).
+                let h = self.alloc_clusters(&mut m, len.div_ceil(cs)).await?;
+                if shared && h == (cur / cs + 1) * cs {
+                    self.rc_add(cur / cs, 1).await?;
+                    m.comp_cursor = cur + len;
+                    cur
+                } else {
+                    m.comp_cursor = h + len;
+                    h
+                }
+            };
+            // Compressed data is written one cluster after the other at the cursor: start
+            // its write-back every WRITEBACK_CHUNK, WRITEBACK_LAG behind the cursor (the
+            // writes of the clusters before are done by then, or nearly).
+            let end = m.comp_cursor.saturating_sub(WRITEBACK_LAG) / 4096 * 4096;
+            if end < m.comp_written_back {
+                m.comp_written_back = end;
+            } else if end - m.comp_written_back >= WRITEBACK_CHUNK {
+                writeback = Some((m.comp_written_back, end));
+                m.comp_written_back = end;
             }
+            host
         };
         self.inner.file.write_at(&comp, host).await.map_err(|e| {
             Error::io(
@@ -310,6 +396,10 @@ impl Image {
                 format!("{}: writing compressed data", self.inner.path.display()),
             )
         })?;
+        if let Some((a, b)) = writeback {
+            // A hint: an error changes nothing (the flush writes everything anyway).
+            let _ = self.inner.file.start_writeback(a, b - a);
+        }
         // A compressed cluster freed earlier may have lived at this very offset: its
         // decompressed copy must not be served for the new one.
         self.inner.zcache.lock().pop(&(self.inner.zdepth, host));
@@ -351,6 +441,8 @@ mod tests {
             decompress(ty, &padded, &mut out).unwrap();
             assert_eq!(out, data);
             assert!(decompress(ty, &c[..c.len() / 2], &mut out).is_err());
+            assert!(decompress_vec(ty, &padded, 65536).unwrap() == data);
+            assert!(decompress_vec(ty, &c[..c.len() / 2], 65536).is_err());
         }
     }
 
@@ -393,6 +485,7 @@ mod tests {
             let mut out = vec![0u8; 65536];
             decompress(ty, &c, &mut out).unwrap();
             assert_eq!(out, long[..65536]);
+            assert!(decompress_vec(ty, &c, 65536).unwrap() == long[..65536]);
             let next = mixed(2, 65536);
             let c2 = compress(ty, &next).unwrap().unwrap();
             decompress(ty, &c2, &mut out).unwrap();
@@ -453,6 +546,12 @@ mod tests {
                     (Err(x), Err(y)) => assert_eq!(x.kind(), y.kind()),
                     _ => panic!("{ty:?} round {round}: {ra:?} vs {rb:?}"),
                 }
+                // Into a new buffer, written without zeroing it first: the same.
+                match (decompress_vec(ty, &bad, 65536), &ra) {
+                    (Ok(v), Ok(())) => assert!(v == a, "{ty:?} round {round}"),
+                    (Err(x), Err(y)) => assert_eq!(x.kind(), y.kind()),
+                    (r, _) => panic!("{ty:?} round {round}: {r:?} vs {ra:?}"),
+                }
                 if round % 4 == 0 {
                     assert!(ra.is_err(), "{ty:?}: truncated stream accepted");
                 }
@@ -464,6 +563,146 @@ mod tests {
                 assert_eq!(a, data);
             }
         }
+    }
+
+    /// In-memory storage that records the ranges it is asked to write back.
+    struct Recording {
+        mem: crate::io::mem::MemStorage,
+        writeback: parking_lot::Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl crate::io::Storage for Recording {
+        fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> crate::io::IoFuture<'a, ()> {
+            self.mem.read_at(buf, off)
+        }
+        fn write_at<'a>(&'a self, buf: &'a [u8], off: u64) -> crate::io::IoFuture<'a, ()> {
+            self.mem.write_at(buf, off)
+        }
+        fn flush(&self) -> crate::io::IoFuture<'_, ()> {
+            self.mem.flush()
+        }
+        fn discard(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, bool> {
+            self.mem.discard(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+            self.mem.write_zeroes(off, len)
+        }
+        fn allocate(&self, off: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+            self.mem.allocate(off, len)
+        }
+        fn start_writeback(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.writeback.lock().push((off, len));
+            Ok(())
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.mem.set_len(len)
+        }
+        fn allocated_size(&self) -> std::io::Result<u64> {
+            self.mem.allocated_size()
+        }
+        fn alignment(&self) -> usize {
+            1
+        }
+        fn engine_name(&self) -> &'static str {
+            "recording"
+        }
+    }
+
+    /// A new 64 MiB image (64 KiB clusters) on [`Recording`] storage.
+    async fn recording_image() -> (Image, Arc<Recording>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.qcow2");
+        let co = crate::create::CreateOptions {
+            size: Some(64 << 20),
+            cluster_size: 65536,
+            ..Default::default()
+        };
+        crate::create::create_qcow2(&path, &co).await.unwrap();
+        let file = Arc::new(Recording {
+            mem: crate::io::mem::MemStorage::from_vec(std::fs::read(&path).unwrap()),
+            writeback: Default::default(),
+        });
+        let oo = crate::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let img = Image::open_storage(file.clone(), &path, &oo).await.unwrap();
+        (img, file)
+    }
+
+    /// Compressed clusters are packed one after the other, running on from one host
+    /// cluster into the next, as QEMU writes them: clusters that compress to a little more
+    /// than half a cluster each took a whole host cluster each.
+    #[tokio::test]
+    async fn compressed_clusters_are_packed() {
+        let (img, file) = recording_image().await;
+        let cs = 65536u64;
+        let n = 64u64;
+        let mut total = 0;
+        for i in 0..n {
+            let data = mixed(100 + i, cs as usize);
+            total += compress(CompressionType::Zlib, &data)
+                .unwrap()
+                .unwrap()
+                .len() as u64;
+            img.write_compressed(i * cs, &data).await.unwrap();
+        }
+        img.close().await.unwrap();
+        assert!(
+            total > n * cs / 2,
+            "the data compresses to more than half a cluster"
+        );
+        let len = crate::io::Storage::len(&*file).unwrap();
+        // The data, with its last host cluster, and the header, tables and refcounts.
+        assert!(
+            len <= total.div_ceil(cs) * cs + 8 * cs,
+            "{len} bytes for {total} bytes of compressed data"
+        );
+        let img = Image::open_storage(file, std::path::Path::new("c.qcow2"), &Default::default())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; cs as usize];
+        for i in 0..n {
+            img.read_at(&mut buf, i * cs).await.unwrap();
+            assert!(buf == mixed(100 + i, cs as usize), "cluster {i}");
+        }
+        let r = crate::check::check(&img, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+        assert_eq!(r.compressed_clusters, n);
+    }
+
+    /// Compressed writes start the write-back of the data behind them, in order, every
+    /// WRITEBACK_CHUNK, so that the final flush does not write it all.
+    #[tokio::test]
+    async fn compressed_writes_start_their_writeback() {
+        let (img, file) = recording_image().await;
+        let cs = 65536u64;
+        let n = 48 << 20 >> 16;
+        for i in 0..n {
+            img.write_compressed(i * cs, &mixed(i, cs as usize))
+                .await
+                .unwrap();
+        }
+        let end = crate::io::Storage::len(&*file).unwrap();
+        img.close().await.unwrap();
+        let wb = file.writeback.lock().clone();
+        assert!(!wb.is_empty(), "no write-back started");
+        let mut pos = 0;
+        for &(off, len) in &wb {
+            assert_eq!(off, pos, "{wb:?}");
+            assert!(len >= WRITEBACK_CHUNK, "{wb:?}");
+            pos = off + len;
+        }
+        let data_end = crate::io::Storage::len(&*file).unwrap();
+        assert!(
+            pos <= data_end && pos + WRITEBACK_CHUNK + WRITEBACK_LAG + 2 * cs >= data_end,
+            "{wb:?} {data_end} {end}"
+        );
     }
 
     /// Deflate bits, least significant first; Huffman codes most significant bit first.

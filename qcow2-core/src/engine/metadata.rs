@@ -38,6 +38,9 @@ pub(crate) struct Meta {
     pub high_water: u64,
     /// Byte offset where the next compressed cluster may go (0: start a new cluster).
     pub comp_cursor: u64,
+    /// Write-back of the compressed data has been started up to this offset (see
+    /// `Image::write_compressed`).
+    pub comp_written_back: u64,
     /// The image file has space reserved (`fallocate`) up to this offset: allocations below it
     /// write into allocated blocks, which is much faster than extending the file write by write.
     pub reserved_end: u64,

@@ -54,6 +54,7 @@ impl WriteState {
                 reftable_dirty: BTreeSet::new(),
                 high_water,
                 comp_cursor: 0,
+                comp_written_back: 0,
                 reserved_end: 0,
                 quarantine: Default::default(),
             }),

@@ -74,6 +74,15 @@ pub trait Storage: Send + Sync + 'static {
     fn in_memory(&self) -> bool {
         false
     }
+    /// Start writing the dirty cached pages of a byte range to the disk, without waiting for
+    /// it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a hint, durable only after
+    /// [`Storage::flush`]. Long sequential writes call it behind themselves so that the disk
+    /// works while they go on, instead of during the final flush (the kernel starts on its
+    /// own only when a tenth of the memory is dirty). Nothing to do without a page cache.
+    fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Ok(())
+    }
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the storage is empty.

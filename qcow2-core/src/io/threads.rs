@@ -553,6 +553,28 @@ impl FileCore {
         Ok(meta.len())
     }
 
+    /// See [`Storage::start_writeback`]: `sync_file_range(SYNC_FILE_RANGE_WRITE)`, for a
+    /// buffered file on a disk (with `O_DIRECT` or in memory there is nothing to write back).
+    pub(super) fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.align > 1 || self.in_memory() || len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `sync_file_range` on a valid fd owned by `self.file`; no memory is passed.
+        // It only starts the write-back of dirty pages: the file's content does not change.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.fd(),
+                off as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// `ftruncate`.
     pub(super) fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
@@ -1673,6 +1695,9 @@ impl Storage for ThreadsFile {
     }
     fn allocated_size(&self) -> io::Result<u64> {
         self.core.allocated_size()
+    }
+    fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
+        self.core.start_writeback(off, len)
     }
     fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
         self.core.data_run(off, len)

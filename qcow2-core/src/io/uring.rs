@@ -1560,6 +1560,9 @@ impl Storage for UringFile {
     fn allocated_size(&self) -> io::Result<u64> {
         self.core.allocated_size()
     }
+    fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
+        self.core.start_writeback(off, len)
+    }
     fn data_run(&self, off: u64, len: u64) -> io::Result<(u64, bool)> {
         self.core.data_run(off, len)
     }
