@@ -242,17 +242,22 @@ pub async fn compress_owned(ty: CompressionType, input: Vec<u8>) -> Result<Optio
     offload(move || compress(ty, &input)).await
 }
 
-/// [`decompress_vec`] of `input` into a new buffer of `out_len` bytes, on a worker thread.
+/// [`decompress_vec`] of `input` into a new buffer of `out_len` bytes, on a worker thread
+/// unless `alone` (see below).
 pub async fn decompress_owned(
     ty: CompressionType,
     input: Vec<u8>,
     out_len: usize,
+    alone: bool,
 ) -> Result<Vec<u8>> {
     // zstd decodes a cluster in less time than a hand-off to the blocking pool and back costs
     // (measured: a third of the CPU of reading a zstd image inline, docs/PERFORMANCE.md): it
-    // runs in the calling task. Inflating takes several times longer: it goes to the pool,
-    // so that many clusters inflate on all cores at once.
-    if ty == CompressionType::Zstd {
+    // runs in the calling task. Inflating takes several times longer: the clusters of one
+    // large request go to the pool, so that they inflate on all cores at once; a cluster
+    // that is its request's only work (`alone`) inflates right here: the hand-off would buy
+    // no parallelism and costs about 20 us of CPU (the zlib row of bench.sh: 0.79 of
+    // qemu-img's time with the hand-off, docs/PERFORMANCE.md has the figures without).
+    if ty == CompressionType::Zstd || alone {
         return decompress_vec(ty, &input, out_len);
     }
     offload(move || decompress_vec(ty, &input, out_len)).await
@@ -266,7 +271,12 @@ const WRITEBACK_LAG: u64 = 1 << 20;
 
 impl Image {
     /// The decompressed content of a compressed cluster (cached).
-    pub(crate) async fn decompressed(&self, d: l2::CompressedDesc) -> Result<Arc<Vec<u8>>> {
+    /// `alone`: the cluster is all its request reads (see [`decompress_owned`]).
+    pub(crate) async fn decompressed(
+        &self,
+        d: l2::CompressedDesc,
+        alone: bool,
+    ) -> Result<Arc<Vec<u8>>> {
         let gen = {
             let mut z = self.inner.zcache.lock();
             if let Some(c) = z.get(&(self.inner.zdepth, d.offset)) {
@@ -293,7 +303,7 @@ impl Image {
                 )
             })?;
         let ty = self.inner.header.read().compression_type();
-        let out = decompress_owned(ty, input, cs).await.map_err(|e| {
+        let out = decompress_owned(ty, input, cs, alone).await.map_err(|e| {
             e.context(format!(
                 "{}: host offset 0x{:x}",
                 self.inner.path.display(),
@@ -631,6 +641,56 @@ mod tests {
         };
         let img = Image::open_storage(file.clone(), &path, &oo).await.unwrap();
         (img, file)
+    }
+
+    /// A read that is one compressed cluster inflates in its own task: it completes while
+    /// the blocking pool's only thread is taken. A read of two clusters still inflates them
+    /// on the pool (both at once on a machine with the cores): it waits for that thread.
+    #[test]
+    fn a_one_cluster_read_inflates_without_the_blocking_pool() {
+        use std::time::Duration;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (img, _file) = recording_image().await;
+            let cs = 65536usize;
+            for i in 0..2u64 {
+                img.write_compressed(i * cs as u64, &mixed(7 + i, cs))
+                    .await
+                    .unwrap();
+            }
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let (started_tx, started) = tokio::sync::oneshot::channel();
+            let blocker = tokio::task::spawn_blocking(move || {
+                let _ = started_tx.send(());
+                let _ = held.recv_timeout(Duration::from_secs(60));
+            });
+            started.await.unwrap();
+            let mut buf = vec![0u8; cs];
+            tokio::time::timeout(Duration::from_secs(20), img.read_at(&mut buf, 0))
+                .await
+                .expect("a one-cluster read waited for the blocking pool")
+                .unwrap();
+            assert!(buf == mixed(7, cs));
+            let mut two = vec![0u8; 2 * cs];
+            {
+                let read = img.read_at(&mut two, 0);
+                tokio::pin!(read);
+                assert!(
+                    tokio::time::timeout(Duration::from_millis(200), &mut read)
+                        .await
+                        .is_err(),
+                    "a two-cluster read did not use the blocking pool"
+                );
+                release.send(()).unwrap();
+                read.await.unwrap();
+            }
+            assert!(two[cs..] == mixed(8, cs)[..]);
+            blocker.await.unwrap();
+        });
     }
 
     /// Compressed clusters are packed one after the other, running on from one host

@@ -35,23 +35,33 @@ impl Image {
         if first.len == buf.len() as u64 {
             // The common case, a read inside one run: awaited right here, without a list of
             // futures (an allocation, and a copy of the large read future into it and out).
-            return self.read_run(first, buf, off).await;
+            return self.read_run(first, buf, off, true).await;
         }
         let (piece, mut rest) = buf.split_at_mut(first.len as usize);
-        let mut futs = vec![self.read_run(first, piece, off)];
+        let mut futs = vec![self.read_run(first, piece, off, false)];
         let mut pos = off + first.len;
         while !rest.is_empty() {
             let run = self.run_at(pos, rest.len() as u64).await?;
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(run.len as usize);
             rest = tail;
-            futs.push(self.read_run(run, piece, pos));
+            futs.push(self.read_run(run, piece, pos, false));
             pos += run.len;
         }
         futures::future::try_join_all(futs).await?;
         Ok(())
     }
 
-    pub(crate) async fn read_run(&self, run: Run, buf: &mut [u8], guest: u64) -> Result<()> {
+    /// `alone`: the run is the whole request, so nothing else of it runs beside this one
+    /// (a compressed cluster is then inflated right here, see [`decompress_owned`]).
+    ///
+    /// [`decompress_owned`]: crate::engine::compressed::decompress_owned
+    pub(crate) async fn read_run(
+        &self,
+        run: Run,
+        buf: &mut [u8],
+        guest: u64,
+        alone: bool,
+    ) -> Result<()> {
         let lay = &self.inner.layout;
         match run.state {
             SubState::Zero => {
@@ -86,7 +96,7 @@ impl Image {
                 })
             }
             SubState::Compressed(d) => {
-                let cluster = self.decompressed(d).await?;
+                let cluster = self.decompressed(d, alone).await?;
                 let within = (guest & (lay.cluster_size - 1)) as usize;
                 buf.copy_from_slice(&cluster[within..within + buf.len()]);
                 Ok(())
