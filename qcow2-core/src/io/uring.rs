@@ -1625,12 +1625,16 @@ mod tests {
         rrx
     }
 
-    /// Wait until `count` (a reaper's test counter) shows a reap. A reaper counts what it
-    /// reaped after it finished the operations, so the request's answer can come first.
-    fn wait_for_reaps(count: &AtomicUsize, who: &str) {
+    /// Wait until `count` (a reaper's test counter) reaches `n`. A reaper counts what it
+    /// reaped after it finished the operations, so the requests' answers can come first.
+    fn wait_for_reaps(count: &AtomicUsize, n: usize, who: &str) {
         let t = std::time::Instant::now();
-        while count.load(Ordering::Relaxed) == 0 {
-            assert!(t.elapsed() < WAIT, "{who} reaped nothing");
+        while count.load(Ordering::Relaxed) < n {
+            assert!(
+                t.elapsed() < WAIT,
+                "{who} reaped {} of {n} requests",
+                count.load(Ordering::Relaxed)
+            );
             thread::sleep(Duration::from_millis(1));
         }
     }
@@ -1678,15 +1682,7 @@ mod tests {
         // The waiter counts what it reaped once `reap_ready` returns, after it answered:
         // the answers may arrive here first. Wait (bounded) for the count; the completion
         // thread reaping any of the three instead leaves it short and fails here.
-        let t = std::time::Instant::now();
-        while ring.waiter_reaps.load(Ordering::Relaxed) < 3 {
-            assert!(
-                t.elapsed() < WAIT,
-                "the waiting thread reaped {} of the 3 requests",
-                ring.waiter_reaps.load(Ordering::Relaxed)
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_reaps(&ring.waiter_reaps, 3, "the waiting thread");
         // Wake the waiter from here: a NOP in its ring.
         woken.store(true, Ordering::Release);
         ring.kick();
@@ -1754,14 +1750,7 @@ mod tests {
             assert_eq!(got, vec![block; 4096]);
         }
         // The task counts what it reaped after it answered (see the waiter test above).
-        let t = std::time::Instant::now();
-        while ring.watcher_reaps.load(Ordering::Relaxed) < 4 {
-            assert!(
-                t.elapsed() < WAIT,
-                "the watch task did not reap the 4 requests"
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_reaps(&ring.watcher_reaps, 4, "the watch task");
         assert_eq!(ring.thread_reaps.load(Ordering::Relaxed), 0);
         // The runtime goes: the completion thread must take the ring back at once.
         drop(rt);
@@ -1772,7 +1761,7 @@ mod tests {
             got.expect("completion thread not re-armed"),
             vec![4u8; 4096]
         );
-        wait_for_reaps(&ring.thread_reaps, "the completion thread");
+        wait_for_reaps(&ring.thread_reaps, 1, "the completion thread");
         drop(rt_ring);
     }
 
@@ -1808,7 +1797,7 @@ mod tests {
             got.expect("nobody reaped while the runtime was blocked"),
             vec![12u8; 4096]
         );
-        wait_for_reaps(&ring.thread_reaps, "the completion thread");
+        wait_for_reaps(&ring.thread_reaps, 1, "the completion thread");
         drop(rt);
         drop(rt_ring);
     }
