@@ -347,23 +347,24 @@ if want "64 KiB overwrites"; then
 fi
 
 [ -s "$RAW" ] || qemu-img convert -f qcow2 -O raw "$PLAIN" "$RAW"
+# The read rows' floors on the raw file, for one cache mode (the label's suffix): depth-1
+# 4 KiB reads are $2 requests (fewer with O_DIRECT, where each waits for the device).
+fio_read_rows() { # cache-label depth-1-count
+    local c=$1 n1=$2
+    fio_row "fio raw, 4 KiB random, depth 32, $c" "4 KiB spread, depth 32, $c" ro $C4_32 4096 \
+        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=32 --io_size=$((C4_32 * 4096))
+    fio_row "fio raw, 4 KiB random, depth 1, $c" "4 KiB spread, depth 1, $c" ro "$n1" 4096 \
+        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=1 --io_size=$((n1 * 4096))
+    fio_row "fio raw, 64 KiB sequential, depth 32, $c" "64 KiB sequential, depth 32, $c" ro $C64 65536 \
+        --ioengine=io_uring --rw=read --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+}
 if have_fio; then
     if [ "$MODE" = device ]; then
         FIO_DIRECT=1
-        fio_row "fio raw, 4 KiB random, depth 32, O_DIRECT" "4 KiB spread, depth 32, O_DIRECT" ro $C4_32 4096 \
-            --ioengine=io_uring --rw=randread --bs=4096 --iodepth=32 --io_size=$((C4_32 * 4096))
-        fio_row "fio raw, 4 KiB random, depth 1, O_DIRECT" "4 KiB spread, depth 1, O_DIRECT" ro $C4_1 4096 \
-            --ioengine=io_uring --rw=randread --bs=4096 --iodepth=1 --io_size=$((C4_1 * 4096))
-        fio_row "fio raw, 64 KiB sequential, depth 32, O_DIRECT" "64 KiB sequential, depth 32, O_DIRECT" ro $C64 65536 \
-            --ioengine=io_uring --rw=read --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+        fio_read_rows O_DIRECT "$C4_1"
         FIO_DIRECT=0
     fi
-    fio_row "fio raw, 4 KiB random, depth 32, page cache" "4 KiB spread, depth 32, page cache" ro $C4_32 4096 \
-        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=32 --io_size=$((C4_32 * 4096))
-    fio_row "fio raw, 4 KiB random, depth 1, page cache" "4 KiB spread, depth 1, page cache" ro $C4_32 4096 \
-        --ioengine=io_uring --rw=randread --bs=4096 --iodepth=1 --io_size=$((C4_32 * 4096))
-    fio_row "fio raw, 64 KiB sequential, depth 32, page cache" "64 KiB sequential, depth 32, page cache" ro $C64 65536 \
-        --ioengine=io_uring --rw=read --bs=65536 --iodepth=32 --io_size=$((C64 * 65536))
+    fio_read_rows "page cache" "$C4_32"
     if [ "$MODE" = cpu ]; then
         # Write floors on tmpfs. The overwrite row's pattern (bench -w without -S: 64 KiB
         # requests one after the other over the whole image), at depth 32 through io_uring,
