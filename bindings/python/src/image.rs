@@ -322,12 +322,13 @@ impl Image {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let length = non_negative(length, "length")?;
         let (off, n) = self.read_range(length, offset)?;
-        let mut res = Ok(());
-        let bytes = PyBytes::new_with(py, n, |buf| {
-            res = self.with_open(py, |sh| runtime::block_on_read(&sh.img, buf, off));
-            Ok(())
+        let (bytes, mem) = buffers::bytes_for_read(py, n)?;
+        self.with_open(py, |sh| {
+            // SAFETY: a new bytes object that no Python code has seen yet, alive until this
+            // returns; a successful read writes all of it, a failed one drops it unseen.
+            let dst = unsafe { mem.slice_mut(n) };
+            runtime::block_on_read(&sh.img, dst, off)
         })?;
-        res?;
         Ok(bytes)
     }
 
@@ -623,10 +624,9 @@ impl Image {
         let length = non_negative(length, "length")?;
         let (off, n) = self.read_range(length, offset)?;
         let (sh, permit) = self.acquire()?;
-        let bytes = PyBytes::new_with(py, n, |_| Ok(()))?;
-        // SAFETY: a new bytes object that no Python code has seen yet; it stays alive (owned
-        // by the request) until the request completes, and it is handed out only then.
-        let ptr = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>() as usize;
+        // Not zeroed first: the read writes every byte before the object is handed out, and
+        // a failed read drops it unseen (see `bytes_for_read`).
+        let (bytes, mem) = buffers::bytes_for_read(py, n)?;
         let obj = bytes.into_any().unbind();
         let name = self.name.clone();
         aio::submit(
@@ -635,9 +635,10 @@ impl Image {
             None,
             n <= aio::INLINE_MAX,
             move || async move {
-                // SAFETY: see above; `ptr` is valid for `n` bytes while `obj` is alive (it is
-                // moved into the outcome after the read).
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
+                // SAFETY: a new bytes object that no Python code has seen yet; it stays alive
+                // (owned by the request, moved into the outcome after the read) until the
+                // request completes, and it is handed out only then.
+                let dst = unsafe { mem.slice_mut(n) };
                 let r = sh.img.read_at(dst, off).await;
                 drop(permit);
                 match r {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import errno
 import io
 import mmap
@@ -62,6 +63,33 @@ def test_pread_pwrite_roundtrip(img_path):
         img.pwrite(np.array([0x6a69], dtype="<u2"), 8)  # wider items: written as their bytes
         assert img.pread(10, 0) == b"abcdefghij"
         img.flush()
+    assert_clean(img_path)
+
+
+def test_pread_returns_zeros_where_nothing_was_written(img_path):
+    """`pread` fills a bytes object that is not zeroed first: every byte must come from the
+    read. Memory of the same size is dirtied and freed right before, so that a byte the read
+    left out would show as 0xff rather than as a zero by chance."""
+    size = 3 * MiB
+    with qcow2rs.open(img_path, "r+") as img:
+        img.pwrite(b"\x5a" * 65536, 2 * MiB)  # one written cluster amid unallocated ones
+        img.write_zeroes(65536, MiB)  # a zero cluster
+        want = bytes(2 * MiB) + b"\x5a" * 65536 + bytes(MiB - 65536)
+        for _ in range(3):
+            dirty = [b"\xff" * size for _ in range(4)]
+            del dirty
+            assert img.pread(size, 0) == want
+            assert img.pread(size, 13 * MiB) == bytes(size)  # the end of the image
+
+    async def aio() -> None:
+        async with qcow2rs.aio.open(img_path) as aimg:
+            for _ in range(3):
+                dirty = [b"\xff" * size for _ in range(4)]
+                del dirty
+                got = await asyncio.gather(aimg.pread(size, 0), aimg.pread(size, 13 * MiB))
+                assert got == [want, bytes(size)]
+
+    asyncio.run(aio())
     assert_clean(img_path)
 
 
