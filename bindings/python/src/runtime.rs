@@ -102,7 +102,9 @@ pub fn block_on_read(img: &qcow2_core::Image, buf: &mut [u8], off: u64) -> Resul
     if Handle::try_current().is_ok() {
         return Err(deadlock());
     }
-    qcow2_core::io::block_on(img.read_at(buf, off))
+    // The read's futures take their waker at every poll: a read the page cache serves
+    // completes in the first poll, without the parker `block_on` would set up.
+    qcow2_core::io::block_on_request(std::pin::pin!(img.read_at(buf, off)))
 }
 
 fn deadlock() -> Error {

@@ -93,7 +93,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
@@ -1333,6 +1333,41 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     block_on_in(fut, RingSet::current_ring)
 }
 
+/// [`block_on`] for a future that takes its waker anew at every poll, as the request
+/// futures of this crate do (oneshot receivers, tokio's locks, cells and join handles, the
+/// futures of `futures`' combinators): the first poll gets a waker that does nothing, and
+/// only a future still pending after it gets the thread's parker and is run to its end as
+/// [`block_on`] runs it (polled again, now with the parker's waker, before any wait). A
+/// request that completes in its first poll (a read the page cache serves) then costs no
+/// parker, waker or thread-local bookkeeping at all. Not for a future that keeps the waker
+/// of one poll for later (as a task loop that stores it once): it would never be woken.
+///
+/// SQEs pushed during the first poll are held back as in [`block_on`]'s polls, and are
+/// submitted with the wait when the future is pending (or at once when it is ready).
+///
+/// The future is taken pinned (`block_on_request(pin!(image.read_at(..)))`), so that it is
+/// built in place: a request future is large, and moving it into this function copied it
+/// (a `memcpy` of about a hundred instructions per call).
+pub fn block_on_request<F: Future>(mut fut: Pin<&mut F>) -> F::Output {
+    /// Submits what the poll deferred and unplugs, unless forgotten (on the way to
+    /// [`block_on`], whose wait submits it).
+    struct Unplug(bool);
+    impl Drop for Unplug {
+        fn drop(&mut self) {
+            flush_deferred();
+            PLUGGED.set(self.0);
+        }
+    }
+    let plugged = PLUGGED.replace(true);
+    let unplug = Unplug(plugged);
+    if let Poll::Ready(v) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        return v;
+    }
+    std::mem::forget(unplug);
+    PLUGGED.set(plugged);
+    block_on(fut)
+}
+
 /// [`block_on`] inside the context of the tokio runtime `handle` (for what `fut` spawns,
 /// and its timers): how the C library and the Python package run a blocking call on the
 /// caller's thread. The caller must not be a thread of an async runtime.
@@ -1891,6 +1926,61 @@ mod tests {
             });
             assert_eq!(rx.recv_timeout(WAIT).expect("block_on never woke"), 9);
         });
+    }
+
+    /// `block_on_request`: a future ready in its first poll runs without a parker (none is
+    /// current during the poll, and none is taken from or left for the thread); one that
+    /// is pending then (waking the do-nothing waker of the first poll, or registering it
+    /// with a channel) is polled again with the parker's waker and woken by it; a ring
+    /// read's SQE, held back in the first poll, is submitted with the wait.
+    #[test]
+    fn block_on_request_polls_first_without_a_parker() {
+        let current = || CURRENT_PARKER.with(|c| c.get());
+        thread::spawn(move || {
+            assert_eq!(
+                block_on_request(pin!(std::future::poll_fn(|_| Poll::Ready(current())))),
+                0,
+                "a parker was set up for a future ready at once"
+            );
+            assert!(SPARE_PARKER.with(|c| {
+                let p = c.take();
+                let none = p.is_none();
+                c.set(p);
+                none
+            }));
+            // Pending once, having woken the first poll's waker (which does nothing).
+            let mut polls = 0;
+            let p = block_on_request(pin!(std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls == 1 {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                } else {
+                    Poll::Ready(current())
+                }
+            })));
+            assert_ne!(p, 0, "the second poll had no parker");
+            assert_eq!(polls, 2);
+            // Pending until another thread sends: the receiver takes the parker's waker at
+            // its second poll.
+            let (tx, rx) = futures::channel::oneshot::channel::<u32>();
+            let sender = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                tx.send(7).unwrap();
+            });
+            assert_eq!(block_on_request(pin!(rx)), Ok(7));
+            sender.join().unwrap();
+            // An O_DIRECT read goes to the ring: its SQE, deferred in the first poll, is
+            // submitted by the wait (else this would hang).
+            let (_dir, core) = test_file("request.bin");
+            let rings = RingSet::get().unwrap();
+            let file = UringFile { core, rings };
+            let mut buf = vec![0u8; 4096];
+            block_on_request(pin!(file.read_at(&mut buf, 3 * 4096))).unwrap();
+            assert!(buf.iter().all(|&b| b == 3));
+        })
+        .join()
+        .unwrap();
     }
 
     /// A thread's parker is kept from one `block_on` to the next only when no waker of
