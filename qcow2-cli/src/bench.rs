@@ -71,7 +71,7 @@ struct Params {
     flush_interval: u64,
     drain: bool,
     engine: EngineKind,
-    direct: bool,
+    cache: crate::cmds::Cache,
 }
 
 fn num_opt(value: &Option<String>, max: u64, what: &str, size: bool) -> Result<Option<u64>, Fail> {
@@ -99,11 +99,8 @@ fn params(p: &BenchArgs) -> Result<Params, Fail> {
     let step = num_opt(&p.step, INT_MAX, "step size", true)?.unwrap_or(0);
     let pattern = num_opt(&p.pattern, 0xff, "pattern byte", false)?.unwrap_or(0) as u8;
     let flush_interval = num_opt(&p.flush_interval, INT_MAX, "flush interval", false)?.unwrap_or(0);
-    let direct = match p.cache.as_deref() {
-        None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
-        Some("none") | Some("directsync") => true,
-        Some(_) => return Err(Fail::new("Invalid cache mode")),
-    };
+    let cache = crate::cmds::Cache::parse(p.cache.as_deref())
+        .ok_or_else(|| Fail::new("Invalid cache mode"))?;
     let engine = match p.aio.as_deref() {
         None if p.native => EngineKind::IoUring,
         None => EngineKind::Auto,
@@ -132,7 +129,7 @@ fn params(p: &BenchArgs) -> Result<Params, Fail> {
         flush_interval,
         drain: !p.no_drain,
         engine,
-        direct,
+        cache,
     })
 }
 
@@ -161,7 +158,8 @@ pub async fn cmd_bench(p: BenchArgs) -> Result<u8, Fail> {
         cache_size,
         writable: prm.write,
         engine: prm.engine,
-        direct: prm.direct,
+        direct: prm.cache.direct,
+        no_flush: prm.cache.no_flush,
         no_external_files: p.common.untrusted,
         force_share: p.force_share,
         ..OpenOptions::default()

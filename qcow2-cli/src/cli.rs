@@ -231,10 +231,11 @@ pub struct ConvertArgs {
     /// Requests in flight (1 to 64, default 8)
     #[arg(short = 'm', long = "parallel", value_name = "N")]
     pub parallel: Option<String>,
-    /// Target cache mode: none (O_DIRECT), writeback, writethrough, directsync or unsafe
+    /// Target cache mode: writeback (default), writethrough, none (O_DIRECT), directsync
+    /// (O_DIRECT) or unsafe (flushes ignored: exits before the output is on disk)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
-    /// Source cache mode (accepted for qemu-img compatibility)
+    /// Source cache mode (checked; the source is only read)
     #[arg(short = 'T', long = "source-cache", value_name = "CACHE")]
     pub source_cache: Option<String>,
     /// Out-of-order writes (accepted, no effect: writes to an O_DIRECT raw target overlap
@@ -352,7 +353,8 @@ pub struct RebaseArgs {
     /// Print nothing but errors
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Cache mode of the image: none, writeback, writethrough, directsync or unsafe
+    /// Cache mode of the image: none, writeback, writethrough, directsync or unsafe (flushes
+    /// ignored)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
     /// Cache mode of the backing files (checked, otherwise unused)
@@ -390,7 +392,7 @@ pub struct CommitArgs {
     /// Print nothing but errors
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Cache mode: none, writeback, writethrough, directsync or unsafe
+    /// Cache mode: none, writeback, writethrough, directsync or unsafe (flushes ignored)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
     /// Rate limit (checked, otherwise unused)
@@ -640,7 +642,8 @@ pub struct BenchArgs {
     /// Distance between request offsets (default the request size)
     #[arg(short = 'S', value_name = "STEP")]
     pub step: Option<String>,
-    /// Cache mode: none (O_DIRECT), writeback, writethrough, directsync or unsafe
+    /// Cache mode: none (O_DIRECT), writeback, writethrough, directsync or unsafe (flushes
+    /// ignored)
     #[arg(short = 't', value_name = "CACHE")]
     pub cache: Option<String>,
     /// Write instead of read

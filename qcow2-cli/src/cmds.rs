@@ -264,21 +264,41 @@ fn progress_printer() -> Arc<dyn Fn(f64) + Send + Sync> {
     })
 }
 
-fn parse_engine(aio: Option<&str>, cache: Option<&str>) -> Result<(EngineKind, bool), Fail> {
-    let engine = match aio {
-        None => EngineKind::Auto,
-        Some(s) => s.parse().map_err(Fail::new)?,
-    };
-    let direct = match cache {
-        None | Some("writeback") | Some("unsafe") | Some("writethrough") => false,
-        Some("none") | Some("directsync") => true,
-        Some(o) => {
-            return Err(Fail::new(format!(
-                "invalid cache mode '{o}' (expected none or writeback)"
-            )))
-        }
-    };
-    Ok((engine, direct))
+fn parse_engine(aio: Option<&str>) -> Result<EngineKind, Fail> {
+    match aio {
+        None => Ok(EngineKind::Auto),
+        Some(s) => s.parse().map_err(Fail::new),
+    }
+}
+
+/// A `-t`/`-T` cache mode as qemu-img spells them: `none` and `directsync` bypass the page
+/// cache (`O_DIRECT`), `unsafe` ignores flushes; `writeback` (the default) and
+/// `writethrough` are plain buffered I/O that is flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Cache {
+    /// `O_DIRECT` (`OpenOptions::direct`).
+    pub direct: bool,
+    /// Flushes ignored (`OpenOptions::no_flush`).
+    pub no_flush: bool,
+}
+
+impl Cache {
+    /// The mode `mode` names (`None`: writeback), or `None` for an unknown name.
+    pub(crate) fn parse(mode: Option<&str>) -> Option<Cache> {
+        let (direct, no_flush) = match mode {
+            None | Some("writeback") | Some("writethrough") => (false, false),
+            Some("unsafe") => (false, true),
+            Some("none") | Some("directsync") => (true, false),
+            Some(_) => return None,
+        };
+        Some(Cache { direct, no_flush })
+    }
+
+    /// Applies the mode to `o`.
+    pub(crate) fn apply(self, o: &mut OpenOptions) {
+        o.direct = self.direct;
+        o.no_flush = self.no_flush;
+    }
 }
 
 fn create_options(options: &[String], fmt: &str) -> Result<CreateOptions, Fail> {
@@ -461,7 +481,10 @@ async fn cmd_convert(p: cli::ConvertArgs) -> Result<u8, Fail> {
             }
         },
     };
-    let (engine, direct) = parse_engine(p.aio.as_deref(), p.cache.as_deref())?;
+    let engine = parse_engine(p.aio.as_deref())?;
+    let cache = cache_mode(p.cache.as_deref(), "cache ")?;
+    // The source is only read: its cache mode changes nothing, but is checked.
+    cache_mode(p.source_cache.as_deref(), "source cache ")?;
     let mut oo = open_opts(&p.common, p.force_share);
     oo.engine = engine;
     if let Some(l) = &p.snapshot {
@@ -493,7 +516,8 @@ async fn cmd_convert(p: cli::ConvertArgs) -> Result<u8, Fail> {
         ..Default::default()
     };
     co.file.engine = engine;
-    co.file.direct = direct;
+    co.file.direct = cache.direct;
+    co.file.no_flush = cache.no_flush;
     if p.progress && !p.quiet {
         co.progress = Some(progress_printer());
     }
@@ -688,13 +712,14 @@ async fn cmd_check(p: cli::CheckArgs) -> Result<u8, Fail> {
     Ok(report.exit_code() as u8)
 }
 
-/// `-t`/`-T` cache modes as qemu-img spells them.
-fn cache_direct(mode: Option<&str>, what: &str) -> Result<bool, Fail> {
-    match mode {
-        None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
-        Some("none") | Some("directsync") => Ok(true),
-        Some(o) => Err(Fail::new(format!("Invalid {what}option: {o}"))),
-    }
+/// A `-t`/`-T` cache mode, with qemu-img's message for an unknown one.
+fn cache_mode(mode: Option<&str>, what: &str) -> Result<Cache, Fail> {
+    Cache::parse(mode).ok_or_else(|| {
+        Fail::new(format!(
+            "Invalid {what}option: {}",
+            mode.unwrap_or_default()
+        ))
+    })
 }
 
 fn image_format(format: Option<&str>) -> Result<Option<Format>, Fail> {
@@ -717,8 +742,8 @@ async fn cmd_rebase(p: cli::RebaseArgs) -> Result<u8, Fail> {
             ))
         }
     };
-    let direct = cache_direct(p.cache.as_deref(), "cache ")?;
-    cache_direct(p.backing_cache.as_deref(), "source cache ")?;
+    let cache = cache_mode(p.cache.as_deref(), "cache ")?;
+    cache_mode(p.backing_cache.as_deref(), "source cache ")?;
     let backing_format = match p.backing_format.as_deref() {
         None => None,
         Some(f) => {
@@ -735,7 +760,7 @@ async fn cmd_rebase(p: cli::RebaseArgs) -> Result<u8, Fail> {
     }
     let mut open = open_opts(&p.common, false);
     // -U is accepted as qemu-img does; the image itself is opened for writing.
-    open.direct = direct;
+    cache.apply(&mut open);
     let quiet = p.quiet;
     let ro = RebaseOptions {
         backing,
@@ -756,7 +781,7 @@ async fn cmd_commit(p: cli::CommitArgs) -> Result<u8, Fail> {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
-    let direct = cache_direct(p.cache.as_deref(), "cache ")?;
+    let cache = cache_mode(p.cache.as_deref(), "cache ")?;
     if let Some(r) = &p.rate {
         create::parse_size(r).map_err(|_| Fail::new(format!("Invalid rate limit: '{r}'")))?;
     }
@@ -764,7 +789,7 @@ async fn cmd_commit(p: cli::CommitArgs) -> Result<u8, Fail> {
         return Err(Fail::new("Image does not have a backing file"));
     }
     let mut open = open_opts(&p.common, false);
-    open.direct = direct;
+    cache.apply(&mut open);
     let quiet = p.quiet;
     let co = CommitOptions {
         base: p.base.clone(),
@@ -1049,4 +1074,26 @@ async fn cmd_dd(p: cli::DdArgs) -> Result<u8, Fail> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// qemu-img's cache modes: only `unsafe` ignores flushes, only `none` and `directsync`
+    /// bypass the page cache; unknown names are refused.
+    #[test]
+    fn cache_modes() {
+        let mode = |m: Option<&str>| Cache::parse(m).map(|c| (c.direct, c.no_flush));
+        assert_eq!(mode(None), Some((false, false)));
+        assert_eq!(mode(Some("writeback")), Some((false, false)));
+        assert_eq!(mode(Some("writethrough")), Some((false, false)));
+        assert_eq!(mode(Some("unsafe")), Some((false, true)));
+        assert_eq!(mode(Some("none")), Some((true, false)));
+        assert_eq!(mode(Some("directsync")), Some((true, false)));
+        assert_eq!(mode(Some("bogus")), None);
+        let mut o = OpenOptions::default();
+        Cache::parse(Some("unsafe")).unwrap().apply(&mut o);
+        assert!(o.no_flush && !o.direct);
+    }
 }

@@ -94,6 +94,7 @@ impl RawDisk {
             truncate: false,
             direct: opts.direct,
             engine: opts.engine,
+            no_flush: opts.no_flush,
         };
         if opts.writable && opts.force_share {
             return Err(Error::invalid(

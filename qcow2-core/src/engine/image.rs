@@ -35,6 +35,10 @@ pub struct OpenOptions {
     pub engine: EngineKind,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// Ignore flushes of every file of the chain (QEMU's cache mode `unsafe`, see
+    /// [`FileOptions::no_flush`]): [`Image::flush`] and the flushes the engine orders its
+    /// metadata updates with write nothing to the disk.
+    pub no_flush: bool,
     /// Total bytes of metadata cache (L2 tables and refcount blocks) of the image and its
     /// backing chain together: an image with a qcow2 backing file keeps half, the backing
     /// file gets the other half (and shares it with its own backing file the same way).
@@ -83,6 +87,7 @@ impl Default for OpenOptions {
             writable: false,
             engine: EngineKind::Auto,
             direct: false,
+            no_flush: false,
             cache_size: DEFAULT_CACHE_SIZE,
             no_external_files: false,
             max_chain: DEFAULT_MAX_CHAIN,
@@ -323,6 +328,7 @@ impl Image {
             writable: opts.writable,
             direct: opts.direct,
             engine: opts.engine,
+            no_flush: opts.no_flush,
             ..Default::default()
         };
         if opts.snapshot.is_some() && opts.writable {

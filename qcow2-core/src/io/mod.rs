@@ -152,6 +152,11 @@ pub struct FileOptions {
     pub direct: bool,
     /// Which engine.
     pub engine: EngineKind,
+    /// Ignore flushes (QEMU's cache mode `unsafe`): [`Storage::flush`] succeeds at once
+    /// without `fdatasync`, and no write-back is started ahead of one
+    /// ([`Storage::start_writeback`]). What was written reaches the disk when the kernel
+    /// writes it back; a crash or power cut before that loses it.
+    pub no_flush: bool,
 }
 
 thread_local! {

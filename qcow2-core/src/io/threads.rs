@@ -259,6 +259,11 @@ pub(super) struct FileCore {
     pub(super) align: usize,
     /// Whether the file was opened with `O_DIRECT`.
     pub(super) direct: bool,
+    /// Flushes are ignored ([`FileOptions::no_flush`]).
+    no_flush: bool,
+    /// `fdatasync` calls handed to the engine, for tests.
+    #[cfg(test)]
+    pub(super) syncs: std::sync::atomic::AtomicUsize,
     /// With `O_DIRECT`: shared by aligned writes and `allocate`, exclusive for
     /// read-modify-write cycles, `discard` and `write_zeroes`. Guards are moved
     /// into the operations so that a write whose future was dropped keeps the
@@ -375,6 +380,9 @@ impl FileCore {
             file,
             align,
             direct: opts.direct,
+            no_flush: opts.no_flush,
+            #[cfg(test)]
+            syncs: std::sync::atomic::AtomicUsize::new(0),
             lock: Arc::new(tokio::sync::RwLock::new(())),
             inline,
             inline_writer: AtomicBool::new(false),
@@ -555,8 +563,9 @@ impl FileCore {
 
     /// See [`Storage::start_writeback`]: `sync_file_range(SYNC_FILE_RANGE_WRITE)`, for a
     /// buffered file on a disk (with `O_DIRECT` or in memory there is nothing to write back).
+    /// Not when flushes are ignored: the write-back started here only shortens a flush.
     pub(super) fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
-        if self.align > 1 || self.in_memory() || len == 0 {
+        if self.align > 1 || self.in_memory() || self.no_flush || len == 0 {
             return Ok(());
         }
         // SAFETY: `sync_file_range` on a valid fd owned by `self.file`; no memory is passed.
@@ -758,8 +767,11 @@ impl<T> Pending<T> {
 }
 
 impl FileCore {
-    /// `fdatasync` on the calling thread, for a file in memory (else `None`).
+    /// `fdatasync` on the calling thread, for a file in memory (else `None`). Every engine's
+    /// `fdatasync` starts here.
     pub(super) fn fdatasync_inline(&self) -> Option<Pending<()>> {
+        #[cfg(test)]
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         self.in_memory()
             .then(|| Pending::ready(self.file.sync_data()))
     }
@@ -1198,8 +1210,11 @@ pub(super) mod ops {
         }
     }
 
-    /// [`Storage::flush`](super::Storage::flush).
+    /// [`Storage::flush`](super::Storage::flush); nothing when flushes are ignored.
     pub(in crate::io) async fn flush<B: Backend + ?Sized>(b: &B) -> io::Result<()> {
+        if b.core().no_flush {
+            return Ok(());
+        }
         b.fdatasync().await
     }
 
@@ -2121,5 +2136,38 @@ mod tests {
         }
         assert_eq!(p.free.len(), 0);
         assert_eq!(freed, 16);
+    }
+
+    /// With `no_flush` (cache mode `unsafe`) a flush succeeds without an `fdatasync` and the
+    /// data stays readable; without it, each flush is one. Fails when `ops::flush` ignores
+    /// the option (two `fdatasync`s counted where none were expected).
+    #[test]
+    fn no_flush_skips_fdatasync() {
+        for no_flush in [true, false] {
+            let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+            std::fs::create_dir_all(&tmp).unwrap();
+            let dir = tempfile::tempdir_in(&tmp).unwrap();
+            let fo = FileOptions {
+                writable: true,
+                create: true,
+                no_flush,
+                ..Default::default()
+            };
+            let f = ThreadsFile::open(&dir.path().join("f"), &fo).unwrap();
+            futures::executor::block_on(async {
+                f.write_at(b"data", 0).await.unwrap();
+                f.flush().await.unwrap();
+                f.flush().await.unwrap();
+                let mut buf = [0u8; 4];
+                f.read_at(&mut buf, 0).await.unwrap();
+                assert_eq!(&buf, b"data");
+            });
+            let want = if no_flush { 0 } else { 2 };
+            assert_eq!(
+                f.core.syncs.load(Ordering::Relaxed),
+                want,
+                "no_flush {no_flush}"
+            );
+        }
     }
 }

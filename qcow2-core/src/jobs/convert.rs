@@ -693,6 +693,7 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
             writable: true,
             engine: opts.file.engine,
             direct: opts.file.direct,
+            no_flush: opts.file.no_flush,
             ..Default::default()
         };
         let r = crate::engine::disk::RawDisk::open(dst, &oo)
@@ -962,6 +963,7 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
         writable: true,
         engine: opts.file.engine,
         direct: opts.file.direct,
+        no_flush: opts.file.no_flush,
         ..Default::default()
     };
     let img = crate::engine::image::Image::open(dst, &oo)

@@ -78,6 +78,7 @@ fn opts(cfg: Config) -> FileOptions {
         truncate: true,
         direct: cfg.direct,
         engine: cfg.engine,
+        ..Default::default()
     }
 }
 
