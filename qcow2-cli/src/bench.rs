@@ -273,9 +273,31 @@ async fn write_req(disk: &Disk, buf: &[u8], off: u64) -> qcow2_core::Result<()> 
     }
 }
 
+/// Smallest O_DIRECT request that [`request_threads`] runs on one thread.
+const ONE_THREAD_MIN_REQUEST: u64 = 64 << 10;
+
+/// How many threads run the request loops ([`run_workers`]): one per CPU, at most one per
+/// loop; one for O_DIRECT requests of 64 KiB and more through io_uring, where the device
+/// is the limit, not the CPU: each thread waits in its own ring, so two threads wait (and
+/// are woken) twice as often as one, each with half the completions, and submit half as
+/// many requests per system call (one doorbell of the device each) as qemu-img's one event
+/// loop. (Smaller O_DIRECT requests keep a thread per CPU: with one, 4 KiB allocating
+/// writes took 1.5x the time; see docs/PERFORMANCE.md, twelfth session.)
+fn request_threads(prm: &Params, cpus: usize, workers: u64) -> usize {
+    let threads =
+        if prm.direct && prm.engine != EngineKind::Threads && prm.bufsize >= ONE_THREAD_MIN_REQUEST
+        {
+            1
+        } else {
+            cpus
+        };
+    threads.clamp(1, workers.max(1) as usize)
+}
+
 /// Without flushes: DEPTH request loops, each taking the next request number as its
 /// previous request completes (the same offsets, in the same order, as qemu-img's
-/// submissions). The loops run on one thread per CPU (at most one per loop), each in
+/// submissions). The loops run on one thread per CPU (at most one per loop; one for large O_DIRECT
+/// requests, see [`request_threads`]), each in
 /// [`qcow2_core::io::block_on`]: a thread waits in its own io_uring ring and reaps its
 /// requests' completions itself, as qemu-img's event loop does, so a request that waits for
 /// the device costs one wake-up (on a runtime worker it would cost two: the ring's
@@ -294,9 +316,11 @@ async fn run_workers(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> {
     let mut bufs: Vec<(Vec<u8>, usize)> = (0..workers)
         .map(|_| aligned_buf(prm.bufsize as usize, prm.pattern))
         .collect::<qcow2_core::Result<_>>()?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, workers.max(1) as usize);
+    let threads = request_threads(
+        prm,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        workers,
+    );
     let mut groups: Vec<Vec<&mut [u8]>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, (raw, start)) in bufs.iter_mut().enumerate() {
         let start = *start;
@@ -475,6 +499,36 @@ async fn run_with_flushes(disk: &Disk, prm: &Params) -> qcow2_core::Result<f64> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// O_DIRECT requests of 64 KiB through io_uring run every loop on one thread; smaller
+    /// ones, the page cache and the threads engine use a thread per CPU (at most one per
+    /// loop).
+    #[test]
+    fn request_threads_by_cache_and_engine() {
+        let prm = |direct, engine| Params {
+            count: 1000,
+            depth: 32,
+            offset: 0,
+            bufsize: 65536,
+            step: 4096,
+            write: false,
+            pattern: 0,
+            flush_interval: 0,
+            drain: false,
+            engine,
+            direct,
+        };
+        assert_eq!(request_threads(&prm(true, EngineKind::IoUring), 2, 32), 1);
+        assert_eq!(request_threads(&prm(true, EngineKind::Auto), 4, 32), 1);
+        assert_eq!(request_threads(&prm(false, EngineKind::IoUring), 2, 32), 2);
+        assert_eq!(request_threads(&prm(true, EngineKind::Threads), 2, 32), 2);
+        assert_eq!(request_threads(&prm(false, EngineKind::Auto), 8, 3), 3);
+        let small = Params {
+            bufsize: 4096,
+            ..prm(true, EngineKind::IoUring)
+        };
+        assert_eq!(request_threads(&small, 2, 32), 2);
+    }
 
     #[test]
     fn sizes() {

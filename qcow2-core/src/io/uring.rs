@@ -50,7 +50,10 @@
 //!   waits in a ring, the ring's fd is taken out of its completion thread's epoll
 //!   set (`EPOLL_CTL_MOD` with no events), so completions do not wake it too; the
 //!   last waiter to leave puts it back, and epoll re-checks the fd then, so
-//!   completions that arrived meanwhile wake the completion thread at once.
+//!   completions that arrived meanwhile wake the completion thread at once. A
+//!   `block_on` call that has waited a few times stays among the waiters while it
+//!   polls its future between waits ([`Lingering`]: two `epoll_ctl` calls less per
+//!   wait), and the completion thread looks on a timer meanwhile.
 //! - **Reaping in a tokio runtime** ([`reap_in_runtime`]): a runtime's workers
 //!   cannot wait in a ring (tokio parks them in its reactor's `epoll_wait` or on a
 //!   futex), and draining the ring in a park/unpark hook does not wake a parked
@@ -269,6 +272,9 @@ struct Ring {
     /// Of `waiters`, the tokio tasks ([`watch`]): while there is one, the
     /// completion thread also wakes on a timer (see [`completion_thread`]).
     watchers: AtomicUsize,
+    /// Of `waiters`, the threads that stay among them between two waits in the ring
+    /// ([`Lingering`]): the completion thread then wakes on the timer too.
+    lingerers: AtomicUsize,
     /// That timer while operations are in the ring, in milliseconds
     /// ([`FALLBACK_BUSY_MS`]; tests that must see who reaps make it long).
     fallback_ms: std::sync::atomic::AtomicI32,
@@ -504,6 +510,7 @@ impl Ring {
             wake,
             waiters: Mutex::new(0),
             watchers: AtomicUsize::new(0),
+            lingerers: AtomicUsize::new(0),
             fallback_ms: std::sync::atomic::AtomicI32::new(FALLBACK_BUSY_MS),
             exiting: AtomicBool::new(false),
             exit: tokio::sync::Notify::new(),
@@ -725,6 +732,12 @@ impl Ring {
         !self.state.lock().ops.is_empty()
     }
 
+    /// Whether the completion thread looks on its timer: a [`watch`] task or a
+    /// [`Lingering`] thread keeps the ring's fd out of its epoll set.
+    fn timed(&self) -> bool {
+        self.watchers.load(Ordering::Acquire) > 0 || self.lingerers.load(Ordering::Acquire) > 0
+    }
+
     /// Wake the threads waiting in this ring (they re-check their flags).
     fn kick(&self) {
         self.start(Kind::Kick, None, 0, None);
@@ -750,6 +763,37 @@ impl Drop for Owned<'_> {
             #[cfg(test)]
             self.ring.waiter_reaps.fetch_add(_reaped, Ordering::Relaxed);
         }
+    }
+}
+
+/// A thread in [`block_on`] that stays among its ring's waiters between two waits in
+/// the ring (after [`LINGER_AFTER_WAITS`] waits): its ring's fd stays out of the completion
+/// thread's epoll set, instead of being put back and taken out again (two `epoll_ctl`
+/// calls) around each time the thread polls its future. Completions that come while
+/// the thread polls are reaped at its next wait. Should the thread block elsewhere
+/// meanwhile, the completion thread looks on its timer (as for a [`watch`] task), so
+/// requests of other threads in that ring finish a few milliseconds late at worst.
+/// Ends when `block_on` returns or the thread is about to block outside its ring
+/// ([`flush_deferred`]).
+struct Lingering(Arc<Ring>);
+
+impl Lingering {
+    fn start(ring: Arc<Ring>) -> Lingering {
+        std::mem::forget(ring.enter_waiters());
+        if ring.lingerers.fetch_add(1, Ordering::AcqRel) == 0
+            && ring.watchers.load(Ordering::Acquire) == 0
+        {
+            // It may sleep without a timeout: make it take up its timer.
+            ring.wake_completion_thread();
+        }
+        Lingering(ring)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.lingerers.fetch_sub(1, Ordering::AcqRel);
+        drop(Leave(&self.0));
     }
 }
 
@@ -799,7 +843,7 @@ fn completion_thread(ring: Arc<Ring>) {
             let idle = st.ops.is_empty();
             idle_looks = if idle { idle_looks + 1 } else { 0 };
             // Set under the lock, so `register` sees it or this sees its operation.
-            st.idle_sleep = idle && idle_looks > 1 && ring.watchers.load(Ordering::Acquire) > 0;
+            st.idle_sleep = idle && idle_looks > 1 && ring.timed();
             // SAFETY: as in `Ring::push`: the state mutex is held, so this is the
             // only `SubmissionQueue`.
             let queued = unsafe { ring.uring.submission_shared() }.len();
@@ -815,7 +859,7 @@ fn completion_thread(ring: Arc<Ring>) {
         // Watched, the timer retries submissions (not at once: SQEs found queued are
         // most often a submitter's about to be submitted, and the thread that submits
         // a request is woken to complete it).
-        let watched = ring.watchers.load(Ordering::Acquire) > 0;
+        let watched = ring.timed();
         let timeout = if ring.exiting.load(Ordering::Acquire) {
             1
         } else if watched {
@@ -1037,7 +1081,7 @@ impl RingsGuard<'_> {
     fn runtime(&self) -> Option<tokio::runtime::Handle> {
         // SAFETY: the lock is held (see `RingsCell`).
         match unsafe { &*self.0.runtime.get() } {
-            Some((pid, h)) if *pid == std::process::id() => Some(h.clone()),
+            Some((p, h)) if *p == pid() => Some(h.clone()),
             _ => None,
         }
     }
@@ -1056,9 +1100,38 @@ impl Drop for RingsGuard<'_> {
     }
 }
 
-/// `pthread_atfork` child handler: release [`RINGS`] (see [`RingsCell`]).
+/// `pthread_atfork` child handler: release [`RINGS`] (see [`RingsCell`]) and forget the
+/// parent's process id ([`pid`]).
 extern "C" fn rings_atfork_child() {
     RINGS.locked.store(false, Ordering::Release);
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// Install [`rings_atfork_child`] (once per process).
+fn install_atfork() {
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        // SAFETY: registers a handler that only stores to atomics (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(rings_atfork_child)) };
+    });
+}
+
+/// This process's id as [`pid`] last read it (0: not read yet, or in a child after `fork()`).
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `std::process::id()` without a system call each time (glibc does not cache it): every
+/// [`block_on`] wait compares the ring set's process with this one. The `fork()` child
+/// handler clears it, so a child reads its own.
+fn pid() -> u32 {
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    // Before the id is stored: a fork after the store runs the handler, which clears it.
+    install_atfork();
+    let p = std::process::id();
+    PID.store(p, Ordering::Relaxed);
+    p
 }
 /// Hands out ring slots to threads, round-robin.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
@@ -1071,14 +1144,10 @@ thread_local! {
 impl RingSet {
     /// The shared set, started if no open file holds it.
     fn get() -> io::Result<Arc<RingSet>> {
-        static ATFORK: std::sync::Once = std::sync::Once::new();
-        ATFORK.call_once(|| {
-            // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
-            unsafe { libc::pthread_atfork(None, None, Some(rings_atfork_child)) };
-        });
+        install_atfork();
         let mut cur = RINGS.lock();
         if let Some(s) = cur.upgrade() {
-            if s.pid == std::process::id() {
+            if s.pid == pid() {
                 return Ok(s);
             }
             // A set of the parent process (files opened before fork() keep it alive): its
@@ -1095,10 +1164,7 @@ impl RingSet {
             // On an error the rings already started are dropped, which stops them.
             rings.push(RingThread::start(i)?);
         }
-        let s = Arc::new(RingSet {
-            rings,
-            pid: std::process::id(),
-        });
+        let s = Arc::new(RingSet { rings, pid: pid() });
         let old = cur.replace(Arc::downgrade(&s));
         let rt = cur.runtime();
         drop(cur);
@@ -1131,11 +1197,12 @@ impl RingSet {
     /// The calling thread's ring in the current set, if there is one (in this process).
     fn current_ring() -> Option<Arc<Ring>> {
         let set = RINGS.lock().upgrade()?;
-        let ring = (set.pid == std::process::id()).then(|| set.ring().clone());
-        if set.pid != std::process::id() {
+        if set.pid != pid() {
             std::mem::forget(set); // the parent's (see `RingSet::get`)
+            return None;
         }
-        ring
+        let ring = set.ring().clone();
+        Some(ring)
     }
 }
 
@@ -1150,7 +1217,19 @@ thread_local! {
     /// The [`Parker`] of this thread's last [`block_on`], kept for the next one (no
     /// allocation per call) when no waker of it was left.
     static SPARE_PARKER: Cell<Option<Arc<Parker>>> = const { Cell::new(None) };
+    /// The ring this thread's [`block_on`] stays a waiter of between waits.
+    static LINGER: Cell<Option<Lingering>> = const { Cell::new(None) };
 }
+
+/// Stop lingering in a ring ([`Lingering`]), putting its fd back in the completion
+/// thread's epoll set if no other waiter is left.
+fn end_lingering() {
+    let _ = LINGER.try_with(|l| drop(l.take()));
+}
+
+/// Waits in its ring after which a [`block_on`] call stays among the ring's waiters
+/// between waits ([`Lingering`]).
+const LINGER_AFTER_WAITS: u32 = 4;
 
 /// Most SQEs a thread defers before it submits them anyway.
 const DEFER_MAX: u32 = 32;
@@ -1193,6 +1272,7 @@ pub(super) fn flush_deferred() {
     if let Some((r, _)) = DEFERRED.take() {
         r.submit();
     }
+    end_lingering();
 }
 
 /// How a thread blocked in [`block_on`] is woken.
@@ -1211,7 +1291,9 @@ struct Parker {
 impl Parker {
     /// Wait until woken: in `ring` (the calling thread's) if there is one, it has
     /// operations in it and no other thread waits in it, else on a condition variable.
-    fn park(&self, ring: Option<Arc<Ring>>) {
+    ///
+    /// `linger`: stay among the ring's waiters afterwards ([`Lingering`]).
+    fn park(&self, ring: Option<Arc<Ring>>, linger: bool) {
         let deferred = DEFERRED.take().map(|(r, _)| r);
         // Only a ring with operations in it is worth waiting in. An idle thread (a
         // request worker with nothing in flight) waiting in its ring would keep it from
@@ -1244,6 +1326,17 @@ impl Parker {
                 // Cleared before the ring is released: a waker that finds no ring
                 // notifies `cv`, and `woken` stays set for the thread's next look.
                 *self.ring.lock() = None;
+                // Before the ring is released, so its fd stays out of the epoll set.
+                LINGER.with(|l| {
+                    let cur = l.take();
+                    let same = matches!(&cur, Some(c) if Arc::ptr_eq(&c.0, ring));
+                    if same || !linger {
+                        l.set(cur);
+                        return;
+                    }
+                    drop(cur); // another ring's (the ring set changed)
+                    l.set(Some(Lingering::start(ring.clone())));
+                });
                 drop(owned);
             }
             None => {
@@ -1306,12 +1399,12 @@ impl Wake for Parker {
 pub fn reap_in_runtime(rt: &tokio::runtime::Handle) {
     let cur = RINGS.lock();
     // SAFETY: the lock is held (see `RingsCell`).
-    let old = unsafe { &mut *RINGS.runtime.get() }.replace((std::process::id(), rt.clone()));
+    let old = unsafe { &mut *RINGS.runtime.get() }.replace((pid(), rt.clone()));
     let set = cur.upgrade();
     drop(cur);
     drop(old);
     if let Some(set) = set {
-        if set.pid == std::process::id() {
+        if set.pid == pid() {
             set.watch_in(rt);
         } else {
             std::mem::forget(set); // the parent's (see `RingSet::get`)
@@ -1408,18 +1501,24 @@ fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Ou
     let mut fut = pin!(fut);
     /// Restores the thread's state on the way out (also on a panic), after
     /// submitting what it deferred.
-    struct Restore(usize, bool);
+    /// (An enclosing `block_on`'s [`Lingering`] is kept here meanwhile, and given
+    /// back.)
+    struct Restore(usize, bool, Option<Lingering>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            flush_deferred();
+            flush_deferred(); // also ends this call's lingering
             PLUGGED.set(self.1);
             CURRENT_PARKER.with(|c| c.set(self.0));
+            let outer = self.2.take();
+            let _ = LINGER.try_with(|l| l.set(outer));
         }
     }
     let _restore = Restore(
         CURRENT_PARKER.with(|c| c.replace(Arc::as_ptr(parker) as usize)),
         PLUGGED.get(),
+        LINGER.with(|l| l.take()),
     );
+    let mut waits = 0u32;
     loop {
         PLUGGED.set(true);
         let poll = fut.as_mut().poll(&mut cx);
@@ -1427,7 +1526,10 @@ fn block_on_in<F: Future>(fut: F, ring: impl Fn() -> Option<Arc<Ring>>) -> F::Ou
         if let Poll::Ready(v) = poll {
             return v;
         }
-        parker.park(ring());
+        // Only after a few waits: a call that waits once or twice (a blocking read from
+        // C or Python) does not change the completion thread's mode.
+        parker.park(ring(), waits >= LINGER_AFTER_WAITS);
+        waits = waits.saturating_add(1);
     }
 }
 
@@ -1981,6 +2083,55 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A `block_on` call that has waited in its ring a few times stays among the ring's
+    /// waiters while it polls (the ring's fd stays out of the completion thread's epoll
+    /// set), and leaves when it returns. Meanwhile, should it block elsewhere, a request
+    /// of another thread in that ring still finishes: the completion thread looks on
+    /// its timer while a thread lingers.
+    #[test]
+    fn lingering_block_on_leaves_other_requests_to_the_timer() {
+        let lingers = || {
+            LINGER.with(|l| {
+                let v = l.take();
+                let some = v.is_some();
+                l.set(v);
+                some
+            })
+        };
+        let (dir, core) = test_file("l");
+        let opts = FileOptions {
+            direct: true,
+            ..FileOptions::default()
+        };
+        let f = UringFile::open(&dir.path().join("l"), &opts)
+            .or_else(|_| UringFile::open(&dir.path().join("l"), &FileOptions::default()))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::scope(|s| {
+            s.spawn(|| {
+                let ring = f.rings.ring().clone();
+                block_on(async {
+                    let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+                    for block in 0..16u8 {
+                        f.read_at(&mut buf[..], block as u64 * 4096).await.unwrap();
+                        assert_eq!(&buf[..], &[block; 4096][..]);
+                    }
+                    assert!(lingers(), "block_on does not linger after 16 waits");
+                    assert!(ring.lingerers.load(Ordering::Acquire) >= 1);
+                    // Blocks outside the ring, which nobody else waits in.
+                    let got = read_block(&ring, &core, 5).recv_timeout(WAIT);
+                    assert_eq!(
+                        got.expect("a request in a lingering thread's ring never finished"),
+                        vec![5u8; 4096]
+                    );
+                });
+                assert!(!lingers(), "block_on still lingers after it returned");
+                tx.send(()).unwrap();
+            });
+            rx.recv_timeout(WAIT).expect("block_on never returned");
+        });
     }
 
     /// A thread's parker is kept from one `block_on` to the next only when no waker of
