@@ -284,13 +284,14 @@ const ONE_THREAD_MIN_REQUEST: u64 = 64 << 10;
 /// loop. (Smaller O_DIRECT requests keep a thread per CPU: with one, 4 KiB allocating
 /// writes took 1.5x the time; see docs/PERFORMANCE.md, twelfth session.)
 fn request_threads(prm: &Params, cpus: usize, workers: u64) -> usize {
-    let threads =
-        if prm.direct && prm.engine != EngineKind::Threads && prm.bufsize >= ONE_THREAD_MIN_REQUEST
-        {
-            1
-        } else {
-            cpus
-        };
+    let threads = if prm.cache.direct
+        && prm.engine != EngineKind::Threads
+        && prm.bufsize >= ONE_THREAD_MIN_REQUEST
+    {
+        1
+    } else {
+        cpus
+    };
     threads.clamp(1, workers.max(1) as usize)
 }
 
@@ -516,7 +517,10 @@ mod tests {
             flush_interval: 0,
             drain: false,
             engine,
-            direct,
+            cache: crate::cmds::Cache {
+                direct,
+                no_flush: false,
+            },
         };
         assert_eq!(request_threads(&prm(true, EngineKind::IoUring), 2, 32), 1);
         assert_eq!(request_threads(&prm(true, EngineKind::Auto), 4, 32), 1);
