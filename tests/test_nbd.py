@@ -199,6 +199,23 @@ def check_and_compare(img: Path, mirror: Path):
     assert cp.returncode == 0, f"qemu-img compare: {cp.stdout}{cp.stderr}"
 
 
+def test_writes_cache_unsafe(scratch):
+    """--cache=unsafe (flushes acknowledged without reaching the disk, as qemu-nbd's): the
+    writes and flushes of a client succeed, and after a clean stop the image is consistent
+    and holds them."""
+    img, mirror = fresh(scratch)
+    cmds = ["write -P 0x11 0 1M", "write -z 2M 128k", "discard 4M 64k", "write -P 0x22 5000000 70000", "flush"]
+    with Server(img, scratch, "--cache=unsafe") as s:
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        cp = run([*args, s.uri])
+        assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        assert s.stop() == 0
+    qemu_io(mirror, *cmds, fmt="raw")
+    check_and_compare(img, mirror)
+
+
 @pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=32768,extended_l2=on", "compat=0.10"])
 def test_writes_qemu_io(opts, scratch):
     img, mirror = fresh(scratch, opts=opts)

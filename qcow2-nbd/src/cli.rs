@@ -87,10 +87,11 @@ pub struct ServeArgs {
     /// the image at exit); other bitmaps do not change
     #[arg(short = 'B', long = "bitmap", value_name = "NAME", action = clap::ArgAction::Append)]
     pub bitmaps: Vec<String>,
-    /// Cache mode: none, writeback (default), writethrough or directsync
+    /// Cache mode: none, writeback (default), writethrough, directsync or unsafe
+    /// (writeback with the clients' flushes acknowledged without reaching the disk)
     #[arg(long = "cache", value_name = "MODE", default_value = "writeback",
           hide_default_value = true, hide_possible_values = true,
-          value_parser = ["none", "writeback", "writethrough", "directsync"])]
+          value_parser = ["none", "writeback", "writethrough", "directsync", "unsafe"])]
     pub cache: String,
     /// Require TLS: DIR holds server-cert.pem, server-key.pem and optionally ca-cert.pem
     /// (qemu's x509 credentials layout); with ca-cert.pem a client certificate is optional
@@ -473,17 +474,23 @@ async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
     Err(format!("Bitmap '{name}' is not found"))
 }
 
-async fn serve(a: ServeArgs) -> Result<(), String> {
-    let image = a.image.clone().unwrap();
-    let direct = matches!(a.cache.as_str(), "none" | "directsync");
-    let opts = OpenOptions {
+/// How `serve` opens the image: `--cache` as qemu-nbd reads it (`none` and `directsync`
+/// bypass the page cache; `unsafe` ignores flushes, the clients' and the engine's own).
+fn open_options(a: &ServeArgs) -> OpenOptions {
+    OpenOptions {
         writable: !a.read_only,
-        direct,
+        direct: matches!(a.cache.as_str(), "none" | "directsync"),
+        no_flush: a.cache == "unsafe",
         no_external_files: a.untrusted,
         force_share: a.force_share,
         snapshot: a.load_snapshot.clone(),
         ..OpenOptions::default()
-    };
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<(), String> {
+    let image = a.image.clone().unwrap();
+    let opts = open_options(&a);
     let disk = if a.snapshot {
         overlay(&image, a.format, &opts).await?
     } else {
@@ -564,7 +571,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         description: a.description.clone(),
         size: export.size(),
         read_only: !export.writable(),
-        min_block: if direct { 512 } else { 1 },
+        min_block: if opts.direct { 512 } else { 1 },
         pref_block: 4096,
         tls: tls.is_some(),
         multi_conn: a.shared != 1,
@@ -654,6 +661,24 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let a = p(&["-B", "b0", "--bitmap=b1", "-Bb2", "img"]).unwrap();
         assert_eq!(a.bitmaps, ["b0", "b1", "b2"]);
+    }
+
+    /// `--cache` as qemu-nbd reads it: which modes bypass the page cache, and `unsafe`
+    /// (ignore flushes) accepted and carried into the image's options.
+    #[test]
+    fn cache_modes() {
+        for (mode, direct, no_flush) in [
+            ("writeback", false, false),
+            ("writethrough", false, false),
+            ("none", true, false),
+            ("directsync", true, false),
+            ("unsafe", false, true),
+        ] {
+            let o = open_options(&p(&[&format!("--cache={mode}"), "img"]).unwrap());
+            assert_eq!((o.direct, o.no_flush), (direct, no_flush), "{mode}");
+        }
+        let o = open_options(&p(&["img"]).unwrap());
+        assert_eq!((o.direct, o.no_flush, o.writable), (false, false, true));
     }
 
     #[test]
