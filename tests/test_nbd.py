@@ -199,6 +199,15 @@ def check_and_compare(img: Path, mirror: Path):
     assert cp.returncode == 0, f"qemu-img compare: {cp.stdout}{cp.stderr}"
 
 
+def qemu_io_through(server, cmds):
+    """Run qemu-io's commands `cmds` against `server`'s export; each must succeed."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    cp = run([*args, server.uri])
+    assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+
+
 def test_writes_cache_unsafe(scratch):
     """--cache=unsafe (flushes acknowledged without reaching the disk, as qemu-nbd's): the
     writes and flushes of a client succeed, and after a clean stop the image is consistent
@@ -206,11 +215,7 @@ def test_writes_cache_unsafe(scratch):
     img, mirror = fresh(scratch)
     cmds = ["write -P 0x11 0 1M", "write -z 2M 128k", "discard 4M 64k", "write -P 0x22 5000000 70000", "flush"]
     with Server(img, scratch, "--cache=unsafe") as s:
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        cp = run([*args, s.uri])
-        assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        qemu_io_through(s, cmds)
         assert s.stop() == 0
     qemu_io(mirror, *cmds, fmt="raw")
     check_and_compare(img, mirror)
@@ -234,11 +239,7 @@ def test_writes_qemu_io(opts, scratch):
         "flush",
     ]
     with Server(img, scratch, "-t") as s:
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        cp = run([*args, s.uri])
-        assert cp.returncode == 0 and "failed" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        qemu_io_through(s, cmds)
         # Past the end: the protocol's error, the server goes on.
         cp = run(["qemu-io", "-f", "raw", "-c", "write 67108864 512", s.uri])
         assert "failed" in cp.stdout + cp.stderr or cp.returncode != 0
