@@ -71,7 +71,7 @@ struct Params {
     flush_interval: u64,
     drain: bool,
     engine: EngineKind,
-    cache: crate::cmds::Cache,
+    cache: qcow2_core::CacheMode,
 }
 
 fn num_opt(value: &Option<String>, max: u64, what: &str, size: bool) -> Result<Option<u64>, Fail> {
@@ -99,7 +99,11 @@ fn params(p: &BenchArgs) -> Result<Params, Fail> {
     let step = num_opt(&p.step, INT_MAX, "step size", true)?.unwrap_or(0);
     let pattern = num_opt(&p.pattern, 0xff, "pattern byte", false)?.unwrap_or(0) as u8;
     let flush_interval = num_opt(&p.flush_interval, INT_MAX, "flush interval", false)?.unwrap_or(0);
-    let cache = crate::cmds::Cache::parse(p.cache.as_deref())
+    let cache = (p.cache.as_deref())
+        .map_or(
+            Some(qcow2_core::CacheMode::default()),
+            qcow2_core::CacheMode::parse,
+        )
         .ok_or_else(|| Fail::new("Invalid cache mode"))?;
     let engine = match p.aio.as_deref() {
         None if p.native => EngineKind::IoUring,
@@ -517,7 +521,7 @@ mod tests {
             flush_interval: 0,
             drain: false,
             engine,
-            cache: crate::cmds::Cache {
+            cache: qcow2_core::CacheMode {
                 direct,
                 no_flush: false,
             },

@@ -6,7 +6,7 @@ use qcow2_core::convert::{self, CompareResult, ConvertOptions};
 use qcow2_core::create::{self, CreateOptions};
 use qcow2_core::disk::Disk;
 use qcow2_core::io::EngineKind;
-use qcow2_core::{info, Format, OpenOptions};
+use qcow2_core::{info, CacheMode, Format, OpenOptions};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -268,36 +268,6 @@ fn parse_engine(aio: Option<&str>) -> Result<EngineKind, Fail> {
     match aio {
         None => Ok(EngineKind::Auto),
         Some(s) => s.parse().map_err(Fail::new),
-    }
-}
-
-/// A `-t`/`-T` cache mode as qemu-img spells them: `none` and `directsync` bypass the page
-/// cache (`O_DIRECT`), `unsafe` ignores flushes; `writeback` (the default) and
-/// `writethrough` are plain buffered I/O that is flushed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Cache {
-    /// `O_DIRECT` (`OpenOptions::direct`).
-    pub direct: bool,
-    /// Flushes ignored (`OpenOptions::no_flush`).
-    pub no_flush: bool,
-}
-
-impl Cache {
-    /// The mode `mode` names (`None`: writeback), or `None` for an unknown name.
-    pub(crate) fn parse(mode: Option<&str>) -> Option<Cache> {
-        let (direct, no_flush) = match mode {
-            None | Some("writeback") | Some("writethrough") => (false, false),
-            Some("unsafe") => (false, true),
-            Some("none") | Some("directsync") => (true, false),
-            Some(_) => return None,
-        };
-        Some(Cache { direct, no_flush })
-    }
-
-    /// Applies the mode to `o`.
-    pub(crate) fn apply(self, o: &mut OpenOptions) {
-        o.direct = self.direct;
-        o.no_flush = self.no_flush;
     }
 }
 
@@ -712,14 +682,15 @@ async fn cmd_check(p: cli::CheckArgs) -> Result<u8, Fail> {
     Ok(report.exit_code() as u8)
 }
 
-/// A `-t`/`-T` cache mode, with qemu-img's message for an unknown one.
-fn cache_mode(mode: Option<&str>, what: &str) -> Result<Cache, Fail> {
-    Cache::parse(mode).ok_or_else(|| {
-        Fail::new(format!(
-            "Invalid {what}option: {}",
-            mode.unwrap_or_default()
-        ))
-    })
+/// A `-t`/`-T` cache mode (none given: writeback), with qemu-img's message for an unknown
+/// one.
+fn cache_mode(mode: Option<&str>, what: &str) -> Result<CacheMode, Fail> {
+    match mode {
+        None => Ok(CacheMode::default()),
+        Some(m) => {
+            CacheMode::parse(m).ok_or_else(|| Fail::new(format!("Invalid {what}option: {m}")))
+        }
+    }
 }
 
 fn image_format(format: Option<&str>) -> Result<Option<Format>, Fail> {
@@ -1084,7 +1055,7 @@ mod tests {
     /// bypass the page cache; unknown names are refused.
     #[test]
     fn cache_modes() {
-        let mode = |m: Option<&str>| Cache::parse(m).map(|c| (c.direct, c.no_flush));
+        let mode = |m: Option<&str>| cache_mode(m, "cache ").ok().map(|c| (c.direct, c.no_flush));
         assert_eq!(mode(None), Some((false, false)));
         assert_eq!(mode(Some("writeback")), Some((false, false)));
         assert_eq!(mode(Some("writethrough")), Some((false, false)));
@@ -1092,8 +1063,15 @@ mod tests {
         assert_eq!(mode(Some("none")), Some((true, false)));
         assert_eq!(mode(Some("directsync")), Some((true, false)));
         assert_eq!(mode(Some("bogus")), None);
+        assert_eq!(
+            cache_mode(Some("bogus"), "source cache ").unwrap_err().msg,
+            "Invalid source cache option: bogus"
+        );
         let mut o = OpenOptions::default();
-        Cache::parse(Some("unsafe")).unwrap().apply(&mut o);
+        cache_mode(Some("unsafe"), "cache ")
+            .ok()
+            .unwrap()
+            .apply(&mut o);
         assert!(o.no_flush && !o.direct);
     }
 }

@@ -20,7 +20,7 @@ pub mod jobs;
 pub mod runner;
 
 pub use engine::disk::{self, Disk, Format, MapEntry};
-pub use engine::image::{self, BitmapInfo, Image, Layout, OpenOptions};
+pub use engine::image::{self, BitmapInfo, CacheMode, Image, Layout, OpenOptions};
 pub use engine::zero::ZeroMode;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use jobs::snapshot::SnapshotKey;

@@ -477,15 +477,18 @@ async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
 /// How `serve` opens the image: `--cache` as qemu-nbd reads it (`none` and `directsync`
 /// bypass the page cache; `unsafe` ignores flushes, the clients' and the engine's own).
 fn open_options(a: &ServeArgs) -> OpenOptions {
-    OpenOptions {
+    let mut o = OpenOptions {
         writable: !a.read_only,
-        direct: matches!(a.cache.as_str(), "none" | "directsync"),
-        no_flush: a.cache == "unsafe",
         no_external_files: a.untrusted,
         force_share: a.force_share,
         snapshot: a.load_snapshot.clone(),
         ..OpenOptions::default()
-    }
+    };
+    // The parser admits only QEMU's names.
+    qcow2_core::CacheMode::parse(&a.cache)
+        .unwrap_or_default()
+        .apply(&mut o);
+    o
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {

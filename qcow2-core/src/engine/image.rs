@@ -81,6 +81,36 @@ pub struct OpenOptions {
     pub snapshot: Option<crate::SnapshotKey>,
 }
 
+/// A cache mode as QEMU names it (`qemu-img -t`, `qemu-nbd --cache`): `none` and
+/// `directsync` bypass the page cache (`O_DIRECT`), `unsafe` ignores flushes, `writeback`
+/// (QEMU's default) and `writethrough` are buffered I/O that is flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheMode {
+    /// [`OpenOptions::direct`].
+    pub direct: bool,
+    /// [`OpenOptions::no_flush`].
+    pub no_flush: bool,
+}
+
+impl CacheMode {
+    /// The mode `name` names, or `None` for a name QEMU does not know.
+    pub fn parse(name: &str) -> Option<CacheMode> {
+        let (direct, no_flush) = match name {
+            "writeback" | "writethrough" => (false, false),
+            "unsafe" => (false, true),
+            "none" | "directsync" => (true, false),
+            _ => return None,
+        };
+        Some(CacheMode { direct, no_flush })
+    }
+
+    /// Sets `o`'s [`direct`](OpenOptions::direct) and [`no_flush`](OpenOptions::no_flush).
+    pub fn apply(self, o: &mut OpenOptions) {
+        o.direct = self.direct;
+        o.no_flush = self.no_flush;
+    }
+}
+
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
