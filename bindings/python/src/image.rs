@@ -12,7 +12,7 @@ use crate::json;
 use crate::runtime;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyInt};
 use qcow2_core::{self as core, Disk, ZeroMode};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -334,7 +334,12 @@ impl Image {
 
     /// Read into `buf` (any writable C-contiguous buffer) at `offset`, without copying.
     /// Returns the number of bytes read (fewer than `len(buf)` at the end of the image).
-    fn preadinto(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: i64) -> PyResult<usize> {
+    fn preadinto<'py>(
+        &self,
+        py: Python<'py>,
+        buf: &Bound<'py, PyAny>,
+        offset: i64,
+    ) -> PyResult<Bound<'py, PyInt>> {
         buffers::with_writable(buf, "preadinto() argument 1", |mem| {
             let (off, n) = self.read_range(mem.byte_len() as u64, offset)?;
             self.with_open(py, |sh| {
@@ -343,12 +348,17 @@ impl Image {
                 let dst = unsafe { mem.slice_mut(n) };
                 runtime::block_on_read(&sh.img, dst, off)
             })?;
-            Ok(n)
+            Ok(buffers::byte_count(py, n))
         })
     }
 
     /// Write `data` (any bytes-like object) at `offset`. Returns the number of bytes written.
-    fn pwrite(&self, py: Python<'_>, data: &Bound<'_, PyAny>, offset: i64) -> PyResult<usize> {
+    fn pwrite<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        offset: i64,
+    ) -> PyResult<Bound<'py, PyInt>> {
         let held = HeldBuffer::readable(data, "pwrite() argument 1")?;
         let n = held.len();
         let off = self.write_range(n as u64, offset)?;
@@ -360,7 +370,7 @@ impl Image {
         });
         held.release(py);
         res?;
-        Ok(n)
+        Ok(buffers::byte_count(py, n))
     }
 
     /// Make `length` bytes at `offset` read as zeros (`unmap=True` frees the host clusters).

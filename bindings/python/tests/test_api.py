@@ -106,6 +106,25 @@ def test_write_zeroes_and_discard(data_image):
     assert_clean(data_image)
 
 
+def test_byte_counts_returned(img_path):
+    """preadinto and pwrite return the count as an int: for a power of two one shared int
+    object (no int made per call), for other counts a new one; short reads at the end too."""
+    size = 16 * MiB
+    with qcow2rs.open(img_path, "r+") as img:
+        for n in (1, 2, 512, 4096, 65536, 1 << 20, 3, 100, 4097, 65535):
+            assert img.pwrite(bytes(n), 0) == n
+            got = img.preadinto(bytearray(n), 0)
+            assert type(got) is int and got == n
+            assert img.preadinto(bytearray(n), size - n) == n
+        # short reads at the end of the image: a power of two and not
+        assert img.preadinto(bytearray(8192), size - 4096) == 4096
+        assert img.preadinto(bytearray(8192), size - 4000) == 4000
+        assert img.preadinto(bytearray(8192), size) == 0
+        # big powers of two are shared objects, as the small ints are
+        assert img.preadinto(bytearray(4096), 0) is img.preadinto(bytearray(4096), 8192)
+        assert img.pwrite(bytes(65536), 0) is img.preadinto(bytearray(65536), 0)
+
+
 def test_preadinto_buffers(data_image, scratch):
     with qcow2rs.open(data_image) as img:
         want = img.pread(8192, 65536 - 4096)
