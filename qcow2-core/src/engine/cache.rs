@@ -34,6 +34,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::OnceCell;
 
+/// Most bytes [`SliceCache::get_ahead`] reads in one request (the slice asked for and the
+/// ones after it).
+pub const READ_AHEAD: usize = 64 << 10;
+
 /// One cached slice of a metadata table.
 pub struct Slice {
     /// Host offset of the slice.
@@ -236,31 +240,100 @@ impl SliceCache {
         &self.p().shards[h as usize % SHARDS]
     }
 
+    /// The cached slice at `offset`, or a new unloaded one put in its place (`true`: it was
+    /// not cached). A dirty slice evicted but not yet written back is taken back.
+    fn lookup_or_insert(&self, offset: u64) -> (Arc<Slice>, bool) {
+        let mut sh = self.shard(offset).lock();
+        if let Some(s) = sh.lru.get(&offset) {
+            return (s.clone(), false);
+        }
+        let pending = {
+            let ev = self.p().evicted.lock();
+            ev.iter().find(|s| s.offset == offset).cloned()
+        };
+        let s = pending.unwrap_or_else(|| Arc::new(Slice::new(offset)));
+        sh.lru.put(offset, s.clone());
+        drop(sh);
+        self.pool.len.fetch_add(1, Ordering::Relaxed);
+        self.pool.evict_over_capacity();
+        (s, true)
+    }
+
+    /// Whether a slice of this cache is at `offset` (cached or waiting for write-back),
+    /// without touching its recency.
+    fn holds(&self, offset: u64) -> bool {
+        self.shard(offset).lock().lru.contains(&offset)
+            || self.p().evicted.lock().iter().any(|s| s.offset == offset)
+    }
+
     /// Get the slice at `offset` (slice-aligned), reading it from `file` on a miss.
     pub async fn get(&self, file: &dyn Storage, offset: u64) -> Result<Arc<Slice>> {
         debug_assert_eq!(offset % self.slice_size as u64, 0);
-        let slice = {
-            let mut sh = self.shard(offset).lock();
-            if let Some(s) = sh.lru.get(&offset) {
-                s.clone()
-            } else {
-                let pending = {
-                    let ev = self.p().evicted.lock();
-                    ev.iter().find(|s| s.offset == offset).cloned()
-                };
-                let s = pending.unwrap_or_else(|| Arc::new(Slice::new(offset)));
-                sh.lru.put(offset, s.clone());
-                drop(sh);
-                self.pool.len.fetch_add(1, Ordering::Relaxed);
-                self.pool.evict_over_capacity();
-                s
+        let (slice, _) = self.lookup_or_insert(offset);
+        self.load(file, &slice, offset, &[]).await?;
+        Ok(slice)
+    }
+
+    /// [`SliceCache::get`] for a lookup that enters the slice at its first entry, in the
+    /// table `[table_start, table_end)`: on a miss that looks like a sequential scan (the
+    /// slice is the table's first, or the slice before it is cached), the slices after it
+    /// up to [`READ_AHEAD`] bytes (within the table, up to the first one already cached)
+    /// are read in the same request and cached. A scan then waits for one metadata read
+    /// per `READ_AHEAD` bytes of table instead of one per slice (QEMU reads a whole
+    /// 64 KiB table at once); random lookups rarely start at a slice's first entry, and
+    /// read one slice as before.
+    pub async fn get_ahead(
+        &self,
+        file: &dyn Storage,
+        offset: u64,
+        table_start: u64,
+        table_end: u64,
+    ) -> Result<Arc<Slice>> {
+        debug_assert_eq!(offset % self.slice_size as u64, 0);
+        let ss = self.slice_size as u64;
+        let (slice, missed) = self.lookup_or_insert(offset);
+        let mut ahead = Vec::new();
+        if missed
+            && !slice.loaded.initialized()
+            && (offset == table_start || (offset >= table_start + ss && self.holds(offset - ss)))
+        {
+            let end = table_end.min(offset.saturating_add(READ_AHEAD as u64));
+            let mut o = offset + ss;
+            while o + ss <= end && !self.holds(o) {
+                ahead.push(self.lookup_or_insert(o).0);
+                o += ss;
             }
-        };
+        }
+        self.load(file, &slice, offset, &ahead).await?;
+        Ok(slice)
+    }
+
+    /// Load `slice` (at `offset`) if nobody has, together with `ahead` (the slices right
+    /// after it, not loaded when they were put in the cache) in one read. A read-ahead
+    /// that fails is retried for `slice` alone; slices of `ahead` that someone else loaded
+    /// meanwhile keep their content.
+    async fn load(
+        &self,
+        file: &dyn Storage,
+        slice: &Slice,
+        offset: u64,
+        ahead: &[Arc<Slice>],
+    ) -> Result<()> {
         let size = self.slice_size;
         let name = self.name;
+        let mut rest: Option<Vec<u8>> = None;
         slice
             .loaded
             .get_or_try_init(|| async {
+                if !ahead.is_empty() {
+                    let mut buf = vec![0u8; size * (1 + ahead.len())];
+                    if file.read_at(&mut buf, offset).await.is_ok() {
+                        let tail = buf.split_off(size);
+                        *slice.data.write() = buf;
+                        rest = Some(tail);
+                        return Ok(());
+                    }
+                }
                 let mut buf = vec![0u8; size];
                 file.read_at(&mut buf, offset)
                     .await
@@ -269,7 +342,17 @@ impl SliceCache {
                 Ok::<(), Error>(())
             })
             .await?;
-        Ok(slice)
+        if let Some(rest) = rest {
+            for (s, chunk) in ahead.iter().zip(rest.chunks_exact(size)) {
+                // Only while unloaded: a loaded slice may have changed since.
+                s.loaded
+                    .get_or_init(|| async {
+                        *s.data.write() = chunk.to_vec();
+                    })
+                    .await;
+            }
+        }
+        Ok(())
     }
 
     /// Insert a slice whose content is known (a newly allocated table), marked dirty.
@@ -483,6 +566,66 @@ mod tests {
             again.mark_written(gen);
             c.prune_evicted();
             assert!(!c.has_evicted_dirty());
+        })
+    }
+
+    /// A scan that enters each slice at its first entry reads a table's slices in one
+    /// request (up to `READ_AHEAD` bytes, never past the table); without read-ahead each
+    /// slice was a read of its own, which a sequential scan waits for.
+    #[test]
+    fn sequential_scan_reads_ahead_within_the_table() {
+        run(async {
+            let (c, file) = setup(256, 64);
+            let table = 16 * SLICE as u64;
+            for i in 0..32u64 {
+                let off = i * SLICE as u64;
+                let start = off / table * table;
+                let s = c.get_ahead(&file, off, start, start + table).await.unwrap();
+                assert_eq!(s.get64(0), i);
+                // Every slice of the table is loaded after the first lookup.
+                if i % 16 == 0 {
+                    assert_eq!(file.read_count(), i / 16 + 1);
+                }
+            }
+            assert_eq!(file.read_count(), 2, "one read per table");
+            assert_eq!(c.len(), 32);
+            // The tables' slices hold their own bytes.
+            for i in 0..32u64 {
+                assert_eq!(c.get(&file, i * SLICE as u64).await.unwrap().get64(0), i);
+            }
+            assert_eq!(file.read_count(), 2);
+        })
+    }
+
+    /// Read-ahead only follows a cached predecessor (or the table's start), stops at a
+    /// slice already cached, and never replaces a cached slice's changed content.
+    #[test]
+    fn read_ahead_keeps_cached_slices() {
+        run(async {
+            let (c, file) = setup(256, 64);
+            let table_end = 64 * SLICE as u64;
+            let sl = |i: u64| i * SLICE as u64;
+            // No predecessor cached, not the table's start: this slice alone.
+            c.get_ahead(&file, sl(10), 0, table_end).await.unwrap();
+            assert_eq!(file.read_count(), 1);
+            assert_eq!(c.len(), 1);
+            // Slice 14 changed in the cache (not written back).
+            let s14 = c.get(&file, sl(14)).await.unwrap();
+            s14.modify(|d| d[..8].copy_from_slice(&99u64.to_be_bytes()));
+            assert_eq!(file.read_count(), 2);
+            // Slice 11 follows the cached 10: read with 12 and 13, up to the cached 14.
+            c.get_ahead(&file, sl(11), 0, table_end).await.unwrap();
+            assert_eq!(file.read_count(), 3);
+            assert_eq!(c.len(), 5);
+            for i in 10..14u64 {
+                assert_eq!(c.get(&file, sl(i)).await.unwrap().get64(0), i);
+            }
+            assert_eq!(c.get(&file, sl(14)).await.unwrap().get64(0), 99);
+            assert!(s14.is_dirty());
+            assert_eq!(file.read_count(), 3);
+            // A hit reads nothing.
+            c.get_ahead(&file, sl(12), 0, table_end).await.unwrap();
+            assert_eq!(file.read_count(), 3);
         })
     }
 }

@@ -386,11 +386,7 @@ impl Image {
             .map(|l| (false, path.to_path_buf(), l)),
         );
         let file_len = file.len()?;
-        let mut first =
-            vec![0u8; (2 << 20).min(file_len.max(header::V3_HEADER_LEN as u64)) as usize];
-        file.read_at(&mut first, 0)
-            .await
-            .map_err(|e| Error::io(e, "reading the header"))?;
+        let first = read_first_cluster(&*file, file_len).await?;
         if first.len() >= 4 && crate::format::be32(&first, 0) != header::MAGIC {
             return Err(Error::invalid("not a qcow2 image (bad magic)"));
         }
@@ -932,4 +928,115 @@ pub(crate) async fn read_bitmap_directory(
         .await
         .map_err(|e| Error::io(e, "reading the bitmap directory"))?;
     bitmaps::parse_directory(&buf, ext.nb_bitmaps, size, cs, file_len)
+}
+
+/// Bytes read first when opening: the header and its extensions of an image whose clusters
+/// are at most this large (64 KiB, the default).
+const FIRST_READ: u64 = 64 << 10;
+
+/// The image's first cluster (the header and its extensions; the parser looks no further),
+/// or the whole file if shorter, zero-padded to at least a version 3 header. The cluster
+/// size is not known before the header is read: [`FIRST_READ`] bytes are read, and the rest
+/// of a larger cluster after them. (Reading the largest cluster size, 2 MiB, every time cost
+/// a 1.75 MiB O_DIRECT read at each open of an image whose first 2 MiB hold data.)
+async fn read_first_cluster(file: &dyn Storage, file_len: u64) -> Result<Vec<u8>> {
+    let want = |n: u64| n.min(file_len).max(header::V3_HEADER_LEN as u64) as usize;
+    let mut first = vec![0u8; want(FIRST_READ)];
+    file.read_at(&mut first, 0)
+        .await
+        .map_err(|e| Error::io(e, "reading the header"))?;
+    let bits = crate::format::be32(&first, 20);
+    if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
+        let done = first.len();
+        let all = want(1u64 << bits);
+        if all > done {
+            first.resize(all, 0);
+            file.read_at(&mut first[done..], done as u64)
+                .await
+                .map_err(|e| Error::io(e, "reading the header"))?;
+        }
+    }
+    Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::MemStorage;
+
+    /// An image made by `create_qcow2` with these options, its file padded with zeros to
+    /// 4 MiB (as an image with data in its first clusters is), in memory.
+    async fn image_bytes(co: crate::create::CreateOptions) -> (Vec<u8>, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.qcow2");
+        crate::create::create_qcow2(&path, &co).await.unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.resize(bytes.len().max(4 << 20), 0);
+        (bytes, path)
+    }
+
+    /// Opening reads the first cluster for the header, not the largest cluster size: an
+    /// image with 64 KiB clusters read 2 MiB at offset 0 (a 1.75 MiB O_DIRECT read on
+    /// every open when the first 2 MiB hold data).
+    #[test]
+    fn open_reads_the_first_cluster_only() {
+        crate::io::block_on(async {
+            let (bytes, path) = image_bytes(crate::create::CreateOptions {
+                size: Some(64 << 20),
+                cluster_size: 65536,
+                ..Default::default()
+            })
+            .await;
+            let file = Arc::new(MemStorage::from_vec(bytes));
+            let img = Image::open_storage(file.clone(), &path, &Default::default())
+                .await
+                .unwrap();
+            assert_eq!(img.size(), 64 << 20);
+            // The header cluster, the L1 table and the refcount table: 64 KiB each at most.
+            assert!(
+                file.read_bytes() <= 3 * 65536,
+                "open read {} bytes",
+                file.read_bytes()
+            );
+        })
+    }
+
+    /// With clusters larger than the first read, the header's extensions are read to the
+    /// end of the first cluster (here the backing file name and format).
+    #[test]
+    fn open_reads_a_large_first_cluster_whole() {
+        crate::io::block_on(async {
+            let (mut bytes, path) = image_bytes(crate::create::CreateOptions {
+                size: Some(64 << 20),
+                cluster_size: 2 << 20,
+                backing_file: Some("base.raw".into()),
+                backing_format: Some("raw".into()),
+                unsafe_backing: true,
+                ..Default::default()
+            })
+            .await;
+            let file = Arc::new(MemStorage::from_vec(bytes.clone()));
+            let h = Header::parse(&bytes[..2 << 20], bytes.len() as u64).unwrap();
+            assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
+            let opts = OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            };
+            let img = Image::open_storage(file.clone(), &path, &opts)
+                .await
+                .unwrap();
+            assert_eq!(img.header().backing_file.as_deref(), Some("base.raw"));
+            assert_eq!(img.header().backing_format.as_deref(), Some("raw"));
+            // Moved past the first 64 KiB, the backing file name is still found.
+            let (off, len) = (h.backing_file_offset as usize, h.backing_file_size as usize);
+            let name = bytes[off..off + len].to_vec();
+            bytes[off..off + len].fill(0);
+            let moved = 1 << 20;
+            bytes[moved..moved + len].copy_from_slice(&name);
+            bytes[8..16].copy_from_slice(&(moved as u64).to_be_bytes());
+            let file = Arc::new(MemStorage::from_vec(bytes));
+            let img = Image::open_storage(file, &path, &opts).await.unwrap();
+            assert_eq!(img.header().backing_file.as_deref(), Some("base.raw"));
+        })
+    }
 }

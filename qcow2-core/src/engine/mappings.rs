@@ -51,18 +51,33 @@ impl Image {
         Ok((e, bm, l2_copied))
     }
 
+    /// The slice at `slice_off` of the L2 table at `l2_off`, through the cache. A lookup that
+    /// starts at the slice's first entry (`entering`) may read the slices after it too
+    /// ([`crate::engine::cache::SliceCache::get_ahead`]: sequential scans).
+    async fn l2_slice(
+        &self,
+        l2_off: u64,
+        slice_off: u64,
+        entering: bool,
+    ) -> Result<std::sync::Arc<crate::engine::cache::Slice>> {
+        let cache = &self.inner.l2_cache;
+        let file = &*self.inner.file;
+        if entering {
+            let end = l2_off.saturating_add(self.inner.layout.cluster_size);
+            cache.get_ahead(file, slice_off, l2_off, end).await
+        } else {
+            cache.get(file, slice_off).await
+        }
+    }
+
     /// Read the L2 entry (and bitmap, for extended L2) of guest cluster `gc` through the L2
     /// table at `l2_off`.
     pub(crate) async fn l2_entry(&self, l2_off: u64, idx: u64) -> Result<(u64, u64)> {
         let lay = &self.inner.layout;
         let byte = idx * lay.l2_entry_size;
         let slice_off = l2_off + byte / lay.slice_size * lay.slice_size;
-        let slice = self
-            .inner
-            .l2_cache
-            .get(&*self.inner.file, slice_off)
-            .await?;
         let within = (byte % lay.slice_size) as usize;
+        let slice = self.l2_slice(l2_off, slice_off, within == 0).await?;
         let d = slice.data.read();
         let e = be64(&d, within);
         let bm = if lay.extended {
@@ -87,9 +102,7 @@ impl Image {
         let n = in_slice.min(max).min(lay.l2_entries - first);
         let slice_off = l2_off + first / per_slice * lay.slice_size;
         let slice = self
-            .inner
-            .l2_cache
-            .get(&*self.inner.file, slice_off)
+            .l2_slice(l2_off, slice_off, first.is_multiple_of(per_slice))
             .await?;
         let d = slice.data.read();
         let mut out = Vec::with_capacity(n as usize);

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct MemStorage {
     data: Mutex<Vec<u8>>,
     writes: AtomicU64,
+    read_bytes: AtomicU64,
+    reads: AtomicU64,
     fail_after: AtomicU64,
     max_len: AtomicU64,
 }
@@ -27,6 +29,8 @@ impl MemStorage {
         MemStorage {
             data: Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             fail_after: AtomicU64::new(u64::MAX),
             max_len: AtomicU64::new(1 << 40),
         }
@@ -59,6 +63,14 @@ impl MemStorage {
             Ordering::SeqCst,
         );
     }
+    /// Number of reads so far.
+    pub fn read_count(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+    /// Bytes asked for by reads so far.
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes.load(Ordering::SeqCst)
+    }
     /// Number of mutating operations so far.
     pub fn write_count(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
@@ -85,6 +97,9 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], off: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.read_bytes
+                .fetch_add(buf.len() as u64, Ordering::SeqCst);
             let d = self.data.lock();
             let start = off.min(d.len() as u64) as usize;
             let end = off.saturating_add(buf.len() as u64).min(d.len() as u64) as usize;
