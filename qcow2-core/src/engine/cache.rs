@@ -628,4 +628,55 @@ mod tests {
             assert_eq!(file.read_count(), 3);
         })
     }
+
+    /// The "read ahead, then fill the slices" window: while a read-ahead's request is in
+    /// flight (its bytes already read from the file), another request loads one of the
+    /// slices being read ahead and changes it. The read-ahead's completion must leave that
+    /// slice's new content alone, fill the slices nobody loaded, and a lookup of the first
+    /// slice meanwhile waits for the read rather than reading again.
+    #[test]
+    fn read_ahead_completing_late_keeps_a_slice_loaded_meanwhile() {
+        use crate::io::fault::{HookStorage, Match, Op};
+        run(async {
+            let (c, file) = setup(256, 64);
+            let (c, file) = (Arc::new(c), Arc::new(file));
+            let hs = HookStorage::new(file.clone());
+            let sl = |i: u64| i * SLICE as u64;
+            let table_end = 8 * SLICE as u64;
+            // Hold the completion of the first read (the read-ahead of slices 0..8).
+            let gate = hs.hold_after(Match::op(Op::Read));
+            let scan = tokio::spawn({
+                let (c, hs) = (c.clone(), hs.clone());
+                async move { c.get_ahead(&*hs, 0, 0, table_end).await.map(|s| s.get64(0)) }
+            });
+            gate.wait_arrived(1).await;
+            assert_eq!(file.read_count(), 1);
+            assert_eq!(
+                c.len(),
+                8,
+                "the slices read ahead are in the cache, not loaded"
+            );
+            // Slice 2 is loaded by another request (its own read) and changed.
+            let s2 = c.get(&*hs, sl(2)).await.unwrap();
+            assert_eq!(file.read_count(), 2);
+            s2.modify(|d| d[..8].copy_from_slice(&77u64.to_be_bytes()));
+            // A lookup of slice 0 waits for the held read instead of reading it again.
+            let first = tokio::spawn({
+                let (c, hs) = (c.clone(), hs.clone());
+                async move { c.get(&*hs, 0).await.map(|s| s.get64(0)) }
+            });
+            tokio::task::yield_now().await;
+            assert!(!first.is_finished());
+            gate.release();
+            assert_eq!(scan.await.unwrap().unwrap(), 0);
+            assert_eq!(first.await.unwrap().unwrap(), 0);
+            assert_eq!(file.read_count(), 2, "no slice of the table read twice");
+            assert_eq!(c.get(&*hs, sl(2)).await.unwrap().get64(0), 77);
+            assert!(s2.is_dirty());
+            for i in [1u64, 3, 4, 5, 6, 7] {
+                assert_eq!(c.get(&*hs, sl(i)).await.unwrap().get64(0), i);
+            }
+            assert_eq!(file.read_count(), 2);
+        })
+    }
 }
