@@ -13,9 +13,7 @@
 //! such request gets a future resolved through the loop's queue instead, so that the awaiting
 //! task yields now and then. Only requests that need a future ask for the running loop
 //! (`AsyncImage._queue()`, which calls `asyncio.get_running_loop()`: a system call per call
-//! on Python 3.11, for its fork check) and create one: a [`Pending`], an asyncio
-//! future-like object whose done callbacks (the awaiting task's wake-up) the drain calls
-//! itself, without a `loop.call_soon` per request.
+//! on Python 3.11, for its fork check) and create one with `loop.create_future()`.
 //!
 //! Completions go to the `_Completions` queue of the event loop that submitted them (one per
 //! `AsyncImage` and loop). The queue is drained on the loop's own thread by `_drain`, which
@@ -101,14 +99,9 @@ struct Completion {
 
 impl Completion {
     /// Release the buffer, then resolve the future unless it is already done (cancelled).
-    /// A KeyboardInterrupt or SystemExit raised by a done callback of a [`Pending`] is
-    /// returned, for the drain to raise once the others are resolved.
-    fn resolve(self, py: Python<'_>) -> Option<PyErr> {
+    fn resolve(self, py: Python<'_>) {
         release(py, self.hold);
         let fut = self.fut.bind(py);
-        if let Ok(p) = fut.cast::<Pending>() {
-            return Pending::finish(p, self.outcome.into_py(py));
-        }
         // No `done()` check first (one Python call less per request): setting the result of
         // a cancelled future fails with InvalidStateError, which is then ignored.
         let r = match self.outcome.into_py(py) {
@@ -124,7 +117,6 @@ impl Completion {
                 e.write_unraisable(py, Some(fut));
             }
         }
-        None
     }
 }
 
@@ -312,11 +304,8 @@ impl Completions {
             }
             std::mem::take(&mut st.items)
         };
-        let mut fatal = None;
         for c in items {
-            if let Some(e) = c.resolve(py) {
-                fatal.get_or_insert(e);
-            }
+            c.resolve(py);
         }
         // The tasks just woken will submit more; look again after they ran.
         let again = q.lp.call_method1(
@@ -326,10 +315,6 @@ impl Completions {
         );
         if again.is_err() {
             q.lock().armed = false;
-        }
-        // As a loop callback would: KeyboardInterrupt and SystemExit leave the loop.
-        if let Some(e) = fatal {
-            return Err(e);
         }
         again.map(drop)
     }
@@ -476,235 +461,8 @@ struct Handoff {
 fn new_future(py: Python<'_>, owner: &Bound<'_, PyAny>) -> PyResult<(Arc<Queue>, Py<PyAny>)> {
     let q = owner.call_method0(intern!(py, "_queue"))?;
     let q = q.cast::<Completions>()?.get().q.clone();
-    let fut = Py::new(py, Pending::new(q.lp.clone_ref(py)))?.into_any();
+    let fut = q.lp.call_method0(py, intern!(py, "create_future"))?;
     Ok((q, fut))
-}
-
-/// What a request that did not complete inside its submitting call gives the awaiting
-/// coroutine: a minimal asyncio future (the protocol `asyncio.Task` drives: `__await__`,
-/// `_asyncio_future_blocking`, `get_loop`, `add_done_callback`, `result`, `cancel`, ...),
-/// cheaper than `loop.create_future()` where it matters: the drain that resolves it calls
-/// its done callbacks (the awaiting task's wake-up) right there, in their context, instead
-/// of scheduling each with `loop.call_soon` (a `Handle` made by Python code and one more
-/// turn of the loop per request). The drain is itself a callback of the loop, run outside
-/// any task, so the task steps there as it would in a callback of its own. Cancelling it
-/// (`Task.cancel`) marks it cancelled and schedules its callbacks with `loop.call_soon`, as
-/// `asyncio.Future` does; the request still runs to its end, and its result is dropped.
-#[pyclass(module = "qcow2rs._qcow2rs", name = "_Pending")]
-pub struct Pending {
-    lp: Py<PyAny>,
-    state: PendingState,
-    callbacks: Vec<(Py<PyAny>, Option<Py<PyAny>>)>,
-    /// Set by `__await__` when it yields this object (the asyncio protocol), reset by the
-    /// task that waits for it.
-    #[pyo3(get, set, name = "_asyncio_future_blocking")]
-    blocking: bool,
-}
-
-enum PendingState {
-    Pending,
-    Result(Py<PyAny>),
-    Exception(Py<PyAny>),
-    Cancelled(Option<Py<PyAny>>),
-}
-
-impl Pending {
-    fn new(lp: Py<PyAny>) -> Self {
-        Pending {
-            lp,
-            state: PendingState::Pending,
-            callbacks: Vec::new(),
-            blocking: false,
-        }
-    }
-
-    /// Resolve with `r` (on the loop's thread) and call the done callbacks at once; nothing
-    /// if it was cancelled meanwhile. A callback that raises is reported as
-    /// unraisable, except KeyboardInterrupt and SystemExit, which are returned (as
-    /// `asyncio.Handle` lets them through).
-    fn finish(slf: &Bound<'_, Pending>, r: PyResult<Py<PyAny>>) -> Option<PyErr> {
-        let py = slf.py();
-        let callbacks = {
-            let mut p = slf.borrow_mut();
-            if !matches!(p.state, PendingState::Pending) {
-                return None;
-            }
-            p.state = match r {
-                Ok(v) => PendingState::Result(v),
-                Err(e) => PendingState::Exception(e.into_value(py).into_any()),
-            };
-            std::mem::take(&mut p.callbacks)
-        };
-        let mut fatal = None;
-        for (cb, ctx) in callbacks {
-            let r = match ctx {
-                Some(ctx) => ctx.call_method1(py, intern!(py, "run"), (cb, slf)),
-                None => cb.call1(py, (slf,)),
-            };
-            if let Err(e) = r {
-                if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
-                    || e.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
-                {
-                    fatal.get_or_insert(e);
-                } else {
-                    e.write_unraisable(py, Some(slf.as_any()));
-                }
-            }
-        }
-        fatal
-    }
-
-    /// Schedule `cb(self)` with `loop.call_soon`, in `ctx` if given.
-    fn schedule(
-        slf: &Bound<'_, Pending>,
-        lp: &Py<PyAny>,
-        cb: Py<PyAny>,
-        ctx: Option<Py<PyAny>>,
-    ) -> PyResult<()> {
-        let py = slf.py();
-        let kw = pyo3::types::PyDict::new(py);
-        kw.set_item(intern!(py, "context"), ctx)?;
-        lp.bind(py)
-            .call_method(intern!(py, "call_soon"), (cb, slf), Some(&kw))?;
-        Ok(())
-    }
-}
-
-#[pymethods]
-impl Pending {
-    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    /// Yield this object while pending (the task then waits for it), else end with the
-    /// result (or raise).
-    fn __next__(mut slf: PyRefMut<'_, Self>) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        if matches!(slf.state, PendingState::Pending) {
-            slf.blocking = true;
-            return Ok(slf.into_pyobject(py)?.into_any().unbind());
-        }
-        let v = slf.result_of(py)?;
-        Err(pyo3::exceptions::PyStopIteration::new_err((v,)))
-    }
-
-    fn get_loop(&self, py: Python<'_>) -> Py<PyAny> {
-        self.lp.clone_ref(py)
-    }
-
-    fn done(&self) -> bool {
-        !matches!(self.state, PendingState::Pending)
-    }
-
-    fn cancelled(&self) -> bool {
-        matches!(self.state, PendingState::Cancelled(_))
-    }
-
-    fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.result_of(py)
-    }
-
-    fn exception(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        match &self.state {
-            PendingState::Exception(e) => Ok(Some(e.clone_ref(py))),
-            PendingState::Result(_) => Ok(None),
-            _ => self.result_of(py).map(|_| None),
-        }
-    }
-
-    #[pyo3(signature = (fn_, *, context = None))]
-    fn add_done_callback(
-        slf: &Bound<'_, Self>,
-        fn_: Py<PyAny>,
-        context: Option<Py<PyAny>>,
-    ) -> PyResult<()> {
-        let lp = {
-            let mut p = slf.borrow_mut();
-            if matches!(p.state, PendingState::Pending) {
-                p.callbacks.push((fn_, context));
-                return Ok(());
-            }
-            p.lp.clone_ref(slf.py())
-        };
-        Pending::schedule(slf, &lp, fn_, context)
-    }
-
-    fn remove_done_callback(&mut self, py: Python<'_>, fn_: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let before = self.callbacks.len();
-        let mut keep = Vec::with_capacity(before);
-        for (cb, ctx) in std::mem::take(&mut self.callbacks) {
-            if !cb.bind(py).eq(fn_)? {
-                keep.push((cb, ctx));
-            }
-        }
-        self.callbacks = keep;
-        Ok(before - self.callbacks.len())
-    }
-
-    #[pyo3(signature = (msg = None))]
-    fn cancel(slf: &Bound<'_, Self>, msg: Option<Py<PyAny>>) -> PyResult<bool> {
-        let (lp, callbacks) = {
-            let mut p = slf.borrow_mut();
-            if !matches!(p.state, PendingState::Pending) {
-                return Ok(false);
-            }
-            p.state = PendingState::Cancelled(msg);
-            (p.lp.clone_ref(slf.py()), std::mem::take(&mut p.callbacks))
-        };
-        for (cb, ctx) in callbacks {
-            Pending::schedule(slf, &lp, cb, ctx)?;
-        }
-        Ok(true)
-    }
-
-    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        visit.call(&self.lp)?;
-        for (cb, ctx) in &self.callbacks {
-            visit.call(cb)?;
-            if let Some(c) = ctx {
-                visit.call(c)?;
-            }
-        }
-        match &self.state {
-            PendingState::Result(v) | PendingState::Exception(v) => visit.call(v)?,
-            PendingState::Cancelled(Some(m)) => visit.call(m)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn __clear__(&mut self) {
-        self.callbacks.clear();
-        self.state = PendingState::Cancelled(None);
-    }
-}
-
-impl Pending {
-    /// `result()`: the value, the exception raised, CancelledError, or InvalidStateError.
-    fn result_of(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        match &self.state {
-            PendingState::Result(v) => Ok(v.clone_ref(py)),
-            PendingState::Exception(e) => Err(PyErr::from_value(e.bind(py).clone())),
-            PendingState::Cancelled(msg) => {
-                let asyncio = py.import(intern!(py, "asyncio"))?;
-                let cls = asyncio.getattr(intern!(py, "CancelledError"))?;
-                let e = match msg {
-                    Some(m) => cls.call1((m,))?,
-                    None => cls.call0()?,
-                };
-                Err(PyErr::from_value(e))
-            }
-            PendingState::Pending => {
-                let asyncio = py.import(intern!(py, "asyncio"))?;
-                let cls = asyncio.getattr(intern!(py, "InvalidStateError"))?;
-                Err(PyErr::from_value(cls.call1(("Result is not set.",))?))
-            }
-        }
-    }
 }
 
 /// The outcome of a finished future, a panic turned into an error.
@@ -791,8 +549,7 @@ where
             Some((outcome, hold)) => {
                 // It finished meanwhile: resolve the future now (the await returns at once).
                 drop(st);
-                // (No callbacks yet: nothing awaits it.)
-                let _ = Completion {
+                Completion {
                     fut: fut.clone_ref(py),
                     outcome,
                     hold,

@@ -212,83 +212,11 @@ def test_loop_closed_before_completion(img_path):
             return self.q
 
     fut = img._aio_pread(Owner(), 1 << 20, 0)
-    assert asyncio.isfuture(fut) and not fut.done()
+    assert isinstance(fut, asyncio.Future) and not fut.done()
     loop.close()
     time.sleep(0.2)
     assert img.pread(4, 0) == bytes(4)
     img.close()
-
-
-def test_pending_request_awaitable_follows_the_future_protocol(img_path):
-    """What a request still in flight returns is an asyncio future-like object (not
-    necessarily an asyncio.Future): its state methods, done callbacks and cancellation behave
-    as asyncio.Future's, with the C and the pure-Python asyncio.Task, under wait_for, and a
-    cancel message reaches the awaiting task."""
-    qcow2rs.create(img_path, 64 * MiB)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        async with qcow2rs.aio.open(img_path, "r+") as aimg:
-            owner, img = aimg, aimg.image
-            # A 1 MiB read goes to the request workers: pending when the call returns.
-            fut = img._aio_pread(owner, MiB, 0)
-            assert asyncio.isfuture(fut) and fut.get_loop() is loop
-            assert not fut.done() and not fut.cancelled()
-            with pytest.raises(asyncio.InvalidStateError):
-                fut.result()
-            seen = []
-            fut.add_done_callback(seen.append)
-            fut.add_done_callback(lambda f: seen.append("second"))
-            assert fut.remove_done_callback(seen.append) == 1
-            assert await fut == bytes(MiB)
-            assert fut.done() and fut.result() == bytes(MiB) and fut.exception() is None
-            assert seen == ["second"]  # called when it completed, the removed one not
-            late = loop.create_future()
-            fut.add_done_callback(late.set_result)  # already done: scheduled at once
-            assert await late is fut
-            assert not fut.cancel()
-
-            # Cancelled while pending: the awaiting task gets CancelledError with the message.
-            fut = img._aio_pread(owner, MiB, 0)
-            assert fut.cancel("stop") and fut.cancelled() and fut.done()
-            with pytest.raises(asyncio.CancelledError):
-                fut.result()
-
-            async def read():
-                return await aimg.pread(MiB, 0)
-
-            task = asyncio.create_task(read())
-            await asyncio.sleep(0)
-            task.cancel("by the test")
-            with pytest.raises(asyncio.CancelledError, match="by the test"):
-                await task
-            # wait_for's timeout cancels the awaiting task the same way.
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(aimg.pread(MiB, 0), timeout=0)
-            # Many in flight through gather, with plain results.
-            rs = await asyncio.gather(*(aimg.pread(MiB, i * MiB) for i in range(16)))
-            assert rs == [bytes(MiB)] * 16
-
-    asyncio.run(main())
-
-    # The same with the pure-Python Task (asyncio.tasks._PyTask): it drives the awaitable
-    # through the same protocol with Python code.
-    def py_task_factory(loop, coro, **kw):
-        return asyncio.tasks._PyTask(coro, loop=loop, **kw)
-
-    async def with_py_tasks():
-        asyncio.get_running_loop().set_task_factory(py_task_factory)
-        async with qcow2rs.aio.open(img_path) as aimg:
-            rs = await asyncio.gather(*(aimg.pread(MiB, i * MiB) for i in range(8)))
-            assert rs == [bytes(MiB)] * 8
-            task = asyncio.create_task(aimg.pread(MiB, 0))
-            assert type(task) is asyncio.tasks._PyTask
-            await asyncio.sleep(0)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-    asyncio.run(with_py_tasks())
 
 
 def test_keyboard_interrupt_in_a_woken_task_leaves_the_loop(img_path, monkeypatch):
