@@ -219,6 +219,26 @@ def test_loop_closed_before_completion(img_path):
     img.close()
 
 
+def test_keyboard_interrupt_in_a_woken_task_leaves_the_loop(img_path, monkeypatch):
+    """A task woken by a completion that raises KeyboardInterrupt stops the loop with it, as
+    from any loop callback, and it is not reported as an unraisable error on the way."""
+    qcow2rs.create(img_path, 64 * MiB)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    async def main():
+        img = await qcow2rs.aio.open(img_path)
+        try:
+            await img.pread(MiB, 0)  # completes on a worker: resumed by the drain
+            raise KeyboardInterrupt
+        finally:
+            img.image.close()
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert not unraisable, [u.exc_value for u in unraisable]
+
+
 def test_two_loops_in_two_threads(img_path):
     qcow2rs.create(img_path, 64 * MiB)
     errors = []
