@@ -1052,16 +1052,21 @@ mod tests {
     use super::*;
 
     /// qemu-img's cache modes: only `unsafe` ignores flushes, only `none` and `directsync`
-    /// bypass the page cache; unknown names are refused.
+    /// bypass the page cache, only `writethrough` and `directsync` write through; unknown
+    /// names are refused.
     #[test]
     fn cache_modes() {
-        let mode = |m: Option<&str>| cache_mode(m, "cache ").ok().map(|c| (c.direct, c.no_flush));
-        assert_eq!(mode(None), Some((false, false)));
-        assert_eq!(mode(Some("writeback")), Some((false, false)));
-        assert_eq!(mode(Some("writethrough")), Some((false, false)));
-        assert_eq!(mode(Some("unsafe")), Some((false, true)));
-        assert_eq!(mode(Some("none")), Some((true, false)));
-        assert_eq!(mode(Some("directsync")), Some((true, false)));
+        let mode = |m: Option<&str>| {
+            cache_mode(m, "cache ")
+                .ok()
+                .map(|c| (c.direct, c.no_flush, c.write_through))
+        };
+        assert_eq!(mode(None), Some((false, false, false)));
+        assert_eq!(mode(Some("writeback")), Some((false, false, false)));
+        assert_eq!(mode(Some("writethrough")), Some((false, false, true)));
+        assert_eq!(mode(Some("unsafe")), Some((false, true, false)));
+        assert_eq!(mode(Some("none")), Some((true, false, false)));
+        assert_eq!(mode(Some("directsync")), Some((true, false, true)));
         assert_eq!(mode(Some("bogus")), None);
         assert_eq!(
             cache_mode(Some("bogus"), "source cache ").unwrap_err().msg,
@@ -1072,6 +1077,11 @@ mod tests {
             .ok()
             .unwrap()
             .apply(&mut o);
-        assert!(o.no_flush && !o.direct);
+        assert!(o.no_flush && !o.direct && !o.write_through);
+        cache_mode(Some("directsync"), "cache ")
+            .ok()
+            .unwrap()
+            .apply(&mut o);
+        assert!(!o.no_flush && o.direct && o.write_through);
     }
 }

@@ -670,18 +670,25 @@ mod tests {
     /// (ignore flushes) accepted and carried into the image's options.
     #[test]
     fn cache_modes() {
-        for (mode, direct, no_flush) in [
-            ("writeback", false, false),
-            ("writethrough", false, false),
-            ("none", true, false),
-            ("directsync", true, false),
-            ("unsafe", false, true),
+        for (mode, direct, no_flush, write_through) in [
+            ("writeback", false, false, false),
+            ("writethrough", false, false, true),
+            ("none", true, false, false),
+            ("directsync", true, false, true),
+            ("unsafe", false, true, false),
         ] {
             let o = open_options(&p(&[&format!("--cache={mode}"), "img"]).unwrap());
-            assert_eq!((o.direct, o.no_flush), (direct, no_flush), "{mode}");
+            assert_eq!(
+                (o.direct, o.no_flush, o.write_through),
+                (direct, no_flush, write_through),
+                "{mode}"
+            );
         }
         let o = open_options(&p(&["img"]).unwrap());
-        assert_eq!((o.direct, o.no_flush, o.writable), (false, false, true));
+        assert_eq!(
+            (o.direct, o.no_flush, o.write_through, o.writable),
+            (false, false, false, true)
+        );
     }
 
     #[test]
