@@ -879,15 +879,14 @@ async fn cmd_amend(p: cli::AmendArgs) -> Result<u8, Fail> {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
+    // The cache mode is checked first, as qemu-img does.
+    let oo = amend_open_options(&p)?;
     let mut ao = AmendOptions::default();
     for o in opts {
         for (k, v) in create::split_options(o)? {
             ao.set(&k, &v)?;
         }
     }
-    let mut oo = open_opts(&p.common, false);
-    oo.writable = true;
-    oo.no_backing = true;
     let disk = open(&file, p.format.as_deref(), &oo).await?;
     let Disk::Qcow2(img) = disk else {
         return Err(Fail::new(
@@ -898,6 +897,16 @@ async fn cmd_amend(p: cli::AmendArgs) -> Result<u8, Fail> {
         .await
         .map_err(|e| Fail::new(e.message().to_string()))?;
     Ok(0)
+}
+
+/// How `amend` opens the image: writable, without its backing file, in the cache mode of
+/// `-t` (qemu-img amend's, default writeback; its message for an unknown mode).
+fn amend_open_options(p: &cli::AmendArgs) -> Result<OpenOptions, Fail> {
+    let mut oo = open_opts(&p.common, false);
+    oo.writable = true;
+    oo.no_backing = true;
+    cache_mode(p.cache.as_deref(), "cache ")?.apply(&mut oo);
+    Ok(oo)
 }
 
 /// `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRAN]
@@ -1083,5 +1092,49 @@ mod tests {
             .unwrap()
             .apply(&mut o);
         assert!(!o.no_flush && o.direct && o.write_through);
+    }
+
+    /// `amend -t CACHE` opens the image in that cache mode (it was accepted and ignored);
+    /// an unknown mode is qemu-img's error.
+    #[test]
+    fn amend_takes_the_cache_mode() {
+        let args = |extra: &[&str]| {
+            let argv = ["qcow2rs", "amend", "-o", "lazy_refcounts=on"]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .chain(["img.qcow2"]);
+            let m = cli::command().try_get_matches_from(argv).unwrap();
+            match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&m)
+                .unwrap()
+                .cmd
+            {
+                Cmd::Amend(a) => a,
+                _ => unreachable!(),
+            }
+        };
+        let opts = |extra: &[&str]| amend_open_options(&args(extra)).ok().unwrap();
+        let o = opts(&[]);
+        assert!(o.writable && o.no_backing);
+        assert!(!o.direct && !o.no_flush && !o.write_through);
+        for (mode, direct, no_flush, write_through) in [
+            ("none", true, false, false),
+            ("directsync", true, false, true),
+            ("writethrough", false, false, true),
+            ("unsafe", false, true, false),
+        ] {
+            let o = opts(&["-t", mode]);
+            assert_eq!(
+                (o.direct, o.no_flush, o.write_through),
+                (direct, no_flush, write_through),
+                "{mode}"
+            );
+        }
+        assert_eq!(
+            amend_open_options(&args(&["-t", "bogus"]))
+                .err()
+                .unwrap()
+                .msg,
+            "Invalid cache option: bogus"
+        );
     }
 }
