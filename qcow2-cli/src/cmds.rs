@@ -49,11 +49,10 @@ pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>, argv: &[String]) -> Res
 }
 
 pub(crate) fn open_opts(c: &Common, force_share: bool) -> OpenOptions {
-    OpenOptions {
-        no_external_files: c.untrusted,
-        force_share,
-        ..OpenOptions::default()
-    }
+    let mut o = OpenOptions::default();
+    o.no_external_files = c.untrusted;
+    o.force_share = force_share;
+    o
 }
 
 fn one_operand(ops: &[String], what: &str) -> Result<String, Fail> {
@@ -967,10 +966,8 @@ async fn cmd_bitmap(p: cli::BitmapArgs, actions: Vec<(String, String)>) -> Resul
                 None => img.bitmap_merge(name, None, arg).await,
                 Some(sf) => {
                     if src_disk.is_none() {
-                        let so = OpenOptions {
-                            no_backing: true,
-                            ..open_opts(&p.common, false)
-                        };
+                        let mut so = open_opts(&p.common, false);
+                        so.no_backing = true;
                         src_disk = Some(open(sf, p.source_format.as_deref(), &so).await?);
                     }
                     match &src_disk {

@@ -477,13 +477,11 @@ async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
 /// How `serve` opens the image: `--cache` as qemu-nbd reads it (`none` and `directsync`
 /// bypass the page cache; `unsafe` ignores flushes, the clients' and the engine's own).
 fn open_options(a: &ServeArgs) -> OpenOptions {
-    let mut o = OpenOptions {
-        writable: !a.read_only,
-        no_external_files: a.untrusted,
-        force_share: a.force_share,
-        snapshot: a.load_snapshot.clone(),
-        ..OpenOptions::default()
-    };
+    let mut o = OpenOptions::default();
+    o.writable = !a.read_only;
+    o.no_external_files = a.untrusted;
+    o.force_share = a.force_share;
+    o.snapshot = a.load_snapshot.clone();
     // The parser admits only QEMU's names.
     qcow2_core::CacheMode::parse(&a.cache)
         .unwrap_or_default()

@@ -483,11 +483,9 @@ mod tests {
             qcow2_core::create::create_qcow2(&path, &co).await.unwrap();
             let pc = PowerCut::new();
             let file = pc.add_file(std::fs::read(&path).unwrap());
-            let oo = qcow2_core::OpenOptions {
-                writable: true,
-                write_through: true,
-                ..Default::default()
-            };
+            let mut oo = qcow2_core::OpenOptions::default();
+            oo.writable = true;
+            oo.write_through = true;
             let img = qcow2_core::Image::open_storage(file, &path, &oo)
                 .await
                 .unwrap();

@@ -26,8 +26,10 @@ const ZCACHE_BYTES: u64 = 4 << 20;
 /// Decompressed clusters by (depth of the image in its chain, host offset).
 pub(crate) type ZCache = LruCache<(usize, u64), Arc<Vec<u8>>>;
 
-/// How to open an image.
+/// How to open an image. Fields may be added: outside this crate, start from
+/// `OpenOptions::default()` and set fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open for writing.
     pub writable: bool,

@@ -139,8 +139,10 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
-/// How to open a file.
+/// How to open a file. Fields may be added: outside this crate, start from
+/// `FileOptions::default()` and set fields.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct FileOptions {
     /// Open for writing too.
     pub writable: bool,
