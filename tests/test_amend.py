@@ -175,11 +175,29 @@ def test_amend_usage(cli, scratch, qemu):
         ref = qemu_img(*args[1:] if False else args)
         ours = cli(*args)
         assert ref.returncode == ours.returncode == 1, (ours.stderr, ref.stderr)
+    # -t: an unknown cache mode is refused as qemu-img refuses it, before the image is read.
+    ref = qemu_img("amend", "-t", "bogus", "-o", "lazy_refcounts=on", img)
+    ours = cli("amend", "-t", "bogus", "-o", "lazy_refcounts=on", img)
+    assert ref.returncode == ours.returncode == 1, (ours.stderr, ref.stderr)
+    assert "Invalid cache option: bogus" in ref.stderr and "Invalid cache option: bogus" in ours.stderr
     raw = scratch / "x.raw"
     raw.write_bytes(b"\0" * 4096)
     ours = cli("amend", "-f", "raw", "-o", "size=8192", raw)
     assert ours.returncode == 1
     assert "does not support option amendment" in ours.stderr
+
+
+@pytest.mark.parametrize("cache", ["writeback", "writethrough", "none", "directsync", "unsafe"])
+def test_amend_cache_modes(cache, cli, scratch, qemu):
+    """`-t` opens the image in that cache mode (`none`/`directsync` with O_DIRECT); the amend
+    is complete and clean in each."""
+    img = make(scratch, "img.qcow2", "compat=1.1")
+    cp = cli("amend", "-t", cache, "-o", "lazy_refcounts=on", img)
+    if cp.returncode != 0 and cache in ("none", "directsync") and "O_DIRECT" in cp.stderr:
+        pytest.skip(f"the scratch file system refuses O_DIRECT: {cp.stderr.strip()}")
+    assert cp.returncode == 0, cp.stderr
+    assert specific(img)["lazy-refcounts"] is True
+    assert_clean(img)
 
 
 def zero_flags(path):

@@ -344,14 +344,12 @@ fn open_impl(
         return Err(Fail::deadlock(call));
     }
     let flags = opts.flags;
-    let mut oo = OpenOptions {
-        writable: flags & QCOW2RS_OPEN_RDWR != 0,
-        direct: flags & QCOW2RS_OPEN_DIRECT != 0,
-        no_backing: flags & QCOW2RS_OPEN_NO_BACKING != 0,
-        no_external_files: flags & QCOW2RS_OPEN_UNTRUSTED != 0,
-        engine: engine_arg(opts.engine)?,
-        ..OpenOptions::default()
-    };
+    let mut oo = OpenOptions::default();
+    oo.writable = flags & QCOW2RS_OPEN_RDWR != 0;
+    oo.direct = flags & QCOW2RS_OPEN_DIRECT != 0;
+    oo.no_backing = flags & QCOW2RS_OPEN_NO_BACKING != 0;
+    oo.no_external_files = flags & QCOW2RS_OPEN_UNTRUSTED != 0;
+    oo.engine = engine_arg(opts.engine)?;
     if opts.cache_size != 0 {
         oo.cache_size =
             usize::try_from(opts.cache_size).map_err(|_| Fail::inval("cache_size is too large"))?;

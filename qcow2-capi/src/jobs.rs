@@ -237,11 +237,9 @@ pub unsafe extern "C" fn qcow2rs_check(
             QCOW2RS_REPAIR_ALL => Some(Repair::All),
             r => return Err(Fail::inval(format!("unknown repair mode {r}"))),
         };
-        let oo = OpenOptions {
-            writable: repair.is_some(),
-            for_repair: repair.is_some(),
-            ..OpenOptions::default()
-        };
+        let mut oo = OpenOptions::default();
+        oo.writable = repair.is_some();
+        oo.for_repair = repair.is_some();
         let report = run_job("qcow2rs_check", async {
             let img = Image::open(&path, &oo).await?;
             let r = qcow2_core::check::check(&img, &CheckOptions { repair }).await;
@@ -415,11 +413,9 @@ pub unsafe extern "C" fn qcow2rs_convert(
         co.file.engine = engine;
         co.file.direct = o.flags & QCOW2RS_CONVERT_DIRECT != 0;
         co.progress = progress_of(o.progress, o.progress_data);
-        let oo = OpenOptions {
-            engine,
-            no_external_files: o.flags & QCOW2RS_CONVERT_UNTRUSTED != 0,
-            ..OpenOptions::default()
-        };
+        let mut oo = OpenOptions::default();
+        oo.engine = engine;
+        oo.no_external_files = o.flags & QCOW2RS_CONVERT_UNTRUSTED != 0;
         let target = Target {
             format: dst_format,
             create,
@@ -516,11 +512,9 @@ pub unsafe extern "C" fn qcow2rs_dd(
             ..Default::default()
         };
         dd.file.engine = engine;
-        let oo = OpenOptions {
-            engine,
-            no_external_files: o.flags & QCOW2RS_DD_UNTRUSTED != 0,
-            ..OpenOptions::default()
-        };
+        let mut oo = OpenOptions::default();
+        oo.engine = engine;
+        oo.no_external_files = o.flags & QCOW2RS_DD_UNTRUSTED != 0;
         let outcome = run_job("qcow2rs_dd", async {
             let disk: Disk = convert::open_disk(&src, src_format.as_deref(), &oo)
                 .await
@@ -639,10 +633,11 @@ pub unsafe extern "C" fn qcow2rs_rebase(
             backing,
             backing_format,
             unsafe_mode,
-            open: OpenOptions {
-                engine,
-                direct: o.flags & QCOW2RS_REBASE_DIRECT != 0,
-                ..OpenOptions::default()
+            open: {
+                let mut oo = OpenOptions::default();
+                oo.engine = engine;
+                oo.direct = o.flags & QCOW2RS_REBASE_DIRECT != 0;
+                oo
             },
             progress: if unsafe_mode {
                 None
@@ -721,10 +716,11 @@ pub unsafe extern "C" fn qcow2rs_commit(
         let co = CommitOptions {
             base,
             drop: o.flags & QCOW2RS_COMMIT_DROP != 0,
-            open: OpenOptions {
-                engine,
-                direct: o.flags & QCOW2RS_COMMIT_DIRECT != 0,
-                ..OpenOptions::default()
+            open: {
+                let mut oo = OpenOptions::default();
+                oo.engine = engine;
+                oo.direct = o.flags & QCOW2RS_COMMIT_DIRECT != 0;
+                oo
             },
             progress: progress_of(o.progress, o.progress_data),
         };
@@ -770,12 +766,10 @@ pub unsafe extern "C" fn qcow2rs_amend(
         for (k, v) in create::split_options(options)? {
             ao.set(&k, &v)?;
         }
-        let oo = OpenOptions {
-            writable: true,
-            no_backing: true,
-            direct: flags & QCOW2RS_AMEND_DIRECT != 0,
-            ..OpenOptions::default()
-        };
+        let mut oo = OpenOptions::default();
+        oo.writable = true;
+        oo.no_backing = true;
+        oo.direct = flags & QCOW2RS_AMEND_DIRECT != 0;
         run_job("qcow2rs_amend", async {
             let disk = convert::open_disk(&path, None, &oo)
                 .await
@@ -916,10 +910,8 @@ pub unsafe extern "C" fn qcow2rs_measure(
         if path.is_none() {
             mo.size = Some(o.virtual_size);
         }
-        let oo = OpenOptions {
-            no_external_files: o.flags & QCOW2RS_MEASURE_UNTRUSTED != 0,
-            ..OpenOptions::default()
-        };
+        let mut oo = OpenOptions::default();
+        oo.no_external_files = o.flags & QCOW2RS_MEASURE_UNTRUSTED != 0;
         let m = run_job("qcow2rs_measure", async {
             let disk = match &path {
                 Some(p) => Some(

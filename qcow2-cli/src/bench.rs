@@ -158,16 +158,13 @@ pub async fn cmd_bench(p: BenchArgs) -> Result<u8, Fail> {
             _ => return Err(Fail::new("Invalid cache size specified")),
         },
     };
-    let opts = OpenOptions {
-        cache_size,
-        writable: prm.write,
-        engine: prm.engine,
-        direct: prm.cache.direct,
-        no_flush: prm.cache.no_flush,
-        no_external_files: p.common.untrusted,
-        force_share: p.force_share,
-        ..OpenOptions::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.cache_size = cache_size;
+    opts.writable = prm.write;
+    opts.engine = prm.engine;
+    opts.no_external_files = p.common.untrusted;
+    opts.force_share = p.force_share;
+    prm.cache.apply(&mut opts);
     let buffers = if prm.write && prm.flush_interval != 0 {
         1
     } else {
@@ -523,7 +520,7 @@ mod tests {
             engine,
             cache: qcow2_core::CacheMode {
                 direct,
-                no_flush: false,
+                ..Default::default()
             },
         };
         assert_eq!(request_threads(&prm(true, EngineKind::IoUring), 2, 32), 1);

@@ -415,7 +415,8 @@ pub struct AmendArgs {
     /// Options to change, a=b,c=d (may be repeated; `-o help` lists them)
     #[arg(short = 'o', long = "options", value_name = "OPTS", action = ArgAction::Append)]
     pub options: Vec<String>,
-    /// Cache mode (accepted for qemu-img compatibility)
+    /// Cache mode of the image: none, writeback (default), writethrough, directsync or
+    /// unsafe (flushes ignored)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
     /// Accepted for qemu-img compatibility

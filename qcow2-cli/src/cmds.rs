@@ -49,11 +49,10 @@ pub async fn run(cmd: Cmd, m: Option<&clap::ArgMatches>, argv: &[String]) -> Res
 }
 
 pub(crate) fn open_opts(c: &Common, force_share: bool) -> OpenOptions {
-    OpenOptions {
-        no_external_files: c.untrusted,
-        force_share,
-        ..OpenOptions::default()
-    }
+    let mut o = OpenOptions::default();
+    o.no_external_files = c.untrusted;
+    o.force_share = force_share;
+    o
 }
 
 fn one_operand(ops: &[String], what: &str) -> Result<String, Fail> {
@@ -879,15 +878,14 @@ async fn cmd_amend(p: cli::AmendArgs) -> Result<u8, Fail> {
         [f] => f.clone(),
         _ => return Err(Fail::new("Expecting one image file name")),
     };
+    // The cache mode is checked first, as qemu-img does.
+    let oo = amend_open_options(&p)?;
     let mut ao = AmendOptions::default();
     for o in opts {
         for (k, v) in create::split_options(o)? {
             ao.set(&k, &v)?;
         }
     }
-    let mut oo = open_opts(&p.common, false);
-    oo.writable = true;
-    oo.no_backing = true;
     let disk = open(&file, p.format.as_deref(), &oo).await?;
     let Disk::Qcow2(img) = disk else {
         return Err(Fail::new(
@@ -898,6 +896,16 @@ async fn cmd_amend(p: cli::AmendArgs) -> Result<u8, Fail> {
         .await
         .map_err(|e| Fail::new(e.message().to_string()))?;
     Ok(0)
+}
+
+/// How `amend` opens the image: writable, without its backing file, in the cache mode of
+/// `-t` (qemu-img amend's, default writeback; its message for an unknown mode).
+fn amend_open_options(p: &cli::AmendArgs) -> Result<OpenOptions, Fail> {
+    let mut oo = open_opts(&p.common, false);
+    oo.writable = true;
+    oo.no_backing = true;
+    cache_mode(p.cache.as_deref(), "cache ")?.apply(&mut oo);
+    Ok(oo)
 }
 
 /// `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRAN]
@@ -958,10 +966,8 @@ async fn cmd_bitmap(p: cli::BitmapArgs, actions: Vec<(String, String)>) -> Resul
                 None => img.bitmap_merge(name, None, arg).await,
                 Some(sf) => {
                     if src_disk.is_none() {
-                        let so = OpenOptions {
-                            no_backing: true,
-                            ..open_opts(&p.common, false)
-                        };
+                        let mut so = open_opts(&p.common, false);
+                        so.no_backing = true;
                         src_disk = Some(open(sf, p.source_format.as_deref(), &so).await?);
                     }
                     match &src_disk {
@@ -1052,16 +1058,21 @@ mod tests {
     use super::*;
 
     /// qemu-img's cache modes: only `unsafe` ignores flushes, only `none` and `directsync`
-    /// bypass the page cache; unknown names are refused.
+    /// bypass the page cache, only `writethrough` and `directsync` write through; unknown
+    /// names are refused.
     #[test]
     fn cache_modes() {
-        let mode = |m: Option<&str>| cache_mode(m, "cache ").ok().map(|c| (c.direct, c.no_flush));
-        assert_eq!(mode(None), Some((false, false)));
-        assert_eq!(mode(Some("writeback")), Some((false, false)));
-        assert_eq!(mode(Some("writethrough")), Some((false, false)));
-        assert_eq!(mode(Some("unsafe")), Some((false, true)));
-        assert_eq!(mode(Some("none")), Some((true, false)));
-        assert_eq!(mode(Some("directsync")), Some((true, false)));
+        let mode = |m: Option<&str>| {
+            cache_mode(m, "cache ")
+                .ok()
+                .map(|c| (c.direct, c.no_flush, c.write_through))
+        };
+        assert_eq!(mode(None), Some((false, false, false)));
+        assert_eq!(mode(Some("writeback")), Some((false, false, false)));
+        assert_eq!(mode(Some("writethrough")), Some((false, false, true)));
+        assert_eq!(mode(Some("unsafe")), Some((false, true, false)));
+        assert_eq!(mode(Some("none")), Some((true, false, false)));
+        assert_eq!(mode(Some("directsync")), Some((true, false, true)));
         assert_eq!(mode(Some("bogus")), None);
         assert_eq!(
             cache_mode(Some("bogus"), "source cache ").unwrap_err().msg,
@@ -1072,6 +1083,55 @@ mod tests {
             .ok()
             .unwrap()
             .apply(&mut o);
-        assert!(o.no_flush && !o.direct);
+        assert!(o.no_flush && !o.direct && !o.write_through);
+        cache_mode(Some("directsync"), "cache ")
+            .ok()
+            .unwrap()
+            .apply(&mut o);
+        assert!(!o.no_flush && o.direct && o.write_through);
+    }
+
+    /// `amend -t CACHE` opens the image in that cache mode (it was accepted and ignored);
+    /// an unknown mode is qemu-img's error.
+    #[test]
+    fn amend_takes_the_cache_mode() {
+        let args = |extra: &[&str]| {
+            let argv = ["qcow2rs", "amend", "-o", "lazy_refcounts=on"]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .chain(["img.qcow2"]);
+            let m = cli::command().try_get_matches_from(argv).unwrap();
+            match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&m)
+                .unwrap()
+                .cmd
+            {
+                Cmd::Amend(a) => a,
+                _ => unreachable!(),
+            }
+        };
+        let opts = |extra: &[&str]| amend_open_options(&args(extra)).ok().unwrap();
+        let o = opts(&[]);
+        assert!(o.writable && o.no_backing);
+        assert!(!o.direct && !o.no_flush && !o.write_through);
+        for (mode, direct, no_flush, write_through) in [
+            ("none", true, false, false),
+            ("directsync", true, false, true),
+            ("writethrough", false, false, true),
+            ("unsafe", false, true, false),
+        ] {
+            let o = opts(&["-t", mode]);
+            assert_eq!(
+                (o.direct, o.no_flush, o.write_through),
+                (direct, no_flush, write_through),
+                "{mode}"
+            );
+        }
+        assert_eq!(
+            amend_open_options(&args(&["-t", "bogus"]))
+                .err()
+                .unwrap()
+                .msg,
+            "Invalid cache option: bogus"
+        );
     }
 }

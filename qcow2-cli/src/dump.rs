@@ -45,15 +45,13 @@ pub async fn cmd_dump(p: crate::cli::DumpArgs) -> Result<u8, Fail> {
         }
     }
     let path = Path::new(&file);
-    let opts = OpenOptions {
-        no_backing: true,
-        no_external_files: true,
-        // The data file holds guest data only; dump never reads it. Pointing it at the image
-        // itself keeps dump from opening a file named inside the image.
-        data_file: Some(path.to_path_buf()),
-        force_share: p.force_share,
-        ..OpenOptions::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.no_backing = true;
+    opts.no_external_files = true;
+    // The data file holds guest data only; dump never reads it. Pointing it at the image
+    // itself keeps dump from opening a file named inside the image.
+    opts.data_file = Some(path.to_path_buf());
+    opts.force_share = p.force_share;
     let img = Image::open(path, &opts).await.map_err(|e| {
         let m = e.to_string();
         if m.starts_with(file.as_str()) {

@@ -477,13 +477,11 @@ async fn load_bitmap(disk: &Disk, name: &str) -> Result<DirtyBitmap, String> {
 /// How `serve` opens the image: `--cache` as qemu-nbd reads it (`none` and `directsync`
 /// bypass the page cache; `unsafe` ignores flushes, the clients' and the engine's own).
 fn open_options(a: &ServeArgs) -> OpenOptions {
-    let mut o = OpenOptions {
-        writable: !a.read_only,
-        no_external_files: a.untrusted,
-        force_share: a.force_share,
-        snapshot: a.load_snapshot.clone(),
-        ..OpenOptions::default()
-    };
+    let mut o = OpenOptions::default();
+    o.writable = !a.read_only;
+    o.no_external_files = a.untrusted;
+    o.force_share = a.force_share;
+    o.snapshot = a.load_snapshot.clone();
     // The parser admits only QEMU's names.
     qcow2_core::CacheMode::parse(&a.cache)
         .unwrap_or_default()
@@ -670,18 +668,25 @@ mod tests {
     /// (ignore flushes) accepted and carried into the image's options.
     #[test]
     fn cache_modes() {
-        for (mode, direct, no_flush) in [
-            ("writeback", false, false),
-            ("writethrough", false, false),
-            ("none", true, false),
-            ("directsync", true, false),
-            ("unsafe", false, true),
+        for (mode, direct, no_flush, write_through) in [
+            ("writeback", false, false, false),
+            ("writethrough", false, false, true),
+            ("none", true, false, false),
+            ("directsync", true, false, true),
+            ("unsafe", false, true, false),
         ] {
             let o = open_options(&p(&[&format!("--cache={mode}"), "img"]).unwrap());
-            assert_eq!((o.direct, o.no_flush), (direct, no_flush), "{mode}");
+            assert_eq!(
+                (o.direct, o.no_flush, o.write_through),
+                (direct, no_flush, write_through),
+                "{mode}"
+            );
         }
         let o = open_options(&p(&["img"]).unwrap());
-        assert_eq!((o.direct, o.no_flush, o.writable), (false, false, true));
+        assert_eq!(
+            (o.direct, o.no_flush, o.write_through, o.writable),
+            (false, false, false, true)
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ pub struct Export {
     disk: Disk,
     size: u64,
     writable: bool,
-    /// Flush after every write (`--cache=writethrough`/`directsync`).
+    /// Flush after every write (`--cache=writethrough`/`directsync`). A qcow2 image
+    /// opened with `OpenOptions::write_through` flushes itself: the export adds none.
     pub writethrough: bool,
     /// Dirty bitmaps exported as `qemu:dirty-bitmap:NAME` (`-B`), in context order.
     pub bitmaps: Vec<DirtyBitmap>,
@@ -240,7 +241,10 @@ impl Export {
     }
 
     async fn after_write(&self, fua: bool) -> Result<(), OpError> {
-        if fua || self.writethrough {
+        // A write-through image has flushed (data and metadata) before its request
+        // completed: that is what FUA and writethrough ask.
+        let flushed = matches!(&self.disk, Disk::Qcow2(i) if i.options().write_through);
+        if (fua || self.writethrough) && !flushed {
             self.flush().await?;
         }
         Ok(())
@@ -458,6 +462,57 @@ pub fn bitmap_extents(runs: &[(u64, bool)], max_len: u64, max: usize) -> Vec<Ext
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A qcow2 image opened with `write_through` (serve --cache=writethrough/directsync)
+    /// flushes after each request itself: the export's writethrough and the clients' FUA
+    /// add no second flush of the file.
+    #[test]
+    fn a_write_through_image_is_flushed_once_per_request() {
+        use qcow2_core::io::powercut::{Entry, PowerCut};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("e.qcow2");
+            let co = qcow2_core::create::CreateOptions {
+                size: Some(1 << 20),
+                ..Default::default()
+            };
+            qcow2_core::create::create_qcow2(&path, &co).await.unwrap();
+            let pc = PowerCut::new();
+            let file = pc.add_file(std::fs::read(&path).unwrap());
+            let mut oo = qcow2_core::OpenOptions::default();
+            oo.writable = true;
+            oo.write_through = true;
+            let img = qcow2_core::Image::open_storage(file, &path, &oo)
+                .await
+                .unwrap();
+            // Allocate the cluster: the writes below are in place.
+            img.write_at(&[1; 4096], 0).await.unwrap();
+            let flushes = || {
+                pc.log()
+                    .iter()
+                    .filter(|e| matches!(e, Entry::Flush { .. }))
+                    .count()
+            };
+            let n = flushes();
+            img.write_at(&[2; 4096], 0).await.unwrap();
+            let own = flushes() - n;
+            assert!(own >= 1, "the write-through image did not flush");
+            let mut export = Export::new(Disk::Qcow2(img), true);
+            export.writethrough = true;
+            for fua in [false, true] {
+                let n = flushes();
+                export.write(&[3; 4096], 0, fua).await.unwrap();
+                assert_eq!(flushes() - n, own, "write, FUA {fua}");
+                let n = flushes();
+                export.write_zeroes(512, 512, true, fua).await.unwrap();
+                assert_eq!(flushes() - n, own, "write zeroes, FUA {fua}");
+            }
+        });
+    }
 
     #[test]
     fn bitmap_runs() {

@@ -209,13 +209,12 @@ fn template() -> &'static [u8] {
 }
 
 fn img_opts() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        cache_size: 256 << 10,
-        no_external_files: true,
-        locking: false,
-        ..Default::default()
-    }
+    let mut o = OpenOptions::default();
+    o.writable = true;
+    o.cache_size = 256 << 10;
+    o.no_external_files = true;
+    o.locking = false;
+    o
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -327,11 +326,9 @@ pub fn session_replies(data: &[u8]) -> u64 {
             d => d.flush().await,
         };
         let f: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(mem.snapshot()));
-        let copts = OpenOptions {
-            for_check: true,
-            writable: false,
-            ..img_opts()
-        };
+        let mut copts = img_opts();
+        copts.for_check = true;
+        copts.writable = false;
         let img = Image::open_storage(f, Path::new("fuzz.qcow2"), &copts)
             .await
             .expect("the image opens after the session");

@@ -23,10 +23,8 @@ async fn start(
 ) {
     let img = dir.join("disk.raw");
     std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
-    let opts = qcow2_core::OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let mut opts = qcow2_core::OpenOptions::default();
+    opts.writable = true;
     let disk = qcow2_core::Disk::open(&img, Some(qcow2_core::Format::Raw), &opts)
         .await
         .unwrap();

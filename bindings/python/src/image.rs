@@ -53,13 +53,11 @@ impl OpenArgs {
                 )))
             }
         };
-        let mut opts = core::OpenOptions {
-            writable,
-            direct,
-            no_backing: !backing,
-            no_external_files: untrusted,
-            ..Default::default()
-        };
+        let mut opts = core::OpenOptions::default();
+        opts.writable = writable;
+        opts.direct = direct;
+        opts.no_backing = !backing;
+        opts.no_external_files = untrusted;
         if let Some(c) = cache_size {
             if c < 0 {
                 return Err(PyValueError::new_err("cache_size must not be negative"));

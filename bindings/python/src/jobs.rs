@@ -160,11 +160,9 @@ pub fn check(py: Python<'_>, path: PathBuf, repair: Option<&str>) -> PyResult<Py
     };
     let report = py
         .detach(|| {
-            let opts = OpenOptions {
-                writable: repair.is_some(),
-                for_repair: repair.is_some(),
-                ..Default::default()
-            };
+            let mut opts = OpenOptions::default();
+            opts.writable = repair.is_some();
+            opts.for_repair = repair.is_some();
             let disk = open_disk(&path, None, &opts)?;
             let Disk::Qcow2(img) = &disk else {
                 return Err(Error::unsupported(
@@ -537,11 +535,9 @@ pub fn amend(
         ao.set(k, v).map_err(|e| create_err(e, &path))?;
     }
     py.detach(|| {
-        let opts = OpenOptions {
-            writable: true,
-            no_backing: true,
-            ..Default::default()
-        };
+        let mut opts = OpenOptions::default();
+        opts.writable = true;
+        opts.no_backing = true;
         let Disk::Qcow2(img) = open_disk(&path, None, &opts)? else {
             return Err(Error::unsupported(
                 "Format driver 'raw' does not support option amendment",

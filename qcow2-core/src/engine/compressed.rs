@@ -429,7 +429,7 @@ impl Image {
         self.set_l2_entry(&mut m, gc, entry, 0).await?;
         m.pending_free.extend(old);
         drop(m);
-        self.maybe_writeback().await
+        self.finish_write((_req, _g, _gate)).await
     }
 }
 

@@ -26,8 +26,10 @@ const ZCACHE_BYTES: u64 = 4 << 20;
 /// Decompressed clusters by (depth of the image in its chain, host offset).
 pub(crate) type ZCache = LruCache<(usize, u64), Arc<Vec<u8>>>;
 
-/// How to open an image.
+/// How to open an image. Fields may be added: outside this crate, start from
+/// `OpenOptions::default()` and set fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open for writing.
     pub writable: bool,
@@ -39,6 +41,12 @@ pub struct OpenOptions {
     /// [`FileOptions::no_flush`]): [`Image::flush`] and the flushes the engine orders its
     /// metadata updates with write nothing to the disk.
     pub no_flush: bool,
+    /// Write through (QEMU's cache modes `writethrough` and `directsync`, where the guest
+    /// sees no write cache): every write, write-zeroes, discard and compressed write of the
+    /// [`Image`] is followed by an [`Image::flush`] (data and metadata) before it
+    /// completes, so a completed request is on the disk. Costs an `fdatasync` or more per
+    /// request. With `no_flush` the metadata is still written but not synced.
+    pub write_through: bool,
     /// Total bytes of metadata cache (L2 tables and refcount blocks) of the image and its
     /// backing chain together: an image with a qcow2 backing file keeps half, the backing
     /// file gets the other half (and shares it with its own backing file the same way).
@@ -82,32 +90,43 @@ pub struct OpenOptions {
 }
 
 /// A cache mode as QEMU names it (`qemu-img -t`, `qemu-nbd --cache`): `none` and
-/// `directsync` bypass the page cache (`O_DIRECT`), `unsafe` ignores flushes, `writeback`
-/// (QEMU's default) and `writethrough` are buffered I/O that is flushed.
+/// `directsync` bypass the page cache (`O_DIRECT`), `unsafe` ignores flushes,
+/// `writethrough` and `directsync` flush after every write request, `writeback` (QEMU's
+/// default) is buffered I/O flushed when asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheMode {
     /// [`OpenOptions::direct`].
     pub direct: bool,
     /// [`OpenOptions::no_flush`].
     pub no_flush: bool,
+    /// [`OpenOptions::write_through`].
+    pub write_through: bool,
 }
 
 impl CacheMode {
     /// The mode `name` names, or `None` for a name QEMU does not know.
     pub fn parse(name: &str) -> Option<CacheMode> {
-        let (direct, no_flush) = match name {
-            "writeback" | "writethrough" => (false, false),
-            "unsafe" => (false, true),
-            "none" | "directsync" => (true, false),
+        let (direct, no_flush, write_through) = match name {
+            "writeback" => (false, false, false),
+            "writethrough" => (false, false, true),
+            "unsafe" => (false, true, false),
+            "none" => (true, false, false),
+            "directsync" => (true, false, true),
             _ => return None,
         };
-        Some(CacheMode { direct, no_flush })
+        Some(CacheMode {
+            direct,
+            no_flush,
+            write_through,
+        })
     }
 
-    /// Sets `o`'s [`direct`](OpenOptions::direct) and [`no_flush`](OpenOptions::no_flush).
+    /// Sets `o`'s [`direct`](OpenOptions::direct), [`no_flush`](OpenOptions::no_flush) and
+    /// [`write_through`](OpenOptions::write_through).
     pub fn apply(self, o: &mut OpenOptions) {
         o.direct = self.direct;
         o.no_flush = self.no_flush;
+        o.write_through = self.write_through;
     }
 }
 
@@ -118,6 +137,7 @@ impl Default for OpenOptions {
             engine: EngineKind::Auto,
             direct: false,
             no_flush: false,
+            write_through: false,
             cache_size: DEFAULT_CACHE_SIZE,
             no_external_files: false,
             max_chain: DEFAULT_MAX_CHAIN,

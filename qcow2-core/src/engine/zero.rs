@@ -24,7 +24,7 @@ impl Image {
         let _req = self.enter_request().await;
         self.track_change(off, len).await?;
         self.zero_or_discard(off, len, Some(mode)).await?;
-        self.maybe_writeback().await
+        self.finish_write(_req).await
     }
 
     /// Discard `len` bytes at `off`: whole clusters are deallocated (read as zeros afterwards,
@@ -39,7 +39,7 @@ impl Image {
         let _req = self.enter_request().await;
         self.track_change(off, len).await?;
         self.zero_or_discard(off, len, None).await?;
-        self.maybe_writeback().await
+        self.finish_write(_req).await
     }
 
     pub(crate) async fn zero_or_discard(

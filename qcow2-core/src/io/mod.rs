@@ -139,8 +139,10 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
-/// How to open a file.
+/// How to open a file. Fields may be added: outside this crate, start from
+/// `FileOptions::default()` and set fields.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct FileOptions {
     /// Open for writing too.
     pub writable: bool,
@@ -249,5 +251,37 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
                 && dir(a) == dir(b)
         }
         _ => false,
+    }
+}
+
+/// Both engines' test of `no_flush` (cache mode `unsafe`): a file opened by `open` with
+/// `no_flush` answers two flushes without an `fdatasync` (`syncs` counts them) and keeps
+/// the data readable; without it, each flush is one.
+#[cfg(test)]
+pub(crate) fn check_no_flush<F: Storage>(
+    open: impl Fn(&Path, &FileOptions) -> io::Result<F>,
+    syncs: impl Fn(&F) -> usize,
+) {
+    for no_flush in [true, false] {
+        let tmp = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir_in(&tmp).unwrap();
+        let fo = FileOptions {
+            writable: true,
+            create: true,
+            no_flush,
+            ..Default::default()
+        };
+        let f = open(&dir.path().join("f"), &fo).unwrap();
+        futures::executor::block_on(async {
+            f.write_at(b"data", 0).await.unwrap();
+            f.flush().await.unwrap();
+            f.flush().await.unwrap();
+            let mut buf = [0u8; 4];
+            f.read_at(&mut buf, 0).await.unwrap();
+            assert_eq!(&buf, b"data");
+        });
+        let want = if no_flush { 0 } else { 2 };
+        assert_eq!(syncs(&f), want, "{}: no_flush {no_flush}", f.engine_name());
     }
 }

@@ -2143,31 +2143,6 @@ mod tests {
     /// the option (two `fdatasync`s counted where none were expected).
     #[test]
     fn no_flush_skips_fdatasync() {
-        for no_flush in [true, false] {
-            let tmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-            std::fs::create_dir_all(&tmp).unwrap();
-            let dir = tempfile::tempdir_in(&tmp).unwrap();
-            let fo = FileOptions {
-                writable: true,
-                create: true,
-                no_flush,
-                ..Default::default()
-            };
-            let f = ThreadsFile::open(&dir.path().join("f"), &fo).unwrap();
-            futures::executor::block_on(async {
-                f.write_at(b"data", 0).await.unwrap();
-                f.flush().await.unwrap();
-                f.flush().await.unwrap();
-                let mut buf = [0u8; 4];
-                f.read_at(&mut buf, 0).await.unwrap();
-                assert_eq!(&buf, b"data");
-            });
-            let want = if no_flush { 0 } else { 2 };
-            assert_eq!(
-                f.core.syncs.load(Ordering::Relaxed),
-                want,
-                "no_flush {no_flush}"
-            );
-        }
+        crate::io::check_no_flush(ThreadsFile::open, |f| f.core.syncs.load(Ordering::Relaxed));
     }
 }

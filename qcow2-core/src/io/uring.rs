@@ -2364,35 +2364,10 @@ mod tests {
         depth_32_beside_a_watching_runtime("i", 2, 5_000);
     }
 
-    /// As `threads`' `no_flush_skips_fdatasync`, through the ring: with `no_flush` a flush
-    /// sends no `IORING_OP_FSYNC` (nor a `fdatasync` on the calling thread).
+    /// As `threads`' `no_flush_skips_fdatasync` (the same check), through the ring: with
+    /// `no_flush` a flush sends no `IORING_OP_FSYNC` (nor a `fdatasync` on the calling thread).
     #[test]
     fn no_flush_skips_fsync() {
-        for no_flush in [true, false] {
-            let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-            std::fs::create_dir_all(&base).unwrap();
-            let dir = tempfile::tempdir_in(&base).unwrap();
-            let fo = FileOptions {
-                writable: true,
-                create: true,
-                no_flush,
-                ..FileOptions::default()
-            };
-            let f = UringFile::open(&dir.path().join("f"), &fo).unwrap();
-            block_on(async {
-                f.write_at(b"data", 0).await.unwrap();
-                f.flush().await.unwrap();
-                f.flush().await.unwrap();
-                let mut buf = [0u8; 4];
-                f.read_at(&mut buf, 0).await.unwrap();
-                assert_eq!(&buf, b"data");
-            });
-            let want = if no_flush { 0 } else { 2 };
-            assert_eq!(
-                f.core.syncs.load(Ordering::Relaxed),
-                want,
-                "no_flush {no_flush}"
-            );
-        }
+        crate::io::check_no_flush(UringFile::open, |f| f.core.syncs.load(Ordering::Relaxed));
     }
 }

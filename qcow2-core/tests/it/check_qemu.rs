@@ -47,10 +47,9 @@ fn qemu_open_fails(path: &Path) -> bool {
 
 /// How `qcow2rs check` opens an image.
 fn check_opts() -> OpenOptions {
-    OpenOptions {
-        for_check: true,
-        ..Default::default()
-    }
+    let mut o = OpenOptions::default();
+    o.for_check = true;
+    o
 }
 
 async fn ours(path: &Path) -> qcow2_core::Result<CheckReport> {

@@ -97,12 +97,10 @@ fn anon(mut v: serde_json::Value) -> serde_json::Value {
 
 /// Our `check -r mode` on a writable open, then flush and close (as the CLI does).
 async fn ours_repair(path: &Path, mode: Repair) -> qcow2_core::Result<CheckReport> {
-    let opts = OpenOptions {
-        writable: true,
-        for_repair: true,
-        for_check: true,
-        ..Default::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.writable = true;
+    opts.for_repair = true;
+    opts.for_check = true;
     let img = Image::open(path, &opts).await?;
     let r = check(&img, &CheckOptions { repair: Some(mode) }).await;
     img.flush().await?;
@@ -304,10 +302,8 @@ async fn dirty_image_opened_writable() {
     let theirs = copy(&img, "theirs");
 
     // Open and close only.
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.writable = true;
     let i = Image::open(&ours, &opts).await.unwrap();
     assert!(!i.header().dirty());
     i.close().await.unwrap();
@@ -786,10 +782,8 @@ async fn writes_before_and_after_repair() {
     r.set_refcount(free, 1);
     r.save();
     let theirs = copy(&img, "theirs");
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.writable = true;
     let i = Image::open(&img, &opts).await.unwrap();
     let rep = check(
         &i,

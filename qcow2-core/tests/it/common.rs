@@ -229,14 +229,12 @@ pub fn cache_size() -> usize {
 }
 
 pub async fn open_rw(path: &Path) -> Image {
-    Image::open(
-        path,
-        &OpenOptions {
-            writable: true,
-            cache_size: cache_size(),
-            ..Default::default()
-        },
-    )
+    Image::open(path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o.cache_size = cache_size();
+        o
+    })
     .await
     .unwrap_or_else(|e| panic!("open {} writable: {e}", path.display()))
 }
@@ -552,23 +550,18 @@ pub async fn open_hooked_opts(
     opts: OpenOptions,
 ) -> (Image, std::sync::Arc<qcow2_core::io::fault::HookStorage>) {
     use qcow2_core::io::{open_file, FileOptions, Storage};
-    let file = open_file(
-        path,
-        &FileOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
+    let file = open_file(path, &{
+        let mut o = FileOptions::default();
+        o.writable = true;
+        o
+    })
     .unwrap();
     let hs = qcow2_core::io::fault::HookStorage::new(file);
-    let img = Image::open_storage(
-        hs.clone() as std::sync::Arc<dyn Storage>,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..opts
-        },
-    )
+    let img = Image::open_storage(hs.clone() as std::sync::Arc<dyn Storage>, path, &{
+        let mut o = opts;
+        o.writable = true;
+        o
+    })
     .await
     .unwrap();
     (img, hs)

@@ -240,11 +240,9 @@ async fn open_pc(
     data: Option<Vec<u8>>,
 ) -> Image {
     let f = pc.add_file(image);
-    let opts = OpenOptions {
-        writable: true,
-        cache_size: cache_size(),
-        ..Default::default()
-    };
+    let mut opts = OpenOptions::default();
+    opts.writable = true;
+    opts.cache_size = cache_size();
     let path = dir.join("img.qcow2");
     let r = match data {
         Some(d) if s.data_file => {
@@ -501,12 +499,10 @@ async fn check_cut(c: &CutCtx<'_>, k: usize, cut: usize, tdir: &Path) -> bool {
     }
     let repaired = k.is_multiple_of(c.repair_every);
     if repaired {
-        let opts = OpenOptions {
-            writable: true,
-            for_repair: true,
-            for_check: true,
-            ..Default::default()
-        };
+        let mut opts = OpenOptions::default();
+        opts.writable = true;
+        opts.for_repair = true;
+        opts.for_check = true;
         let img = Image::open(&img_path, &opts)
             .await
             .unwrap_or_else(|e| panic!("{what}: open for repair: {e}"));
@@ -763,11 +759,9 @@ fn powercut_convert(name: &str, opts: &str) {
     let rt = runtime_2_workers();
     rt.block_on(async {
         let f = pc.add_file(image);
-        let o = OpenOptions {
-            writable: true,
-            cache_size: 16 << 10,
-            ..Default::default()
-        };
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o.cache_size = 16 << 10;
         let img = Image::open_storage(f, &dir.path().join("img.qcow2"), &o)
             .await
             .unwrap();

@@ -27,14 +27,12 @@ fn survivors(cut: usize) -> Survivors {
 
 /// Our check (no repair) finds no corruption in `path`.
 async fn assert_our_check_clean(path: &Path, what: &str) {
-    let img = Image::open(
-        path,
-        &OpenOptions {
-            for_check: true,
-            no_backing: true,
-            ..Default::default()
-        },
-    )
+    let img = Image::open(path, &{
+        let mut o = OpenOptions::default();
+        o.for_check = true;
+        o.no_backing = true;
+        o
+    })
     .await
     .unwrap_or_else(|e| panic!("{what}: open for check: {e}"));
     let r = check(&img, &CheckOptions { repair: None })
@@ -96,14 +94,11 @@ async fn rebase_crash_at_every_write() {
         let want = qemu_export(&o, None, &d.join("want.raw"));
         let pc = PowerCut::new();
         let f = pc.add_file(std::fs::read(&o).unwrap());
-        let img = Image::open_storage(
-            f,
-            &o,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
+        let img = Image::open_storage(f, &o, &{
+            let mut o = OpenOptions::default();
+            o.writable = true;
+            o
+        })
         .await
         .unwrap();
         let ro = RebaseOptions {
@@ -173,25 +168,19 @@ async fn commit_crash_at_every_write() {
         let pc = PowerCut::new();
         let fb = pc.add_file(std::fs::read(&base).unwrap());
         let ft = pc.add_file(std::fs::read(&top).unwrap());
-        let img = Image::open_storage(
-            ft,
-            &top,
-            &OpenOptions {
-                writable: !drop,
-                ..Default::default()
-            },
-        )
+        let img = Image::open_storage(ft, &top, &{
+            let mut o = OpenOptions::default();
+            o.writable = !drop;
+            o
+        })
         .await
         .unwrap();
-        let bimg = Image::open_storage(
-            fb,
-            &base,
-            &OpenOptions {
-                writable: true,
-                locking: false,
-                ..Default::default()
-            },
-        )
+        let bimg = Image::open_storage(fb, &base, &{
+            let mut o = OpenOptions::default();
+            o.writable = true;
+            o.locking = false;
+            o
+        })
         .await
         .unwrap();
         let co = CommitOptions {
@@ -280,14 +269,11 @@ async fn amend_downgrade_crash_at_every_write() {
         let s2 = qemu_export(&img, Some("s2"), &d.join("s2.raw"));
         let pc = PowerCut::new();
         let f = pc.add_file(std::fs::read(&img).unwrap());
-        let h = Image::open_storage(
-            f,
-            &img,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
+        let h = Image::open_storage(f, &img, &{
+            let mut o = OpenOptions::default();
+            o.writable = true;
+            o
+        })
         .await
         .unwrap();
         let mut ao = qcow2_core::jobs::amend::AmendOptions::default();

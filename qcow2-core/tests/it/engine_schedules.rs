@@ -511,11 +511,10 @@ fn block_on<F: Future>(f: F) -> F::Output {
 }
 
 fn opts(writable: bool, cache_size: usize) -> OpenOptions {
-    OpenOptions {
-        writable,
-        cache_size,
-        ..Default::default()
-    }
+    let mut o = OpenOptions::default();
+    o.writable = writable;
+    o.cache_size = cache_size;
+    o
 }
 
 /// A new image's bytes (made by our `create`).
@@ -571,10 +570,8 @@ fn guest(bytes: &[u8]) -> Vec<u8> {
 fn check_bytes(bytes: Vec<u8>) -> (u64, u64, String) {
     let mem = Arc::new(MemStorage::from_vec(bytes));
     block_on(async {
-        let o = OpenOptions {
-            for_check: true,
-            ..opts(false, 1 << 20)
-        };
+        let mut o = opts(false, 1 << 20);
+        o.for_check = true;
         let img = Image::open_storage(mem, Path::new(PATH), &o).await.unwrap();
         let r = check(&img, &CheckOptions::default()).await.unwrap();
         let msgs: Vec<String> = r.messages.iter().take(6).cloned().collect();

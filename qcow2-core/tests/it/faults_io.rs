@@ -100,14 +100,11 @@ async fn open_hs(bytes: &[u8], path: &Path) -> (Arc<MemStorage>, Arc<HookStorage
 
 async fn reopen(hs: &Arc<HookStorage>, path: &Path) -> Image {
     let st: Arc<dyn Storage> = hs.clone();
-    Image::open_storage(
-        st,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
+    Image::open_storage(st, path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o
+    })
     .await
     .unwrap_or_else(|e| panic!("open: {e}"))
 }

@@ -63,10 +63,8 @@ async fn check_messages_are_capped() {
         std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], e & !511).unwrap();
     }
     drop(f);
-    let o = OpenOptions {
-        for_check: true,
-        ..Default::default()
-    };
+    let mut o = OpenOptions::default();
+    o.for_check = true;
     let i = Image::open(&img, &o).await.unwrap();
     let r = check(&i, &CheckOptions::default()).await.unwrap();
     assert!(r.corruptions > MAX_MESSAGES as u64, "{}", r.corruptions);
@@ -92,10 +90,8 @@ async fn a_backing_chain_shares_one_cache_budget() {
     }
     run("qemu-img", &["info", "--backing-chain", p(&prev)]);
     let budget = 8 << 20;
-    let o = OpenOptions {
-        cache_size: budget,
-        ..Default::default()
-    };
+    let mut o = OpenOptions::default();
+    o.cache_size = budget;
     let top = Image::open(&prev, &o).await.unwrap();
     let mut total = top.metadata_cache_capacity();
     let mut d = top.backing().cloned();

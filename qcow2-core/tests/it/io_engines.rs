@@ -72,14 +72,13 @@ fn scratch() -> tempfile::TempDir {
 }
 
 fn opts(cfg: Config) -> FileOptions {
-    FileOptions {
-        writable: true,
-        create: true,
-        truncate: true,
-        direct: cfg.direct,
-        engine: cfg.engine,
-        ..Default::default()
-    }
+    let mut o = FileOptions::default();
+    o.writable = true;
+    o.create = true;
+    o.truncate = true;
+    o.direct = cfg.direct;
+    o.engine = cfg.engine;
+    o
 }
 
 /// Open a new empty file with `cfg`, or `None` (saying why) if this machine refuses it.
@@ -625,12 +624,10 @@ fn flush_and_read_only() {
             f.flush().await.unwrap();
         });
         drop(f);
-        let ro = FileOptions {
-            writable: false,
-            create: false,
-            truncate: false,
-            ..opts(cfg)
-        };
+        let mut ro = opts(cfg);
+        ro.writable = false;
+        ro.create = false;
+        ro.truncate = false;
         let f = open_file(&path, &ro).unwrap();
         block_on(async {
             let mut buf = [0u8; 4096];

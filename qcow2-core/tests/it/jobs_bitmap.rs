@@ -480,14 +480,11 @@ async fn hostile_bitmap_entries_are_refused() {
 async fn open_mem(bytes: Vec<u8>, path: &Path) -> (Arc<MemStorage>, Image) {
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let st: Arc<dyn Storage> = mem.clone();
-    let img = Image::open_storage(
-        st,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
+    let img = Image::open_storage(st, path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o
+    })
     .await
     .unwrap();
     (mem, img)

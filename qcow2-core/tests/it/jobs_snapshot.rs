@@ -136,13 +136,11 @@ async fn snapshot_create_apply_delete_variants() {
         assert_same(&export(&path, Some("s1")), &c0, &format!("{what}: s1"));
         assert_same(&export(&path, Some("s2")), &c1, &format!("{what}: s2"));
         // Our reader of a snapshot (the open option) agrees.
-        let ro = Image::open(
-            &path,
-            &OpenOptions {
-                snapshot: Some(key("s1")),
-                ..Default::default()
-            },
-        )
+        let ro = Image::open(&path, &{
+            let mut o = OpenOptions::default();
+            o.snapshot = Some(key("s1"));
+            o
+        })
         .await
         .unwrap();
         assert_same(&read_all(&ro).await, &c0, &format!("{what}: open s1"));
@@ -285,14 +283,12 @@ async fn snapshot_errors() {
     let img = open_ro(&path).await;
     assert!(img.snapshot_create("x").await.is_err());
     // A snapshot cannot be opened writable.
-    let e = Image::open(
-        &path,
-        &OpenOptions {
-            writable: true,
-            snapshot: Some(key("1")),
-            ..Default::default()
-        },
-    )
+    let e = Image::open(&path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o.snapshot = Some(key("1"));
+        o
+    })
     .await
     .err()
     .unwrap();
@@ -302,14 +298,11 @@ async fn snapshot_errors() {
 async fn open_mem(bytes: Vec<u8>, path: &Path) -> (Arc<MemStorage>, Image) {
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let st: Arc<dyn Storage> = mem.clone();
-    let img = Image::open_storage(
-        st,
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
+    let img = Image::open_storage(st, path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o
+    })
     .await
     .unwrap();
     (mem, img)
@@ -406,14 +399,12 @@ async fn snapshot_crash_at_every_write() {
 /// The guest content of snapshot `name` as our read-only open (sharing the file with the
 /// writer) reads it now.
 async fn our_snapshot(path: &Path, name: &str) -> Vec<u8> {
-    let img = Image::open(
-        path,
-        &OpenOptions {
-            force_share: true,
-            snapshot: Some(SnapshotKey::Name(name.to_string())),
-            ..Default::default()
-        },
-    )
+    let img = Image::open(path, &{
+        let mut o = OpenOptions::default();
+        o.force_share = true;
+        o.snapshot = Some(SnapshotKey::Name(name.to_string()));
+        o
+    })
     .await
     .unwrap();
     read_all(&img).await

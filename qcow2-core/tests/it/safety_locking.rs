@@ -112,10 +112,8 @@ async fn qemu_writer_excludes_us() {
     make(&img);
     let holder = QemuIo::hold(&img);
     // Writable open (resize, check -r, a writer): refused like qemu-img resize.
-    let rw = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let mut rw = OpenOptions::default();
+    rw.writable = true;
     let e = Image::open(&img, &rw).await.err().expect("writable open");
     assert_eq!(e.kind(), ErrorKind::Locked);
     assert_eq!(e.errno(), libc::EAGAIN);
@@ -139,23 +137,19 @@ async fn qemu_writer_excludes_us() {
         "{e}"
     );
     // -U: allowed; writable + force-share: refused as by qemu.
-    let fs = OpenOptions {
-        force_share: true,
-        ..Default::default()
-    };
+    let mut fs = OpenOptions::default();
+    fs.force_share = true;
     let i = Image::open(&img, &fs).await.unwrap();
     let mut buf = vec![0u8; 512];
     i.read_at(&mut buf, 0).await.unwrap();
     assert_eq!(buf[0], 7);
     drop(i);
-    let e = Image::open(
-        &img,
-        &OpenOptions {
-            writable: true,
-            force_share: true,
-            ..Default::default()
-        },
-    )
+    let e = Image::open(&img, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o.force_share = true;
+        o
+    })
     .await
     .err()
     .unwrap();
@@ -188,10 +182,8 @@ async fn our_writer_excludes_qemu_and_us() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("ours.qcow2");
     make(&img);
-    let rw = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let mut rw = OpenOptions::default();
+    rw.writable = true;
     let w = Image::open(&img, &rw).await.unwrap();
     let out = cmd("qemu-img", &["info", p(&img)]);
     assert!(!out.status.success());
@@ -231,11 +223,9 @@ async fn our_writer_excludes_qemu_and_us() {
     assert!(cmd("qemu-img", &["info", p(&img)]).status.success());
     drop(o);
     // Locking off: no locks at all.
-    let off = OpenOptions {
-        writable: true,
-        locking: false,
-        ..Default::default()
-    };
+    let mut off = OpenOptions::default();
+    off.writable = true;
+    off.locking = false;
     let _w = Image::open(&img, &off).await.unwrap();
     assert!(cmd("qemu-img", &["info", p(&img)]).status.success());
 }
@@ -279,14 +269,11 @@ async fn convert_onto_the_source_is_refused() {
     ] {
         for fmt in [Format::Raw, Format::Qcow2] {
             // Opened with force-share, so that only the identity check can refuse it.
-            let disk = Disk::open(
-                from,
-                None,
-                &OpenOptions {
-                    force_share: true,
-                    ..Default::default()
-                },
-            )
+            let disk = Disk::open(from, None, &{
+                let mut o = OpenOptions::default();
+                o.force_share = true;
+                o
+            })
             .await
             .unwrap();
             let t = Target {

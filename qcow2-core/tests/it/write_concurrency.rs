@@ -25,14 +25,12 @@ async fn create(path: &Path, size: u64, co: CreateOptions) {
 }
 
 async fn open_with_cache(path: &Path, cache: usize) -> Image {
-    Image::open(
-        path,
-        &OpenOptions {
-            writable: true,
-            cache_size: cache,
-            ..Default::default()
-        },
-    )
+    Image::open(path, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o.cache_size = cache;
+        o
+    })
     .await
     .unwrap()
 }

@@ -790,10 +790,8 @@ fn write_error_ends_the_conversion() {
             let mem = Arc::new(MemStorage::from_vec(image.clone()));
             let hs = HookStorage::new(mem);
             let st: Arc<dyn Storage> = hs.clone();
-            let o = OpenOptions {
-                writable: true,
-                ..Default::default()
-            };
+            let mut o = OpenOptions::default();
+            o.writable = true;
             let img = Image::open_storage(st, &path, &o).await.unwrap();
             let source = Disk::open(&raw, None, &OpenOptions::default())
                 .await

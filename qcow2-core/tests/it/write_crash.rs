@@ -108,15 +108,12 @@ fn crash_points(total: u64, flushes: &[u64], max: usize) -> Vec<u64> {
 async fn open_mem(bytes: Vec<u8>, path: &Path, writable: bool) -> (Arc<MemStorage>, Image) {
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let st: Arc<dyn Storage> = mem.clone();
-    let img = Image::open_storage(
-        st,
-        path,
-        &OpenOptions {
-            writable,
-            cache_size: cache_size(),
-            ..Default::default()
-        },
-    )
+    let img = Image::open_storage(st, path, &{
+        let mut o = OpenOptions::default();
+        o.writable = writable;
+        o.cache_size = cache_size();
+        o
+    })
     .await
     .unwrap_or_else(|e| panic!("open: {e}"));
     (mem, img)
@@ -252,14 +249,11 @@ async fn sweep(
             flushes: parking_lot::Mutex::new(Vec::new()),
         });
         let st: Arc<dyn Storage> = rec.clone();
-        let img = Image::open_storage(
-            st,
-            &src,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
+        let img = Image::open_storage(st, &src, &{
+            let mut o = OpenOptions::default();
+            o.writable = true;
+            o
+        })
         .await
         .unwrap();
         let before = rec.mem.write_count();

@@ -548,13 +548,11 @@ async fn corrupt_bit_refuses_writes() {
     let inc = u64::from_be_bytes(b[72..80].try_into().unwrap()) | 2;
     b[72..80].copy_from_slice(&inc.to_be_bytes());
     std::fs::write(&img, &b).unwrap();
-    let err = Image::open(
-        &img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
+    let err = Image::open(&img, &{
+        let mut o = OpenOptions::default();
+        o.writable = true;
+        o
+    })
     .await
     .err()
     .expect("writable open of a corrupt image must fail");

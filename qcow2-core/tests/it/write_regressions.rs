@@ -301,13 +301,11 @@ async fn map_metadata_preallocation_threshold_is_inclusive() {
     .await
     .unwrap();
     {
-        let img = Image::open(
-            &path,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
+        let img = Image::open(&path, &{
+            let mut o = OpenOptions::default();
+            o.writable = true;
+            o
+        })
         .await
         .unwrap();
         img.write_at(&[7u8; 4096], 0).await.unwrap();
