@@ -88,14 +88,7 @@ pub struct RawDisk {
 impl RawDisk {
     /// Open `path` as raw.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawDisk> {
-        let fo = FileOptions {
-            writable: opts.writable,
-            create: false,
-            truncate: false,
-            direct: opts.direct,
-            engine: opts.engine,
-            no_flush: opts.no_flush,
-        };
+        let fo = opts.file_options();
         if opts.writable && opts.force_share {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",

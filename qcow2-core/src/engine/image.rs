@@ -130,6 +130,32 @@ impl CacheMode {
     }
 }
 
+impl OpenOptions {
+    /// A job's target opened for writing with the engine, `O_DIRECT` and flush choice of
+    /// `file` (the target's [`FileOptions`] of convert and dd), the rest default.
+    pub(crate) fn writable_target(file: &FileOptions) -> OpenOptions {
+        OpenOptions {
+            writable: true,
+            engine: file.engine,
+            direct: file.direct,
+            no_flush: file.no_flush,
+            ..Default::default()
+        }
+    }
+
+    /// How the image's files (and a raw disk's) are opened: writable or not, engine,
+    /// `O_DIRECT` and flushes as these options say; never created or truncated.
+    pub(crate) fn file_options(&self) -> FileOptions {
+        FileOptions {
+            writable: self.writable,
+            direct: self.direct,
+            engine: self.engine,
+            no_flush: self.no_flush,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
@@ -374,13 +400,7 @@ impl Image {
         seen: &mut HashSet<PathBuf>,
         depth: usize,
     ) -> Result<Image> {
-        let fo = FileOptions {
-            writable: opts.writable,
-            direct: opts.direct,
-            engine: opts.engine,
-            no_flush: opts.no_flush,
-            ..Default::default()
-        };
+        let fo = opts.file_options();
         if opts.snapshot.is_some() && opts.writable {
             return Err(Error::invalid("a snapshot can only be opened read-only"));
         }

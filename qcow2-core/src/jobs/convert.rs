@@ -689,13 +689,7 @@ pub async fn convert_to_raw(src: &Disk, dst: &Path, opts: &ConvertOptions) -> Re
     let z = Zeros::of(opts);
     // Keeps the target's lock for the conversion.
     let (out, _keep_new, _keep_raw) = if opts.existing {
-        let oo = crate::engine::image::OpenOptions {
-            writable: true,
-            engine: opts.file.engine,
-            direct: opts.file.direct,
-            no_flush: opts.file.no_flush,
-            ..Default::default()
-        };
+        let oo = crate::engine::image::OpenOptions::writable_target(&opts.file);
         let r = crate::engine::disk::RawDisk::open(dst, &oo)
             .map_err(|e| e.context(format!("Could not open '{}'", dst.display())))?;
         if r.storage().len().ctx(dst.display())? < size {
@@ -959,13 +953,7 @@ pub async fn convert(src: &Disk, dst: &Path, target: &Target, opts: &ConvertOpti
         }
         crate::jobs::create::create_qcow2(dst, &co).await?;
     }
-    let oo = crate::engine::image::OpenOptions {
-        writable: true,
-        engine: opts.file.engine,
-        direct: opts.file.direct,
-        no_flush: opts.file.no_flush,
-        ..Default::default()
-    };
+    let oo = crate::engine::image::OpenOptions::writable_target(&opts.file);
     let img = crate::engine::image::Image::open(dst, &oo)
         .await
         .map_err(|e| {

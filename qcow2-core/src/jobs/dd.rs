@@ -90,12 +90,7 @@ pub async fn dd(src: &Disk, dst: &Path, opts: &DdOptions) -> Result<DdOutcome> {
                 ..Default::default()
             };
             crate::jobs::create::create_qcow2(dst, &co).await?;
-            let oo = crate::engine::image::OpenOptions {
-                writable: true,
-                engine: opts.file.engine,
-                direct: opts.file.direct,
-                ..Default::default()
-            };
+            let oo = crate::engine::image::OpenOptions::writable_target(&opts.file);
             let img = crate::engine::image::Image::open(dst, &oo).await?;
             let res = copy(src, start, len, |buf, off| {
                 let img = img.clone();
