@@ -175,6 +175,23 @@
 #define QCOW2RS_OPEN_POLL (1 << 4)
 
 /**
+ * Write-through (QEMU's cache modes `writethrough`, and `directsync` with
+ * `QCOW2RS_OPEN_DIRECT`): every write, write-zeroes and discard is durable when it completes
+ * (the library syncs the image's files, data and metadata, before it reports success), as a
+ * disk with its write cache off. Much slower than the default (write-back: durable at the
+ * next `qcow2rs_flush`).
+ */
+#define QCOW2RS_OPEN_WRITETHROUGH (1 << 5)
+
+/**
+ * Never sync (QEMU's cache mode `unsafe`): `qcow2rs_flush` and the flushes the library
+ * orders its own metadata updates with return without syncing, so a crash of the host can
+ * lose or damage what was written. For scratch images only. Refused with
+ * `QCOW2RS_OPEN_WRITETHROUGH` (`-EINVAL`).
+ */
+#define QCOW2RS_OPEN_NO_FLUSH (1 << 6)
+
+/**
  * I/O engine: io_uring where the kernel allows it, else the thread pool (the default).
  */
 #define QCOW2RS_ENGINE_AUTO 0

@@ -30,12 +30,25 @@ pub const QCOW2RS_OPEN_UNTRUSTED: u32 = 1 << 3;
 /// `qcow2rs_get_completion_fd` gives an eventfd to poll and `qcow2rs_process_completions`
 /// runs the callbacks on the calling thread.
 pub const QCOW2RS_OPEN_POLL: u32 = 1 << 4;
+/// Write-through (QEMU's cache modes `writethrough`, and `directsync` with
+/// `QCOW2RS_OPEN_DIRECT`): every write, write-zeroes and discard is durable when it completes
+/// (the library syncs the image's files, data and metadata, before it reports success), as a
+/// disk with its write cache off. Much slower than the default (write-back: durable at the
+/// next `qcow2rs_flush`).
+pub const QCOW2RS_OPEN_WRITETHROUGH: u32 = 1 << 5;
+/// Never sync (QEMU's cache mode `unsafe`): `qcow2rs_flush` and the flushes the library
+/// orders its own metadata updates with return without syncing, so a crash of the host can
+/// lose or damage what was written. For scratch images only. Refused with
+/// `QCOW2RS_OPEN_WRITETHROUGH` (`-EINVAL`).
+pub const QCOW2RS_OPEN_NO_FLUSH: u32 = 1 << 6;
 
 const OPEN_FLAGS: u32 = QCOW2RS_OPEN_RDWR
     | QCOW2RS_OPEN_DIRECT
     | QCOW2RS_OPEN_NO_BACKING
     | QCOW2RS_OPEN_UNTRUSTED
-    | QCOW2RS_OPEN_POLL;
+    | QCOW2RS_OPEN_POLL
+    | QCOW2RS_OPEN_WRITETHROUGH
+    | QCOW2RS_OPEN_NO_FLUSH;
 
 /// I/O engine: io_uring where the kernel allows it, else the thread pool (the default).
 pub const QCOW2RS_ENGINE_AUTO: u32 = 0;
@@ -344,9 +357,16 @@ fn open_impl(
         return Err(Fail::deadlock(call));
     }
     let flags = opts.flags;
+    if flags & QCOW2RS_OPEN_WRITETHROUGH != 0 && flags & QCOW2RS_OPEN_NO_FLUSH != 0 {
+        return Err(Fail::inval(format!(
+            "{call}: QCOW2RS_OPEN_WRITETHROUGH and QCOW2RS_OPEN_NO_FLUSH exclude each other"
+        )));
+    }
     let mut oo = OpenOptions::default();
     oo.writable = flags & QCOW2RS_OPEN_RDWR != 0;
     oo.direct = flags & QCOW2RS_OPEN_DIRECT != 0;
+    oo.write_through = flags & QCOW2RS_OPEN_WRITETHROUGH != 0;
+    oo.no_flush = flags & QCOW2RS_OPEN_NO_FLUSH != 0;
     oo.no_backing = flags & QCOW2RS_OPEN_NO_BACKING != 0;
     oo.no_external_files = flags & QCOW2RS_OPEN_UNTRUSTED != 0;
     oo.engine = engine_arg(opts.engine)?;

@@ -1,7 +1,7 @@
 /*
  * The C API's contract: every error code, the callback contract (exactly once, on a library
  * thread, never inside the submitting call, submitting from a callback), close with requests
- * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, options, info, jobs
+ * in flight, -EDEADLK, fork, NO_BACKING, UNTRUSTED, the event-loop mode, cache modes, options, info, jobs
  * (create, check, convert, dd, rebase, commit, amend, measure: results checked with qemu-img).
  *
  * Usage: test_api WORKDIR [TEST...]   (needs qemu-img on PATH for a few tests)
@@ -9,6 +9,7 @@
 #include "harness.h"
 
 #include <poll.h>
+#include <sys/syscall.h>
 
 #define MiB (1024 * 1024)
 
@@ -959,6 +960,68 @@ static void test_engines(void)
     }
 }
 
+/* fdatasync(2) as the library calls it, counted: this definition interposes libc's for the
+ * whole process (the threads engine calls it; io_uring's syncs do not go through it). */
+static volatile int fdatasync_calls;
+
+int fdatasync(int fd)
+{
+    __atomic_add_fetch(&fdatasync_calls, 1, __ATOMIC_SEQ_CST);
+    return (int)syscall(SYS_fdatasync, fd);
+}
+
+static int syncs(void)
+{
+    return __atomic_load_n(&fdatasync_calls, __ATOMIC_SEQ_CST);
+}
+
+/* The cache-mode flags: the default (write-back) syncs at qcow2rs_flush only,
+ * QCOW2RS_OPEN_WRITETHROUGH before every write completes, QCOW2RS_OPEN_NO_FLUSH never;
+ * both together are refused. The threads engine, whose syncs are fdatasync calls. */
+static void test_cache_modes(void)
+{
+    const char *p = tpath("a.qcow2");
+    uint8_t buf[4096];
+    fill_pattern(buf, sizeof buf, 5);
+    CHECK_RET(make_filled(p, MiB, 2, 3), 0);
+    struct {
+        uint32_t flags;
+        bool synced_per_write, synced_at_flush;
+    } modes[] = {
+        { 0, false, true },
+        { QCOW2RS_OPEN_WRITETHROUGH, true, true },
+        { QCOW2RS_OPEN_NO_FLUSH, false, false },
+    };
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+        o.flags = QCOW2RS_OPEN_RDWR | modes[i].flags;
+        o.engine = QCOW2RS_ENGINE_THREADS;
+        struct qcow2rs_image *img;
+        CHECK_RET(qcow2rs_open_ext(p, &o, &img), 0);
+        for (int w = 0; w < 3; w++) {
+            int before = syncs();
+            /* An overwrite, then a write to a new cluster (metadata changes too). */
+            CHECK_RET(qcow2rs_write(img, buf, sizeof buf, (uint64_t)w * 65536 * 4), 0);
+            CHECK((syncs() > before) == modes[i].synced_per_write);
+        }
+        int before = syncs();
+        CHECK_RET(qcow2rs_flush(img), 0);
+        CHECK((syncs() > before) == modes[i].synced_at_flush);
+        CHECK_RET(qcow2rs_close(img), 0);
+        uint8_t back[4096];
+        CHECK_RET(qcow2rs_open(p, QCOW2RS_OPEN_RDONLY, &img), 0);
+        CHECK_RET(qcow2rs_read(img, back, sizeof back, 2 * 65536 * 4), 0);
+        CHECK(memcmp(back, buf, sizeof buf) == 0);
+        CHECK_RET(qcow2rs_close(img), 0);
+    }
+    struct qcow2rs_open_options o = QCOW2RS_OPEN_OPTIONS_INIT;
+    o.flags = QCOW2RS_OPEN_RDWR | QCOW2RS_OPEN_WRITETHROUGH | QCOW2RS_OPEN_NO_FLUSH;
+    struct qcow2rs_image *img = (struct qcow2rs_image *)1;
+    CHECK_RET(qcow2rs_open_ext(p, &o, &img), -EINVAL);
+    CHECK(img == NULL);
+    CHECK(strstr(qcow2rs_last_error(), "exclude each other") != NULL);
+}
+
 /* Leaked clusters: a refcount of 1 on two clusters nothing references (data clusters of
  * guest clusters 1 and 2, discarded, then their refcounts put back). */
 static int make_leaky(const char *p)
@@ -1783,5 +1846,6 @@ TEST_MAIN(TEST(version), TEST(efault), TEST(einval), TEST(ebadf), TEST(enoent),
           TEST(enotsup), TEST(euclean), TEST(callback_once), TEST(submit_from_callback),
           TEST(close_in_flight), TEST(edeadlk), TEST(fork_child), TEST(no_backing),
           TEST(untrusted), TEST(poll_mode), TEST(readv_writev), TEST(info), TEST(engines),
+          TEST(cache_modes),
           TEST(check), TEST(convert), TEST(snapshot), TEST(bitmap), TEST(bitmap_extents),
           TEST(convert_target), TEST(dd), TEST(rebase), TEST(commit), TEST(amend), TEST(measure))

@@ -43,6 +43,7 @@ impl OpenArgs {
         backing: bool,
         untrusted: bool,
         cache_size: Option<i64>,
+        cache: Option<&str>,
     ) -> PyResult<OpenArgs> {
         let writable = match mode {
             "r" | "rb" => false,
@@ -58,6 +59,20 @@ impl OpenArgs {
         opts.direct = direct;
         opts.no_backing = !backing;
         opts.no_external_files = untrusted;
+        if let Some(name) = cache {
+            let m = core::CacheMode::parse(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "invalid cache mode '{name}' (expected 'writeback', 'writethrough', 'none', \
+                     'directsync' or 'unsafe')"
+                ))
+            })?;
+            if direct && !m.direct {
+                return Err(PyValueError::new_err(format!(
+                    "direct=True conflicts with cache='{name}' (use 'none' or 'directsync')"
+                )));
+            }
+            m.apply(&mut opts);
+        }
         if let Some(c) = cache_size {
             if c < 0 {
                 return Err(PyValueError::new_err("cache_size must not be negative"));
@@ -83,6 +98,8 @@ pub struct Image {
     /// The file name (shared with the requests in flight, for their errors).
     name: Arc<str>,
     read_only: bool,
+    /// QEMU's name of the cache mode it was opened in.
+    cache: &'static str,
     size: std::sync::atomic::AtomicU64,
     cluster_size: u64,
     backing_file: Option<String>,
@@ -100,6 +117,10 @@ impl Image {
         Image {
             name: name.into(),
             read_only: !img.is_writable(),
+            // Only named modes can be asked for from Python.
+            cache: core::CacheMode::of(img.options())
+                .name()
+                .unwrap_or("writeback"),
             size: std::sync::atomic::AtomicU64::new(img.size()),
             cluster_size: img.layout().cluster_size,
             backing_file: h.backing_file.clone(),
@@ -283,6 +304,13 @@ impl Image {
     }
 
     /// "r" or "r+".
+    /// The cache mode, as QEMU names it: `writeback` (the default), `writethrough`, `none`,
+    /// `directsync` or `unsafe`.
+    #[getter]
+    fn cache(&self) -> &'static str {
+        self.cache
+    }
+
     #[getter]
     fn mode(&self) -> &'static str {
         if self.read_only {

@@ -26,7 +26,8 @@ fn err(e: &Error, path: &Path) -> PyErr {
 
 /// Open a qcow2 image. `mode` is "r" (read-only) or "r+" (read-write).
 #[pyfunction]
-#[pyo3(signature = (path, mode = "r", *, direct = false, backing = true, untrusted = false, cache_size = None))]
+#[pyo3(signature = (path, mode = "r", *, direct = false, backing = true, untrusted = false, cache_size = None, cache = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn open(
     py: Python<'_>,
     path: PathBuf,
@@ -35,8 +36,9 @@ pub fn open(
     backing: bool,
     untrusted: bool,
     cache_size: Option<i64>,
+    cache: Option<&str>,
 ) -> PyResult<Image> {
-    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size)?;
+    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size, cache)?;
     let img = py
         .detach(|| runtime::block_on(args.open()))
         .map_err(|e| err(&e, &args.path))?;
@@ -45,7 +47,7 @@ pub fn open(
 
 /// Submit an asynchronous open (`qcow2rs.aio.open`).
 #[pyfunction]
-#[pyo3(signature = (q, fut, path, mode, direct, backing, untrusted, cache_size))]
+#[pyo3(signature = (q, fut, path, mode, direct, backing, untrusted, cache_size, cache))]
 #[allow(clippy::too_many_arguments)]
 pub fn _aio_open(
     q: PyRef<'_, crate::aio::Completions>,
@@ -56,8 +58,9 @@ pub fn _aio_open(
     backing: bool,
     untrusted: bool,
     cache_size: Option<i64>,
+    cache: Option<&str>,
 ) -> PyResult<()> {
-    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size)?;
+    let args = OpenArgs::parse(path, mode, direct, backing, untrusted, cache_size, cache)?;
     crate::aio::submit_open(&q, fut, args);
     Ok(())
 }

@@ -9,6 +9,8 @@ import io
 import mmap
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -446,3 +448,95 @@ def test_dropped_image_is_flushed_and_closed(img_path, scratch, qemu):
     qemu_img("convert", "-O", "raw", img_path, raw)
     with open(raw, "rb") as f:
         assert os.pread(f.fileno(), 200_000, 3 * MiB + 5) == b"\x77" * 200_000
+
+
+# The syncs a child process makes, phase by phase: it opens `path` in `cache` mode with the
+# threads engine (whose syncs are fdatasync calls strace sees; io_uring's are not), then
+# writes 3 times and flushes, calling os.uname() after each step as a marker.
+_SYNC_PHASES = r"""
+import os, sys, qcow2rs
+img = qcow2rs.open(sys.argv[1], "r+", cache=sys.argv[2])
+assert img.cache == sys.argv[2], img.cache
+os.uname()
+for i in range(3):
+    img.pwrite(b"\x5a" * 4096, i * 4 * 65536)   # an overwrite, then two new clusters
+    os.uname()
+img.flush()
+os.uname()
+img.close()
+"""
+
+
+def _syncs_per_phase(path, cache: str) -> list[int]:
+    strace = shutil.which("strace")
+    if strace is None:
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail("strace not found (apt-get install strace) [CI=true: failing instead of skipping]")
+        pytest.skip("strace not found")
+    log = path.with_suffix(".strace")
+    env = dict(os.environ, QCOW2RS_ENGINE="threads")
+    subprocess.run(
+        [strace, "-f", "-qq", "-e", "trace=fdatasync,fsync,uname", "-o", str(log),
+         sys.executable, "-c", _SYNC_PHASES, str(path), cache],
+        env=env, check=True, timeout=120,
+    )
+    phases = [0]
+    for line in log.read_text().splitlines():
+        if "uname(" in line:
+            phases.append(0)
+        elif "fdatasync(" in line or "fsync(" in line:
+            phases[-1] += 1
+    # open, write 1, write 2, write 3, flush (close's own syncs after the last marker)
+    return phases[1:5]
+
+
+@pytest.mark.parametrize(
+    "cache,per_write,at_flush",
+    [("writeback", False, True), ("writethrough", True, True), ("unsafe", False, False)],
+)
+def test_cache_mode_syncs(scratch, cache, per_write, at_flush):
+    # writeback syncs at flush() only, writethrough before every write returns, unsafe never.
+    p = scratch / "c.qcow2"
+    qcow2rs.create(p, 4 * MiB)
+    with qcow2rs.open(p, "r+") as img:
+        img.pwrite(b"\x11" * 65536, 0)
+    phases = _syncs_per_phase(p, cache)
+    writes, flush = phases[:3], phases[3]
+    assert [n > 0 for n in writes] == [per_write] * 3, (cache, writes)
+    assert (flush > 0) == at_flush, (cache, flush)
+    assert_clean(p)
+
+
+def test_cache_mode_argument(scratch):
+    p = scratch / "c.qcow2"
+    qcow2rs.create(p, 4 * MiB)
+    with qcow2rs.open(p) as img:
+        assert img.cache == "writeback"
+    for mode in ("writeback", "writethrough", "unsafe", "none", "directsync"):
+        try:
+            img = qcow2rs.open(p, "r+", cache=mode)
+        except OSError as e:  # O_DIRECT refused (tmpfs)
+            assert mode in ("none", "directsync") and e.errno == errno.EINVAL
+            continue
+        with img:
+            assert img.cache == mode
+            img.pwrite(b"\x33" * 4096, 0)
+        assert img.cache == mode  # still known once closed
+    try:
+        with qcow2rs.open(p, direct=True) as img:
+            assert img.cache == "none"
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+    with pytest.raises(ValueError, match="invalid cache mode 'bogus'"):
+        qcow2rs.open(p, cache="bogus")
+    with pytest.raises(ValueError, match="direct=True conflicts with cache='writeback'"):
+        qcow2rs.open(p, direct=True, cache="writeback")
+
+    async def aio() -> str:
+        async with qcow2rs.aio.open(p, "r+", cache="unsafe") as aimg:
+            await aimg.pwrite(b"\x44" * 512, 512)
+            return aimg.cache
+
+    assert asyncio.run(aio()) == "unsafe"
+    with qcow2rs.open(p) as img:
+        assert img.pread(1024, 0) == b"\x33" * 512 + b"\x44" * 512

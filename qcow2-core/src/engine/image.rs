@@ -128,6 +128,28 @@ impl CacheMode {
         o.no_flush = self.no_flush;
         o.write_through = self.write_through;
     }
+
+    /// The mode `o` opens an image in.
+    pub fn of(o: &OpenOptions) -> CacheMode {
+        CacheMode {
+            direct: o.direct,
+            no_flush: o.no_flush,
+            write_through: o.write_through,
+        }
+    }
+
+    /// QEMU's name of this mode; `None` for the combinations QEMU has no name for (`unsafe`
+    /// with `O_DIRECT` or with write-through).
+    pub fn name(self) -> Option<&'static str> {
+        Some(match (self.direct, self.no_flush, self.write_through) {
+            (false, false, false) => "writeback",
+            (false, false, true) => "writethrough",
+            (false, true, false) => "unsafe",
+            (true, false, false) => "none",
+            (true, false, true) => "directsync",
+            _ => return None,
+        })
+    }
 }
 
 impl OpenOptions {
@@ -1003,6 +1025,30 @@ async fn read_first_cluster(file: &dyn Storage, file_len: u64) -> Result<Vec<u8>
 mod tests {
     use super::*;
     use crate::io::mem::MemStorage;
+
+    /// Each of QEMU's five names parses to a mode that names itself again, through the
+    /// options it sets; the combinations QEMU has no name for have none.
+    #[test]
+    fn cache_mode_names_round_trip() {
+        for name in ["writeback", "writethrough", "unsafe", "none", "directsync"] {
+            let mut o = OpenOptions::default();
+            CacheMode::parse(name).unwrap().apply(&mut o);
+            assert_eq!(CacheMode::of(&o).name(), Some(name));
+        }
+        assert_eq!(
+            CacheMode::of(&OpenOptions::default()).name(),
+            Some("writeback")
+        );
+        let mut o = OpenOptions {
+            no_flush: true,
+            write_through: true,
+            ..Default::default()
+        };
+        assert_eq!(CacheMode::of(&o).name(), None);
+        o.write_through = false;
+        o.direct = true;
+        assert_eq!(CacheMode::of(&o).name(), None);
+    }
 
     /// An image made by `create_qcow2` with these options, its file padded with zeros to
     /// 4 MiB (as an image with data in its first clusters is), in memory.

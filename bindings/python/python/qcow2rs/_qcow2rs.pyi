@@ -75,6 +75,8 @@ class Image:
     def filename(self) -> str: ...
     @property
     def mode(self) -> str: ...
+    @property
+    def cache(self) -> str: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -136,6 +138,7 @@ def open(
     backing: bool = True,
     untrusted: bool = False,
     cache_size: int | None = None,
+    cache: str | None = None,
 ) -> Image: ...
 def create(
     path: _Path,
@@ -227,4 +230,5 @@ def _aio_open(
     backing: bool,
     untrusted: bool,
     cache_size: int | None,
+    cache: str | None,
 ) -> None: ...

@@ -83,6 +83,10 @@ class AsyncImage:
     def mode(self) -> str:
         return self._image.mode
 
+    @property
+    def cache(self) -> str:
+        return self._image.cache
+
     def __repr__(self) -> str:
         return "<qcow2rs.aio.AsyncImage " + repr(self._image)[len("<qcow2rs.Image ") :]
 
@@ -229,7 +233,8 @@ def open(
     backing: bool = True,
     untrusted: bool = False,
     cache_size: int | None = None,
+    cache: str | None = None,
 ) -> _Opening:
     """Open a qcow2 image for asyncio: ``img = await qcow2rs.aio.open(path)`` or
     ``async with qcow2rs.aio.open(path, "r+") as img: ...``. Options as :func:`qcow2rs.open`."""
-    return _Opening((path, mode, direct, backing, untrusted, cache_size))
+    return _Opening((path, mode, direct, backing, untrusted, cache_size, cache))
