@@ -7,7 +7,8 @@
 //!   runtime worker mostly has a ring of its own), whatever the file: a 64-image
 //!   backing chain costs no more rings or threads than one image. The set starts
 //!   with the first open file and stops (joining its threads) when the last one is
-//!   dropped, as the threads engine's pool does.
+//!   dropped, as the threads engine's pool does; unless a [`RingsHold`] ([`hold_rings`])
+//!   keeps it (the `qcow2rs` binary's, forgotten at exit: the exit ends the threads).
 //! - **Page-cache hits never reach a ring.** Reads of files opened without
 //!   `O_DIRECT` are first tried on the submitting thread with
 //!   `preadv2(RWF_NOWAIT)` straight into the caller's buffer (plain
