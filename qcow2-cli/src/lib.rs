@@ -98,7 +98,12 @@ fn run_inner(argv: &[String]) -> u8 {
                 qcow2_core::io::reap_in_runtime(rt.handle());
             }
             let sub = matches.subcommand().map(|(_, m)| m);
-            rt.block_on(cmds::run(cmd, sub, &argv))
+            let res = rt.block_on(cmds::run(cmd, sub, &argv));
+            // The command's work is done (its images closed and flushed): the workers
+            // are told to stop, not waited for (dropping the runtime would join each,
+            // a wake-up and a scheduling delay apiece before the process can exit).
+            rt.shutdown_background();
+            res
         }
     };
     match res {

@@ -42,7 +42,9 @@ pub mod powercut;
 pub mod threads;
 pub mod uring;
 
-pub use uring::{block_on, block_on_in_runtime, block_on_request, reap_in_runtime};
+pub use uring::{
+    block_on, block_on_in_runtime, block_on_request, hold_rings, reap_in_runtime, RingsHold,
+};
 
 /// A boxed, `Send` future returning an `io::Result`.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;

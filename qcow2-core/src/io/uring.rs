@@ -7,7 +7,8 @@
 //!   runtime worker mostly has a ring of its own), whatever the file: a 64-image
 //!   backing chain costs no more rings or threads than one image. The set starts
 //!   with the first open file and stops (joining its threads) when the last one is
-//!   dropped, as the threads engine's pool does.
+//!   dropped, as the threads engine's pool does; unless a [`RingsHold`] ([`hold_rings`])
+//!   keeps it (the `qcow2rs` binary's, forgotten at exit: the exit ends the threads).
 //! - **Page-cache hits never reach a ring.** Reads of files opened without
 //!   `O_DIRECT` are first tried on the submitting thread with
 //!   `preadv2(RWF_NOWAIT)` straight into the caller's buffer (plain
@@ -1036,6 +1037,8 @@ static RINGS: RingsCell = RingsCell {
     locked: AtomicBool::new(false),
     set: std::cell::UnsafeCell::new(Weak::new()),
     runtime: std::cell::UnsafeCell::new(None),
+    holds: std::cell::UnsafeCell::new(0),
+    kept: std::cell::UnsafeCell::new(None),
 };
 
 /// The lock around [`RINGS`]: a spin lock, not a mutex, so that a `fork()` child can take
@@ -1051,6 +1054,10 @@ struct RingsCell {
     /// The runtime whose tasks reap the rings ([`reap_in_runtime`]), and the process
     /// that named it.
     runtime: std::cell::UnsafeCell<Option<(u32, tokio::runtime::Handle)>>,
+    /// How many [`RingsHold`]s there are; while there is one, the set started last is
+    /// also held in `kept`.
+    holds: std::cell::UnsafeCell<usize>,
+    kept: std::cell::UnsafeCell<Option<Arc<RingSet>>>,
 }
 
 // SAFETY: `set` is only accessed through a `RingsGuard`, i.e. with `locked` taken.
@@ -1091,6 +1098,78 @@ impl RingsGuard<'_> {
     fn replace(&mut self, set: Weak<RingSet>) -> Weak<RingSet> {
         // SAFETY: the lock is held (see `RingsCell`).
         std::mem::replace(unsafe { &mut *self.0.set.get() }, set)
+    }
+}
+
+impl RingsGuard<'_> {
+    /// The number of [`RingsHold`]s.
+    fn holds(&mut self) -> &mut usize {
+        // SAFETY: the lock is held (see `RingsCell`).
+        unsafe { &mut *self.0.holds.get() }
+    }
+
+    /// Hold `set` in `kept` (or hold nothing); the set held before is given back, to be
+    /// dropped after the lock is released (`None` if it was a parent process's, which
+    /// must never be dropped: see [`RingSet::get`]).
+    fn keep(&mut self, set: Option<Arc<RingSet>>) -> Option<Arc<RingSet>> {
+        // SAFETY: the lock is held (see `RingsCell`).
+        let old = std::mem::replace(unsafe { &mut *self.0.kept.get() }, set);
+        match old {
+            Some(s) if s.pid != pid() => {
+                std::mem::forget(s);
+                None
+            }
+            old => old,
+        }
+    }
+}
+
+/// Keeps the io_uring engine's ring set (the rings and their completion threads) running
+/// while it lives, also when no file is open: without a hold the set stops, joining its
+/// threads, when the last file using it is dropped, and a new one starts with the next
+/// open. From [`hold_rings`].
+///
+/// For a program that opens and closes files in turn, or that is about to exit: the
+/// `qcow2rs` binary takes one at start and forgets it (`std::mem::forget`) at exit, as
+/// the process's exit closes the rings and ends their threads anyway; joining them first
+/// only made every command wait for two threads to be scheduled (up to a few
+/// milliseconds each on a loaded machine). Dropping the last hold stops a set no file
+/// uses any more, as dropping the last file would have. Files still close on their own
+/// drop (their fd, their locks, their operations waited for) whatever holds the rings.
+#[must_use = "the rings are held only while the hold lives"]
+pub struct RingsHold(());
+
+/// Take a [`RingsHold`]. Starts nothing: the set starts with the first file opened, as
+/// without a hold, and is kept from then on (the set running now, if any, too).
+pub fn hold_rings() -> RingsHold {
+    install_atfork();
+    let mut cur = RINGS.lock();
+    *cur.holds() += 1;
+    let old = match cur.upgrade() {
+        Some(s) if s.pid == pid() => cur.keep(Some(s)),
+        Some(s) => {
+            std::mem::forget(s); // the parent's (see `RingSet::get`)
+            None
+        }
+        None => None,
+    };
+    drop(cur);
+    drop(old);
+    RingsHold(())
+}
+
+impl Drop for RingsHold {
+    fn drop(&mut self) {
+        let mut cur = RINGS.lock();
+        *cur.holds() -= 1;
+        let old = if *cur.holds() == 0 {
+            cur.keep(None)
+        } else {
+            None
+        };
+        drop(cur);
+        // Stops the set if no file holds it (joins its threads, without the lock held).
+        drop(old);
     }
 }
 
@@ -1166,9 +1245,15 @@ impl RingSet {
         }
         let s = Arc::new(RingSet { rings, pid: pid() });
         let old = cur.replace(Arc::downgrade(&s));
+        let kept_before = if *cur.holds() > 0 {
+            cur.keep(Some(s.clone()))
+        } else {
+            None
+        };
         let rt = cur.runtime();
         drop(cur);
         drop(old);
+        drop(kept_before);
         if let Some(rt) = rt {
             s.watch_in(&rt);
         }
@@ -1993,6 +2078,29 @@ mod tests {
         });
         jrx.recv_timeout(WAIT)
             .expect("waiter not woken after teardown");
+    }
+
+    /// A [`RingsHold`] keeps the ring set (the rings and their completion threads) after
+    /// the last file using it is dropped, so the next open or the process's exit does not
+    /// wait for a stop and a start.
+    #[test]
+    fn a_hold_keeps_the_rings_after_the_last_file() {
+        let hold = hold_rings();
+        let (_dir, core) = test_file("h");
+        let set = RingSet::get().unwrap();
+        let weak = Arc::downgrade(&set);
+        let file = UringFile { core, rings: set };
+        let mut buf = vec![0u8; 4096];
+        block_on_request(pin!(file.read_at(&mut buf, 4096))).unwrap();
+        assert_eq!(buf, vec![1u8; 4096]);
+        drop(file);
+        let kept = weak.upgrade();
+        assert!(kept.is_some(), "the ring set stopped with its last file");
+        // Still the set new files get.
+        let again = RingSet::get().unwrap();
+        assert!(Arc::ptr_eq(kept.as_ref().unwrap(), &again));
+        drop((kept, again));
+        drop(hold);
     }
 
     /// `block_on` on a file's requests (the thread waits in its own ring and reaps its
