@@ -8,6 +8,7 @@
 use crate::aio::{self, Outcome};
 use crate::buffers::{self, HeldBuffer};
 use crate::errors::{closed, to_pyerr};
+use crate::gil;
 use crate::json;
 use crate::runtime;
 use pyo3::exceptions::PyValueError;
@@ -145,7 +146,8 @@ impl Image {
     /// gate's permit (an `Arc` clone, a semaphore acquire and a release that locks the
     /// semaphore's waiter list): atomic operations on lines every thread shares, which
     /// bounce between cores when several threads read at once. `f` must not wait for
-    /// anything that needs this image's slot or the GIL.
+    /// anything that needs this image's slot or the GIL. Coming back, the thread waits a
+    /// little for another one back from such a call to let the GIL go ([`gil`]).
     ///
     /// [`take`]: Image::take
     /// [`acquire`]: Image::acquire
@@ -155,9 +157,14 @@ impl Image {
         f: impl FnOnce(&Shared) -> core::Result<T> + Send,
     ) -> PyResult<T> {
         py.detach(|| {
-            let slot = self.slot.read();
-            let sh = slot.as_deref().ok_or_else(closed)?;
-            f(sh).map_err(|e| self.err(&e))
+            gil::released();
+            let r = {
+                let slot = self.slot.read();
+                let sh = slot.as_deref().ok_or_else(closed)?;
+                f(sh)
+            };
+            gil::before_taking();
+            r.map_err(|e| self.err(&e))
         })
     }
 

@@ -7,6 +7,7 @@
 mod aio;
 mod buffers;
 mod errors;
+mod gil;
 mod image;
 mod jobs;
 mod json;
