@@ -20,6 +20,7 @@ import pytest
 import hostile
 import qcow2rs
 from helpers import MiB, assert_clean, pattern, qemu_img
+from qemu_tools import in_ci
 
 
 @pytest.fixture
@@ -470,7 +471,7 @@ img.close()
 def _syncs_per_phase(path, cache: str) -> list[int]:
     strace = shutil.which("strace")
     if strace is None:
-        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        if in_ci():
             pytest.fail("strace not found (apt-get install strace) [CI=true: failing instead of skipping]")
         pytest.skip("strace not found")
     log = path.with_suffix(".strace")
